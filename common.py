@@ -1,0 +1,694 @@
+"""What every lesson of the course shares: the model, its config, checkpoints, the CLI, timing,
+hardware ceilings and data.
+
+The model is a Llama-style decoder (Touvron et al. 2023; Llama 3, Grattafiori et al. 2024):
+RMSNorm, rotary positions (Su et al. 2021) with Llama 3's frequency scaling, grouped-query
+attention (Ainslie et al. 2023), a SwiGLU MLP (Shazeer 2020) and optionally tied embeddings.
+Parameters are a plain pytree, described once in `param_specs` (shape, logical axes, init), so
+that `init_params` and the shardings of lessons 03 and 09 come from the same source.
+
+Nothing runs at import time. Read top to bottom:
+  Config and presets -> the model -> sharding rules -> Hugging Face checkpoints -> CLI
+  -> timing -> hardware -> data -> import_script.
+"""
+import dataclasses
+import glob
+import importlib.util
+import json
+import math
+import os
+import struct
+import sys
+import sysconfig
+import time
+import typing
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for: printed as one line, never as a traceback."""
+
+
+def die(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int = 256          # byte-level tokens by default
+    d_model: int = 64              # width of the residual stream
+    n_layers: int = 2
+    n_heads: int = 4               # query heads
+    n_kv_heads: int = 2            # key/value heads; n_heads % n_kv_heads == 0 (GQA)
+    head_dim: int = 16
+    d_ff: int = 192                # hidden width of the SwiGLU MLP
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    # Llama 3 rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_len), or None
+    rope_scaling: typing.Optional[tuple] = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False   # the output projection is the embedding table transposed
+    param_dtype: str = "float32"   # storage dtype of the weights
+    dtype: str = "float32"         # compute dtype of activations and matmuls (logits are float32)
+
+    def __post_init__(self):
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                  "max_seq_len"):
+            if getattr(self, f) < 1:
+                raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        for f in ("param_dtype", "dtype"):
+            if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+                raise UserError(f"{f} must be float32, bfloat16 or float16, got {getattr(self, f)}")
+        if self.rope_scaling is not None and len(self.rope_scaling) != 4:
+            raise UserError("rope_scaling takes 4 numbers: factor,low_freq_factor,"
+                            "high_freq_factor,original_max_len")
+
+    @staticmethod
+    def preset(name):
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+        return PRESETS[name]
+
+    # Derived figures every lesson prints.
+    def param_count(self, embedding=True):
+        """All weights; embedding=False leaves out the input table (a lookup, not a matmul)."""
+        n = sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(self), is_leaf=_is_spec))
+        if not embedding and not self.tie_embeddings:
+            n -= self.vocab_size * self.d_model
+        return n
+
+    def kv_bytes_per_token(self, bytes_per_value=2):
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
+
+    def train_flops_per_token(self, seq_len):
+        """6N for the matmuls (forward 2N, backward 4N) plus causal attention: QK^T and PV cost
+        2*2*T*H*D per token and layer forward, halved by the mask, times 3 for fwd+bwd
+        (PaLM, Chowdhery et al. 2022, appendix B)."""
+        attn = 6 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return 6 * self.param_count(embedding=False) + attn
+
+    def decode_flops_per_token(self, context_len):
+        """One new token: 2N for the matmuls plus QK^T and PV against `context_len` cached keys."""
+        attn = 4 * self.n_layers * self.n_heads * self.head_dim * context_len
+        return 2 * self.param_count(embedding=False) + attn
+
+
+PRESETS = {
+    "tiny": Config(),  # ~0.1M params: tests
+    "small": Config(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=64, d_ff=1536,
+                    max_seq_len=512),  # ~13.5M params: the CPU training demo
+    # Published shapes (Hugging Face config.json of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B).
+    "llama-3.2-1b": Config(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                           head_dim=64, d_ff=8192, max_seq_len=131072, rope_theta=500000.0,
+                           rope_scaling=(32.0, 1.0, 4.0, 8192), tie_embeddings=True,
+                           param_dtype="bfloat16", dtype="bfloat16"),
+    "llama-3-8b": Config(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         head_dim=128, d_ff=14336, max_seq_len=8192, rope_theta=500000.0,
+                         param_dtype="bfloat16", dtype="bfloat16"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters: described once (shape, logical axes, init), as jax-llm-examples does
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple
+    axes: tuple        # logical axis names, one per dim; mesh axes come from SHARDING_RULES
+    init: str          # "normal" (std `scale`) or "ones"
+    scale: float = 0.02
+
+
+def _is_spec(x):
+    return isinstance(x, ParamSpec)
+
+
+def param_specs(cfg):
+    D, H, KH, Dh, F, L, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                             cfg.n_layers, cfg.vocab_size)
+    out_scale = 0.02 / math.sqrt(2 * L)  # residual projections, as GPT-2 scales them
+    layers = {  # stacked on a leading layer axis, so forward is one lax.scan
+        "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "wq": ParamSpec((L, D, H, Dh), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "wk": ParamSpec((L, D, KH, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wv": ParamSpec((L, D, KH, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wo": ParamSpec((L, H, Dh, D), ("layers", "heads", "head_dim", "embed"), "normal",
+                        out_scale),
+        "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal", out_scale),
+    }
+    specs = {"embed": ParamSpec((V, D), ("vocab", "embed"), "normal"), "layers": layers,
+             "final_norm": ParamSpec((D,), ("norm",), "ones")}
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    return specs
+
+
+def logical_axes(cfg):
+    """The params pytree with each leaf replaced by its tuple of logical axis names."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg, key):
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def init(s, k):
+        if s.init == "ones":
+            return jnp.ones(s.shape, dtype)
+        return (s.scale * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [init(s, k) for s, k in zip(leaves, keys)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+def rms_norm(x, w, eps):
+    # Statistics in float32 even for bf16 activations: a mean of squares loses digits fast.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_frequencies(cfg):
+    """Inverse frequencies theta^(-2i/D), i < D/2, with Llama 3's scaling when configured:
+    long wavelengths (beyond the original context) are slowed by `factor`, short ones kept, and
+    the band between interpolated smoothly (Llama 3 paper, section 3.2; HF `rope_type=llama3`)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if cfg.rope_scaling is not None:
+        factor, low, high, old_len = cfg.rope_scaling
+        wavelen = 2 * np.pi / inv
+        smooth = np.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)
+        inv = (1 - smooth) * inv / factor + smooth * inv
+    return inv.astype(np.float32)  # [D/2]
+
+
+def rope_cos_sin(positions, cfg):
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)  # [B, T, D/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles: the "rotate half" layout that
+    Hugging Face Llama checkpoints use. x: [B, T, H, D]; cos, sin: [B, T, D/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def attention_reference(q, k, v, causal=True, segment_ids=None):
+    """Naive attention, the [T, S] score matrix materialized. q: [B, T, H, D]; k, v: [B, S, KH, D]
+    with KH dividing H (each group of H/KH query heads shares one kv head); segment_ids: [B, T]
+    (self-attention over packed sequences: a token sees only its own segment)."""
+    B, T, H, D = q.shape
+    S, KH = k.shape[1], k.shape[2]
+    qg = q.reshape(B, T, KH, H // KH, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(D)
+    mask = jnp.ones((T, S), bool)
+    if causal:  # query t sits at position t + S - T of the keys (S > T when decoding with a cache)
+        mask = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+    mask = jnp.broadcast_to(mask, (B, T, S))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)  # float32: exp overflows in bf16 long before f32
+    probs = jnp.where(mask[:, None, None], probs, 0.0)  # fully masked rows give 0, not NaN
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(B, T, H, D)
+
+
+def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=None, remat="none",
+            constrain=None):
+    """Logits [B, T, V] in float32 for int tokens [B, T].
+
+    attention: (q, k, v, causal, segment_ids) -> out, all [B, T, H, D] (k, v with KH heads);
+    remat: "none", "full" (recompute each layer in the backward pass) or "dots" (save only the
+    matmul outputs); constrain: (x, logical_axes) -> x, lets a caller pin activation shardings."""
+    attention = attention or attention_reference
+    constrain = constrain or (lambda x, axes: x)
+    tokens = jnp.asarray(tokens)
+    B, T = tokens.shape
+    dt = jnp.dtype(cfg.dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    cos, sin = rope_cos_sin(positions, cfg)
+
+    def layer(x, p):  # x: [B, T, D]
+        p = jax.tree.map(lambda w: w.astype(dt), p)
+        with jax.named_scope("attention"):
+            h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+            q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+            k = jnp.einsum("btd,dhk->bthk", h, p["wk"])
+            v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = attention(q, k, v, True, segment_ids)  # [B, T, H, Dh]
+            x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"])
+            x = constrain(x, ("batch", "seq", "embed"))
+        with jax.named_scope("mlp"):
+            h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+            g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
+            u = jnp.einsum("btd,df->btf", h, p["w_up"])
+            x = x + jnp.einsum("btf,fd->btd", constrain(g * u, ("batch", "seq", "mlp")),
+                               p["w_down"])
+            x = constrain(x, ("batch", "seq", "embed"))
+        return x, None
+
+    if remat == "full":
+        layer = jax.checkpoint(layer)
+    elif remat == "dots":
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat != "none":
+        raise UserError(f"remat must be none, full or dots, got {remat!r}")
+
+    x = constrain(params["embed"].astype(dt)[tokens], ("batch", "seq", "embed"))
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x = rms_norm(x, params["final_norm"].astype(dt), cfg.norm_eps)
+    w_out = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("btd,dv->btv", x, w_out.astype(dt), preferred_element_type=jnp.float32)
+
+
+def cross_entropy(logits, targets, mask=None):
+    """Mean next-token loss in float32; logits [B, T, V], int targets [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if mask is None:
+        return nll.mean()
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding: logical axis names -> mesh axes
+# ----------------------------------------------------------------------------------------------
+
+# Data parallel and FSDP split the batch; FSDP also splits each weight's "embed" dim (gathered
+# before use); tensor parallelism splits heads and the MLP width (Megatron, Shoeybi et al. 2019).
+SHARDING_RULES = {"batch": ("dp", "fsdp"), "embed": "fsdp", "heads": "tp", "kv_heads": "tp",
+                  "mlp": "tp", "vocab": "tp"}
+
+
+def logical_to_spec(axes, mesh, rules=None):
+    """PartitionSpec for a tuple of logical names; mesh axes absent from the mesh (or of size 1)
+    are dropped, so one rule table serves every mesh."""
+    rules = SHARDING_RULES if rules is None else rules
+    spec, used = [], set()
+    for name in axes:
+        m = rules.get(name)
+        m = m if isinstance(m, tuple) else (m,)
+        m = tuple(a for a in m if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+        used.update(m)
+        spec.append(None if not m else m[0] if len(m) == 1 else m)
+    return P(*spec)
+
+
+def param_shardings(cfg, mesh, rules=None):
+    """NamedShardings for the params pytree; a clear error when a mesh axis does not divide the
+    dimension it splits."""
+    def one(path, s):
+        spec = logical_to_spec(s.axes, mesh, rules)
+        for dim, name, m in zip(s.shape, s.axes, spec):
+            size = math.prod(mesh.shape[a] for a in (m if isinstance(m, tuple) else (m,)) if a)
+            if dim % size:
+                raise UserError(f"mesh {dict(mesh.shape)} splits {name}={dim} of "
+                                f"{jax.tree_util.keystr(path)} {size} ways, which does not divide")
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, param_specs(cfg), is_leaf=_is_spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face Llama checkpoints, read with a from-scratch safetensors parser
+# ----------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+def read_safetensors(path):
+    """{name: array} from one .safetensors file: an 8-byte little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw bytes (memory-mapped, not copied)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size + 1
+        if n > size - 8:
+            raise UserError(f"{path} is not a safetensors file (bad header length)")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out[name] = np.frombuffer(data[begin:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def config_from_hf(hf):
+    """Config from a Hugging Face LlamaConfig dict. Fields that change the math are honored or
+    refused by name; both the Llama 3 spelling (rope_theta, rope_scaling) and the newer
+    transformers one (rope_parameters) are read."""
+    def refuse(field, why):
+        raise UserError(f"config.json: {field}={hf.get(field)!r} is not supported ({why})")
+
+    if hf.get("model_type", "llama") != "llama":
+        refuse("model_type", "this loader reads the Llama architecture")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "Llama's MLP is SwiGLU with silu")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field, False):
+            refuse(field, "the model has no biases")
+    if hf.get("quantization_config"):
+        raise UserError("config.json: quantization_config is set; load an unquantized checkpoint")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = None
+    if rope_type == "llama3":
+        scaling = (float(rope["factor"]), float(rope["low_freq_factor"]),
+                   float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+    elif rope_type != "default":
+        raise UserError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
+    D, H = hf["hidden_size"], hf["num_attention_heads"]
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    return Config(vocab_size=hf["vocab_size"], d_model=D, n_layers=hf["num_hidden_layers"],
+                  n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H,
+                  head_dim=hf.get("head_dim") or D // H, d_ff=hf["intermediate_size"],
+                  max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
+                  rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                  param_dtype=dtype, dtype=dtype)
+
+
+def load_hf_llama(path, dtype=None):
+    """(cfg, params) from a local Hugging Face Llama directory: config.json plus one or several
+    *.safetensors (sharded checkpoints list their files in model.safetensors.index.json).
+    dtype overrides the checkpoint's dtype for both storage and compute."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint directory {path} does not exist")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f))
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors files (pytorch .bin files are not read)")
+    tensors = {}
+    for file in files:
+        tensors.update(read_safetensors(file))
+
+    def get(name):
+        if name not in tensors:
+            raise UserError(f"{path}: tensor {name} is missing")
+        return np.asarray(tensors[name], np.float32)
+
+    D, H, KH, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    # torch Linear weights are [out, in]; ours are [in, out...] (x @ w).
+    per_layer = {
+        "attn_norm": lambda i: get(f"model.layers.{i}.input_layernorm.weight"),
+        "wq": lambda i: get(f"model.layers.{i}.self_attn.q_proj.weight").T.reshape(D, H, Dh),
+        "wk": lambda i: get(f"model.layers.{i}.self_attn.k_proj.weight").T.reshape(D, KH, Dh),
+        "wv": lambda i: get(f"model.layers.{i}.self_attn.v_proj.weight").T.reshape(D, KH, Dh),
+        "wo": lambda i: get(f"model.layers.{i}.self_attn.o_proj.weight").T.reshape(H, Dh, D),
+        "mlp_norm": lambda i: get(f"model.layers.{i}.post_attention_layernorm.weight"),
+        "w_gate": lambda i: get(f"model.layers.{i}.mlp.gate_proj.weight").T,
+        "w_up": lambda i: get(f"model.layers.{i}.mlp.up_proj.weight").T,
+        "w_down": lambda i: get(f"model.layers.{i}.mlp.down_proj.weight").T,
+    }
+    pd = jnp.dtype(cfg.param_dtype)
+    params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"),
+              "layers": {k: np.stack([fn(i) for i in range(cfg.n_layers)])
+                         for k, fn in per_layer.items()}}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = get("lm_head.weight").T
+    expected = jax.tree.map(lambda s: s.shape, param_specs(cfg), is_leaf=_is_spec)
+    got = jax.tree.map(np.shape, params)
+    if expected != got:
+        raise UserError(f"{path}: tensor shapes do not match config.json")
+    return cfg, jax.tree.map(lambda a: jnp.asarray(a, pd), params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: --field=value for any dataclass field
+# ----------------------------------------------------------------------------------------------
+
+def _convert(text, tp):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if text.lower() == "none":
+            return None
+        return _convert(text, next(a for a in args if a is not type(None)))
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError("expected true or false")
+    if tp in (tuple, list) or origin in (tuple, list):
+        return tuple(float(t) for t in text.split(","))
+    return tp(text)
+
+
+def parse_flags(default, argv=None, show=True):
+    """A copy of dataclass `default` with --field=value overrides from argv; a bad flag is a
+    one-line error and exit code 2. Range checks live in the dataclass's __post_init__."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = typing.get_type_hints(type(default))
+    names = [f.name for f in dataclasses.fields(default)]
+    overrides = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("flags: " + " ".join(f"--{n}={getattr(default, n)!r}" for n in names))
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"malformed flag {arg!r}: expected --name=value")
+        name, text = arg[2:].split("=", 1)
+        name = name.replace("-", "_")
+        if name not in names:
+            die(f"unknown flag --{name} (flags: {', '.join('--' + n for n in names)})")
+        try:
+            overrides[name] = _convert(text, hints[name])
+        except (ValueError, TypeError) as e:
+            die(f"--{name}={text}: not a valid {getattr(hints[name], '__name__', hints[name])} ({e})")
+    try:
+        cfg = dataclasses.replace(default, **overrides)
+    except UserError as e:
+        die(str(e))
+    if show:
+        print(" ".join(f"{n}={getattr(cfg, n)}" for n in names))
+    return cfg
+
+
+def run(main):
+    """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Timing:
+    compile_s: float   # lowering + compilation, kept apart from the runs
+    median_s: float
+    min_s: float
+    runs: int
+
+
+def bench(fn, *args, iters=10, warmup=2, arg_sets=None):
+    """Time fn(*args): compile first (reported apart), warm up, then the median of `iters` runs,
+    each ended by block_until_ready. arg_sets: a list of argument tuples to rotate through, so
+    repeated runs do not just measure the cache."""
+    arg_sets = arg_sets or [args]
+    t0 = time.perf_counter()
+    if hasattr(fn, "lower"):
+        fn = fn.lower(*arg_sets[0]).compile()
+    else:
+        jax.block_until_ready(fn(*arg_sets[0]))
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    times = []
+    for i in range(iters):
+        a = arg_sets[i % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        times.append(time.perf_counter() - t0)
+    return Timing(compile_s, float(np.median(times)), float(min(times)), iters)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardware: datasheet ceilings, and measured ones
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    bf16_flops: float        # dense matrix FLOP/s
+    fp8_flops: float         # 0 where the chip has no fp8 matrix unit
+    int8_ops: float
+    f32_flops: float         # non-matrix float32 (GPU) / matrix unit at f32 (TPU)
+    hbm_bw: float            # bytes/s
+    hbm_bytes: float
+    link_bw: float           # bytes/s one way, per link (NVLink per GPU; one TPU ICI link)
+    on_chip_bytes: float     # shared memory per SM (GPU) or VMEM (TPU); 0 when not published
+    source: str
+
+
+_NV = "NVIDIA datasheet (dense, without sparsity)"
+_TPU = "Cloud TPU system architecture docs; link one-way bandwidth per the JAX scaling book"
+CHIPS = {
+    "H100": Chip("H100 SXM", 989e12, 1979e12, 1979e12, 67e12, 3.35e12, 80e9, 450e9, 228 * 1024,
+                 _NV),
+    "H200": Chip("H200 SXM", 989e12, 1979e12, 1979e12, 67e12, 4.8e12, 141e9, 450e9, 228 * 1024,
+                 _NV),
+    "A100": Chip("A100 SXM 80GB", 312e12, 0, 624e12, 19.5e12, 2.039e12, 80e9, 300e9, 164 * 1024,
+                 _NV),
+    "TPU v4": Chip("TPU v4", 275e12, 0, 275e12, 0, 1.2e12, 32 * 2**30, 4.5e10, 0, _TPU),
+    "TPU v5 lite": Chip("TPU v5e", 197e12, 0, 394e12, 0, 8.19e11, 16e9, 4.5e10, 128 * 2**20,
+                        _TPU),
+    "TPU v5p": Chip("TPU v5p", 459e12, 0, 918e12, 0, 2.765e12, 95e9, 9e10, 0, _TPU),
+    "TPU v6 lite": Chip("TPU v6e", 918e12, 0, 1836e12, 0, 1.64e12, 32e9, 9e10, 128 * 2**20, _TPU),
+}
+
+
+def device_chip(device=None):
+    """The table's entry for a device (the first by default), or None (a CPU, an unknown chip)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for key in sorted(CHIPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
+        if key.lower() in kind.lower():
+            return CHIPS[key]
+    return None
+
+
+_MEASURED = {}
+
+
+def measure_peaks(n=None, dtype="bfloat16"):
+    """Achieved matmul FLOP/s (n x n x n in `dtype`) and copy bandwidth (bytes read + written) on
+    the default device: the ceilings to print measurements against when no datasheet fits.
+    Cached per process."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = n or (1024 if on_cpu else 8192)
+    key = (n, dtype)
+    if key not in _MEASURED:
+        ka, kb = jax.random.split(jax.random.key(0))
+        a = jax.random.normal(ka, (n, n), dtype)
+        b = jax.random.normal(kb, (n, n), dtype)
+        t_mm = bench(jax.jit(jnp.matmul), a, b, iters=5, warmup=1).median_s
+        words = (2**24 if on_cpu else 2**28)  # 64 MiB / 1 GiB of float32: past any cache
+        xs = [jax.random.normal(k, (words,), jnp.float32) for k in jax.random.split(ka, 2)]
+        t_cp = bench(jax.jit(lambda x: x * 1.0001), arg_sets=[(x,) for x in xs], iters=5).median_s
+        _MEASURED[key] = {"matmul_flops": 2 * n**3 / t_mm, "copy_bw": 2 * 4 * words / t_cp}
+    return _MEASURED[key]
+
+
+def ceilings(dtype="bfloat16"):
+    """(peak FLOP/s, HBM bytes/s, where they come from) for the default device: the datasheet
+    when the chip is in CHIPS, else measured."""
+    chip = device_chip()
+    if chip is not None:
+        flops = {"bfloat16": chip.bf16_flops, "float16": chip.bf16_flops,
+                 "float32": chip.f32_flops or chip.bf16_flops}.get(dtype, chip.bf16_flops)
+        return flops, chip.hbm_bw, f"{chip.name} datasheet"
+    m = measure_peaks(dtype=dtype)
+    return m["matmul_flops"], m["copy_bw"], f"measured on {jax.devices()[0].device_kind}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: byte-level tokens from a text corpus
+# ----------------------------------------------------------------------------------------------
+
+def load_corpus(path=None, max_bytes=64 * 2**20):
+    """(train, val) uint8 token arrays. Default corpus: the .py files of the installed Python
+    standard library (real text on every machine). A file is used whole; a directory is read
+    file by file (sorted). Every 20th file by a name hash goes to validation; a single file is
+    split 95/5 instead."""
+    if path is None:
+        path = sysconfig.get_paths()["stdlib"]
+        files = sorted(glob.glob(os.path.join(path, "**", "*.py"), recursive=True))
+    elif os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.isfile(f))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UserError(f"data path {path} does not exist")
+    train, val, total = [], [], 0
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read(max_bytes - total)
+        total += len(data)
+        (val if zlib.crc32(os.path.relpath(f, path).encode()) % 20 == 0 else train).append(data)
+        if total >= max_bytes:
+            break
+    if total == 0:
+        raise UserError(f"data path {path} holds no data")
+    train, val = b"".join(train), b"".join(val)
+    if len(files) == 1 or not val or not train:
+        joined = train + val
+        cut = int(len(joined) * 0.95)
+        train, val = joined[:cut], joined[cut:]
+    return np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8)
+
+
+def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, process_count=1):
+    """(x, y) int32 [batch_size / process_count, seq_len]: random windows of `tokens`, y shifted
+    by one. The windows are a pure function of (seed, step), so a resumed run sees exactly the
+    data it would have seen, and each process draws only its own rows of the global batch."""
+    if len(tokens) < seq_len + 2:
+        raise UserError(f"the data holds {len(tokens)} tokens, fewer than seq_len+2={seq_len + 2}")
+    if batch_size % process_count:
+        raise UserError(f"batch_size={batch_size} does not split over {process_count} processes")
+    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len - 1, batch_size)
+    per = batch_size // process_count
+    starts = starts[process_index * per:(process_index + 1) * per]
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    win = tokens[idx].astype(np.int32)
+    return win[:, :-1], win[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Lessons are digit-named files; this imports one as a module
+# ----------------------------------------------------------------------------------------------
+
+def import_script(name):
+    """import_script("05_flash_attention") -> that lesson's module (loaded once)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
