@@ -21,6 +21,7 @@ import struct
 import sys
 import sysconfig
 import time
+import types
 import typing
 import zlib
 
@@ -460,7 +461,7 @@ def load_hf_llama(path, dtype=None):
 
 def _convert(text, tp):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
         if text.lower() == "none":
             return None
         return _convert(text, next(a for a in args if a is not type(None)))

@@ -1,0 +1,420 @@
+"""common.py against independent references: a numpy Llama, RoPE's algebra, GQA as repeated MHA,
+the checkpoint loader (our own writer, and transformers when installed), the CLI, data."""
+import dataclasses
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = common.Config.preset("tiny")
+GQA_SCALED = dataclasses.replace(TINY, n_heads=4, n_kv_heads=1, rope_scaling=(8.0, 1.0, 4.0, 32),
+                                 tie_embeddings=True, max_seq_len=256)
+
+
+# ---------------------------------------------------------------- an independent numpy Llama
+
+def np_inv_freq(cfg):
+    """Written from the Llama 3 reference (three wavelength bands), not from common's clip."""
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
+    if cfg.rope_scaling is None:
+        return inv
+    factor, low, high, old = cfg.rope_scaling
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(f)
+        elif wavelen > old / low:
+            out.append(f / factor)
+        else:
+            s = (old / wavelen - low) / (high - low)
+            out.append((1 - s) * f / factor + s * f)
+    return np.array(out)
+
+
+def np_forward(params, tokens, cfg):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    B, T = tokens.shape
+    H, KH, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    ang = np.arange(T)[:, None] * np_inv_freq(cfg)[None]          # [T, Dh/2]
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rope(x):  # [T, Dh]
+        x1, x2 = x[:, :Dh // 2], x[:, Dh // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
+
+    def norm(x, w):
+        return w * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps)
+
+    out = []
+    for b in range(B):
+        x = p["embed"][tokens[b]]                                    # [T, D]
+        for i in range(cfg.n_layers):
+            L = {k: v[i] for k, v in p["layers"].items()}
+            h = norm(x, L["attn_norm"])
+            heads = []
+            for hd in range(H):
+                kv = hd // (H // KH)
+                q = rope(h @ L["wq"][:, hd])
+                k = rope(h @ L["wk"][:, kv])
+                v = h @ L["wv"][:, kv]
+                s = q @ k.T / math.sqrt(Dh)
+                s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+                w = np.exp(s - s.max(-1, keepdims=True))
+                heads.append((w / w.sum(-1, keepdims=True)) @ v)
+            x = x + np.einsum("thk,hkd->td", np.stack(heads, 1), L["wo"])
+            h = norm(x, L["mlp_norm"])
+            g = h @ L["w_gate"]
+            x = x + (g / (1 + np.exp(-g)) * (h @ L["w_up"])) @ L["w_down"]
+        x = norm(x, p["final_norm"])
+        out.append(x @ (p["embed"].T if cfg.tie_embeddings else p["lm_head"]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("cfg", [TINY, GQA_SCALED], ids=["tiny", "mqa-llama3rope-tied"])
+def test_forward_matches_numpy(cfg):
+    params = common.init_params(cfg, jax.random.key(1))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
+    got = common.forward(params, tokens, cfg)
+    assert got.dtype == jnp.float32 and got.shape == (2, 40, cfg.vocab_size)
+    np.testing.assert_allclose(got, np_forward(params, tokens, cfg), rtol=2e-4, atol=2e-4)
+
+
+def test_forward_bf16_close_to_f32():
+    params = common.init_params(TINY, jax.random.key(0))
+    tokens = np.arange(64).reshape(2, 32) % 256
+    ref = common.forward(params, tokens, TINY)
+    got = common.forward(params, tokens, dataclasses.replace(TINY, dtype="bfloat16"))
+    assert got.dtype == jnp.float32
+    assert float(jnp.abs(got - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_remat_and_jnp_tokens_do_not_change_logits():
+    params = common.init_params(TINY, jax.random.key(0))
+    tokens = np.arange(32).reshape(1, 32)
+    ref = common.forward(params, tokens, TINY)
+    for remat in ("full", "dots"):
+        np.testing.assert_allclose(common.forward(params, jnp.asarray(tokens), TINY, remat=remat),
+                                   ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(common.UserError, match="remat"):
+        common.forward(params, tokens, TINY, remat="some")
+
+
+# ---------------------------------------------------------------- RoPE
+
+def test_rope_is_a_rotation_and_relative():
+    cfg = dataclasses.replace(TINY, rope_scaling=(8.0, 1.0, 4.0, 32))
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, cfg.head_dim)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, cfg.head_dim)), jnp.float32)
+
+    def at(x, pos):
+        cos, sin = common.rope_cos_sin(jnp.array([[pos]]), cfg)
+        return common.apply_rope(x, cos, sin)[0, 0, 0]
+
+    np.testing.assert_allclose(jnp.linalg.norm(at(q, 37)), jnp.linalg.norm(q), rtol=1e-5)
+    # <R(m) q, R(n) k> depends on m - n only.
+    a = jnp.dot(at(q, 10), at(k, 3))
+    b = jnp.dot(at(q, 107), at(k, 100))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(at(q, 0), q[0, 0, 0], rtol=1e-6)
+
+
+def test_llama3_scaling_bands():
+    cfg = dataclasses.replace(TINY, head_dim=128, rope_theta=500000.0,
+                              rope_scaling=(8.0, 1.0, 4.0, 8192))
+    got = common.rope_frequencies(cfg)
+    base = common.rope_frequencies(dataclasses.replace(cfg, rope_scaling=None))
+    np.testing.assert_allclose(got, np_inv_freq(cfg), rtol=1e-6)
+    assert got[0] == base[0]                                        # high frequency: kept
+    np.testing.assert_allclose(got[-1], base[-1] / 8.0, rtol=1e-6)  # low frequency: / factor
+
+
+# ---------------------------------------------------------------- GQA
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa = dataclasses.replace(TINY, n_heads=4, n_kv_heads=2)
+    mha = dataclasses.replace(gqa, n_kv_heads=4)
+    params = common.init_params(gqa, jax.random.key(3))
+    rep = dict(params, layers=dict(params["layers"]))
+    for w in ("wk", "wv"):
+        rep["layers"][w] = jnp.repeat(params["layers"][w], 2, axis=2)  # head h uses kv h // 2
+    tokens = np.arange(48).reshape(2, 24)
+    np.testing.assert_allclose(common.forward(params, tokens, gqa), common.forward(rep, tokens, mha),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_attention_reference_segments_and_causal():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.float32) for _ in range(3))
+    seg = jnp.array([[0, 0, 0, 1, 1, 1]])
+    packed = common.attention_reference(q, k, v, True, seg)
+    first = common.attention_reference(q[:, :3], k[:, :3], v[:, :3], True)
+    second = common.attention_reference(q[:, 3:], k[:, 3:], v[:, 3:], True)
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), rtol=1e-5, atol=1e-6)
+
+
+def test_param_count_matches_published_shapes():
+    assert common.Config.preset("llama-3.2-1b").param_count() == 1_235_814_400
+    assert common.Config.preset("llama-3-8b").param_count() == 8_030_261_248
+    params = common.init_params(TINY, jax.random.key(0))
+    assert sum(a.size for a in jax.tree.leaves(params)) == TINY.param_count()
+    assert 10e6 <= common.Config.preset("small").param_count() <= 20e6
+    assert TINY.param_count() < 1e6
+    # Llama-3-8B: 32 layers x 8 kv heads x 128 x (K and V) x 2 bytes = 128 KiB per token.
+    assert common.Config.preset("llama-3-8b").kv_bytes_per_token() == 131072
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def write_safetensors(path, tensors):
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        code = {np.float32: "F32", ml_dtypes.bfloat16: "BF16", np.float16: "F16"}[arr.dtype.type]
+        header[name] = {"dtype": code, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        blobs.append(arr.tobytes())
+        offset += arr.nbytes
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def hf_tensors(params, cfg):
+    """Our params in Hugging Face's naming and [out, in] layout."""
+    p = jax.tree.map(np.asarray, params)
+    D = cfg.d_model
+    t = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
+    for i in range(cfg.n_layers):
+        L = {k: v[i] for k, v in p["layers"].items()}
+        pre = f"model.layers.{i}."
+        t[pre + "input_layernorm.weight"] = L["attn_norm"]
+        t[pre + "post_attention_layernorm.weight"] = L["mlp_norm"]
+        t[pre + "self_attn.q_proj.weight"] = L["wq"].reshape(D, -1).T
+        t[pre + "self_attn.k_proj.weight"] = L["wk"].reshape(D, -1).T
+        t[pre + "self_attn.v_proj.weight"] = L["wv"].reshape(D, -1).T
+        t[pre + "self_attn.o_proj.weight"] = L["wo"].reshape(-1, D).T
+        t[pre + "mlp.gate_proj.weight"] = L["w_gate"].T
+        t[pre + "mlp.up_proj.weight"] = L["w_up"].T
+        t[pre + "mlp.down_proj.weight"] = L["w_down"].T
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = p["lm_head"].T
+    return t
+
+
+def hf_config(cfg, new_style=False):
+    c = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+         "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
+         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+    rope = {"rope_type": "default"}
+    if cfg.rope_scaling:
+        f, lo, hi, old = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
+                "high_freq_factor": hi, "original_max_position_embeddings": old}
+    if new_style:
+        c["rope_parameters"] = dict(rope, rope_theta=cfg.rope_theta)
+    else:
+        c["rope_theta"] = cfg.rope_theta
+        c["rope_scaling"] = rope if cfg.rope_scaling else None
+    return c
+
+
+def save_checkpoint(path, params, cfg, shards=1, new_style=False, **overrides):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(hf_config(cfg, new_style), **overrides), f)
+    names = list(hf_tensors(params, cfg).items())
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = dict(names[s::shards])
+        write_safetensors(os.path.join(path, fname), part)
+        weight_map.update({n: fname for n in part})
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+@pytest.mark.parametrize("cfg,shards,new_style", [(TINY, 1, False), (GQA_SCALED, 3, True)])
+def test_loader_round_trip(tmp_path, cfg, shards, new_style):
+    params = common.init_params(cfg, jax.random.key(5))
+    save_checkpoint(tmp_path, params, cfg, shards=shards, new_style=new_style)
+    got_cfg, got = common.load_hf_llama(str(tmp_path))
+    assert got_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+def test_loader_reads_bf16(tmp_path):
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), common.init_params(TINY, jax.random.key(0)))
+    save_checkpoint(tmp_path, params, TINY, torch_dtype="bfloat16")
+    cfg, got = common.load_hf_llama(str(tmp_path))
+    assert cfg.param_dtype == "bfloat16" and got["embed"].dtype == jnp.bfloat16
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"model_type": "mistral"}, "model_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+])
+def test_loader_refuses_unsupported_fields(tmp_path, override, match):
+    save_checkpoint(tmp_path, common.init_params(TINY, jax.random.key(0)), TINY, **override)
+    with pytest.raises(common.UserError, match=match):
+        common.load_hf_llama(str(tmp_path))
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(common.UserError, match="does not exist"):
+        common.load_hf_llama(str(tmp_path / "nope"))
+    with pytest.raises(common.UserError, match="config.json"):
+        common.load_hf_llama(str(tmp_path))
+    save_checkpoint(tmp_path, common.init_params(TINY, jax.random.key(0)), TINY)
+    with open(tmp_path / "config.json") as f:
+        c = json.load(f)
+    c["num_hidden_layers"] = 3  # a tensor of layer 2 is then missing
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(c, f)
+    with pytest.raises(common.UserError, match="missing"):
+        common.load_hf_llama(str(tmp_path))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(common.UserError, match="not a safetensors"):
+        common.load_hf_llama(str(tmp_path))
+
+
+@pytest.mark.parametrize("cfg", [TINY, GQA_SCALED], ids=["tiny", "mqa-llama3rope-tied"])
+def test_logits_match_transformers(tmp_path, cfg):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = hf_config(cfg)
+    hf.pop("architectures"), hf.pop("model_type"), hf.pop("torch_dtype")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).float().eval()
+    with torch.no_grad():  # HF initializes norms to 1: perturb them so they are tested too
+        for name, w in model.named_parameters():
+            if "norm" in name:
+                w.add_(0.1 * torch.randn_like(w))
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="200KB")
+    got_cfg, params = common.load_hf_llama(str(tmp_path), dtype="float32")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 48))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(common.forward(params, tokens, got_cfg))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+# ---------------------------------------------------------------- sharding rules
+
+def test_param_shardings_and_errors():
+    devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
+    mesh = jax.sharding.Mesh(devices, ("dp", "fsdp", "tp"))
+    sh = common.param_shardings(TINY, mesh)
+    assert sh["layers"]["wq"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tp", None)
+    assert sh["layers"]["attn_norm"].spec == jax.sharding.PartitionSpec(None, None)
+    params = jax.jit(common.init_params, static_argnums=0, out_shardings=sh)(TINY, jax.random.key(0))
+    ref = common.init_params(TINY, jax.random.key(0))
+    tokens = np.arange(8 * 16).reshape(8, 16) % 256
+    np.testing.assert_allclose(jax.jit(common.forward, static_argnums=2)(params, tokens, TINY),
+                               common.forward(ref, tokens, TINY), rtol=1e-5, atol=1e-5)
+    bad = jax.sharding.Mesh(np.array(jax.devices()[:3]), ("tp",))  # 3 does not divide 4 heads
+    with pytest.raises(common.UserError, match="does not divide"):
+        common.param_shardings(TINY, bad)
+
+
+# ---------------------------------------------------------------- CLI
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    n: int = 3
+    rate: float = 0.5
+    name: str = "a"
+    on: bool = False
+    size: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise common.UserError(f"n must be >= 1, got {self.n}")
+
+
+def test_parse_flags_types():
+    f = common.parse_flags(Flags(), ["--n=7", "--rate=1e-3", "--name=x", "--on=true", "--size=none"],
+                           show=False)
+    assert f == Flags(n=7, rate=1e-3, name="x", on=True, size=None)
+    assert common.parse_flags(Flags(), ["--size=4"], show=False).size == 4
+
+
+@pytest.mark.parametrize("argv,match", [(["--bogus=1"], "unknown flag --bogus"),
+                                        (["n=3"], "malformed"), (["--n"], "malformed"),
+                                        (["--n=three"], "--n=three"), (["--on=maybe"], "--on"),
+                                        (["--n=0"], "n must be >= 1")])
+def test_parse_flags_errors(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        common.parse_flags(Flags(), argv, show=False)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag,match", [("--nope=1", "unknown flag"), ("--steps=-1", "steps"),
+                                        ("--preset=huge", "unknown preset"),
+                                        ("--data=/does/not/exist", "does not exist")])
+def test_train_script_bad_input_is_one_line(flag, match):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "09_train.py"), flag],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    assert match in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- data
+
+def test_corpus_split_and_batches(tmp_path):
+    for i in range(40):
+        (tmp_path / f"f{i}.txt").write_bytes(bytes([65 + i % 26]) * 100)
+    train, val = common.load_corpus(str(tmp_path))
+    assert len(train) + len(val) == 4000 and 0 < len(val) < 1000
+    t2, v2 = common.load_corpus(str(tmp_path))
+    assert np.array_equal(train, t2) and np.array_equal(val, v2)
+    x, y = common.get_batch(train, 5, 8, 16, seed=1)
+    assert x.shape == (8, 16) and x.dtype == np.int32
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    halves = [common.get_batch(train, 5, 8, 16, 1, process_index=i, process_count=2)[0]
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), x)
+    assert not np.array_equal(common.get_batch(train, 6, 8, 16, 1)[0], x)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.UserError, match="no data"):
+        common.load_corpus(str(tmp_path / "empty"))
+
+
+def test_default_corpus_is_python_source():
+    train, val = common.load_corpus(max_bytes=2**20)
+    assert len(train) > 500_000 and len(val) > 0
+    assert b"def " in train.tobytes() and b"import" in train.tobytes()
+
+
+def test_import_script_and_chip_table():
+    mod = common.import_script("09_train")
+    assert mod is common.import_script("09_train") and hasattr(mod, "TrainConfig")
+    assert common.device_chip() is None  # the CPU has no datasheet entry
+    for chip in common.CHIPS.values():
+        assert chip.bf16_flops > 0 and chip.hbm_bw > 0 and chip.source
