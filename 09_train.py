@@ -1,63 +1,131 @@
-"""Train the course's Llama-style model on bytes of text, and see how fast it learns and runs.
+"""Train the course's Llama-style model end to end: one device, many devices, many hosts.
 
-    python 09_train.py                          # `small` on the Python standard library's source
-    python 09_train.py --preset=tiny --steps=50 --data=input.txt
+    python 09_train.py                                    # `small` on the Python stdlib's source
+    python 09_train.py --preset=tiny --steps=50 --data=input.txt --out_dir=out/tiny
+    python 09_train.py --mesh=dp:2,fsdp:2,tp:2 --remat=dots --attention=flash
+    python 09_train.py --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0   # per host
 
-Each step logs the loss, learning rate, gradient norm, time, tokens/s and MFU: model FLOPs
-(6N plus causal attention, common.Config.train_flops_per_token) over the step time, divided by
-the device's peak (the datasheet when common.CHIPS knows the chip, else the matmul rate measured
-here). The optimizer is AdamW (Loshchilov & Hutter 2019) written out, with linear warmup, cosine
-decay and global-norm clipping; weights and optimizer state stay float32 while the model
-computes in the preset's dtype. At the end a sample is generated from a prompt.
+What it puts together, lesson by lesson:
+- the model of common.py, its parameters born sharded: init_params is jit'd with out_shardings
+  derived from each parameter's logical axes (lesson 03), and activations are pinned to the same
+  rules inside forward (`constrain`); the batch is split over dp x fsdp;
+- AdamW (Loshchilov & Hutter 2019) written out below, linear warmup then cosine decay,
+  global-norm clipping, gradient accumulation over micro-batches, float32 master weights and
+  optimizer state with the forward pass in bf16 (Micikevicius et al. 2018), optional
+  rematerialization (remat=full recomputes each layer; dots keeps only matmul outputs);
+- attention chosen by flag: naive (common), flash (lesson 05), pallas (lesson 08), cudnn;
+- checkpoints written atomically to --out_dir (params, optimizer state, step; the data position
+  is the step, since batches are a pure function of (seed, step)); rerunning with the same
+  --out_dir resumes and reaches exactly the loss an uninterrupted run reaches;
+- many hosts through JAX's multi-controller runtime: every process runs this same program on its
+  own devices and reads only its own rows of each batch.
 
-This is the single-device version; sharding over many devices and hosts, checkpoints and resume
-build on it.
+Each logged step prints loss, learning rate, gradient norm, ms/step, tokens/s and MFU: model
+FLOPs (6N plus causal attention, common.Config.train_flops_per_token) per second over the peak of
+all devices (the datasheet when common.CHIPS knows the chip, else the matmul rate measured here).
+Logged steps also go to <out_dir>/metrics.jsonl, and the loss curve to <out_dir>/loss.png.
 """
 import dataclasses
+import json
 import math
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 import common
+
+MESH_AXES = ("dp", "fsdp", "tp")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     preset: str = "small"        # a common.PRESETS name
-    steps: int = 200
-    batch_size: int = 8          # sequences per step
+    steps: int = 200             # total optimizer steps (also the length of the cosine)
+    batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
+    grad_accum: int = 1          # micro-batches per step (gradients summed before the update)
     lr: float = 3e-3             # peak learning rate
     min_lr: float = 3e-4         # end of the cosine
     warmup: int = 20             # steps of linear warmup
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1    # decoupled, on matrices only
     b1: float = 0.9
     b2: float = 0.95
-    grad_clip: float = 1.0       # global-norm clipping threshold; 0 disables
+    grad_clip: float = 1.0       # global-norm threshold; 0 disables
+    dtype: str = "auto"          # compute dtype: float32, bfloat16, or auto (bf16 on GPU/TPU)
+    mesh: str = ""               # e.g. dp:2,fsdp:2,tp:2; empty: FSDP over all devices
+    remat: str = "none"          # none | full | dots
+    attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
     seed: int = 0
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
+    out_dir: str = "out"         # checkpoints and metrics.jsonl; rerun to resume
+    ckpt_every: int = 100        # steps between checkpoints (and one at the end); 0: none
     log_every: int = 10
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4
     sample_len: int = 200        # bytes generated at the end
-    dtype: str = "float32"       # compute dtype (float32 or bfloat16); weights stay float32
+    coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self):
-        for f in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+        for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                  "eval_batches", "num_processes"):
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
-        if self.lr <= 0 or self.min_lr < 0 or self.warmup < 0 or self.sample_len < 0:
-            raise common.UserError("lr must be > 0; min_lr, warmup and sample_len >= 0")
+        for f in ("warmup", "ckpt_every", "sample_len", "process_id", "min_lr", "weight_decay",
+                  "grad_clip"):
+            if getattr(self, f) < 0:
+                raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.lr <= 0:
+            raise common.UserError(f"lr must be > 0, got {self.lr}")
         if self.preset not in common.PRESETS:
             raise common.UserError(f"unknown preset {self.preset!r} "
                                    f"(presets: {', '.join(common.PRESETS)})")
+        choices = {"dtype": ("auto", "float32", "bfloat16"), "remat": ("none", "full", "dots"),
+                   "attention": ("auto", "naive", "flash", "pallas", "cudnn")}
+        for f, ok in choices.items():
+            if getattr(self, f) not in ok:
+                raise common.UserError(f"{f} must be one of {', '.join(ok)}; got {getattr(self, f)!r}")
+        if self.batch_size % self.grad_accum:
+            raise common.UserError(f"grad_accum={self.grad_accum} must divide "
+                                   f"batch_size={self.batch_size}")
+        if self.process_id >= self.num_processes:
+            raise common.UserError(f"process_id={self.process_id} must be < "
+                                   f"num_processes={self.num_processes}")
+        parse_mesh(self.mesh)
 
+
+def parse_mesh(text):
+    """'dp:2,tp:4' -> {'dp': 2, 'tp': 4}; absent axes have size 1."""
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition(":")
+        if name not in MESH_AXES or not n.isdigit() or int(n) < 1 or name in sizes:
+            raise common.UserError(f"mesh {text!r}: expected axes from {', '.join(MESH_AXES)} "
+                                   f"written name:size, each once (e.g. dp:2,fsdp:2,tp:2)")
+        sizes[name] = int(n)
+    return sizes
+
+
+def make_mesh(text, devices):
+    sizes = parse_mesh(text) or {"fsdp": len(devices)}
+    shape = [sizes.get(a, 1) for a in MESH_AXES]
+    if math.prod(shape) != len(devices):
+        raise common.UserError(f"mesh {text or 'fsdp'} uses {math.prod(shape)} devices, "
+                               f"but there are {len(devices)}")
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer
+# ----------------------------------------------------------------------------------------------
 
 def lr_schedule(step, tc):
-    """Linear warmup to tc.lr, then cosine decay to tc.min_lr at tc.steps."""
+    """Linear warmup to tc.lr over tc.warmup steps, then cosine decay to tc.min_lr at tc.steps."""
     warm = tc.lr * (step + 1) / max(tc.warmup, 1)
     frac = jnp.clip((step - tc.warmup) / max(tc.steps - tc.warmup, 1), 0.0, 1.0)
     cos = tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + jnp.cos(math.pi * frac))
@@ -69,42 +137,138 @@ def adamw_init(params):
     return {"mu": zeros, "nu": zeros, "count": jnp.zeros((), jnp.int32)}
 
 
-def adamw_update(grads, state, params, lr, tc, decay_mask):
-    """One AdamW step: Adam's bias-corrected moments, plus weight decay decoupled from the
-    gradient, applied where decay_mask is True (matrices; norm gains are left undecayed)."""
+def adamw_update(grads, state, params, lr, tc, decay_mask, eps=1e-8):
+    """One AdamW step: bias-corrected first and second moments (Adam, Kingma & Ba 2015,
+    Algorithm 1), plus weight decay decoupled from the gradient, where decay_mask is True."""
     count = state["count"] + 1
     mu = jax.tree.map(lambda m, g: tc.b1 * m + (1 - tc.b1) * g, state["mu"], grads)
     nu = jax.tree.map(lambda v, g: tc.b2 * v + (1 - tc.b2) * g * g, state["nu"], grads)
     c1, c2 = 1 - tc.b1 ** count, 1 - tc.b2 ** count
 
     def step(p, m, v, decay):
-        return p - lr * ((m / c1) / (jnp.sqrt(v / c2) + 1e-8) + tc.weight_decay * decay * p)
+        return p - lr * ((m / c1) / (jnp.sqrt(v / c2) + eps) + tc.weight_decay * decay * p)
 
     return jax.tree.map(step, params, mu, nu, decay_mask), {"mu": mu, "nu": nu, "count": count}
 
 
-def make_train_step(cfg, tc):
-    decay_mask = jax.tree.map(lambda axes: "norm" not in axes, common.logical_axes(cfg),
-                              is_leaf=lambda x: isinstance(x, tuple))
+def decay_mask(cfg):
+    """Decay every weight but the norm gains."""
+    return jax.tree.map(lambda axes: "norm" not in axes, common.logical_axes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+
+def attention_fn(name):
+    if name == "naive":
+        return common.attention_reference
+    if name in ("flash", "pallas"):
+        script = {"flash": "05_flash_attention", "pallas": "08_pallas_kernels"}[name]
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script + ".py")
+        if not os.path.exists(path):
+            raise common.UserError(f"attention={name} needs {script}.py, not in this checkout")
+        fn = common.import_script(script).flash_attention
+        return lambda q, k, v, causal, seg: fn(q, k, v, causal=causal, segment_ids=seg)
+    if name == "cudnn":
+        if jax.devices()[0].platform != "gpu":
+            raise common.UserError("attention=cudnn needs an NVIDIA GPU")
+
+        def cudnn(q, k, v, causal, seg):
+            assert seg is None, "packed sequences are not used in training here"
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        return cudnn
+    raise common.UserError(f"unknown attention {name!r}")
+
+
+def make_train_step(cfg, tc, mesh, attention):
+    """A jit'd (params, opt, x, y) -> (params, opt, metrics), sharded by `mesh`."""
+    def constrain(x, axes):
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, common.logical_to_spec(axes, mesh)))
+
     def loss_fn(params, x, y):
-        return common.cross_entropy(common.forward(params, x, cfg), y)
+        logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
+                                constrain=constrain)
+        return common.cross_entropy(logits, y)
 
-    @jax.jit
+    mask = decay_mask(cfg)
+
     def train_step(params, opt, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        # Gradient accumulation: a scan over micro-batches [A, B/A, T] summing the gradients.
+        # Micro-batch i takes rows i, i+A, ...: every device holds a share of each one.
+        xs, ys = (a.reshape(-1, tc.grad_accum, a.shape[-1]).swapaxes(0, 1) for a in (x, y))
+
+        def micro(acc, xy):
+            loss, g = jax.value_and_grad(loss_fn)(params, *xy)
+            return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(micro, zero, (xs, ys))
+        loss, grads = jax.tree.map(lambda a: a / tc.grad_accum, (loss, grads))
+        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         if tc.grad_clip > 0:
-            grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tc.grad_clip / (gnorm + 1e-6)), grads)
+            scale = jnp.minimum(1.0, tc.grad_clip / (gnorm + 1e-6))
+            grads = jax.tree.map(lambda g: g * scale, grads)
         lr = lr_schedule(opt["count"], tc)
-        params, opt = adamw_update(grads, opt, params, lr, tc, decay_mask)
-        return params, opt, {"loss": loss, "grad_norm": gnorm, "lr": lr}
+        params, opt = adamw_update(grads, opt, params, lr, tc, mask)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+            [jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+        return params, opt, {"loss": loss, "grad_norm": gnorm, "lr": lr, "finite": finite}
 
-    return train_step
+    return jax.jit(train_step, donate_argnums=(0, 1))
 
+
+def global_batch(local, mesh):
+    """This process's rows -> one global array sharded over dp x fsdp."""
+    sharding = NamedSharding(mesh, common.logical_to_spec(("batch", "seq"), mesh))
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save(tc, step, params, opt, cfg):
+    """Every process takes part in the gather; process 0 writes."""
+    state = {"params": params, "opt": opt}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        state = multihost_utils.process_allgather(state, tiled=True)
+    if jax.process_index() == 0:
+        meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
+                "data_position": step}
+        common.save_checkpoint(tc.out_dir, step, jax.device_get(state), meta)
+
+
+def restore(tc, cfg, params, opt):
+    """(params, opt, step) from the newest checkpoint in out_dir, or the inputs and 0."""
+    ckpts = common.list_checkpoints(tc.out_dir)
+    if not ckpts:
+        return params, opt, 0
+    with open(os.path.join(ckpts[-1], "meta.json")) as f:
+        meta = json.load(f)
+    model = dataclasses.asdict(cfg)
+    if meta["model"] != json.loads(json.dumps(model)) or meta["seed"] != tc.seed:
+        raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
+                               f"(preset {meta['preset']}, seed {meta['seed']}); "
+                               f"use another --out_dir")
+    like = {"params": params, "opt": opt}
+    state, meta = common.load_checkpoint(ckpts[-1], like)
+    state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
+        a.shape, ref.sharding, lambda idx: a[idx]), state, like)
+    print(f"resumed from {ckpts[-1]} at step {meta['step']}")
+    return state["params"], state["opt"], meta["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and plotting
+# ----------------------------------------------------------------------------------------------
 
 def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
-    """Generate n bytes after `prompt` by full recompute over a fixed window (the KV-cached way
-    is lesson 06)."""
+    """n bytes after `prompt`, by full recompute over a fixed window (the KV-cached way is
+    lesson 06)."""
     window = min(cfg.max_seq_len, 256)
 
     @jax.jit
@@ -112,8 +276,7 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
         logits = common.forward(params, tokens[None], cfg)[0, length - 1]
         return jax.random.categorical(key, logits / temperature)
 
-    toks = list(prompt)
-    key = jax.random.key(seed)
+    toks, key = list(prompt), jax.random.key(seed)
     for _ in range(n):
         ctx = toks[-window:]
         buf = np.zeros(window, np.int32)
@@ -123,52 +286,144 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
     return bytes(toks).decode("utf-8", errors="replace")
 
 
-def main():
-    tc = common.parse_flags(TrainConfig())
-    cfg = dataclasses.replace(common.Config.preset(tc.preset), param_dtype="float32", dtype=tc.dtype)
+def plot_metrics(out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "val_loss"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if key == "val_loss" else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per byte)")
+    ax.legend()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def model_config(tc):
+    platform = jax.devices()[0].platform
+    dtype = tc.dtype if tc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    cfg = dataclasses.replace(common.Config.preset(tc.preset), param_dtype="float32", dtype=dtype)
     if tc.seq_len > cfg.max_seq_len:
         raise common.UserError(f"seq_len={tc.seq_len} exceeds the preset's max_seq_len "
                                f"{cfg.max_seq_len}")
     if cfg.vocab_size < 256:
         raise common.UserError("byte-level data needs vocab_size >= 256")
-    train, val = common.load_corpus(tc.data or None)
-    print(f"data: {tc.data or 'Python standard library source'}: {len(train):,} train bytes, "
-          f"{len(val):,} val bytes")
-    params = jax.jit(common.init_params, static_argnums=0)(cfg, jax.random.key(tc.seed))
-    opt = adamw_init(params)
-    n_params = cfg.param_count()
+    return cfg
+
+
+def train(tc, stop_after=None, log=print, devices=None):
+    """Train per `tc` on `devices` (default: all); stop_after ends the run early at that step (as
+    a kill would), after its checkpoint. Returns (logged metrics, params, model config)."""
+    cfg = model_config(tc)
+    devices = devices or jax.devices()
+    mesh = make_mesh(tc.mesh, devices)
+    data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if tc.batch_size % (data_ways * tc.grad_accum):
+        raise common.UserError(f"batch_size={tc.batch_size} must split over dp x fsdp = "
+                               f"{data_ways} devices and grad_accum={tc.grad_accum} micro-batches")
+    attn = "cudnn" if tc.attention == "auto" and jax.devices()[0].platform == "gpu" else (
+        "naive" if tc.attention == "auto" else tc.attention)
+    shardings = common.param_shardings(cfg, mesh)
+    train_tokens, val_tokens = common.load_corpus(tc.data or None)
+
+    params = jax.jit(common.init_params, static_argnums=0, out_shardings=shardings)(
+        cfg, jax.random.key(tc.seed))
+    opt = jax.jit(adamw_init, out_shardings={"mu": shardings, "nu": shardings,
+                                             "count": NamedSharding(mesh, common.P())})(params)
+    params, opt, start = restore(tc, cfg, params, opt)
+
+    n_dev = len(devices)
     flops_per_step = cfg.train_flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
-    peak, _, basis = common.ceilings(tc.dtype)
-    print(f"model: {tc.preset}, {n_params / 1e6:.2f}M params; {flops_per_step / 1e9:.1f} GFLOP "
-          f"per step (6N + causal attention); MFU against {peak / 1e12:.1f} TFLOP/s ({basis})")
+    peak, _, basis = common.ceilings(cfg.dtype)
+    log(f"data: {tc.data or 'Python standard library source'}: {len(train_tokens):,} train "
+        f"bytes, {len(val_tokens):,} val bytes")
+    log(f"model: {tc.preset}, {cfg.param_count() / 1e6:.2f}M params, {cfg.dtype} compute, "
+        f"attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)} over {n_dev} devices in "
+        f"{jax.process_count()} processes")
+    log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
+        f"{n_dev} x {peak / 1e12:.1f} TFLOP/s ({basis})")
 
-    train_step = make_train_step(cfg, tc)
-    eval_loss = jax.jit(lambda p, x, y: common.cross_entropy(common.forward(p, x, cfg), y))
+    step_fn = make_train_step(cfg, tc, mesh, attention_fn(attn))
+    eval_fn = jax.jit(lambda p, x, y: common.cross_entropy(common.forward(p, x, cfg), y))
+
+    def batch(tokens, step, seed):
+        local = common.get_batch(tokens, step, tc.batch_size, tc.seq_len, seed,
+                                 jax.process_index(), jax.process_count())
+        return [global_batch(a, mesh) for a in local]
+
     t0 = time.perf_counter()
-    x, y = common.get_batch(train, 0, tc.batch_size, tc.seq_len, tc.seed)
-    train_step = train_step.lower(params, opt, x, y).compile()
-    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+    step_fn = step_fn.lower(params, opt, *batch(train_tokens, start, tc.seed)).compile()
+    log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
 
-    t_last = time.perf_counter()
-    for step in range(tc.steps):
-        x, y = common.get_batch(train, step, tc.batch_size, tc.seq_len, tc.seed)
-        params, opt, m = train_step(params, opt, x, y)
-        if (step + 1) % tc.log_every == 0 or step == 0:
-            m = jax.device_get(m)  # waits for the step
-            if not np.isfinite(m["loss"]):
-                raise common.UserError(f"loss is {m['loss']} at step {step + 1}: stopping")
-            dt = (time.perf_counter() - t_last) / (tc.log_every if step else 1)
-            t_last = time.perf_counter()
+    history = []
+    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    if jax.process_index() == 0:
+        os.makedirs(tc.out_dir, exist_ok=True)
+    t_last, steps_since = time.perf_counter(), 0
+    for step in range(start, tc.steps):
+        params, opt, m = step_fn(params, opt, *batch(train_tokens, step, tc.seed))
+        steps_since += 1
+        done = step + 1
+        row = None
+        saving = tc.ckpt_every and (done % tc.ckpt_every == 0 or done in (tc.steps, stop_after))
+        if saving or done % tc.log_every == 0 or done == tc.steps or done == start + 1:
+            m = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for the step
+            if not m["finite"]:  # never checkpoint what would not resume
+                raise common.UserError(f"loss {m['loss']} or weights not finite at step {done}: "
+                                       f"stopping; the last good checkpoint in {tc.out_dir} is kept")
+            dt = (time.perf_counter() - t_last) / steps_since
             tok_s = tc.batch_size * tc.seq_len / dt
-            print(f"step {step + 1:5d} | loss {m['loss']:.4f} | lr {m['lr']:.1e} | "
-                  f"gnorm {m['grad_norm']:.2f} | {dt * 1e3:7.1f} ms | {tok_s:9,.0f} tok/s | "
-                  f"mfu {100 * flops_per_step / dt / peak:5.1f}%")
-        if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
-            losses = [eval_loss(params, *common.get_batch(val, i, tc.batch_size, tc.seq_len, 1))
-                      for i in range(tc.eval_batches)]
-            print(f"step {step + 1:5d} | val loss {float(np.mean(losses)):.4f}")
-            t_last = time.perf_counter()
-    if tc.sample_len:
+            mfu = flops_per_step / dt / (peak * n_dev)
+            row = dict(step=done, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
+                       ms_per_step=dt * 1e3, tokens_per_s=tok_s, mfu=mfu)
+            log(f"step {done:5d} | loss {m['loss']:.4f} | lr {m['lr']:.1e} | "
+                f"gnorm {m['grad_norm']:6.2f} | {dt * 1e3:8.1f} ms | {tok_s:10,.0f} tok/s | "
+                f"mfu {100 * mfu:5.1f}%")
+        if done % tc.eval_every == 0 or done == tc.steps:
+            val = float(np.mean([eval_fn(params, *batch(val_tokens, i, tc.seed + 1))
+                                 for i in range(tc.eval_batches)]))
+            log(f"step {done:5d} | val loss {val:.4f}")
+            row = dict(row or {"step": done}, val_loss=val)
+        if row is not None:
+            history.append(row)
+            if jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if saving:
+            save(tc, done, params, opt, cfg)
+        if row is not None or saving:  # eval and saving stay out of the next ms/step
+            t_last, steps_since = time.perf_counter(), 0
+        if done == stop_after:
+            break
+    return history, params, cfg
+
+
+def main():
+    tc = common.parse_flags(TrainConfig())
+    if tc.num_processes > 1 or tc.coordinator:
+        jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
+    history, params, cfg = train(tc)
+    if jax.process_index() == 0 and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):
+        path = plot_metrics(tc.out_dir)
+        if path:
+            print(f"loss curve: {path}")
+    if tc.sample_len and jax.process_count() > 1:  # every process joins the gather
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if tc.sample_len and jax.process_index() == 0:
         print("sample:\n" + sample(params, cfg, b"def ", tc.sample_len, tc.seed))
 
 

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import sysconfig
@@ -283,7 +284,7 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     elif remat != "none":
         raise UserError(f"remat must be none, full or dots, got {remat!r}")
 
-    x = constrain(params["embed"].astype(dt)[tokens], ("batch", "seq", "embed"))
+    x = constrain(jnp.take(params["embed"].astype(dt), tokens, axis=0), ("batch", "seq", "embed"))
     x, _ = jax.lax.scan(layer, x, params["layers"])
     x = rms_norm(x, params["final_norm"].astype(dt), cfg.norm_eps)
     w_out = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
@@ -453,6 +454,56 @@ def load_hf_llama(path, dtype=None):
     if expected != got:
         raise UserError(f"{path}: tensor shapes do not match config.json")
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, pd), params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (09 writes them, 06 serves them): a directory per step, written atomically
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir, step, tree, meta, keep=2):
+    """Write {tree: numpy leaves, meta: json} as out_dir/ckpt_<step>. The files go to a temporary
+    directory first, renamed into place only when complete: a crash mid-save leaves the previous
+    checkpoint as it was. Keeps the newest `keep` checkpoints."""
+    for stale in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):  # left by a crashed save
+        shutil.rmtree(stale)
+    os.makedirs(out_dir, exist_ok=True)
+    final = os.path.join(out_dir, f"ckpt_{step:08d}")
+    tmp = os.path.join(out_dir, f".tmp_ckpt_{step:08d}")
+    os.makedirs(tmp)
+    flat = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    with open(os.path.join(tmp, "state.npz"), "wb") as f:
+        np.savez(f, **{k: (v.view(np.uint16) if v.dtype == ml_dtypes.bfloat16 else v)
+                       for k, v in flat.items()})
+        os.fsync(f.fileno())
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(meta, step=step, dtypes={k: str(v.dtype) for k, v in flat.items()}), f)
+    if os.path.exists(final):  # the same step saved again (a rerun): replace it
+        os.rename(final, tmp + ".old")
+    os.rename(tmp, final)
+    for old in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")) + list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(out_dir):
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_" + "[0-9]" * 8)))
+
+
+def load_checkpoint(path, like):
+    """(tree shaped like `like`, meta) from a directory save_checkpoint wrote."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    data = np.load(os.path.join(path, "state.npz"))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for k, _ in paths:
+        name = jax.tree_util.keystr(k)
+        if name not in data:
+            raise UserError(f"checkpoint {path} has no {name}: it was written for another model")
+        a = data[name]
+        leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16" else a)
+    return jax.tree.unflatten(treedef, leaves), meta
 
 
 # ----------------------------------------------------------------------------------------------

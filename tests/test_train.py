@@ -1,0 +1,171 @@
+"""09_train.py: it learns; every mesh takes the same steps as one device; resume is exact; two
+processes equal one; AdamW equals optax's; bad input is one line."""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+
+train_mod = common.import_script("09_train")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_run(tmp_path, **kw):
+    base = dict(preset="tiny", steps=4, batch_size=8, seq_len=32, warmup=2, log_every=1,
+                eval_every=100, eval_batches=1, sample_len=0, ckpt_every=0,
+                data=os.path.join(ROOT, "common.py"), out_dir=str(tmp_path / "out"))
+    return train_mod.TrainConfig(**dict(base, **kw))
+
+
+def losses(history):
+    return [r["loss"] for r in history if "loss" in r]
+
+
+def test_loss_decreases(tmp_path):
+    hist, _, _ = train_mod.train(tiny_run(tmp_path, steps=40, lr=1e-2), log=lambda s: None,
+                                 devices=jax.devices()[:1])
+    ls = losses(hist)
+    assert ls[-1] < ls[0] - 1.0, ls
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    tc = tiny_run(tmp_path_factory.mktemp("one"), batch_size=16)
+    return train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("mesh", ["dp:8", "fsdp:8", "tp:2,fsdp:4", "dp:2,fsdp:2,tp:2"])
+def test_sharded_steps_equal_single_device(tmp_path, mesh, one_device_run):
+    """Same losses and gradient norms on 8 devices, with 2 micro-batches, as on one device with
+    one batch: sharding and accumulation change where and in what order, not what."""
+    got, _, _ = train_mod.train(tiny_run(tmp_path, batch_size=16, mesh=mesh, grad_accum=2),
+                                log=lambda s: None)
+    np.testing.assert_allclose(losses(got), losses(one_device_run), rtol=2e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in got],
+                               [r["grad_norm"] for r in one_device_run], rtol=1e-4)
+
+
+def test_resume_is_exact(tmp_path):
+    tc = tiny_run(tmp_path, steps=6, ckpt_every=2)
+    full, _, _ = train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "full")),
+                                 log=lambda s: None, devices=jax.devices()[:1])
+    first, _, _ = train_mod.train(tc, stop_after=3, log=lambda s: None, devices=jax.devices()[:1])
+    assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == \
+        ["ckpt_00000002", "ckpt_00000003"]
+    rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert [r["step"] for r in rest] == [4, 5, 6]
+    assert losses(first) + losses(rest) == losses(full)  # bit for bit
+    rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
+    assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(rows[0])
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    tc = tiny_run(tmp_path, steps=4, ckpt_every=2)
+    train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common.np, "savez", crash)  # dies halfway through writing step 4
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    monkeypatch.undo()
+    assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000002"]
+    rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert [r["step"] for r in rest] == [3, 4]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+    tc = tiny_run(tmp_path, steps=30, lr=1e5, warmup=0, grad_clip=0.0, ckpt_every=1)
+    with pytest.raises(common.UserError, match="not finite"):
+        train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    ckpts = common.list_checkpoints(tc.out_dir)
+    assert ckpts
+    state, meta = common.load_checkpoint(ckpts[-1], {"params": common.init_params(
+        common.Config.preset("tiny"), jax.random.key(0))})
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(state))
+
+
+def test_adamw_matches_optax():
+    optax = pytest.importorskip("optax")
+    tc = train_mod.TrainConfig(weight_decay=0.1, b1=0.9, b2=0.95)
+    cfg = common.Config.preset("tiny")
+    params = common.init_params(cfg, jax.random.key(0))
+    mask = train_mod.decay_mask(cfg)
+    ref_opt = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=mask)
+    ref_state, state = ref_opt.init(params), train_mod.adamw_init(params)
+    ours, theirs = params, params
+    for i in range(3):
+        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+        ours, state = train_mod.adamw_update(g, state, ours, 1e-2, tc, mask)
+        upd, ref_state = ref_opt.update(g, ref_state, theirs)
+        theirs = optax.apply_updates(theirs, upd)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ours, theirs)
+
+
+def test_lr_schedule_shape():
+    tc = train_mod.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    lr = [float(train_mod.lr_schedule(s, tc)) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert lr[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert float(train_mod.lr_schedule(100, tc)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mesh="dp:3"), "uses 3 devices"),
+    (dict(mesh="tp:8"), "does not divide"),
+    (dict(mesh="xy:2"), "expected axes"),
+    (dict(batch_size=6, mesh="dp:4,fsdp:2"), "must split"),
+    (dict(data="/does/not/exist"), "does not exist"),
+])
+def test_bad_input(tmp_path, kw, match):
+    with pytest.raises(common.UserError, match=match):
+        train_mod.train(tiny_run(tmp_path, **kw), log=lambda s: None)
+
+
+def test_out_dir_of_another_config(tmp_path):
+    train_mod.train(tiny_run(tmp_path, steps=1, ckpt_every=1), log=lambda s: None,
+                    devices=jax.devices()[:1])
+    with pytest.raises(common.UserError, match="another config"):
+        train_mod.train(tiny_run(tmp_path, steps=2, seed=1), log=lambda s: None,
+                        devices=jax.devices()[:1])
+
+
+def run_script(args, env_devices, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "09_train.py")] + args, env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
+
+
+def test_two_processes_equal_one(tmp_path):
+    args = ["--preset=tiny", "--steps=3", "--batch_size=8", "--seq_len=32", "--log_every=1",
+            "--sample_len=0", "--ckpt_every=0", "--mesh=dp:2,fsdp:2,tp:2",
+            f"--data={os.path.join(ROOT, 'common.py')}"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [run_script(args + [f"--out_dir={tmp_path / 'two'}", f"--coordinator=127.0.0.1:{port}",
+                                "--num_processes=2", f"--process_id={i}"], 4) for i in range(2)]
+    one = run_script(args + [f"--out_dir={tmp_path / 'one'}"], 8)
+    for p in procs + [one]:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+
+    def read(d):
+        return [json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl")]
+    np.testing.assert_allclose(read("two"), read("one"), rtol=1e-5)
+
+
+def test_cli_error_is_one_line():
+    p = run_script(["--mesh=dp:2,fsdp:2,tp:3", "--steps=1"], 8)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "uses 12 devices" in err and "Traceback" not in err
