@@ -1,0 +1,263 @@
+"""Lessons 04 and 05: attention from scratch, and flash attention against it.
+
+Tolerances are literals chosen per dtype: float32 results agree to rounding (~1e-6 for values of
+order 1); bfloat16 inputs carry 8 bits of mantissa (relative step 2^-8 = 0.4%), so bf16 outputs
+are compared with a float32 reference at a few of those steps."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+
+a04 = common.import_script("04_attention")
+f05 = common.import_script("05_flash_attention")
+# Compiled once per shape: op-by-op dispatch would compile every small op on its own.
+attention = jax.jit(a04.attention, static_argnums=3)
+reference = jax.jit(common.attention_reference, static_argnums=3)
+jax_attention = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="xla"),
+                        static_argnames="is_causal")
+
+
+def make_qkv(B, T, S, H, KH, D, dtype=jnp.float32, seed=0):
+    """Random q, k, v and loss weights w, drawn by numpy: no compilation needed."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+               for s in ((B, T, H, D), (B, S, KH, D), (B, S, KH, D)))
+    return q, k, v, jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+
+
+def outs_and_grads(attns, q, k, v, w, causal, segment_ids=None):
+    """For each attention function: its output and the gradients of sum(out * w) w.r.t. q, k, v,
+    all in one compiled program."""
+    def f(q, k, v, w, segment_ids):
+        res = []
+        for attn in attns:
+            loss = lambda q, k, v: jnp.sum(attn(q, k, v, causal, segment_ids).astype(jnp.float32) * w)
+            res.append((attn(q, k, v, causal, segment_ids), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+        return res
+    with jax.default_matmul_precision("float32"):
+        return jax.jit(f)(q, k, v, w, segment_ids)
+
+
+def max_err(a, b):
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+# ---------------------------------------------------------------------------------------------
+# 04: attention
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("H,KH,causal", [(4, 4, False), (4, 2, True), (4, 1, True)])  # MHA, GQA, MQA
+def test_attention_matches_reference_and_jax(H, KH, causal):
+    q, k, v, _ = make_qkv(2, 12, 12, H, KH, 16)
+    out = attention(q, k, v, causal)
+    assert out.shape == q.shape
+    assert max_err(out, reference(q, k, v, causal)) < 1e-6
+    ref = jax_attention(q, k, v, is_causal=causal)
+    assert max_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("T,S", [(3, 10), (10, 3)])
+def test_attention_causal_offset_when_lengths_differ(T, S):
+    """Query t sits at key position t + S - T; rows that see no key (T > S) give 0."""
+    q, k, v, _ = make_qkv(1, T, S, 2, 2, 8)
+    out = attention(q, k, v, True)
+    assert max_err(out, reference(q, k, v, True)) < 1e-6
+    # Brute force in float64 numpy, one query at a time: softmax over the keys at or before
+    # its position.
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    for t in range(T):
+        seen = t + S - T + 1
+        if seen <= 0:
+            assert float(jnp.max(jnp.abs(out[:, t]))) == 0.0
+            continue
+        s = np.einsum("bhd,bshd->bhs", q[:, t], k[:, :seen]) / np.sqrt(8)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        row = np.einsum("bhs,bshd->bhd", p / p.sum(-1, keepdims=True), v[:, :seen])
+        assert max_err(out[:, t], row) < 1e-5
+
+
+def test_attention_segments_and_bfloat16():
+    """Packed prompts equal prompts run alone, in bf16 within bf16 rounding of a f32 reference,
+    and match jax.nn.dot_product_attention given the same mask."""
+    q, k, v, _ = make_qkv(2, 10, 10, 4, 2, 16, jnp.bfloat16)
+    seg = jnp.array([[0] * 6 + [1] * 4, [0] * 3 + [1] * 3 + [2] * 4])
+    out = attention(q, k, v, True, seg)
+    assert out.dtype == jnp.bfloat16
+    ref32 = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                          True, seg)
+    assert max_err(out, ref32) < 2e-2
+    mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, T, S]
+    ref = jax_attention(q, k, v, mask=mask, is_causal=True)
+    assert max_err(out, ref) < 3e-2
+    alone = attention(q[:1, :6], k[:1, :6], v[:1, :6], True)
+    assert max_err(out[:1, :6], alone) < 1e-2
+
+
+def test_attention_properties():
+    """Order-invariant without positions; not with RoPE; causal hides the future."""
+    q, k, v, _ = make_qkv(1, 6, 6, 2, 2, 8)
+    perm = jnp.array([2, 5, 0, 3, 1, 4])
+    shuffled = attention(q[:, perm], k[:, perm], v[:, perm])
+    assert max_err(shuffled, attention(q, k, v)[:, perm]) < 1e-6
+    cos, sin = common.rope_cos_sin(jnp.arange(6)[None], common.Config(head_dim=8))
+    r = lambda x: common.apply_rope(x, cos, sin)
+    assert max_err(attention(r(q[:, perm]), r(k[:, perm]), v[:, perm]),
+                   attention(r(q), r(k), v)[:, perm]) > 1e-2
+    k2 = k.at[:, -1].add(1.0)
+    assert max_err(attention(q, k2, v)[:, 0], attention(q, k, v)[:, 0]) > 1e-3
+    assert max_err(attention(q, k2, v, True)[:, :-1], attention(q, k, v, True)[:, :-1]) == 0
+
+
+def test_attention_costs_intensity():
+    """The lecture's numbers: the matmuls that write/read the [T, S] matrix have intensity at
+    most D; the fused kernel's is S/2 (bf16, T = S, MHA, not causal)."""
+    D, S = 128, 8192
+    costs = dict((n, (f, b)) for n, f, b in a04.attention_costs(1, S, S, 16, 16, D, 2, False))
+    qk, pv, fused = costs["QK^T -> scores f32"], costs["probs @ V"], costs["fused (never writes [T,S])"]
+    assert qk[0] / qk[1] < D and pv[0] / pv[1] < D
+    assert fused[0] / fused[1] == pytest.approx(S / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 05: flash attention
+# ---------------------------------------------------------------------------------------------
+
+# (B, T, S, H, KH, block_q, block_k, causal): block multiples and not, T != S, GQA and MQA.
+CASES = [
+    (1, 32, 32, 2, 2, 8, 8, True),
+    (2, 37, 37, 4, 2, 16, 8, False),
+    (1, 13, 29, 4, 1, 8, 16, True),    # S > T: decoding after a cache
+    (1, 29, 13, 2, 2, 8, 4, True),     # T > S: causal rows that see nothing
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}S{}H{}KH{}bq{}bk{}causal{}".format(*c))
+def test_flash_matches_attention_float32(case):
+    B, T, S, H, KH, bq, bk, causal = case
+    q, k, v, w = make_qkv(B, T, S, H, KH, 16, seed=T + S)
+    flash = functools.partial(f05.flash_attention, block_q=bq, block_k=bk)
+    (o, g), (o_ref, g_ref) = outs_and_grads([flash, a04.attention], q, k, v, w, causal)
+    assert max_err(o, o_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert max_err(a, b) < 1e-4
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in g)
+
+
+def test_flash_matches_jax_dot_product_attention():
+    q, k, v, _ = make_qkv(2, 40, 40, 4, 2, 16)
+
+    @jax.jit
+    def both(q, k, v):
+        return [(f05.flash_attention(q, k, v, causal, block_q=16, block_k=8),
+                 jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"))
+                for causal in (False, True)]
+    for ours, ref in both(q, k, v):
+        assert max_err(ours, ref) < 1e-5
+
+
+def test_flash_segments_float32():
+    q, k, v, w = make_qkv(2, 24, 24, 2, 1, 16)
+    seg = jnp.array([[0] * 7 + [1] * 11 + [2] * 6, [0] * 24])
+    flash = functools.partial(f05.flash_attention, block_q=8, block_k=16)
+    (o, g), (o_ref, g_ref) = outs_and_grads([flash, a04.attention], q, k, v, w, True, seg)
+    assert max_err(o, o_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert max_err(a, b) < 1e-4
+
+
+def test_flash_bfloat16():
+    """bf16 in and out: output and gradients within bf16 rounding of the float32 computation on
+    the same (bf16-valued) inputs."""
+    q, k, v, w = make_qkv(1, 48, 48, 4, 2, 32, jnp.bfloat16)
+    flash = functools.partial(f05.flash_attention, block_q=16, block_k=32)
+    def in_float32(q, k, v, causal, segment_ids):  # the reference, computed in float32
+        up = lambda x: x.astype(jnp.float32)
+        return a04.attention(up(q), up(k), up(v), causal, segment_ids)
+    (o, g), (o_ref, g_ref) = outs_and_grads([flash, in_float32], q, k, v, w, True)
+    assert o.dtype == jnp.bfloat16 and all(a.dtype == jnp.bfloat16 for a in g)
+    assert max_err(o, o_ref) < 2e-2
+    for a, b in zip(g, g_ref):
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        assert max_err(a, b) < 3e-2 * scale
+
+
+@pytest.mark.parametrize("T,S,bq,bk", [(16, 16, 4, 4), (10, 23, 4, 8), (23, 10, 8, 3), (7, 7, 7, 7)])
+def test_block_schedule_is_exact(T, S, bq, bk):
+    """The scheduled (i, j) pairs are exactly the block pairs with a visible entry: none of the
+    visible entries is missed and no fully masked block is computed."""
+    qi, kj = f05.block_schedule(T, S, bq, bk, causal=True)
+    mask = np.arange(T)[:, None] + (S - T) >= np.arange(S)[None, :]
+    nq, nk = -(-T // bq), -(-S // bk)
+    needed = {(i, j) for i in range(nq) for j in range(nk)
+              if mask[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()}
+    assert set(zip(qi.tolist(), kj.tolist())) == needed
+    assert len(qi) == len(needed)
+    qi2, kj2 = f05.block_schedule(T, S, bq, bk, causal=True, kv_major=True)
+    assert sorted(zip(qi2.tolist(), kj2.tolist())) == sorted(needed)
+    assert list(kj2) == sorted(kj2)
+    if T == S and bq == bk:
+        assert len(qi) == nq * (nq + 1) // 2
+
+
+def test_flash_loop_visits_only_scheduled_pairs():
+    """The compiled loop runs once per scheduled block pair (10 of 16 for 4x4 causal blocks)."""
+    q, k, v, _ = make_qkv(1, 64, 64, 2, 2, 8)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: f05.flash_attention(q, k, v, True, block_q=16,
+                                                               block_k=16))(q, k, v)
+    def scan_lengths(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn.params["length"]
+            for p in eqn.params.values():  # the custom_vjp's body, and any other inner jaxpr
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    yield from scan_lengths(inner)
+    assert list(scan_lengths(jaxpr.jaxpr)) == [10]
+
+
+def test_flash_temporary_memory_is_small():
+    """The issue's memory target at a CPU-sized length: flash's compiled temporaries for the
+    forward and backward pass are under 1/8 of the materialized version's."""
+    def temp(attn, T):
+        s = jax.ShapeDtypeStruct((1, T, 4, 32), jnp.bfloat16)
+        fb = lambda q, k, v, d: jax.vjp(lambda q, k, v: attn(q, k, v, True), q, k, v)[1](d)
+        return jax.jit(fb).lower(s, s, s, s).compile().memory_analysis().temp_size_in_bytes
+    flash = functools.partial(f05.flash_attention, block_q=128, block_k=128)
+    naive, ours = temp(a04.attention, 4096), temp(flash, 4096)
+    assert naive > 4 * 4 * 4096 * 4096  # at least the float32 scores
+    assert ours < naive / 8
+
+
+def test_flash_inside_the_model():
+    """Usable as common.forward's attention: the same logits as with the reference attention."""
+    cfg = common.Config(max_seq_len=40)
+    shapes = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 40)))
+    flash = functools.partial(f05.flash_attention, block_q=16, block_k=8)
+    logits = jax.jit(lambda p: [common.forward(p, tokens, cfg, attention=a)
+                                for a in (flash, common.attention_reference)])
+    with jax.default_matmul_precision("float32"):
+        ours, ref = logits(params)
+    assert max_err(ours, ref) < 1e-4
+
+
+def test_bad_arguments():
+    q, k, v, _ = make_qkv(1, 8, 8, 4, 2, 16)
+    with pytest.raises(common.UserError, match="block_q"):
+        f05.flash_attention(q, k, v, block_q=0)
+    with pytest.raises(common.UserError, match="block_k"):
+        f05.flash_attention(q, k, v, block_k=-4)
+    with pytest.raises(common.UserError, match="head dims"):
+        f05.flash_attention(q, k[..., :8], v[..., :8])
+    with pytest.raises(common.UserError, match="must divide"):
+        attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
+    with pytest.raises(common.UserError, match="segment_ids"):
+        f05.flash_attention(q, k[:, :4], v[:, :4], True, jnp.zeros((1, 8), jnp.int32))
+    with pytest.raises(common.UserError, match="block_q"):  # the CLI's check
+        f05.FlashConfig(block_q=-1)
