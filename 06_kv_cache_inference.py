@@ -1,0 +1,1224 @@
+"""Inference: a KV cache, batching, continuous batching, int8 and speculative decoding, each
+measured against the memory-bandwidth bound that rules decode.
+
+    python 06_kv_cache_inference.py                      # CPU: the newest 09_train.py checkpoint,
+                                                         # else a random `small` model
+    python 06_kv_cache_inference.py --checkpoint=DIR     # a Hugging Face Llama (or 09) checkpoint
+    python 06_kv_cache_inference.py --prompt="def " --temperature=0.8 --top_p=0.95
+    python 06_kv_cache_inference.py                      # GPU: the benchmark, Llama-3-8B and
+                                                         # Llama-3.2-1B shapes, random bf16 weights
+
+What the lesson shows, in the order main() prints it:
+  1. The arithmetic. A decode step makes one token per sequence, so it multiplies each weight
+     once per sequence: 2 FLOPs per 2 bytes read at batch 1. On a GPU that does ~300 FLOPs in the
+     time it reads one byte, decode is bound by memory bandwidth, and the shortest step is
+     (weight bytes + batch x KV bytes) / bandwidth. Decode turns compute-bound only near the
+     batch where 2N x B FLOPs take as long as reading the weights; prefill, which multiplies each
+     weight by S prompt tokens, is compute-bound: time ~ S x 2N / FLOPS + G x 2N / BW.
+  2. The KV cache (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2):
+     the keys and values of past tokens are kept, so a step computes one token's projections
+     instead of the whole prefix's. It costs 2 x layers x kv_heads x head_dim x bytes per token
+     (grouped-query attention, Ainslie et al. 2023, divides it by n_heads / n_kv_heads). Writes
+     are dynamic_update_slice; the decode step is compiled once and donates the cache, so XLA
+     updates it in place. Prompts of different lengths share one batch: each row keeps its own
+     length and rows attend only to their own past.
+  3. Batching: at batch B the same weight bytes serve B tokens, so throughput grows ~B-fold
+     until the KV reads (or the FLOPs) catch up.
+  4. Continuous batching (Orca, Yu et al. 2022, "iteration-level scheduling"): a fixed number of
+     cache slots; a finished request frees its slot at once and the next request's prefill is
+     inserted between decode steps. Static batching keeps every slot busy until the longest
+     request of its batch ends. Time to first token (TTFT) and time per output token (TPOT)
+     are printed per request and in aggregate for both, on the same request stream.
+  5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
+     Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
+     cache with one scale per token and head (a simple form of KIVI, Liu et al. 2024, and
+     KVQuant, Hooper et al. 2024) halves the cache. Their cost is measured as logit error and
+     greedy agreement with the unquantized model, teacher-forced on the same tokens.
+  6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
+     gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
+     and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
+     target's. The draft here is the target's own weights in int8 (optionally its first N
+     layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
+     model exists that could agree with the target.
+
+Lesson 08's Pallas decode-attention kernel plugs in as the `decode_attention` argument of
+forward_cached / generate / the serving loops; its int8 matmul would replace `linear`.
+"""
+import collections
+import dataclasses
+import functools
+import glob
+import json
+import math
+import os
+import time
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import common
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+    checkpoint: str = ""        # Hugging Face Llama dir, or a 09_train.py ckpt_<step> dir
+    ckpt_dir: str = "out"       # where 09_train.py writes <ckpt_dir>/ckpt_<step>/{params.npz,config.json}
+    models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
+                                # llama-3-8b,llama-3.2-1b, else the newest 09 checkpoint or `small`
+    prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
+    max_new_tokens: int = 64    # the sample's length
+    temperature: float = 0.0    # 0: greedy
+    top_k: int = 0              # sample among the k most likely tokens; 0: all
+    top_p: float = 1.0          # nucleus sampling mass; 1: all
+    seed: int = 0
+    prompt_len: int = 0         # end-to-end prompt tokens; 0: 256 on a GPU, 64 on a CPU
+    gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
+    cache_len: int = 0          # positions per cache row; 0: prompt_len + gen_len rounded up
+    batch: int = 0              # the large decode batch, against batch 1; 0: 64 on a GPU,
+                                # 16 on a CPU
+    slots: int = 0              # continuous batching slots; 0: 16 on a GPU, 4 on a CPU
+    requests: int = 0           # requests in the stream; 0: 3 x slots
+    gamma: int = 4              # speculative decoding: draft tokens proposed per round
+    draft_layers: int = 0       # the draft: the target's first N layers in int8; 0: all layers
+    steps: int = 0              # decode steps per timed run; 0: 32 on a GPU, 8 on a CPU
+
+    def __post_init__(self):
+        for f in ("max_new_tokens", "top_k", "prompt_len", "gen_len", "cache_len", "batch",
+                  "slots", "requests", "draft_layers", "steps", "seed"):
+            if getattr(self, f) < 0:
+                raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.gamma < 1:
+            raise common.UserError(f"gamma must be >= 1, got {self.gamma}")
+        if self.temperature < 0:
+            raise common.UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise common.UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters for inference: per-layer buffers, the output head as [V, D], optionally int8
+# ----------------------------------------------------------------------------------------------
+
+# The contracted (input) axes of each matrix; a scale is kept per remaining (output) channel.
+CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,),
+              "w_down": (0,)}
+
+
+def inference_params(params, cfg):
+    """common's params -> the layout the decode step reads: `layers` a list of per-layer dicts,
+    so each weight is its own buffer that a step reads once (slicing a stacked [L, ...] array
+    inside the step would copy it), and `head` the output matrix as [V, D] (the embedding table
+    itself when tied). Params already in this layout pass through."""
+    if "head" in params:
+        return params
+    layers = params["layers"]
+    return {"embed": params["embed"], "final_norm": params["final_norm"],
+            "layers": [jax.tree.map(lambda w: w[i], layers) for i in range(cfg.n_layers)],
+            "head": params["embed"] if cfg.tie_embeddings else params["lm_head"].T}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize_int8(w, axes):
+    """Symmetric int8 with one float32 scale per output channel: the largest |w| over the
+    contracted axes maps to 127. w ~ q * scale, |w - q * scale| <= scale / 2."""
+    wf = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(wf), axis=axes) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, axes)), -127, 127).astype(jnp.int8)
+    return {"q": q, "scale": scale}
+
+
+def dequantize(w, axes):
+    return w["q"].astype(jnp.float32) * jnp.expand_dims(w["scale"], axes)
+
+
+def quantize_params(params, cfg):
+    """int8 weight-only copy of inference params: every matrix a step streams (the layers and the
+    head) becomes {"q": int8, "scale": float32}; norms and the embedding table (one row read per
+    token) stay as they are."""
+    params = inference_params(params, cfg)
+    layers = [{k: quantize_int8(w, CONTRACTED[k]) if k in CONTRACTED else w for k, w in p.items()}
+              for p in params["layers"]]
+    return {**params, "layers": layers, "head": quantize_int8(params["head"], (1,))}
+
+
+def draft_params(params, cfg, n_layers):
+    """The speculative draft: the first n_layers of the target (all when 0), int8, sharing its
+    embedding, final norm and vocabulary."""
+    n = n_layers or cfg.n_layers
+    if n > cfg.n_layers:
+        raise common.UserError(f"draft_layers={n} exceeds the model's {cfg.n_layers} layers")
+    ip = inference_params(params, cfg)
+    small = {**ip, "layers": ip["layers"][:n]}
+    dcfg = dataclasses.replace(cfg, n_layers=n)
+    return quantize_params(small, dcfg), dcfg
+
+
+def weight_bytes(params):
+    """Bytes of weights one decode step reads: every layer, the final norm and the output head
+    (of the embedding table only one row per token, left out)."""
+    leaves = jax.tree.leaves((params["layers"], params["final_norm"], params["head"]))
+    return sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def linear(eq, x, w, out_dtype=None):
+    """x times a weight given as an array or as int8 {"q", "scale"}: the int8 matrix is widened to
+    x's dtype inside the matmul and the per-channel scale applied to the product, so the weight
+    crosses memory as 1 byte per value. (Lesson 08's int8 matmul kernel would replace this.)"""
+    out_dtype = out_dtype or x.dtype
+    if isinstance(w, dict):
+        y = jnp.einsum(eq, x, w["q"].astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * w["scale"]).astype(out_dtype)
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV cache
+# ----------------------------------------------------------------------------------------------
+
+def init_cache(cfg, batch, max_len, kv_int8=False):
+    """Per layer, keys and values [batch, max_len, KH, Dh] (one buffer each, donated and updated in
+    place), and the number of valid positions of each row, `lengths` [batch]. With kv_int8 the
+    values are int8 with a float32 scale per token and head, [batch, max_len, KH]."""
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    L = cfg.n_layers
+    if kv_int8:
+        zeros = lambda: [jnp.zeros(shape, jnp.int8) for _ in range(L)]
+        ones = lambda: [jnp.ones(shape[:3], jnp.float32) for _ in range(L)]
+        cache = {"k": zeros(), "v": zeros(), "k_scale": ones(), "v_scale": ones()}
+    else:
+        cache = {n: [jnp.zeros(shape, cfg.dtype) for _ in range(L)] for n in ("k", "v")}
+    cache["lengths"] = jnp.zeros((batch,), jnp.int32)
+    return cache
+
+
+def kv_bytes_per_token(cfg, kv_int8=False):
+    if kv_int8:  # 1 byte per value plus a float32 scale per head
+        return 2 * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + 4)
+    return cfg.kv_bytes_per_token(jnp.dtype(cfg.dtype).itemsize)
+
+
+def quantize_kv(x):
+    """x [B, T, KH, Dh] -> int8 values and float32 scales [B, T, KH]: one scale per token and
+    head, so a new token is quantized alone and cached values never need rescaling."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def _copy(cache):
+    return {n: list(c) if isinstance(c, list) else c for n, c in cache.items()}
+
+
+def _write(cache, i, k, v, write):
+    """Store layer i's new keys and values with write(buffer, values), quantized when the cache
+    is int8."""
+    if "k_scale" in cache:
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        cache["k_scale"][i] = write(cache["k_scale"][i], ks)
+        cache["v_scale"][i] = write(cache["v_scale"][i], vs)
+    cache["k"][i] = write(cache["k"][i], k)
+    cache["v"][i] = write(cache["v"][i], v)
+    return cache
+
+
+def write_at_lengths(buf, new, start):
+    """buf [B, S, ...] <- new [B, T, ...] at positions start[b] .. start[b]+T-1 of each row: one
+    dynamic_update_slice per row (vmap makes them a single scatter, in place on a donated cache)."""
+    def row(b, x, s):
+        return lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), s, axis=0)
+    return jax.vmap(row)(buf, new, start)
+
+
+def write_at_slot(buf, new, slot):
+    """buf [B, S, ...] <- new [b, T, ...] in rows slot .. slot+b-1, from position 0 (a prefill)."""
+    return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (slot,) + (0,) * (buf.ndim - 1))
+
+
+def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
+    """Attention of each row's T newest tokens to its cache. q [B, T, H, Dh] sits at positions
+    lengths-T .. lengths-1; k, v [B, S, KH, Dh] hold each row's first `lengths` positions (the
+    rest is stale and masked). int8 caches come with scales [B, S, KH]: the key scale multiplies
+    the scores, the value scale the probabilities, so neither int8 array is rescaled.
+    Every position of the cache is read; a kernel stops at each row's length."""
+    B, T, H, Dh = q.shape
+    S, KH = k.shape[1], k.shape[2]
+    qg = q.reshape(B, T, KH, H // KH, Dh)  # [B, T, KH, G, Dh]: G query heads share a kv head
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    if k_scale is not None:
+        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]  # [B, KH, 1, 1, S]
+    scores = scores / math.sqrt(Dh)
+    q_pos = lengths[:, None] - T + jnp.arange(T)                         # [B, T]
+    mask = jnp.arange(S)[None, None, :] <= q_pos[:, :, None]             # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)  # float32; each row sees at least itself
+    if v_scale is not None:
+        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))
+    return out.reshape(B, T, H, Dh)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, with a cache: prefill and decode
+# ----------------------------------------------------------------------------------------------
+
+def _qkv(x, p, cos, sin, cfg):
+    h = common.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = common.apply_rope(linear("btd,dhk->bthk", h, p["wq"]), cos, sin)  # [B, T, H, Dh]
+    k = common.apply_rope(linear("btd,dhk->bthk", h, p["wk"]), cos, sin)  # [B, T, KH, Dh]
+    v = linear("btd,dhk->bthk", h, p["wv"])
+    return q, k, v
+
+
+def _out_and_mlp(x, o, p, cfg):
+    x = x + linear("bthk,hkd->btd", o, p["wo"])
+    with jax.named_scope("mlp"):
+        h = common.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+        g = jax.nn.silu(linear("btd,df->btf", h, p["w_gate"]))
+        return x + linear("btf,fd->btd", g * linear("btd,df->btf", h, p["w_up"]), p["w_down"])
+
+
+def _logits(params, x, cfg):  # x [B, T, D] -> [B, T, V] float32
+    x = common.rms_norm(x, params["final_norm"], cfg.norm_eps)
+    return linear("btd,vd->btv", x, params["head"], out_dtype=jnp.float32)
+
+
+def prefill(params, cache, tokens, lengths, slot, cfg, attention=None):
+    """Prompts tokens [b, T] (right-padded; true lengths [b]) at positions 0..T-1: their keys and
+    values go to cache rows slot .. slot+b-1, their lengths to cache["lengths"]. Returns each
+    prompt's last-token logits [b, V] (the head runs on those tokens only) and the cache.
+    Causal attention over the prompt itself: a real token never sees the padding after it."""
+    attention = attention or common.attention_reference
+    params, cache = inference_params(params, cfg), _copy(cache)
+    b, T = tokens.shape
+    dt = jnp.dtype(cfg.dtype)
+    cos, sin = common.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (b, T)), cfg)
+    x = params["embed"][tokens].astype(dt)  # [b, T, D]
+    for i, p in enumerate(params["layers"]):
+        with jax.named_scope(f"layer_{i}"):
+            q, k, v = _qkv(x, p, cos, sin, cfg)
+            cache = _write(cache, i, k, v, lambda buf, new: write_at_slot(buf, new, slot))
+            x = _out_and_mlp(x, attention(q, k, v, True, None), p, cfg)
+    cache["lengths"] = lax.dynamic_update_slice(cache["lengths"], lengths.astype(jnp.int32),
+                                                (slot,))
+    last = x[jnp.arange(b), lengths - 1]  # [b, D]
+    return _logits(params, last[:, None], cfg)[:, 0], cache
+
+
+def forward_cached(params, cache, tokens, cfg, decode_attention=None):
+    """Continue every row of the cache by tokens [B, T] (T = 1 for decode; gamma + 1 when a
+    speculative round verifies its draft): row b's tokens take positions lengths[b] ..
+    lengths[b]+T-1. Returns logits [B, T, V] and the cache with lengths advanced by T.
+    decode_attention(q, k, v, lengths, k_scale, v_scale) is the seam for lesson 08's kernel."""
+    decode_attention = decode_attention or decode_attention_reference
+    params, cache = inference_params(params, cfg), _copy(cache)
+    B, T = tokens.shape
+    dt = jnp.dtype(cfg.dtype)
+    start = cache["lengths"]                                              # [B]
+    cos, sin = common.rope_cos_sin(start[:, None] + jnp.arange(T), cfg)   # [B, T, Dh/2]
+    x = params["embed"][tokens].astype(dt)                                # [B, T, D]
+    int8 = "k_scale" in cache
+    for i, p in enumerate(params["layers"]):
+        with jax.named_scope(f"layer_{i}"):
+            q, k, v = _qkv(x, p, cos, sin, cfg)
+            cache = _write(cache, i, k, v, lambda buf, new: write_at_lengths(buf, new, start))
+            with jax.named_scope("decode_attention"):
+                o = decode_attention(q, cache["k"][i], cache["v"][i], start + T,
+                                     cache["k_scale"][i] if int8 else None,
+                                     cache["v_scale"][i] if int8 else None)
+            x = _out_and_mlp(x, o, p, cfg)
+    cache["lengths"] = start + T
+    return _logits(params, x, cfg), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, and the compiled steps
+# ----------------------------------------------------------------------------------------------
+
+class Sampling(typing.NamedTuple):
+    temperature: float = 0.0   # 0: greedy
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1: off
+
+
+GREEDY = Sampling()
+
+
+def make_sampling(temperature=0.0, top_k=None, top_p=None):
+    if temperature < 0:
+        raise common.UserError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise common.UserError(f"top_k must be >= 0, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise common.UserError(f"top_p must be in (0, 1], got {top_p}")
+    return Sampling(float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
+
+
+def sample(logits, seed, row_ids, counters, sampling):
+    """Next tokens [B] from logits [B, V]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) over the top_k tokens and over the smallest set whose mass
+    reaches top_p (nucleus sampling, Holtzman et al. 2020). Row b's random key depends only on
+    (seed, row_ids[b], counters[b]), the request and the token's index in its answer, so a
+    request draws the same numbers in whatever batch or slot it runs."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs          # mass of the better tokens
+        keep = before < sampling.top_p                       # the best token always stays
+        cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cut, -jnp.inf, logits)
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(
+        row_ids, counters)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "attention"),
+                   donate_argnames=("cache",))
+def _prefill_jit(params, cache, tokens, lengths, slot, row_ids, seed, *, cfg, sampling,
+                 attention):
+    logits, cache = prefill(params, cache, tokens, lengths, slot, cfg, attention)
+    return sample(logits, seed, row_ids, jnp.zeros_like(row_ids), sampling), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "decode_attention"),
+                   donate_argnames=("cache",))
+def _decode_jit(params, cache, tokens, row_ids, counters, seed, *, cfg, sampling,
+                decode_attention):
+    logits, cache = forward_cached(params, cache, tokens[:, None], cfg, decode_attention)
+    logits = logits[:, 0]
+    return sample(logits, seed, row_ids, counters, sampling), logits, cache
+
+
+# The static arguments are always passed by keyword, defaults included: jit keys its cache on the
+# arguments as given, so an omitted default and an explicit one would compile twice.
+def prefill_step(params, cache, tokens, lengths, slot, row_ids, seed, cfg, sampling=GREEDY,
+                 attention=None):
+    """Compiled prefill: (first tokens [b], last-token logits [b, V], cache)."""
+    return _prefill_jit(params, cache, tokens, lengths, slot, row_ids, seed, cfg=cfg,
+                        sampling=sampling, attention=attention)
+
+
+def decode_step(params, cache, tokens, row_ids, counters, seed, cfg, sampling=GREEDY,
+                decode_attention=None):
+    """Compiled decode step, one token per row: (next tokens [B], logits [B, V], cache). The
+    cache is donated: XLA writes the new keys and values into the same buffers."""
+    return _decode_jit(params, cache, tokens, row_ids, counters, seed, cfg=cfg,
+                       sampling=sampling, decode_attention=decode_attention)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate: ragged prompts, one batch
+# ----------------------------------------------------------------------------------------------
+
+def bucket(n, lo=16):
+    """Pad lengths to powers of two, so that a few compiled shapes serve every prompt."""
+    return max(lo, 1 << max(n - 1, 0).bit_length())
+
+
+def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
+    """Lengths [B] of a list of token lists; the cache length to use. One-line errors for what a
+    user can get wrong."""
+    if max_new_tokens < 0:
+        raise common.UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise common.UserError("prompts must be a non-empty list of token lists")
+    lengths = []
+    for i, p in enumerate(prompts):
+        p = np.asarray(p)
+        if p.ndim != 1 or p.size == 0:
+            raise common.UserError(f"prompt {i} must be a non-empty list of token ids")
+        if not np.issubdtype(p.dtype, np.integer) or p.min() < 0 or p.max() >= cfg.vocab_size:
+            raise common.UserError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        lengths.append(len(p))
+    need = max(lengths) + max_new_tokens + extra
+    if cache_len is None:
+        cache_len = need
+        if cache_len > cfg.max_seq_len:
+            raise common.UserError(f"a prompt of {max(lengths)} tokens plus {max_new_tokens} new "
+                                   f"ones exceeds the model's max_seq_len={cfg.max_seq_len}")
+    elif cache_len > cfg.max_seq_len:
+        raise common.UserError(f"cache_len={cache_len} exceeds max_seq_len={cfg.max_seq_len}")
+    if need > cache_len:
+        i = int(np.argmax(lengths))
+        raise common.UserError(f"prompt {i} has {lengths[i]} tokens: with max_new_tokens="
+                               f"{max_new_tokens} it needs {need} cache positions, the cache "
+                               f"holds {cache_len}")
+    return np.asarray(lengths, np.int32), cache_len
+
+
+def pad_prompts(prompts, T):
+    out = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return out
+
+
+def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             seed=0, cache_len=None, kv_int8=False, decode_attention=None, return_logits=False):
+    """Generate max_new_tokens after each prompt (a list of token lists of any lengths, run as one
+    batch) and return, per prompt, the list of new tokens: one prefill, then one decode step per
+    token. Greedy (temperature 0) output is what argmax decoding by full recompute gives.
+    return_logits: also return, per prompt, the logits [max_new_tokens, V] each token came from."""
+    params = inference_params(params, cfg)
+    sampling = make_sampling(temperature, top_k, top_p)
+    lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len)
+    B = len(prompts)
+    if max_new_tokens == 0:
+        return ([[] for _ in prompts], [None] * B) if return_logits else [[] for _ in prompts]
+    cache = init_cache(cfg, B, S, kv_int8)
+    row_ids = jnp.arange(B, dtype=jnp.int32)
+    tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
+    tok, logits, cache = prefill_step(params, cache, tokens, lengths, 0, row_ids, seed, cfg=cfg,
+                                      sampling=sampling)
+    out, outl = [tok], [logits]
+    for i in range(1, max_new_tokens):
+        tok, logits, cache = decode_step(params, cache, tok, row_ids, jnp.full((B,), i, jnp.int32),
+                                         seed, cfg=cfg, sampling=sampling,
+                                         decode_attention=decode_attention)
+        out.append(tok)
+        outl.append(logits)
+    toks = [[int(t) for t in row] for row in np.asarray(jnp.stack(out, axis=1))]
+    if return_logits:
+        return toks, list(np.asarray(jnp.stack(outl, axis=1)))
+    return toks
+
+
+def teacher_forced_logits(params, cfg, prompt, continuation, cache_len, kv_int8=False):
+    """Logits [len(continuation) + 1, V] after the prompt and after each continuation token, fed
+    through the same prefill and decode steps as generation (so int8 weights and int8 caches are
+    compared on the same tokens, not on diverging outputs)."""
+    cache = init_cache(cfg, 1, cache_len, kv_int8)
+    zero = jnp.zeros((1,), jnp.int32)
+    _, logits, cache = prefill_step(params, cache, pad_prompts([prompt], bucket(len(prompt))),
+                                    np.array([len(prompt)], np.int32), 0, zero, 0, cfg=cfg)
+    out = [logits[0]]
+    for t in continuation:
+        _, logits, cache = decode_step(params, cache, jnp.array([t], jnp.int32), zero, zero, 0,
+                                       cfg=cfg)
+        out.append(logits[0])
+    return np.asarray(jnp.stack(out), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving a stream of requests: static and continuous batching
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Request:
+    prompt: list
+    max_new_tokens: int
+
+
+@dataclasses.dataclass
+class Served:
+    tokens: list
+    ttft_s: float   # from the stream's start (all requests arrive at once) to the first token
+    tpot_s: float   # mean time between its later tokens (nan with fewer than 2 tokens)
+
+
+def _check_stream(requests, cfg, n_slots, cache_len, prompt_pad):
+    if n_slots < 1:
+        raise common.UserError(f"n_slots must be >= 1, got {n_slots}")
+    if not requests:
+        raise common.UserError("the request stream is empty")
+    for r in requests:
+        check_prompts([r.prompt], cfg, r.max_new_tokens, cache_len)
+    pad = prompt_pad or bucket(max(len(r.prompt) for r in requests))
+    if pad > cache_len or pad < max(len(r.prompt) for r in requests):
+        raise common.UserError(f"prompt_pad={pad} must hold every prompt and fit the cache "
+                               f"({cache_len})")
+    return pad
+
+
+def _served(out, t_first, t_last):
+    return [Served(o, f, (l - f) / (len(o) - 1) if len(o) > 1 else math.nan)
+            for o, f, l in zip(out, t_first, t_last)]
+
+
+def serve_static(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
+                 seed=0, kv_int8=False, decode_attention=None):
+    """Static batching: requests in arrival order, n_slots at a time; a batch is prefilled
+    together and decoded until its longest request is done, then the next batch starts.
+    Returns ([Served] per request, seconds for the whole stream)."""
+    params = inference_params(params, cfg)
+    pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
+    n = len(requests)
+    cache = init_cache(cfg, n_slots, cache_len, kv_int8)
+    out, t_first, t_last = [[] for _ in range(n)], [math.nan] * n, [math.nan] * n
+    t0 = time.perf_counter()
+    for g0 in range(0, n, n_slots):
+        group = list(range(g0, min(g0 + n_slots, n)))
+        prompts = [requests[r].prompt for r in group] + [[0]] * (n_slots - len(group))
+        ids = np.array(group + [0] * (n_slots - len(group)), np.int32)
+        want = [requests[r].max_new_tokens for r in group] + [0] * (n_slots - len(group))
+        tok, _, cache = prefill_step(params, cache, pad_prompts(prompts, pad),
+                                     np.array([len(p) for p in prompts], np.int32), 0, ids, seed,
+                                     cfg=cfg, sampling=sampling)
+        tok = np.asarray(tok)
+        now = time.perf_counter() - t0
+        for j, r in enumerate(group):
+            if want[j]:
+                out[r].append(int(tok[j]))
+                t_first[r] = t_last[r] = now
+        for _ in range(max(want) - 1):  # every slot stays until the batch's longest is done
+            counters = np.array([len(out[r]) for r in group] + [0] * (n_slots - len(group)),
+                                np.int32)
+            tok, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
+                                        sampling=sampling, decode_attention=decode_attention)
+            tok = np.asarray(tok)
+            now = time.perf_counter() - t0
+            for j, r in enumerate(group):
+                if len(out[r]) < want[j]:
+                    out[r].append(int(tok[j]))
+                    t_last[r] = now
+    return _served(out, t_first, t_last), time.perf_counter() - t0
+
+
+def serve_continuous(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
+                     seed=0, kv_int8=False, decode_attention=None):
+    """Continuous batching: n_slots cache rows; whenever a row is free, the next request's
+    prompt is prefilled into it between two decode steps, and each decode step advances every
+    busy row by one token. Returns ([Served] per request, seconds for the whole stream)."""
+    params = inference_params(params, cfg)
+    pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
+    n = len(requests)
+    cache = init_cache(cfg, n_slots, cache_len, kv_int8)
+    out, t_first, t_last = [[] for _ in range(n)], [math.nan] * n, [math.nan] * n
+    queue = collections.deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
+    slot_req = np.full(n_slots, -1)   # the request in each slot, -1 when free
+    tok = np.zeros(n_slots, np.int32)
+    t0 = time.perf_counter()
+    while queue or (slot_req >= 0).any():
+        for s in np.flatnonzero(slot_req < 0):
+            if not queue:
+                break
+            r = queue.popleft()
+            p = requests[r].prompt
+            first, _, cache = prefill_step(params, cache, pad_prompts([p], pad),
+                                           np.array([len(p)], np.int32), int(s),
+                                           np.array([r], np.int32), seed, cfg=cfg,
+                                           sampling=sampling)
+            tok[s] = int(first[0])
+            out[r].append(int(tok[s]))
+            t_first[r] = t_last[r] = time.perf_counter() - t0
+            if requests[r].max_new_tokens > 1:
+                slot_req[s] = r
+        busy = np.flatnonzero(slot_req >= 0)
+        if not len(busy):
+            continue
+        ids = np.maximum(slot_req, 0).astype(np.int32)
+        counters = np.array([len(out[r]) if r >= 0 else 0 for r in slot_req], np.int32)
+        nxt, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
+                                    sampling=sampling, decode_attention=decode_attention)
+        tok = np.array(nxt)
+        now = time.perf_counter() - t0
+        for s in busy:
+            r = slot_req[s]
+            out[r].append(int(tok[s]))
+            t_last[r] = now
+            if len(out[r]) == requests[r].max_new_tokens:
+                slot_req[s] = -1
+    return _served(out, t_first, t_last), time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Speculative decoding (greedy)
+# ----------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "gamma", "decode_attention"),
+                   donate_argnames=("cache", "draft_cache"))
+def speculative_round(params, draft, cache, draft_cache, last, active, cfg, draft_cfg, gamma,
+                      decode_attention=None):
+    """One round (Leviathan et al. 2023, Algorithm 1, at temperature 0). Both caches hold each
+    row's first n positions; `last` [B] is the newest token, in neither cache yet.
+    1. The draft decodes gamma + 1 steps from `last`: d_1 .. d_gamma (the last step only stores
+       d_gamma's keys, so the draft cache is complete whatever is accepted).
+    2. The target runs [last, d_1 .. d_gamma] in one forward: its argmax g_0 .. g_gamma.
+    3. a = the number of leading i with d_{i+1} = g_i; the row gains g_0 .. g_a (d_1..d_a are
+       g_0..g_{a-1}, and g_a is the target's own next token), so the output is the target's.
+    Returns (g [B, gamma + 1], a [B], new `last`, cache, draft_cache); rows not `active` are
+    left as they were."""
+    B = last.shape[0]
+    start = cache["lengths"]
+
+    def draft_one(i, carry):
+        dcache, tok, drafts = carry
+        logits, dcache = forward_cached(draft, dcache, tok[:, None], draft_cfg, decode_attention)
+        tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return dcache, tok, drafts.at[:, i].set(tok)
+
+    draft_cache, _, drafts = lax.fori_loop(
+        0, gamma + 1, draft_one, (draft_cache, last, jnp.zeros((B, gamma + 1), jnp.int32)))
+    drafts = drafts[:, :gamma]                                       # [B, gamma]
+    chunk = jnp.concatenate([last[:, None], drafts], axis=1)         # [B, gamma + 1]
+    logits, cache = forward_cached(params, cache, chunk, cfg, decode_attention)
+    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)                # [B, gamma + 1]
+    a = jnp.sum(jnp.cumprod(drafts == g[:, :gamma], axis=1), axis=1).astype(jnp.int32)
+    new_len = jnp.where(active, start + a + 1, start)
+    cache["lengths"], draft_cache["lengths"] = new_len, new_len
+    last = jnp.where(active, g[jnp.arange(B), a], last)
+    return g, a, last, cache, draft_cache
+
+
+def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens, gamma=4,
+                         cache_len=None, decode_attention=None):
+    """Greedy generation by the target `params`, sped up by the `draft` model: returns (tokens
+    per prompt, identical to generate(..., temperature=0), and statistics: rounds, acceptance
+    rate = accepted / proposed draft tokens, tokens per round)."""
+    if draft_cfg.vocab_size != cfg.vocab_size:
+        raise common.UserError("the draft and the target must share a vocabulary")
+    if gamma < 1:
+        raise common.UserError(f"gamma must be >= 1, got {gamma}")
+    params, draft = inference_params(params, cfg), inference_params(draft, draft_cfg)
+    # A round writes gamma + 1 positions past a row's length, also past its last token.
+    lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len, extra=2 * gamma + 1)
+    B = len(prompts)
+    stats = {"rounds": 0, "proposed": 0, "accepted": 0}
+    if max_new_tokens == 0:
+        return [[] for _ in prompts], dict(stats, acceptance=math.nan, tokens_per_round=math.nan)
+    tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
+    ids = jnp.arange(B, dtype=jnp.int32)
+    last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, 0, ids, 0,
+                                  cfg=cfg)
+    _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S), tokens, lengths, 0, ids, 0,
+                                cfg=draft_cfg)
+    out = [[int(t)] for t in np.asarray(last)]
+    active = np.array([len(o) < max_new_tokens for o in out])
+    emitted, t0 = 0, time.perf_counter()
+    while active.any():
+        g, a, last, cache, dcache = speculative_round(params, draft, cache, dcache, last, active,
+                                                      cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
+                                                      decode_attention=decode_attention)
+        g, a = np.asarray(g), np.asarray(a)
+        for b in np.flatnonzero(active):
+            out[b].extend(int(t) for t in g[b, :a[b] + 1])
+            stats["proposed"] += gamma
+            stats["accepted"] += int(a[b])
+            emitted += int(a[b]) + 1
+        stats["rounds"] += 1
+        active = np.array([len(o) < max_new_tokens for o in out])
+    stats["decode_s"] = time.perf_counter() - t0   # the rounds, after both prefills
+    stats["acceptance"] = stats["accepted"] / max(stats["proposed"], 1)
+    stats["tokens_per_round"] = emitted / max(stats["rounds"] * B, 1)
+    return [o[:max_new_tokens] for o in out], stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and tokenizers
+# ----------------------------------------------------------------------------------------------
+
+def find_train_checkpoint(ckpt_dir):
+    """The newest <ckpt_dir>/ckpt_<step>/ that holds params.npz and config.json, or None."""
+    found = []
+    for d in glob.glob(os.path.join(ckpt_dir, "ckpt_*")):
+        step = os.path.basename(d)[len("ckpt_"):]
+        if step.isdigit() and all(os.path.isfile(os.path.join(d, f))
+                                  for f in ("params.npz", "config.json")):
+            found.append((int(step), d))
+    return max(found)[1] if found else None
+
+
+def load_train_checkpoint(path):
+    """(cfg, params) from a 09_train.py checkpoint: config.json holds common.Config's fields,
+    params.npz one array per leaf, named by its path ("embed", "layers/wq", ...)."""
+    with open(os.path.join(path, "config.json")) as f:
+        fields = json.load(f)
+    known = {f.name for f in dataclasses.fields(common.Config)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        raise common.UserError(f"{path}/config.json: not a course model config (unknown fields "
+                               f"{sorted(set(fields) - known) if isinstance(fields, dict) else fields})")
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = tuple(fields["rope_scaling"])
+    cfg = common.Config(**fields)
+    with np.load(os.path.join(path, "params.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    expected = jax.tree_util.tree_flatten_with_path(
+        jax.tree.map(lambda s: s.shape, common.param_specs(cfg),
+                     is_leaf=lambda x: isinstance(x, common.ParamSpec)),
+        is_leaf=lambda x: isinstance(x, tuple))[0]
+    leaves = {}
+    for kpath, shape in expected:
+        name = "/".join(k.key for k in kpath)
+        if name not in arrays or arrays[name].shape != tuple(shape):
+            raise common.UserError(f"{path}/params.npz: {name} is missing or not of shape {shape}")
+        leaves[name] = jnp.asarray(arrays[name], cfg.param_dtype)
+    params = {"embed": leaves["embed"], "final_norm": leaves["final_norm"],
+              "layers": {k.split("/")[1]: v for k, v in leaves.items() if k.startswith("layers/")}}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = leaves["lm_head"]
+    return cfg, params
+
+
+class Tokenizer(typing.NamedTuple):
+    encode: typing.Callable
+    decode: typing.Callable
+
+
+BYTES = Tokenizer(lambda s: list(s.encode("utf-8")),
+                  lambda ids: bytes(int(i) for i in ids if i < 256).decode("utf-8", "replace"))
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer.json through the `tokenizers` package."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise common.UserError("reading a Hugging Face tokenizer needs the `tokenizers` package: "
+                               "pip install tokenizers") from None
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise common.UserError(f"{path} has no tokenizer.json")
+    tok = tokenizers.Tokenizer.from_file(file)
+    return Tokenizer(lambda s: tok.encode(s).ids, lambda ids: tok.decode(list(ids)))
+
+
+def load_model(ic, on_gpu):
+    """[(name, cfg, params in common's layout, tokenizer or None)] and a line saying which."""
+    if ic.checkpoint:
+        if os.path.isfile(os.path.join(ic.checkpoint, "params.npz")):
+            cfg, params = load_train_checkpoint(ic.checkpoint)
+            return [(os.path.basename(ic.checkpoint.rstrip("/")), cfg, params, BYTES)], \
+                f"model: 09_train.py checkpoint {ic.checkpoint}"
+        cfg, params = common.load_hf_llama(ic.checkpoint)
+        tok = load_tokenizer(ic.checkpoint)
+        return [(os.path.basename(ic.checkpoint.rstrip("/")), cfg, params, tok)], \
+            f"model: Hugging Face checkpoint {ic.checkpoint}"
+    if ic.models == "auto" and not on_gpu:
+        path = find_train_checkpoint(ic.ckpt_dir)
+        if path:
+            cfg, params = load_train_checkpoint(path)
+            return [(os.path.basename(path), cfg, params, BYTES)], \
+                f"model: the newest 09_train.py checkpoint, {path}"
+    names = (["llama-3-8b", "llama-3.2-1b"] if on_gpu else ["small"]) if ic.models == "auto" \
+        else [m for m in ic.models.split(",") if m]
+    models = []
+    for name in names:
+        cfg = common.Config.preset(name)
+        models.append((name, cfg, None, BYTES if cfg.vocab_size == 256 else None))
+    why = "" if ic.models != "auto" or on_gpu else f" (no checkpoint under {ic.ckpt_dir}/)"
+    return models, f"model: random weights, {', '.join(names)}{why}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+def random_params(cfg, seed, on_gpu):
+    """Random weights with common.init_params' distributions: on a GPU drawn on the device, in
+    their final dtype, by one jit (8 B parameters in seconds); on a CPU by numpy, which takes
+    less time than XLA takes to compile the random number generator."""
+    if on_gpu:
+        return jax.jit(common.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(np.ones(s.shape, np.float32) if s.init == "ones" else
+                              s.scale * rng.standard_normal(s.shape, np.float32), cfg.param_dtype),
+        common.param_specs(cfg), is_leaf=lambda x: isinstance(x, common.ParamSpec))
+
+
+def filled_cache(cfg, batch, max_len, length, kv_int8):
+    """A cache whose rows are `length` positions long, filled with non-constant values (a cheap
+    sine, not a random generator, which compiles slowly on a CPU): decode reads the same bytes
+    whatever they hold, and this is faster than prefilling `batch` prompts."""
+    cache = init_cache(cfg, batch, max_len, kv_int8)
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+
+    @jax.jit
+    def fill(i):
+        x = jnp.sin(lax.iota(jnp.float32, math.prod(shape)) * 0.7548776 + i).reshape(shape)
+        return quantize_kv(x) if kv_int8 else (x.astype(cfg.dtype), None)
+
+    for layer in range(cfg.n_layers):
+        for j, name in enumerate(("k", "v")):
+            cache[name][layer], scale = fill(2 * layer + j)
+            if kv_int8:
+                cache[name + "_scale"][layer] = scale
+    cache["lengths"] = jnp.full((batch,), length, jnp.int32)
+    return cache
+
+
+def time_decode(params, cfg, cache, steps, repeats=3):
+    """Seconds per decode step: the median over `repeats` runs of `steps` steps (the cache and the
+    tokens fed from step to step, never synced in between), and the first call's time (compile
+    included). The cache must have room for 1 + steps x repeats more tokens."""
+    B = cache["lengths"].shape[0]
+    tok, zeros = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
+    t0 = time.perf_counter()
+    tok, _, cache = decode_step(params, cache, tok, zeros, zeros, 0, cfg=cfg)
+    tok.block_until_ready()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok, _, cache = decode_step(params, cache, tok, zeros, zeros, 0, cfg=cfg)
+        tok.block_until_ready()
+        times.append((time.perf_counter() - t0) / steps)
+    return float(np.median(times)), first
+
+
+def compute_bound_batch(cfg, w_bytes, kv_tok, context, flops, bw):
+    """Smallest batch B where B x FLOPs per token / FLOPS reaches (W + B x context x KV bytes) / BW:
+    the KV term grows with B as the FLOPs do, so it may never come (returns inf)."""
+    per_seq_flop_s = cfg.decode_flops_per_token(context) / flops
+    per_seq_byte_s = context * kv_tok / bw
+    if per_seq_flop_s <= per_seq_byte_s:
+        return math.inf
+    return (w_bytes / bw) / (per_seq_flop_s - per_seq_byte_s)
+
+
+def _si(x, unit, digits=2):
+    """3.01e12, "B/s" -> "3.01 TB/s": CPU and GPU figures differ by a thousand."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.{digits}f} {prefix}{unit}"
+    return f"{x:.{digits}f} {unit}"
+
+
+def _stats(served, makespan):
+    toks = sum(len(s.tokens) for s in served)
+    ttft = np.array([s.ttft_s for s in served if s.tokens])
+    tpot = np.array([s.tpot_s for s in served if len(s.tokens) > 1])
+    return {"tok_s": toks / makespan, "ttft_mean": ttft.mean(), "ttft_p90": np.percentile(ttft, 90),
+            "tpot_mean": tpot.mean(), "tokens": toks, "seconds": makespan}
+
+
+@dataclasses.dataclass
+class Run:
+    """What the sections of one model's lesson share."""
+    name: str
+    cfg: common.Config
+    params: dict              # inference layout
+    tokenizer: typing.Any     # Tokenizer, or None for random token ids
+    ic: InferConfig
+    flops: float              # matmul FLOP/s measured here
+    bw: float                 # copy bandwidth measured here, bytes read + written per second
+    P: int                    # end-to-end prompt tokens
+    G: int                    # tokens generated after it
+    S: int                    # cache positions per row
+    steps: int                # decode steps per timed run
+    batch: int                # the large decode batch
+    slots: int                # continuous batching slots
+    requests: int             # requests in the stream
+    rng: np.random.Generator
+    corpus: typing.Optional[bytes]
+    rows: list = dataclasses.field(default_factory=list)
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    prompt: list = None       # set by measure_batch_1, used by the later sections
+    ref_tokens: list = None   # the greedy answer to `prompt`
+    t_step: float = 0.0       # seconds per decode step at batch 1
+    t_prefill: float = 0.0
+
+    def section(self, title):
+        print(f"\n-- {title}  [{time.perf_counter() - self.t0:.0f} s]")
+
+    def row(self, what, measured, bound, ratio):
+        self.rows.append((self.name, what, measured, bound, ratio))
+
+    def prompts(self, lengths):
+        """Prompts of the given lengths: corpus text for models with a tokenizer, else random
+        token ids (all a model with random weights can tell apart)."""
+        out = []
+        for n in lengths:
+            n = int(n)
+            if self.tokenizer is not None and self.corpus is not None:
+                start = int(self.rng.integers(0, len(self.corpus) - 16 * n))
+                text = self.corpus[start:start + 16 * n].decode("utf-8", "replace")
+                ids = [t for t in self.tokenizer.encode(text) if t < self.cfg.vocab_size][:n]
+                if len(ids) == n:
+                    out.append(ids)
+                    continue
+            out.append([int(t) for t in self.rng.integers(0, self.cfg.vocab_size, n)])
+        return out
+
+
+def show_arithmetic(run):
+    cfg, W, P, B = run.cfg, weight_bytes(run.params), run.P, run.batch
+    kv, isz = kv_bytes_per_token(cfg), jnp.dtype(cfg.dtype).itemsize
+    run.section(f"the lecture's arithmetic, with FLOPS = {_si(run.flops, 'FLOP/s')} and BW = "
+                f"{_si(run.bw, 'B/s')} measured here")
+    print(f"weights one decode step reads: {_si(W, 'B')} ({cfg.param_count(False) / 1e9:.3f} B "
+          f"matmul params x {isz} B); the embedding table, of which a step reads a row, is apart")
+    print(f"KV cache: 2 x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x "
+          f"{isz} B = {kv:,} B per token; {_si(kv * run.S, 'B')} per {run.S}-token sequence, "
+          f"{_si(kv * run.S * B, 'B')} for {B} of them (int8: {kv_bytes_per_token(cfg, True):,} "
+          f"B per token)")
+    for b in (1, B):
+        t_min = (W + b * P * kv) / run.bw
+        print(f"minimum decode step, batch {b:3d}, context {P}: (W + {b} x {P} x KV) / BW = "
+              f"{t_min * 1e3:.3f} ms, at most {b / t_min:,.0f} tok/s")
+    weights_only = compute_bound_batch(cfg, W, 0, P, run.flops, run.bw)
+    with_kv = compute_bound_batch(cfg, W, kv, P, run.flops, run.bw)
+    if jax.devices()[0].platform == "cpu":
+        print(f"(on a CPU the bounds are loose: part of the {_si(W, 'B')} of weights stays in its "
+              f"caches from step to step)")
+    print(f"decode turns compute-bound at batch ~{weights_only:,.0f} counting the weights only "
+          f"(2N x B FLOPs = W bytes: B = FLOPS / BW x bytes per weight / 2), at batch "
+          f"{with_kv:,.0f} counting each sequence's {P}-token KV reads too")
+
+
+def check_full_recompute(run, params):
+    """Cached greedy decoding against the argmax of common.forward run on the whole sequence:
+    equal at every position means full-recompute greedy decoding gives the same tokens."""
+    cfg, P = run.cfg, run.P
+    n = min(16, run.G)
+    prompts = run.prompts([P, max(P // 3, 1)])
+    got, got_logits = generate(run.params, cfg, prompts, n, cache_len=run.S, return_logits=True)
+    full = jax.jit(lambda p, t: common.forward(p, t, cfg))
+    agree, err = 0, 0.0
+    for p, toks, lg in zip(prompts, got, got_logits):
+        seq = p + toks[:-1]
+        ref = np.asarray(full(params, pad_prompts([seq], bucket(P + n))))[0, len(p) - 1:len(seq)]
+        agree += int(np.sum(ref.argmax(-1) == np.array(toks)))
+        err = max(err, float(np.max(np.abs(ref - lg)) / np.std(ref)))
+    run.section(f"cached greedy vs full recompute (common.forward), prompts of {P} and "
+                f"{len(prompts[1])} tokens in one batch")
+    print(f"{agree}/{2 * n} tokens agree; max |logit difference| {err:.1e} x std(logits) "
+          f"({cfg.dtype} rounding: the same math in another order)")
+
+
+def measure_batch_1(run):
+    """Prefill and batch-1 decode against their bounds, and the end-to-end model."""
+    cfg, ip, P, G, S = run.cfg, run.params, run.P, run.G, run.S
+    run.prompt = run.prompts([P])[0]
+    tokens, lengths, zero = pad_prompts([run.prompt], bucket(P)), np.array([P], np.int32), \
+        np.zeros(1, np.int32)
+    cache, times = init_cache(cfg, 1, S), []
+    for _ in range(4):  # the first call compiles
+        t0 = time.perf_counter()
+        tok, _, cache = prefill_step(ip, cache, tokens, lengths, 0, zero, 0, cfg)
+        tok.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    run.t_prefill = float(np.median(times[1:]))
+    run.t_step, c_step = time_decode(ip, cfg, cache, run.steps)
+    W, kv, N = weight_bytes(ip), kv_bytes_per_token(cfg), cfg.param_count(embedding=False)
+    step_bytes = W + (P + 1 + 3 * run.steps // 2) * kv    # at the mean context of the timed steps
+    pred_prefill = P * 2 * N / run.flops
+    achieved = step_bytes / run.t_step
+    run.section("prefill and decode at batch 1")
+    print(f"prefill, {P} tokens: {run.t_prefill * 1e3:.2f} ms (compile {times[0]:.1f} s); "
+          f"S x 2N / FLOPS = {pred_prefill * 1e3:.2f} ms; reading the weights takes "
+          f"{W / run.bw * 1e3:.2f} ms")
+    print(f"decode: {run.t_step * 1e3:.3f} ms/step = {1 / run.t_step:.1f} tok/s (compile "
+          f"{c_step:.1f} s), reading {_si(step_bytes, 'B')} per step = {_si(achieved, 'B/s')} = "
+          f"{100 * achieved / run.bw:.0f}% of the copy bandwidth; bound {run.bw / step_bytes:.1f} "
+          f"tok/s")
+    t0 = time.perf_counter()
+    run.ref_tokens = generate(ip, cfg, [run.prompt], G, cache_len=S)[0]
+    t_e2e = time.perf_counter() - t0
+    pred = pred_prefill + G * W / run.bw
+    print(f"end to end, {P} + {G} tokens: {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + G x W / BW = "
+          f"{pred * 1e3:.1f} ms ({100 * pred / t_e2e:.0f}%); measured prefill + G x step = "
+          f"{(run.t_prefill + (G - 1) * run.t_step) * 1e3:.1f} ms")
+    run.row(f"decode B=1 {cfg.dtype}", f"{1 / run.t_step:,.1f} tok/s",
+            f"{run.bw / step_bytes:,.1f} tok/s", f"{100 * achieved / run.bw:.0f}% of BW")
+    run.row(f"prefill {P} tokens", f"{run.t_prefill * 1e3:.2f} ms", f"{pred_prefill * 1e3:.2f} ms",
+            f"{100 * pred_prefill / run.t_prefill:.0f}% of FLOPS")
+    run.row(f"end to end {P}+{G}", f"{t_e2e * 1e3:.1f} ms", f"{pred * 1e3:.1f} ms",
+            f"{100 * pred / t_e2e:.0f}% of model")
+
+
+def measure_int8(run):
+    """int8 weights and int8 KV: logit error and greedy agreement, teacher-forced on the
+    unquantized model's greedy answer; then int8 weights' decode speed."""
+    cfg, ip, P, S = run.cfg, run.params, run.P, run.S
+    qp = quantize_params(ip, cfg)
+    ref = teacher_forced_logits(ip, cfg, run.prompt, run.ref_tokens[:-1], S)
+    run.section(f"int8, teacher-forced on the {cfg.dtype} model's {len(ref)} greedy tokens "
+                f"(random weights give noise-like logits: a trained checkpoint says more)")
+    quality = []
+    for what, p, kv8 in (("int8 weights", qp, False), ("int8 KV cache", ip, True)):
+        lg = teacher_forced_logits(p, cfg, run.prompt, run.ref_tokens[:-1], S, kv_int8=kv8)
+        quality.append((float(np.sqrt(np.mean((lg - ref) ** 2)) / np.std(ref)),
+                        float(np.mean(lg.argmax(-1) == ref.argmax(-1)))))
+        print(f"{what:13s}: rms logit error {quality[-1][0]:.4f} x std(logits); greedy token "
+              f"agrees at {100 * quality[-1][1]:.1f}% of positions")
+    cache = init_cache(cfg, 1, S)
+    zero = np.zeros(1, np.int32)
+    _, _, cache = prefill_step(qp, cache, pad_prompts([run.prompt], bucket(P)),
+                               np.array([P], np.int32), 0, zero, 0, cfg)
+    t_q, c_q = time_decode(qp, cfg, cache, run.steps)
+    ctx_bytes = (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg)
+    q_bytes, f_bytes = weight_bytes(qp) + ctx_bytes, weight_bytes(ip) + ctx_bytes
+    print(f"decode, batch 1, int8 weights: {t_q * 1e3:.3f} ms/step = {1 / t_q:.1f} tok/s (compile "
+          f"{c_q:.1f} s) = {run.t_step / t_q:.2f}x {cfg.dtype} (the bytes predict "
+          f"{f_bytes / q_bytes:.2f}x); {_si(q_bytes / t_q, 'B/s')} = "
+          f"{100 * q_bytes / t_q / run.bw:.0f}% of the copy bandwidth")
+    run.row("decode B=1 int8 weights", f"{1 / t_q:,.1f} tok/s", f"{run.bw / q_bytes:,.1f} tok/s",
+            f"{run.t_step / t_q:.2f}x {cfg.dtype}")
+    run.row("int8 weights / KV quality", f"{quality[0][0]:.4f}/{quality[1][0]:.4f}",
+            "rms err/std", f"agree {100 * quality[0][1]:.0f}/{100 * quality[1][1]:.0f}%")
+    del qp
+
+
+def measure_batch(run):
+    """Decode throughput at a large batch, with the KV cache in the model's dtype and in int8."""
+    cfg, B, P = run.cfg, run.batch, run.P
+    W = weight_bytes(run.params)
+    run.section(f"decode at batch {B}, every row at context {P}")
+    t = {}
+    for kv8 in (False, True):
+        cache = filled_cache(cfg, B, run.S, P, kv8)
+        t[kv8], c_b = time_decode(run.params, cfg, cache, run.steps)
+        del cache
+        b_bytes = W + B * (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg, kv8)
+        kv_name = "int8 KV" if kv8 else f"{cfg.dtype} KV"
+        peer = (f"{t[False] / t[True]:.2f}x {cfg.dtype} KV" if kv8 else
+                f"{run.t_step / t[False] * B:.1f}x B=1")
+        print(f"{kv_name}: {t[kv8] * 1e3:.3f} ms/step = {B / t[kv8]:,.0f} tok/s (compile "
+              f"{c_b:.1f} s), {peer}; {_si(b_bytes / t[kv8], 'B/s')} = "
+              f"{100 * b_bytes / t[kv8] / run.bw:.0f}% of the copy bandwidth")
+        run.row(f"decode B={B} {kv_name}", f"{B / t[kv8]:,.0f} tok/s",
+                f"{B * run.bw / b_bytes:,.0f} tok/s", peer)
+
+
+def measure_stream(run):
+    """Static against continuous batching on one burst of requests with a long tail of answer
+    lengths, as chat traffic has: TTFT and TPOT per request and in aggregate."""
+    cfg, P, G, S = run.cfg, run.P, run.G, run.S
+    slots, n = run.slots, run.requests
+    p_lo, p_hi = max(P // 16, 1), max(P // 2, 1)
+    longs = run.rng.random(n) < 0.25
+    news = np.where(longs, run.rng.integers(3 * G // 2, 2 * G + 1, n),
+                    run.rng.integers(max(G // 16, 1), G // 2 + 1, n))
+    reqs = [Request(p, int(m)) for p, m in zip(run.prompts(run.rng.integers(p_lo, p_hi + 1, n)),
+                                               news)]
+    pad = bucket(p_hi)
+    results = {}
+    for policy, serve in (("static", serve_static), ("continuous", serve_continuous)):
+        t0 = time.perf_counter()
+        serve(run.params, cfg, [Request(reqs[0].prompt, 2)] * 2, slots, S, prompt_pad=pad)
+        compile_s = time.perf_counter() - t0           # the warm-up compiles this policy's shapes
+        served, seconds = serve(run.params, cfg, reqs, slots, S, prompt_pad=pad)
+        results[policy] = (served, _stats(served, seconds), compile_s)
+    run.section(f"{n} requests at once into {slots} slots: prompts of {p_lo}..{p_hi} tokens, "
+                f"answers of {int(news.min())}..{int(news.max())} (a quarter of them long)")
+    print(f"{'req':>4} {'prompt':>6} {'new':>4} | {'static TTFT':>12} {'TPOT':>9} | "
+          f"{'continuous TTFT':>15} {'TPOT':>9}")
+    for i, r in enumerate(reqs):
+        s, c = results["static"][0][i], results["continuous"][0][i]
+        print(f"{i:4d} {len(r.prompt):6d} {r.max_new_tokens:4d} | {s.ttft_s * 1e3:9.1f} ms "
+              f"{s.tpot_s * 1e3:6.2f} ms | {c.ttft_s * 1e3:12.1f} ms {c.tpot_s * 1e3:6.2f} ms")
+    for policy, (_, st, compile_s) in results.items():
+        print(f"{policy:10s}: {st['tokens']:,} tokens in {st['seconds']:.2f} s = "
+              f"{st['tok_s']:,.0f} tok/s; TTFT mean {st['ttft_mean'] * 1e3:.0f} ms, p90 "
+              f"{st['ttft_p90'] * 1e3:.0f} ms; TPOT mean {st['tpot_mean'] * 1e3:.2f} ms "
+              f"(compile {compile_s:.1f} s)")
+    same = sum(s.tokens == c.tokens for s, c in zip(results["static"][0],
+                                                     results["continuous"][0]))
+    ratio = results["continuous"][1]["tok_s"] / results["static"][1]["tok_s"]
+    print(f"continuous / static: {ratio:.2f}x the throughput; {same}/{n} requests got the same "
+          f"tokens from both")
+    run.row(f"stream {n} req, {slots} slots", f"{results['continuous'][1]['tok_s']:,.0f} tok/s",
+            f"{results['static'][1]['tok_s']:,.0f} static", f"{ratio:.2f}x static")
+
+
+def measure_speculative(run):
+    """Speculative decoding with the int8 draft, against the measured batch-1 decode."""
+    cfg, ip, g, G = run.cfg, run.params, run.ic.gamma, run.G
+    dp, dcfg = draft_params(ip, cfg, run.ic.draft_layers)
+    c = weight_bytes(dp) / weight_bytes(ip)
+    for _ in range(2):  # the first run compiles
+        tokens, st = speculative_generate(ip, cfg, dp, dcfg, [run.prompt], G, gamma=g,
+                                          cache_len=run.S)
+    del dp
+    a, tok_s = st["acceptance"], (G - 1) / st["decode_s"]
+    # Leviathan et al. 2023, eq. 1: a round yields (1 - a^(gamma+1)) / (1 - a) tokens; it costs
+    # gamma + 1 draft steps of c target steps each, plus one verification of ~ one step.
+    per_round = (1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1
+    pred = per_round / ((g + 1) * c + 1)
+    same = next((i for i, (x, y) in enumerate(zip(tokens[0], run.ref_tokens)) if x != y), G)
+    run.section(f"speculative decoding, gamma {g}; draft: the target's first {dcfg.n_layers} "
+                f"layers in int8, {100 * c:.0f}% of its bytes")
+    print(f"acceptance {100 * a:.1f}%, {st['tokens_per_round']:.2f} tokens per round; "
+          f"{tok_s:.1f} tok/s against {1 / run.t_step:.1f} alone = {tok_s * run.t_step:.2f}x; "
+          f"the memory-bound model predicts {pred:.2f}x; output equal to the target's alone for "
+          f"{same}/{G} tokens")
+    run.row(f"speculative gamma={g}", f"{tok_s:,.1f} tok/s", f"{pred / run.t_step:,.1f} tok/s",
+            f"{tok_s * run.t_step:.2f}x, acc {100 * a:.0f}%")
+
+
+def show_sample(run):
+    ic, tok = run.ic, run.tokenizer
+    if tok is None or not ic.max_new_tokens:
+        return
+    ids = tok.encode(ic.prompt)
+    fits = len(ids) + ic.max_new_tokens <= run.S   # then the compiled decode step is reused
+    out = generate(run.params, run.cfg, [ids], ic.max_new_tokens, ic.temperature, ic.top_k,
+                   ic.top_p, ic.seed, cache_len=run.S if fits else None)[0]
+    run.section(f"sample: temperature {ic.temperature}, top_k {ic.top_k}, top_p {ic.top_p}")
+    print(ic.prompt + tok.decode(out))
+
+
+def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus):
+    """Every measurement on one model; returns the rows of the final table."""
+    t0 = time.perf_counter()
+    print(f"\n=== {name}: {cfg.param_count() / 1e9:.3f} B params, {cfg.n_layers} layers, "
+          f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
+          f"{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, {cfg.dtype} ===")
+    P = ic.prompt_len or (256 if on_gpu else 64)
+    G = ic.gen_len or (128 if on_gpu else 32)
+    S = ic.cache_len or bucket(P + G + 2 * ic.gamma + 1, 128)
+    if P + G + 2 * ic.gamma + 1 > S or S > cfg.max_seq_len:
+        raise common.UserError(f"cache_len={S} must hold prompt_len + gen_len + 2 x gamma + 1 = "
+                               f"{P + G + 2 * ic.gamma + 1} and fit max_seq_len={cfg.max_seq_len}")
+    if params is None:
+        params = random_params(cfg, ic.seed, on_gpu)
+    ip = jax.block_until_ready(inference_params(params, cfg))
+    print(f"weights ready in {time.perf_counter() - t0:.1f} s")
+    slots = ic.slots or (16 if on_gpu else 4)
+    run = Run(name, cfg, ip, tokenizer, ic, peaks["matmul_flops"], peaks["copy_bw"], P, G, S,
+              steps=ic.steps or (32 if on_gpu else 8), batch=ic.batch or (64 if on_gpu else 16),
+              slots=slots, requests=ic.requests or 3 * slots, rng=np.random.default_rng(ic.seed),
+              corpus=corpus, t0=t0)
+    show_arithmetic(run)
+    check_full_recompute(run, params)
+    del params  # from here on only the inference layout is kept
+    measure_batch_1(run)
+    measure_int8(run)
+    measure_batch(run)
+    measure_stream(run)
+    measure_speculative(run)
+    show_sample(run)
+    print(f"\n({name}: {time.perf_counter() - t0:.0f} s)")
+    return run.rows
+
+
+def main():
+    ic = common.parse_flags(InferConfig())
+    t0 = time.perf_counter()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    models, which = load_model(ic, on_gpu)
+    print(which)
+    dtype = models[0][1].dtype
+    peaks = common.measure_peaks(dtype=dtype)
+    flops_ds, bw_ds, basis = common.ceilings(dtype)
+    print(f"measured on {jax.devices()[0].device_kind}: {dtype} matmul "
+          f"{_si(peaks['matmul_flops'], 'FLOP/s')}, copy {_si(peaks['copy_bw'], 'B/s')}; "
+          f"{basis}: {_si(flops_ds, 'FLOP/s')}, {_si(bw_ds, 'B/s')}")
+    corpus = None
+    if any(tok is not None for *_, tok in models):
+        corpus = common.load_corpus(max_bytes=2 * 2**20)[0].tobytes()
+    rows = []
+    while models:  # popped, so that a model's weights are freed before the next one's
+        rows += lesson(*models.pop(0), ic, on_gpu, peaks, corpus)
+    print(f"\n{'model':14s} {'measurement':28s} {'measured':>15s} {'bound / peer':>15s}  ratio")
+    for r in rows:
+        print(f"{r[0]:14s} {r[1]:28s} {r[2]:>15s} {r[3]:>15s}  {r[4]}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    common.run(main)
