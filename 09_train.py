@@ -67,6 +67,7 @@ class TrainConfig:
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4
     sample_len: int = 200        # bytes generated at the end
+    breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
     num_processes: int = 1
     process_id: int = 0
@@ -182,8 +183,7 @@ def attention_fn(name):
     raise common.UserError(f"unknown attention {name!r}")
 
 
-def make_train_step(cfg, tc, mesh, attention):
-    """A jit'd (params, opt, x, y) -> (params, opt, metrics), sharded by `mesh`."""
+def make_loss_fn(cfg, tc, mesh, attention):
     def constrain(x, axes):
         return jax.lax.with_sharding_constraint(
             x, NamedSharding(mesh, common.logical_to_spec(axes, mesh)))
@@ -192,7 +192,12 @@ def make_train_step(cfg, tc, mesh, attention):
         logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
                                 constrain=constrain)
         return common.cross_entropy(logits, y)
+    return loss_fn
 
+
+def make_train_step(cfg, tc, mesh, attention):
+    """A jit'd (params, opt, x, y) -> (params, opt, metrics), sharded by `mesh`."""
+    loss_fn = make_loss_fn(cfg, tc, mesh, attention)
     mask = decay_mask(cfg)
 
     def train_step(params, opt, x, y):
@@ -312,6 +317,30 @@ def plot_metrics(out_dir):
 # The loop
 # ----------------------------------------------------------------------------------------------
 
+def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, log):
+    """Where a step's time goes: forward alone, forward + backward, and the whole step (the
+    difference is the optimizer), each against the datasheet peak and against the matmul rate
+    this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach."""
+    matmul = common.measure_peaks(dtype="bfloat16")["matmul_flops"] * n_dev
+    state = [params, opt]
+
+    def full(x, y):  # the step donates its inputs: feed each result to the next call
+        state[0], state[1], m = step_fn(state[0], state[1], x, y)
+        return m
+    rows = [("forward", jax.jit(loss_fn), flops_per_step / 3, (params, x, y)),
+            ("forward + backward", jax.jit(jax.value_and_grad(loss_fn)), flops_per_step,
+             (params, x, y)),
+            ("whole step (+ AdamW)", full, flops_per_step, (x, y))]
+    log(f"{'phase':22s} {'ms':>9s} {'TFLOP/s':>9s} {'MFU':>7s} {'of matmul peak':>15s}")
+    for name, fn, flops, args in rows:
+        t = common.bench(fn, *args, iters=5, warmup=1).median_s
+        rate = flops / t
+        log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.1f} {100 * rate / (peak * n_dev):6.1f}% "
+            f"{100 * rate / matmul:14.1f}%")
+    log(f"measured bf16 matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} device(s); "
+        f"datasheet {peak * n_dev / 1e12:.1f}")
+
+
 def model_config(tc):
     platform = jax.devices()[0].platform
     dtype = tc.dtype if tc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
@@ -367,6 +396,11 @@ def train(tc, stop_after=None, log=print, devices=None):
     t0 = time.perf_counter()
     step_fn = step_fn.lower(params, opt, *batch(train_tokens, start, tc.seed)).compile()
     log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+    if tc.breakdown:
+        loss_fn = make_loss_fn(cfg, tc, mesh, attention_fn(attn))
+        breakdown(step_fn, loss_fn, params, opt, *batch(train_tokens, start, tc.seed),
+                  flops_per_step, peak, n_dev, log)
+        return [], params, cfg
 
     history = []
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
@@ -416,6 +450,8 @@ def main():
     if tc.num_processes > 1 or tc.coordinator:
         jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
     history, params, cfg = train(tc)
+    if tc.breakdown:
+        return
     if jax.process_index() == 0 and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):
         path = plot_metrics(tc.out_dir)
         if path:
