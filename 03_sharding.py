@@ -1,0 +1,576 @@
+"""Sharding a transformer: data parallel, FSDP and tensor parallel, and what each costs.
+
+    python 03_sharding.py                      # on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8
+    python 03_sharding.py --mesh=dp:2,fsdp:2,tp:2 --preset=tiny
+
+A mesh names the devices' axes (here dp, fsdp, tp); a PartitionSpec says which mesh axis splits
+which dimension of an array; a NamedSharding is the pair. jit then compiles one program per
+device, and XLA's SPMD partitioner inserts the collectives the shardings imply (Xu et al.,
+"GSPMD", 2021). The params never name mesh axes: each leaf has logical axis names (common.py's
+param_specs), and one rule table (common.SHARDING_RULES) maps them to mesh axes:
+  - data parallel (DP): the batch is split, every device keeps all weights; the gradients are
+    all-reduced, 2x their bytes each step on a ring;
+  - FSDP (ZeRO-3, Rajbhandari et al. 2020): the batch is split and so is each weight's embed
+    dimension; a weight is all-gathered just before its matmul (in the forward and again in
+    the backward pass) and its gradient reduce-scattered, so each device stores 1/N of the
+    weights, gradients and optimizer state for 1.5x DP's traffic;
+  - tensor parallel (TP, Megatron-LM, Shoeybi et al. 2019, section 3): attention heads and the
+    MLP width are split; wq/wk/wv and w_gate/w_up are column-parallel (output split), wo and
+    w_down row-parallel (contraction split), so each sub-block ends in an all-reduce of the
+    [B, T, D] activations in the forward pass, and in the backward pass the gradient of its
+    input is all-reduced;
+  - FSDP+TP: both, on a 2-D mesh.
+For each scheme the lesson prints per-device bytes of parameters, gradients, Adam's two float32
+moments and activations; the collectives each layer needs, predicted from these rules, beside
+those read back from the compiled program's HLO text; and checks that loss and gradients equal
+the unsharded model's. Last, the tokens/s of an FSDP training step on every local device
+against one device (on GPUs; on simulated CPU devices the figure means nothing).
+
+References: Xu et al., "GSPMD: general and scalable parallelization for ML computation graphs",
+2021; Rajbhandari et al., "ZeRO: memory optimizations toward training trillion parameter
+models", SC 2020, section 5; Shoeybi et al., "Megatron-LM", 2019, section 3 and figure 3; the
+JAX scaling book (Austin et al. 2025), "How to parallelize a transformer for training".
+"""
+import collections
+import dataclasses
+import functools
+import importlib.util
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import common
+
+MESH_AXES = ("dp", "fsdp", "tp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    preset: str = ""           # model of the analysis (common.PRESETS); empty: small (GPU), tiny (CPU)
+    batch_size: int = 16       # global batch of the analysis, sequences
+    seq_len: int = 128         # tokens per sequence
+    mesh: str = ""             # one mesh to analyse, e.g. dp:2,fsdp:2,tp:2; empty: DP, FSDP, TP, FSDP+TP
+    tp: int = 2                # TP degree of the default TP and FSDP+TP schemes
+    bench_preset: str = ""     # model of the tokens/s benchmark; empty: llama-3.2-1b (GPU), tiny (CPU)
+    bench_batch: int = 0       # sequences per device in the benchmark; 0: 16 (GPU), 4 (CPU)
+    bench_seq: int = 0         # tokens per sequence in the benchmark; 0: 1024 (GPU), 64 (CPU)
+    bench_remat: str = "dots"  # none, full or dots (keep matmul outputs: fits a 1B model's step)
+    bench_iters: int = 5       # timed steps, the median is reported
+
+    def __post_init__(self):
+        for f in ("batch_size", "seq_len", "tp", "bench_iters"):
+            if getattr(self, f) < 1:
+                raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("bench_batch", "bench_seq"):
+            if getattr(self, f) < 0:
+                raise common.UserError(f"{f} must be >= 0 (0 picks a size for the device)")
+        for f in ("preset", "bench_preset"):
+            if getattr(self, f) and getattr(self, f) not in common.PRESETS:
+                raise common.UserError(f"unknown {f} {getattr(self, f)!r} "
+                                       f"(presets: {', '.join(common.PRESETS)})")
+        if self.bench_remat not in ("none", "full", "dots"):
+            raise common.UserError(f"bench_remat must be none, full or dots, got {self.bench_remat}")
+        parse_mesh(self.mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meshes and shardings
+# ----------------------------------------------------------------------------------------------
+
+def parse_mesh(text):
+    """'dp:2,tp:4' -> {'dp': 2, 'fsdp': 1, 'tp': 4}."""
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition(":")
+        if name not in MESH_AXES or not n.isdigit() or int(n) < 1 or name in sizes:
+            raise common.UserError(f"mesh {text!r}: expected axes from {', '.join(MESH_AXES)} "
+                                   f"written name:size, each once (e.g. dp:2,fsdp:2,tp:2)")
+        sizes[name] = int(n)
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def mesh_name(sizes):
+    return ",".join(f"{a}:{sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device"
+
+
+def make_mesh(sizes, devices=None):
+    """A (dp, fsdp, tp) mesh over the first dp*fsdp*tp devices. Axis types stay Auto: XLA's
+    partitioner decides the shardings of intermediates (jax.make_mesh now defaults to Explicit
+    axes, where every intermediate's sharding is part of its type)."""
+    devices = jax.devices() if devices is None else devices
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) > len(devices):
+        raise common.UserError(f"mesh {mesh_name(sizes)} needs {math.prod(shape)} devices, but "
+                               f"only {len(devices)} exist")
+    return Mesh(np.array(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
+
+
+def check_batch(batch_size, mesh):
+    split = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if batch_size % split:
+        raise common.UserError(f"batch_size={batch_size} does not split over dp*fsdp={split} "
+                               f"devices of mesh {mesh_name(dict(mesh.shape))}")
+
+
+def sharding_of(mesh, axes):
+    """The NamedSharding of an array with these logical axis names, by common.SHARDING_RULES."""
+    return NamedSharding(mesh, common.logical_to_spec(axes, mesh))
+
+
+def constrain_fn(mesh):
+    """For common.forward's `constrain` hook: pin activations to the rules' shardings, so that
+    XLA follows the scheme (batch over dp and fsdp, the MLP width over tp) rather than guess."""
+    return lambda x, axes: jax.lax.with_sharding_constraint(x, sharding_of(mesh, axes))
+
+
+def layer_shardings(cfg, mesh):
+    """Shardings of one layer's params: those of params["layers"] less the stacked layer axis."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, P(*s.spec[1:])),
+                        common.param_shardings(cfg, mesh)["layers"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The block and the model, as losses to differentiate
+# ----------------------------------------------------------------------------------------------
+
+def block(p, x, cos, sin, cfg, constrain=None):
+    """One layer of common.forward, written out so that one block can be compiled alone.
+    p: one layer's params (no layer axis); x: [B, T, D]. Under TP the q/k/v and gate/up
+    matmuls are column-parallel (their output dim, heads or mlp, is split) and wo, w_down
+    row-parallel (their contraction is split), which is where the all-reduces come from."""
+    constrain = constrain or (lambda a, axes: a)
+    dt = jnp.dtype(cfg.dtype)
+    p = jax.tree.map(lambda w: w.astype(dt), p)
+    h = common.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["wq"])  # [B, T, H, Dh]
+    k = jnp.einsum("btd,dhk->bthk", h, p["wk"])  # [B, T, KH, Dh]
+    v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+    q, k = common.apply_rope(q, cos, sin), common.apply_rope(k, cos, sin)
+    o = common.attention_reference(q, k, v, True)  # [B, T, H, Dh]
+    x = constrain(x + jnp.einsum("bthk,hkd->btd", o, p["wo"]), ("batch", "seq", "embed"))
+    h = common.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))  # [B, T, F]
+    u = jnp.einsum("btd,df->btf", h, p["w_up"])
+    gu = constrain(g * u, ("batch", "seq", "mlp"))
+    return constrain(x + jnp.einsum("btf,fd->btd", gu, p["w_down"]), ("batch", "seq", "embed"))
+
+
+def block_loss(p, x, cfg, constrain=None):
+    """A scalar to differentiate one block by: the mean square of its output (float32)."""
+    B, T, _ = x.shape
+    cos, sin = common.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), cfg)
+    y = block(p, x, cos, sin, cfg, constrain)
+    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+
+def model_loss(params, tokens, targets, cfg, constrain=None, remat="none"):
+    logits = common.forward(params, tokens, cfg, remat=remat, constrain=constrain)
+    return common.cross_entropy(logits, targets)
+
+
+def block_grad_fn(cfg, mesh):
+    """jit'd (layer params, x) -> (loss, grads) with the scheme's shardings; grads come back
+    sharded like the params, as an optimizer would consume them."""
+    f = functools.partial(block_loss, cfg=cfg, constrain=constrain_fn(mesh))
+    return jax.jit(jax.value_and_grad(f), in_shardings=(layer_shardings(cfg, mesh),
+                                                        sharding_of(mesh, ("batch", "seq", "embed"))),
+                   out_shardings=(NamedSharding(mesh, P()), layer_shardings(cfg, mesh)))
+
+
+def model_grad_fn(cfg, mesh, remat="none"):
+    f = functools.partial(model_loss, cfg=cfg, constrain=constrain_fn(mesh), remat=remat)
+    ps = common.param_shardings(cfg, mesh)
+    tok = sharding_of(mesh, ("batch", "seq"))
+    return jax.jit(jax.value_and_grad(f), in_shardings=(ps, tok, tok),
+                   out_shardings=(NamedSharding(mesh, P()), ps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory per device
+# ----------------------------------------------------------------------------------------------
+
+def memory_per_device(cfg, mesh, batch_size, seq_len):
+    """Bytes on each device: params and grads (param dtype), Adam's two float32 moments, and an
+    estimate of the activations a training step keeps for its backward pass (no remat)."""
+    shardings = jax.tree.leaves(common.param_shardings(cfg, mesh))
+    specs = jax.tree.leaves(common.param_specs(cfg), is_leaf=lambda s: hasattr(s, "axes"))
+    elems = sum(math.prod(sh.shard_shape(s.shape)) for sh, s in zip(shardings, specs))
+    pbytes, dbytes = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
+    b = batch_size // (mesh.shape["dp"] * mesh.shape["fsdp"])
+    t = mesh.shape["tp"]
+    T, D, H, KH, Dh, F = (seq_len, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                          cfg.d_ff)
+    per_layer = (b * T * 4 * D * dbytes                      # layer input, 2 norms' outputs, mid
+                 + b * T * (2 * H + 2 * KH) * Dh // t * dbytes  # q, k, v, attention output
+                 + b * (H // t) * T * T * 4                  # softmax probabilities, float32
+                 + b * T * 3 * F // t * dbytes)              # gate, up, gate*up
+    logits = 2 * b * T * cfg.vocab_size // (t if cfg.vocab_size % t == 0 else 1) * 4
+    return {"params": elems * pbytes, "grads": elems * pbytes, "adam": 2 * 4 * elems,
+            "activations": cfg.n_layers * per_layer + logits}
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives: predicted from the rules, and read back from the compiled HLO
+# ----------------------------------------------------------------------------------------------
+
+Coll = collections.namedtuple("Coll", "op bytes group")  # bytes: the full array (see below)
+
+
+def predict_layer_collectives(cfg, sizes, batch_size, seq_len, passes=1):
+    """The collectives one layer's forward + backward needs, as arrays of `bytes`: the gathered
+    array for an all-gather, the array before it is reduced for a reduce-scatter or all-reduce.
+    passes: how many times each weight is gathered: 1 in one program (XLA reuses the forward's
+    gather in the backward pass), 2 across the scan over layers (one per pass, as ZeRO-3 does)."""
+    d, f, t = sizes["dp"], sizes["fsdp"], sizes["tp"]
+    D, H, KH, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    pb, db = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
+    mats = [D * H * Dh, D * KH * Dh, D * KH * Dh, H * Dh * D, D * F, D * F, F * D]  # wq..w_down
+    out = []
+    if f > 1:  # FSDP: gather each weight (its tp slice) before use, reduce-scatter its gradient
+        out += [Coll("all-gather", m // t * db, f) for m in mats] * passes
+        out += [Coll("reduce-scatter", m // t * pb, f) for m in mats]
+    if d > 1:  # DP: all-reduce every gradient (what FSDP left of it)
+        out += [Coll("all-reduce", m // (t * f) * pb, d) for m in mats]
+    if d * f > 1:  # the norms' gains are replicated: their gradients are all-reduced
+        out += [Coll("all-reduce", D * pb, d * f)] * 2
+    if t > 1:  # TP: XLA reduces each matmul's partial sums on its own: 2 forward, 5 backward
+        act = batch_size // (d * f) * seq_len * D * db
+        out += [Coll("all-reduce", act, t)] * 7
+    return out
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(_OPS) + r")(-start)?\(")
+
+
+def _arrays(shape_text):
+    """[(dims, bytes)] of every array in an HLO shape, tuples flattened."""
+    return [(dims, _DTYPE_BYTES.get(dt, 4) * math.prod(int(x) for x in dims.split(",") if x))
+            for dt, dims in re.findall(r"\b([a-z]+[0-9a-z]*)\[([\d,]*)\]", shape_text)]
+
+
+def _group_size(line, n_devices):
+    """Devices in each replica group: {{0,1},{2,3}}, the iota form [G,S]<=[...], or the mesh
+    form mesh['axis_0'=4,'axis_1'=2] {'axis_1'}."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        axes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(axes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    return n_devices  # replica_groups={}: every device
+
+
+def parse_collectives(hlo, n_devices):
+    """(in_loops, outside) lists of Coll read from compiled HLO text, each repeated as many times
+    as it runs: computations reached through a while loop's body run its known trip count
+    times, and count as in_loops. Scalars (the loss) are left out."""
+    comps, name, entry = {}, None, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head:
+            name = head.group(2)
+            comps[name] = []
+            entry = name if head.group(1) else entry
+        elif name is not None and line.startswith(" "):
+            comps[name].append(line)
+    found = {True: [], False: []}
+
+    def visit(comp, times, in_loop, depth=0):
+        for line in comps.get(comp, []):
+            m = _INSTR.match(line)
+            if m:
+                op, is_async = m.group(2), bool(m.group(3))
+                # Scalars are the loss, or an async op's context words: left out.
+                arrays = [b for dims, b in _arrays(m.group(1)) if dims]
+                if is_async and op in ("all-gather", "collective-permute"):
+                    arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
+                group = _group_size(line, n_devices)
+                for b in arrays:
+                    full = b * group if op == "reduce-scatter" else b
+                    found[in_loop] += [Coll(op, full, group)] * times
+            if re.search(r"\basync-(done|update)\(", line) or depth > 50:
+                continue  # the async-start's call is followed once
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            for key, callee in re.findall(r"\b(body|condition|calls|to_apply|branch_computations|"
+                                          r"true_computation|false_computation)=\{?%?([\w.\-]+)",
+                                          line):
+                loop = key == "body"
+                visit(callee, times * (int(trip.group(1)) if loop and trip else 1),
+                      in_loop or loop, depth + 1)
+
+    visit(entry, 1, False)
+    return found[True], found[False]
+
+
+def summarize(colls):
+    """{op: (arrays, total bytes)}."""
+    out = collections.defaultdict(lambda: [0, 0])
+    for c in colls:
+        out[c.op][0] += 1
+        out[c.op][1] += c.bytes
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
+def ring_traffic(colls):
+    """Bytes each device sends for these collectives on a ring (lesson 02): (N-1)/N of the
+    array for a gather or a reduce-scatter, twice that for an all-reduce; a permute sends it all."""
+    factor = {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 2, "all-to-all": 1}
+    return sum(c.bytes if c.op == "collective-permute" else
+               factor[c.op] * c.bytes * (c.group - 1) / c.group for c in colls)
+
+
+def compiled_block(cfg, mesh, batch_size, seq_len):
+    """The block's gradient program, compiled from shapes alone."""
+    params = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
+    layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params["layers"])
+    x = jax.ShapeDtypeStruct((batch_size, seq_len, cfg.d_model), jnp.dtype(cfg.dtype))
+    return block_grad_fn(cfg, mesh).lower(layer, x).compile()
+
+
+def compiled_model(cfg, mesh, batch_size, seq_len):
+    params = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
+    tok = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    return model_grad_fn(cfg, mesh).lower(params, tok, tok).compile()
+
+
+# ----------------------------------------------------------------------------------------------
+# A training step, to time: loss, gradients, Adam
+# ----------------------------------------------------------------------------------------------
+
+def adam_update(params, grads, opt, lr=1e-4, b1=0.9, b2=0.95, eps=1e-8):
+    """Adam (Kingma & Ba 2015, algorithm 1), moments in float32, sharded like the params."""
+    count = opt["count"] + 1
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), opt["mu"], grads)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)),
+                      opt["nu"], grads)
+    c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+    new = jax.tree.map(lambda p, m, v: (p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps)).astype(p.dtype),
+                       params, mu, nu)
+    return new, {"mu": mu, "nu": nu, "count": count}
+
+
+def make_train_step(cfg, mesh, remat):
+    ps = common.param_shardings(cfg, mesh)
+    opt_s = {"mu": ps, "nu": ps, "count": NamedSharding(mesh, P())}
+    tok = sharding_of(mesh, ("batch", "seq"))
+    loss = functools.partial(model_loss, cfg=cfg, constrain=constrain_fn(mesh), remat=remat)
+
+    def step(params, opt, x, y):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        params, opt = adam_update(params, grads, opt)
+        return params, opt, value
+
+    init = jax.jit(lambda key: common.init_params(cfg, key), out_shardings=ps)
+    init_opt = jax.jit(lambda p: {"mu": jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p),
+                                  "nu": jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p),
+                                  "count": jnp.zeros((), jnp.int32)}, out_shardings=opt_s)
+    step = jax.jit(step, in_shardings=(ps, opt_s, tok, tok),
+                   out_shardings=(ps, opt_s, NamedSharding(mesh, P())), donate_argnums=(0, 1))
+    return init, init_opt, step, tok
+
+
+def time_training(cfg, mesh, batch_size, seq_len, remat, iters):
+    """(compile s, median step s, last loss). The state is carried from step to step (donated),
+    as in training; two batches of random tokens alternate."""
+    init, init_opt, step, tok = make_train_step(cfg, mesh, remat)
+    params = init(jax.random.key(0))
+    opt = init_opt(params)
+    batches = []
+    for k in jax.random.split(jax.random.key(1), 2):
+        b = jax.random.randint(k, (batch_size, seq_len + 1), 0, cfg.vocab_size, jnp.int32)
+        batches.append((jax.device_put(b[:, :-1], tok), jax.device_put(b[:, 1:], tok)))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt, *batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(2 + iters):
+        t0 = time.perf_counter()
+        params, opt, loss = compiled(params, opt, *batches[i % 2])
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return compile_s, float(np.median(times[2:])), float(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def show_sharded_array(mesh, cfg):
+    """A weight under this mesh: its PartitionSpec, and which piece each device holds."""
+    spec = common.param_specs(cfg)["layers"]["w_up"]
+    pspec = common.logical_to_spec(spec.axes[1:], mesh)
+    w = jax.device_put(jnp.zeros(spec.shape[1:], jnp.float32), NamedSharding(mesh, pspec))
+    print(f"\nw_up {list(w.shape)} (logical axes {spec.axes[1:]}) on mesh "
+          f"{dict(mesh.shape)} -> {pspec}")
+    for s in sorted(w.addressable_shards, key=lambda s: s.device.id)[:8]:
+        rows, cols = s.index
+        print(f"  device {s.device.id}: rows {rows.start or 0}:{rows.stop or w.shape[0]}, "
+              f"cols {cols.start or 0}:{cols.stop or w.shape[1]} -> shard {list(s.data.shape)}")
+    if importlib.util.find_spec("rich"):
+        jax.debug.visualize_array_sharding(w)
+
+
+def default_schemes(n, tp):
+    schemes = [("DP", {"dp": n}), ("FSDP", {"fsdp": n})]
+    if 1 < tp <= n:
+        schemes.append(("TP", {"tp": tp}))
+    if n % tp == 0 and n // tp > 1 and tp > 1:
+        schemes.append(("FSDP+TP", {"fsdp": n // tp, "tp": tp}))
+    return [(name, {a: s.get(a, 1) for a in MESH_AXES}) for name, s in schemes]
+
+
+def _size(b):
+    return f"{b / 2**20:.2f}M" if b >= 2**20 else f"{b / 2**10:.1f}K" if b >= 2**10 else f"{b:.0f}B"
+
+
+def _cell(summary, op, per=1):
+    """'arrays / total bytes' of one op kind, per `per` (layers)."""
+    if op not in summary:
+        return "-"
+    n, b = summary[op]
+    return f"{n // per} / {_size(b / per)}"
+
+
+def analyse(cfg, name, sizes, mesh, B, T, params, batch):
+    """Memory, collectives (predicted and compiled) and the sharded loss and grads of a scheme."""
+    c_model = compiled_model(cfg, mesh, B, T)
+    stats = c_model.memory_analysis()
+    temp = getattr(stats, "temp_size_in_bytes", None) if stats is not None else None
+    ps, tok = common.param_shardings(cfg, mesh), sharding_of(mesh, ("batch", "seq"))
+    loss, grads = c_model(jax.device_put(params, ps), *(jax.device_put(t, tok) for t in batch))
+    blk = ([], []) if mesh.size == 1 else parse_collectives(
+        compiled_block(cfg, mesh, B, T).as_text(), mesh.size)
+    loops, outside = parse_collectives(c_model.as_text(), mesh.size)
+    return {"name": name, "mem": memory_per_device(cfg, mesh, B, T), "temp": temp,
+            "loss": float(loss), "grads": jax.tree.map(np.asarray, grads),
+            "block_pred": predict_layer_collectives(cfg, sizes, B, T, passes=1),
+            "block": blk[0] + blk[1],
+            "layer_pred": predict_layer_collectives(cfg, sizes, B, T, passes=2),
+            "loops": loops, "outside": outside}
+
+
+def main():
+    run = common.parse_flags(ShardingConfig())
+    devices = jax.devices()
+    on_gpu = devices[0].platform == "gpu"
+    n = len(devices)
+    preset = run.preset or ("small" if on_gpu else "tiny")
+    cfg = common.Config.preset(preset)
+    B, T = run.batch_size, run.seq_len
+    if T > cfg.max_seq_len:
+        raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
+    print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
+          f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
+    if run.mesh:
+        sizes = parse_mesh(run.mesh)
+        schemes = [(mesh_name(sizes), sizes)]
+    else:
+        schemes = default_schemes(n, run.tp)
+    if n == 1:
+        print("one device: every scheme is the unsharded model; on a CPU set "
+              "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
+    meshes = []
+    for name, sizes in schemes:
+        mesh = make_mesh(sizes, devices)  # a one-line error: more devices than exist,
+        common.param_shardings(cfg, mesh)  # a mesh axis that does not divide a weight,
+        check_batch(B, mesh)  # or the batch
+        meshes.append((name, sizes, mesh))
+    show_sharded_array(meshes[-1][2] if meshes else make_mesh(parse_mesh("")), cfg)
+
+    params = common.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(2), (B, T + 1), 0, cfg.vocab_size, jnp.int32)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    one = ("1 device", parse_mesh(""), make_mesh(parse_mesh(""), devices))
+    results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
+    ref = results[0]
+
+    print("\nper-device memory, MiB; activations: an estimate of what the backward pass keeps "
+          "(no remat); XLA temp: all scratch of the compiled step, from memory_analysis")
+    print(f"{'scheme':<12}{'params':>10}{'grads':>10}{'adam':>10}{'activations':>13}"
+          f"{'XLA temp':>10}")
+    for r in results:
+        mem, mib = r["mem"], lambda b: f"{b / 2**20:.2f}"
+        print(f"{r['name']:<12}{mib(mem['params']):>10}{mib(mem['grads']):>10}"
+              f"{mib(mem['adam']):>10}{mib(mem['activations']):>13}"
+              f"{mib(r['temp']) if r['temp'] is not None else 'n/a':>10}")
+
+    L = cfg.n_layers
+    print(f"\ncollectives of one layer, forward + backward, as arrays / bytes (an all-gather's "
+          f"gathered array, a reduction's input); ring: bytes each device sends on a ring. "
+          f"Block: one layer compiled alone; layer: the model's scan over {L} layers, per layer; "
+          f"outside: embedding, head and loss.")
+    print(f"{'scheme':<10}{'op':<15}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
+          f"{'layer XLA':>14}{'outside XLA':>14}")
+    for r in results[1:]:
+        s = [summarize(r[k]) for k in ("block_pred", "block", "layer_pred", "loops", "outside")]
+        for op in sorted(set().union(*s)):
+            print(f"{r['name']:<10}{op:<15}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
+                  f"{_cell(s[2], op):>14}{_cell(s[3], op, L):>14}{_cell(s[4], op):>14}")
+        t = [ring_traffic(r[k]) for k in ("block_pred", "block", "layer_pred", "loops", "outside")]
+        print(f"{r['name']:<10}{'ring':<15}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
+              f"{_size(t[3] / L):>14}{_size(t[4]):>14}")
+    print("- a weight is gathered once in the block (XLA reuses the forward's gather in the "
+          "backward pass) but twice per layer in the model: forward and backward are two loops.")
+    print("- TP: Megatron needs 2 all-reduces forward and 2 backward; XLA reduces each matmul's "
+          "partial sums on its own, so the backward has one per column-parallel matmul (wq, wk, "
+          "wv, w_gate, w_up): 5, as predicted. Summing the partials first (Megatron's g "
+          "operator) would send 3 fewer [B, T, D] arrays per layer.")
+    if not on_gpu:
+        print("- on CPU, XLA keeps a gradient reduction as an all-reduce then a slice (the same "
+              "array, twice the ring traffic); the GPU compiler makes it a reduce-scatter.")
+
+    print("\nsharded vs unsharded, float32: |loss diff| and max relative gradient diff")
+    for r in results[1:]:
+        dg = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+                 for a, b in zip(jax.tree.leaves(r["grads"]), jax.tree.leaves(ref["grads"])))
+        print(f"  {r['name']:<10}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
+
+    # Tokens/s of a training step: FSDP on every local device against one device, with the same
+    # batch per device (weak scaling: the work per device is constant).
+    bench_preset = run.bench_preset or ("llama-3.2-1b" if on_gpu else "tiny")
+    bcfg = common.Config.preset(bench_preset)
+    bb = run.bench_batch or (16 if on_gpu else 4)
+    bt = run.bench_seq or (1024 if on_gpu else 64)
+    if bt > bcfg.max_seq_len:
+        raise common.UserError(f"bench_seq={bt} exceeds the preset's max_seq_len={bcfg.max_seq_len}")
+    peak, _, peak_src = common.ceilings(bcfg.dtype)
+    flops_tok = bcfg.train_flops_per_token(bt)
+    rows = []
+    for sizes in [parse_mesh("")] + ([parse_mesh(f"fsdp:{n}")] if n > 1 else []):
+        mesh = make_mesh(sizes, devices)
+        common.param_shardings(bcfg, mesh)
+        batch_size = bb * mesh.size
+        compile_s, step_s, loss = time_training(bcfg, mesh, batch_size, bt, run.bench_remat,
+                                                run.bench_iters)
+        rows.append((mesh_name(sizes), mesh.size, batch_size, compile_s, step_s, loss))
+    print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({bcfg.param_count() / 1e6:.0f}M "
+          f"params), {bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
+          f"{flops_tok / 1e9:.2f} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
+          f"TFLOP/s per device ({peak_src})")
+    print(f"{'mesh':<10}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}{'tok/s':>12}"
+          f"{'MFU':>8}{'vs 1 device':>13}{'loss':>9}")
+    base = None
+    for name, nd, batch_size, compile_s, step_s, loss in rows:
+        tps = batch_size * bt / step_s
+        base = base or tps
+        print(f"{name:<10}{nd:>8}{batch_size:>7}{compile_s:>11.1f}{step_s * 1e3:>10.1f}"
+              f"{tps:>12,.0f}{tps * flops_tok / (nd * peak):>8.1%}{tps / base:>12.2f}x"
+              f"{loss:>9.4f}")
+    if not on_gpu and n > 1:
+        print("(simulated CPU devices share the same cores: this speedup means nothing)")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,135 @@
+"""Ring collectives against XLA's built-ins and numpy, on 8 simulated CPU devices."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import common
+
+coll = common.import_script("02_collectives")
+
+
+def ring_mesh(n):
+    return Mesh(np.array(jax.devices()[:n]), ("x",))
+
+
+def sharded_input(n, S, tail, dtype, seed=0):
+    shape = (n * S,) + tail
+    if jnp.issubdtype(dtype, jnp.integer):
+        x = jax.random.randint(jax.random.key(seed), shape, -100, 100, dtype)
+    else:
+        x = jax.random.normal(jax.random.key(seed), shape, dtype)
+    return jax.device_put(x, NamedSharding(ring_mesh(n), P("x")))
+
+
+def assert_close(got, want, dtype):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    # Sums taken in another order: exact for integers, a few ulps for floats.
+    tol = {jnp.int32: 0, jnp.float32: 1e-5, jnp.bfloat16: 5e-2}[dtype]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+# (devices, rows per block S, trailing dims, dtype, pieces, bidirectional)
+@pytest.mark.parametrize("n,S,tail,dtype,pieces,bidi", [
+    (8, 8, (), jnp.float32, 1, False),
+    (8, 6, (3,), jnp.bfloat16, 1, True),
+    (8, 3, (2,), jnp.float32, 2, False),  # a block of 3 rows in 2 pieces
+    (4, 5, (2, 3), jnp.int32, 2, True),  # 4 lanes of 1 or 2 rows
+    (2, 4, (), jnp.float32, 8, False),  # more pieces than rows: one row each
+])
+def test_all_gather_matches_builtin(n, S, tail, dtype, pieces, bidi):
+    x, mesh = sharded_input(n, S, tail, dtype), ring_mesh(n)
+    got = coll.ring_all_gather(x, mesh, "x", pieces=pieces, bidirectional=bidi)
+    want = coll.builtin_all_gather(x, mesh, "x")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # no arithmetic: exact
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
+    assert all(s.data.shape == x.shape for s in got.addressable_shards)  # replicated
+
+
+@pytest.mark.parametrize("n,S,tail,dtype,pieces,bidi", [
+    (8, 8, (), jnp.float32, 1, False),
+    (8, 24, (3,), jnp.bfloat16, 1, True),
+    (4, 12, (2, 3), jnp.int32, 2, False),  # chunks of 3 rows in pieces of 1 and 2
+])
+def test_reduce_scatter_matches_builtin(n, S, tail, dtype, pieces, bidi):
+    x, mesh = sharded_input(n, S, tail, dtype), ring_mesh(n)
+    got = coll.ring_reduce_scatter(x, mesh, "x", pieces=pieces, bidirectional=bidi)
+    assert got.shape == (S,) + tail
+    assert all(s.data.shape == (S // n,) + tail for s in got.addressable_shards)  # sharded
+    assert_close(got, coll.builtin_reduce_scatter(x, mesh, "x"), dtype)
+    blocks = np.asarray(x, np.float64).reshape((n, S) + tail)
+    assert_close(got, blocks.sum(0), dtype)
+
+
+@pytest.mark.parametrize("n,S,tail,dtype,pieces,bidi", [
+    (8, 8, (), jnp.float32, 1, False),
+    (8, 32, (3,), jnp.bfloat16, 2, True),
+    (4, 7, (), jnp.int32, 1, False),     # 7 rows over 4 devices: padded to 8
+    (8, 3, (2,), jnp.float32, 1, True),  # 3 rows over 8 devices: padded to 8
+])
+def test_all_reduce_matches_builtin(n, S, tail, dtype, pieces, bidi):
+    x, mesh = sharded_input(n, S, tail, dtype), ring_mesh(n)
+    got = coll.ring_all_reduce(x, mesh, "x", pieces=pieces, bidirectional=bidi)
+    assert got.shape == (S,) + tail
+    assert all(s.data.shape == (S,) + tail for s in got.addressable_shards)  # replicated
+    assert_close(got, coll.builtin_all_reduce(x, mesh, "x"), dtype)
+    blocks = np.asarray(x, np.float64).reshape((n, S) + tail)
+    assert_close(got, blocks.sum(0), dtype)
+
+
+def test_reduce_scatter_refuses_uneven_split():
+    x, mesh = sharded_input(8, 3, (2,), jnp.float32), ring_mesh(8)
+    with pytest.raises(common.UserError, match="not a multiple of 8"):
+        coll.ring_reduce_scatter(x, mesh, "x")
+
+
+def test_global_array_must_split_into_blocks():
+    mesh = ring_mesh(8)
+    x = jnp.ones((12, 4))
+    for fn in (coll.ring_all_gather, coll.ring_reduce_scatter, coll.ring_all_reduce):
+        with pytest.raises(common.UserError, match="does not split into 8 equal blocks"):
+            fn(x, mesh, "x")
+    with pytest.raises(common.UserError, match="no axis 'y'"):
+        coll.ring_all_gather(jnp.ones((8, 4)), mesh, "y")
+
+
+def permute_bytes(fn, x):
+    """Bytes each device receives through collective-permutes, and the other collectives used."""
+    hlo = jax.jit(fn).lower(x).compile().as_text()
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) * 4
+             for dims in re.findall(r"= f32\[([\d,]*)\][^ ]* collective-permute\(", hlo)]
+    others = re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(", hlo)
+    return sum(sizes), others
+
+
+@pytest.mark.parametrize("kind,pieces", [("all-gather", 1), ("reduce-scatter", 1),
+                                         ("all-reduce", 2)])
+def test_ring_uses_only_neighbour_sends_of_the_predicted_bytes(kind, pieces):
+    n, S, width = 8, 16, 4
+    x, mesh = sharded_input(n, S, (width,), jnp.float32), ring_mesh(n)
+    fn = {"all-gather": coll.ring_all_gather, "reduce-scatter": coll.ring_reduce_scatter,
+          "all-reduce": coll.ring_all_reduce}[kind]
+    sent, others = permute_bytes(functools.partial(fn, mesh=mesh, axis_name="x", pieces=pieces),
+                                 x)
+    assert others == []
+    assert sent == coll.ring_bytes_sent(kind, S * width * 4, n)
+
+
+def test_collective_matmul_matches_plain_and_numpy():
+    n = 8
+    mesh = ring_mesh(n)
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (4 * n, 24), jnp.float32)
+    w = jax.random.normal(kw, (24, 2 * n), jnp.float32)
+    x = jax.device_put(x, NamedSharding(mesh, P("x", None)))
+    w = jax.device_put(w, NamedSharding(mesh, P(None, "x")))
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = coll.collective_matmul(x, w, mesh, "x")
+    assert all(s.data.shape == (4 * n, 2) for s in got.addressable_shards)  # sharded by columns
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(coll.matmul_all_gather(x, w, mesh, "x")), want,
+                               rtol=1e-5, atol=1e-5)

@@ -1,0 +1,197 @@
+"""DP, FSDP, TP and FSDP+TP on 8 simulated CPU devices: same numbers as one device, and the
+collectives XLA emits against the predicted ones."""
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+
+sh = common.import_script("03_sharding")
+
+CFG = dataclasses.replace(common.Config.preset("tiny"), n_layers=2, max_seq_len=16)
+B, T = 8, 16
+SCHEMES = {"DP": "dp:8", "FSDP": "fsdp:8", "TP": "tp:2", "FSDP+TP": "fsdp:4,tp:2"}
+# LLVM at -O0: halves the CPU compile time; the HLO passes, and so the collectives, are the same.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def compile_model(cfg, mesh):
+    shapes = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    return sh.model_grad_fn(cfg, mesh).lower(shapes, tok, tok).compile(FAST)
+
+
+def numpy_params(cfg, seed):
+    """Random params from common.param_specs, drawn by numpy: no random-number program to
+    compile."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (s.scale * rng.standard_normal(s.shape) + (s.init == "ones"))
+                        .astype(np.float32), common.param_specs(cfg),
+                        is_leaf=lambda s: isinstance(s, common.ParamSpec))
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+    params = numpy_params(CFG, 0)
+    tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, CFG.vocab_size, jnp.int32)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    loss, grads = compile_model(CFG, sh.make_mesh(sh.parse_mesh("")))(params, x, y)
+    return params, x, y, float(loss), grads
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_run(scheme):
+    """(loss, grads, per-layer collectives, outside collectives) of the compiled sharded model."""
+    sizes = sh.parse_mesh(SCHEMES[scheme])
+    mesh = sh.make_mesh(sizes)
+    params, x, y = reference()[:3]
+    compiled = compile_model(CFG, mesh)
+    tok = sh.sharding_of(mesh, ("batch", "seq"))
+    loss, grads = compiled(jax.device_put(params, common.param_shardings(CFG, mesh)),
+                           jax.device_put(x, tok), jax.device_put(y, tok))
+    loops, outside = sh.parse_collectives(compiled.as_text(), mesh.size)
+    return float(loss), grads, loops, outside
+
+
+def test_block_is_a_layer_of_common_forward():
+    cfg = dataclasses.replace(CFG, n_layers=1)
+    params = numpy_params(cfg, 3)
+    tokens = jax.random.randint(jax.random.key(4), (2, T), 0, cfg.vocab_size, jnp.int32)
+
+    @jax.jit
+    def by_block(params, tokens):
+        cos, sin = common.rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (2, T)), cfg)
+        x = params["embed"][tokens]
+        x = sh.block(jax.tree.map(lambda a: a[0], params["layers"]), x, cos, sin, cfg)
+        return common.rms_norm(x, params["final_norm"], cfg.norm_eps) @ params["lm_head"]
+
+    want = jax.jit(common.forward, static_argnums=2)(params, tokens, cfg)
+    np.testing.assert_allclose(np.asarray(by_block(params, tokens)), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_sharded_loss_and_grads_equal_unsharded(scheme):
+    ref_loss, ref_grads = reference()[3:]
+    loss, grads = sharded_run(scheme)[:2]
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def reductions(summary):
+    """CPU XLA writes a gradient reduce-scatter as an all-reduce and a slice: compare the
+    reduced arrays whichever op carries them."""
+    n = sum(summary.get(op, (0, 0))[0] for op in ("all-reduce", "reduce-scatter"))
+    b = sum(summary.get(op, (0, 0))[1] for op in ("all-reduce", "reduce-scatter"))
+    return n, b
+
+
+def test_block_collectives_match_prediction():
+    sizes = sh.parse_mesh("fsdp:8")
+    mesh = sh.make_mesh(sizes)
+    shapes = jax.eval_shape(lambda: common.init_params(CFG, jax.random.key(0)))["layers"]
+    layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), shapes)
+    x = jax.ShapeDtypeStruct((B, T, CFG.d_model), jnp.float32)
+    hlo = sh.block_grad_fn(CFG, mesh).lower(layer, x).compile(FAST).as_text()
+    loops, outside = sh.parse_collectives(hlo, mesh.size)
+    assert loops == []
+    got = sh.summarize(outside)
+    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, passes=1))
+    assert got["all-gather"] == want["all-gather"]  # once each: the backward reuses the gather
+    assert reductions(got) == reductions(want)
+    assert set(got) <= {"all-gather", "all-reduce", "reduce-scatter"}
+
+
+@pytest.mark.parametrize("scheme", ["DP", "FSDP", "TP"])  # FSDP+TP: the rules are not exact
+def test_model_collectives_per_layer_match_prediction(scheme):
+    sizes = sh.parse_mesh(SCHEMES[scheme])
+    loops = sharded_run(scheme)[2]
+    got = {op: (n // CFG.n_layers, b // CFG.n_layers) for op, (n, b) in sh.summarize(loops).items()}
+    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, passes=2))
+    assert got.get("all-gather") == want.get("all-gather")
+    assert reductions(got) == reductions(want)
+
+
+HLO = """HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %ags = (f32[1,8]{1,0}, f32[4,8]{1,0}) all-gather-start(%a), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %agd = f32[4,8]{1,0} all-gather-done(%ags)
+  %ar = (f32[4,8]{1,0}, bf16[8]{0}, f32[]) all-reduce(%a, %b, %c), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %agd)
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[4,8]) -> f32[4,8] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %w = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %rs = f32[2,8]{1,0} reduce-scatter(%x), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, to_apply=%add
+  %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), channel_id=4, source_target_pairs={{0,1},{1,0}}
+  ROOT %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
+}
+"""
+
+
+def test_parse_collectives_reads_loops_groups_tuples_and_async_ops():
+    loops, outside = sh.parse_collectives(HLO, 8)
+    C = sh.Coll
+    assert sorted(loops) == sorted([C("all-gather", 128, 4)] * 3 + [C("all-reduce", 128, 2)] * 3
+                                   + [C("all-reduce", 16, 2)] * 3)  # the scalar is left out
+    assert sorted(outside) == sorted([C("reduce-scatter", 128, 2),
+                                      C("collective-permute", 128, 8)])
+    # Ring bytes per device: a gather or reduce-scatter sends (N-1)/N of the array, an
+    # all-reduce twice that, a permute all of it.
+    assert sh.ring_traffic(outside) == 64 + 128
+    assert sh.ring_traffic(loops) == 3 * (128 * 3 / 4 + 2 * (128 + 16) / 2)
+
+
+def test_memory_per_device_divides_by_the_sharding():
+    full = sh.memory_per_device(CFG, sh.make_mesh(sh.parse_mesh("")), B, T)
+    fsdp = sh.memory_per_device(CFG, sh.make_mesh(sh.parse_mesh("fsdp:8")), B, T)
+    dp = sh.memory_per_device(CFG, sh.make_mesh(sh.parse_mesh("dp:8")), B, T)
+    n_params = CFG.param_count()
+    assert full["params"] == full["grads"] == 4 * n_params and full["adam"] == 8 * n_params
+    assert dp["params"] == full["params"]  # DP replicates the weights
+    norms = (2 * CFG.n_layers + 1) * CFG.d_model  # no rule splits the norms' gains
+    assert fsdp["params"] == 4 * ((n_params - norms) // 8 + norms)
+    assert fsdp["activations"] == dp["activations"] < full["activations"]
+
+
+def test_bad_meshes_are_one_line_errors():
+    with pytest.raises(common.UserError, match="needs 16 devices, but only 8 exist"):
+        sh.make_mesh(sh.parse_mesh("dp:2,fsdp:4,tp:2"))
+    with pytest.raises(common.UserError, match="does not divide"):  # 2 kv heads over 4
+        common.param_shardings(CFG, sh.make_mesh(sh.parse_mesh("tp:4")))
+    with pytest.raises(common.UserError, match="batch_size=6 does not split"):
+        sh.check_batch(6, sh.make_mesh(sh.parse_mesh("fsdp:4")))
+    with pytest.raises(common.UserError, match="expected axes"):
+        sh.parse_mesh("pp:2")
+
+
+def test_cli_reports_a_bad_mesh_in_one_line():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "03_sharding.py")
+    out = subprocess.run([sys.executable, script, "--mesh=fsdp:16"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: mesh fsdp:16 needs 16 devices, but only 8 exist"
