@@ -64,8 +64,8 @@ import common
 
 @dataclasses.dataclass(frozen=True)
 class InferConfig:
-    checkpoint: str = ""        # Hugging Face Llama dir, or a 09_train.py ckpt_<step> dir
-    ckpt_dir: str = "out"       # where 09_train.py writes <ckpt_dir>/ckpt_<step>/{params.npz,config.json}
+    checkpoint: str = ""        # a Hugging Face Llama dir, or 09_train.py's ckpt_<step> or out_dir
+    ckpt_dir: str = "out"       # 09_train.py's --out_dir, searched when there is no --checkpoint
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
                                 # llama-3-8b,llama-3.2-1b, else the newest 09 checkpoint or `small`
     prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
@@ -180,14 +180,17 @@ def linear(eq, x, w, out_dtype=None):
 # ----------------------------------------------------------------------------------------------
 
 def init_cache(cfg, batch, max_len, kv_int8=False):
-    """Per layer, keys and values [batch, max_len, KH, Dh] (one buffer each, donated and updated in
-    place), and the number of valid positions of each row, `lengths` [batch]. With kv_int8 the
-    values are int8 with a float32 scale per token and head, [batch, max_len, KH]."""
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    """Per layer, keys and values [batch, KH, max_len, Dh] (one buffer each, donated and updated
+    in place), and the number of valid positions of each row, `lengths` [batch]. Heads before
+    positions: attention is then a matmul batched over (batch, kv head) whose operands are
+    contiguous [max_len, Dh] blocks, read as they lie, with no transposed copy of the cache.
+    With kv_int8 the values are int8 with a float32 scale per token and head, [batch, KH,
+    max_len]."""
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     L = cfg.n_layers
     if kv_int8:
         zeros = lambda: [jnp.zeros(shape, jnp.int8) for _ in range(L)]
-        ones = lambda: [jnp.ones(shape[:3], jnp.float32) for _ in range(L)]
+        ones = lambda: [jnp.ones(shape[:3], jnp.float32) for _ in range(L)]  # [B, KH, S]
         cache = {"k": zeros(), "v": zeros(), "k_scale": ones(), "v_scale": ones()}
     else:
         cache = {n: [jnp.zeros(shape, cfg.dtype) for _ in range(L)] for n in ("k", "v")}
@@ -202,8 +205,8 @@ def kv_bytes_per_token(cfg, kv_int8=False):
 
 
 def quantize_kv(x):
-    """x [B, T, KH, Dh] -> int8 values and float32 scales [B, T, KH]: one scale per token and
-    head, so a new token is quantized alone and cached values never need rescaling."""
+    """x [..., Dh] -> int8 values and float32 scales [...]: one scale per token and head, so a
+    new token is quantized alone and cached values never need rescaling."""
     xf = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
     scale = jnp.where(scale == 0, 1.0, scale)
@@ -215,8 +218,9 @@ def _copy(cache):
 
 
 def _write(cache, i, k, v, write):
-    """Store layer i's new keys and values with write(buffer, values), quantized when the cache
-    is int8."""
+    """Store layer i's new keys and values [B, T, KH, Dh] with write(buffer, values [B, KH, T,
+    Dh]), quantized when the cache is int8."""
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if "k_scale" in cache:
         (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
         cache["k_scale"][i] = write(cache["k_scale"][i], ks)
@@ -227,39 +231,41 @@ def _write(cache, i, k, v, write):
 
 
 def write_at_lengths(buf, new, start):
-    """buf [B, S, ...] <- new [B, T, ...] at positions start[b] .. start[b]+T-1 of each row: one
-    dynamic_update_slice per row (vmap makes them a single scatter, in place on a donated cache)."""
+    """buf [B, KH, S, ...] <- new [B, KH, T, ...] at positions start[b] .. start[b]+T-1 of each
+    row: one dynamic_update_slice per row (vmap makes them a single scatter, in place on a
+    donated cache)."""
     def row(b, x, s):
-        return lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), s, axis=0)
+        return lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), s, axis=1)
     return jax.vmap(row)(buf, new, start)
 
 
 def write_at_slot(buf, new, slot):
-    """buf [B, S, ...] <- new [b, T, ...] in rows slot .. slot+b-1, from position 0 (a prefill)."""
+    """buf [B, KH, S, ...] <- new [b, KH, T, ...] in rows slot .. slot+b-1, from position 0 (a
+    prefill)."""
     return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (slot,) + (0,) * (buf.ndim - 1))
 
 
 def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
     """Attention of each row's T newest tokens to its cache. q [B, T, H, Dh] sits at positions
-    lengths-T .. lengths-1; k, v [B, S, KH, Dh] hold each row's first `lengths` positions (the
-    rest is stale and masked). int8 caches come with scales [B, S, KH]: the key scale multiplies
+    lengths-T .. lengths-1; k, v [B, KH, S, Dh] hold each row's first `lengths` positions (the
+    rest is stale and masked). int8 caches come with scales [B, KH, S]: the key scale multiplies
     the scores, the value scale the probabilities, so neither int8 array is rescaled.
     Every position of the cache is read; a kernel stops at each row's length."""
     B, T, H, Dh = q.shape
-    S, KH = k.shape[1], k.shape[2]
+    KH, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, KH, H // KH, Dh)  # [B, T, KH, G, Dh]: G query heads share a kv head
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32)
     if k_scale is not None:
-        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]  # [B, KH, 1, 1, S]
+        scores = scores * k_scale[:, :, None, None, :]                  # [B, KH, 1, 1, S]
     scores = scores / math.sqrt(Dh)
     q_pos = lengths[:, None] - T + jnp.arange(T)                         # [B, T]
     mask = jnp.arange(S)[None, None, :] <= q_pos[:, :, None]             # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)  # float32; each row sees at least itself
     if v_scale is not None:
-        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))
+        probs = probs * v_scale[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))
     return out.reshape(B, T, H, Dh)
 
 
@@ -489,9 +495,11 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
                                          decode_attention=decode_attention)
         out.append(tok)
         outl.append(logits)
-    toks = [[int(t) for t in row] for row in np.asarray(jnp.stack(out, axis=1))]
+    # Gathered on the host at the end: no sync between steps, and no jnp.stack, which would
+    # compile anew for every max_new_tokens.
+    toks = [[int(t) for t in row] for row in np.stack([np.asarray(t) for t in out], axis=1)]
     if return_logits:
-        return toks, list(np.asarray(jnp.stack(outl, axis=1)))
+        return toks, list(np.stack([np.asarray(x) for x in outl], axis=1))
     return toks
 
 
@@ -508,7 +516,7 @@ def teacher_forced_logits(params, cfg, prompt, continuation, cache_len, kv_int8=
         _, logits, cache = decode_step(params, cache, jnp.array([t], jnp.int32), zero, zero, 0,
                                        cfg=cfg)
         out.append(logits[0])
-    return np.asarray(jnp.stack(out), np.float32)
+    return np.stack([np.asarray(x, np.float32) for x in out])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -720,45 +728,29 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
 # ----------------------------------------------------------------------------------------------
 
 def find_train_checkpoint(ckpt_dir):
-    """The newest <ckpt_dir>/ckpt_<step>/ that holds params.npz and config.json, or None."""
-    found = []
-    for d in glob.glob(os.path.join(ckpt_dir, "ckpt_*")):
-        step = os.path.basename(d)[len("ckpt_"):]
-        if step.isdigit() and all(os.path.isfile(os.path.join(d, f))
-                                  for f in ("params.npz", "config.json")):
-            found.append((int(step), d))
-    return max(found)[1] if found else None
+    """The newest checkpoint 09_train.py wrote under ckpt_dir (ckpt_<step>/), or None."""
+    found = common.list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
 
 
 def load_train_checkpoint(path):
-    """(cfg, params) from a 09_train.py checkpoint: config.json holds common.Config's fields,
-    params.npz one array per leaf, named by its path ("embed", "layers/wq", ...)."""
-    with open(os.path.join(path, "config.json")) as f:
-        fields = json.load(f)
+    """(cfg, params) from a checkpoint of 09_train.py (common.save_checkpoint): meta.json holds the
+    model's Config under "model", state.npz the params (and the optimizer state, not read)."""
+    with open(os.path.join(path, "meta.json")) as f:
+        fields = json.load(f).get("model")
     known = {f.name for f in dataclasses.fields(common.Config)}
     if not isinstance(fields, dict) or set(fields) - known:
-        raise common.UserError(f"{path}/config.json: not a course model config (unknown fields "
-                               f"{sorted(set(fields) - known) if isinstance(fields, dict) else fields})")
+        raise common.UserError(f"{path}/meta.json holds no model config of this course")
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = tuple(fields["rope_scaling"])
     cfg = common.Config(**fields)
-    with np.load(os.path.join(path, "params.npz")) as z:
-        arrays = {k: z[k] for k in z.files}
-    expected = jax.tree_util.tree_flatten_with_path(
-        jax.tree.map(lambda s: s.shape, common.param_specs(cfg),
-                     is_leaf=lambda x: isinstance(x, common.ParamSpec)),
-        is_leaf=lambda x: isinstance(x, tuple))[0]
-    leaves = {}
-    for kpath, shape in expected:
-        name = "/".join(k.key for k in kpath)
-        if name not in arrays or arrays[name].shape != tuple(shape):
-            raise common.UserError(f"{path}/params.npz: {name} is missing or not of shape {shape}")
-        leaves[name] = jnp.asarray(arrays[name], cfg.param_dtype)
-    params = {"embed": leaves["embed"], "final_norm": leaves["final_norm"],
-              "layers": {k.split("/")[1]: v for k, v in leaves.items() if k.startswith("layers/")}}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = leaves["lm_head"]
-    return cfg, params
+    like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.param_dtype),
+                        common.param_specs(cfg), is_leaf=lambda x: isinstance(x, common.ParamSpec))
+    state, _ = common.load_checkpoint(path, {"params": like})
+    if not all(jax.tree.leaves(jax.tree.map(lambda a, s: a.shape == s.shape, state["params"],
+                                            like))):
+        raise common.UserError(f"{path}: the stored params do not have the shapes meta.json says")
+    return cfg, jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), state["params"])
 
 
 class Tokenizer(typing.NamedTuple):
@@ -787,14 +779,15 @@ def load_tokenizer(path):
 def load_model(ic, on_gpu):
     """[(name, cfg, params in common's layout, tokenizer or None)] and a line saying which."""
     if ic.checkpoint:
-        if os.path.isfile(os.path.join(ic.checkpoint, "params.npz")):
-            cfg, params = load_train_checkpoint(ic.checkpoint)
-            return [(os.path.basename(ic.checkpoint.rstrip("/")), cfg, params, BYTES)], \
-                f"model: 09_train.py checkpoint {ic.checkpoint}"
-        cfg, params = common.load_hf_llama(ic.checkpoint)
-        tok = load_tokenizer(ic.checkpoint)
-        return [(os.path.basename(ic.checkpoint.rstrip("/")), cfg, params, tok)], \
-            f"model: Hugging Face checkpoint {ic.checkpoint}"
+        path = ic.checkpoint
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
+            path = find_train_checkpoint(path) or path    # an out_dir of 09_train.py: its newest
+        name = os.path.basename(path.rstrip("/"))
+        if os.path.isfile(os.path.join(path, "meta.json")):
+            cfg, params = load_train_checkpoint(path)
+            return [(name, cfg, params, BYTES)], f"model: 09_train.py checkpoint {path}"
+        cfg, params = common.load_hf_llama(path)
+        return [(name, cfg, params, load_tokenizer(path))], f"model: Hugging Face checkpoint {path}"
     if ic.models == "auto" and not on_gpu:
         path = find_train_checkpoint(ic.ckpt_dir)
         if path:
@@ -833,7 +826,7 @@ def filled_cache(cfg, batch, max_len, length, kv_int8):
     sine, not a random generator, which compiles slowly on a CPU): decode reads the same bytes
     whatever they hold, and this is faster than prefilling `batch` prompts."""
     cache = init_cache(cfg, batch, max_len, kv_int8)
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
 
     @jax.jit
     def fill(i):
@@ -914,6 +907,7 @@ class Run:
     requests: int             # requests in the stream
     rng: np.random.Generator
     corpus: typing.Optional[bytes]
+    trained: bool             # weights from a checkpoint, not random
     rows: list = dataclasses.field(default_factory=list)
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     prompt: list = None       # set by measure_batch_1, used by the later sections
@@ -949,8 +943,8 @@ def show_arithmetic(run):
     kv, isz = kv_bytes_per_token(cfg), jnp.dtype(cfg.dtype).itemsize
     run.section(f"the lecture's arithmetic, with FLOPS = {_si(run.flops, 'FLOP/s')} and BW = "
                 f"{_si(run.bw, 'B/s')} measured here")
-    print(f"weights one decode step reads: {_si(W, 'B')} ({cfg.param_count(False) / 1e9:.3f} B "
-          f"matmul params x {isz} B); the embedding table, of which a step reads a row, is apart")
+    print(f"weights one decode step reads: {_si(W, 'B')} ({_si(cfg.param_count(False), '')} params "
+          f"x {isz} B); the embedding table, of which a step reads one row per token, is apart")
     print(f"KV cache: 2 x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x "
           f"{isz} B = {kv:,} B per token; {_si(kv * run.S, 'B')} per {run.S}-token sequence, "
           f"{_si(kv * run.S * B, 'B')} for {B} of them (int8: {kv_bytes_per_token(cfg, True):,} "
@@ -1036,8 +1030,8 @@ def measure_int8(run):
     cfg, ip, P, S = run.cfg, run.params, run.P, run.S
     qp = quantize_params(ip, cfg)
     ref = teacher_forced_logits(ip, cfg, run.prompt, run.ref_tokens[:-1], S)
-    run.section(f"int8, teacher-forced on the {cfg.dtype} model's {len(ref)} greedy tokens "
-                f"(random weights give noise-like logits: a trained checkpoint says more)")
+    run.section(f"int8, teacher-forced on the {cfg.dtype} model's {len(ref)} greedy tokens" +
+                ("" if run.trained else " (random weights: a trained checkpoint says more)"))
     quality = []
     for what, p, kv8 in (("int8 weights", qp, False), ("int8 KV cache", ip, True)):
         lg = teacher_forced_logits(p, cfg, run.prompt, run.ref_tokens[:-1], S, kv_int8=kv8)
@@ -1165,7 +1159,7 @@ def show_sample(run):
 def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus):
     """Every measurement on one model; returns the rows of the final table."""
     t0 = time.perf_counter()
-    print(f"\n=== {name}: {cfg.param_count() / 1e9:.3f} B params, {cfg.n_layers} layers, "
+    print(f"\n=== {name}: {_si(cfg.param_count(), '')} params, {cfg.n_layers} layers, "
           f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
           f"{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, {cfg.dtype} ===")
     P = ic.prompt_len or (256 if on_gpu else 64)
@@ -1174,7 +1168,8 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus):
     if P + G + 2 * ic.gamma + 1 > S or S > cfg.max_seq_len:
         raise common.UserError(f"cache_len={S} must hold prompt_len + gen_len + 2 x gamma + 1 = "
                                f"{P + G + 2 * ic.gamma + 1} and fit max_seq_len={cfg.max_seq_len}")
-    if params is None:
+    trained = params is not None
+    if not trained:
         params = random_params(cfg, ic.seed, on_gpu)
     ip = jax.block_until_ready(inference_params(params, cfg))
     print(f"weights ready in {time.perf_counter() - t0:.1f} s")
@@ -1182,7 +1177,7 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus):
     run = Run(name, cfg, ip, tokenizer, ic, peaks["matmul_flops"], peaks["copy_bw"], P, G, S,
               steps=ic.steps or (32 if on_gpu else 8), batch=ic.batch or (64 if on_gpu else 16),
               slots=slots, requests=ic.requests or 3 * slots, rng=np.random.default_rng(ic.seed),
-              corpus=corpus, t0=t0)
+              corpus=corpus, trained=trained, t0=t0)
     show_arithmetic(run)
     check_full_recompute(run, params)
     del params  # from here on only the inference layout is kept

@@ -82,8 +82,8 @@ def test_decode_attention_matches_reference(T):
     B, S, H, KH, Dh = 3, 21, 4, 2, 16
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(kq, (B, T, H, Dh))
-    k = jax.random.normal(kk, (B, S, KH, Dh))
-    v = jax.random.normal(kv, (B, S, KH, Dh))
+    k = jax.random.normal(kk, (B, KH, S, Dh))       # the cache's layout: heads before positions
+    v = jax.random.normal(kv, (B, KH, S, Dh))
     lengths = jnp.array([5, S, T])
 
     @jax.jit
@@ -95,8 +95,9 @@ def test_decode_attention_matches_reference(T):
 
     got, got8, kd, vd = both(q, k, v)
     for b, n in enumerate(lengths.tolist()):
-        np.testing.assert_allclose(got[b], np_attention(q[b], k[b, :n], v[b, :n]), atol=1e-5)
-        np.testing.assert_allclose(got8[b], np_attention(q[b], kd[b, :n], vd[b, :n]), atol=1e-5)
+        kb, vb, kdb, vdb = (np.swapaxes(a[b, :, :n], 0, 1) for a in (k, v, kd, vd))
+        np.testing.assert_allclose(got[b], np_attention(q[b], kb, vb), atol=1e-5)
+        np.testing.assert_allclose(got8[b], np_attention(q[b], kdb, vdb), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["wq", "wo", "w_down"])
@@ -232,32 +233,24 @@ def test_command_line_errors_are_one_line():
     assert out.stderr.strip().count("\n") == 0 and "does not exist" in out.stderr
 
 
-def write_train_checkpoint(path, cfg, params):
-    """The format 09_train.py writes: config.json with common.Config's fields, params.npz with
-    one array per leaf named by its path."""
-    os.makedirs(path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f)
-    flat = {"/".join(k.key for k in kp): np.asarray(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(os.path.join(path, "params.npz"), **flat)
-
-
 def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
+    """Checkpoints as 09_train.py writes them, through common.save_checkpoint."""
     old, new = numpy_params(TIED, 1), numpy_params(TIED, 2)
-    write_train_checkpoint(tmp_path / "ckpt_9", TIED, old)
-    write_train_checkpoint(tmp_path / "ckpt_12", TIED, new)
-    os.makedirs(tmp_path / "ckpt_40")               # incomplete: no files, not a checkpoint
+    meta = {"model": dataclasses.asdict(TIED)}
+    for step, p in ((9, old), (12, new)):
+        common.save_checkpoint(str(tmp_path), step, {"params": p, "opt": {"count": 3}}, meta)
     path = inf.find_train_checkpoint(str(tmp_path))
-    assert path.endswith("ckpt_12")
-    models, which = inf.load_model(inf.InferConfig(ckpt_dir=str(tmp_path)), False)
-    (_, cfg, params, tok), = models
-    assert cfg == TIED and "ckpt_12" in which and tok is inf.BYTES
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, new)
+    assert path.endswith("ckpt_00000012")
+    for ic in (inf.InferConfig(ckpt_dir=str(tmp_path)), inf.InferConfig(checkpoint=str(tmp_path)),
+               inf.InferConfig(checkpoint=path)):
+        (name, cfg, params, tok), = inf.load_model(ic, False)[0]
+        assert cfg == TIED and name == "ckpt_00000012" and tok is inf.BYTES
+        jax.tree.map(np.testing.assert_array_equal, params, new)
     assert inf.find_train_checkpoint(str(tmp_path / "empty")) is None
-    np.savez(tmp_path / "ckpt_12" / "params.npz", embed=np.zeros((3, 3)))
-    with pytest.raises(common.UserError, match="params.npz"):
-        inf.load_train_checkpoint(str(tmp_path / "ckpt_12"))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"model": {"d_model": 8, "n_experts": 4}}, f)
+    with pytest.raises(common.UserError, match="no model config"):
+        inf.load_train_checkpoint(path)
 
 
 def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
