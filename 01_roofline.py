@@ -1,0 +1,562 @@
+"""Predict, then measure: the roofline model on the device at hand.
+
+    python 01_roofline.py                      # sizes chosen for the device (about a minute on CPU)
+    python 01_roofline.py --max_square=2048 --out=plots
+
+A kernel can go no faster than its two ceilings allow: it must do its FLOPs at no more than the
+peak FLOP/s, and move its bytes at no more than the memory bandwidth. Its lower bound on time is
+
+    t_roofline = max(FLOPs / peak, bytes / bandwidth)
+
+and the ratio FLOPs / bytes, the arithmetic intensity, says which term wins: below the ridge point
+(peak / bandwidth, in FLOP per byte) a kernel is memory-bound, above it compute-bound.
+
+The lesson measures both ceilings (matmul FLOP/s per dtype, copy bandwidth counting bytes read
+and written) beside the datasheet figures of common.CHIPS, then predicts and measures:
+  - axpy, y = a*x + y: 2 FLOPs per 3 words moved, intensity 1/12 in float64, 1/6 in float32;
+  - elementwise chains: A+B+C as one fused kernel against op-by-op (eager) dispatch;
+  - relu(A@B) with the relu fused into the matmul or run as a second kernel;
+  - square matmuls (intensity n/3 in bf16) and skinny ones, M = 1 .. 1024 rows against a fixed
+    weight: the batch-size sweep of decoding, memory-bound until M nears the ridge point;
+  - attention with the [T, S] score matrix written to memory and without (a fused kernel).
+For each: FLOPs, bytes, intensity, roofline time, measured time, and their ratio. A log-log
+roofline plot with one point per kernel is written as a PNG.
+
+References: Williams, Waterman & Patterson, "Roofline: an insightful visual performance model for
+multicore architectures", CACM 2009; Dao et al., "FlashAttention", 2022, section 3 (the IO
+analysis of attention); Pope et al., "Efficiently Scaling Transformer Inference", 2022, section 2
+(why decoding at small batch is bound by reading the weights).
+"""
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineConfig:
+    dtype: str = "bfloat16"   # dtype of the matmul sweeps, relu(A@B) and attention
+    max_square: int = 0       # largest square matmul n, a power of 2 >= 128; 0: 8192 (1024 on CPU)
+    weight: int = 0           # W of the skinny sweep's [M, W] @ [W, W]; 0: 8192 (1024 on CPU)
+    max_batch: int = 1024     # largest M of the skinny sweep (powers of 2 from 1)
+    vector_mib: int = 0       # MiB per elementwise operand; 0: 1024 (32 on CPU), past any cache
+    attn_seq: int = 0         # T = S of the attention rows; 0: 4096 (512 on CPU)
+    iters: int = 0            # timed runs per kernel, the median is reported; 0: 10 (5 on CPU)
+    out: str = "out"          # directory the roofline PNG is written to
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise common.UserError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        for f in ("max_square", "weight", "vector_mib", "attn_seq", "iters"):
+            if getattr(self, f) < 0:
+                raise common.UserError(f"{f} must be >= 0 (0 picks a size for the device)")
+        if self.max_square and (self.max_square < 128 or self.max_square & (self.max_square - 1)):
+            raise common.UserError(f"max_square must be a power of 2 >= 128, got {self.max_square}")
+        if self.max_batch < 1 or self.max_batch & (self.max_batch - 1):
+            raise common.UserError(f"max_batch must be a power of 2 >= 1, got {self.max_batch}")
+        if self.attn_seq and self.attn_seq % 128:
+            raise common.UserError(f"attn_seq must be a multiple of 128, got {self.attn_seq}")
+
+
+def resolve(cfg, on_cpu):
+    """Fill the 0 (automatic) fields: small on a CPU, large enough to fill an accelerator."""
+    auto = dict(max_square=1024, weight=1024, vector_mib=32, attn_seq=512, iters=5) if on_cpu \
+        else dict(max_square=8192, weight=8192, vector_mib=1024, attn_seq=4096, iters=10)
+    return dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in auto.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions: FLOPs and bytes of each kernel, written out by hand
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float   # bytes that must cross the memory bus: each input read once, each output written
+
+    @property
+    def intensity(self):
+        return self.flops / self.bytes
+
+
+def axpy_cost(n, itemsize):
+    """y = a*x + y: a multiply and an add per element; read x and y, write y."""
+    return Cost(2 * n, 3 * n * itemsize)
+
+
+def sum_cost(n, n_inputs, itemsize, fused):
+    """A + B + C + ... of `n_inputs` vectors. Fused: read each input once, write one output.
+    Eager: each of the n_inputs - 1 adds is its own kernel, reading two vectors and writing one,
+    so every intermediate makes a round trip through memory."""
+    adds = n_inputs - 1
+    words = (n_inputs + 1) * n if fused else 3 * n * adds
+    return Cost(adds * n, words * itemsize)
+
+
+def matmul_cost(M, K, N, itemsize, out_itemsize=None):
+    """[M, K] @ [K, N]: 2MKN FLOPs; read both operands, write the [M, N] result."""
+    out_itemsize = itemsize if out_itemsize is None else out_itemsize
+    return Cost(2 * M * K * N, (M * K + K * N) * itemsize + M * N * out_itemsize)
+
+
+def relu_matmul_cost(M, K, N, itemsize, fused):
+    """relu(A @ B). Fused, the relu is applied to the tile before it is stored; unfused, the
+    [M, N] product is written, read back by a second kernel and written again."""
+    c = matmul_cost(M, K, N, itemsize)
+    extra = 0 if fused else 2 * M * N * itemsize
+    return Cost(c.flops + M * N, c.bytes + extra)
+
+
+def attention_cost(B, T, S, H, D, itemsize, materialized):
+    """Non-causal attention softmax(Q K^T / sqrt(D)) V, counted as the FlashAttention papers do:
+    4*B*T*S*H*D FLOPs (two matmuls; the softmax's few FLOPs per score are left out). Every variant
+    reads Q, K, V and writes O. The materialized one also writes the float32 scores [B, H, T, S]
+    and reads them back for the softmax, then writes the probabilities in the input dtype and reads
+    them back for P @ V: 2 * (4 + itemsize) bytes per score (Dao et al. 2022, section 3.2)."""
+    qkvo = (2 * B * T * H * D + 2 * B * S * H * D) * itemsize
+    scores = B * H * T * S * 2 * (4 + itemsize) if materialized else 0
+    return Cost(4 * B * T * S * H * D, qkvo + scores)
+
+
+def roofline_time(cost, peak_flops, bandwidth):
+    """The fastest a kernel can run: its FLOPs at peak, or its bytes at full bandwidth, whichever
+    takes longer (the two overlap at best, never add up to less)."""
+    return max(cost.flops / peak_flops, cost.bytes / bandwidth)
+
+
+def ridge_point(peak_flops, bandwidth):
+    """FLOPs per byte at which the two ceilings meet: less intensity is memory-bound."""
+    return peak_flops / bandwidth
+
+
+def compute_bound_batch(K, N, itemsize, ridge):
+    """Smallest M at which [M, K] @ [K, N] reaches the ridge point. The intensity is
+    2MKN / (itemsize (MK + KN + MN)), about 2M / itemsize while M << K, N: decoding one token for
+    each of M sequences reuses each weight M times. Solving intensity = ridge for M gives
+    M = ridge * itemsize * K * N / (2KN - ridge * itemsize * (K + N)); None where even M -> inf
+    stays memory-bound (the intensity saturates at 2KN / (itemsize (K + N)))."""
+    denom = 2 * K * N - ridge * itemsize * (K + N)
+    if denom <= 0:
+        return None
+    return math.ceil(ridge * itemsize * K * N / denom)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: what is timed
+# ----------------------------------------------------------------------------------------------
+
+def axpy(a, x, y):
+    return a * x + y
+
+
+def add3(a, b, c):
+    return a + b + c
+
+
+def add3_eager(a, b, c):
+    """The same sum, op by op: outside jit each jnp op is its own compiled kernel, so a + b is
+    written to memory and read back before c is added."""
+    return jnp.add(jnp.add(a, b), c)
+
+
+def relu_matmul(a, b):
+    return jax.nn.relu(a @ b)
+
+
+_matmul = jax.jit(jnp.matmul)
+_relu = jax.jit(jax.nn.relu)
+
+
+def relu_matmul_unfused(a, b):
+    """relu(A @ B) as two compiled programs: nothing can fuse across the boundary."""
+    return _relu(_matmul(a, b))
+
+
+def attention_fused(q, k, v):
+    """cuDNN's fused attention (the FlashAttention algorithm): scores live in on-chip memory
+    only. q: [B, T, H, D]; k, v: [B, S, H, D]."""
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def attention_materialized(q, k, v):
+    """common.attention_reference: the [B, H, T, S] scores and probabilities go through memory."""
+    return common.attention_reference(q, k, v, causal=False)
+
+
+def matmul_for(dtype, precision=None):
+    """A jitted a @ b for any dtype: int8 accumulates into int32 and fp8 writes bf16, the outputs
+    the hardware's integer and fp8 matrix units produce."""
+    out = {"int8": jnp.int32, "float8_e4m3fn": jnp.bfloat16,
+           "float8_e5m2": jnp.bfloat16}.get(jnp.dtype(dtype).name)
+    return jax.jit(lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=out))
+
+
+def random_array(key, shape, dtype):
+    """Fresh random inputs, never zeros: small integers for int8, N(0, 1) rounded to the dtype for
+    floats (float64 needs jax.enable_x64 around the call)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(dtype)
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+def time_per_call(fn, arg_sets, iters, calls=1):
+    """Median seconds per call of fn, through common.bench (compile apart, warm up, median).
+    A timed run issues `calls` calls back to back (dispatch is asynchronous) and blocks on the last,
+    so a kernel of a few microseconds is not drowned by one host round trip per call; the inputs
+    rotate through arg_sets."""
+    def burst():
+        out = None
+        for i in range(calls):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        return out
+    return common.bench(burst, iters=iters, warmup=1).median_s / calls
+
+
+def calls_for(t_predicted, budget_s=2e-3, most=100):
+    """How many calls fill about `budget_s` per timed run, given the roofline time of one."""
+    return int(min(most, max(1, budget_s // max(t_predicted, 1e-9))))
+
+
+def arg_rotation(make, set_bytes, cache_bytes=64 * 2**20, most=8):
+    """Enough copies of the inputs to exceed the caches (the H100's L2 is 50 MB), up to `most`."""
+    count = min(most, max(1, math.ceil(cache_bytes / set_bytes)))
+    return [make(i) for i in range(count)]
+
+
+def measure_matmul(dtype, n, iters, precision=None):
+    """FLOP/s of one n x n x n matmul in `dtype` (float64 inside jax.enable_x64)."""
+    ka, kb = jax.random.split(jax.random.key(n))
+    with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
+        a, b = random_array(ka, (n, n), dtype), random_array(kb, (n, n), dtype)
+        t = time_per_call(matmul_for(dtype, precision), [(a, b)], iters)
+    return 2 * n**3 / t
+
+
+def measure_copy(mib, iters):
+    """Bytes/s of x * 1.0001 over `mib` MiB of float32: read once, written once, both counted."""
+    words = mib * 2**20 // 4
+    xs = [(random_array(k, (words,), jnp.float32),) for k in jax.random.split(jax.random.key(1))]
+    return 2 * 4 * words / time_per_call(jax.jit(lambda x: x * 1.0001), xs, iters)
+
+
+def xla_bytes(fn, *args):
+    """Bytes accessed as XLA's cost model counts them for the compiled fn; None if not reported."""
+    ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(ca, (list, tuple)):  # older jax: one dict per program
+        ca = ca[0] if ca else None
+    return (ca or {}).get("bytes accessed")
+
+
+@dataclasses.dataclass
+class Ceilings:
+    flops: dict            # dtype label -> measured matmul FLOP/s
+    bandwidth: float       # measured copy bytes/s
+    ds_flops: dict         # dtype label -> datasheet FLOP/s (only the dtypes the table lists)
+    ds_bandwidth: float    # datasheet HBM bytes/s, or None
+
+    def peak(self, dtype, datasheet=False):
+        """The FLOP/s a kernel in `dtype` is held to. float32 kernels meet the default-precision
+        matmul rate; where the datasheet has no figure for a dtype, the measured one stands in."""
+        key = "float32 default" if dtype == "float32" else dtype
+        if datasheet and self.ds_flops.get(key):
+            return self.ds_flops[key]
+        return self.flops[key]
+
+
+# (label, dtype, precision): float32 twice, because on recent GPUs XLA's default precision runs
+# float32 matmuls on the tensor cores as TF32 (10 mantissa bits); HIGHEST keeps full float32.
+CEILING_DTYPES = [("float64", "float64", None),
+                  ("float32 highest", "float32", jax.lax.Precision.HIGHEST),
+                  ("float32 default", "float32", None),
+                  ("bfloat16", "bfloat16", None),
+                  ("float16", "float16", None),
+                  ("float8_e4m3fn", "float8_e4m3fn", None),
+                  ("int8", "int8", None)]
+
+
+def datasheet_flops(chip):
+    if chip is None:
+        return {}
+    return {"float32 highest": chip.f32_flops, "bfloat16": chip.bf16_flops,
+            "float16": chip.bf16_flops, "float8_e4m3fn": chip.fp8_flops, "int8": chip.int8_ops}
+
+
+def measure_ceilings(cfg, on_cpu):
+    """Measured matmul FLOP/s per dtype and copy bandwidth, with the datasheet beside them."""
+    chip = common.device_chip()
+    ds = datasheet_flops(chip)
+    n = cfg.max_square
+    flops = {}
+    print(f"\nceilings: matmul n x n x n, median of {cfg.iters}; copy of {cfg.vector_mib} MiB "
+          f"float32")
+    print(f"  {'what':18s} {'n':>5s} {'measured':>14s} {'datasheet':>14s} {'meas/ds':>8s}")
+    for label, dtype, precision in CEILING_DTYPES:
+        # float64 runs at a fraction of the tensor-core rate: a smaller n keeps it quick.
+        size = n // 2 if dtype == "float64" and not on_cpu else n
+        try:
+            flops[label] = measure_matmul(dtype, size, cfg.iters, precision)
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
+            # A backend without a kernel for the dtype says so at compile time (XlaRuntimeError).
+            print(f"  {label:18s} {size:5d} {'unsupported':>14s}  ({str(e).splitlines()[0][:60]})")
+            continue
+        d = ds.get(label) or 0
+        ratio = f"{flops[label] / d:7.0%}" if d else f"{'-':>7s}"
+        ds_text = f"{d / 1e12:8.1f} TFLOP/s" if d else f"{'-':>14s}"
+        print(f"  {label:18s} {size:5d} {flops[label] / 1e12:8.2f} TFLOP/s {ds_text} {ratio:>8s}")
+    bw = measure_copy(cfg.vector_mib, cfg.iters)
+    ds_bw = chip.hbm_bw if chip else None
+    ds_text = f"{ds_bw / 1e9:11.0f} GB/s" if ds_bw else f"{'-':>14s}"
+    ratio = f"{bw / ds_bw:7.0%}" if ds_bw else f"{'-':>7s}"
+    print(f"  {'copy (read+write)':18s} {'':5s} {bw / 1e9:11.1f} GB/s {ds_text} {ratio:>8s}")
+    return Ceilings(flops, bw, {k: v for k, v in ds.items() if v}, ds_bw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiments: each returns rows (name, dtype, Cost, measured seconds)
+# ----------------------------------------------------------------------------------------------
+
+def run_axpy(cfg):
+    rows = []
+    for dtype in ("float64", "float32"):
+        itemsize = jnp.dtype(dtype).itemsize
+        n = cfg.vector_mib * 2**20 // itemsize
+        cost = axpy_cost(n, itemsize)
+        with jax.enable_x64(dtype == "float64"):  # float64 exists in jax only with x64 enabled
+            kx, ky = jax.random.split(jax.random.key(2))
+            x, y = random_array(kx, (n,), dtype), random_array(ky, (n,), dtype)
+            t = time_per_call(jax.jit(axpy), [(2.0, x, y)], cfg.iters)
+        rows.append((f"axpy n={n:,}", dtype, cost, t))
+    return rows
+
+
+def run_fusion(cfg, ceil):
+    """A+B+C and relu(A@B), fused and not: bytes predicted, counted by XLA's cost model, and
+    implied by the measured time at the measured bandwidth."""
+    rows = []
+    n = cfg.vector_mib * 2**20 // 4
+    ks = jax.random.split(jax.random.key(3), 3)
+    a, b, c = (random_array(k, (n,), jnp.float32) for k in ks)
+    fused = jax.jit(add3)
+    ok = bool(jnp.array_equal(fused(a, b, c), add3_eager(a, b, c)))  # same adds, same order
+    xla = {"A+B+C jit": xla_bytes(add3, a, b, c),
+           "A+B+C eager": 2 * (xla_bytes(jnp.add, a, b) or math.nan)}
+    rows.append(("A+B+C jit", "float32", sum_cost(n, 3, 4, True),
+                 time_per_call(fused, [(a, b, c)], cfg.iters)))
+    rows.append(("A+B+C eager", "float32", sum_cost(n, 3, 4, False),
+                 time_per_call(add3_eager, [(a, b, c)], cfg.iters)))
+
+    # relu(A @ B) with a short K: writing [M, N] costs as much as the matmul, so fusion shows.
+    M = N = cfg.weight
+    K = max(64, cfg.weight // 32)
+    dt = jnp.dtype(cfg.dtype)
+    ka, kb = jax.random.split(jax.random.key(4))
+    A, B = random_array(ka, (M, K), dt), random_array(kb, (K, N), dt)
+    relu_fused = jax.jit(relu_matmul)
+    err = float(jnp.max(jnp.abs(relu_fused(A, B).astype(jnp.float32)
+                                - relu_matmul_unfused(A, B).astype(jnp.float32))))
+    xla["relu(A@B) jit"] = xla_bytes(relu_matmul, A, B)
+    xla["relu(A@B) 2 kernels"] = ((xla_bytes(jnp.matmul, A, B) or math.nan)
+                                  + (xla_bytes(jax.nn.relu, A @ B) or math.nan))
+    for name, fn, fused_ in (("relu(A@B) jit", relu_fused, True),
+                             ("relu(A@B) 2 kernels", relu_matmul_unfused, False)):
+        cost = relu_matmul_cost(M, K, N, dt.itemsize, fused_)
+        t_roof = roofline_time(cost, ceil.peak(cfg.dtype), ceil.bandwidth)
+        rows.append((name, cfg.dtype, cost,
+                     time_per_call(fn, [(A, B)], cfg.iters, calls_for(t_roof))))
+
+    print(f"\nfusion: bytes predicted, counted by XLA's cost model, and implied by the measured "
+          f"time at {ceil.bandwidth / 1e9:.0f} GB/s\n  (A+B+C: n={n:,} float32, fused == eager "
+          f"bitwise: {ok}; relu(A@B): [{M}, {K}] @ [{K}, {N}] {cfg.dtype}, fused vs two kernels "
+          f"max |diff| {err:.1e})")
+    print(f"  {'kernel':22s} {'predicted MB':>13s} {'XLA MB':>10s} {'time x bw MB':>13s}")
+    for name, _, cost, t in rows:
+        print(f"  {name:22s} {cost.bytes / 1e6:13.1f} {(xla[name] or math.nan) / 1e6:10.1f} "
+              f"{t * ceil.bandwidth / 1e6:13.1f}")
+    return rows
+
+
+def run_square(cfg, ceil):
+    dt = jnp.dtype(cfg.dtype)
+    rows = []
+    n = 128
+    while n <= cfg.max_square:
+        cost = matmul_cost(n, n, n, dt.itemsize)
+        keys = jax.random.split(jax.random.key(n), 16)
+        sets = arg_rotation(lambda i: (random_array(keys[2 * i], (n, n), dt),
+                                       random_array(keys[2 * i + 1], (n, n), dt)), cost.bytes)
+        t_roof = roofline_time(cost, ceil.peak(cfg.dtype), ceil.bandwidth)
+        rows.append((f"matmul {n}^3", cfg.dtype, cost,
+                     time_per_call(_matmul, sets, cfg.iters, calls_for(t_roof))))
+        n *= 2
+    return rows
+
+
+def run_skinny(cfg, ceil):
+    """[M, W] @ [W, W] for M = 1, 2, 4, ...: decoding M sequences at once through one weight."""
+    dt = jnp.dtype(cfg.dtype)
+    W = cfg.weight
+    kw, kx = jax.random.split(jax.random.key(5))
+    w = random_array(kw, (W, W), dt)
+    rows = []
+    M = 1
+    while M <= cfg.max_batch:
+        cost = matmul_cost(M, W, W, dt.itemsize)
+        xs = [(random_array(k, (M, W), dt), w) for k in jax.random.split(kx, 4)]
+        t_roof = roofline_time(cost, ceil.peak(cfg.dtype), ceil.bandwidth)
+        rows.append((f"skinny M={M} W={W}", cfg.dtype, cost,
+                     time_per_call(_matmul, xs, cfg.iters, calls_for(t_roof))))
+        M *= 2
+    return rows
+
+
+def run_attention(cfg, ceil, on_gpu):
+    dt = jnp.dtype(cfg.dtype)
+    T = S = cfg.attn_seq
+    B, H, D = (2, 16, 128) if on_gpu else (1, 4, 64)
+    kq, kk, kv = jax.random.split(jax.random.key(6), 3)
+    q = random_array(kq, (B, T, H, D), dt)      # [B, T, H, D]
+    k = random_array(kk, (B, S, H, D), dt)      # [B, S, H, D]
+    v = random_array(kv, (B, S, H, D), dt)
+    shape = f"B{B} T{T} H{H} D{D}"
+    naive = jax.jit(attention_materialized)
+    rows = [(f"attn [T,S] written {shape}", cfg.dtype,
+             attention_cost(B, T, S, H, D, dt.itemsize, True),
+             time_per_call(naive, [(q, k, v)], cfg.iters))]
+    fused_cost = attention_cost(B, T, S, H, D, dt.itemsize, False)
+    if not on_gpu or dt == jnp.float32:
+        print(f"\nattention without [T, S] in memory: predicted {fused_cost.bytes / 1e6:.1f} MB "
+              f"against {rows[0][2].bytes / 1e6:.1f} MB; no fused kernel is timed here "
+              f"(cuDNN needs a GPU and 16-bit inputs; lesson 05 builds one in JAX)")
+        return rows
+    fused = jax.jit(attention_fused)
+    try:
+        out = fused(q, k, v)
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # no usable cuDNN on this GPU
+        print(f"\nattention: cuDNN's fused kernel is unavailable ({str(e).splitlines()[0][:80]})")
+        return rows
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - naive(q, k, v).astype(jnp.float32))))
+    print(f"\nattention {shape} {cfg.dtype}: cuDNN against the reference, max |diff| {err:.1e}")
+    rows.append((f"attn fused (cuDNN) {shape}", cfg.dtype, fused_cost,
+                 time_per_call(fused, [(q, k, v)], cfg.iters)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The plot
+# ----------------------------------------------------------------------------------------------
+
+def plot_roofline(points, ceil, path, title):
+    """Log-log roofline: achieved FLOP/s against intensity, one point per kernel, under the
+    bandwidth slope and one flat ceiling per measured dtype (datasheet ones dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    xs = np.logspace(-2, 4.5, 200)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for label, peak in ceil.flops.items():
+        ax.plot(xs, np.minimum(peak, ceil.bandwidth * xs), lw=1, label=f"{label} (measured)")
+    for label in ("bfloat16", "float8_e4m3fn"):
+        if ceil.ds_bandwidth and ceil.ds_flops.get(label):
+            ax.plot(xs, np.minimum(ceil.ds_flops[label], ceil.ds_bandwidth * xs), "k--", lw=0.8,
+                    label=f"{label} (datasheet)")
+    families = {}
+    for name, intensity, achieved in points:
+        families.setdefault(name.split()[0], []).append((intensity, achieved))
+    for (family, pts), marker in zip(families.items(), "osD^vPX*"):
+        x, y = zip(*pts)
+        ax.scatter(x, y, s=22, marker=marker, color="k" if marker == "o" else None, zorder=3,
+                   label=family)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("achieved FLOP/s")
+    ax.set_title(title)
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main():
+    cfg = common.parse_flags(RooflineConfig())
+    dev = jax.devices()[0]
+    on_cpu = dev.platform == "cpu"
+    cfg = resolve(cfg, on_cpu)
+    chip = common.device_chip()
+    print(f"device: {dev.device_kind} ({dev.platform}); datasheet: "
+          f"{f'{chip.name} ({chip.source})' if chip else 'none in common.CHIPS, measured only'}")
+    print(f"resolved: max_square={cfg.max_square} weight={cfg.weight} max_batch={cfg.max_batch} "
+          f"vector_mib={cfg.vector_mib} attn_seq={cfg.attn_seq} iters={cfg.iters}")
+
+    ceil = measure_ceilings(cfg, on_cpu)
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    print(f"\nridge point ({cfg.dtype} peak / copy bandwidth): "
+          f"{ridge_point(ceil.peak(cfg.dtype), ceil.bandwidth):.0f} FLOP/B measured", end="")
+    if ceil.ds_bandwidth and cfg.dtype in ceil.ds_flops:
+        print(f", {ridge_point(ceil.ds_flops[cfg.dtype], ceil.ds_bandwidth):.0f} FLOP/B datasheet",
+              end="")
+    print()
+    W = cfg.weight
+    for basis, datasheet in (("measured", False), ("datasheet", True)):
+        if datasheet and not (ceil.ds_bandwidth and cfg.dtype in ceil.ds_flops):
+            continue
+        bw = ceil.ds_bandwidth if datasheet else ceil.bandwidth
+        m_star = compute_bound_batch(W, W, itemsize,
+                                     ridge_point(ceil.peak(cfg.dtype, datasheet), bw))
+        print(f"  [M, {W}] @ [{W}, {W}] {cfg.dtype} turns compute-bound at M = "
+              f"{m_star if m_star else 'never (W too small)'} ({basis} ceilings; intensity is "
+              f"about 2M/{itemsize} FLOP/B while M << {W})")
+
+    rows = run_axpy(cfg) + run_fusion(cfg, ceil)
+    rows += run_square(cfg, ceil)
+    skinny = run_skinny(cfg, ceil)
+    times = [t for *_, t in skinny]  # M = 1, 2, 4, ...
+    flat = max(2**i for i, t in enumerate(times) if t <= 1.2 * times[0])
+    print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
+          f"up to M = {flat}:\n  below the ridge, reading the {W}x{W} weight is the cost, not the "
+          f"FLOPs")
+    rows += skinny
+    rows += run_attention(cfg, ceil, dev.platform == "gpu")
+
+    points = [(name, c.intensity, c.flops / t) for name, _, c, t in rows]
+    path = plot_roofline(points, ceil, os.path.join(cfg.out, "roofline.png"),
+                         f"roofline: {dev.device_kind}")
+    print(f"\nroofline plot: {path}")
+
+    has_ds = ceil.ds_bandwidth is not None
+    print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
+          f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype)"
+          + ("; ds%: the same against the datasheet" if has_ds else ""))
+    print(f"{'kernel':34s} {'dtype':8s} {'GFLOP':>9s} {'MB':>9s} {'FLOP/B':>8s} {'bound':>7s} "
+          f"{'roof us':>9s} {'meas us':>10s} {'roof%':>6s} {'TFLOP/s':>8s} {'GB/s':>7s}"
+          + (f" {'ds%':>5s}" if has_ds else ""))
+    for name, dtype, c, t in rows:
+        peak = ceil.peak(dtype)
+        t_roof = roofline_time(c, peak, ceil.bandwidth)
+        bound = "memory" if c.intensity < ridge_point(peak, ceil.bandwidth) else "compute"
+        line = (f"{name:34s} {dtype[:8]:8s} {c.flops / 1e9:9.3f} {c.bytes / 1e6:9.1f} "
+                f"{c.intensity:8.3f} {bound:>7s} {t_roof * 1e6:9.1f} {t * 1e6:10.1f} "
+                f"{t_roof / t:6.0%} {c.flops / t / 1e12:8.2f} {c.bytes / t / 1e9:7.0f}")
+        if has_ds:
+            t_ds = roofline_time(c, ceil.peak(dtype, datasheet=True), ceil.ds_bandwidth)
+            line += f" {t_ds / t:5.0%}"
+        print(line)
+
+
+if __name__ == "__main__":
+    common.run(main)

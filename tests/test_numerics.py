@@ -1,0 +1,245 @@
+"""07_numerics: summation against exact references (math.fsum, ml_dtypes arithmetic in numpy),
+the error ordering of the three sums, quantization round trips within their bounds, and the
+rounding rule behind the pure-bf16 stall."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import common
+
+nm = common.import_script("07_numerics")
+
+
+SUMS = {m: jax.jit(f, static_argnums=1) for m, f in nm.SUMS.items()}  # compiled once per shape
+
+
+def uniform(n, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(0.0, 1.0, n), jnp.float32)
+
+
+# ---- summation -------------------------------------------------------------------------------
+
+def numpy_sequential(x, dtype):
+    """Reference: a Python loop in ml_dtypes scalars, each add rounded to `dtype`."""
+    t = np.dtype(dtype).type
+    s = t(0)
+    for xi in np.asarray(x).astype(dtype):
+        s = t(s + xi)
+    return float(s)
+
+
+def numpy_kahan(x, dtype):
+    t = np.dtype(dtype).type
+    s = c = t(0)
+    for xi in np.asarray(x).astype(dtype):
+        y = t(xi - c)
+        u = t(s + y)
+        c = t(t(u - s) - y)
+        s = u
+    return float(s)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float8_e5m2])
+def test_sequential_and_kahan_round_every_add(dtype):
+    """Bit-for-bit the same as the scalar loop: no add kept excess precision."""
+    x = uniform(300, seed=1)
+    assert float(SUMS["sequential"](x, dtype)) == numpy_sequential(x, dtype)
+    assert float(SUMS["kahan"](x, dtype)) == numpy_kahan(x, dtype)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+def test_float32_sums_match_fsum(n):
+    x = uniform(n, seed=2)
+    ref = nm.exact_sum(x, jnp.float32)
+    for name, fn in SUMS.items():
+        assert float(fn(x, jnp.float32)) == pytest.approx(ref, rel=1e-5), name
+    # Kahan is within two float32 roundings
+    assert abs(float(SUMS["kahan"](x, jnp.float32)) - ref) <= 2 * 2**-24 * ref
+
+
+def test_pairwise_pads_non_power_of_two():
+    x = jnp.arange(1, 12, dtype=jnp.float32)  # 11 elements, sum 66, exact in any order
+    assert float(SUMS["pairwise"](x, jnp.float32)) == 66.0
+    assert float(SUMS["pairwise"](x, jnp.bfloat16)) == 66.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_error_ordering(seed):
+    """sequential > pairwise >= Kahan for bf16 accumulators (Higham 1993)."""
+    x = uniform(2048, seed)
+    ref = nm.exact_sum(x, jnp.bfloat16)
+    got = {m: float(SUMS[m](x, jnp.bfloat16)) for m in ("sequential", "pairwise", "kahan")}
+    err = {m: nm.relative_error(v, ref) for m, v in got.items()}
+    assert err["sequential"] > err["pairwise"] >= err["kahan"]
+    # the sequential sum stalls: from 256 on the bf16 half-ulp (1) exceeds every addend
+    assert got["sequential"] <= 512
+    # and Kahan's error is the final rounding's: within one bf16 ulp of the exact sum
+    assert err["kahan"] <= 2 * nm.unit_roundoff(jnp.bfloat16)
+
+
+def test_overflow_is_reported_as_inf():
+    x = jnp.full((64,), 100.0, jnp.float32)  # sum 6400 > 448, the largest float8_e4m3fn
+    assert nm.relative_error(SUMS["pairwise"](x, jnp.float8_e4m3fn), 6400.0) == math.inf
+
+
+def test_unit_roundoff():
+    assert nm.unit_roundoff(jnp.float32) == 2.0**-24
+    assert nm.unit_roundoff(jnp.bfloat16) == 2.0**-8
+    assert nm.unit_roundoff(jnp.float8_e4m3fn) == 2.0**-4
+
+
+def test_fixed_point_sum_is_order_independent_and_accurate():
+    x = uniform(1000, seed=3)
+    rng = np.random.default_rng(0)
+    sums = {float(nm.fixed_point_sum(x[rng.permutation(1000)], 20)) for _ in range(5)}
+    assert len(sums) == 1
+    assert sums.pop() == pytest.approx(nm.exact_sum(x, jnp.float32), abs=1000 * 2.0**-21)
+
+
+# ---- quantization ----------------------------------------------------------------------------
+
+def data(shape, seed=0, outliers=True):
+    rng = np.random.default_rng(seed)
+    if outliers:
+        return jnp.asarray(nm.activation_like(rng, *shape, 0.05, 30.0))
+    return jnp.asarray(nm.weight_like(rng, *shape))
+
+
+@pytest.mark.parametrize("axis, block", [(None, None), (0, None), (1, None), (1, 16), (0, 8)])
+def test_int8_round_trip_within_half_a_scale(axis, block):
+    x = data((24, 48))
+    q, scale = nm.quantize(x, "int8", axis, block)
+    assert q.dtype == jnp.int8 and q.shape == x.shape
+    assert int(jnp.max(jnp.abs(q.astype(jnp.int32)))) == 127  # absmax lands on the largest code
+    err = jnp.abs(nm.dequantize(q, scale, axis, block) - x)
+    bound, _ = nm._grouped(jnp.ones_like(x), axis, block)
+    bound = (bound * scale / 2).reshape(x.shape)            # each element's own scale / 2
+    assert bool(jnp.all(err <= bound * (1 + 1e-6) + 1e-12))
+
+
+@pytest.mark.parametrize("fmt, rel", [("e4m3", 2.0**-4), ("e5m2", 2.0**-3)])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fp8_round_trip_within_half_an_ulp(fmt, rel, axis):
+    x = data((32, 64), seed=1)
+    q, scale = nm.quantize(x, fmt, axis)
+    dtype, qmax = nm.FORMATS[fmt]
+    assert q.dtype == dtype
+    assert float(jnp.max(jnp.abs(q.astype(jnp.float32)))) == qmax
+    err = jnp.abs(nm.dequantize(q, scale, axis) - x)
+    tiny = float(jnp.finfo(dtype).smallest_subnormal) / 2    # below the normals: absolute error
+    bound = jnp.maximum(rel * jnp.abs(x), tiny * jnp.broadcast_to(scale, x.shape))
+    assert bool(jnp.all(err <= bound * (1 + 1e-6)))
+
+
+def test_finer_scales_give_smaller_errors_on_outlier_data():
+    x = data((64, 256), seed=2)
+    errs = [nm.rms_error(nm.round_trip(x, s, 1, 32), x)
+            for s in ("int8 per tensor", "int8 per channel", "int8 per block")]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_quantize_rejects_a_block_that_does_not_divide():
+    with pytest.raises(common.UserError):
+        nm.quantize(jnp.ones((4, 10)), "int8", axis=1, block=4)
+
+
+def test_int8_matmul_equals_exact_integer_product():
+    x, w = data((8, 64), seed=3), data((64, 16), seed=4, outliers=False)
+    qx, sx = nm.quantize(x, "int8", axis=1)
+    qw, sw = nm.quantize(w, "int8", axis=0)
+    exact = (np.asarray(qx, np.int64) @ np.asarray(qw, np.int64)) * np.asarray(sx) * np.asarray(sw)
+    np.testing.assert_allclose(np.asarray(nm.int8_matmul(x, w)), exact, rtol=1e-6)
+    # and it approximates the float product to int8 accuracy
+    assert nm.rms_error(nm.int8_matmul(x, w), np.asarray(x) @ np.asarray(w)) < 0.05
+
+
+@pytest.mark.parametrize("scheme", list(nm.SCHEMES))
+def test_scheme_matmuls_approximate_the_float64_product(scheme):
+    x, w = data((16, 64), seed=5), data((64, 32), seed=6, outliers=False)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    err = nm.rms_error(nm.scheme_matmul(x, w, scheme, 16), ref)
+    limit = {"bf16 (cast)": 1e-2, "e5m2 per tensor": 0.15}.get(scheme, 0.1)
+    assert err < limit
+
+
+# ---- mixed precision -------------------------------------------------------------------------
+
+def test_half_gap_of_bf16():
+    p = jnp.array([1.0, 1.0, 0.02, -3.0], jnp.float32)
+    u = jnp.array([-1e-9, 1e-9, 1e-9, 1e-9], jnp.float32)  # up from 1, down from 1, ...
+    g = np.asarray(nm.half_gap(p, u))
+    assert g[0] == 2.0**-8            # above 1.0 the bf16 spacing is 2^-7
+    assert g[1] == 2.0**-9            # below 1.0 it is 2^-8
+    assert g[2] == 2.0**-14           # 0.02 lies in [2^-6, 2^-5): spacing 2^-13
+    assert g[3] == 2.0**-7            # -3 moves toward -inf by p - u: spacing 2^-6
+
+
+def test_updates_below_half_gap_are_lost_in_bf16():
+    """The rule the training printout relies on: round(p - u) == p exactly when |u| < half_gap."""
+    rng = np.random.default_rng(0)
+    p = jnp.asarray(rng.normal(0, 0.05, 20000).astype(ml_dtypes.bfloat16))
+    u = rng.normal(0, 1, 20000) * 10.0 ** rng.uniform(-7, -2, 20000)  # from tiny to large
+    u = jnp.asarray(u, jnp.float32)
+    lost = np.asarray(nm.apply_update(p, u) == p)
+    pred = np.asarray(jnp.abs(u) < nm.half_gap(p, u))
+    tie = np.asarray(jnp.abs(u) == nm.half_gap(p, u))
+    assert 0.1 < pred.mean() < 0.9       # both outcomes occur
+    np.testing.assert_array_equal(lost[~tie], pred[~tie])
+    # in float32 storage the same updates survive
+    assert not np.asarray(nm.apply_update(p.astype(jnp.float32), u) == p.astype(jnp.float32))[
+        np.asarray(jnp.abs(u) > 1e-6)].any()
+
+
+def test_pure_bf16_loses_the_updates_master_weights_keep():
+    """One optimizer step from the same weights and gradients, stored in bf16 and in float32."""
+    cfg = nm.NumericsConfig(steps=100, lr=1e-3)
+    model = common.Config.preset("tiny")
+    rng = np.random.default_rng(1)
+
+    def init(spec):  # common.init_params' distribution, drawn by numpy (nothing to compile)
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, jnp.float32)
+        return jnp.asarray(spec.scale * rng.standard_normal(spec.shape), jnp.float32)
+
+    master = jax.tree.map(init, common.param_specs(model),
+                          is_leaf=lambda x: isinstance(x, common.ParamSpec))
+    grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.standard_normal(p.shape), jnp.float32),
+                         master)
+    out = {}
+    for mode in ("bf16 pure", "bf16 + f32 master"):
+        param_dtype, dtype = nm.MODES[mode]
+        m_cfg = dataclasses.replace(model, param_dtype=param_dtype, dtype=dtype)
+        params = jax.tree.map(lambda p: p.astype(param_dtype), master)
+        g = jax.tree.map(lambda x: x.astype(dtype), grads)  # gradients of the bf16 copy
+        new, compute, _, stats = nm.make_update_fn(m_cfg, cfg)(params, nm.opt_init(params), g)
+        assert all(c.dtype == jnp.bfloat16 for c in jax.tree.leaves(compute))
+        out[mode] = (params, new, stats)
+    _, _, pure = out["bf16 pure"]
+    old, new, kept = out["bf16 + f32 master"]
+    # AdamW's first step moves every weight by about lr_0 = 1e-4 (warmup's first tenth of 1e-3):
+    # more than half a bf16 ulp at |w| < 2^-5, less above, and far less than at the norm gains (1.0)
+    assert float(pure["lost"]) > 0.05
+    assert float(pure["lost"]) == pytest.approx(float(pure["below_half_ulp"]), abs=1e-3)
+    assert float(kept["below_half_ulp"]) == pytest.approx(float(pure["below_half_ulp"]), abs=1e-2)
+    assert float(kept["lost"]) == 0.0
+    # the float32 master moved by the whole step: on the first one Adam's m_hat / sqrt(v_hat) is
+    # sign(g), so |delta| = lr_0 * |sign(g) + wd * w|, within 2% of lr_0 for |w| < 0.2 (where |g|
+    # is not so small that Adam's epsilon, 1e-8, counts)
+    delta = np.asarray(old["lm_head"]) - np.asarray(new["lm_head"])
+    big = np.abs(np.asarray(grads["lm_head"].astype(jnp.bfloat16), np.float32)) > 1e-6
+    np.testing.assert_allclose(np.abs(delta)[big], float(pure["lr"]), rtol=2e-2)
+    assert big.mean() > 0.99
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(common.UserError):
+        nm.NumericsConfig(optimizer="lion")
+    with pytest.raises(common.UserError):
+        nm.NumericsConfig(dim=100, block=64)
+    with pytest.raises(common.UserError):
+        nm.NumericsConfig(n=0)

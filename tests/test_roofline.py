@@ -1,0 +1,147 @@
+"""01_roofline: the predicted FLOPs and bytes against exact formulas and XLA's own count, the
+roofline arithmetic, and the kernels against their references."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+
+rl = common.import_script("01_roofline")
+
+
+def randn(shape, seed):
+    """Inputs drawn by numpy: nothing for jax to compile."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype, intensity", [("float64", 1 / 12), ("float32", 1 / 6),
+                                              ("bfloat16", 1 / 3)])
+def test_axpy_intensity(dtype, intensity):
+    n = 1000
+    c = rl.axpy_cost(n, jnp.dtype(dtype).itemsize)
+    assert c.flops == 2 * n
+    assert c.bytes == 3 * n * jnp.dtype(dtype).itemsize
+    assert c.intensity == pytest.approx(intensity, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [128, 1024, 8192])
+def test_square_matmul_intensity_is_n_over_3_in_bf16(n):
+    c = rl.matmul_cost(n, n, n, 2)
+    assert c.flops == 2 * n**3
+    assert c.bytes == 3 * n * n * 2
+    assert c.intensity == pytest.approx(n / 3, rel=1e-12)
+
+
+def test_matmul_cost_counts_a_wider_output():
+    c = rl.matmul_cost(4, 8, 16, 1, out_itemsize=4)  # int8 in, int32 out
+    assert c.bytes == 4 * 8 + 8 * 16 + 4 * 4 * 16
+
+
+def test_sum_bytes_fused_and_eager():
+    n = 1 << 20
+    assert rl.sum_cost(n, 3, 4, fused=True).bytes == 16 * n     # read A, B, C; write the sum
+    assert rl.sum_cost(n, 3, 4, fused=False).bytes == 24 * n    # two adds, 3 words each
+    assert rl.sum_cost(n, 3, 4, fused=True).flops == 2 * n
+
+
+def test_xla_counts_the_bytes_we_predict():
+    """XLA's cost model for the fused A+B+C and for one add agrees with the hand count."""
+    n = 4096
+    a = jnp.ones(n, jnp.float32)
+    assert rl.xla_bytes(rl.add3, a, a, a) == rl.sum_cost(n, 3, 4, fused=True).bytes
+    assert 2 * rl.xla_bytes(jnp.add, a, a) == rl.sum_cost(n, 3, 4, fused=False).bytes
+
+
+def test_relu_matmul_cost_unfused_adds_two_passes_over_the_output():
+    M, K, N = 64, 32, 48
+    fused = rl.relu_matmul_cost(M, K, N, 2, fused=True)
+    unfused = rl.relu_matmul_cost(M, K, N, 2, fused=False)
+    assert fused.bytes == (M * K + K * N + M * N) * 2
+    assert unfused.bytes - fused.bytes == 2 * M * N * 2
+    assert fused.flops == unfused.flops == 2 * M * K * N + M * N
+
+
+def test_attention_cost():
+    B, T, S, H, D = 2, 256, 384, 4, 64
+    fused = rl.attention_cost(B, T, S, H, D, 2, materialized=False)
+    full = rl.attention_cost(B, T, S, H, D, 2, materialized=True)
+    assert fused.flops == full.flops == 4 * B * T * S * H * D
+    assert fused.bytes == 2 * (2 * B * T * H * D + 2 * B * S * H * D)
+    assert full.bytes - fused.bytes == B * H * T * S * (4 + 4 + 2 + 2)
+
+
+def test_roofline_time_picks_the_binding_ceiling():
+    peak, bw = 100.0, 10.0                                   # ridge at 10 FLOP/B
+    assert rl.ridge_point(peak, bw) == 10.0
+    assert rl.roofline_time(rl.Cost(100.0, 100.0), peak, bw) == 10.0    # intensity 1: memory
+    assert rl.roofline_time(rl.Cost(10000.0, 100.0), peak, bw) == 100.0  # intensity 100: compute
+
+
+@pytest.mark.parametrize("K, N, itemsize, ridge", [(8192, 8192, 2, 295.0), (4096, 14336, 2, 250.0),
+                                                   (1024, 1024, 4, 30.0)])
+def test_compute_bound_batch_is_where_intensity_crosses_the_ridge(K, N, itemsize, ridge):
+    M = rl.compute_bound_batch(K, N, itemsize, ridge)
+    assert rl.matmul_cost(M, K, N, itemsize).intensity >= ridge
+    assert rl.matmul_cost(M - 1, K, N, itemsize).intensity < ridge
+    assert M >= ridge * itemsize / 2  # intensity is below 2M/itemsize, so M cannot be smaller
+
+
+def test_compute_bound_batch_none_when_the_weight_is_too_small():
+    # a [M, 64] @ [64, 64] bf16 matmul saturates at intensity 2*64*64 / (2 * 128) = 32 FLOP/B
+    assert rl.compute_bound_batch(64, 64, 2, 40.0) is None
+    assert rl.compute_bound_batch(64, 64, 2, 20.0) is not None
+
+
+def test_fused_and_unfused_kernels_agree():
+    a, b, c = (randn((1000,), seed) for seed in range(3))
+    np.testing.assert_array_equal(jax.jit(rl.add3)(a, b, c), rl.add3_eager(a, b, c))
+    A, B = randn((33, 17), 3), randn((17, 40), 4)
+    np.testing.assert_allclose(jax.jit(rl.relu_matmul)(A, B), rl.relu_matmul_unfused(A, B),
+                               rtol=1e-6, atol=1e-6)
+    ref = np.maximum(np.asarray(A, np.float64) @ np.asarray(B, np.float64), 0)
+    np.testing.assert_allclose(rl.relu_matmul_unfused(A, B), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_axpy_float64_keeps_float64():
+    with jax.enable_x64(True):
+        x = jnp.arange(4, dtype=jnp.float64) / 3
+        y = jax.jit(rl.axpy)(2.0, x, x)
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(y), 3 * np.arange(4) / 3, rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype, out", [("int8", jnp.int32), ("float8_e4m3fn", jnp.bfloat16),
+                                        ("bfloat16", jnp.bfloat16)])
+def test_matmul_for_low_precision_matches_exact_products(dtype, out):
+    scale = 20.0 if dtype == "int8" else 1.0  # int8: integers up to about +-60
+    a = (scale * randn((16, 32), 5)).round(0 if dtype == "int8" else 8).astype(dtype)
+    b = (scale * randn((32, 8), 6)).round(0 if dtype == "int8" else 8).astype(dtype)
+    got = rl.matmul_for(dtype)(a, b)
+    assert got.dtype == out
+    ref = (np.asarray(a.astype(jnp.float32), np.float64)
+           @ np.asarray(b.astype(jnp.float32), np.float64))
+    tol = 0 if dtype == "int8" else 2.0**-7 * np.abs(ref).max()  # one bf16 rounding of the output
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32), np.float64), ref, atol=tol)
+
+
+def test_attention_materialized_matches_numpy():
+    B, T, H, D = 1, 16, 2, 8
+    q, k, v = (randn((B, T, H, D), seed) for seed in range(3))
+    s = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64), np.asarray(k, np.float64))
+    p = np.exp(s / math.sqrt(D) - (s / math.sqrt(D)).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bhts,bshd->bthd", p, np.asarray(v, np.float64))
+    np.testing.assert_allclose(rl.attention_materialized(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_config_rejects_bad_sizes():
+    with pytest.raises(common.UserError):
+        rl.RooflineConfig(max_square=1000)
+    with pytest.raises(common.UserError):
+        rl.RooflineConfig(max_batch=3)
+    with pytest.raises(common.UserError):
+        rl.RooflineConfig(dtype="int4")
+    assert rl.resolve(rl.RooflineConfig(), on_cpu=True).max_square == 1024
