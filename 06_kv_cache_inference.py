@@ -1,12 +1,14 @@
 """Inference: a KV cache, batching, continuous batching, int8 and speculative decoding, each
 measured against the memory-bandwidth bound that rules decode.
 
-    python 06_kv_cache_inference.py                      # CPU: the newest 09_train.py checkpoint,
-                                                         # else a random `small` model
-    python 06_kv_cache_inference.py --checkpoint=DIR     # a Hugging Face Llama (or 09) checkpoint
+    python 06_kv_cache_inference.py                     # on a GPU: the benchmark, Llama-3-8B
+                                                        # then Llama-3.2-1B shapes (speeds only),
+                                                        # random bf16 weights
+    python 06_kv_cache_inference.py                     # on a CPU: the newest checkpoint of
+                                                        # 09_train.py under out/, else `small`
+    python 06_kv_cache_inference.py --checkpoint=DIR    # a Hugging Face Llama directory (with
+                                                        # its tokenizer.json), or 09's out_dir
     python 06_kv_cache_inference.py --prompt="def " --temperature=0.8 --top_p=0.95
-    python 06_kv_cache_inference.py                      # GPU: the benchmark, Llama-3-8B and
-                                                         # Llama-3.2-1B shapes, random bf16 weights
 
 What the lesson shows, in the order main() prints it:
   1. The arithmetic. A decode step makes one token per sequence, so it multiplies each weight
@@ -31,9 +33,10 @@ What the lesson shows, in the order main() prints it:
      are printed per request and in aggregate for both, on the same request stream.
   5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
      Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
-     cache with one scale per token and head (a simple form of KIVI, Liu et al. 2024, and
-     KVQuant, Hooper et al. 2024) halves the cache. Their cost is measured as logit error and
-     greedy agreement with the unquantized model, teacher-forced on the same tokens.
+     cache with one scale per token and head, the simplest scheme (KIVI, Liu et al. 2024, and
+     KVQuant, Hooper et al. 2024, find keys quantize better per channel), halves the cache.
+     Their cost is measured as logit error and greedy agreement with the unquantized model,
+     teacher-forced on the same tokens.
   6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
      gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
@@ -47,7 +50,6 @@ forward_cached / generate / the serving loops; its int8 matmul would replace `li
 import collections
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
@@ -103,20 +105,28 @@ class InferConfig:
 # ----------------------------------------------------------------------------------------------
 
 # The contracted (input) axes of each matrix; a scale is kept per remaining (output) channel.
-CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,),
-              "w_down": (0,)}
+CONTRACTED = {"wqkv": (0,), "wo": (0, 1), "w_gate_up": (0,), "w_down": (0,)}
 
 
 def inference_params(params, cfg):
-    """common's params -> the layout the decode step reads: `layers` a list of per-layer dicts,
-    so each weight is its own buffer that a step reads once (slicing a stacked [L, ...] array
-    inside the step would copy it), and `head` the output matrix as [V, D] (the embedding table
-    itself when tied). Params already in this layout pass through."""
+    """common's params -> the layout the decode step reads. `layers` is a list of per-layer
+    dicts, so that each weight is its own buffer, read once per step (slicing a stacked [L, ...]
+    array inside the step would copy it). The q, k and v projections are one matrix wqkv
+    [D, H + 2 KH, Dh] and the gate and up projections one w_gate_up [D, 2, F], as gpt-fast's
+    wqkv and vLLM's merged linears: at batch 1 a matmul is a stream of its weight, and fewer,
+    longer streams lose less to kernel launches and ramp-up. `head` is the output matrix as
+    [V, D] (the embedding table itself when tied). Params already in this layout pass through."""
     if "head" in params:
         return params
-    layers = params["layers"]
+
+    def layer(i):
+        p = jax.tree.map(lambda w: w[i], params["layers"])
+        return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], "wo": p["wo"],
+                "wqkv": jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1),
+                "w_gate_up": jnp.stack([p["w_gate"], p["w_up"]], axis=1), "w_down": p["w_down"]}
+
     return {"embed": params["embed"], "final_norm": params["final_norm"],
-            "layers": [jax.tree.map(lambda w: w[i], layers) for i in range(cfg.n_layers)],
+            "layers": [layer(i) for i in range(cfg.n_layers)],
             "head": params["embed"] if cfg.tie_embeddings else params["lm_head"].T}
 
 
@@ -275,18 +285,17 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
 
 def _qkv(x, p, cos, sin, cfg):
     h = common.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = common.apply_rope(linear("btd,dhk->bthk", h, p["wq"]), cos, sin)  # [B, T, H, Dh]
-    k = common.apply_rope(linear("btd,dhk->bthk", h, p["wk"]), cos, sin)  # [B, T, KH, Dh]
-    v = linear("btd,dhk->bthk", h, p["wv"])
-    return q, k, v
+    qkv = linear("btd,dhk->bthk", h, p["wqkv"])                  # [B, T, H + 2 KH, Dh]
+    q, k, v = jnp.split(qkv, [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
+    return common.apply_rope(q, cos, sin), common.apply_rope(k, cos, sin), v
 
 
 def _out_and_mlp(x, o, p, cfg):
     x = x + linear("bthk,hkd->btd", o, p["wo"])
     with jax.named_scope("mlp"):
         h = common.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-        g = jax.nn.silu(linear("btd,df->btf", h, p["w_gate"]))
-        return x + linear("btf,fd->btd", g * linear("btd,df->btf", h, p["w_up"]), p["w_down"])
+        gu = linear("btd,dgf->btgf", h, p["w_gate_up"])           # [B, T, 2, F]
+        return x + linear("btf,fd->btd", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], p["w_down"])
 
 
 def _logits(params, x, cfg):  # x [B, T, D] -> [B, T, V] float32
@@ -914,6 +923,8 @@ class Run:
     ref_tokens: list = None   # the greedy answer to `prompt`
     t_step: float = 0.0       # seconds per decode step at batch 1
     t_prefill: float = 0.0
+    t_no_cache: float = 0.0   # seconds per token by full recompute over no_cache_len positions
+    no_cache_len: int = 0
 
     def section(self, title):
         print(f"\n-- {title}  [{time.perf_counter() - self.t0:.0f} s]")
@@ -964,23 +975,33 @@ def show_arithmetic(run):
 
 
 def check_full_recompute(run, params):
-    """Cached greedy decoding against the argmax of common.forward run on the whole sequence:
-    equal at every position means full-recompute greedy decoding gives the same tokens."""
-    cfg, P = run.cfg, run.P
-    n = min(16, run.G)
-    prompts = run.prompts([P, max(P // 3, 1)])
+    """Cached greedy decoding of a ragged batch against the argmax of common.forward over each
+    whole sequence: equal at every position means full-recompute greedy decoding gives the same
+    tokens. The batch has the request stream's shapes, so its compiled steps serve both. Also
+    times a step without a cache: a forward over the whole sequence for each new token."""
+    cfg, n = run.cfg, min(16, run.G)
+    lo, hi = max(run.P // 16, 1), max(run.P // 2, 1)
+    lengths = [hi, lo] + [int(x) for x in run.rng.integers(lo, hi + 1, max(run.slots - 2, 0))]
+    prompts = run.prompts(lengths)
     got, got_logits = generate(run.params, cfg, prompts, n, cache_len=run.S, return_logits=True)
     full = jax.jit(lambda p, t: common.forward(p, t, cfg))
+    L = bucket(hi + n)
     agree, err = 0, 0.0
-    for p, toks, lg in zip(prompts, got, got_logits):
+    for p, toks, lg in list(zip(prompts, got, got_logits))[:2]:  # the longest and the shortest
         seq = p + toks[:-1]
-        ref = np.asarray(full(params, pad_prompts([seq], bucket(P + n))))[0, len(p) - 1:len(seq)]
+        ref = np.asarray(full(params, pad_prompts([seq], L)))[0, len(p) - 1:len(seq)]
         agree += int(np.sum(ref.argmax(-1) == np.array(toks)))
         err = max(err, float(np.max(np.abs(ref - lg)) / np.std(ref)))
-    run.section(f"cached greedy vs full recompute (common.forward), prompts of {P} and "
-                f"{len(prompts[1])} tokens in one batch")
-    print(f"{agree}/{2 * n} tokens agree; max |logit difference| {err:.1e} x std(logits) "
-          f"({cfg.dtype} rounding: the same math in another order)")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        full(params, pad_prompts([seq], L)).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    run.t_no_cache, run.no_cache_len = float(np.median(times)), L
+    run.section(f"cached greedy vs full recompute (common.forward): a batch of {len(prompts)} "
+                f"prompts of {lo}..{hi} tokens")
+    print(f"the longest and the shortest: {agree}/{2 * n} tokens agree; max |logit difference| "
+          f"{err:.1e} x std(logits) ({cfg.dtype} rounding: the same math in another order)")
 
 
 def measure_batch_1(run):
@@ -1009,6 +1030,12 @@ def measure_batch_1(run):
           f"{c_step:.1f} s), reading {_si(step_bytes, 'B')} per step = {_si(achieved, 'B/s')} = "
           f"{100 * achieved / run.bw:.0f}% of the copy bandwidth; bound {run.bw / step_bytes:.1f} "
           f"tok/s")
+    if run.t_no_cache:
+        print(f"without a cache, a token costs a forward over the whole sequence: "
+              f"{run.t_no_cache * 1e3:.2f} ms at {run.no_cache_len} tokens = "
+              f"{run.t_no_cache / run.t_step:.1f}x the cached step, and growing with the length")
+        run.row(f"no-cache step, {run.no_cache_len} tok", f"{run.t_no_cache * 1e3:.2f} ms",
+                f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower")
     t0 = time.perf_counter()
     run.ref_tokens = generate(ip, cfg, [run.prompt], G, cache_len=S)[0]
     t_e2e = time.perf_counter() - t0
@@ -1024,26 +1051,24 @@ def measure_batch_1(run):
             f"{100 * pred / t_e2e:.0f}% of model")
 
 
-def measure_int8(run):
+def measure_int8(run, quality=True):
     """int8 weights and int8 KV: logit error and greedy agreement, teacher-forced on the
-    unquantized model's greedy answer; then int8 weights' decode speed."""
+    unquantized model's greedy answer (when `quality`); then int8 weights' decode speed."""
     cfg, ip, P, S = run.cfg, run.params, run.P, run.S
     qp = quantize_params(ip, cfg)
-    ref = teacher_forced_logits(ip, cfg, run.prompt, run.ref_tokens[:-1], S)
-    run.section(f"int8, teacher-forced on the {cfg.dtype} model's {len(ref)} greedy tokens" +
-                ("" if run.trained else " (random weights: a trained checkpoint says more)"))
-    quality = []
-    for what, p, kv8 in (("int8 weights", qp, False), ("int8 KV cache", ip, True)):
+    run.section(f"int8 weights, one scale per output channel" + (
+        f"; quality teacher-forced on the {cfg.dtype} model's {run.G} greedy tokens" +
+        ("" if run.trained else " (random weights: a trained checkpoint says more)")
+        if quality else ""))
+    errors = []
+    ref = teacher_forced_logits(ip, cfg, run.prompt, run.ref_tokens[:-1], S) if quality else None
+    for what, p, kv8 in (("int8 weights", qp, False), ("int8 KV cache", ip, True))[:2 * quality]:
         lg = teacher_forced_logits(p, cfg, run.prompt, run.ref_tokens[:-1], S, kv_int8=kv8)
-        quality.append((float(np.sqrt(np.mean((lg - ref) ** 2)) / np.std(ref)),
-                        float(np.mean(lg.argmax(-1) == ref.argmax(-1)))))
-        print(f"{what:13s}: rms logit error {quality[-1][0]:.4f} x std(logits); greedy token "
-              f"agrees at {100 * quality[-1][1]:.1f}% of positions")
-    cache = init_cache(cfg, 1, S)
-    zero = np.zeros(1, np.int32)
-    _, _, cache = prefill_step(qp, cache, pad_prompts([run.prompt], bucket(P)),
-                               np.array([P], np.int32), 0, zero, 0, cfg)
-    t_q, c_q = time_decode(qp, cfg, cache, run.steps)
+        errors.append((float(np.sqrt(np.mean((lg - ref) ** 2)) / np.std(ref)),
+                       float(np.mean(lg.argmax(-1) == ref.argmax(-1)))))
+        print(f"{what:13s}: rms logit error {errors[-1][0]:.4f} x std(logits); greedy token "
+              f"agrees at {100 * errors[-1][1]:.1f}% of positions")
+    t_q, c_q = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps)
     ctx_bytes = (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg)
     q_bytes, f_bytes = weight_bytes(qp) + ctx_bytes, weight_bytes(ip) + ctx_bytes
     print(f"decode, batch 1, int8 weights: {t_q * 1e3:.3f} ms/step = {1 / t_q:.1f} tok/s (compile "
@@ -1052,8 +1077,9 @@ def measure_int8(run):
           f"{100 * q_bytes / t_q / run.bw:.0f}% of the copy bandwidth")
     run.row("decode B=1 int8 weights", f"{1 / t_q:,.1f} tok/s", f"{run.bw / q_bytes:,.1f} tok/s",
             f"{run.t_step / t_q:.2f}x {cfg.dtype}")
-    run.row("int8 weights / KV quality", f"{quality[0][0]:.4f}/{quality[1][0]:.4f}",
-            "rms err/std", f"agree {100 * quality[0][1]:.0f}/{100 * quality[1][1]:.0f}%")
+    if errors:
+        run.row("int8 weights / KV quality", f"{errors[0][0]:.4f}/{errors[1][0]:.4f}",
+                "rms err/std", f"agree {100 * errors[0][1]:.0f}/{100 * errors[1][1]:.0f}%")
     del qp
 
 
@@ -1156,8 +1182,9 @@ def show_sample(run):
     print(ic.prompt + tok.decode(out))
 
 
-def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus):
-    """Every measurement on one model; returns the rows of the final table."""
+def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True):
+    """Every measurement on one model (only the speeds unless `full`, to keep a run of several
+    models short); returns the rows of the final table."""
     t0 = time.perf_counter()
     print(f"\n=== {name}: {_si(cfg.param_count(), '')} params, {cfg.n_layers} layers, "
           f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
@@ -1179,13 +1206,15 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus):
               slots=slots, requests=ic.requests or 3 * slots, rng=np.random.default_rng(ic.seed),
               corpus=corpus, trained=trained, t0=t0)
     show_arithmetic(run)
-    check_full_recompute(run, params)
+    if full:
+        check_full_recompute(run, params)
     del params  # from here on only the inference layout is kept
     measure_batch_1(run)
-    measure_int8(run)
+    measure_int8(run, quality=full)
     measure_batch(run)
-    measure_stream(run)
-    measure_speculative(run)
+    if full:
+        measure_stream(run)
+        measure_speculative(run)
     show_sample(run)
     print(f"\n({name}: {time.perf_counter() - t0:.0f} s)")
     return run.rows
@@ -1206,12 +1235,16 @@ def main():
     corpus = None
     if any(tok is not None for *_, tok in models):
         corpus = common.load_corpus(max_bytes=2 * 2**20)[0].tobytes()
-    rows = []
+    rows, first = [], True
     while models:  # popped, so that a model's weights are freed before the next one's
-        rows += lesson(*models.pop(0), ic, on_gpu, peaks, corpus)
+        rows += lesson(*models.pop(0), ic, on_gpu, peaks, corpus, full=first)
+        first = False
     print(f"\n{'model':14s} {'measurement':28s} {'measured':>15s} {'bound / peer':>15s}  ratio")
     for r in rows:
         print(f"{r[0]:14s} {r[1]:28s} {r[2]:>15s} {r[3]:>15s}  {r[4]}")
+    if on_gpu:
+        print("peer, from another run (GPU.md): gpt-fast, Llama-3-8B shape, batch 1, on an H200: "
+              "bf16 193.5 tok/s = 70% of its 4.14 TB/s copy bandwidth; int8 weights 197.2 tok/s")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

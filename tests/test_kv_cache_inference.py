@@ -18,7 +18,8 @@ import common
 inf = common.import_script("06_kv_cache_inference")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = common.Config.preset("tiny")   # float32, vocab 256, 2 layers, 4 heads / 2 kv heads of 16
-TIED = dataclasses.replace(TINY, tie_embeddings=True, n_kv_heads=1, rope_scaling=(8.0, 1.0, 4.0, 32))
+TIED = dataclasses.replace(TINY, tie_embeddings=True, n_kv_heads=1,
+                           rope_scaling=(8.0, 1.0, 4.0, 32))
 CACHE = 64                            # one cache length, so that compiled steps are shared
 PROMPTS = [[3, 1, 4, 1, 5], list(range(40, 57)), [9], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4]]
 
@@ -100,9 +101,9 @@ def test_decode_attention_matches_reference(T):
         np.testing.assert_allclose(got8[b], np_attention(q[b], kdb, vdb), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["wq", "wo", "w_down"])
+@pytest.mark.parametrize("name", ["wqkv", "wo", "w_gate_up", "w_down"])
 def test_int8_weight_roundtrip_within_half_a_step(name):
-    w = params_for(TINY)["layers"][name][0]
+    w = inf.inference_params(params_for(TINY), TINY)["layers"][1][name]
     axes = inf.CONTRACTED[name]
     qw = inf.quantize_int8(w, axes)
     assert qw["q"].dtype == jnp.int8
