@@ -1,7 +1,8 @@
 """Collectives from nearest-neighbour sends: all-gather, reduce-scatter and all-reduce on a ring.
 
-    python 02_collectives.py                   # on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8
-    python 02_collectives.py --sizes_mib=64,1024 --dtype=float32
+    XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true python 02_collectives.py   # GPUs
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python 02_collectives.py    # 8 CPU devices
+    python 02_collectives.py --sizes_mib=64,1024 --dtype=float32 --pieces=8
 
 N devices sit on a ring; each step, every device sends one chunk to its right-hand neighbour
 while receiving one from its left, with `jax.lax.ppermute` inside `jax.shard_map`:
@@ -11,8 +12,13 @@ while receiving one from its left, with `jax.lax.ppermute` inside `jax.shard_map
     every receiver adding its own copy of that chunk, and after N-1 steps device i holds the
     full sum of chunk i;
   - all-reduce: a reduce-scatter followed by an all-gather of the summed chunks;
-  - bidirectional: half of the data goes clockwise and half counter-clockwise at once, so a
-    torus with independent links each way (TPU ICI) moves it in half the time.
+  - pipelined: each step's chunk travels as several pieces, so the copy (all-gather) or the add
+    (reduce-scatter) of one piece runs while the next is on the wire, as NCCL does with its
+    chunks; only the last piece's copy or add is exposed;
+  - bidirectional: half of the pieces go clockwise and half counter-clockwise at once, so a
+    torus with independent links each way (TPU ICI) moves the data in half the time. GPUs
+    behind an NVSwitch have one budget of NVLink bandwidth per direction instead, shared by all
+    peers, and on 2 devices both directions lead to the same neighbour.
 Every device sends (N-1)/N of the array per pass, and one pass is the least any algorithm can
 do (each device must receive the N-1 parts it lacks), so the ring is bandwidth-optimal; it pays
 N-1 latencies instead, which matters only for small arrays (Patarasuk & Yuan, "Bandwidth optimal
@@ -51,9 +57,9 @@ class CollectivesConfig:
     dtype: str = "bfloat16"    # element type of the benchmarked arrays
     width: int = 1024          # a block is [rows, width]; rows follow from the size
     devices: int = 0           # ring size N; 0: every local device
-    iters: int = 0             # timed runs per collective, the median is reported; 0: 10 (GPU), 3 (CPU)
+    iters: int = 0             # timed runs per collective (median reported); 0: 10 (GPU), 3 (CPU)
     pieces: int = 0            # pieces each ring step is pipelined in; 0: 4 (GPU), 2 (CPU)
-    mm_m: int = 0              # collective matmul: rows of x over all devices (tokens); 0: 16384 (256 CPU)
+    mm_m: int = 0              # collective matmul: rows of x (tokens); 0: 16384 (256 CPU)
     mm_k: int = 0              # contraction dim; 0: 8192 (128 CPU)
     mm_f: int = 0              # columns of w over all devices; 0: 8192 (256 CPU)
 
@@ -320,6 +326,11 @@ def main():
         print("one device: every collective is a copy; on a CPU set "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
 
+    M = cfg.mm_m or (16384 if on_gpu else 256)
+    K = cfg.mm_k or (8192 if on_gpu else 128)
+    F = cfg.mm_f or (8192 if on_gpu else 256)
+    if M % n or F % n:
+        raise common.UserError(f"mm_m={M} and mm_f={F} must be multiples of {n} devices")
     k = cfg.pieces or (4 if on_gpu else 2)
     iters = cfg.iters or (10 if on_gpu else 3)
     variants = (("ring", {}), (f"ring x{k}", {"pieces": k}),
@@ -355,11 +366,6 @@ def main():
         del x
 
     # Collective matmul: M tokens of width K against a [K, F] weight split by columns.
-    M = cfg.mm_m or (16384 if on_gpu else 256)
-    K = cfg.mm_k or (8192 if on_gpu else 128)
-    F = cfg.mm_f or (8192 if on_gpu else 256)
-    if M % n or F % n:
-        raise common.UserError(f"mm_m={M} and mm_f={F} must be multiples of {n} devices")
     kx, kw = jax.random.split(jax.random.key(1))
     xm = jax.device_put(jax.random.normal(kx, (M, K), dtype), NamedSharding(mesh, P("ring", None)))
     wm = jax.device_put(jax.random.normal(kw, (K, F), dtype) / math.sqrt(K),

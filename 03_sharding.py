@@ -1,7 +1,8 @@
 """Sharding a transformer: data parallel, FSDP and tensor parallel, and what each costs.
 
-    python 03_sharding.py                      # on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8
-    python 03_sharding.py --mesh=dp:2,fsdp:2,tp:2 --preset=tiny
+    python 03_sharding.py                          # GPUs: every scheme on all local devices
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py    # 8 CPU devices
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py --mesh=dp:2,fsdp:2,tp:2
 
 A mesh names the devices' axes (here dp, fsdp, tp); a PartitionSpec says which mesh axis splits
 which dimension of an array; a NamedSharding is the pair. jit then compiles one program per
@@ -51,12 +52,12 @@ MESH_AXES = ("dp", "fsdp", "tp")
 
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
-    preset: str = ""           # model of the analysis (common.PRESETS); empty: small (GPU), tiny (CPU)
+    preset: str = ""           # model of the analysis (common.PRESETS); empty: small (GPU), tiny
     batch_size: int = 16       # global batch of the analysis, sequences
     seq_len: int = 128         # tokens per sequence
-    mesh: str = ""             # one mesh to analyse, e.g. dp:2,fsdp:2,tp:2; empty: DP, FSDP, TP, FSDP+TP
+    mesh: str = ""             # one mesh to analyse, e.g. dp:2,fsdp:2,tp:2; empty: the 4 schemes
     tp: int = 2                # TP degree of the default TP and FSDP+TP schemes
-    bench_preset: str = ""     # model of the tokens/s benchmark; empty: llama-3.2-1b (GPU), tiny (CPU)
+    bench_preset: str = ""     # model of the tokens/s benchmark; empty: llama-3.2-1b (GPU), tiny
     bench_batch: int = 0       # sequences per device in the benchmark; 0: 16 (GPU), 4 (CPU)
     bench_seq: int = 0         # tokens per sequence in the benchmark; 0: 1024 (GPU), 64 (CPU)
     bench_remat: str = "dots"  # none, full or dots (keep matmul outputs: fits a 1B model's step)
@@ -74,7 +75,8 @@ class ShardingConfig:
                 raise common.UserError(f"unknown {f} {getattr(self, f)!r} "
                                        f"(presets: {', '.join(common.PRESETS)})")
         if self.bench_remat not in ("none", "full", "dots"):
-            raise common.UserError(f"bench_remat must be none, full or dots, got {self.bench_remat}")
+            raise common.UserError(f"bench_remat must be none, full or dots, "
+                                   f"got {self.bench_remat}")
         parse_mesh(self.mesh)
 
 
@@ -177,9 +179,9 @@ def block_grad_fn(cfg, mesh):
     """jit'd (layer params, x) -> (loss, grads) with the scheme's shardings; grads come back
     sharded like the params, as an optimizer would consume them."""
     f = functools.partial(block_loss, cfg=cfg, constrain=constrain_fn(mesh))
-    return jax.jit(jax.value_and_grad(f), in_shardings=(layer_shardings(cfg, mesh),
-                                                        sharding_of(mesh, ("batch", "seq", "embed"))),
-                   out_shardings=(NamedSharding(mesh, P()), layer_shardings(cfg, mesh)))
+    ls, xs = layer_shardings(cfg, mesh), sharding_of(mesh, ("batch", "seq", "embed"))
+    return jax.jit(jax.value_and_grad(f), in_shardings=(ls, xs),
+                   out_shardings=(NamedSharding(mesh, P()), ls))
 
 
 def model_grad_fn(cfg, mesh, remat="none"):
@@ -198,7 +200,8 @@ def memory_per_device(cfg, mesh, batch_size, seq_len):
     """Bytes on each device: params and grads (param dtype), Adam's two float32 moments, and an
     estimate of the activations a training step keeps for its backward pass (no remat)."""
     shardings = jax.tree.leaves(common.param_shardings(cfg, mesh))
-    specs = jax.tree.leaves(common.param_specs(cfg), is_leaf=lambda s: hasattr(s, "axes"))
+    specs = jax.tree.leaves(common.param_specs(cfg),
+                            is_leaf=lambda s: isinstance(s, common.ParamSpec))
     elems = sum(math.prod(sh.shard_shape(s.shape)) for sh, s in zip(shardings, specs))
     pbytes, dbytes = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
     b = batch_size // (mesh.shape["dp"] * mesh.shape["fsdp"])
@@ -273,9 +276,10 @@ def _group_size(line, n_devices):
 
 
 def parse_collectives(hlo, n_devices):
-    """(in_loops, outside) lists of Coll read from compiled HLO text, each repeated as many times
-    as it runs: computations reached through a while loop's body run its known trip count
-    times, and count as in_loops. Scalars (the loss) are left out."""
+    """(in_loops, outside): lists of Coll read from compiled HLO text, each repeated as many
+    times as it runs (a computation reached through a while loop's body runs its known trip
+    count times). in_loops: those of the scan over layers, found by the loop or, where XLA
+    unrolled it, by the `while/body` in the op's name. Scalars (the loss) are left out."""
     comps, name, entry = {}, None, None
     for line in hlo.splitlines():
         head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
@@ -299,7 +303,7 @@ def parse_collectives(hlo, n_devices):
                 group = _group_size(line, n_devices)
                 for b in arrays:
                     full = b * group if op == "reduce-scatter" else b
-                    found[in_loop] += [Coll(op, full, group)] * times
+                    found[in_loop or "/while/body/" in line] += [Coll(op, full, group)] * times
             if re.search(r"\basync-(done|update)\(", line) or depth > 50:
                 continue  # the async-start's call is followed once
             trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
@@ -331,23 +335,40 @@ def ring_traffic(colls):
                factor[c.op] * c.bytes * (c.group - 1) / c.group for c in colls)
 
 
+def compile_to_read(lowered):
+    """Compile a program to read (and run once), not to time: on a CPU, LLVM at -O0 halves the
+    compile time; the HLO passes, and so the collectives, are the same."""
+    cpu = jax.devices()[0].platform == "cpu"
+    return lowered.compile(compiler_options={"xla_backend_optimization_level": 0} if cpu else None)
+
+
 def compiled_block(cfg, mesh, batch_size, seq_len):
     """The block's gradient program, compiled from shapes alone."""
     params = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
     layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params["layers"])
     x = jax.ShapeDtypeStruct((batch_size, seq_len, cfg.d_model), jnp.dtype(cfg.dtype))
-    return block_grad_fn(cfg, mesh).lower(layer, x).compile()
+    return compile_to_read(block_grad_fn(cfg, mesh).lower(layer, x))
 
 
 def compiled_model(cfg, mesh, batch_size, seq_len):
     params = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
     tok = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    return model_grad_fn(cfg, mesh).lower(params, tok, tok).compile()
+    return compile_to_read(model_grad_fn(cfg, mesh).lower(params, tok, tok))
 
 
 # ----------------------------------------------------------------------------------------------
 # A training step, to time: loss, gradients, Adam
 # ----------------------------------------------------------------------------------------------
+
+def fast_key(seed):
+    """A key of XLA's own generator (RBG): its program compiles several times faster than
+    threefry's, and these params need not be reproducible across backends."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def random_tokens(seed, batch_size, seq_len, vocab_size):
+    return np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len), np.int32)
+
 
 def adam_update(params, grads, opt, lr=1e-4, b1=0.9, b2=0.95, eps=1e-8):
     """Adam (Kingma & Ba 2015, algorithm 1), moments in float32, sharded like the params."""
@@ -356,8 +377,8 @@ def adam_update(params, grads, opt, lr=1e-4, b1=0.9, b2=0.95, eps=1e-8):
     nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)),
                       opt["nu"], grads)
     c1, c2 = 1 - b1 ** count, 1 - b2 ** count
-    new = jax.tree.map(lambda p, m, v: (p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps)).astype(p.dtype),
-                       params, mu, nu)
+    new = jax.tree.map(lambda p, m, v: (p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps))
+                       .astype(p.dtype), params, mu, nu)
     return new, {"mu": mu, "nu": nu, "count": count}
 
 
@@ -385,11 +406,11 @@ def time_training(cfg, mesh, batch_size, seq_len, remat, iters):
     """(compile s, median step s, last loss). The state is carried from step to step (donated),
     as in training; two batches of random tokens alternate."""
     init, init_opt, step, tok = make_train_step(cfg, mesh, remat)
-    params = init(jax.random.key(0))
+    params = init(fast_key(0))
     opt = init_opt(params)
     batches = []
-    for k in jax.random.split(jax.random.key(1), 2):
-        b = jax.random.randint(k, (batch_size, seq_len + 1), 0, cfg.vocab_size, jnp.int32)
+    for seed in (1, 2):
+        b = random_tokens(seed, batch_size, seq_len + 1, cfg.vocab_size)
         batches.append((jax.device_put(b[:, :-1], tok), jax.device_put(b[:, 1:], tok)))
     t0 = time.perf_counter()
     compiled = step.lower(params, opt, *batches[0]).compile()
@@ -440,7 +461,7 @@ def _cell(summary, op, per=1):
     if op not in summary:
         return "-"
     n, b = summary[op]
-    return f"{n // per} / {_size(b / per)}"
+    return f"{n / per:g} / {_size(b / per)}"
 
 
 def analyse(cfg, name, sizes, mesh, B, T, params, batch):
@@ -453,12 +474,45 @@ def analyse(cfg, name, sizes, mesh, B, T, params, batch):
     blk = ([], []) if mesh.size == 1 else parse_collectives(
         compiled_block(cfg, mesh, B, T).as_text(), mesh.size)
     loops, outside = parse_collectives(c_model.as_text(), mesh.size)
-    return {"name": name, "mem": memory_per_device(cfg, mesh, B, T), "temp": temp,
+    return {"name": name, "sizes": sizes, "mem": memory_per_device(cfg, mesh, B, T), "temp": temp,
             "loss": float(loss), "grads": jax.tree.map(np.asarray, grads),
             "block_pred": predict_layer_collectives(cfg, sizes, B, T, passes=1),
             "block": blk[0] + blk[1],
             "layer_pred": predict_layer_collectives(cfg, sizes, B, T, passes=2),
             "loops": loops, "outside": outside}
+
+
+def print_collectives(results, L, on_gpu):
+    print(f"\ncollectives of one layer, forward + backward, as arrays / bytes (an all-gather's "
+          f"gathered array, a reduction's input); ring: bytes each device sends on a ring. "
+          f"Block: one layer compiled alone; layer: the model's scan over {L} layers, per layer; "
+          f"outside: embedding, head and loss.")
+    print(f"{'scheme':<18}{'op':<15}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
+          f"{'layer XLA':>14}{'outside XLA':>14}")
+    keys = ("block_pred", "block", "layer_pred", "loops", "outside")
+    for r in results:
+        s = [summarize(r[k]) for k in keys]
+        for op in sorted(set().union(*s)):
+            print(f"{r['name']:<17} {op:<15}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
+                  f"{_cell(s[2], op):>14}{_cell(s[3], op, L):>14}{_cell(s[4], op):>14}")
+        t = [ring_traffic(r[k]) for k in keys]
+        print(f"{r['name']:<17} {'ring':<15}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
+              f"{_size(t[3] / L):>14}{_size(t[4]):>14}")
+    if any(r["sizes"]["fsdp"] > 1 for r in results):
+        print("- FSDP: a weight is gathered once in the block (XLA reuses the forward's gather in "
+              "the backward pass) but twice per layer in the model, whose forward and backward "
+              "are two loops.")
+        if not on_gpu:
+            print("- FSDP on a CPU: XLA keeps a gradient reduction as an all-reduce then a slice "
+                  "(the same array, twice the ring traffic); GPU compilers turn the pair into a "
+                  "reduce-scatter.")
+    if any(r["sizes"]["tp"] > 1 for r in results):
+        print("- TP: Megatron needs 2 all-reduces forward and 2 backward. XLA's partitioner "
+              "reduces each matmul's partial sums on its own, so the prediction counts one "
+              "backward all-reduce per column-parallel matmul (wq, wk, wv, w_gate, w_up): 5. "
+              "Summing the partials before reducing (Megatron's g operator; XLA's "
+              "AllReduceReassociate pass can do it) saves 3 [B, T, D] arrays per layer: where XLA "
+              "shows fewer than predicted, it did.")
 
 
 def main():
@@ -477,7 +531,7 @@ def main():
         sizes = parse_mesh(run.mesh)
         schemes = [(mesh_name(sizes), sizes)]
     else:
-        schemes = default_schemes(n, run.tp)
+        schemes = default_schemes(n, run.tp) if n > 1 else []
     if n == 1:
         print("one device: every scheme is the unsharded model; on a CPU set "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
@@ -489,53 +543,31 @@ def main():
         meshes.append((name, sizes, mesh))
     show_sharded_array(meshes[-1][2] if meshes else make_mesh(parse_mesh("")), cfg)
 
-    params = common.init_params(cfg, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(2), (B, T + 1), 0, cfg.vocab_size, jnp.int32)
+    params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))
+    tokens = random_tokens(0, B, T + 1, cfg.vocab_size)
     batch = (tokens[:, :-1], tokens[:, 1:])
     one = ("1 device", parse_mesh(""), make_mesh(parse_mesh(""), devices))
-    results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: compare to float32 tolerance
+        results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
     ref = results[0]
 
     print("\nper-device memory, MiB; activations: an estimate of what the backward pass keeps "
           "(no remat); XLA temp: all scratch of the compiled step, from memory_analysis")
-    print(f"{'scheme':<12}{'params':>10}{'grads':>10}{'adam':>10}{'activations':>13}"
+    print(f"{'scheme':<18}{'params':>10}{'grads':>10}{'adam':>10}{'activations':>13}"
           f"{'XLA temp':>10}")
     for r in results:
         mem, mib = r["mem"], lambda b: f"{b / 2**20:.2f}"
-        print(f"{r['name']:<12}{mib(mem['params']):>10}{mib(mem['grads']):>10}"
+        print(f"{r['name']:<18}{mib(mem['params']):>10}{mib(mem['grads']):>10}"
               f"{mib(mem['adam']):>10}{mib(mem['activations']):>13}"
               f"{mib(r['temp']) if r['temp'] is not None else 'n/a':>10}")
 
-    L = cfg.n_layers
-    print(f"\ncollectives of one layer, forward + backward, as arrays / bytes (an all-gather's "
-          f"gathered array, a reduction's input); ring: bytes each device sends on a ring. "
-          f"Block: one layer compiled alone; layer: the model's scan over {L} layers, per layer; "
-          f"outside: embedding, head and loss.")
-    print(f"{'scheme':<10}{'op':<15}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
-          f"{'layer XLA':>14}{'outside XLA':>14}")
-    for r in results[1:]:
-        s = [summarize(r[k]) for k in ("block_pred", "block", "layer_pred", "loops", "outside")]
-        for op in sorted(set().union(*s)):
-            print(f"{r['name']:<10}{op:<15}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
-                  f"{_cell(s[2], op):>14}{_cell(s[3], op, L):>14}{_cell(s[4], op):>14}")
-        t = [ring_traffic(r[k]) for k in ("block_pred", "block", "layer_pred", "loops", "outside")]
-        print(f"{r['name']:<10}{'ring':<15}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
-              f"{_size(t[3] / L):>14}{_size(t[4]):>14}")
-    print("- a weight is gathered once in the block (XLA reuses the forward's gather in the "
-          "backward pass) but twice per layer in the model: forward and backward are two loops.")
-    print("- TP: Megatron needs 2 all-reduces forward and 2 backward; XLA reduces each matmul's "
-          "partial sums on its own, so the backward has one per column-parallel matmul (wq, wk, "
-          "wv, w_gate, w_up): 5, as predicted. Summing the partials first (Megatron's g "
-          "operator) would send 3 fewer [B, T, D] arrays per layer.")
-    if not on_gpu:
-        print("- on CPU, XLA keeps a gradient reduction as an all-reduce then a slice (the same "
-              "array, twice the ring traffic); the GPU compiler makes it a reduce-scatter.")
-
-    print("\nsharded vs unsharded, float32: |loss diff| and max relative gradient diff")
-    for r in results[1:]:
-        dg = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
-                 for a, b in zip(jax.tree.leaves(r["grads"]), jax.tree.leaves(ref["grads"])))
-        print(f"  {r['name']:<10}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
+    if len(results) > 1:
+        print_collectives(results[1:], cfg.n_layers, on_gpu)
+        print("\nsharded vs unsharded, float32: |loss diff| and max relative gradient diff")
+        for r in results[1:]:
+            dg = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+                     for a, b in zip(jax.tree.leaves(r["grads"]), jax.tree.leaves(ref["grads"])))
+            print(f"  {r['name']:<18}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
 
     # Tokens/s of a training step: FSDP on every local device against one device, with the same
     # batch per device (weak scaling: the work per device is constant).
@@ -544,7 +576,8 @@ def main():
     bb = run.bench_batch or (16 if on_gpu else 4)
     bt = run.bench_seq or (1024 if on_gpu else 64)
     if bt > bcfg.max_seq_len:
-        raise common.UserError(f"bench_seq={bt} exceeds the preset's max_seq_len={bcfg.max_seq_len}")
+        raise common.UserError(f"bench_seq={bt} exceeds the preset's "
+                               f"max_seq_len={bcfg.max_seq_len}")
     peak, _, peak_src = common.ceilings(bcfg.dtype)
     flops_tok = bcfg.train_flops_per_token(bt)
     rows = []
@@ -555,7 +588,7 @@ def main():
         compile_s, step_s, loss = time_training(bcfg, mesh, batch_size, bt, run.bench_remat,
                                                 run.bench_iters)
         rows.append((mesh_name(sizes), mesh.size, batch_size, compile_s, step_s, loss))
-    print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({bcfg.param_count() / 1e6:.0f}M "
+    print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({bcfg.param_count() / 1e6:.1f}M "
           f"params), {bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
           f"{flops_tok / 1e9:.2f} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
           f"TFLOP/s per device ({peak_src})")

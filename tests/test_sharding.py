@@ -18,14 +18,6 @@ sh = common.import_script("03_sharding")
 CFG = dataclasses.replace(common.Config.preset("tiny"), n_layers=2, max_seq_len=16)
 B, T = 8, 16
 SCHEMES = {"DP": "dp:8", "FSDP": "fsdp:8", "TP": "tp:2", "FSDP+TP": "fsdp:4,tp:2"}
-# LLVM at -O0: halves the CPU compile time; the HLO passes, and so the collectives, are the same.
-FAST = {"xla_backend_optimization_level": 0}
-
-
-def compile_model(cfg, mesh):
-    shapes = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
-    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    return sh.model_grad_fn(cfg, mesh).lower(shapes, tok, tok).compile(FAST)
 
 
 def numpy_params(cfg, seed):
@@ -42,7 +34,7 @@ def reference():
     params = numpy_params(CFG, 0)
     tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, CFG.vocab_size, jnp.int32)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    loss, grads = compile_model(CFG, sh.make_mesh(sh.parse_mesh("")))(params, x, y)
+    loss, grads = sh.compiled_model(CFG, sh.make_mesh(sh.parse_mesh("")), B, T)(params, x, y)
     return params, x, y, float(loss), grads
 
 
@@ -52,7 +44,7 @@ def sharded_run(scheme):
     sizes = sh.parse_mesh(SCHEMES[scheme])
     mesh = sh.make_mesh(sizes)
     params, x, y = reference()[:3]
-    compiled = compile_model(CFG, mesh)
+    compiled = sh.compiled_model(CFG, mesh, B, T)
     tok = sh.sharding_of(mesh, ("batch", "seq"))
     loss, grads = compiled(jax.device_put(params, common.param_shardings(CFG, mesh)),
                            jax.device_put(x, tok), jax.device_put(y, tok))
@@ -98,11 +90,7 @@ def reductions(summary):
 def test_block_collectives_match_prediction():
     sizes = sh.parse_mesh("fsdp:8")
     mesh = sh.make_mesh(sizes)
-    shapes = jax.eval_shape(lambda: common.init_params(CFG, jax.random.key(0)))["layers"]
-    layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), shapes)
-    x = jax.ShapeDtypeStruct((B, T, CFG.d_model), jnp.float32)
-    hlo = sh.block_grad_fn(CFG, mesh).lower(layer, x).compile(FAST).as_text()
-    loops, outside = sh.parse_collectives(hlo, mesh.size)
+    loops, outside = sh.parse_collectives(sh.compiled_block(CFG, mesh, B, T).as_text(), mesh.size)
     assert loops == []
     got = sh.summarize(outside)
     want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, passes=1))
