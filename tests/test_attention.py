@@ -35,8 +35,9 @@ def outs_and_grads(attns, q, k, v, w, causal, segment_ids=None):
     def f(q, k, v, w, segment_ids):
         res = []
         for attn in attns:
-            loss = lambda q, k, v: jnp.sum(attn(q, k, v, causal, segment_ids).astype(jnp.float32) * w)
-            res.append((attn(q, k, v, causal, segment_ids), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+            out = lambda q, k, v: attn(q, k, v, causal, segment_ids)
+            loss = lambda q, k, v: jnp.sum(out(q, k, v).astype(jnp.float32) * w)
+            res.append((out(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
         return res
     with jax.default_matmul_precision("float32"):
         return jax.jit(f)(q, k, v, w, segment_ids)
@@ -50,7 +51,7 @@ def max_err(a, b):
 # 04: attention
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("H,KH,causal", [(4, 4, False), (4, 2, True), (4, 1, True)])  # MHA, GQA, MQA
+@pytest.mark.parametrize("H,KH,causal", [(4, 4, False), (4, 2, True), (4, 1, True)])  # MHA/GQA/MQA
 def test_attention_matches_reference_and_jax(H, KH, causal):
     q, k, v, _ = make_qkv(2, 12, 12, H, KH, 16)
     out = attention(q, k, v, causal)
@@ -117,7 +118,8 @@ def test_attention_costs_intensity():
     most D; the fused kernel's is S/2 (bf16, T = S, MHA, not causal)."""
     D, S = 128, 8192
     costs = dict((n, (f, b)) for n, f, b in a04.attention_costs(1, S, S, 16, 16, D, 2, False))
-    qk, pv, fused = costs["QK^T -> scores f32"], costs["probs @ V"], costs["fused (never writes [T,S])"]
+    qk, pv = costs["QK^T -> scores f32"], costs["probs @ V"]
+    fused = costs["fused (never writes [T,S])"]
     assert qk[0] / qk[1] < D and pv[0] / pv[1] < D
     assert fused[0] / fused[1] == pytest.approx(S / 2)
 
@@ -185,7 +187,8 @@ def test_flash_bfloat16():
         assert max_err(a, b) < 3e-2 * scale
 
 
-@pytest.mark.parametrize("T,S,bq,bk", [(16, 16, 4, 4), (10, 23, 4, 8), (23, 10, 8, 3), (7, 7, 7, 7)])
+@pytest.mark.parametrize("T,S,bq,bk", [(16, 16, 4, 4), (10, 23, 4, 8), (23, 10, 8, 3),
+                                       (7, 7, 7, 7)])
 def test_block_schedule_is_exact(T, S, bq, bk):
     """The scheduled (i, j) pairs are exactly the block pairs with a visible entry: none of the
     visible entries is missed and no fully masked block is computed."""
@@ -237,7 +240,8 @@ def test_flash_inside_the_model():
     cfg = common.Config(max_seq_len=40)
     shapes = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+    params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+                          shapes)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 40)))
     flash = functools.partial(f05.flash_attention, block_q=16, block_k=8)
     logits = jax.jit(lambda p: [common.forward(p, tokens, cfg, attention=a)
