@@ -458,7 +458,10 @@ def run_attention(cfg, ceil, on_gpu):
 def plot_roofline(points, ceil, path, title):
     """Log-log roofline: achieved FLOP/s against intensity, one point per kernel, under the
     bandwidth slope and one flat ceiling per measured dtype (datasheet ones dashed)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the tables do not need it
+        return None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
@@ -536,7 +539,7 @@ def main():
     points = [(name, c.intensity, c.flops / t) for name, _, c, t in rows]
     path = plot_roofline(points, ceil, os.path.join(cfg.out, "roofline.png"),
                          f"roofline: {dev.device_kind}")
-    print(f"\nroofline plot: {path}")
+    print(f"\nroofline plot: {path or 'not drawn (pip install matplotlib)'}")
 
     has_ds = ceil.ds_bandwidth is not None
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "

@@ -36,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 import common
 
@@ -437,27 +438,24 @@ def apply_update(p, u):
     return (p.astype(jnp.float32) - u).astype(p.dtype)
 
 
-def opt_init(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+def opt_init(w):
+    zeros = jnp.zeros(w.shape, jnp.float32)
     return {"mu": zeros, "nu": zeros, "count": jnp.zeros((), jnp.int32)}
 
 
-def opt_updates(grads, state, params, lr, cfg, decay_mask, wd=0.1, b1=0.9, b2=0.95):
-    """The step each weight takes (float32), for AdamW (Loshchilov & Hutter 2019) or plain SGD.
-    The optimizer state stays float32 in every mode: only where the weights live changes."""
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+def opt_updates(g, state, w, lr, cfg, decay, wd=0.1, b1=0.9, b2=0.95):
+    """The step u each weight takes (w_new = w - u), in float32, for AdamW (Loshchilov & Hutter
+    2019) or plain SGD. g, w, decay: [P], all weights of the model as one vector. The optimizer
+    state stays float32 in every mode: only where the weights live changes."""
+    g = g.astype(jnp.float32)
     count = state["count"] + 1
     if cfg.optimizer == "sgd":
-        return jax.tree.map(lambda g: lr * g, grads), dict(state, count=count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["mu"], grads)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], grads)
-    c1, c2 = 1 - b1**count, 1 - b2**count
-
-    def step(m, v, p, decay):
-        return lr * ((m / c1) / (jnp.sqrt(v / c2) + 1e-8) + wd * decay * p.astype(jnp.float32))
-
-    updates = jax.tree.map(step, mu, nu, params, decay_mask)
-    return updates, {"mu": mu, "nu": nu, "count": count}
+        return lr * g, dict(state, count=count)
+    mu = b1 * state["mu"] + (1 - b1) * g
+    nu = b2 * state["nu"] + (1 - b2) * g * g
+    m_hat, v_hat = mu / (1 - b1**count), nu / (1 - b2**count)
+    u = lr * (m_hat / (jnp.sqrt(v_hat) + 1e-8) + wd * decay * w.astype(jnp.float32))
+    return u, {"mu": mu, "nu": nu, "count": count}
 
 
 def lr_at(step, cfg):
@@ -478,26 +476,22 @@ def make_grad_fn(model_cfg):
     return jax.jit(jax.value_and_grad(loss_fn))
 
 
-def make_update_fn(model_cfg, cfg):
-    """One optimizer step on the stored weights, the counts of vanishing updates, and the copy of
-    the new weights in the compute dtype for the next forward pass."""
-    decay_mask = jax.tree.map(lambda axes: float("norm" not in axes),
-                              common.logical_axes(model_cfg),
-                              is_leaf=lambda a: isinstance(a, tuple))
-
+def make_update_fn(cfg, unravel, decay, compute_dtype):
+    """One optimizer step on the stored weights w [P] (one vector: jax.flatten_util.ravel_pytree
+    of the params, unravel its inverse), the share of updates that vanish, and the new weights as
+    a params pytree in the compute dtype for the next forward pass."""
     @jax.jit
-    def update(params, opt, grads):
+    def update(w, opt, grads):
+        g, _ = ravel_pytree(grads)                             # [P], in the compute dtype
         lr = lr_at(opt["count"], cfg)
-        updates, opt = opt_updates(grads, opt, params, lr, cfg, decay_mask)
-        new = jax.tree.map(apply_update, params, updates)
-        p, u, n = (jnp.concatenate([a.ravel() for a in jax.tree.leaves(t)])
-                   for t in (params, updates, new))  # every weight in one vector
+        u, opt = opt_updates(g, opt, w, lr, cfg, decay)
+        new = apply_update(w, u)
         moved = jnp.sum(u != 0)
         # Updates that would vanish if the weights were stored in bf16 (in every mode) ...
-        small = jnp.sum((u != 0) & (jnp.abs(u) < half_gap(p, u)))
+        small = jnp.sum((u != 0) & (jnp.abs(u) < half_gap(w, u)))
         # ... and those that did vanish: the stored weight did not change.
-        lost = jnp.sum((u != 0) & (n == p))
-        compute = jax.tree.map(lambda w: w.astype(model_cfg.dtype), new)
+        lost = jnp.sum((u != 0) & (new == w))
+        compute = jax.tree.map(lambda a: a.astype(compute_dtype), unravel(new))
         return new, compute, opt, {"lr": lr, "below_half_ulp": small / moved, "lost": lost / moved}
 
     return update
@@ -512,19 +506,25 @@ def train(mode, cfg, data, log_every, grad_fns, model_cfg=None):
     model_cfg = dataclasses.replace(model_cfg, param_dtype=param_dtype, dtype=dtype,
                                     max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
     init_cfg = dataclasses.replace(model_cfg, param_dtype="float32", dtype="float32")
-    params = jax.jit(common.init_params, static_argnums=0)(init_cfg, jax.random.key(cfg.seed))
+    # impl="rbg": XLA's own random bit generator, far quicker to compile on a CPU than threefry
+    key = jax.random.key(cfg.seed, impl="rbg")
+    params = jax.jit(common.init_params, static_argnums=0)(init_cfg, key)
     params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+    w, unravel = ravel_pytree(params)                          # [P] in the storage dtype
+    decay, _ = ravel_pytree(jax.tree.map(  # weight decay on matrices, not on the norm gains
+        lambda axes, p: jnp.full(p.shape, float("norm" not in axes)),
+        common.logical_axes(model_cfg), params, is_leaf=lambda a: isinstance(a, tuple)))
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
     if dtype not in grad_fns:
         grad_fns[dtype] = make_grad_fn(dataclasses.replace(model_cfg, param_dtype=dtype))
-    grad_fn, update = grad_fns[dtype], make_update_fn(model_cfg, cfg)
-    opt = opt_init(params)
+    grad_fn, update = grad_fns[dtype], make_update_fn(cfg, unravel, decay, dtype)
+    opt = opt_init(w)
     history = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         x, y = common.get_batch(data, step, cfg.batch_size, cfg.seq_len, cfg.seed)
         loss, grads = grad_fn(compute, x, y)
-        params, compute, opt, m = update(params, opt, grads)
+        w, compute, opt, m = update(w, opt, grads)
         history.append(dict(m, loss=loss))
         if (step + 1) % log_every == 0 or step == 0:
             m = jax.device_get(history[-1])
@@ -578,7 +578,10 @@ def report_stall(histories, cfg):
 def plot_training(histories, path, window=10):
     """Three panels: the loss curves, each mode's loss minus float32's (smoothed over `window`
     steps), and the share of updates lost to rounding beside the learning rate."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the tables do not need it
+        return None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
@@ -627,7 +630,7 @@ def main():
     histories = run_training(cfg)
     report_stall(histories, cfg)
     path = plot_training(histories, os.path.join(cfg.out, "mixed_precision.png"))
-    print(f"\nloss curves: {path}")
+    print(f"\nloss curves: {path or 'not drawn (pip install matplotlib)'}")
 
     print("\nsummary (errors are relative; speed against the bf16 matmul measured in this run)")
     print(f"{'experiment':34s} {'result':>12s}   {'against':s}")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import common
 
@@ -210,15 +211,18 @@ def test_pure_bf16_loses_the_updates_master_weights_keep():
                           is_leaf=lambda x: isinstance(x, common.ParamSpec))
     grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.standard_normal(p.shape), jnp.float32),
                          master)
+    decay = jnp.ones(sum(p.size for p in jax.tree.leaves(master)), jnp.float32)
     out = {}
     for mode in ("bf16 pure", "bf16 + f32 master"):
         param_dtype, dtype = nm.MODES[mode]
-        m_cfg = dataclasses.replace(model, param_dtype=param_dtype, dtype=dtype)
-        params = jax.tree.map(lambda p: p.astype(param_dtype), master)
+        w, unravel = ravel_pytree(jax.tree.map(lambda p: p.astype(param_dtype), master))
         g = jax.tree.map(lambda x: x.astype(dtype), grads)  # gradients of the bf16 copy
-        new, compute, _, stats = nm.make_update_fn(m_cfg, cfg)(params, nm.opt_init(params), g)
+        update = nm.make_update_fn(cfg, unravel, decay, dtype)
+        new, compute, _, stats = update(w, nm.opt_init(w), g)
+        assert new.dtype == param_dtype
         assert all(c.dtype == jnp.bfloat16 for c in jax.tree.leaves(compute))
-        out[mode] = (params, new, stats)
+        assert jax.tree.map(jnp.shape, compute) == jax.tree.map(jnp.shape, master)
+        out[mode] = (w, new, stats)
     _, _, pure = out["bf16 pure"]
     old, new, kept = out["bf16 + f32 master"]
     # AdamW's first step moves every weight by about lr_0 = 1e-4 (warmup's first tenth of 1e-3):
@@ -230,10 +234,12 @@ def test_pure_bf16_loses_the_updates_master_weights_keep():
     # the float32 master moved by the whole step: on the first one Adam's m_hat / sqrt(v_hat) is
     # sign(g), so |delta| = lr_0 * |sign(g) + wd * w|, within 2% of lr_0 for |w| < 0.2 (where |g|
     # is not so small that Adam's epsilon, 1e-8, counts)
-    delta = np.asarray(old["lm_head"]) - np.asarray(new["lm_head"])
-    big = np.abs(np.asarray(grads["lm_head"].astype(jnp.bfloat16), np.float32)) > 1e-6
+    delta = np.asarray(old) - np.asarray(new)
+    g_flat = np.asarray(ravel_pytree(jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads))[0],
+                        np.float32)
+    big = (np.abs(g_flat) > 1e-6) & (np.abs(np.asarray(old)) < 0.2)
     np.testing.assert_allclose(np.abs(delta)[big], float(pure["lr"]), rtol=2e-2)
-    assert big.mean() > 0.99
+    assert big.mean() > 0.95
 
 
 def test_config_rejects_bad_values():
