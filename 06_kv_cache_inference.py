@@ -141,10 +141,6 @@ def quantize_int8(w, axes):
     return {"q": q, "scale": scale}
 
 
-def dequantize(w, axes):
-    return w["q"].astype(jnp.float32) * jnp.expand_dims(w["scale"], axes)
-
-
 def quantize_params(params, cfg):
     """int8 weight-only copy of inference params: every matrix a step streams (the layers and the
     head) becomes {"q": int8, "scale": float32}; norms and the embedding table (one row read per
