@@ -588,19 +588,29 @@ def main():
         compile_s, step_s, loss = time_training(bcfg, mesh, batch_size, bt, run.bench_remat,
                                                 run.bench_iters)
         rows.append((mesh_name(sizes), mesh.size, batch_size, compile_s, step_s, loss))
-    print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({bcfg.param_count() / 1e6:.1f}M "
-          f"params), {bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
+    # Bounds per step: the FLOPs at peak, and FSDP's traffic at the link's datasheet bandwidth:
+    # every weight gathered twice (forward, backward) in the compute dtype, every gradient
+    # reduce-scattered in the param dtype, (N-1)/N of each on a ring (lesson 02).
+    chip = common.device_chip()
+    n_params = bcfg.param_count()
+    pb, db = jnp.dtype(bcfg.param_dtype).itemsize, jnp.dtype(bcfg.dtype).itemsize
+    print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({n_params / 1e6:.1f}M params), "
+          f"{bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
           f"{flops_tok / 1e9:.2f} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
-          f"TFLOP/s per device ({peak_src})")
-    print(f"{'mesh':<10}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}{'tok/s':>12}"
-          f"{'MFU':>8}{'vs 1 device':>13}{'loss':>9}")
+          f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters at "
+          + (f"{chip.link_bw / 1e9:.0f} GB/s ({chip.name} datasheet)" if chip else "n/a"))
+    print(f"{'mesh':<10}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}"
+          f"{'peak ms':>9}{'comm ms':>9}{'tok/s':>12}{'MFU':>7}{'vs 1 device':>13}{'loss':>9}")
     base = None
     for name, nd, batch_size, compile_s, step_s, loss in rows:
         tps = batch_size * bt / step_s
         base = base or tps
+        t_peak = flops_tok * bb * bt / peak
+        comm = (2 * db + pb) * n_params * (nd - 1) / nd
+        t_comm = f"{comm / chip.link_bw * 1e3:.1f}" if chip else "n/a"
         print(f"{name:<10}{nd:>8}{batch_size:>7}{compile_s:>11.1f}{step_s * 1e3:>10.1f}"
-              f"{tps:>12,.0f}{tps * flops_tok / (nd * peak):>8.1%}{tps / base:>12.2f}x"
-              f"{loss:>9.4f}")
+              f"{t_peak * 1e3:>9.1f}{t_comm:>9}{tps:>12,.0f}{tps * flops_tok / (nd * peak):>7.1%}"
+              f"{f'{tps / base:.2f}x of {nd}':>13}{loss:>9.4f}")
     if not on_gpu and n > 1:
         print("(simulated CPU devices share the same cores: this speedup means nothing)")
 
