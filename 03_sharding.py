@@ -250,7 +250,8 @@ def predict_layer_collectives(cfg, sizes, batch_size, seq_len, passes=1):
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 _OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(_OPS) + r")(-start)?\(")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) (" + "|".join(_OPS)
+                    + r")(-start|-done)?\((.*)$")
 
 
 def _arrays(shape_text):
@@ -292,18 +293,23 @@ def parse_collectives(hlo, n_devices):
     found = {True: [], False: []}
 
     def visit(comp, times, in_loop, depth=0):
+        starts = {m.group(1): line for line in comps.get(comp, [])
+                  for m in [_INSTR.match(line)] if m and m.group(4) == "-start"}
         for line in comps.get(comp, []):
             m = _INSTR.match(line)
-            if m:
-                op, is_async = m.group(2), bool(m.group(3))
-                # Scalars are the loss, or an async op's context words: left out.
-                arrays = [b for dims, b in _arrays(m.group(1)) if dims]
-                if is_async and op in ("all-gather", "collective-permute"):
-                    arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
-                group = _group_size(line, n_devices)
-                for b in arrays:
-                    full = b * group if op == "reduce-scatter" else b
-                    found[in_loop or "/while/body/" in line] += [Coll(op, full, group)] * times
+            if m and m.group(4) != "-start":
+                # GPUs split a collective into start and done: the done's shape is the result
+                # alone (the start's holds the operands too), the start has the groups.
+                op, where = m.group(3), line
+                if m.group(4) == "-done":
+                    operand = re.match(r"\s*%?([\w.\-]+)\)", m.group(5))
+                    where = starts.get(operand.group(1), line) if operand else line
+                group = _group_size(where, n_devices)
+                in_layers = in_loop or "/while/body/" in where
+                for dims, b in _arrays(m.group(2)):
+                    if dims:  # scalars (the loss) are left out
+                        full = b * group if op == "reduce-scatter" else b
+                        found[in_layers] += [Coll(op, full, group)] * times
             if re.search(r"\basync-(done|update)\(", line) or depth > 50:
                 continue  # the async-start's call is followed once
             trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
@@ -487,16 +493,16 @@ def print_collectives(results, L, on_gpu):
           f"gathered array, a reduction's input); ring: bytes each device sends on a ring. "
           f"Block: one layer compiled alone; layer: the model's scan over {L} layers, per layer; "
           f"outside: embedding, head and loss.")
-    print(f"{'scheme':<18}{'op':<15}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
+    print(f"{'scheme':<18}{'op':<19}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
           f"{'layer XLA':>14}{'outside XLA':>14}")
     keys = ("block_pred", "block", "layer_pred", "loops", "outside")
     for r in results:
         s = [summarize(r[k]) for k in keys]
         for op in sorted(set().union(*s)):
-            print(f"{r['name']:<17} {op:<15}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
+            print(f"{r['name']:<17} {op:<19}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
                   f"{_cell(s[2], op):>14}{_cell(s[3], op, L):>14}{_cell(s[4], op):>14}")
         t = [ring_traffic(r[k]) for k in keys]
-        print(f"{r['name']:<17} {'ring':<15}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
+        print(f"{r['name']:<17} {'ring':<19}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
               f"{_size(t[3] / L):>14}{_size(t[4]):>14}")
     if any(r["sizes"]["fsdp"] > 1 for r in results):
         print("- FSDP: a weight is gathered once in the block (XLA reuses the forward's gather in "

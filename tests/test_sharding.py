@@ -109,6 +109,8 @@ def test_model_collectives_per_layer_match_prediction(scheme):
     assert reductions(got) == reductions(want)
 
 
+# The forms XLA prints: sync ops (CPU), start/done pairs whose start holds the operands and the
+# groups and whose done holds the result (GPU), and async-start wrapping a computation.
 HLO = """HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
 
 %add (x: f32[], y: f32[]) -> f32[] {
@@ -119,9 +121,11 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]
 
 %body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
   %p = (s32[], f32[4,8]{1,0}) parameter(0)
-  %ags = (f32[1,8]{1,0}, f32[4,8]{1,0}) all-gather-start(%a), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %ags = ((f32[1,8]{1,0}), f32[4,8]{1,0}) all-gather-start(%a), channel_id=1, """ \
+    """replica_groups=[2,4]<=[8], dimensions={0}
   %agd = f32[4,8]{1,0} all-gather-done(%ags)
-  %ar = (f32[4,8]{1,0}, bf16[8]{0}, f32[]) all-reduce(%a, %b, %c), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  %ar = (f32[4,8]{1,0}, bf16[8]{0}, f32[]) all-reduce(%a, %b, %c), channel_id=2, """ \
+    """replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
   ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %agd)
 }
 
@@ -130,12 +134,23 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]
   ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
+%wrapped (q: f32[8,8]) -> f32[4,8] {
+  %q = f32[8,8]{1,0} parameter(0)
+  ROOT %rs2 = f32[4,8]{1,0} reduce-scatter(%q), channel_id=5, replica_groups={{0,1}}, """ \
+    """dimensions={0}, to_apply=%add
+}
+
 ENTRY %main (x: f32[4,8]) -> f32[4,8] {
   %x = f32[4,8]{1,0} parameter(0)
-  %w = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  %rs = f32[2,8]{1,0} reduce-scatter(%x), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, to_apply=%add
-  %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), channel_id=4, source_target_pairs={{0,1},{1,0}}
-  ROOT %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
+  %w = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body, """ \
+    """backend_config={"known_trip_count":{"n":"3"}}
+  %rs = f32[2,8]{1,0} reduce-scatter(%x), channel_id=3, """ \
+    """replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, to_apply=%add
+  %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), """ \
+    """channel_id=4, source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
+  %as = ((f32[8,8]{1,0}), f32[4,8]{1,0}) async-start(%y), calls=%wrapped
+  ROOT %ad = f32[4,8]{1,0} async-done(%as), calls=%wrapped
 }
 """
 
@@ -145,11 +160,11 @@ def test_parse_collectives_reads_loops_groups_tuples_and_async_ops():
     C = sh.Coll
     assert sorted(loops) == sorted([C("all-gather", 128, 4)] * 3 + [C("all-reduce", 128, 2)] * 3
                                    + [C("all-reduce", 16, 2)] * 3)  # the scalar is left out
-    assert sorted(outside) == sorted([C("reduce-scatter", 128, 2),
+    assert sorted(outside) == sorted([C("reduce-scatter", 128, 2), C("reduce-scatter", 256, 2),
                                       C("collective-permute", 128, 8)])
     # Ring bytes per device: a gather or reduce-scatter sends (N-1)/N of the array, an
     # all-reduce twice that, a permute all of it.
-    assert sh.ring_traffic(outside) == 64 + 128
+    assert sh.ring_traffic(outside) == 64 + 128 + 128
     assert sh.ring_traffic(loops) == 3 * (128 * 3 / 4 + 2 * (128 + 16) / 2)
 
 
