@@ -43,11 +43,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import common
 
-MESH_AXES = ("dp", "fsdp", "tp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,46 +76,18 @@ class ShardingConfig:
         if self.bench_remat not in ("none", "full", "dots"):
             raise common.UserError(f"bench_remat must be none, full or dots, "
                                    f"got {self.bench_remat}")
-        parse_mesh(self.mesh)
+        common.parse_mesh(self.mesh)
 
 
 # ----------------------------------------------------------------------------------------------
 # Meshes and shardings
 # ----------------------------------------------------------------------------------------------
 
-def parse_mesh(text):
-    """'dp:2,tp:4' -> {'dp': 2, 'fsdp': 1, 'tp': 4}."""
-    sizes = {}
-    for part in filter(None, text.split(",")):
-        name, _, n = part.partition(":")
-        if name not in MESH_AXES or not n.isdigit() or int(n) < 1 or name in sizes:
-            raise common.UserError(f"mesh {text!r}: expected axes from {', '.join(MESH_AXES)} "
-                                   f"written name:size, each once (e.g. dp:2,fsdp:2,tp:2)")
-        sizes[name] = int(n)
-    return {a: sizes.get(a, 1) for a in MESH_AXES}
-
-
-def mesh_name(sizes):
-    return ",".join(f"{a}:{sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device"
-
-
-def make_mesh(sizes, devices=None):
-    """A (dp, fsdp, tp) mesh over the first dp*fsdp*tp devices. Axis types stay Auto: XLA's
-    partitioner decides the shardings of intermediates (jax.make_mesh now defaults to Explicit
-    axes, where every intermediate's sharding is part of its type)."""
-    devices = jax.devices() if devices is None else devices
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if math.prod(shape) > len(devices):
-        raise common.UserError(f"mesh {mesh_name(sizes)} needs {math.prod(shape)} devices, but "
-                               f"only {len(devices)} exist")
-    return Mesh(np.array(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
-
-
 def check_batch(batch_size, mesh):
     split = mesh.shape["dp"] * mesh.shape["fsdp"]
     if batch_size % split:
         raise common.UserError(f"batch_size={batch_size} does not split over dp*fsdp={split} "
-                               f"devices of mesh {mesh_name(dict(mesh.shape))}")
+                               f"devices of mesh {common.mesh_name(dict(mesh.shape))}")
 
 
 def sharding_of(mesh, axes):
@@ -455,7 +426,7 @@ def default_schemes(n, tp):
         schemes.append(("TP", {"tp": tp}))
     if n % tp == 0 and n // tp > 1 and tp > 1:
         schemes.append(("FSDP+TP", {"fsdp": n // tp, "tp": tp}))
-    return [(name, {a: s.get(a, 1) for a in MESH_AXES}) for name, s in schemes]
+    return [(name, {a: s.get(a, 1) for a in common.MESH_AXES}) for name, s in schemes]
 
 
 def _size(b):
@@ -534,8 +505,8 @@ def main():
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
     if run.mesh:
-        sizes = parse_mesh(run.mesh)
-        schemes = [(mesh_name(sizes), sizes)]
+        sizes = common.parse_mesh(run.mesh)
+        schemes = [(common.mesh_name(sizes), sizes)]
     else:
         schemes = default_schemes(n, run.tp) if n > 1 else []
     if n == 1:
@@ -543,16 +514,16 @@ def main():
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
     meshes = []
     for name, sizes in schemes:
-        mesh = make_mesh(sizes, devices)  # a one-line error: more devices than exist,
+        mesh = common.make_mesh(sizes, devices)  # a one-line error: more devices than exist,
         common.param_shardings(cfg, mesh)  # a mesh axis that does not divide a weight,
         check_batch(B, mesh)  # or the batch
         meshes.append((name, sizes, mesh))
-    show_sharded_array(meshes[-1][2] if meshes else make_mesh(parse_mesh("")), cfg)
+    show_sharded_array(meshes[-1][2] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
 
     params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))
     tokens = random_tokens(0, B, T + 1, cfg.vocab_size)
     batch = (tokens[:, :-1], tokens[:, 1:])
-    one = ("1 device", parse_mesh(""), make_mesh(parse_mesh(""), devices))
+    one = ("1 device", common.parse_mesh(""), common.make_mesh(common.parse_mesh(""), devices))
     with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: compare to float32 tolerance
         results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
     ref = results[0]
@@ -587,13 +558,13 @@ def main():
     peak, _, peak_src = common.ceilings(bcfg.dtype)
     flops_tok = bcfg.train_flops_per_token(bt)
     rows = []
-    for sizes in [parse_mesh("")] + ([parse_mesh(f"fsdp:{n}")] if n > 1 else []):
-        mesh = make_mesh(sizes, devices)
+    for sizes in [common.parse_mesh("")] + ([common.parse_mesh(f"fsdp:{n}")] if n > 1 else []):
+        mesh = common.make_mesh(sizes, devices)
         common.param_shardings(bcfg, mesh)
         batch_size = bb * mesh.size
         compile_s, step_s, loss = time_training(bcfg, mesh, batch_size, bt, run.bench_remat,
                                                 run.bench_iters)
-        rows.append((mesh_name(sizes), mesh.size, batch_size, compile_s, step_s, loss))
+        rows.append((common.mesh_name(sizes), mesh.size, batch_size, compile_s, step_s, loss))
     # Bounds per step: the FLOPs at peak, and FSDP's traffic at the link's datasheet bandwidth:
     # every weight gathered twice (forward, backward) in the compute dtype, every gradient
     # reduce-scattered in the param dtype, (N-1)/N of each on a ring (lesson 02).

@@ -1052,7 +1052,7 @@ def measure_int8(run, quality=True):
     unquantized model's greedy answer (when `quality`); then int8 weights' decode speed."""
     cfg, ip, P, S = run.cfg, run.params, run.P, run.S
     qp = quantize_params(ip, cfg)
-    run.section(f"int8 weights, one scale per output channel" + (
+    run.section("int8 weights, one scale per output channel" + (
         f"; quality teacher-forced on the {cfg.dtype} model's {run.G} greedy tokens" +
         ("" if run.trained else " (random weights: a trained checkpoint says more)")
         if quality else ""))

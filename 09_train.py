@@ -34,17 +34,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 
 import common
-
-MESH_AXES = ("dp", "fsdp", "tp")
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     preset: str = "small"        # a common.PRESETS name
-    steps: int = 200             # total optimizer steps (also the length of the cosine)
+    steps: int = 150             # total optimizer steps (also the length of the cosine)
     batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
     grad_accum: int = 1          # micro-batches per step (gradients summed before the update)
@@ -97,28 +94,17 @@ class TrainConfig:
         if self.process_id >= self.num_processes:
             raise common.UserError(f"process_id={self.process_id} must be < "
                                    f"num_processes={self.num_processes}")
-        parse_mesh(self.mesh)
-
-
-def parse_mesh(text):
-    """'dp:2,tp:4' -> {'dp': 2, 'tp': 4}; absent axes have size 1."""
-    sizes = {}
-    for part in filter(None, text.split(",")):
-        name, _, n = part.partition(":")
-        if name not in MESH_AXES or not n.isdigit() or int(n) < 1 or name in sizes:
-            raise common.UserError(f"mesh {text!r}: expected axes from {', '.join(MESH_AXES)} "
-                                   f"written name:size, each once (e.g. dp:2,fsdp:2,tp:2)")
-        sizes[name] = int(n)
-    return sizes
+        common.parse_mesh(self.mesh)
 
 
 def make_mesh(text, devices):
-    sizes = parse_mesh(text) or {"fsdp": len(devices)}
-    shape = [sizes.get(a, 1) for a in MESH_AXES]
-    if math.prod(shape) != len(devices):
-        raise common.UserError(f"mesh {text or 'fsdp'} uses {math.prod(shape)} devices, "
-                               f"but there are {len(devices)}")
-    return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+    """The --mesh flag over exactly these devices; empty: FSDP over all of them."""
+    sizes = common.parse_mesh(text) if text else common.parse_mesh(f"fsdp:{len(devices)}")
+    n = math.prod(sizes.values())
+    if n != len(devices):
+        raise common.UserError(f"mesh {text or 'fsdp'} uses {n} devices, but there are "
+                               f"{len(devices)}")
+    return common.make_mesh(sizes, devices)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -338,6 +338,37 @@ def param_shardings(cfg, mesh, rules=None):
     return jax.tree_util.tree_map_with_path(one, param_specs(cfg), is_leaf=_is_spec)
 
 
+MESH_AXES = ("dp", "fsdp", "tp")
+
+
+def parse_mesh(text):
+    """'dp:2,tp:4' -> {'dp': 2, 'fsdp': 1, 'tp': 4}: the --mesh flag of lessons 03 and 09."""
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition(":")
+        if name not in MESH_AXES or not n.isdigit() or int(n) < 1 or name in sizes:
+            raise UserError(f"mesh {text!r}: expected axes from {', '.join(MESH_AXES)} "
+                            f"written name:size, each once (e.g. dp:2,fsdp:2,tp:2)")
+        sizes[name] = int(n)
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def mesh_name(sizes):
+    return ",".join(f"{a}:{sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device"
+
+
+def make_mesh(sizes, devices=None):
+    """A (dp, fsdp, tp) mesh over the first dp*fsdp*tp devices. Axis types stay Auto: XLA's
+    partitioner decides the shardings of intermediates (jax.make_mesh defaults to Explicit
+    axes, where every intermediate's sharding is part of its type)."""
+    devices = jax.devices() if devices is None else devices
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) > len(devices):
+        raise UserError(f"mesh {mesh_name(sizes)} needs {math.prod(shape)} devices, but only "
+                        f"{len(devices)} exist")
+    return jax.sharding.Mesh(np.array(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face Llama checkpoints, read with a from-scratch safetensors parser
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Tests run JAX on the CPU with 8 simulated devices; this must happen before jax is imported."""
+"""Tests run JAX on the CPU with 8 simulated devices; this must happen before jax is imported.
+Compiled programs are cached on disk for the session: many tests compile the same tiny model."""
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,7 +1,6 @@
 """07_numerics: summation against exact references (math.fsum, ml_dtypes arithmetic in numpy),
 the error ordering of the three sums, quantization round trips within their bounds, and the
 rounding rule behind the pure-bf16 stall."""
-import dataclasses
 import math
 
 import jax

@@ -34,15 +34,15 @@ def reference():
     params = numpy_params(CFG, 0)
     tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, CFG.vocab_size, jnp.int32)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    loss, grads = sh.compiled_model(CFG, sh.make_mesh(sh.parse_mesh("")), B, T)(params, x, y)
+    loss, grads = sh.compiled_model(CFG, common.make_mesh(common.parse_mesh("")), B, T)(params, x, y)
     return params, x, y, float(loss), grads
 
 
 @functools.lru_cache(maxsize=None)
 def sharded_run(scheme):
     """(loss, grads, per-layer collectives, outside collectives) of the compiled sharded model."""
-    sizes = sh.parse_mesh(SCHEMES[scheme])
-    mesh = sh.make_mesh(sizes)
+    sizes = common.parse_mesh(SCHEMES[scheme])
+    mesh = common.make_mesh(sizes)
     params, x, y = reference()[:3]
     compiled = sh.compiled_model(CFG, mesh, B, T)
     tok = sh.sharding_of(mesh, ("batch", "seq"))
@@ -88,8 +88,8 @@ def reductions(summary):
 
 
 def test_block_collectives_match_prediction():
-    sizes = sh.parse_mesh("fsdp:8")
-    mesh = sh.make_mesh(sizes)
+    sizes = common.parse_mesh("fsdp:8")
+    mesh = common.make_mesh(sizes)
     loops, outside = sh.parse_collectives(sh.compiled_block(CFG, mesh, B, T).as_text(), mesh.size)
     assert loops == []
     got = sh.summarize(outside)
@@ -101,7 +101,7 @@ def test_block_collectives_match_prediction():
 
 @pytest.mark.parametrize("scheme", ["DP", "FSDP", "TP"])  # FSDP+TP: the rules are not exact
 def test_model_collectives_per_layer_match_prediction(scheme):
-    sizes = sh.parse_mesh(SCHEMES[scheme])
+    sizes = common.parse_mesh(SCHEMES[scheme])
     loops = sharded_run(scheme)[2]
     got = {op: (n // CFG.n_layers, b // CFG.n_layers) for op, (n, b) in sh.summarize(loops).items()}
     want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, passes=2))
@@ -169,9 +169,9 @@ def test_parse_collectives_reads_loops_groups_tuples_and_async_ops():
 
 
 def test_memory_per_device_divides_by_the_sharding():
-    full = sh.memory_per_device(CFG, sh.make_mesh(sh.parse_mesh("")), B, T)
-    fsdp = sh.memory_per_device(CFG, sh.make_mesh(sh.parse_mesh("fsdp:8")), B, T)
-    dp = sh.memory_per_device(CFG, sh.make_mesh(sh.parse_mesh("dp:8")), B, T)
+    full = sh.memory_per_device(CFG, common.make_mesh(common.parse_mesh("")), B, T)
+    fsdp = sh.memory_per_device(CFG, common.make_mesh(common.parse_mesh("fsdp:8")), B, T)
+    dp = sh.memory_per_device(CFG, common.make_mesh(common.parse_mesh("dp:8")), B, T)
     n_params = CFG.param_count()
     assert full["params"] == full["grads"] == 4 * n_params and full["adam"] == 8 * n_params
     assert dp["params"] == full["params"]  # DP replicates the weights
@@ -182,13 +182,13 @@ def test_memory_per_device_divides_by_the_sharding():
 
 def test_bad_meshes_are_one_line_errors():
     with pytest.raises(common.UserError, match="needs 16 devices, but only 8 exist"):
-        sh.make_mesh(sh.parse_mesh("dp:2,fsdp:4,tp:2"))
+        common.make_mesh(common.parse_mesh("dp:2,fsdp:4,tp:2"))
     with pytest.raises(common.UserError, match="does not divide"):  # 2 kv heads over 4
-        common.param_shardings(CFG, sh.make_mesh(sh.parse_mesh("tp:4")))
+        common.param_shardings(CFG, common.make_mesh(common.parse_mesh("tp:4")))
     with pytest.raises(common.UserError, match="batch_size=6 does not split"):
-        sh.check_batch(6, sh.make_mesh(sh.parse_mesh("fsdp:4")))
+        sh.check_batch(6, common.make_mesh(common.parse_mesh("fsdp:4")))
     with pytest.raises(common.UserError, match="expected axes"):
-        sh.parse_mesh("pp:2")
+        common.parse_mesh("pp:2")
 
 
 def test_cli_reports_a_bad_mesh_in_one_line():
