@@ -449,7 +449,12 @@ def load_hf_llama(path, dtype=None):
         cfg = config_from_hf(json.load(f))
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # a sharded checkpoint names its files; others may lie beside them
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise UserError(f"{path} has no *.safetensors files (pytorch .bin files are not read)")
     tensors = {}
