@@ -1,0 +1,1270 @@
+"""Pallas kernels: when XLA cannot fuse what the roofline says is possible, write the kernel.
+
+    python 08_pallas_kernels.py                      # GPU: every kernel beside its peer
+    python 08_pallas_kernels.py --only=matmul,int8   # some of them (matmul, flash, decode, int8)
+    python 08_pallas_kernels.py --interpret=true     # CPU: the same kernels, interpreted, small
+
+A Pallas kernel is a Python function over *blocks*: `pallas_call` runs it once per point of a
+grid, and each `BlockSpec` says which block of an array one grid point sees (its shape, and an
+index map from the grid point to the block's position). What happens inside the body stays on
+chip: registers and shared memory on a GPU, VMEM on a TPU. That is the whole lesson of 01
+(count the bytes that cross HBM) and 05 (flash attention needs its blocks kept on chip), turned
+into code. Four kernels, each with its reference beside it:
+
+  1. `matmul`: a tiled matmul with a fused epilogue (bias + activation). A grid point owns one
+     [block_m, block_n] tile of the output and walks K; the tile's shape sets the arithmetic
+     intensity (lecture: one output per thread reads 2K values for 2K FLOPs; a 2-D tile of
+     m x n outputs reads (m + n)K for 2mnK), and the epilogue is free because the tile is still
+     on chip when it runs.
+  2. `flash_attention`: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) forward and backward,
+     the layout and semantics of lesson 05 ([B, T, H, D], GQA, causal, segment ids, any T and S).
+     The scores of a block live only in registers; causal blocks above the diagonal are skipped.
+  3. `decode_attention`: one new token per sequence against a KV cache with per-sequence lengths
+     (lesson 06's decode step). A single query row gives too little work per sequence, so the
+     cache is split in chunks processed in parallel and the partial results combined by their
+     logsumexp (flash-decoding, Dao et al. 2023). It is memory-bound: the target is the copy
+     bandwidth over the cache bytes actually read (each row stops at its length).
+  4. `int8_matmul`: weight-only int8 for decode (1..64 rows): the weights cross HBM as 1 byte and
+     are widened to bf16 on chip, scaled per output channel in the epilogue. XLA does not fuse
+     the widening into its matmul well (lesson 06 measured int8 slower than bf16 through XLA);
+     the kernel reads each byte once.
+
+The portable kernels use only a grid, BlockSpecs and `jnp` inside the body, so they run
+interpreted on a CPU (`interpret=True`, what the tests do), compiled on an NVIDIA GPU, and by
+their structure on a TPU. On a GPU they are compiled through the Triton lowering of Pallas
+(`num_warps`, `num_stages` below), which handles these block shapes and in-kernel loops; JAX
+marks that lowering deprecated in favour of Mosaic GPU, whose Hopper-specific programming model
+(TMA copies, wgmma, warp specialisation) is what the fastest kernels need.
+"""
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+import common
+
+flash05 = common.import_script("05_flash_attention")
+
+# A finite "minus infinity": exp(MASK - m) underflows to 0, and MASK - MASK stays 0 (not NaN)
+# for a row whose first visited block is fully masked; a later visible score rescales it away.
+MASK = -0.7 * float(np.finfo(np.float32).max)
+
+
+def compiler_params(num_warps=4, num_stages=3):
+    """How a GPU compiles a portable kernel: `num_warps` threads-of-32 per grid point, and
+    `num_stages` copies of each loop's loads in flight (software pipelining). Ignored when
+    interpreted; a TPU compiles the same kernel through Mosaic TPU with its own defaults."""
+    if jax.devices()[0].platform != "gpu":
+        return None
+    from jax.experimental.pallas import triton as plt
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _pad_to(x, axis, multiple):
+    pad = -x.shape[axis] % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _check_block(name, b, minimum=16):
+    if not isinstance(b, (int, np.integer)) or b < minimum or b & (b - 1):
+        raise common.UserError(f"{name} must be a power of two >= {minimum}, got {b!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Tiled matmul with a fused epilogue
+# ----------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "none": lambda y: y,
+    "relu": lambda y: jnp.maximum(y, 0),
+    "gelu": lambda y: jax.nn.gelu(y, approximate=True),
+    "silu": lambda y: y * jax.nn.sigmoid(y),
+}
+
+
+def matmul_kernel(x_ref, w_ref, b_ref, o_ref, *, block_k, activation):
+    # x_ref [block_m, K], w_ref [K, block_n]: this grid point's row panel and column panel.
+    # Only a [block_m, block_k] and a [block_k, block_n] slice are loaded per step; the float32
+    # accumulator [block_m, block_n] never leaves the chip until the epilogue has run.
+    def step(k, acc):
+        x = x_ref[:, pl.ds(k * block_k, block_k)]
+        w = w_ref[pl.ds(k * block_k, block_k), :]
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, x_ref.shape[1] // block_k, step,
+                        jnp.zeros(o_ref.shape, jnp.float32))
+    if b_ref is not None:
+        acc = acc + b_ref[...].astype(jnp.float32)[None, :]
+    o_ref[...] = ACTIVATIONS[activation](acc).astype(o_ref.dtype)
+
+
+def matmul(x, w, bias=None, activation="none", block_m=128, block_n=128, block_k=64,
+           num_warps=4, num_stages=3, interpret=False):
+    """act(x @ w + bias): x [M, K], w [K, N], bias [N] or None; any M, N, K (padded to blocks).
+    Accumulates in float32, returns x.dtype."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise common.UserError(f"matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+    if activation not in ACTIVATIONS:
+        raise common.UserError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    for name, b in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        _check_block(name, b)
+    (M, K), N = x.shape, w.shape[1]
+    block_m, block_n = min(block_m, _pow2_at_least(M)), min(block_n, _pow2_at_least(N))
+    block_k = min(block_k, _pow2_at_least(K))
+    xp = _pad_to(_pad_to(x, 0, block_m), 1, block_k)   # zero padding adds nothing to the sums
+    wp = _pad_to(_pad_to(w, 0, block_k), 1, block_n)
+    Mp, Kp, Np = xp.shape[0], xp.shape[1], wp.shape[1]
+    in_specs = [pl.BlockSpec((block_m, Kp), lambda i, j: (i, 0)),
+                pl.BlockSpec((Kp, block_n), lambda i, j: (0, j))]
+    args = [xp, wp]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((block_n,), lambda i, j: (j,)))
+        args.append(_pad_to(bias.reshape(N), 0, block_n))
+    kernel = functools.partial(matmul_kernel, block_k=block_k, activation=activation)
+    if bias is None:
+        kernel = functools.partial(_no_bias, kernel)
+    out = pl.pallas_call(
+        kernel,
+        grid=(Mp // block_m, Np // block_n),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=interpret,
+    )(*args)
+    return out[:M, :N]
+
+
+def _no_bias(kernel, x_ref, w_ref, o_ref):
+    kernel(x_ref, w_ref, None, o_ref)
+
+
+def _pow2_at_least(n):
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def matmul_reference(x, w, bias=None, activation="none"):
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return ACTIVATIONS[activation](y).astype(x.dtype)
+
+
+def tile_intensity(tile_m, tile_n, K, bytes_per_value):
+    """FLOPs per byte of HBM traffic when one worker computes a tile_m x tile_n block of outputs:
+    2*m*n*K FLOPs over reading m rows and n columns of length K, and writing m*n outputs. The
+    lecture's one output per thread is (1, 1): 2K / (2(2K + 1)) at 2 bytes, about 1/2."""
+    return 2 * tile_m * tile_n * K / (bytes_per_value * (K * (tile_m + tile_n) + tile_m * tile_n))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Flash attention, forward and backward (FlashAttention-2, Algorithms 1 and 2)
+# ----------------------------------------------------------------------------------------------
+
+def _dot_nt(a, b):
+    """a @ b.T with a float32 result: scores from rows of Q and rows of K."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    """a.T @ b with a float32 result: gradients summed over the query rows."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _visible(q_pos, k_pos, causal, seq_len, seg_q, seg_k):
+    """[block_q, block_k] bool: which scores exist. Padding keys (position >= S) never do."""
+    ok = k_pos[None, :] < seq_len
+    if causal:
+        ok &= q_pos[:, None] >= k_pos[None, :]
+    if seg_q is not None:
+        ok &= seg_q[:, None] == seg_k[None, :]
+    return ok
+
+
+def _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal, has_segments):
+    """The key blocks query block i visits, as (unmasked range, masked range): blocks entirely
+    visible need no mask arithmetic; the causal diagonal, the padded tail and any block under
+    segment ids do. Blocks past the diagonal are not visited at all (half the work)."""
+    if causal:
+        end = lax.div((i + 1) * block_q + block_k - 1, block_k)   # first block wholly above
+        end = jnp.minimum(end, n_kv)
+        first_masked = jnp.minimum(lax.div(i * block_q, block_k), end)
+    else:
+        end = n_kv
+        first_masked = kv_len // block_k                          # the ragged last block
+    if has_segments:
+        first_masked = 0
+    return first_masked, end
+
+
+def flash_fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *,
+                     sm_scale, causal, block_k, kv_len):
+    # q_ref [block_q, D] of one (batch, head); k_ref, v_ref [S_padded, D] of its kv head.
+    block_q = q_ref.shape[0]
+    i = pl.program_id(2)
+    q = q_ref[...]
+    seg_q = segq_ref[...] if segq_ref is not None else None
+    q_pos = i * block_q + jnp.arange(block_q)
+
+    def step(j, carry, masked):
+        acc, m_i, l_i = carry
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = _dot_nt(q, k) * sm_scale                  # [block_q, block_k] f32
+        if masked:
+            seg_k = segk_ref[pl.ds(j * block_k, block_k)] if segk_ref is not None else None
+            k_pos = j * block_k + jnp.arange(block_k)
+            s = jnp.where(_visible(q_pos, k_pos, causal, kv_len, seg_q, seg_k), s, MASK)
+        # Online softmax (Algorithm 1, lines 9-10): rescale what is accumulated by
+        # exp(m_old - m_new); statistics in float32 whatever the input dtype.
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp(m_i - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l_i
+
+    n_kv = k_ref.shape[0] // block_k
+    first_masked, end = _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal,
+                                   segq_ref is not None)
+    carry = (jnp.zeros(o_ref.shape, jnp.float32),
+             jnp.full((block_q,), MASK, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), carry)
+    acc, m_i, l_i = lax.fori_loop(first_masked, end, functools.partial(step, masked=True), carry)
+    l_i = jnp.maximum(l_i, 1e-30)            # only padding rows (discarded) can have l_i == 0
+    o_ref[...] = (acc / l_i[:, None]).astype(o_ref.dtype)   # divide once, at the end (FA-2)
+    lse_ref[...] = m_i + jnp.log(l_i)        # L_i, all the backward pass needs per row
+
+
+def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                     dk_ref, dv_ref, *, sm_scale, causal, block_q, q_len, kv_len):
+    # One key block [block_k, D] of one query head walks the query blocks that see it
+    # (Algorithm 2's outer loop): dV_j += P^T dO, dK_j += dS^T Q, with P rebuilt from L_i.
+    block_k = k_ref.shape[0]
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    seg_k = segk_ref[...] if segk_ref is not None else None
+    k_pos = j * block_k + jnp.arange(block_k)
+    n_q = q_ref.shape[0] // block_q
+
+    def step(i, carry, masked):
+        dk, dv = carry
+        q = q_ref[pl.ds(i * block_q, block_q), :]
+        do = do_ref[pl.ds(i * block_q, block_q), :]
+        lse = lse_ref[pl.ds(i * block_q, block_q)]
+        delta = delta_ref[pl.ds(i * block_q, block_q)]
+        s = _dot_nt(q, k) * sm_scale                  # [block_q, block_k]
+        p = jnp.exp(s - lse[:, None])
+        if masked:
+            seg_q = segq_ref[pl.ds(i * block_q, block_q)] if segq_ref is not None else None
+            q_pos = i * block_q + jnp.arange(block_q)
+            ok = _visible(q_pos, k_pos, causal, kv_len, seg_q, seg_k) & (q_pos < q_len)[:, None]
+            p = jnp.where(ok, p, 0.0)
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        dp = _dot_nt(do, v)                           # [block_q, block_k]
+        ds = p * (dp - delta[:, None]) * sm_scale                  # dS = P o (dP - D_i)
+        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        return dk, dv
+
+    # Query blocks before the diagonal cannot see this key block (causal): start at it.
+    start = lax.div(j * block_k, block_q) if causal else 0
+    # Masked blocks: the diagonal band (causal), the ragged last query/key block, segment ids.
+    if segq_ref is not None:
+        band_end = n_q
+    elif causal:
+        band_end = jnp.minimum(lax.div((j + 1) * block_k + block_q - 1, block_q), n_q)
+    else:
+        band_end = start
+    zeros = jnp.zeros(dk_ref.shape, jnp.float32)
+    carry = lax.fori_loop(start, band_end, functools.partial(step, masked=True), (zeros, zeros))
+    # Past the band, a padded query tail or key tail still needs the mask: keep it on the last.
+    ragged = (q_len % block_q != 0) or (kv_len % block_k != 0)
+    full_end = n_q - 1 if ragged else n_q
+    carry = lax.fori_loop(band_end, jnp.maximum(band_end, full_end),
+                          functools.partial(step, masked=False), carry)
+    if ragged:
+        carry = lax.fori_loop(jnp.maximum(band_end, full_end), n_q,
+                              functools.partial(step, masked=True), carry)
+    dk, dv = carry
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def flash_dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
+                    dq_ref, *, sm_scale, causal, block_k, kv_len):
+    # One query block walks the key blocks it sees: dQ_i += dS K (a separate pass, so no two
+    # grid points ever add into the same dQ rows).
+    block_q = q_ref.shape[0]
+    i = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    seg_q = segq_ref[...] if segq_ref is not None else None
+    q_pos = i * block_q + jnp.arange(block_q)
+
+    def step(j, dq, masked):
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = _dot_nt(q, k) * sm_scale
+        p = jnp.exp(s - lse[:, None])
+        if masked:
+            seg_k = segk_ref[pl.ds(j * block_k, block_k)] if segk_ref is not None else None
+            k_pos = j * block_k + jnp.arange(block_k)
+            p = jnp.where(_visible(q_pos, k_pos, causal, kv_len, seg_q, seg_k), p, 0.0)
+        dp = _dot_nt(do, v)
+        ds = p * (dp - delta[:, None]) * sm_scale
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    n_kv = k_ref.shape[0] // block_k
+    first_masked, end = _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal,
+                                   segq_ref is not None)
+    dq = lax.fori_loop(0, first_masked, functools.partial(step, masked=False),
+                       jnp.zeros(dq_ref.shape, jnp.float32))
+    dq = lax.fori_loop(first_masked, end, functools.partial(step, masked=True), dq)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashBlocks:
+    block_q: int = 128          # forward: query rows per grid point
+    block_k: int = 64           # forward: key rows per loop step
+    block_q_bwd: int = 64       # backward: query rows per step (dK/dV) and per grid point (dQ)
+    block_k_bwd: int = 64       # backward: key rows per grid point (dK/dV) and per step (dQ)
+    num_warps: int = 4          # forward
+    num_stages: int = 2
+    num_warps_bwd: int = 4      # both backward kernels
+    num_stages_bwd: int = 2
+
+
+def _attention_specs(B, H, G, Tp, Sp, D, blk, along_q, has_segments):
+    """BlockSpecs over [B, T, H, D] for a grid (B, H, blocks): the axis `along_q` ("q" or "k")
+    is split into blocks of `blk` rows, the other is seen whole and walked inside the kernel.
+    Query head h reads kv head h // G (GQA)."""
+    def rows(n_rows, tiled, kv):
+        head = (lambda h: h // G) if kv else (lambda h: h)
+        if tiled:
+            return pl.BlockSpec((None, blk, None, D), lambda b, h, i: (b, i, head(h), 0))
+        return pl.BlockSpec((None, n_rows, None, D), lambda b, h, i: (b, 0, head(h), 0))
+
+    q_tiled = along_q == "q"
+    specs = [rows(Tp, q_tiled, False), rows(Sp, not q_tiled, True), rows(Sp, not q_tiled, True)]
+    if has_segments:
+        specs += [pl.BlockSpec((None, blk), lambda b, h, i: (b, i)) if q_tiled
+                  else pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0)),
+                  pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0)) if q_tiled
+                  else pl.BlockSpec((None, blk), lambda b, h, i: (b, i))]
+    return specs
+
+
+def _with_segments(kernel, has_segments, n_before):
+    """Adapt a kernel whose signature has (segq_ref, segk_ref) after `n_before` refs: without
+    segment ids they are not passed, and the kernel sees None."""
+    if has_segments:
+        return kernel
+
+    def wrapped(*refs):
+        return kernel(*refs[:n_before], None, None, *refs[n_before:])
+    return wrapped
+
+
+def _flash_forward(q, k, v, seg, causal, sm_scale, blocks, interpret):
+    B, T, H, D = q.shape
+    S, KH = k.shape[1], k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    qp, kp, vp = _pad_to(q, 1, bq), _pad_to(k, 1, bk), _pad_to(v, 1, bk)
+    Tp, Sp = qp.shape[1], kp.shape[1]
+    has_seg = seg is not None
+    args = [qp, kp, vp] + ([_pad_to(seg, 1, bq), _pad_to(seg, 1, bk)] if has_seg else [])
+    kernel = functools.partial(flash_fwd_kernel, sm_scale=sm_scale, causal=causal, block_k=bk,
+                               kv_len=S)
+    out, lse = pl.pallas_call(
+        _with_segments(kernel, has_seg, 3),
+        grid=(B, H, Tp // bq),
+        in_specs=_attention_specs(B, H, H // KH, Tp, Sp, D, bq, "q", has_seg),
+        out_specs=[pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
+        compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
+        interpret=interpret,
+    )(*args)
+    return out[:, :T], lse   # lse stays padded [B, H, Tp]: the backward pass reuses it
+
+
+def _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks, interpret):
+    B, T, H, D = q.shape
+    S, KH = k.shape[1], k.shape[2]
+    G = H // KH
+    bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
+    step = math.lcm(bq, bk, blocks.block_q)        # one padding that suits every block size
+    qp, dop = _pad_to(q, 1, step), _pad_to(d_out, 1, step)
+    kp, vp = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
+    Tp, Sp = qp.shape[1], kp.shape[1]
+    lse = _pad_to(lse, 2, step)[:, :, :Tp]
+    # D_i = rowsum(dO o O) (Algorithm 2, line 4): one fused elementwise pass, left to XLA.
+    delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = _pad_to(delta, 2, step)
+    has_seg = seg is not None
+    segs = [_pad_to(seg, 1, step), _pad_to(seg, 1, bk)] if has_seg else []
+    params = compiler_params(blocks.num_warps_bwd, blocks.num_stages_bwd)
+    row_stats_whole = pl.BlockSpec((None, None, Tp), lambda b, h, i: (b, h, 0))
+    row_stats_tile = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+
+    # dK, dV per *query* head, [B, S, H, D]; the G heads sharing a kv head are summed after.
+    dkv_specs = _attention_specs(B, H, G, Tp, Sp, D, bk, "k", has_seg)
+    dkv_specs += [pl.BlockSpec((None, Tp, None, D), lambda b, h, j: (b, 0, h, 0)),
+                  row_stats_whole, row_stats_whole]
+    kernel = functools.partial(flash_dkv_kernel, sm_scale=sm_scale, causal=causal, block_q=bq,
+                               q_len=T, kv_len=S)
+    dk, dv = pl.pallas_call(
+        _with_segments(kernel, has_seg, 3),
+        grid=(B, H, Sp // bk),
+        in_specs=dkv_specs,
+        out_specs=[pl.BlockSpec((None, bk, None, D), lambda b, h, j: (b, j, h, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((B, Sp, H, D), jnp.float32)] * 2,
+        compiler_params=params, interpret=interpret,
+    )(qp, kp, vp, *segs, dop, lse, delta)
+    dk = dk[:, :S].reshape(B, S, KH, G, D).sum(3).astype(k.dtype)
+    dv = dv[:, :S].reshape(B, S, KH, G, D).sum(3).astype(v.dtype)
+
+    segs = [_pad_to(seg, 1, bq), _pad_to(seg, 1, bk)] if has_seg else []
+    dq_specs = _attention_specs(B, H, G, Tp, Sp, D, bq, "q", has_seg)
+    dq_specs += [pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
+                 row_stats_tile, row_stats_tile]
+    kernel = functools.partial(flash_dq_kernel, sm_scale=sm_scale, causal=causal, block_k=bk,
+                               kv_len=S)
+    dq = pl.pallas_call(
+        _with_segments(kernel, has_seg, 3),
+        grid=(B, H, Tp // bq),
+        in_specs=dq_specs,
+        out_specs=pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        compiler_params=params, interpret=interpret,
+    )(qp, kp, vp, *segs, dop, lse, delta)
+    return dq[:, :T], dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# 2b. The forward pass written for Hopper (sm90): TMA, wgmma, warp specialisation
+# ----------------------------------------------------------------------------------------------
+#
+# The portable forward above leaves the schedule to the compiler: each grid point loads a K/V
+# block, waits, multiplies, exponentiates, multiplies again. On an H100/H200 that reaches about
+# half of cuDNN (measured in main). FlashAttention-3 (Shah et al. 2024) closes the gap with what
+# Hopper adds, written here with Pallas' Mosaic GPU dialect (`plgpu.kernel`):
+#
+#   * TMA: one thread asks the copy engine for a whole [block_kv, D] tile of K or V; it lands in
+#     shared memory and signals an mbarrier, so no thread spends registers or time on loads.
+#   * wgmma: a warpgroup (4 warps) issues one asynchronous matmul on the tensor cores, operands
+#     in shared memory (or P in registers), the accumulator in registers.
+#   * Warp specialisation: one CTA = three warpgroups. Warpgroup 2 only streams K and V into a
+#     ring of `stages` shared-memory slots (and gives its registers away with setmaxnreg);
+#     warpgroups 0 and 1 each own block_q query rows and do S = Q K^T, the online softmax in
+#     float32 registers, and O += P V.
+#   * Ping-pong: a two-party barrier (`turn`) makes the two math warpgroups alternate, so one's
+#     softmax (exp2 on the slow special-function unit) overlaps the other's matmuls.
+#
+# Scores are scaled by sm_scale * log2(e) once, so the softmax runs in base 2 (exp2 is a single
+# instruction); the logsumexp is converted back to natural log for the backward pass, which
+# stays the portable one. Causal: tiles wholly right of the diagonal are never loaded, tiles
+# wholly left are not masked. No segment ids, and T, S must be multiples of the tiles:
+# `flash_attention` falls back to the portable kernel otherwise.
+
+_LN2 = math.log(2.0)
+_LOG2E = math.log2(math.e)
+HOPPER_BLOCK_Q, HOPPER_BLOCK_KV, HOPPER_STAGES = 64, 128, 2   # measured best on an H200
+
+
+def hopper_available(q, k, segment_ids, causal):
+    """Whether the Hopper forward applies: an sm90 GPU, 16-bit inputs, D a multiple of 64 up
+    to 256, no segment ids, T a multiple of 2 * block_q and S of block_kv (T == S if causal)."""
+    dev = jax.devices()[0]
+    T, S, D = q.shape[1], k.shape[1], q.shape[3]
+    return (dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+            and D % 64 == 0 and D <= 256 and segment_ids is None
+            and T % (2 * HOPPER_BLOCK_Q) == 0 and S % HOPPER_BLOCK_KV == 0
+            and (T == S or not causal))
+
+
+def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, heavy_first):
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # imported only where it runs
+
+    batch, t_len, n_heads, head_dim = q.shape
+    s_len, n_kv_heads = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    dtype = q.dtype
+    n_q_tiles = t_len // (2 * block_q)
+    n_kv_total = s_len // block_kv
+    # Never allocate more ring slots than there are tiles to stream.
+    stages = min(stages, n_kv_total)
+    score_scale = sm_scale * _LOG2E   # one multiply: temperature + change of base
+
+    def body(q_gmem, k_gmem, v_gmem, out_gmem, lse_gmem,
+                      q_smem, k_smem, v_smem, lse_smem,
+                      q_landed, k_landed, v_landed, k_free, v_free, turn):
+        wg = lax.axis_index("wg")
+        head = lax.axis_index("head")
+        b = lax.axis_index("batch")
+        tile = lax.axis_index("q_tile")
+        if causal and heavy_first:
+            tile = n_q_tiles - 1 - tile     # the bottom rows see the most keys
+        cta_row0 = tile * (2 * block_q)
+
+        def kv_steps_for(row_end):
+            # Number of K/V tiles a block of query rows ending at row_end must see.
+            if not causal:
+                return n_kv_total        # a Python int: keeps the loops static
+            return lax.div(row_end + (block_kv - 1), jnp.int32(block_kv))
+
+        # The loader streams as many tiles as the *later* warpgroup needs.
+        cta_steps = kv_steps_for(cta_row0 + 2 * block_q)
+
+        def take_turn():
+            # Two-party rendezvous between the math warpgroups (see module docstring).
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        @pl.when(wg < 2)
+        def _math_warpgroup():
+            plgpu.set_max_registers(232, action="increase")
+            my_q = q_smem.at[wg]
+            row0 = cta_row0 + wg * block_q
+            my_steps = kv_steps_for(row0 + block_q)
+
+            plgpu.copy_gmem_to_smem(q_gmem.at[b, pl.ds(row0, block_q), head], my_q,
+                                                            q_landed.at[wg])
+
+            row_vec = plgpu.Layout.WGMMA.reduce(1)
+            m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_vec)
+            l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row_vec)
+            acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                                            plgpu.Layout.WGMMA)
+
+            plgpu.barrier_wait(q_landed.at[wg])
+            plgpu.barrier_wait(k_landed.at[0])
+            # Warpgroup 1 starts half a step behind warpgroup 0.
+            pl.when(wg == 1)(take_turn)
+
+            def one_step(step, carry, *, masked):
+                acc, m, l = carry
+                slot = lax.rem(step, jnp.int32(stages))
+
+                # ---- S = Q @ K^T on the tensor cores --------------------------------
+                def scores(s_acc):
+                    plgpu.wgmma(s_acc, my_q, k_smem.at[slot].T)
+                    take_turn()            # let the other warpgroup have the tensor cores
+                    return s_acc[...]      # reading the accumulator waits for the wgmma
+                s = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])   # K slot may be refilled
+
+                if masked:
+                    # Only tiles crossing the diagonal get here.  Keep key <= query.
+                    qi = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                    kj = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(qi + row0 >= kj + step * block_kv, s, -jnp.inf)
+
+                # ---- online softmax (float32, base 2) ------------------------------
+                m_new = jnp.maximum(m, s.max(axis=1) * score_scale)
+                rescale = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * score_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                l = l * rescale + p.sum(axis=1)
+                p_lo = p.astype(dtype)
+                # Pin the softmax results before the hand-over so the compiler does not
+                # sink parts of the softmax past the barrier below.
+                acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+
+                plgpu.barrier_arrive(turn)            # softmax done
+                plgpu.barrier_wait(v_landed.at[slot])
+                plgpu.barrier_wait(turn)              # tensor cores are ours again
+
+                # ---- O += P @ V --------------------------------------------------
+                def accumulate(o_acc):
+                    plgpu.wgmma(o_acc, p_lo, v_smem.at[slot])
+                    # While the matmul runs, wait for the next K tile to land.
+                    nxt = step + 1
+                    @pl.when(nxt < my_steps)
+                    def _():
+                        plgpu.barrier_wait(k_landed.at[lax.rem(nxt, jnp.int32(stages))])
+                acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])   # V slot may be refilled
+                return acc, m_new, l
+
+            carry = (acc, m, l)
+            if not causal:
+                carry = lax.fori_loop(0, my_steps, functools.partial(one_step, masked=False), carry)
+            else:
+                # Tiles that end at or before our first row need no mask.
+                n_unmasked = lax.div(row0, jnp.int32(block_kv))
+                carry = lax.fori_loop(0, n_unmasked,
+                              functools.partial(one_step, masked=False), carry)
+                carry = lax.fori_loop(n_unmasked, my_steps,
+                              functools.partial(one_step, masked=True), carry)
+
+                # Warpgroup 0 may need fewer tiles than warpgroup 1.  It still has to
+                # release the slots the loader filled for the CTA and keep the
+                # ping-pong barrier in step (two rendezvous per tile).
+                @pl.loop(my_steps, cta_steps)
+                def _drain(step):
+                    slot = lax.rem(step, jnp.int32(stages))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    take_turn()
+                    take_turn()
+            acc, m, l = carry
+            # Warpgroup 0 pays back the rendezvous warpgroup 1 made at the start.
+            pl.when(wg == 0)(take_turn)
+
+            # ---- epilogue: normalise, write O and the logsumexp -------------------
+            inv_l = 1.0 / l
+            out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+            my_q[...] = out.astype(dtype)       # Q is no longer needed: reuse its slot
+            # lse = ln(sum_j exp(scale * s_j)) = ln2 * (m + log2(l)), m in base-2 units.
+            lse_smem.at[wg][...] = (m + jnp.log2(l)) * _LN2
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, out_gmem.at[b, pl.ds(row0, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[b, head, pl.ds(row0, block_q)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _loader_warpgroup():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(head, jnp.int32(group))
+
+            def issue(step, slot, what):
+                src = (b, pl.ds(step * block_kv, block_kv), kv_head)
+                if what == "k":
+                    plgpu.copy_gmem_to_smem(k_gmem.at[src], k_smem.at[slot], k_landed.at[slot])
+                else:
+                    plgpu.copy_gmem_to_smem(v_gmem.at[src], v_smem.at[slot], v_landed.at[slot])
+
+            # Fill the ring.
+            for i in range(stages):
+                @pl.when(i < cta_steps)
+                def _():
+                    issue(i, i, "k")
+                    issue(i, i, "v")
+
+            # Steady state: refill a slot as soon as both math warpgroups freed it.
+            @pl.loop(0, cta_steps - stages)
+            def _(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                issue(step + stages, slot, "k")
+                plgpu.barrier_wait(v_free.at[slot])
+                issue(step + stages, slot, "v")
+
+    # 128-byte swizzled, (8, 64)-tiled shared-memory layout: what wgmma and TMA
+    # both want for 16-bit operands with 64-element (128-byte) rows.
+    mma_layout = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+            plgpu.SMEM((2, block_q, head_dim), dtype, transforms=mma_layout),       # Q / O
+            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=mma_layout),  # K ring
+            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=mma_layout),  # V ring
+            plgpu.SMEM((2, block_q), jnp.float32),                                   # lse
+            plgpu.Barrier(num_barriers=2),                                           # Q landed
+            plgpu.Barrier(num_barriers=stages),                                      # K landed
+            plgpu.Barrier(num_barriers=stages),                                      # V landed
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),                      # K free
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),                      # V free
+            plgpu.Barrier(num_arrivals=2),                                           # turn
+    )
+    out_type = (
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((batch, n_heads, t_len), jnp.float32),
+    )
+    out, lse = plgpu.kernel(
+            body,
+            out_type=out_type,
+            scratch_types=scratch,
+            # Heads vary fastest: CTAs running at the same time mostly share the
+            # same K/V rows (and, with GQA, the same kv head), which helps L2.
+            grid=(n_heads, n_q_tiles, batch),
+            grid_names=("head", "q_tile", "batch"),
+            num_threads=3,
+            thread_name="wg",
+            compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------
+# Reference, tests and benchmark
+# ---------------------------------------------------------------------------
+
+
+def _forward_pass(q, k, v, seg, causal, sm_scale, blocks, interpret, impl):
+    if impl == "hopper":
+        return _hopper_forward(q, k, v, causal=causal, sm_scale=sm_scale,
+                               block_q=HOPPER_BLOCK_Q, block_kv=HOPPER_BLOCK_KV,
+                               stages=HOPPER_STAGES, heavy_first=True)
+    return _flash_forward(q, k, v, seg, causal, sm_scale, blocks, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _flash(q, k, v, seg, causal, sm_scale, blocks, interpret, impl):
+    return _forward_pass(q, k, v, seg, causal, sm_scale, blocks, interpret, impl)[0]
+
+
+def _flash_fwd(q, k, v, seg, causal, sm_scale, blocks, interpret, impl):
+    out, lse = _forward_pass(q, k, v, seg, causal, sm_scale, blocks, interpret, impl)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(causal, sm_scale, blocks, interpret, impl, res, d_out):
+    q, k, v, seg, out, lse = res
+    dq, dk, dv = _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks,
+                                 interpret)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=False,
+                    blocks=FlashBlocks(), sm_scale=None, implementation=None):
+    """Exact attention as one kernel per pass: q [B, T, H, D]; k, v [B, S, KH, D] with KH
+    dividing H; segment_ids [B, T] (T == S) or None. Causal aligns query i with key i.
+    Differentiable (FlashAttention-2 backward); lengths need not be block multiples.
+
+    implementation: "portable" (grid + BlockSpecs, any backend), "hopper" (the sm90 forward
+    above, portable backward), or None: "hopper" where `hopper_available`, else "portable"."""
+    flash05.attn04.check_inputs(q, k, v, segment_ids)
+    if causal and q.shape[1] != k.shape[1]:
+        raise common.UserError(f"causal attention here needs T == S, got T={q.shape[1]}, "
+                               f"S={k.shape[1]}")
+    for f in dataclasses.fields(blocks):
+        if f.name.startswith("block"):
+            _check_block(f.name, getattr(blocks, f.name))
+    # Small inputs: shrink the blocks to the (padded) lengths so a tiny test is not 128 rows.
+    T, S = q.shape[1], k.shape[1]
+    blocks = dataclasses.replace(
+        blocks, block_q=min(blocks.block_q, _pow2_at_least(T)),
+        block_k=min(blocks.block_k, _pow2_at_least(S)),
+        block_q_bwd=min(blocks.block_q_bwd, _pow2_at_least(T)),
+        block_k_bwd=min(blocks.block_k_bwd, _pow2_at_least(S)))
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    hopper = not interpret and hopper_available(q, k, segment_ids, causal)
+    if implementation is None:
+        implementation = "hopper" if hopper else "portable"
+    elif implementation not in ("portable", "hopper"):
+        raise common.UserError(f"implementation must be 'portable' or 'hopper', got "
+                               f"{implementation!r}")
+    elif implementation == "hopper" and not hopper:
+        raise common.UserError("the Hopper kernel needs an sm90 GPU, bf16/fp16, D a multiple of "
+                               f"64, no segment ids, T a multiple of {2 * HOPPER_BLOCK_Q} and S "
+                               f"of {HOPPER_BLOCK_KV}; got q {q.shape} {q.dtype}")
+    return _flash(q, k, v, segment_ids, bool(causal), sm_scale, blocks, bool(interpret),
+                  implementation)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Decode attention (flash-decoding): one query token against a KV cache
+# ----------------------------------------------------------------------------------------------
+
+def decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, chunk):
+    # q_ref [Gp, D]: the G query heads sharing this kv head (padded to >= 16 rows, the matrix
+    # unit's smallest tile); k_ref, v_ref [S, D]. This grid point owns cache rows
+    # [c*chunk, (c+1)*chunk) and stops at the sequence's length: a short row reads little.
+    c = pl.program_id(2)
+    length = len_ref[0]
+    q = q_ref[...]
+    start = c * chunk
+    n_blocks = jnp.clip(lax.div(length - start + block_k - 1, block_k), 0, chunk // block_k)
+
+    def step(j, carry):
+        acc, m_i, l_i = carry
+        k = k_ref[pl.ds(start + j * block_k, block_k), :]
+        v = v_ref[pl.ds(start + j * block_k, block_k), :]
+        s = _dot_nt(q, k)                     # [Gp, block_k], q pre-scaled
+        pos = start + j * block_k + jnp.arange(block_k)
+        s = jnp.where((pos < length)[None, :], s, MASK)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp(m_i - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l_i * alpha + p.sum(axis=1)
+
+    Gp = q_ref.shape[0]
+    acc, m_i, l_i = lax.fori_loop(
+        0, n_blocks, step, (jnp.zeros(o_ref.shape, jnp.float32),
+                            jnp.full((Gp,), MASK, jnp.float32), jnp.zeros((Gp,), jnp.float32)))
+    empty = l_i == 0                          # the chunk lies past this row's length
+    o_ref[...] = acc / jnp.where(empty, 1.0, l_i)[:, None]
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log(jnp.where(empty, 1.0, l_i)))
+
+
+def decode_attention(q, k, v, lengths, n_chunks=None, block_k=64, num_warps=4, num_stages=3,
+                     interpret=False):
+    """q [B, H, D] (this step's token); k, v [B, KH, S, D] (lesson 06's cache layout); lengths
+    [B] int: row b attends to cache positions < lengths[b] (>= 1). Returns [B, H, D].
+
+    The cache is cut into n_chunks pieces per (row, kv head), each a grid point; the partial
+    outputs are merged with their logsumexp: out = sum_c exp(lse_c - lse) * out_c."""
+    B, H, D = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
+        raise common.UserError(f"decode_attention: q [B, H, D] {q.shape} and k, v [B, KH, S, D] "
+                               f"{k.shape}, {v.shape} do not fit")
+    _check_block("block_k", block_k)
+    KH, S = k.shape[1], k.shape[2]
+    G = H // KH
+    block_k = min(block_k, _pow2_at_least(S))
+    if n_chunks is None:  # enough grid points to fill a GPU's ~132 SMs a few times over
+        n_chunks = max(1, min(S // block_k, -(-512 // (B * KH))))
+    chunk = -(-S // n_chunks // block_k) * block_k
+    kp, vp = _pad_to(k, 2, chunk), _pad_to(v, 2, chunk)
+    n_chunks = kp.shape[2] // chunk
+    Gp = max(16, G)
+    qg = q.reshape(B, KH, G, D) * (1.0 / math.sqrt(D))
+    qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(k.dtype)
+    lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+    kernel = functools.partial(decode_kernel, block_k=block_k, chunk=chunk)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(B, KH, n_chunks),
+        in_specs=[pl.BlockSpec((1,), lambda b, h, c: (b,)),
+                  pl.BlockSpec((None, None, Gp, D), lambda b, h, c: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, kp.shape[2], D), lambda b, h, c: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, kp.shape[2], D), lambda b, h, c: (b, h, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, Gp, D), lambda b, h, c: (b, h, c, 0, 0)),
+                   pl.BlockSpec((None, None, None, Gp), lambda b, h, c: (b, h, c, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, KH, n_chunks, Gp, D), jnp.float32),
+                   jax.ShapeDtypeStruct((B, KH, n_chunks, Gp), jnp.float32)],
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=interpret,
+    )(lengths, qg, kp, vp)
+    # Combine the chunks: weights exp(lse_c - max) renormalised (the same online-softmax
+    # identity as across blocks, done once across chunks).
+    w = jax.nn.softmax(lse, axis=2)                               # [B, KH, C, Gp]
+    out = jnp.einsum("bkcg,bkcgd->bkgd", w, out)[:, :, :G]
+    return out.reshape(B, H, D).astype(q.dtype)
+
+
+def decode_attention_reference(q, k, v, lengths):
+    """Materialised softmax over the whole cache, masked past each row's length."""
+    B, H, D = q.shape
+    KH, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, KH, H // KH, D).astype(jnp.float32)
+    s = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
+    s = jnp.where(jnp.arange(S)[None, None, None] < lengths[:, None, None, None], s, -jnp.inf)
+    out = jnp.einsum("bkgs,bksd->bkgd", jax.nn.softmax(s, axis=-1), v.astype(jnp.float32))
+    return out.reshape(B, H, D).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. int8 weight-only matmul for decode
+# ----------------------------------------------------------------------------------------------
+
+def int8_matmul_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_k):
+    # x_ref [Mp, K / split] (all rows: decode has few); w_ref [block_n, K / split] int8, one
+    # output channel per row as a linear layer stores it, so each row's bytes are contiguous.
+    # The widening to the activation dtype happens on chip, after the 1-byte load: HBM sees
+    # int8 only.
+    def step(k, acc):
+        x = x_ref[:, pl.ds(k * block_k, block_k)]
+        w = w_ref[:, pl.ds(k * block_k, block_k)].astype(x.dtype)
+        return acc + _dot_nt(x, w)                                # [Mp, block_n]
+
+    acc = lax.fori_loop(0, x_ref.shape[1] // block_k, step, jnp.zeros(o_ref.shape, jnp.float32))
+    # The per-output-channel scale commutes with the sum over K: apply it once, at the end.
+    o_ref[...] = acc * scale_ref[...][None, :]
+
+
+def int8_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_k):
+    # The same product for a handful of rows without the matrix unit: each weight tile is
+    # widened once and multiplied into every row on the vector units. The matrix unit's
+    # smallest tile is 16 rows (or 64 for wgmma), so for M = 1 it would do 16x the work and
+    # route the weight through its operand layout; here the work is M multiply-adds per byte.
+    M = x_ref.shape[0]
+
+    def step(k, accs):
+        w = w_ref[:, pl.ds(k * block_k, block_k)].astype(jnp.float32)    # [block_n, block_k]
+        return tuple(acc + jnp.sum(w * x_ref[m, pl.ds(k * block_k, block_k)]
+                                   .astype(jnp.float32)[None, :], axis=1)
+                     for m, acc in enumerate(accs))
+
+    zeros = jnp.zeros((w_ref.shape[0],), jnp.float32)
+    accs = lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zeros,) * M)
+    scale = scale_ref[...]
+    for m, acc in enumerate(accs):
+        o_ref[m, :] = acc * scale
+
+
+def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=4,
+                vector_rows=4, interpret=False):
+    """x [M, K] (bf16/f32) @ (w_q [N, K] int8 * scale [N]).T -> [M, N] in x.dtype: a linear
+    layer whose weight rows (output channels) are int8 with one float32 scale each. Made for
+    small M (decode): M is padded to 16 rows, the matrix unit's smallest tile.
+
+    split_k > 1 cuts K in pieces that run as separate grid points (their float32 partial
+    products summed after): with N / block_n grid points alone, a GPU's 132 SMs have too few
+    bytes in flight to reach the memory bandwidth. M <= vector_rows takes the vector-unit
+    kernel (int8_gemv_kernel), larger M the matrix unit."""
+    if (x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != w_q.shape[1]
+            or scale.shape != (w_q.shape[0],)):
+        raise common.UserError(f"int8_matmul needs x [M, K], w_q [N, K], scale [N]; got "
+                               f"{x.shape}, {w_q.shape}, {scale.shape}")
+    if w_q.dtype != jnp.int8:
+        raise common.UserError(f"int8_matmul: w_q must be int8, got {w_q.dtype}")
+    _check_block("block_n", block_n)
+    _check_block("block_k", block_k)
+    (M, K), N = x.shape, w_q.shape[0]
+    block_n, block_k = min(block_n, _pow2_at_least(N)), min(block_k, _pow2_at_least(K))
+    vector = M <= vector_rows
+    Mp = M if vector else _pow2_at_least(M)
+    piece = -(-K // split_k // block_k) * block_k            # K per split, a block multiple
+    xp = _pad_to(_pad_to(x, 0, Mp)[:Mp], 1, piece)
+    wp = _pad_to(_pad_to(w_q, 0, block_n), 1, piece)
+    sp = _pad_to(scale.astype(jnp.float32), 0, block_n)
+    Np, Kp = wp.shape
+    partial = pl.pallas_call(
+        functools.partial(int8_gemv_kernel if vector else int8_matmul_kernel, block_k=block_k),
+        grid=(Np // block_n, Kp // piece),
+        in_specs=[pl.BlockSpec((Mp, piece), lambda j, s: (0, s)),
+                  pl.BlockSpec((block_n, piece), lambda j, s: (j, s)),
+                  pl.BlockSpec((block_n,), lambda j, s: (j,))],
+        out_specs=pl.BlockSpec((None, Mp, block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((Kp // piece, Mp, Np), jnp.float32),
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=interpret,
+    )(xp, wp, sp)
+    return partial.sum(0)[:M, :N].astype(x.dtype)
+
+
+def quantize_int8(w):
+    """w [N, K] -> (int8 [N, K], float32 scale [N]): symmetric, one scale per output row."""
+    wf = w.astype(jnp.float32)
+    scale = jnp.maximum(jnp.abs(wf).max(axis=1), 1e-8) / 127.0
+    return jnp.clip(jnp.round(wf / scale[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+def int8_matmul_reference(x, w_q, scale):
+    y = jnp.dot(x.astype(jnp.float32), w_q.astype(jnp.float32).T) * scale
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark: each kernel beside its peer and its bound, measured in the same run
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KernelsConfig:
+    only: str = "matmul,flash,decode,int8"  # which kernels to measure, comma-separated
+    interpret: bool = False    # run the kernels interpreted (automatic on a CPU)
+    matmul_n: int = 0          # M = N = K of the matmul; 0: 8192 on GPU, 256 interpreted
+    flash_lengths: str = ""    # S values, comma-separated; "": 1k..32k on GPU, 128,256 interpreted
+    flash_tokens: int = 32768  # batch = flash_tokens // S, so every length does similar work
+    n_heads: int = 16          # attention benchmark: H = KH
+    head_dim: int = 128
+    decode_batch: int = 32     # decode benchmark: rows, each with decode_len cached tokens
+    decode_heads: int = 32     # query heads (Llama-3-8B: 32 query, 8 kv heads)
+    decode_kv_heads: int = 8
+    decode_len: int = 8192
+    int8_n: int = 8192         # int8 benchmark: weight [int8_n, int8_n]
+    int8_rows: str = "1,2,4,8,16,32,64"  # M values
+    seed: int = 0
+
+    def __post_init__(self):
+        kernels = set(self.only.split(","))
+        if not kernels or kernels - {"matmul", "flash", "decode", "int8"}:
+            raise common.UserError(f"--only takes matmul, flash, decode, int8; got {self.only!r}")
+        if self.decode_heads % self.decode_kv_heads:
+            raise common.UserError(f"decode_heads={self.decode_heads} must be a multiple of "
+                                   f"decode_kv_heads={self.decode_kv_heads}")
+        for name in ("flash_lengths", "int8_rows"):
+            text = getattr(self, name)
+            if text and not all(p.isdigit() and int(p) > 0 for p in text.split(",")):
+                raise common.UserError(f"--{name} takes positive integers, comma-separated; "
+                                       f"got {text!r}")
+
+
+def _ints(text):
+    return [int(p) for p in text.split(",")]
+
+
+def _random(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def _rel_error(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _rate(x, unit):
+    """A rate with the prefix that keeps it readable: 812 TFLOP/s on a GPU, 3.1 GFLOP/s
+    interpreted on a CPU."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.0f} {prefix}{unit}" if x >= 10 * scale else \
+                f"{x / scale:.1f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def _time(fn, arg_sets):
+    return common.bench(jax.jit(fn), arg_sets=arg_sets, iters=7, warmup=2).median_s
+
+
+def bench_matmul(cfg, env, rows):
+    n, dtype, interp = env["matmul_n"], env["dtype"], env["interpret"]
+    ka, kb, kc = jax.random.split(jax.random.key(cfg.seed), 3)
+    x, w, bias = _random(ka, (n, n), dtype), _random(kb, (n, n), dtype), _random(kc, (n,), dtype)
+    x2 = _random(kc, (n, n), dtype)
+    sets = [(x, w), (x2, w)]
+    flops = 2 * n**3
+    print(f"\n== 1. tiled matmul, {n}^3 {jnp.dtype(dtype).name}")
+    print("arithmetic intensity of one worker's tile, 2-byte values, K = n (lecture: one output, "
+          "a 1x2 strip, a 2x2 tile):")
+    for tm, tn in ((1, 1), (1, 2), (2, 2)):
+        print(f"  {tm}x{tn} outputs: {tile_intensity(tm, tn, n, 2):6.2f} FLOP/B")
+    t_xla = _time(jnp.dot, sets)
+    print(f"  XLA's matmul: {_rate(flops / t_xla, 'FLOP/s')}")
+    tiles = env["matmul_tiles"]
+    best = None
+    print(f"  {'tile m x n x k':>16s} {'warps':>5s} {'stages':>6s} {'FLOP/B':>7s} {'TFLOP/s':>8s} "
+          f"{'vs XLA':>7s}")
+    for bm, bn, bk, warps, stages in tiles:
+        f = functools.partial(matmul, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                              num_stages=stages, interpret=interp)
+        try:
+            t = _time(f, sets)
+        except Exception as e:  # a tile the GPU cannot hold (shared memory, registers)
+            print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d}  failed: "
+                  f"{str(e).splitlines()[0][:60]}")
+            continue
+        print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d} "
+              f"{tile_intensity(bm, bn, n, 2):7.1f} {flops / t / 1e12:8.1f} {t_xla / t:7.2f}")
+        if best is None or t < best[0]:
+            best = (t, (bm, bn, bk, warps, stages))
+    t, (bm, bn, bk, warps, stages) = best
+    rows.append(("matmul", f"{n}^3, tile {bm}x{bn}x{bk}", _rate(flops / t, "FLOP/s"),
+                 "XLA " + _rate(flops / t_xla, "FLOP/s"), t_xla / t,
+                 f"{flops / t / env['peak']:.0%} of {_rate(env['peak'], 'FLOP/s')}"))
+    # The fused epilogue: bias + GELU applied to the tile in registers, against XLA's matmul
+    # followed by its own fusion of bias and GELU (one more round trip of the [n, n] output).
+    f = functools.partial(matmul, activation="gelu", block_m=bm, block_n=bn, block_k=bk,
+                          num_warps=warps, num_stages=stages, interpret=interp)
+    ref = functools.partial(matmul_reference, activation="gelu")
+    err = _rel_error(jax.jit(f)(x[:256], w[:, :256], bias[:256]),
+                     ref(x[:256].astype(jnp.float32), w[:, :256].astype(jnp.float32), bias[:256]))
+    t_f = _time(f, [(x, w, bias), (x2, w, bias)])
+    t_r = _time(ref, [(x, w, bias), (x2, w, bias)])
+    print(f"  matmul + bias + GELU: fused epilogue {t_f * 1e3:.3f} ms, XLA {t_r * 1e3:.3f} ms "
+          f"({t_r / t_f:.2f}x); error vs float32 {err:.1e}")
+    rows.append(("matmul+bias+gelu", f"{n}^3", _rate(flops / t_f, "FLOP/s"),
+                 "XLA " + _rate(flops / t_r, "FLOP/s"), t_r / t_f, ""))
+
+
+def bench_flash(cfg, env, rows):
+    H, D, dtype, interp = cfg.n_heads, cfg.head_dim, env["dtype"], env["interpret"]
+    print(f"\n== 2. flash attention, H={H} D={D} {jnp.dtype(dtype).name}; FLOPs 4*B*S^2*H*D "
+          f"(halved when causal), backward 2.5x forward")
+    peer_name = "cuDNN" if env["gpu"] else "XLA"
+    peer_impl = "cudnn" if env["gpu"] else "xla"
+
+    def peer(q, k, v, causal):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=peer_impl)
+
+    def ours(q, k, v, causal, impl):
+        return flash_attention(q, k, v, causal, interpret=interp, blocks=env["flash_blocks"],
+                               implementation=impl)
+
+    def fwd_bwd(attn, causal):
+        def loss(q, k, v, do):
+            return jnp.sum(attn(q, k, v, causal).astype(jnp.float32) * do)
+        return jax.grad(loss, argnums=(0, 1, 2))
+
+    key = jax.random.key(cfg.seed)
+    # Correct first: a small ragged GQA case against float32 XLA attention.
+    q, k, v = (_random(kk, (2, 300, H, D), dtype) for kk in jax.random.split(key, 3))
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    err = _rel_error(jax.jit(ours, static_argnums=(3, 4))(q, k, v, True, "portable"),
+                     common.attention_reference(*f32, causal=True))
+    print(f"  error vs float32 reference (S=300, causal, portable): {err:.1e}")
+    if not interp and hopper_available(q[:, :256], k[:, :256], None, True):
+        q, k, v = (a[:, :256] for a in (q, k, v))
+        for causal in (True, False):
+            err = _rel_error(jax.jit(ours, static_argnums=(3, 4))(q, k, v, causal, "hopper"),
+                             common.attention_reference(*(a.astype(jnp.float32)
+                                                          for a in (q, k, v)), causal=causal))
+            print(f"  error vs float32 reference (S=256, causal={causal}, hopper): {err:.1e}")
+    impls = {"portable": functools.partial(ours, impl="portable")}
+    if not interp and hopper_available(q, k, None, True):
+        impls["hopper"] = functools.partial(ours, impl="hopper")
+    impls["peer"] = peer
+    head = " ".join(f"{n + ' fwd':>12s}" for n in impls)
+    print(f"  TFLOP/s; f+b: forward + backward ({'the Hopper forward, ' if 'hopper' in impls else ''}"
+          f"portable backward)")
+    print(f"  {'S':>6s} {'B':>3s} {'causal':>6s} {head.replace('peer', peer_name)} {'ratio':>6s} "
+          f"{'f+b':>7s} {peer_name + ' f+b':>10s} {'ratio':>6s}")
+    best = list(impls)[-2]   # the fastest of ours: Hopper where it runs
+    for S in env["flash_lengths"]:
+        B = max(1, cfg.flash_tokens // S)
+        ks = jax.random.split(jax.random.key(S), 4)
+        q, k, v, do = (_random(kk, (B, S, H, D), dtype) for kk in ks)
+        for causal in (True, False):
+            flops = 4 * B * S * S * H * D / (2 if causal else 1)
+            tf = {}
+            for name, attn in impls.items():
+                t = _time(lambda q, k, v: attn(q, k, v, causal), [(q, k, v)])
+                tf[name, "fwd"] = flops / t / 1e12
+            for name in (best, "peer"):
+                t = _time(fwd_bwd(impls[name], causal), [(q, k, v, do)])
+                tf[name, "f+b"] = 3.5 * flops / t / 1e12
+            cells = " ".join(f"{tf[n, 'fwd']:12.1f}" for n in impls)
+            print(f"  {S:6d} {B:3d} {str(causal):>6s} {cells} "
+                  f"{tf[best, 'fwd'] / tf['peer', 'fwd']:6.2f} {tf[best, 'f+b']:7.1f} "
+                  f"{tf['peer', 'f+b']:10.1f} {tf[best, 'f+b'] / tf['peer', 'f+b']:6.2f}",
+                  flush=True)
+            for mode in ("fwd", "f+b"):
+                rows.append((f"flash {mode}{' causal' if causal else ''}", f"B{B} S{S}",
+                             _rate(tf[best, mode] * 1e12, "FLOP/s"),
+                             f"{peer_name} " + _rate(tf['peer', mode] * 1e12, "FLOP/s"),
+                             tf[best, mode] / tf['peer', mode],
+                             f"{tf[best, mode] * 1e12 / env['peak']:.0%} of peak"))
+
+
+def bench_decode(cfg, env, rows):
+    B, H, KH, S = env["decode_shape"]
+    D, dtype, interp = cfg.head_dim, env["dtype"], env["interpret"]
+    ks = jax.random.split(jax.random.key(cfg.seed), 4)
+    q = _random(ks[0], (B, H, D), dtype)
+    k, v = _random(ks[1], (B, KH, S, D), dtype), _random(ks[2], (B, KH, S, D), dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    print(f"\n== 3. decode attention: B={B}, {H} query / {KH} kv heads, D={D}, cache {S} tokens, "
+          f"{jnp.dtype(dtype).name}; bound: the cache bytes read at copy bandwidth")
+    ragged = jax.random.randint(ks[3], (B,), 1, S + 1)
+    err = _rel_error(decode_attention(q, k, v, ragged, interpret=interp),
+                     decode_attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                v.astype(jnp.float32), ragged))
+    print(f"  error vs float32 reference (ragged lengths): {err:.1e}")
+    for name, lengths in (("full", jnp.full((B,), S, jnp.int32)), ("ragged", ragged)):
+        read = int(lengths.sum()) * KH * D * 2 * itemsize     # K and V up to each row's length
+        t_ref = _time(decode_attention_reference, [(q, k, v, lengths)])
+        best = None
+        for n_chunks, block_k in env["decode_variants"]:
+            f = functools.partial(decode_attention, n_chunks=n_chunks, block_k=block_k,
+                                  interpret=interp)
+            t = _time(f, [(q, k, v, lengths)])
+            if best is None or t < best[0]:
+                best = (t, n_chunks, block_k)
+            print(f"  {name:6s} lengths, chunks {str(n_chunks or 'auto'):>4s}, block_k "
+                  f"{block_k:3d}: {t * 1e6:8.1f} us = {read / t / 1e9:6.0f} GB/s "
+                  f"({read / t / env['copy_bw']:.0%} of copy)")
+        t, n_chunks, block_k = best
+        # XLA's materialised softmax reads the whole cache whatever the lengths.
+        print(f"  {name:6s} lengths, XLA (materialised, reads all {S} positions): "
+              f"{t_ref * 1e6:8.1f} us; kernel {t_ref / t:.2f}x")
+        rows.append((f"decode attn, {name}", f"B{B} KH{KH} S{S}", _rate(read / t, "B/s"),
+                     f"XLA {t_ref * 1e6:.0f} us", t_ref / t,
+                     f"{read / t / env['copy_bw']:.0%} of copy BW"))
+
+
+def bench_int8(cfg, env, rows):
+    N = K = env["int8_n"]
+    dtype, interp = env["dtype"], env["interpret"]
+    ks = jax.random.split(jax.random.key(cfg.seed), 3)
+    # Two weight sets, rotated: one int8 matrix of 64 MiB would otherwise sit partly in L2.
+    ws = [_random(kk, (N, K), dtype) for kk in ks[:2]]
+    qs = [quantize_int8(w) for w in ws]
+    print(f"\n== 4. int8 weight-only matmul, weight [{N}, {K}]; bound: int8 bytes at copy "
+          f"bandwidth; peer: the bf16 matmul it replaces, and the int8 weight widened by XLA")
+    x = _random(ks[2], (3, K), dtype)
+    err = _rel_error(int8_matmul(x, *qs[0], interpret=interp),
+                     int8_matmul_reference(x.astype(jnp.float32), *qs[0]))
+    print(f"  error vs float32 reference: {err:.1e}")
+    print(f"  {'M':>3s} {'int8 us':>8s} {'GB/s':>6s} {'% copy':>7s} {'bf16 us':>8s} {'speedup':>8s} "
+          f"{'XLA int8 us':>11s}")
+
+    def xla_int8(x, w_q, scale):  # lesson 06's formulation: widen inside the matmul, then scale
+        y = jnp.dot(x, w_q.astype(x.dtype).T, preferred_element_type=jnp.float32)
+        return (y * scale).astype(x.dtype)
+
+    for M in env["int8_rows"]:
+        x = _random(jax.random.key(M), (M, K), dtype)
+        t_bf16 = _time(lambda x, w: x @ w.T, [(x, w) for w in ws])
+        t_xla = _time(xla_int8, [(x, *q) for q in qs])
+        best = None
+        for bn, bk, split, warps, stages in env["int8_variants"]:
+            f = functools.partial(int8_matmul, block_n=bn, block_k=bk, split_k=split,
+                                  num_warps=warps, num_stages=stages, interpret=interp)
+            t = _time(f, [(x, *q) for q in qs])
+            if best is None or t < best[0]:
+                best = (t, (bn, bk, split, warps, stages))
+        t, variant = best
+        print(f"  {M:3d} {t * 1e6:8.1f} {N * K / t / 1e9:6.0f} {N * K / t / env['copy_bw']:7.0%} "
+              f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:8.2f} {t_xla * 1e6:11.1f}   "
+              f"(block_n, block_k, split_k, warps, stages) = {variant}", flush=True)
+        rows.append((f"int8 matmul M={M}", f"{N}x{K}", _rate(N * K / t, "B/s"),
+                     f"bf16 {t_bf16 * 1e6:.1f} us", t_bf16 / t,
+                     f"{N * K / t / env['copy_bw']:.0%} of copy BW"))
+
+
+def resolve(cfg):
+    """Sizes and kernel variants for the device at hand: the lesson's sizes on a GPU, small ones
+    when interpreted (a CPU runs the kernel body per grid point in Python)."""
+    gpu = jax.devices()[0].platform == "gpu"
+    interp = cfg.interpret or not gpu
+    big = gpu and not interp
+    env = {
+        "gpu": gpu, "interpret": interp,
+        "dtype": jnp.bfloat16 if gpu else jnp.float32,
+        "matmul_n": cfg.matmul_n or (8192 if big else 256),
+        "matmul_tiles": ([(32, 32, 32, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 4, 3),
+                          (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)] if big
+                         else [(32, 32, 32, 4, 3), (64, 64, 64, 4, 3)]),
+        "flash_lengths": _ints(cfg.flash_lengths) if cfg.flash_lengths else (
+            [1024, 2048, 4096, 8192, 16384, 32768] if big else [128, 256]),
+        "flash_blocks": FlashBlocks() if big else FlashBlocks(32, 32, 32, 32),
+        "decode_shape": ((cfg.decode_batch, cfg.decode_heads, cfg.decode_kv_heads, cfg.decode_len)
+                         if big else (4, 8, 2, 512)),
+        "decode_variants": ([(None, 64), (None, 128), (4, 64), (8, 64), (16, 64)] if big
+                            else [(None, 64)]),
+        "int8_n": cfg.int8_n if big else 512,
+        "int8_rows": _ints(cfg.int8_rows) if big else [1, 16],
+        "int8_variants": ([(64, 256, 1, 4, 4), (64, 256, 4, 4, 4), (128, 256, 4, 4, 4),
+                           (64, 512, 2, 4, 4), (32, 512, 4, 4, 3)] if big
+                          else [(64, 128, 1, 4, 4)]),
+    }
+    if not big:
+        cfg = dataclasses.replace(cfg, n_heads=2, head_dim=32, flash_tokens=512)
+    return cfg, env
+
+
+def main():
+    cfg = common.parse_flags(KernelsConfig())
+    cfg, env = resolve(cfg)
+    dev = jax.devices()[0]
+    peak, _, basis = common.ceilings("bfloat16" if env["gpu"] else "float32")
+    measured = common.measure_peaks(dtype="bfloat16" if env["gpu"] else "float32")
+    env["peak"], env["copy_bw"] = peak, measured["copy_bw"]
+    print(f"device: {dev.device_kind}; jax {jax.__version__}; kernels "
+          f"{'interpreted' if env['interpret'] else 'compiled'}; peak {peak / 1e12:.0f} TFLOP/s "
+          f"({basis}); copy bandwidth {env['copy_bw'] / 1e9:.0f} GB/s (measured)")
+    rows = []
+    t0 = time.perf_counter()
+    for name, fn in (("matmul", bench_matmul), ("flash", bench_flash), ("decode", bench_decode),
+                     ("int8", bench_int8)):
+        if name in cfg.only.split(","):
+            fn(cfg, env, rows)
+    print(f"\nsummary ({time.perf_counter() - t0:.0f} s; ratio > 1: the kernel is faster than "
+          f"its peer in this run)")
+    print(f"{'kernel':20s} {'shape':22s} {'kernel':>14s} {'peer':>20s} {'ratio':>6s}  bound")
+    for name, shape, ours, peer, ratio, bound in rows:
+        print(f"{name:20s} {shape:22s} {ours:>14s} {peer:>20s} {ratio:6.2f}  {bound}")
+
+
+if __name__ == "__main__":
+    common.run(main)

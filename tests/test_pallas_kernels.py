@@ -1,0 +1,149 @@
+"""Lesson 08: every Pallas kernel, interpreted on the CPU, against its reference.
+
+Interpret mode runs the kernel body as ordinary JAX per grid point, so the shapes stay small and
+the blocks smaller still: 16 rows, so that ragged lengths, several blocks, the causal diagonal
+and GQA all occur. Everything is float32, so agreement is to rounding: 1e-5 relative."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+
+k08 = common.import_script("08_pallas_kernels")
+f05 = common.import_script("05_flash_attention")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def normal(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("M,K,N,activation,with_bias", [
+    (64, 48, 32, "none", False),      # block multiples in M and N, ragged K
+    (37, 70, 50, "gelu", True),       # nothing a block multiple
+    (16, 16, 16, "silu", True),
+])
+def test_matmul(M, K, N, activation, with_bias):
+    rng = np.random.default_rng(M)
+    x, w, b = normal(rng, M, K), normal(rng, K, N), normal(rng, N)
+    bias = b if with_bias else None
+    out = k08.matmul(x, w, bias, activation, block_m=16, block_n=16, block_k=16, interpret=True)
+    assert out.shape == (M, N)
+    assert rel(out, k08.matmul_reference(x, w, bias, activation)) < 1e-5
+
+
+def test_matmul_rejects_mismatched_shapes():
+    with pytest.raises(common.UserError, match="matmul needs"):
+        k08.matmul(jnp.ones((4, 5)), jnp.ones((6, 7)), interpret=True)
+    with pytest.raises(common.UserError, match="power of two"):
+        k08.matmul(jnp.ones((4, 5)), jnp.ones((5, 7)), block_m=24, interpret=True)
+
+
+def test_tile_intensity_matches_the_lecture():
+    K = 4096
+    assert k08.tile_intensity(1, 1, K, 2) == pytest.approx(2 * K / (2 * (2 * K + 1)))
+    assert k08.tile_intensity(1, 2, K, 2) == pytest.approx(4 * K / (2 * (3 * K + 2)))
+    assert k08.tile_intensity(2, 2, K, 2) == pytest.approx(8 * K / (2 * (4 * K + 4)))
+    # Square tiles of n outputs a side read 2nK for 2n^2 K FLOPs: intensity grows like n / 2.
+    assert k08.tile_intensity(128, 128, K, 2) > 60 * k08.tile_intensity(1, 1, K, 2)
+
+
+SMALL = k08.FlashBlocks(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
+
+
+@pytest.mark.parametrize("B,T,S,H,KH,causal,segments", [
+    (1, 50, 70, 2, 1, False, False),   # T != S, ragged, GQA 2:1
+    (2, 45, 45, 4, 2, True, False),    # causal across a ragged diagonal
+    (1, 64, 64, 2, 2, True, True),     # packed sequences
+    (1, 40, 40, 4, 1, False, True),    # MQA with segments
+])
+def test_flash_attention_and_gradients(B, T, S, H, KH, causal, segments):
+    rng = np.random.default_rng(T + S)
+    D = 16
+    q, k, v, w = (normal(rng, B, T, H, D), normal(rng, B, S, KH, D), normal(rng, B, S, KH, D),
+                  normal(rng, B, T, H, D))
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1), jnp.int32) if segments else None
+
+    def kernel(q, k, v):
+        return k08.flash_attention(q, k, v, causal, seg, interpret=True, blocks=SMALL)
+
+    def reference(q, k, v):  # lesson 05's pure-JAX flash attention
+        return f05.flash_attention(q, k, v, causal, seg, block_q=16, block_k=16)
+
+    @jax.jit
+    def both(q, k, v, w):
+        res = []
+        for f in (kernel, reference):
+            loss = lambda q, k, v: jnp.sum(f(q, k, v) * w)
+            res.append((f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+        return res
+
+    (out, grads), (out_ref, grads_ref) = both(q, k, v, w)
+    assert rel(out, out_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel(g, g_ref) < 1e-5
+
+
+def test_flash_attention_matches_jax_dot_product_attention():
+    rng = np.random.default_rng(1)
+    q, k, v = normal(rng, 1, 33, 4, 16), normal(rng, 1, 33, 2, 16), normal(rng, 1, 33, 2, 16)
+    out = k08.flash_attention(q, k, v, causal=True, interpret=True, blocks=SMALL)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    assert rel(out, ref) < 1e-5
+
+
+def test_flash_attention_rejects_causal_with_different_lengths():
+    q, k = jnp.ones((1, 8, 2, 16)), jnp.ones((1, 12, 2, 16))
+    with pytest.raises(common.UserError, match="T == S"):
+        k08.flash_attention(q, k, k, causal=True, interpret=True)
+
+
+@pytest.mark.parametrize("B,H,KH,S,n_chunks", [
+    (3, 8, 2, 100, 3),     # ragged cache, chunks that end past some rows' lengths
+    (2, 4, 4, 64, 1),      # plain multi-head, one chunk
+])
+def test_decode_attention(B, H, KH, S, n_chunks):
+    rng = np.random.default_rng(S)
+    D = 32
+    q, k, v = normal(rng, B, H, D), normal(rng, B, KH, S, D), normal(rng, B, KH, S, D)
+    lengths = jnp.asarray(rng.integers(1, S + 1, B), jnp.int32).at[0].set(1)  # one row of 1
+    out = k08.decode_attention(q, k, v, lengths, n_chunks=n_chunks, block_k=16, interpret=True)
+    assert rel(out, k08.decode_attention_reference(q, k, v, lengths)) < 1e-5
+
+
+def test_decode_attention_ignores_the_stale_cache():
+    """Whatever lies past a row's length (an earlier request's tokens) must not leak in."""
+    rng = np.random.default_rng(0)
+    q, k, v = normal(rng, 2, 4, 16), normal(rng, 2, 2, 48, 16), normal(rng, 2, 2, 48, 16)
+    lengths = jnp.array([20, 33])
+    run = lambda k, v: k08.decode_attention(q, k, v, lengths, n_chunks=2, block_k=16,
+                                            interpret=True)
+    junk = lambda x: x.at[:, :, 33:].set(1e4).at[0, :, 20:].set(-1e4)
+    np.testing.assert_array_equal(run(k, v), run(junk(k), junk(v)))
+
+
+@pytest.mark.parametrize("M,K,N,split_k", [
+    (1, 64, 48, 1),     # one row: the vector-unit kernel
+    (3, 100, 70, 3),    # ragged, split K, still vector
+    (5, 100, 70, 3),    # the matrix-unit kernel, M padded to 16
+    (16, 32, 32, 2),
+])
+def test_int8_matmul(M, K, N, split_k):
+    rng = np.random.default_rng(M)
+    x, w = normal(rng, M, K), normal(rng, N, K)
+    w_q, scale = k08.quantize_int8(w)
+    out = k08.int8_matmul(x, w_q, scale, block_n=16, block_k=16, split_k=split_k,
+                          interpret=True)
+    assert rel(out, k08.int8_matmul_reference(x, w_q, scale)) < 1e-5
+    # and the quantization itself is close to the float weights: 1/254 of the range per value
+    assert rel(out, x @ w.T) < 2e-2
+
+
+def test_int8_matmul_rejects_float_weights():
+    with pytest.raises(common.UserError, match="int8"):
+        k08.int8_matmul(jnp.ones((1, 16)), jnp.ones((16, 16)), jnp.ones(16), interpret=True)
