@@ -44,8 +44,10 @@ What the lesson shows, in the order main() prints it:
      layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
      model exists that could agree with the target.
 
-Lesson 08's Pallas decode-attention kernel plugs in as the `decode_attention` argument of
-forward_cached / generate / the serving loops; its int8 matmul would replace `linear`.
+Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
+`decode_attention` argument of forward_cached / generate / the serving loops
+(`pallas_decode_attention`), and its int8 matmul inside `linear` for weights stored in its
+layout (`kernel_layout`). On a GPU the lesson measures the decode step with both.
 """
 import collections
 import dataclasses
@@ -170,11 +172,45 @@ def weight_bytes(params):
     return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
+def kernel_layout(qparams):
+    """int8 params (quantize_params) -> lesson 08's int8 matmul layout: each matrix as
+    {"qt": int8 [N, K], "scale": [output dims]}, one output channel per row, as a linear layer
+    stores it, so a kernel's row of weights is contiguous."""
+    def nk(w, head=False):
+        if head:                                   # the head is already [V, D] = [N, K]
+            return {"qt": w["q"], "scale": w["scale"]}
+        return {"qt": w["q"].reshape(-1, w["scale"].size).T, "scale": w["scale"]}
+    layers = [{k: nk(w) if k in CONTRACTED else w for k, w in p.items()}
+              for p in qparams["layers"]]
+    return {**qparams, "layers": layers, "head": nk(qparams["head"], head=True)}
+
+
+def _kernels():
+    return common.import_script("08_pallas_kernels")
+
+
+def _interpret():
+    return jax.devices()[0].platform == "cpu"  # a CPU runs Pallas kernels interpreted
+
+
 def linear(eq, x, w, out_dtype=None):
     """x times a weight given as an array or as int8 {"q", "scale"}: the int8 matrix is widened to
     x's dtype inside the matmul and the per-channel scale applied to the product, so the weight
-    crosses memory as 1 byte per value. (Lesson 08's int8 matmul kernel would replace this.)"""
+    crosses memory as 1 byte per value. In lesson 08's layout {"qt", "scale"} a decode step's few
+    rows go through its int8 matmul kernel instead, which widens the weights on chip."""
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, dict) and "qt" in w:
+        ins, out = eq.split("->")
+        n_contracted = sum(c not in out for c in ins.split(",")[0])
+        lead = x.shape[:x.ndim - n_contracted]
+        x2 = x.reshape(-1, w["qt"].shape[1])                        # [M, K]
+        scale = w["scale"].reshape(-1)
+        if x2.shape[0] <= 64:   # decode: the kernel is made for few rows
+            y = _kernels().int8_matmul(x2, w["qt"], scale, interpret=_interpret())
+        else:                   # prefill: a compute-bound matmul, XLA's
+            y = jnp.dot(x2, w["qt"].astype(x.dtype).T, preferred_element_type=jnp.float32)
+            y = y * scale
+        return y.reshape(lead + w["scale"].shape).astype(out_dtype)
     if isinstance(w, dict):
         y = jnp.einsum(eq, x, w["q"].astype(x.dtype), preferred_element_type=jnp.float32)
         return (y * w["scale"]).astype(out_dtype)
@@ -249,6 +285,15 @@ def write_at_slot(buf, new, slot):
     """buf [B, KH, S, ...] <- new [b, KH, T, ...] in rows slot .. slot+b-1, from position 0 (a
     prefill)."""
     return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (slot,) + (0,) * (buf.ndim - 1))
+
+
+def pallas_decode_attention(q, k, v, lengths, k_scale=None, v_scale=None):
+    """Lesson 08's flash-decoding kernel, for one new token per row over a cache in the model's
+    dtype: it reads each row's cache only up to its length. Speculative verification (T > 1)
+    and int8 caches take the reference."""
+    if q.shape[1] != 1 or k_scale is not None:
+        return decode_attention_reference(q, k, v, lengths, k_scale, v_scale)
+    return _kernels().decode_attention(q[:, 0], k, v, lengths, interpret=_interpret())[:, None]
 
 
 def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
@@ -847,21 +892,22 @@ def filled_cache(cfg, batch, max_len, length, kv_int8):
     return cache
 
 
-def time_decode(params, cfg, cache, steps, repeats=3):
+def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None):
     """Seconds per decode step: the median over `repeats` runs of `steps` steps (the cache and the
     tokens fed from step to step, never synced in between), and the first call's time (compile
     included). The cache must have room for 1 + steps x repeats more tokens."""
     B = cache["lengths"].shape[0]
     tok, zeros = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
+    step = functools.partial(decode_step, cfg=cfg, decode_attention=decode_attention)
     t0 = time.perf_counter()
-    tok, _, cache = decode_step(params, cache, tok, zeros, zeros, 0, cfg=cfg)
+    tok, _, cache = step(params, cache, tok, zeros, zeros, 0)
     tok.block_until_ready()
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            tok, _, cache = decode_step(params, cache, tok, zeros, zeros, 0, cfg=cfg)
+            tok, _, cache = step(params, cache, tok, zeros, zeros, 0)
         tok.block_until_ready()
         times.append((time.perf_counter() - t0) / steps)
     return float(np.median(times)), first
@@ -1079,6 +1125,39 @@ def measure_int8(run, quality=True):
     del qp
 
 
+def measure_kernels(run):
+    """The decode step with lesson 08's Pallas kernels: flash-decoding in place of the reference
+    attention (which reads every cache position), and the int8 matmul kernel in place of XLA's
+    widening of int8 weights."""
+    cfg, P, S, B = run.cfg, run.P, run.S, run.batch
+    run.section("lesson 08's Pallas kernels in the decode step")
+    ctx = P + 1 + 3 * run.steps // 2
+    W = weight_bytes(run.params)
+    for b in (1, B):
+        t_ref, _ = time_decode(run.params, cfg, filled_cache(cfg, b, S, P, False), run.steps)
+        t_k, c_k = time_decode(run.params, cfg, filled_cache(cfg, b, S, P, False), run.steps,
+                               decode_attention=pallas_decode_attention)
+        step_bytes = W + b * ctx * kv_bytes_per_token(cfg)
+        print(f"batch {b:3d}, {cfg.dtype}: flash-decoding {t_k * 1e3:.3f} ms/step = "
+              f"{b / t_k:,.1f} tok/s (compile {c_k:.1f} s); reference attention {t_ref * 1e3:.3f} "
+              f"ms ({t_ref / t_k:.2f}x); {100 * step_bytes / t_k / run.bw:.0f}% of the copy "
+              f"bandwidth")
+        run.row(f"decode B={b} Pallas attn", f"{b / t_k:,.1f} tok/s", f"{b / t_ref:,.1f} ref",
+                f"{t_ref / t_k:.2f}x, {100 * step_bytes / t_k / run.bw:.0f}% BW")
+    qp = quantize_params(run.params, cfg)
+    t_x, _ = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps)
+    qp = jax.block_until_ready(kernel_layout(qp))
+    t_q, c_q = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
+                           decode_attention=pallas_decode_attention)
+    q_bytes = weight_bytes(qp) + ctx * kv_bytes_per_token(cfg)
+    print(f"batch   1, int8 weights through the Pallas int8 matmul: {t_q * 1e3:.3f} ms/step = "
+          f"{1 / t_q:.1f} tok/s (compile {c_q:.1f} s) = {run.t_step / t_q:.2f}x {cfg.dtype}, "
+          f"{t_x / t_q:.2f}x XLA's int8; {100 * q_bytes / t_q / run.bw:.0f}% of the copy bandwidth")
+    run.row("decode B=1 int8 Pallas", f"{1 / t_q:,.1f} tok/s", f"{1 / run.t_step:,.1f} {cfg.dtype}",
+            f"{run.t_step / t_q:.2f}x, {100 * q_bytes / t_q / run.bw:.0f}% BW")
+    del qp
+
+
 def measure_batch(run):
     """Decode throughput at a large batch, with the KV cache in the model's dtype and in int8."""
     cfg, B, P = run.cfg, run.batch, run.P
@@ -1208,6 +1287,8 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True):
     measure_batch_1(run)
     measure_int8(run, quality=full)
     measure_batch(run)
+    if on_gpu:
+        measure_kernels(run)
     if full:
         measure_stream(run)
         measure_speculative(run)

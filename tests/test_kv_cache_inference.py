@@ -143,6 +143,34 @@ def test_int8_paths_within_measured_tolerance(cfg=TINY):
         assert np.mean(lg.argmax(-1) == ref.argmax(-1)) >= 0.9
 
 
+EQS = {"wqkv": "btd,dhk->bthk", "wo": "bthk,hkd->btd", "w_gate_up": "btd,dgf->btgf",
+       "w_down": "btf,fd->btd"}
+
+
+@pytest.mark.parametrize("name", list(EQS))
+def test_linear_through_the_int8_kernel_matches_xla(name):
+    """Lesson 08's int8 matmul (interpreted here) in its [N, K] layout against XLA's widening of
+    the same int8 weight: the same product up to float32 rounding."""
+    qp = inf.quantize_params(inference_params_for(TINY), TINY)
+    kp = inf.kernel_layout(qp)
+    w, wk = qp["layers"][0][name], kp["layers"][0][name]
+    x_shape = {"wo": (2, 1, TINY.n_heads, TINY.head_dim), "w_down": (2, 1, TINY.d_ff)}.get(
+        name, (2, 1, TINY.d_model))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape), jnp.float32)
+    np.testing.assert_allclose(inf.linear(EQS[name], x, wk), inf.linear(EQS[name], x, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_kernels_in_the_decode_step_give_the_same_tokens():
+    ip = inference_params_for(TINY)
+    ref = inf.generate(ip, TINY, PROMPTS[:2], 4, cache_len=CACHE)
+    assert inf.generate(ip, TINY, PROMPTS[:2], 4, cache_len=CACHE,
+                        decode_attention=inf.pallas_decode_attention) == ref
+    qp = inf.quantize_params(ip, TINY)
+    assert (inf.generate(inf.kernel_layout(qp), TINY, PROMPTS[:2], 4, cache_len=CACHE) ==
+            inf.generate(qp, TINY, PROMPTS[:2], 4, cache_len=CACHE))
+
+
 def test_serving_returns_what_each_request_gets_alone():
     params = params_for(TINY)
     reqs = [inf.Request(p, n) for p, n in zip(PROMPTS + PROMPTS[:3], [7, 2, 12, 1, 5, 0, 9])]
