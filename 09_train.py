@@ -148,16 +148,31 @@ def decay_mask(cfg):
 # The step
 # ----------------------------------------------------------------------------------------------
 
-def attention_fn(name):
+def attention_fn(name, mesh=None):
     if name == "naive":
         return common.attention_reference
-    if name in ("flash", "pallas"):
-        script = {"flash": "05_flash_attention", "pallas": "08_pallas_kernels"}[name]
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script + ".py")
-        if not os.path.exists(path):
-            raise common.UserError(f"attention={name} needs {script}.py, not in this checkout")
-        fn = common.import_script(script).flash_attention
+    if name == "flash":
+        fn = common.import_script("05_flash_attention").flash_attention
         return lambda q, k, v, causal, seg: fn(q, k, v, causal=causal, segment_ids=seg)
+    if name == "pallas":
+        fn = common.import_script("08_pallas_kernels").flash_attention
+        interpret = jax.devices()[0].platform == "cpu"   # a CPU interprets the kernel
+
+        def pallas(q, k, v, causal, seg):
+            return fn(q, k, v, causal=causal, segment_ids=seg, interpret=interpret)
+        if mesh is None or mesh.size == 1:
+            return pallas
+        # A kernel is one program on one device, which XLA cannot split: each device runs it on
+        # its own rows and heads (batch over dp x fsdp, heads over tp), as the layout already is.
+        spec = common.logical_to_spec(("batch", "seq", "heads", "head_dim"), mesh)
+        kv_spec = common.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), mesh)
+
+        def sharded(q, k, v, causal, seg):
+            assert seg is None, "packed sequences are not used in training here"
+            return jax.shard_map(lambda q, k, v: pallas(q, k, v, causal, None), mesh=mesh,
+                                 in_specs=(spec, kv_spec, kv_spec), out_specs=spec,
+                                 check_vma=False)(q, k, v)
+        return sharded
     if name == "cudnn":
         if jax.devices()[0].platform != "gpu":
             raise common.UserError("attention=cudnn needs an NVIDIA GPU")
@@ -371,7 +386,7 @@ def train(tc, stop_after=None, log=print, devices=None):
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
         f"{n_dev} x {peak / 1e12:.1f} TFLOP/s ({basis})")
 
-    step_fn = make_train_step(cfg, tc, mesh, attention_fn(attn))
+    step_fn = make_train_step(cfg, tc, mesh, attention_fn(attn, mesh))
     eval_fn = jax.jit(lambda p, x, y: common.cross_entropy(common.forward(p, x, cfg), y))
 
     def batch(tokens, step, seed):
@@ -383,7 +398,7 @@ def train(tc, stop_after=None, log=print, devices=None):
     step_fn = step_fn.lower(params, opt, *batch(train_tokens, start, tc.seed)).compile()
     log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
     if tc.breakdown:
-        loss_fn = make_loss_fn(cfg, tc, mesh, attention_fn(attn))
+        loss_fn = make_loss_fn(cfg, tc, mesh, attention_fn(attn, mesh))
         breakdown(step_fn, loss_fn, params, opt, *batch(train_tokens, start, tc.seed),
                   flops_per_step, peak, n_dev, log)
         return [], params, cfg

@@ -163,12 +163,12 @@ def test_linear_through_the_int8_kernel_matches_xla(name):
 
 def test_pallas_kernels_in_the_decode_step_give_the_same_tokens():
     ip = inference_params_for(TINY)
-    ref = inf.generate(ip, TINY, PROMPTS[:2], 4, cache_len=CACHE)
-    assert inf.generate(ip, TINY, PROMPTS[:2], 4, cache_len=CACHE,
+    ref = inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE)
+    assert inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE,
                         decode_attention=inf.pallas_decode_attention) == ref
     qp = inf.quantize_params(ip, TINY)
-    assert (inf.generate(inf.kernel_layout(qp), TINY, PROMPTS[:2], 4, cache_len=CACHE) ==
-            inf.generate(qp, TINY, PROMPTS[:2], 4, cache_len=CACHE))
+    assert (inf.generate(inf.kernel_layout(qp), TINY, PROMPTS[:2], 3, cache_len=CACHE) ==
+            inf.generate(qp, TINY, PROMPTS[:2], 3, cache_len=CACHE))
 
 
 def test_serving_returns_what_each_request_gets_alone():
