@@ -610,14 +610,15 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
 
             carry = (acc, m, l)
             if not causal:
-                carry = lax.fori_loop(0, my_steps, functools.partial(one_step, masked=False), carry)
+                carry = lax.fori_loop(0, my_steps, functools.partial(one_step, masked=False),
+                                      carry)
             else:
                 # Tiles that end at or before our first row need no mask.
                 n_unmasked = lax.div(row0, jnp.int32(block_kv))
                 carry = lax.fori_loop(0, n_unmasked,
-                              functools.partial(one_step, masked=False), carry)
+                                      functools.partial(one_step, masked=False), carry)
                 carry = lax.fori_loop(n_unmasked, my_steps,
-                              functools.partial(one_step, masked=True), carry)
+                                      functools.partial(one_step, masked=True), carry)
 
                 # Warpgroup 0 may need fewer tiles than warpgroup 1.  It still has to
                 # release the slots the loader filled for the CTA and keep the
@@ -702,13 +703,8 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
             num_threads=3,
             thread_name="wg",
             compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v)
+        )(q, k, v)
     return out, lse
-
-
-# ---------------------------------------------------------------------------
-# Reference, tests and benchmark
-# ---------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------
