@@ -1158,8 +1158,8 @@ def int8_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_k):
         o_ref[m, :] = acc * scale
 
 
-def int8_matmul(x, w_q, scale, block_n=64, block_k=512, split_k=None, num_warps=4, num_stages=3,
-                vector_rows=4, interpret=False):
+def int8_matmul(x, w_q, scale, block_n=64, block_k=512, split_k=None, num_warps=8, num_stages=3,
+                vector_rows=0, interpret=False):
     """x [M, K] (bf16/f32) @ (w_q [N, K] int8 * scale [N]).T -> [M, N] in x.dtype: a linear
     layer whose weight rows (output channels) are int8 with one float32 scale each. Made for
     small M (decode): M is padded to 16 rows, the matrix unit's smallest tile.
@@ -1168,8 +1168,10 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=512, split_k=None, num_warps=
     products summed after): with N / block_n grid points alone, a GPU's 132 SMs have too few
     bytes in flight to reach the memory bandwidth. None: the largest split that divides K's
     blocks evenly and brings the grid to about 512 points. M <= vector_rows takes the
-    vector-unit kernel (int8_gemv_kernel), larger M the matrix unit. Keep N a multiple of
-    block_n and K of block_k: otherwise every call pads (copies) the weight."""
+    vector-unit kernel (int8_gemv_kernel), larger M the matrix unit; the defaults are the
+    fastest variant main() measured on an H200 (the vector kernel was slower even at M = 1).
+    Keep N a multiple of block_n and K of block_k: otherwise every call pads (copies) the
+    weight."""
     if (x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != w_q.shape[1]
             or scale.shape != (w_q.shape[0],)):
         raise common.UserError(f"int8_matmul needs x [M, K], w_q [N, K], scale [N]; got "

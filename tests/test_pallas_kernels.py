@@ -123,18 +123,18 @@ def test_decode_attention_ignores_the_stale_cache():
     np.testing.assert_array_equal(run(k, v), run(junk(k), junk(v)))
 
 
-@pytest.mark.parametrize("M,K,N,split_k", [
-    (1, 64, 48, None),  # one row: the vector-unit kernel, split chosen by the wrapper
-    (3, 100, 70, 3),    # ragged, split K, still vector
-    (5, 100, 70, 3),    # the matrix-unit kernel, M padded to 16
-    (16, 32, 32, 2),
+@pytest.mark.parametrize("M,K,N,split_k,vector_rows", [
+    (1, 64, 48, None, 4),  # one row on the vector-unit kernel, split chosen by the wrapper
+    (3, 100, 70, 3, 4),    # ragged, split K, still vector
+    (1, 100, 70, 3, 0),    # the matrix-unit kernel, M padded to 16
+    (16, 32, 32, 2, 0),
 ])
-def test_int8_matmul(M, K, N, split_k):
+def test_int8_matmul(M, K, N, split_k, vector_rows):
     rng = np.random.default_rng(M)
     x, w = normal(rng, M, K), normal(rng, N, K)
     w_q, scale = k08.quantize_int8(w)
     out = k08.int8_matmul(x, w_q, scale, block_n=16, block_k=16, split_k=split_k,
-                          interpret=True)
+                          vector_rows=vector_rows, interpret=True)
     assert rel(out, k08.int8_matmul_reference(x, w_q, scale)) < 1e-5
     # and the quantization itself is close to the float weights: 1/254 of the range per value
     assert rel(out, x @ w.T) < 2e-2
