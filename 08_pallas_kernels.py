@@ -538,7 +538,7 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
         cta_steps = kv_steps_for(cta_row0 + 2 * block_q)
 
         def take_turn():
-            # Two-party rendezvous between the math warpgroups (see module docstring).
+            # Two-party rendezvous between the math warpgroups (the ping-pong of 2b).
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 

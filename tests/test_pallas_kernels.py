@@ -102,6 +102,15 @@ def test_flash_attention_rejects_causal_with_different_lengths():
         k08.flash_attention(q, k, k, causal=True, interpret=True)
 
 
+def test_flash_attention_implementation_choice():
+    q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+    assert not k08.hopper_available(q, q, None, True)   # a CPU: the portable kernel
+    with pytest.raises(common.UserError, match="sm90"):
+        k08.flash_attention(q, q, q, implementation="hopper")
+    with pytest.raises(common.UserError, match="implementation"):
+        k08.flash_attention(q, q, q, implementation="triton", interpret=True)
+
+
 def test_decode_attention(B=3, H=8, KH=2, S=100, n_chunks=3):
     """A ragged cache, GQA, and chunks that end past some rows' lengths."""
     rng = np.random.default_rng(S)
