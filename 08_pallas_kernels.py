@@ -1297,8 +1297,8 @@ def bench_matmul(cfg, env, rows):
     print(f"  XLA's matmul: {_rate(flops / t_xla, 'FLOP/s')}")
     tiles = env["matmul_tiles"]
     best = None
-    print(f"  {'tile m x n x k':>16s} {'warps':>5s} {'stages':>6s} {'FLOP/B':>7s} {'TFLOP/s':>8s} "
-          f"{'vs XLA':>7s}")
+    print(f"  {'tile m x n x k':>16s} {'warps':>5s} {'stages':>6s} {'FLOP/B':>7s} "
+          f"{env['flop_unit'][0]:>8s} {'vs XLA':>7s}")
     for bm, bn, bk, warps, stages in tiles:
         f = functools.partial(matmul, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                               num_stages=stages, interpret=interp)
@@ -1309,7 +1309,8 @@ def bench_matmul(cfg, env, rows):
                   f"{str(e).splitlines()[0][:60]}")
             continue
         print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d} "
-              f"{tile_intensity(bm, bn, n, 2):7.1f} {flops / t / 1e12:8.1f} {t_xla / t:7.2f}")
+              f"{tile_intensity(bm, bn, n, 2):7.1f} {flops / t / env['flop_unit'][1]:8.1f} "
+              f"{t_xla / t:7.2f}")
         if best is None or t < best[0]:
             best = (t, (bm, bn, bk, warps, stages))
     t, (bm, bn, bk, warps, stages) = best
@@ -1377,7 +1378,7 @@ def bench_flash(cfg, env, rows):
     impls["peer"] = peer
     head = " ".join(f"{n + ' fwd':>12s}" for n in impls)
     used = "Hopper" if "hopper" in impls else "portable"
-    print(f"  TFLOP/s; f+b: forward + backward, the {used} kernels")
+    print(f"  {env['flop_unit'][0]}; f+b: forward + backward, the {used} kernels")
     print(f"  {'S':>6s} {'B':>3s} {'causal':>6s} {head.replace('peer', peer_name)} {'ratio':>6s} "
           f"{'f+b':>7s} {peer_name + ' f+b':>10s} {'ratio':>6s}")
     best = list(impls)[-2]   # the fastest of ours: Hopper where it runs
@@ -1390,10 +1391,10 @@ def bench_flash(cfg, env, rows):
             tf = {}
             for name, attn in impls.items():
                 t = _time(lambda q, k, v: attn(q, k, v, causal), [(q, k, v)])
-                tf[name, "fwd"] = flops / t / 1e12
+                tf[name, "fwd"] = flops / t / env["flop_unit"][1]
             for name in (best, "peer"):
                 t = _time(fwd_bwd(impls[name], causal), [(q, k, v, do)])
-                tf[name, "f+b"] = 3.5 * flops / t / 1e12
+                tf[name, "f+b"] = 3.5 * flops / t / env["flop_unit"][1]
             cells = " ".join(f"{tf[n, 'fwd']:12.1f}" for n in impls)
             print(f"  {S:6d} {B:3d} {str(causal):>6s} {cells} "
                   f"{tf[best, 'fwd'] / tf['peer', 'fwd']:6.2f} {tf[best, 'f+b']:7.1f} "
@@ -1401,10 +1402,11 @@ def bench_flash(cfg, env, rows):
                   flush=True)
             for mode in ("fwd", "f+b"):
                 rows.append((f"flash {mode}{' causal' if causal else ''}", f"B{B} S{S}",
-                             _rate(tf[best, mode] * 1e12, "FLOP/s"),
-                             f"{peer_name} " + _rate(tf['peer', mode] * 1e12, "FLOP/s"),
+                             _rate(tf[best, mode] * env["flop_unit"][1], "FLOP/s"),
+                             f"{peer_name} " + _rate(tf['peer', mode] * env["flop_unit"][1],
+                                                     "FLOP/s"),
                              tf[best, mode] / tf['peer', mode],
-                             f"{tf[best, mode] * 1e12 / env['peak']:.0%} of peak"))
+                             f"{tf[best, mode] * env['flop_unit'][1] / env['peak']:.0%} of peak"))
 
 
 def bench_decode(cfg, env, rows):
@@ -1432,7 +1434,7 @@ def bench_decode(cfg, env, rows):
             if best is None or t < best[0]:
                 best = (t, n_chunks, block_k)
             print(f"  {name:6s} lengths, chunks {str(n_chunks or 'auto'):>4s}, block_k "
-                  f"{block_k:3d}: {t * 1e6:8.1f} us = {read / t / 1e9:6.0f} GB/s "
+                  f"{block_k:3d}: {t * 1e6:8.1f} us = {_rate(read / t, 'B/s'):>10s} "
                   f"({read / t / env['copy_bw']:.0%} of copy)")
         t, n_chunks, block_k = best
         # XLA's materialised softmax reads the whole cache whatever the lengths.
@@ -1514,6 +1516,7 @@ def resolve(cfg):
     big = gpu and not interp
     env = {
         "gpu": gpu, "interpret": interp,
+        "flop_unit": ("TFLOP/s", 1e12) if big else ("GFLOP/s", 1e9),   # for the tables
         "dtype": jnp.bfloat16 if gpu else jnp.float32,
         "matmul_n": cfg.matmul_n or (8192 if big else 256),
         "matmul_tiles": ([(32, 32, 32, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 4, 3),
@@ -1548,8 +1551,12 @@ def main():
     measured = common.measure_peaks(dtype="bfloat16" if env["gpu"] else "float32")
     env["peak"], env["copy_bw"] = peak, measured["copy_bw"]
     print(f"device: {dev.device_kind}; jax {jax.__version__}; kernels "
-          f"{'interpreted' if env['interpret'] else 'compiled'}; peak {peak / 1e12:.0f} TFLOP/s "
-          f"({basis}); copy bandwidth {env['copy_bw'] / 1e9:.0f} GB/s (measured)")
+          f"{'interpreted' if env['interpret'] else 'compiled'}; peak {_rate(peak, 'FLOP/s')} "
+          f"({basis}); copy bandwidth {_rate(env['copy_bw'], 'B/s')} (measured)")
+    if env["interpret"]:
+        print("interpreted: each grid point's body runs as ordinary XLA ops on this device, so the "
+              "errors below are the kernels' own,\nbut the speeds measure the interpreter; the "
+              "lesson's speeds come from a GPU (BENCHMARKS.md)")
     rows = []
     t0 = time.perf_counter()
     for name, fn in (("matmul", bench_matmul), ("flash", bench_flash), ("decode", bench_decode),
