@@ -57,6 +57,42 @@ import common
 
 flash05 = common.import_script("05_flash_attention")
 
+
+@dataclasses.dataclass(frozen=True)
+class KernelsConfig:
+    only: str = "matmul,flash,decode,int8"  # which kernels to measure, comma-separated
+    interpret: bool = False    # run the kernels interpreted (automatic on a CPU)
+    matmul_n: int = 0          # M = N = K of the matmul; 0: 8192 on GPU, 256 interpreted
+    flash_lengths: str = ""    # S values, comma-separated; "": 1k..32k on GPU, 128,256 interpreted
+    flash_tokens: int = 32768  # batch = flash_tokens // S, so every length does similar work
+    n_heads: int = 16          # attention benchmark: H = KH
+    head_dim: int = 128
+    decode_batch: int = 32     # decode benchmark: rows, each with decode_len cached tokens
+    decode_heads: int = 32     # query heads (Llama-3-8B: 32 query, 8 kv heads)
+    decode_kv_heads: int = 8
+    decode_len: int = 8192
+    int8_n: int = 8192         # int8 benchmark: weight [int8_n, int8_n]
+    int8_rows: str = "1,2,4,8,16,32,64"  # M values
+    seed: int = 0
+
+    def __post_init__(self):
+        kernels = set(self.only.split(","))
+        if not kernels or kernels - {"matmul", "flash", "decode", "int8"}:
+            raise common.UserError(f"--only takes matmul, flash, decode, int8; got {self.only!r}")
+        for name in ("matmul_n", "flash_tokens", "n_heads", "head_dim", "decode_batch",
+                     "decode_heads", "decode_kv_heads", "decode_len", "int8_n"):
+            if getattr(self, name) < (0 if name == "matmul_n" else 1):
+                raise common.UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.decode_heads % self.decode_kv_heads:
+            raise common.UserError(f"decode_heads={self.decode_heads} must be a multiple of "
+                                   f"decode_kv_heads={self.decode_kv_heads}")
+        for name in ("flash_lengths", "int8_rows"):
+            text = getattr(self, name)
+            if text and not all(p.isdigit() and int(p) > 0 for p in text.split(",")):
+                raise common.UserError(f"--{name} takes positive integers, comma-separated; "
+                                       f"got {text!r}")
+
+
 # A finite "minus infinity": exp(MASK - m) underflows to 0, and MASK - MASK stays 0 (not NaN)
 # for a row whose first visited block is fully masked; a later visible score rescales it away.
 MASK = -0.7 * float(np.finfo(np.float32).max)
@@ -1222,37 +1258,6 @@ def int8_matmul_reference(x, w_q, scale):
 # ----------------------------------------------------------------------------------------------
 # The benchmark: each kernel beside its peer and its bound, measured in the same run
 # ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class KernelsConfig:
-    only: str = "matmul,flash,decode,int8"  # which kernels to measure, comma-separated
-    interpret: bool = False    # run the kernels interpreted (automatic on a CPU)
-    matmul_n: int = 0          # M = N = K of the matmul; 0: 8192 on GPU, 256 interpreted
-    flash_lengths: str = ""    # S values, comma-separated; "": 1k..32k on GPU, 128,256 interpreted
-    flash_tokens: int = 32768  # batch = flash_tokens // S, so every length does similar work
-    n_heads: int = 16          # attention benchmark: H = KH
-    head_dim: int = 128
-    decode_batch: int = 32     # decode benchmark: rows, each with decode_len cached tokens
-    decode_heads: int = 32     # query heads (Llama-3-8B: 32 query, 8 kv heads)
-    decode_kv_heads: int = 8
-    decode_len: int = 8192
-    int8_n: int = 8192         # int8 benchmark: weight [int8_n, int8_n]
-    int8_rows: str = "1,2,4,8,16,32,64"  # M values
-    seed: int = 0
-
-    def __post_init__(self):
-        kernels = set(self.only.split(","))
-        if not kernels or kernels - {"matmul", "flash", "decode", "int8"}:
-            raise common.UserError(f"--only takes matmul, flash, decode, int8; got {self.only!r}")
-        if self.decode_heads % self.decode_kv_heads:
-            raise common.UserError(f"decode_heads={self.decode_heads} must be a multiple of "
-                                   f"decode_kv_heads={self.decode_kv_heads}")
-        for name in ("flash_lengths", "int8_rows"):
-            text = getattr(self, name)
-            if text and not all(p.isdigit() and int(p) > 0 for p in text.split(",")):
-                raise common.UserError(f"--{name} takes positive integers, comma-separated; "
-                                       f"got {text!r}")
-
 
 def _ints(text):
     return [int(p) for p in text.split(",")]
