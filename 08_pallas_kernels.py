@@ -1295,17 +1295,21 @@ def bench_matmul(cfg, env, rows):
     sets = [(x, w), (x2, w)]
     flops = 2 * n**3
     print(f"\n== 1. tiled matmul, {n}^3 {jnp.dtype(dtype).name}")
-    print("arithmetic intensity of one worker's tile, 2-byte values, K = n (lecture: one output, "
-          "a 1x2 strip, a 2x2 tile):")
+    size = jnp.dtype(dtype).itemsize
+    print(f"arithmetic intensity of one worker's tile, {size}-byte values, K = n (lecture: one "
+          f"output, a 1x2 strip, a 2x2 tile):")
     for tm, tn in ((1, 1), (1, 2), (2, 2)):
-        print(f"  {tm}x{tn} outputs: {tile_intensity(tm, tn, n, 2):6.2f} FLOP/B")
+        print(f"  {tm}x{tn} outputs: {tile_intensity(tm, tn, n, size):6.2f} FLOP/B")
     t_xla = _time(jnp.dot, sets)
     print(f"  XLA's matmul: {_rate(flops / t_xla, 'FLOP/s')}")
-    tiles = env["matmul_tiles"]
-    best = None
+    # The roofline of a tiling: if every tile read its row and column panels from HBM, a tile
+    # of intensity I could go no faster than I x bandwidth (nor than the peak). Measured above
+    # it means the panels were re-read from the on-chip L2 cache instead.
+    unit, scale = env["flop_unit"]
     print(f"  {'tile m x n x k':>16s} {'warps':>5s} {'stages':>6s} {'FLOP/B':>7s} "
-          f"{env['flop_unit'][0]:>8s} {'vs XLA':>7s}")
-    for bm, bn, bk, warps, stages in tiles:
+          f"{'HBM roof':>9s} {unit:>8s} {'vs XLA':>7s}")
+    best = None
+    for bm, bn, bk, warps, stages in env["matmul_tiles"]:
         f = functools.partial(matmul, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                               num_stages=stages, interpret=interp)
         try:
@@ -1314,9 +1318,10 @@ def bench_matmul(cfg, env, rows):
             print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d}  failed: "
                   f"{str(e).splitlines()[0][:60]}")
             continue
-        print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d} "
-              f"{tile_intensity(bm, bn, n, 2):7.1f} {flops / t / env['flop_unit'][1]:8.1f} "
-              f"{t_xla / t:7.2f}")
+        intensity = tile_intensity(bm, bn, n, size)
+        roof = min(env["peak"], intensity * env["copy_bw"])
+        print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d} {intensity:7.1f} "
+              f"{roof / scale:9.1f} {flops / t / scale:8.1f} {t_xla / t:7.2f}")
         if best is None or t < best[0]:
             best = (t, (bm, bn, bk, warps, stages))
     t, (bm, bn, bk, warps, stages) = best
