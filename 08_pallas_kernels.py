@@ -481,7 +481,7 @@ def _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks, int
     dk = dk[:, :S].reshape(B, S, KH, G, D).sum(3).astype(k.dtype)
     dv = dv[:, :S].reshape(B, S, KH, G, D).sum(3).astype(v.dtype)
 
-    segs = [_pad_to(seg, 1, bq), _pad_to(seg, 1, bk)] if has_seg else []
+    segs = [_pad_to(seg, 1, step), _pad_to(seg, 1, bk)] if has_seg else []
     dq_specs = _attention_specs(B, H, G, Tp, Sp, D, bq, "q", has_seg)
     dq_specs += [pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
                  row_stats_tile, row_stats_tile]
