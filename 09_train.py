@@ -14,6 +14,10 @@ What it puts together, lesson by lesson:
   optimizer state with the forward pass in bf16 (Micikevicius et al. 2018), optional
   rematerialization (remat=full recomputes each layer; dots keeps only matmul outputs);
 - attention chosen by flag: naive (common), flash (lesson 05), pallas (lesson 08), cudnn;
+- the layers unrolled into one program (--scan_layers=true loops one compiled layer instead:
+  faster to compile, slower to run, because XLA's loop copies buffers from one iteration to the
+  next), and a loss that widens the logits to float32 only inside its reductions and writes
+  their gradient in one pass, in bf16 (common.cross_entropy);
 - checkpoints written atomically to --out_dir (params, optimizer state, step; the data position
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
   --out_dir resumes and reaches exactly the loss an uninterrupted run reaches;
@@ -55,6 +59,7 @@ class TrainConfig:
     dtype: str = "auto"          # compute dtype: float32, bfloat16, or auto (bf16 on GPU/TPU)
     mesh: str = ""               # e.g. dp:2,fsdp:2,tp:2; empty: FSDP over all devices
     remat: str = "none"          # none | full | dots
+    scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
     seed: int = 0
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
@@ -190,8 +195,10 @@ def make_loss_fn(cfg, tc, mesh, attention):
             x, NamedSharding(mesh, common.logical_to_spec(axes, mesh)))
 
     def loss_fn(params, x, y):
+        # Logits in the compute dtype: the loss widens them inside its reductions.
         logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
-                                constrain=constrain)
+                                constrain=constrain, scan_layers=tc.scan_layers,
+                                logits_dtype=cfg.dtype)
         return common.cross_entropy(logits, y)
     return loss_fn
 

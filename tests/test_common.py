@@ -111,6 +111,30 @@ def test_remat_and_jnp_tokens_do_not_change_logits():
                                    ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(common.UserError, match="remat"):
         common.forward(params, tokens, TINY, remat="some")
+    np.testing.assert_allclose(common.forward(params, tokens, TINY, scan_layers=False), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropy_and_its_gradient_match_log_softmax(dtype):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(3 * rng.standard_normal((2, 5, 50)), dtype)
+    targets = jnp.asarray(rng.integers(0, 50, (2, 5)))
+    mask = jnp.asarray(rng.random((2, 5)) < 0.7, jnp.float32)
+
+    def reference(lg, m):
+        logp = jax.nn.log_softmax(lg.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return (nll * m).sum() / m.sum()
+
+    for m in (jnp.ones((2, 5)), mask):
+        got, g = jax.value_and_grad(lambda lg: common.cross_entropy(lg, targets, m))(logits)
+        ref, g_ref = jax.value_and_grad(reference)(logits, m)
+        assert g.dtype == logits.dtype
+        tol = 1e-6 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32),
+                                   atol=tol * float(jnp.abs(g_ref).max()))
 
 
 # ---------------------------------------------------------------- RoPE

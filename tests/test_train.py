@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_run(tmp_path, **kw):
+    # The layer loop compiles faster on a CPU; test_loss_decreases runs the unrolled default.
     base = dict(preset="tiny", steps=4, batch_size=8, seq_len=32, warmup=2, log_every=1,
-                eval_every=100, eval_batches=1, sample_len=0, ckpt_every=0,
+                eval_every=100, eval_batches=1, sample_len=0, ckpt_every=0, scan_layers=True,
                 data=os.path.join(ROOT, "common.py"), out_dir=str(tmp_path / "out"))
     return train_mod.TrainConfig(**dict(base, **kw))
 
@@ -29,8 +30,8 @@ def losses(history):
 
 
 def test_loss_decreases(tmp_path):
-    hist, _, _ = train_mod.train(tiny_run(tmp_path, steps=40, lr=1e-2), log=lambda s: None,
-                                 devices=jax.devices()[:1])
+    hist, _, _ = train_mod.train(tiny_run(tmp_path, steps=40, lr=1e-2, scan_layers=False),
+                                 log=lambda s: None, devices=jax.devices()[:1])
     ls = losses(hist)
     assert ls[-1] < ls[0] - 1.0, ls
 
@@ -156,7 +157,7 @@ def run_script(args, env_devices, **kw):
 
 def test_two_processes_equal_one(tmp_path):
     args = ["--preset=tiny", "--steps=3", "--batch_size=8", "--seq_len=32", "--log_every=1",
-            "--sample_len=0", "--ckpt_every=0", "--mesh=dp:2,fsdp:2,tp:2",
+            "--sample_len=0", "--ckpt_every=0", "--mesh=dp:2,fsdp:2,tp:2", "--scan_layers=true",
             f"--data={os.path.join(ROOT, 'common.py')}"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
