@@ -281,10 +281,13 @@ def write_at_lengths(buf, new, start):
     return jax.vmap(row)(buf, new, start)
 
 
-def write_at_slot(buf, new, slot):
-    """buf [B, KH, S, ...] <- new [b, KH, T, ...] in rows slot .. slot+b-1, from position 0 (a
-    prefill)."""
-    return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (slot,) + (0,) * (buf.ndim - 1))
+def write_at_slots(buf, new, slots):
+    """buf [B, KH, S, ...] <- new [b, KH, T, ...] at positions 0..T-1 of rows slots[0..b-1] (a
+    prefill): one scatter, in place on a donated cache. The rows may be in any order and apart
+    (the free slots of a serving cache seldom sit side by side); a slot >= B writes nothing
+    (mode="drop"), which is how a batch padded with dummy rows leaves the cache alone. Not -1:
+    indexing wraps negative indices to the last row before it checks the bounds."""
+    return buf.at[slots, :, :new.shape[2]].set(new.astype(buf.dtype), mode="drop")
 
 
 def pallas_decode_attention(q, k, v, lengths, k_scale=None, v_scale=None):
@@ -344,10 +347,11 @@ def _logits(params, x, cfg):  # x [B, T, D] -> [B, T, V] float32
     return linear("btd,vd->btv", x, params["head"], out_dtype=jnp.float32)
 
 
-def prefill(params, cache, tokens, lengths, slot, cfg, attention=None):
-    """Prompts tokens [b, T] (right-padded; true lengths [b]) at positions 0..T-1: their keys and
-    values go to cache rows slot .. slot+b-1, their lengths to cache["lengths"]. Returns each
-    prompt's last-token logits [b, V] (the head runs on those tokens only) and the cache.
+def prefill(params, cache, tokens, lengths, slots, cfg, attention=None):
+    """Prompts tokens [b, T] (right-padded; true lengths [b]) at positions 0..T-1: prompt i's keys
+    and values go to cache row slots[i] (int32 [b]), its length to cache["lengths"][slots[i]];
+    a slot past the cache's last row writes nothing (a padding row). Returns each prompt's
+    last-token logits [b, V] (the head runs on those tokens only) and the cache.
     Causal attention over the prompt itself: a real token never sees the padding after it."""
     attention = attention or common.attention_reference
     params, cache = inference_params(params, cfg), _copy(cache)
@@ -358,10 +362,9 @@ def prefill(params, cache, tokens, lengths, slot, cfg, attention=None):
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
             q, k, v = _qkv(x, p, cos, sin, cfg)
-            cache = _write(cache, i, k, v, lambda buf, new: write_at_slot(buf, new, slot))
+            cache = _write(cache, i, k, v, lambda buf, new: write_at_slots(buf, new, slots))
             x = _out_and_mlp(x, attention(q, k, v, True, None), p, cfg)
-    cache["lengths"] = lax.dynamic_update_slice(cache["lengths"], lengths.astype(jnp.int32),
-                                                (slot,))
+    cache["lengths"] = cache["lengths"].at[slots].set(lengths.astype(jnp.int32), mode="drop")
     last = x[jnp.arange(b), lengths - 1]  # [b, D]
     return _logits(params, last[:, None], cfg)[:, 0], cache
 
@@ -442,9 +445,9 @@ def sample(logits, seed, row_ids, counters, sampling):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "attention"),
                    donate_argnames=("cache",))
-def _prefill_jit(params, cache, tokens, lengths, slot, row_ids, seed, *, cfg, sampling,
+def _prefill_jit(params, cache, tokens, lengths, slots, row_ids, seed, *, cfg, sampling,
                  attention):
-    logits, cache = prefill(params, cache, tokens, lengths, slot, cfg, attention)
+    logits, cache = prefill(params, cache, tokens, lengths, slots, cfg, attention)
     return sample(logits, seed, row_ids, jnp.zeros_like(row_ids), sampling), logits, cache
 
 
@@ -459,10 +462,11 @@ def _decode_jit(params, cache, tokens, row_ids, counters, seed, *, cfg, sampling
 
 # The static arguments are always passed by keyword, defaults included: jit keys its cache on the
 # arguments as given, so an omitted default and an explicit one would compile twice.
-def prefill_step(params, cache, tokens, lengths, slot, row_ids, seed, cfg, sampling=GREEDY,
+def prefill_step(params, cache, tokens, lengths, slots, row_ids, seed, cfg, sampling=GREEDY,
                  attention=None):
-    """Compiled prefill: (first tokens [b], last-token logits [b, V], cache)."""
-    return _prefill_jit(params, cache, tokens, lengths, slot, row_ids, seed, cfg=cfg,
+    """Compiled prefill of prompts tokens [b, T] into cache rows slots [b]: (first tokens [b],
+    last-token logits [b, V], cache). It compiles once per (b, T): callers pad both."""
+    return _prefill_jit(params, cache, tokens, lengths, slots, row_ids, seed, cfg=cfg,
                         sampling=sampling, attention=attention)
 
 
@@ -534,10 +538,10 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     if max_new_tokens == 0:
         return ([[] for _ in prompts], [None] * B) if return_logits else [[] for _ in prompts]
     cache = init_cache(cfg, B, S, kv_int8)
-    row_ids = jnp.arange(B, dtype=jnp.int32)
+    row_ids = jnp.arange(B, dtype=jnp.int32)   # prompt b: cache row b, and sampling stream b
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
-    tok, logits, cache = prefill_step(params, cache, tokens, lengths, 0, row_ids, seed, cfg=cfg,
-                                      sampling=sampling)
+    tok, logits, cache = prefill_step(params, cache, tokens, lengths, row_ids, row_ids, seed,
+                                      cfg=cfg, sampling=sampling)
     out, outl = [tok], [logits]
     for i in range(1, max_new_tokens):
         tok, logits, cache = decode_step(params, cache, tok, row_ids, jnp.full((B,), i, jnp.int32),
@@ -560,7 +564,7 @@ def teacher_forced_logits(params, cfg, prompt, continuation, cache_len, kv_int8=
     cache = init_cache(cfg, 1, cache_len, kv_int8)
     zero = jnp.zeros((1,), jnp.int32)
     _, logits, cache = prefill_step(params, cache, pad_prompts([prompt], bucket(len(prompt))),
-                                    np.array([len(prompt)], np.int32), 0, zero, 0, cfg=cfg)
+                                    np.array([len(prompt)], np.int32), zero, zero, 0, cfg=cfg)
     out = [logits[0]]
     for t in continuation:
         _, logits, cache = decode_step(params, cache, jnp.array([t], jnp.int32), zero, zero, 0,
@@ -581,6 +585,9 @@ class Request:
 
 @dataclasses.dataclass
 class Served:
+    """A request's answer and when the host had it: the times are those of the fetches from the
+    device. A prefill's first tokens are read once that prefill is done; later tokens come in one
+    fetch each time some request finishes, so a request's last token is timed as it is made."""
     tokens: list
     ttft_s: float   # from the stream's start (all requests arrive at once) to the first token
     tpot_s: float   # mean time between its later tokens (nan with fewer than 2 tokens)
@@ -607,86 +614,112 @@ def _served(out, t_first, t_last):
 
 def serve_static(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
                  seed=0, kv_int8=False, decode_attention=None):
-    """Static batching: requests in arrival order, n_slots at a time; a batch is prefilled
-    together and decoded until its longest request is done, then the next batch starts.
-    Returns ([Served] per request, seconds for the whole stream)."""
-    params = inference_params(params, cfg)
-    pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
-    n = len(requests)
-    cache = init_cache(cfg, n_slots, cache_len, kv_int8)
-    out, t_first, t_last = [[] for _ in range(n)], [math.nan] * n, [math.nan] * n
-    t0 = time.perf_counter()
-    for g0 in range(0, n, n_slots):
-        group = list(range(g0, min(g0 + n_slots, n)))
-        prompts = [requests[r].prompt for r in group] + [[0]] * (n_slots - len(group))
-        ids = np.array(group + [0] * (n_slots - len(group)), np.int32)
-        want = [requests[r].max_new_tokens for r in group] + [0] * (n_slots - len(group))
-        tok, _, cache = prefill_step(params, cache, pad_prompts(prompts, pad),
-                                     np.array([len(p) for p in prompts], np.int32), 0, ids, seed,
-                                     cfg=cfg, sampling=sampling)
-        tok = np.asarray(tok)
-        now = time.perf_counter() - t0
-        for j, r in enumerate(group):
-            if want[j]:
-                out[r].append(int(tok[j]))
-                t_first[r] = t_last[r] = now
-        for _ in range(max(want) - 1):  # every slot stays until the batch's longest is done
-            counters = np.array([len(out[r]) for r in group] + [0] * (n_slots - len(group)),
-                                np.int32)
-            tok, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
-                                        sampling=sampling, decode_attention=decode_attention)
-            tok = np.asarray(tok)
-            now = time.perf_counter() - t0
-            for j, r in enumerate(group):
-                if len(out[r]) < want[j]:
-                    out[r].append(int(tok[j]))
-                    t_last[r] = now
-    return _served(out, t_first, t_last), time.perf_counter() - t0
+    """Static batching: requests in arrival order (those wanting no tokens skipped), n_slots at a
+    time; a batch is prefilled together and decoded until its longest request is done, then the
+    next batch starts. Returns ([Served] per request, seconds for the whole stream)."""
+    return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
+                  decode_attention, continuous=False)
 
 
 def serve_continuous(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
                      seed=0, kv_int8=False, decode_attention=None):
-    """Continuous batching: n_slots cache rows; whenever a row is free, the next request's
-    prompt is prefilled into it between two decode steps, and each decode step advances every
-    busy row by one token. Returns ([Served] per request, seconds for the whole stream)."""
+    """Continuous batching: n_slots cache rows; whenever rows are free, the next requests'
+    prompts are prefilled into them, all in one call, between two decode steps, and each decode
+    step advances every busy row by one token. Returns ([Served] per request, seconds for the
+    whole stream)."""
+    return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
+                  decode_attention, continuous=True)
+
+
+@jax.jit
+def _place_tokens(tok, slots, new):
+    """tok [n_slots] with new [b] written at rows slots [b] (rows past the end dropped): one
+    compiled scatter, where the same line run eagerly would dispatch several small ops."""
+    return tok.at[slots].set(new, mode="drop")
+
+
+def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
+           decode_attention, continuous):
+    """The serving loop of both policies; they differ in one line, when requests are admitted.
+    A request stops only at its max_new_tokens, so after an admission the host knows that k
+    steps pass before the next slot frees (the fewest tokens a busy row still owes). It queues
+    those k decode steps back to back, each feeding its tokens to the next on the device, and
+    fetches the k token vectors in one transfer after the last: the device waits for the host
+    once per finishing request, not once per step (reading a step's tokens before launching the
+    next leaves the accelerator idle for a round trip every step)."""
     params = inference_params(params, cfg)
     pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
-    n = len(requests)
+    n, want = len(requests), [r.max_new_tokens for r in requests]
     cache = init_cache(cfg, n_slots, cache_len, kv_int8)
+    tok = jnp.zeros((n_slots,), jnp.int32)    # each slot's newest token, kept on the device
+
+    def admit(cache, tok, reqs, slots, b):
+        """Prefill requests `reqs` into cache rows `slots` in one call of batch b >= len(reqs),
+        padded by rows aimed at slot n_slots, past the cache, which write nothing. Returns their
+        first tokens [b] (on the device), the cache, and tok with the first tokens in place."""
+        fill = b - len(reqs)
+        prompts = [requests[r].prompt for r in reqs] + [[0]] * fill
+        slots = np.array(list(slots) + [n_slots] * fill, np.int32)
+        first, _, cache = prefill_step(params, cache, pad_prompts(prompts, pad),
+                                       np.array([len(p) for p in prompts], np.int32), slots,
+                                       np.array(list(reqs) + [0] * fill, np.int32), seed,
+                                       cfg=cfg, sampling=sampling)
+        return first, cache, _place_tokens(tok, slots, first)
+
+    # Admissions come in any number up to n_slots; padded to a power of two (at most n_slots),
+    # they need a handful of prefill shapes. Each is compiled before the clock starts, on rows
+    # that all write nothing, and so is the decode step, whose writes into the free rows are
+    # overwritten when the rows are admitted.
+    for b in sorted({min(bucket(m, 1), n_slots) for m in range(1, n_slots + 1)}):
+        _, cache, tok = admit(cache, tok, [], [], b)
+    zeros = np.zeros(n_slots, np.int32)
+    tok, _, cache = decode_step(params, cache, tok, zeros, zeros, seed, cfg=cfg,
+                                sampling=sampling, decode_attention=decode_attention)
+    tok.block_until_ready()
+
     out, t_first, t_last = [[] for _ in range(n)], [math.nan] * n, [math.nan] * n
-    queue = collections.deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
-    slot_req = np.full(n_slots, -1)   # the request in each slot, -1 when free
-    tok = np.zeros(n_slots, np.int32)
+    queue = collections.deque(r for r in range(n) if want[r] > 0)
+    slot_req = np.full(n_slots, -1)           # the request in each slot, -1 when free
+    made = np.zeros(n_slots, np.int32)        # the tokens it has got so far
     t0 = time.perf_counter()
     while queue or (slot_req >= 0).any():
-        for s in np.flatnonzero(slot_req < 0):
-            if not queue:
-                break
-            r = queue.popleft()
-            p = requests[r].prompt
-            first, _, cache = prefill_step(params, cache, pad_prompts([p], pad),
-                                           np.array([len(p)], np.int32), int(s),
-                                           np.array([r], np.int32), seed, cfg=cfg,
-                                           sampling=sampling)
-            tok[s] = int(first[0])
-            out[r].append(int(tok[s]))
-            t_first[r] = t_last[r] = time.perf_counter() - t0
-            if requests[r].max_new_tokens > 1:
-                slot_req[s] = r
+        firsts = []  # (requests, their first tokens [b] on the device), one entry per prefill
+        # continuous: any free slot takes a request; static: only an empty cache takes a batch
+        while queue and ((slot_req < 0).any() if continuous else (slot_req < 0).all()):
+            free = np.flatnonzero(slot_req < 0)[:len(queue)]
+            reqs = [queue.popleft() for _ in free]
+            first, cache, tok = admit(cache, tok, reqs, free, min(bucket(len(reqs), 1), n_slots))
+            firsts.append((reqs, first))
+            for s, r in zip(free, reqs):
+                if want[r] > 1:   # else the prefill's token was all it wanted: the slot stays free
+                    slot_req[s], made[s] = r, 1
         busy = np.flatnonzero(slot_req >= 0)
-        if not len(busy):
+        k = min((want[slot_req[s]] - made[s] for s in busy), default=0)
+        ids = jax.device_put(np.maximum(slot_req, 0).astype(np.int32))   # sent once, used k times
+        steps = []
+        for i in range(k):
+            # counters: the index of each row's new token in its answer (free rows: anything)
+            tok, _, cache = decode_step(params, cache, tok, ids, made + i, seed, cfg=cfg,
+                                        sampling=sampling, decode_attention=decode_attention)
+            steps.append(tok)
+        # The k steps are queued behind the prefills, so the host can wait for each prefill's
+        # first tokens (TTFT) while the device goes on decoding.
+        for reqs, first in firsts:
+            first = np.asarray(first)
+            now = time.perf_counter() - t0
+            for r, t in zip(reqs, first):
+                out[r].append(int(t))
+                t_first[r] = t_last[r] = now
+        if not k:
             continue
-        ids = np.maximum(slot_req, 0).astype(np.int32)
-        counters = np.array([len(out[r]) if r >= 0 else 0 for r in slot_req], np.int32)
-        nxt, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
-                                    sampling=sampling, decode_attention=decode_attention)
-        tok = np.array(nxt)
+        steps = np.stack(jax.device_get(steps), axis=1)        # [n_slots, k]
         now = time.perf_counter() - t0
         for s in busy:
             r = slot_req[s]
-            out[r].append(int(tok[s]))
+            out[r] += [int(t) for t in steps[s]]
             t_last[r] = now
-            if len(out[r]) == requests[r].max_new_tokens:
+            made[s] += k
+            if made[s] == want[r]:
                 slot_req[s] = -1
     return _served(out, t_first, t_last), time.perf_counter() - t0
 
@@ -748,9 +781,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
         return [[] for _ in prompts], dict(stats, acceptance=math.nan, tokens_per_round=math.nan)
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     ids = jnp.arange(B, dtype=jnp.int32)
-    last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, 0, ids, 0,
+    last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, 0,
                                   cfg=cfg)
-    _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S), tokens, lengths, 0, ids, 0,
+    _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S), tokens, lengths, ids, ids, 0,
                                 cfg=draft_cfg)
     out = [[int(t)] for t in np.asarray(last)]
     active = np.array([len(o) < max_new_tokens for o in out])
@@ -1055,7 +1088,7 @@ def measure_batch_1(run):
     cache, times = init_cache(cfg, 1, S), []
     for _ in range(4):  # the first call compiles
         t0 = time.perf_counter()
-        tok, _, cache = prefill_step(ip, cache, tokens, lengths, 0, zero, 0, cfg)
+        tok, _, cache = prefill_step(ip, cache, tokens, lengths, zero, zero, 0, cfg)
         tok.block_until_ready()
         times.append(time.perf_counter() - t0)
     run.t_prefill = float(np.median(times[1:]))

@@ -188,6 +188,54 @@ def test_serving_returns_what_each_request_gets_alone():
     assert all(s.ttft_s >= last_of_first_batch - 1e-9 for s in static[3:6] if s.tokens)
 
 
+def test_prefill_into_scattered_slots_drops_padding_rows():
+    """Two prompts into rows [2, 0] of a 3-row cache whose row 1 holds another sequence, in a
+    batch padded by a row aimed past the cache (slot 3): each prompt gets the first token,
+    logits and cache row it gets alone, and row 1 keeps its keys, values and length."""
+    ip = inference_params_for(TINY)
+    a, b, other = PROMPTS[1], PROMPTS[0], PROMPTS[3]
+
+    def prefill(cache, prompts, slots):
+        return inf.prefill_step(ip, cache, inf.pad_prompts(prompts, 32),
+                                np.array([len(p) for p in prompts], np.int32),
+                                np.array(slots, np.int32), np.zeros(len(prompts), np.int32), 0,
+                                cfg=TINY)
+
+    _, _, cache = prefill(inf.init_cache(TINY, 3, CACHE), [other], [1])
+    row_1 = jax.tree.map(lambda x: np.array(x)[1], cache)   # a copy: the cache is donated
+    tok, logits, cache = prefill(cache, [a, b, [7, 7, 7]], [2, 0, 3])
+    cache = jax.tree.map(np.asarray, cache)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda x: x[1], cache), row_1)
+    assert cache["lengths"].tolist() == [len(b), len(other), len(a)]
+    for j, (p, row) in enumerate(((a, 2), (b, 0))):
+        tok1, logits1, alone = prefill(inf.init_cache(TINY, 1, CACHE), [p], [0])
+        assert int(tok[j]) == int(tok1[0])
+        np.testing.assert_allclose(logits[j], logits1[0], rtol=1e-5, atol=1e-5)
+        for name in ("k", "v"):
+            for layer in range(TINY.n_layers):
+                np.testing.assert_allclose(cache[name][layer][row, :, :len(p)],
+                                           np.asarray(alone[name][layer])[0, :, :len(p)],
+                                           rtol=1e-5, atol=1e-5)
+
+
+def test_serving_with_sampling_draws_what_each_request_draws_alone():
+    """At temperature 1 a request's draws depend only on (seed, its row id = its index in the
+    stream, the token's index in its answer), not on its slot, its batch or the steps run
+    between two fetches: both policies give what row i of one batch of all the prompts gives.
+    With 2 slots, continuous batching puts request 2 in slot 1 and request 3 in slot 0, and both
+    policies run several steps between two fetches. The batch has the shapes of
+    test_sampling_with_a_seed_is_reproducible, so that it compiles once."""
+    params = params_for(TINY)
+    news = [4, 2, 5, 3]
+    want = inf.generate(params, TINY, PROMPTS, max(news), temperature=1.0, seed=3,
+                        cache_len=CACHE)
+    reqs = [inf.Request(p, n) for p, n in zip(PROMPTS, news)]
+    for serve in (inf.serve_continuous, inf.serve_static):
+        served, _ = serve(params, TINY, reqs, 2, CACHE, prompt_pad=32,
+                          sampling=inf.make_sampling(1.0), seed=3)
+        assert [s.tokens for s in served] == [w[:n] for w, n in zip(want, news)]
+
+
 def test_speculative_greedy_equals_target():
     params = params_for(TINY)
     want = inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE)
