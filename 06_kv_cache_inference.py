@@ -1191,6 +1191,54 @@ def measure_kernels(run):
     del qp
 
 
+def measure_step_kernels(run):
+    """Where a batch-1 decode step's time goes, read from the device's profile: the weight
+    matmuls against the bytes they read, and the many small kernels around them (norms, rope,
+    cache writes, residual adds, the split-K sums), each costing a launch's worth of time
+    whatever its size."""
+    cfg, P, S = run.cfg, run.P, run.S
+    run.section("where a batch-1 decode step's time goes (kernels as the device timed them)")
+    print(f"{'weights':>22s} {'step':>8s} {'kernels':>8s} {'matmul':>17s} {'attention':>9s} "
+          f"{'the rest':>24s}")
+    qp = None
+    for what in (f"{cfg.dtype}", "int8 (08's kernel)"):
+        if what.startswith("int8"):
+            qp = params = jax.block_until_ready(kernel_layout(quantize_params(run.params, cfg)))
+        else:
+            params = run.params
+        state = {"cache": filled_cache(cfg, 1, S, P, False), "tok": jnp.zeros((1,), jnp.int32)}
+        zero = jnp.zeros((1,), jnp.int32)
+
+        def step():
+            state["tok"], _, state["cache"] = decode_step(
+                params, state["cache"], state["tok"], zero, zero, 0, cfg=cfg,
+                decode_attention=pallas_decode_attention)
+            return state["tok"]
+        times = common.kernel_times(step, calls=4)
+        if times is None:
+            print("(no device kernels in the profile: this needs a GPU or TPU)")
+            return
+        t_step, _ = time_decode(params, cfg, state.pop("cache"), run.steps,
+                                decode_attention=pallas_decode_attention)
+        kinds = common.kernel_summary(times)
+        mm_t, mm_n = kinds.get("matmul", (0.0, 0))
+        at_t, _ = kinds.get("attention", (0.0, 0))
+        rest_t = sum(t for k, (t, n) in kinds.items() if k not in ("matmul", "attention"))
+        rest_n = sum(n for k, (t, n) in kinds.items() if k not in ("matmul", "attention"))
+        W = weight_bytes(params)
+        print(f"{what:>22s} {t_step * 1e3:6.2f}ms {sum(n for _, n in kinds.values()):8.0f} "
+              f"{mm_t * 1e3:5.2f} ms = {100 * W / mm_t / run.bw:3.0f}% BW {at_t * 1e3:6.2f} ms "
+              f"{rest_t * 1e3:5.2f} ms in {rest_n:4.0f} kernels")
+        run.row(f"B=1 {what.split()[0]} step: matmuls", f"{mm_t * 1e3:.2f} ms",
+                f"{W / run.bw * 1e3:.2f} ms (W / BW)", f"{100 * W / mm_t / run.bw:.0f}% of BW")
+        run.row(f"B=1 {what.split()[0]} step: the rest", f"{rest_t * 1e3:.2f} ms",
+                f"{rest_n:.0f} kernels", f"{100 * rest_t / t_step:.0f}% of the step")
+    print(f"A step at 90% of the bandwidth bound leaves 10% of it for everything that is not "
+          f"a weight matmul; each small kernel costs a microsecond or more however little it "
+          f"reads, and a layer has {rest_n / cfg.n_layers:.0f} of them here.")
+    del qp
+
+
 def measure_batch(run):
     """Decode throughput at a large batch, with the KV cache in the model's dtype and in int8."""
     cfg, B, P = run.cfg, run.batch, run.P
@@ -1322,6 +1370,7 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True):
     measure_batch(run)
     if on_gpu:
         measure_kernels(run)
+        measure_step_kernels(run)
     if full:
         measure_stream(run)
         measure_speculative(run)

@@ -325,7 +325,7 @@ def plot_metrics(out_dir):
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, log):
+def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, log, cfg, tokens):
     """Where a step's time goes: forward alone, forward + backward, and the whole step (the
     difference is the optimizer), each against the datasheet peak and against the matmul rate
     this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach."""
@@ -347,6 +347,21 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
             f"{100 * rate / matmul:14.1f}%")
     log(f"measured bf16 matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} device(s); "
         f"datasheet {peak * n_dev / 1e12:.1f}")
+    times = common.kernel_times(lambda: full(x, y), calls=2)
+    if times is None:
+        return
+    # The step's kernels by kind, as the device timed them; the weight matmuls do the 6N FLOPs.
+    kinds = common.kernel_summary(times)
+    busy = sum(t for t, _ in kinds.values())
+    log("one whole step's kernels (device 0): " + ", ".join(
+        f"{k} {t * 1e3:.1f} ms ({n:.0f} launches)"
+        for k, (t, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])) +
+        f"; busy {busy * 1e3:.1f} ms")
+    if "matmul" in kinds:
+        mm = 6 * cfg.param_count(embedding=False) * tokens / n_dev / kinds["matmul"][0]
+        log(f"the matmul kernels run the 6N FLOPs at {mm / 1e12:.1f} TFLOP/s = "
+            f"{100 * mm / (matmul / n_dev):.0f}% of the measured matmul peak; the rest of the "
+            f"step is attention, elementwise work and reductions")
 
 
 def model_config(tc):
@@ -407,7 +422,7 @@ def train(tc, stop_after=None, log=print, devices=None):
     if tc.breakdown:
         loss_fn = make_loss_fn(cfg, tc, mesh, attention_fn(attn, mesh))
         breakdown(step_fn, loss_fn, params, opt, *batch(train_tokens, start, tc.seed),
-                  flops_per_step, peak, n_dev, log)
+                  flops_per_step, peak, n_dev, log, cfg, tc.batch_size * tc.seq_len)
         return [], params, cfg
 
     history = []

@@ -698,6 +698,61 @@ def bench(fn, *args, iters=10, warmup=2, arg_sets=None, calls=None, min_sample_s
     return Timing(compile_s, float(np.median(times)), float(min(times)), iters * calls)
 
 
+def kernel_kind(name):
+    """A device kernel's name -> "matmul", "attention", "copy" or "other", by the names that
+    cuBLAS, cuDNN, XLA and this course's Pallas kernels give their kernels."""
+    n = name.lower()
+    if any(w in n for w in ("sdpa", "fmha", "flash", "attention", "decode_kernel")):
+        return "attention"
+    if any(w in n for w in ("gemm", "nvjet", "cublas", "xmma", "cutlass", "matmul", "gemv")):
+        return "matmul"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    return "other"
+
+
+def kernel_times(fn, calls=3):
+    """Run fn() `calls` times under JAX's profiler and read back what the device ran: {kernel
+    name: (seconds per call, launches per call)}, from the accelerator's own timestamps. None
+    where the profile holds no device streams (a CPU runs no kernels). Where a step's time
+    goes, kernel by kernel, is the measurement that a roofline's prediction is checked
+    against."""
+    import tempfile
+    jax.block_until_ready(fn())          # compiled and warm before the trace starts
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            for _ in range(calls):
+                out = fn()
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(paths[0]) if paths else None
+    if data is None:
+        return None
+    times = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for e in line.events:
+                t, n = times.get(e.name, (0.0, 0))
+                times[e.name] = (t + e.duration_ns * 1e-9, n + 1)
+    return {k: (t / calls, n / calls) for k, (t, n) in times.items()} or None
+
+
+def kernel_summary(times):
+    """kernel_times' result -> {kind: (seconds, launches)} per call, kinds by kernel_kind."""
+    out = {}
+    for name, (t, n) in times.items():
+        kt, kn = out.get(kernel_kind(name), (0.0, 0))
+        out[kernel_kind(name)] = (kt + t, kn + n)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Hardware: datasheet ceilings, and measured ones
 # ----------------------------------------------------------------------------------------------

@@ -445,3 +445,19 @@ def test_import_script_and_chip_table():
     assert common.device_chip() is None  # the CPU has no datasheet entry
     for chip in common.CHIPS.values():
         assert chip.bf16_flops > 0 and chip.hbm_bw > 0 and chip.source
+
+
+def test_kernel_kinds_and_summary():
+    names = {"nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": "matmul", "gemm_fusion_dot_12": "matmul",
+             "int8_matmul_kernel__2": "matmul",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention",
+             "decode_kernel": "attention", "MemcpyD2D": "copy",
+             "loop_add_multiply_fusion": "other", "input_reduce_fusion_17": "other"}
+    assert {n: common.kernel_kind(n) for n in names} == names
+    times = {n: (1e-3 * (i + 1), 2.0) for i, n in enumerate(names)}
+    summary = common.kernel_summary(times)
+    assert summary["matmul"] == pytest.approx((6e-3, 6.0))
+    assert summary["other"] == pytest.approx((15e-3, 4.0))
+    assert sum(t for t, _ in summary.values()) == pytest.approx(sum(t for t, _ in times.values()))
+    # A CPU runs no device kernels: the profile has nothing to report.
+    assert common.kernel_times(lambda: jnp.ones(8) * 2, calls=1) is None
