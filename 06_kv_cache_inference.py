@@ -30,7 +30,12 @@ What the lesson shows, in the order main() prints it:
      cache slots; a finished request frees its slot at once and the next request's prefill is
      inserted between decode steps. Static batching keeps every slot busy until the longest
      request of its batch ends. Time to first token (TTFT) and time per output token (TPOT)
-     are printed per request and in aggregate for both, on the same request stream.
+     are printed per request and in aggregate for both, on the same request stream. Two things
+     make the scheduler fast, and both policies share them: the requests admitted at one moment
+     are prefilled in one call, scattered into whichever slots are free; and the host does not
+     read each step's tokens before launching the next (that round trip idles the GPU every
+     step): a request ends at a known length, so the steps up to the next finish are queued
+     back to back and their tokens fetched once.
   5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
      Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
      cache with one scale per token and head, the simplest scheme (KIVI, Liu et al. 2024, and
@@ -43,6 +48,10 @@ What the lesson shows, in the order main() prints it:
      target's. The draft here is the target's own weights in int8 (optionally its first N
      layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
      model exists that could agree with the target.
+  7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
+     matmuls against the bytes they read, and the dozen small kernels per layer around them
+     (norms, rope, cache writes, residual adds), each costing about a microsecond whatever it
+     reads. At batch 1 they, not the matmuls, keep a step from the bandwidth bound.
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
