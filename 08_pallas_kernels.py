@@ -27,7 +27,7 @@ into code. Four kernels, each with its reference beside it:
   4. `int8_matmul`: weight-only int8 for decode (1..64 rows): the weights cross HBM as 1 byte and
      are widened to bf16 on chip, scaled per output channel in the epilogue. Through XLA,
      lesson 06's decode step with int8 weights ran at 0.85x its bf16 speed; with this kernel
-     in `linear` it runs at 1.27x (Llama-3-8B shape, H200).
+     in `linear` it runs at 1.46x (Llama-3-8B shape, H200).
 
 The portable kernels use only a grid, BlockSpecs and `jnp` inside the body, so they run
 interpreted on a CPU (`interpret=True`, what the tests do), compiled on an NVIDIA GPU, and by
@@ -1208,7 +1208,7 @@ def int8_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_k):
         o_ref[m, :] = acc * scale
 
 
-def int8_matmul(x, w_q, scale, block_n=64, block_k=512, split_k=None, num_warps=8, num_stages=3,
+def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=4, num_stages=3,
                 vector_rows=0, interpret=False):
     """x [M, K] (bf16/f32) @ (w_q [N, K] int8 * scale [N]).T -> [M, N] in x.dtype: a linear
     layer whose weight rows (output channels) are int8 with one float32 scale each. Made for
@@ -1217,9 +1217,11 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=512, split_k=None, num_warps=
     split_k > 1 cuts K in pieces that run as separate grid points (their float32 partial
     products summed after): with N / block_n grid points alone, a GPU's 132 SMs have too few
     bytes in flight to reach the memory bandwidth. None: the largest split that divides K's
-    blocks evenly and brings the grid to about 512 points. M <= vector_rows takes the
-    vector-unit kernel (int8_gemv_kernel), larger M the matrix unit; the defaults are the
-    fastest variant main() measured on an H200 (the vector kernel was slower even at M = 1).
+    blocks evenly and brings the grid to about 384 points (each then loops over several K
+    blocks, so its loads pipeline). M <= vector_rows takes the vector-unit kernel
+    (int8_gemv_kernel), larger M the matrix unit. The defaults won a sweep over the four weight
+    shapes of a Llama-3-8B layer at M = 1 on an H200 (the vector kernel was slower even at
+    M = 1); 256-wide K blocks with 4 warps beat 512 with 8 on every shape.
     Keep N a multiple of block_n and K of block_k: otherwise every call pads (copies) the
     weight."""
     if (x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != w_q.shape[1]
@@ -1236,7 +1238,7 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=512, split_k=None, num_warps=
     Mp = M if vector else _pow2_at_least(M)
     k_blocks, n_blocks = -(-K // block_k), -(-N // block_n)
     if split_k is None:
-        want = -(-512 // n_blocks)
+        want = -(-384 // n_blocks)
         split_k = max(d for d in range(1, k_blocks + 1) if k_blocks % d == 0 and d <= want)
     piece = -(-k_blocks // split_k) * block_k                # K per split, a block multiple
     xp = _pad_to(_pad_to(x, 0, Mp)[:Mp], 1, piece)
@@ -1564,7 +1566,8 @@ def resolve(cfg):
         "int8_n": cfg.int8_n if big else 512,
         "int8_rows": _ints(cfg.int8_rows) if big else [1, 16],
         "int8_layers": 8 if big else 2,
-        "int8_variants": ([(64, 512, None, 4, 3, 4), (32, 512, 4, 4, 3, 4),
+        "int8_variants": ([(64, 256, None, 4, 3, 0), (64, 256, 2, 4, 3, 0),
+                           (64, 512, None, 4, 3, 4), (32, 512, 4, 4, 3, 4),
                            (64, 512, None, 4, 3, 0), (64, 256, 1, 4, 4, 0), (64, 1024, 2, 4, 3, 0),
                            (128, 512, 2, 4, 3, 0), (64, 512, 4, 4, 3, 0), (64, 512, 2, 8, 3, 0),
                            (32, 512, 2, 4, 4, 0), (64, 512, 1, 4, 3, 0)] if big
