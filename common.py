@@ -21,6 +21,7 @@ import shutil
 import struct
 import sys
 import sysconfig
+import tempfile
 import time
 import types
 import typing
@@ -711,13 +712,12 @@ def kernel_kind(name):
     return "other"
 
 
-def kernel_times(fn, calls=3):
-    """Run fn() `calls` times under JAX's profiler and read back what the device ran: {kernel
-    name: (seconds per call, launches per call)}, from the accelerator's own timestamps. None
-    where the profile holds no device streams (a CPU runs no kernels). Where a step's time
+def kernel_times(fn, calls=3, device=0):
+    """Run fn() `calls` times under JAX's profiler and read back what accelerator `device` ran:
+    {kernel name: (seconds per call, launches per call)}, from the accelerator's own timestamps.
+    None where the profile holds no device streams (a CPU runs no kernels). Where a step's time
     goes, kernel by kernel, is the measurement that a roofline's prediction is checked
     against."""
-    import tempfile
     jax.block_until_ready(fn())          # compiled and warm before the trace starts
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
@@ -733,7 +733,7 @@ def kernel_times(fn, calls=3):
         return None
     times = {}
     for plane in data.planes:
-        if not plane.name.startswith("/device:"):
+        if not (plane.name.startswith("/device:") and plane.name.endswith(f":{device}")):
             continue
         for line in plane.lines:
             if not line.name.startswith("Stream"):
