@@ -1079,10 +1079,14 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=False,
 # 3. Decode attention (flash-decoding): one query token against a KV cache
 # ----------------------------------------------------------------------------------------------
 
-def decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, chunk):
+def decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, chunk):
     # q_ref [Gp, D]: the G query heads sharing this kv head (padded to >= 16 rows, the matrix
     # unit's smallest tile); k_ref, v_ref [S, D]. This grid point owns cache rows
     # [c*chunk, (c+1)*chunk) and stops at the sequence's length: a short row reads little.
+    # An int8 cache comes with float32 scales per position, ks_ref and vs_ref [S]: the int8
+    # blocks are widened on chip, the key scales multiply the scores and the value scales the
+    # probabilities, so the cache crosses memory at 1 byte per value.
+    ks_ref, vs_ref, o_ref, lse_ref = refs if len(refs) == 4 else (None, None) + refs
     c = pl.program_id(2)
     length = len_ref[0]
     q = q_ref[...]
@@ -1091,15 +1095,19 @@ def decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, chun
 
     def step(j, carry):
         acc, m_i, l_i = carry
-        k = k_ref[pl.ds(start + j * block_k, block_k), :]
-        v = v_ref[pl.ds(start + j * block_k, block_k), :]
+        rows = pl.ds(start + j * block_k, block_k)
+        k = k_ref[rows, :].astype(q.dtype)
+        v = v_ref[rows, :].astype(q.dtype)
         s = _dot_nt(q, k)                     # [Gp, block_k], q pre-scaled
+        if ks_ref is not None:
+            s = s * ks_ref[rows][None, :]
         pos = start + j * block_k + jnp.arange(block_k)
         s = jnp.where((pos < length)[None, :], s, MASK)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp(m_i - m_new)
         p = jnp.exp(s - m_new[:, None])
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+        pv = p if vs_ref is None else p * vs_ref[rows][None, :]
+        acc = acc * alpha[:, None] + jnp.dot(pv.astype(v.dtype), v,
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l_i * alpha + p.sum(axis=1)
 
@@ -1112,10 +1120,12 @@ def decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, chun
     lse_ref[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log(jnp.where(empty, 1.0, l_i)))
 
 
-def decode_attention(q, k, v, lengths, n_chunks=None, block_k=64, num_warps=4, num_stages=3,
-                     interpret=False):
+def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None, block_k=64,
+                     num_warps=4, num_stages=3, interpret=False):
     """q [B, H, D] (this step's token); k, v [B, KH, S, D] (lesson 06's cache layout); lengths
     [B] int: row b attends to cache positions < lengths[b] (>= 1). Returns [B, H, D].
+    An int8 cache (lesson 06's kv_int8) comes with float32 scales k_scale, v_scale [B, KH, S],
+    one per position and head: the values are k * k_scale[..., None].
 
     The cache is cut into n_chunks pieces per (row, kv head), each a grid point; the partial
     outputs are merged with their logsumexp: out = sum_c exp(lse_c - lse) * out_c."""
@@ -1123,6 +1133,11 @@ def decode_attention(q, k, v, lengths, n_chunks=None, block_k=64, num_warps=4, n
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         raise common.UserError(f"decode_attention: q [B, H, D] {q.shape} and k, v [B, KH, S, D] "
                                f"{k.shape}, {v.shape} do not fit")
+    scaled = k_scale is not None
+    if scaled != (v_scale is not None) or scaled and (
+            k_scale.shape != k.shape[:3] or v_scale.shape != k.shape[:3]):
+        raise common.UserError(f"decode_attention: an int8 cache needs k_scale and v_scale "
+                               f"[B, KH, S] {k.shape[:3]}")
     _check_block("block_k", block_k)
     KH, S = k.shape[1], k.shape[2]
     G = H // KH
@@ -1131,26 +1146,30 @@ def decode_attention(q, k, v, lengths, n_chunks=None, block_k=64, num_warps=4, n
         n_chunks = max(1, min(S // block_k, -(-512 // (B * KH))))
     chunk = -(-S // n_chunks // block_k) * block_k
     kp, vp = _pad_to(k, 2, chunk), _pad_to(v, 2, chunk)
-    n_chunks = kp.shape[2] // chunk
+    Sp = kp.shape[2]
+    n_chunks = Sp // chunk
     Gp = max(16, G)
     qg = q.reshape(B, KH, G, D) * (1.0 / math.sqrt(D))
-    qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(k.dtype)
+    qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(q.dtype if scaled else k.dtype)
     lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
     kernel = functools.partial(decode_kernel, block_k=block_k, chunk=chunk)
+    cache_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, c: (b, h, 0, 0))
+    scale_spec = pl.BlockSpec((None, None, Sp), lambda b, h, c: (b, h, 0))
+    scales = [_pad_to(x.astype(jnp.float32), 2, chunk) for x in (k_scale, v_scale)] if scaled \
+        else []
     out, lse = pl.pallas_call(
         kernel,
         grid=(B, KH, n_chunks),
         in_specs=[pl.BlockSpec((1,), lambda b, h, c: (b,)),
                   pl.BlockSpec((None, None, Gp, D), lambda b, h, c: (b, h, 0, 0)),
-                  pl.BlockSpec((None, None, kp.shape[2], D), lambda b, h, c: (b, h, 0, 0)),
-                  pl.BlockSpec((None, None, kp.shape[2], D), lambda b, h, c: (b, h, 0, 0))],
+                  cache_spec, cache_spec] + [scale_spec] * len(scales),
         out_specs=[pl.BlockSpec((None, None, None, Gp, D), lambda b, h, c: (b, h, c, 0, 0)),
                    pl.BlockSpec((None, None, None, Gp), lambda b, h, c: (b, h, c, 0))],
         out_shape=[jax.ShapeDtypeStruct((B, KH, n_chunks, Gp, D), jnp.float32),
                    jax.ShapeDtypeStruct((B, KH, n_chunks, Gp), jnp.float32)],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
-    )(lengths, qg, kp, vp)
+    )(lengths, qg, kp, vp, *scales)
     # Combine the chunks: weights exp(lse_c - max) renormalised (the same online-softmax
     # identity as across blocks, done once across chunks).
     w = jax.nn.softmax(lse, axis=2)                               # [B, KH, C, Gp]
@@ -1158,10 +1177,13 @@ def decode_attention(q, k, v, lengths, n_chunks=None, block_k=64, num_warps=4, n
     return out.reshape(B, H, D).astype(q.dtype)
 
 
-def decode_attention_reference(q, k, v, lengths):
+def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
     """Materialised softmax over the whole cache, masked past each row's length."""
     B, H, D = q.shape
     KH, S = k.shape[1], k.shape[2]
+    if k_scale is not None:  # an int8 cache: its values are k * k_scale
+        k = k.astype(jnp.float32) * k_scale[..., None]
+        v = v.astype(jnp.float32) * v_scale[..., None]
     qg = q.reshape(B, KH, H // KH, D).astype(jnp.float32)
     s = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     s = jnp.where(jnp.arange(S)[None, None, None] < lengths[:, None, None, None], s, -jnp.inf)
@@ -1477,6 +1499,27 @@ def bench_decode(cfg, env, rows):
         rows.append((f"decode attn, {name}", f"B{B} KH{KH} S{S}", _rate(read / t, "B/s"),
                      f"XLA {t_ref * 1e6:.0f} us", t_ref / t,
                      f"{read / t / env['copy_bw']:.0%} of copy BW"))
+        if name == "full":
+            t_full, full_variant = t, dict(n_chunks=n_chunks, block_k=block_k)
+    # The same cache in int8 with a float32 scale per position and head (lesson 06's kv_int8):
+    # (D + 4) / (2 D) of the bytes, so at the bandwidth bound 0.52x the time for D = 128.
+    def quantize(x):
+        scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127
+        return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
+
+    (k8, ks8), (v8, vs8) = quantize(k), quantize(v)
+    full = jnp.full((B,), S, jnp.int32)
+    read = B * S * KH * (D + 4) * 2
+    f = functools.partial(decode_attention, **full_variant, interpret=interp)
+    t = _time(f, [(q, k8, v8, full, ks8, vs8)])
+    t_ref = _time(decode_attention_reference, [(q, k8, v8, full, ks8, vs8)])
+    print(f"  int8 cache, full lengths: {t * 1e6:8.1f} us = {_rate(read / t, 'B/s'):>10s} "
+          f"({read / t / env['copy_bw']:.0%} of copy); {t_full / t:.2f}x the {jnp.dtype(dtype).name} "
+          f"cache (bytes say {2 * D * itemsize / (2 * (D + 4)):.2f}x); XLA dequantizing "
+          f"{t_ref * 1e6:.1f} us")
+    rows.append(("decode attn, int8 KV", f"B{B} KH{KH} S{S}", _rate(read / t, "B/s"),
+                 f"{jnp.dtype(dtype).name} cache {t_full * 1e6:.0f} us", t_full / t,
+                 f"{read / t / env['copy_bw']:.0%} of copy BW"))
 
 
 def bench_int8(cfg, env, rows):

@@ -166,6 +166,9 @@ def test_pallas_kernels_in_the_decode_step_give_the_same_tokens():
     ref = inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE)
     assert inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE,
                         decode_attention=inf.pallas_decode_attention) == ref
+    assert (inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE, kv_int8=True,
+                         decode_attention=inf.pallas_decode_attention) ==
+            inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE, kv_int8=True))
     qp = inf.quantize_params(ip, TINY)
     assert (inf.generate(inf.kernel_layout(qp), TINY, PROMPTS[:2], 3, cache_len=CACHE) ==
             inf.generate(qp, TINY, PROMPTS[:2], 3, cache_len=CACHE))

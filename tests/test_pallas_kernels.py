@@ -121,6 +121,26 @@ def test_decode_attention(B=3, H=8, KH=2, S=100, n_chunks=3):
     assert rel(out, k08.decode_attention_reference(q, k, v, lengths)) < 1e-5
 
 
+def test_decode_attention_int8_cache(B=2, H=4, KH=2, S=80):
+    """An int8 cache with a float32 scale per position and head, widened in the kernel: equal
+    to attention over the dequantized cache."""
+    rng = np.random.default_rng(1)
+    D = 32
+    q = normal(rng, B, H, D)
+
+    def quantized():
+        x = normal(rng, B, KH, S, D) * (1 + jnp.arange(S))[:, None] / S   # scales that vary
+        scale = jnp.max(jnp.abs(x), axis=-1) / 127
+        return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
+
+    (k, ks), (v, vs) = quantized(), quantized()
+    lengths = jnp.array([17, 80])
+    out = k08.decode_attention(q, k, v, lengths, ks, vs, n_chunks=3, block_k=16, interpret=True)
+    assert rel(out, k08.decode_attention_reference(q, k, v, lengths, ks, vs)) < 1e-5
+    with pytest.raises(common.UserError, match="k_scale and v_scale"):
+        k08.decode_attention(q, k, v, lengths, ks, interpret=True)
+
+
 def test_decode_attention_ignores_the_stale_cache():
     """Whatever lies past a row's length (an earlier request's tokens) must not leak in."""
     rng = np.random.default_rng(0)
