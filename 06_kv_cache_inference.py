@@ -210,9 +210,7 @@ def linear(eq, x, w, out_dtype=None):
     chip."""
     out_dtype = out_dtype or x.dtype
     if isinstance(w, dict) and "qt" in w:
-        ins, out = eq.split("->")
-        n_contracted = sum(c not in out for c in ins.split(",")[0])
-        lead = x.shape[:x.ndim - n_contracted]
+        lead = _lead(eq, x)
         x2 = x.reshape(-1, w["qt"].shape[1])                        # [M, K]
         scale = w["scale"].reshape(-1)
         # Decode's few rows take the kernel; from 64 rows XLA's widening matmul is faster (08's
@@ -224,10 +222,26 @@ def linear(eq, x, w, out_dtype=None):
             y = jnp.dot(x2, w["qt"].astype(x.dtype).T, preferred_element_type=jnp.float32)
             y = y * scale
         return y.reshape(lead + w["scale"].shape).astype(out_dtype)
+    # One row against a small matrix (under 10M multiply-adds, as the projections of a 1B model
+    # are) is a vector-matrix product that XLA's GPU compiler rewrites into a multiply and a sum,
+    # writing the whole elementwise product to memory: 3x the bytes of the weight. With a second
+    # (dummy) row it stays a matrix multiply, and the row costs nothing at batch 1: the bytes
+    # are the weight's.
+    one_row = math.prod(_lead(eq, x)) == 1
+    xp = jnp.concatenate([x, jnp.zeros_like(x)]) if one_row else x
     if isinstance(w, dict):
-        y = jnp.einsum(eq, x, w["q"].astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * w["scale"]).astype(out_dtype)
-    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+        y = jnp.einsum(eq, xp, w["q"].astype(x.dtype), preferred_element_type=jnp.float32)
+        y = y * w["scale"]
+    else:
+        y = jnp.einsum(eq, xp, w.astype(x.dtype), preferred_element_type=out_dtype)
+    return (y[:1] if one_row else y).astype(out_dtype)
+
+
+def _lead(eq, x):
+    """x's dims that the product in `eq` keeps (each eq here contracts x's trailing dims): their
+    product is the number of rows the matrix multiply sees."""
+    ins, out = eq.split("->")
+    return x.shape[:sum(c in out for c in ins.split(",")[0])]
 
 
 # ----------------------------------------------------------------------------------------------
