@@ -1292,6 +1292,28 @@ def measure_batch(run):
                   f"the copy bandwidth")
             run.row(f"decode B={B} {what}", f"{B / tt:,.0f} tok/s",
                     f"{B * run.bw / b_bytes:,.0f} tok/s", peer)
+    if _interpret():
+        return
+    # At a long context the cache outweighs the weights, and an int8 cache pays: the bytes per
+    # step fall by nearly half the cache's share.
+    S, P = 4096, 3072
+    print(f"at context {P} (flash-decoding):")
+    for kv8 in (False, True):
+        cache = filled_cache(cfg, B, S, P, kv8)
+        t[kv8], _ = time_decode(run.params, cfg, cache, run.steps,
+                                decode_attention=pallas_decode_attention)
+        del cache
+    b_bytes = {kv8: W + B * (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg, kv8)
+               for kv8 in (False, True)}
+    for kv8 in (False, True):
+        print(f"  {'int8' if kv8 else cfg.dtype} KV: {t[kv8] * 1e3:.3f} ms/step = "
+              f"{B / t[kv8]:,.0f} tok/s, {_si(b_bytes[kv8], 'B')} per step = "
+              f"{100 * b_bytes[kv8] / t[kv8] / run.bw:.0f}% of the copy bandwidth")
+    print(f"  int8 KV: {t[False] / t[True]:.2f}x {cfg.dtype} KV; the bytes say "
+          f"{b_bytes[False] / b_bytes[True]:.2f}x")
+    run.row(f"decode B={B} ctx {P} int8 KV", f"{B / t[True]:,.0f} tok/s",
+            f"{B / t[False]:,.0f} {cfg.dtype} KV", f"{t[False] / t[True]:.2f}x (bytes "
+            f"{b_bytes[False] / b_bytes[True]:.2f}x)")
 
 
 def measure_stream(run):
