@@ -39,9 +39,10 @@ What the lesson shows, in the order main() prints it:
   5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
      Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
      cache with one scale per token and head, the simplest scheme (KIVI, Liu et al. 2024, and
-     KVQuant, Hooper et al. 2024, find keys quantize better per channel), halves the cache.
-     Their cost is measured as logit error and greedy agreement with the unquantized model,
-     teacher-forced on the same tokens.
+     KVQuant, Hooper et al. 2024, find keys quantize better per channel), halves the cache,
+     which pays where the cache outweighs the weights: long contexts at large batches (lesson
+     08's kernel reads it as int8). Their cost is measured as logit error and greedy agreement
+     with the unquantized model, teacher-forced on the same tokens.
   6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
      gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
