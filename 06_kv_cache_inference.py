@@ -52,7 +52,9 @@ What the lesson shows, in the order main() prints it:
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
      matmuls against the bytes they read, and the dozen small kernels per layer around them
      (norms, rope, cache writes, residual adds), each costing about a microsecond whatever it
-     reads. At batch 1 they, not the matmuls, keep a step from the bandwidth bound.
+     reads. At batch 1 they, not the matmuls, keep a step from the bandwidth bound. (A trap on
+     the way: XLA's GPU compiler turns a one-row product with a small matrix into a multiply and
+     a sum that writes the whole product to memory; `linear` keeps it a matmul.)
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
