@@ -54,12 +54,13 @@ What the lesson shows, in the order main() prints it:
      (norms, rope, cache writes, residual adds), each costing about a microsecond whatever it
      reads. At batch 1 they, not the matmuls, keep a step from the bandwidth bound. (A trap on
      the way: XLA's GPU compiler turns a one-row product with a small matrix into a multiply and
-     a sum that writes the whole product to memory; `linear` keeps it a matmul.)
+     a sum, fast along an output-major matrix's rows and 6x slower down an input-major one's
+     columns; the layout of each matrix is chosen for the product it will see, ROW_SUM_MAX.)
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
-(`pallas_decode_attention`), and its int8 matmul inside `linear` for weights stored in its
-layout (`kernel_layout`). On a GPU the lesson measures the decode step with both.
+(`pallas_decode_attention`), and its int8 matmul inside `linear` for int8 weights routed to it
+(`with_int8_kernel`). On a GPU the lesson measures the decode step with both.
 """
 import collections
 import dataclasses
@@ -121,6 +122,24 @@ class InferConfig:
 # The contracted (input) axes of each matrix; a scale is kept per remaining (output) channel.
 CONTRACTED = {"wqkv": (0,), "wo": (0, 1), "w_gate_up": (0,), "w_down": (0,)}
 
+# XLA's GPU compiler turns a one-row product with a matrix of fewer values than this into an
+# elementwise multiply and a sum (its ShouldStrengthReduceDotToReduce). How fast that sum runs
+# depends on the matrix's layout: summing along contiguous rows of an output-major [N, K] matrix
+# reads it once at 92-96% of copy bandwidth (a 1B layer's q/k/v and output projections on an
+# H200), while summing down the columns of an input-major [K, N] one runs at 14-16%. Larger
+# matrices stay matrix multiplies, where input-major is the faster layout for bf16 (by 2-7%)
+# and output-major for int8 (by 8-25%; lesson 08's int8 sweep layout).
+ROW_SUM_MAX = 10_000_000
+
+
+def output_major(w, axes):
+    """A matrix whose contracted axes `axes` lead (as common's params store them) -> [output
+    dims..., K]: one output channel per row, as a linear layer of PyTorch or a Hugging Face
+    checkpoint stores it."""
+    n_in = len(axes)
+    K = math.prod(w.shape[:n_in])
+    return w.reshape(K, -1).T.reshape(w.shape[n_in:] + (K,))
+
 
 def inference_params(params, cfg):
     """common's params -> the layout the decode step reads. `layers` is a list of per-layer
@@ -128,16 +147,20 @@ def inference_params(params, cfg):
     array inside the step would copy it). The q, k and v projections are one matrix wqkv
     [D, H + 2 KH, Dh] and the gate and up projections one w_gate_up [D, 2, F], as gpt-fast's
     wqkv and vLLM's merged linears: at batch 1 a matmul is a stream of its weight, and fewer,
-    longer streams lose less to kernel launches and ramp-up. `head` is the output matrix as
-    [V, D] (the embedding table itself when tied). Params already in this layout pass through."""
+    longer streams lose less to kernel launches and ramp-up. A matrix under ROW_SUM_MAX values
+    is stored output-major, as {"t": [output dims..., K]}, the layout in which XLA's one-row
+    product reads it fastest. `head` is the output matrix as [V, D] (the embedding table itself
+    when tied). Params already in this layout pass through."""
     if "head" in params:
         return params
 
     def layer(i):
         p = jax.tree.map(lambda w: w[i], params["layers"])
-        return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], "wo": p["wo"],
-                "wqkv": jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1),
-                "w_gate_up": jnp.stack([p["w_gate"], p["w_up"]], axis=1), "w_down": p["w_down"]}
+        ws = {"wqkv": jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1), "wo": p["wo"],
+              "w_gate_up": jnp.stack([p["w_gate"], p["w_up"]], axis=1), "w_down": p["w_down"]}
+        ws = {k: {"t": output_major(w, CONTRACTED[k])} if w.size < ROW_SUM_MAX else w
+              for k, w in ws.items()}
+        return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], **ws}
 
     return {"embed": params["embed"], "final_norm": params["final_norm"],
             "layers": [layer(i) for i in range(cfg.n_layers)],
@@ -157,12 +180,19 @@ def quantize_int8(w, axes):
 
 def quantize_params(params, cfg):
     """int8 weight-only copy of inference params: every matrix a step streams (the layers and the
-    head) becomes {"q": int8, "scale": float32}; norms and the embedding table (one row read per
-    token) stay as they are."""
+    head) becomes {"qt": int8 [N, K], "scale": float32 [output dims]}, output-major (one output
+    channel per row, its bytes contiguous), the layout in which XLA's products with int8 weights
+    ran fastest at every Llama shape measured, and the one lesson 08's int8 kernel reads. Norms
+    and the embedding table (one row read per token) stay as they are."""
     params = inference_params(params, cfg)
-    layers = [{k: quantize_int8(w, CONTRACTED[k]) if k in CONTRACTED else w for k, w in p.items()}
+
+    def q(w, axes):
+        t = w["t"] if isinstance(w, dict) else output_major(w, axes)
+        qw = quantize_int8(t.reshape(-1, t.shape[-1]), (1,))
+        return {"qt": qw["q"], "scale": qw["scale"].reshape(t.shape[:-1])}
+    layers = [{k: q(w, CONTRACTED[k]) if k in CONTRACTED else w for k, w in p.items()}
               for p in params["layers"]]
-    return {**params, "layers": layers, "head": quantize_int8(params["head"], (1,))}
+    return {**params, "layers": layers, "head": q({"t": params["head"]}, None)}  # [V, D]
 
 
 def draft_params(params, cfg, n_layers):
@@ -177,6 +207,16 @@ def draft_params(params, cfg, n_layers):
     return quantize_params(small, dcfg), dcfg
 
 
+def matmul_weight_bytes(params):
+    """The part of weight_bytes that a batch-1 step reads through matrix-multiply kernels: the
+    matrices under ROW_SUM_MAX values (unless routed to 08's kernel) run as XLA's multiply-and-sum
+    fusions, which a profile does not tell apart from the other small kernels."""
+    small = [w for p in params["layers"] for k, w in p.items()
+             if k in CONTRACTED and isinstance(w, dict) and "qt_pallas" not in w
+             and w.get("t", w.get("qt")).size < ROW_SUM_MAX]
+    return weight_bytes(params) - sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(small))
+
+
 def weight_bytes(params):
     """Bytes of weights one decode step reads: every layer, the final norm and the output head
     (of the embedding table only one row per token, left out)."""
@@ -184,17 +224,14 @@ def weight_bytes(params):
     return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
-def kernel_layout(qparams):
-    """int8 params (quantize_params) -> lesson 08's int8 matmul layout: each matrix as
-    {"qt": int8 [N, K], "scale": [output dims]}, one output channel per row, as a linear layer
-    stores it, so a kernel's row of weights is contiguous."""
-    def nk(w, head=False):
-        if head:                                   # the head is already [V, D] = [N, K]
-            return {"qt": w["q"], "scale": w["scale"]}
-        return {"qt": w["q"].reshape(-1, w["scale"].size).T, "scale": w["scale"]}
-    layers = [{k: nk(w) if k in CONTRACTED else w for k, w in p.items()}
+def with_int8_kernel(qparams):
+    """int8 params (quantize_params) routed to lesson 08's int8 matmul kernel for decode's few
+    rows: the same [N, K] bytes under the key "qt_pallas"."""
+    def route(w):
+        return {"qt_pallas": w["qt"], "scale": w["scale"]}
+    layers = [{k: route(w) if k in CONTRACTED else w for k, w in p.items()}
               for p in qparams["layers"]]
-    return {**qparams, "layers": layers, "head": nk(qparams["head"], head=True)}
+    return {**qparams, "layers": layers, "head": route(qparams["head"])}
 
 
 def _kernels():
@@ -206,38 +243,48 @@ def _interpret():
 
 
 def linear(eq, x, w, out_dtype=None):
-    """x times a weight given as an array or as int8 {"q", "scale"}: the int8 matrix is widened to
-    x's dtype inside the matmul and the per-channel scale applied to the product, so the weight
-    crosses memory as 1 byte per value. In lesson 08's layout {"qt", "scale"} a decode step's few
-    rows (up to 32) go through its int8 matmul kernel instead, which widens the weights on
-    chip."""
+    """x times a weight: an input-major array contracted as `eq` says, or an output-major dict,
+    {"t": [output dims..., K]} in x's dtype, or int8 {"qt": [N, K], "scale": [output dims]}
+    (widened to x's dtype inside the product, the per-channel scale applied to the result, so
+    the weight crosses memory as 1 byte per value), or int8 {"qt_pallas", "scale"}, whose few
+    rows of a decode step (up to 32) go through lesson 08's int8 matmul kernel instead."""
     out_dtype = out_dtype or x.dtype
-    if isinstance(w, dict) and "qt" in w:
-        lead = _lead(eq, x)
-        x2 = x.reshape(-1, w["qt"].shape[1])                        # [M, K]
-        scale = w["scale"].reshape(-1)
-        # Decode's few rows take the kernel; from 64 rows XLA's widening matmul is faster (08's
-        # sweep on an H200: 46 us against 38 per 8192 x 8192 weight at M = 64; the kernel wins
-        # up to 32).
-        if x2.shape[0] <= 32:
-            y = _kernels().int8_matmul(x2, w["qt"], scale, interpret=_interpret())
-        else:                   # larger batches and prefill: XLA
-            y = jnp.dot(x2, w["qt"].astype(x.dtype).T, preferred_element_type=jnp.float32)
-            y = y * scale
-        return y.reshape(lead + w["scale"].shape).astype(out_dtype)
-    # One row against a small matrix (under 10M multiply-adds, as the projections of a 1B model
-    # are) is a vector-matrix product that XLA's GPU compiler rewrites into a multiply and a sum,
-    # writing the whole elementwise product to memory: 3x the bytes of the weight. With a second
+    lead = _lead(eq, x)
+    one_row = math.prod(lead) == 1
+    if isinstance(w, dict):
+        return _linear_output_major(x, w, lead, out_dtype)
+    # One row against a small matrix is a multiply and a sum down its columns, slow in this
+    # layout (ROW_SUM_MAX; inference_params stores those matrices output-major). With a second
     # (dummy) row it stays a matrix multiply, and the row costs nothing at batch 1: the bytes
     # are the weight's.
-    one_row = math.prod(_lead(eq, x)) == 1
     xp = jnp.concatenate([x, jnp.zeros_like(x)]) if one_row else x
-    if isinstance(w, dict):
-        y = jnp.einsum(eq, xp, w["q"].astype(x.dtype), preferred_element_type=jnp.float32)
-        y = y * w["scale"]
-    else:
-        y = jnp.einsum(eq, xp, w.astype(x.dtype), preferred_element_type=out_dtype)
+    y = jnp.einsum(eq, xp, w.astype(x.dtype), preferred_element_type=out_dtype)
     return (y[:1] if one_row else y).astype(out_dtype)
+
+
+def _linear_output_major(x, w, lead, out_dtype):
+    wt = w.get("t", w.get("qt", w.get("qt_pallas")))
+    out_dims = w["scale"].shape if "scale" in w else wt.shape[:-1]
+    K = wt.shape[-1]
+    x2, wt = x.reshape(-1, K), wt.reshape(-1, K)                          # [M, K], [N, K]
+    M = x2.shape[0]
+    # Decode's few rows take 08's kernel; from 64 rows XLA's widening matmul is faster (08's
+    # sweep on an H200: 46 us against 38 per 8192 x 8192 weight at M = 64; the kernel wins
+    # up to 32).
+    if "qt_pallas" in w and M <= 32:
+        y = _kernels().int8_matmul(x2, wt, w["scale"].reshape(-1), interpret=_interpret())
+        return y.reshape(lead + out_dims).astype(out_dtype)
+    # One row: under ROW_SUM_MAX values XLA's multiply-and-sum along these rows is the fast
+    # path; above it a second (zero) row keeps the product a matrix multiply, which XLA tiles
+    # better than a one-row one (2-8% for bf16 here, 1.2-1.6x for int8).
+    pad = M == 1 and wt.size >= ROW_SUM_MAX
+    xp = jnp.concatenate([x2, jnp.zeros_like(x2)]) if pad else x2
+    if "scale" in w:
+        y = jnp.dot(xp, wt.astype(x.dtype).T, preferred_element_type=jnp.float32)
+        y = y * w["scale"].reshape(-1)
+    else:
+        y = jnp.dot(xp, wt.T, preferred_element_type=out_dtype)
+    return y[:M].reshape(lead + out_dims).astype(out_dtype)
 
 
 def _lead(eq, x):
@@ -1218,8 +1265,9 @@ def measure_kernels(run):
     run.row("decode B=1 Pallas attn", f"{1 / t_k:,.1f} tok/s", f"{1 / t_ref:,.1f} ref",
             f"{t_ref / t_k:.2f}x, {100 * step_bytes / t_k / run.bw:.0f}% BW")
     qp = quantize_params(run.params, cfg)
-    t_x, _ = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps)
-    qp = jax.block_until_ready(kernel_layout(qp))
+    t_x, _ = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
+                         decode_attention=pallas_decode_attention)
+    qp = jax.block_until_ready(with_int8_kernel(qp))
     t_q, c_q = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
                            decode_attention=pallas_decode_attention)
     q_bytes = weight_bytes(qp) + ctx * kv_bytes_per_token(cfg)
@@ -1234,15 +1282,15 @@ def measure_kernels(run):
 def measure_step_kernels(run):
     """Where a batch-1 decode step's time goes, read from the device's profile: the weight
     matmuls against the bytes they read, and the many small kernels around them (norms, rope,
-    cache writes, residual adds, the split-K sums), each costing a launch's worth of time
+    cache writes, residual adds), each costing a launch's worth of time
     whatever its size."""
     cfg, P, S = run.cfg, run.P, run.S
     run.section("where a batch-1 decode step's time goes (kernels as the device timed them)")
     print(f"{'weights':>22s} {'step':>8s} {'kernels':>8s} {'matmul':>17s} {'attention':>9s} "
           f"{'the rest':>24s}")
-    for what in (f"{cfg.dtype}", "int8 (08's kernel)"):
+    for what in (f"{cfg.dtype}", "int8"):
         params = run.params if what == cfg.dtype else \
-            jax.block_until_ready(kernel_layout(quantize_params(run.params, cfg)))
+            jax.block_until_ready(quantize_params(run.params, cfg))
         state = {"cache": filled_cache(cfg, 1, S, P, False), "tok": jnp.zeros((1,), jnp.int32)}
         zero = jnp.zeros((1,), jnp.int32)
 
@@ -1265,7 +1313,11 @@ def measure_step_kernels(run):
             return
         rest_t = sum(t for k, (t, n) in kinds.items() if k not in ("matmul", "attention"))
         rest_n = sum(n for k, (t, n) in kinds.items() if k not in ("matmul", "attention"))
-        W = weight_bytes(params)
+        W = matmul_weight_bytes(params)
+        if W < weight_bytes(params):
+            print(f"{'':>22s} (the matmul column leaves out the {_si(weight_bytes(params) - W, 'B')}"
+                  f" of matrices under {ROW_SUM_MAX:,} values, read by multiply-and-sum "
+                  f"fusions counted in the rest)")
         print(f"{what:>22s} {t_step * 1e3:6.2f}ms {sum(n for _, n in kinds.values()):8.0f} "
               f"{mm_t * 1e3:5.2f} ms = {100 * W / mm_t / run.bw:3.0f}% BW {at_t * 1e3:6.2f} ms "
               f"{rest_t * 1e3:5.2f} ms in {rest_n:4.0f} kernels")

@@ -106,9 +106,18 @@ def test_decode_attention_matches_reference(T):
         np.testing.assert_allclose(got8[b], np_attention(q[b], kdb, vdb), atol=1e-5)
 
 
+def input_major(name, layer=1):
+    """A tiny layer's matrix in common's input-major layout, merged as inference_params merges
+    it (which then stores matrices this small output-major)."""
+    w = params_for(TINY)["layers"]
+    return {"wqkv": jnp.concatenate([w["wq"], w["wk"], w["wv"]], axis=2), "wo": w["wo"],
+            "w_gate_up": jnp.stack([w["w_gate"], w["w_up"]], axis=2),
+            "w_down": w["w_down"]}[name][layer]
+
+
 @pytest.mark.parametrize("name", ["wqkv", "wo", "w_gate_up", "w_down"])
 def test_int8_weight_roundtrip_within_half_a_step(name):
-    w = inference_params_for(TINY)["layers"][1][name]
+    w = input_major(name)
     axes = inf.CONTRACTED[name]
     qw = jax.tree.map(np.asarray, inf.quantize_int8(w, axes))
     assert qw["q"].dtype == np.int8
@@ -152,13 +161,28 @@ def test_linear_through_the_int8_kernel_matches_xla(name):
     """Lesson 08's int8 matmul (interpreted here) in its [N, K] layout against XLA's widening of
     the same int8 weight: the same product up to float32 rounding."""
     qp = inf.quantize_params(inference_params_for(TINY), TINY)
-    kp = inf.kernel_layout(qp)
+    kp = inf.with_int8_kernel(qp)
     w, wk = qp["layers"][0][name], kp["layers"][0][name]
     x_shape = {"wo": (2, 1, TINY.n_heads, TINY.head_dim), "w_down": (2, 1, TINY.d_ff)}.get(
         name, (2, 1, TINY.d_model))
     x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape), jnp.float32)
     np.testing.assert_allclose(inf.linear(EQS[name], x, wk), inf.linear(EQS[name], x, w),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,row_sum_max", [(1, inf.ROW_SUM_MAX), (1, 0), (3, 0)])
+@pytest.mark.parametrize("name", list(EQS))
+def test_output_major_weight_gives_the_same_product(name, rows, row_sum_max, monkeypatch):
+    """A matrix stored output-major ({"t": [output dims..., K]}, as inference_params keeps the
+    small ones) against the same matrix input-major: one row as a multiply-and-sum (a small
+    matrix), one row padded to two (row_sum_max 0: as if the matrix were large), several rows."""
+    monkeypatch.setattr(inf, "ROW_SUM_MAX", row_sum_max)
+    w = input_major(name)
+    x_shape = {"wo": (TINY.n_heads, TINY.head_dim), "w_down": (TINY.d_ff,)}.get(
+        name, (TINY.d_model,))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, 1) + x_shape), jnp.float32)
+    got = inf.linear(EQS[name], x, {"t": inf.output_major(w, inf.CONTRACTED[name])})
+    np.testing.assert_allclose(got, inf.linear(EQS[name], x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_kernels_in_the_decode_step_give_the_same_tokens():
@@ -170,7 +194,7 @@ def test_pallas_kernels_in_the_decode_step_give_the_same_tokens():
                          decode_attention=inf.pallas_decode_attention) ==
             inf.generate(ip, TINY, PROMPTS[:2], 3, cache_len=CACHE, kv_int8=True))
     qp = inf.quantize_params(ip, TINY)
-    assert (inf.generate(inf.kernel_layout(qp), TINY, PROMPTS[:2], 3, cache_len=CACHE) ==
+    assert (inf.generate(inf.with_int8_kernel(qp), TINY, PROMPTS[:2], 3, cache_len=CACHE) ==
             inf.generate(qp, TINY, PROMPTS[:2], 3, cache_len=CACHE))
 
 
