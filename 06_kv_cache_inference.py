@@ -132,6 +132,16 @@ CONTRACTED = {"wqkv": (0,), "wo": (0, 1), "w_gate_up": (0,), "w_down": (0,)}
 ROW_SUM_MAX = 10_000_000
 
 
+def fold_norm(g, w):
+    """rms_norm(x, g) @ w = (x @ (g[:, None] * w)) / rms(x): the norm's weight scales the rows of
+    the matrix after it (contracted axis first), and 1/rms(x), one number per token, scales the
+    product's output instead of its input. A decode step then needs no kernel that writes the
+    normalised activation before each matrix: the sum of squares runs beside the matmul and the
+    scaling joins whatever elementwise kernel reads the product (rope, the cache write, SiLU)."""
+    scale = g.astype(jnp.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+    return (scale * w.astype(jnp.float32)).astype(w.dtype)
+
+
 def output_major(w, axes):
     """A matrix whose contracted axes `axes` lead (as common's params store them) -> [output
     dims..., K]: one output channel per row, as a linear layer of PyTorch or a Hugging Face
@@ -147,7 +157,8 @@ def inference_params(params, cfg):
     array inside the step would copy it). The q, k and v projections are one matrix wqkv
     [D, H + 2 KH, Dh] and the gate and up projections one w_gate_up [D, 2, F], as gpt-fast's
     wqkv and vLLM's merged linears: at batch 1 a matmul is a stream of its weight, and fewer,
-    longer streams lose less to kernel launches and ramp-up. A matrix under ROW_SUM_MAX values
+    longer streams lose less to kernel launches and ramp-up. The RMSNorm weight before each of
+    the two is folded into its rows (fold_norm). A matrix under ROW_SUM_MAX values
     is stored output-major, as {"t": [output dims..., K]}, the layout in which XLA's one-row
     product reads it fastest. `head` is the output matrix as [V, D] (the embedding table itself
     when tied). Params already in this layout pass through."""
@@ -156,11 +167,13 @@ def inference_params(params, cfg):
 
     def layer(i):
         p = jax.tree.map(lambda w: w[i], params["layers"])
-        ws = {"wqkv": jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1), "wo": p["wo"],
-              "w_gate_up": jnp.stack([p["w_gate"], p["w_up"]], axis=1), "w_down": p["w_down"]}
+        wqkv = jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1)
+        w_gate_up = jnp.stack([p["w_gate"], p["w_up"]], axis=1)
+        ws = {"wqkv": fold_norm(p["attn_norm"], wqkv), "wo": p["wo"],
+              "w_gate_up": fold_norm(p["mlp_norm"], w_gate_up), "w_down": p["w_down"]}
         ws = {k: {"t": output_major(w, CONTRACTED[k])} if w.size < ROW_SUM_MAX else w
               for k, w in ws.items()}
-        return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], **ws}
+        return ws
 
     return {"embed": params["embed"], "final_norm": params["final_norm"],
             "layers": [layer(i) for i in range(cfg.n_layers)],
@@ -242,27 +255,29 @@ def _interpret():
     return jax.devices()[0].platform == "cpu"  # a CPU runs Pallas kernels interpreted
 
 
-def linear(eq, x, w, out_dtype=None):
+def linear(eq, x, w, out_dtype=None, pad_rows=0):
     """x times a weight: an input-major array contracted as `eq` says, or an output-major dict,
     {"t": [output dims..., K]} in x's dtype, or int8 {"qt": [N, K], "scale": [output dims]}
     (widened to x's dtype inside the product, the per-channel scale applied to the result, so
     the weight crosses memory as 1 byte per value), or int8 {"qt_pallas", "scale"}, whose few
-    rows of a decode step (up to 32) go through lesson 08's int8 matmul kernel instead."""
+    rows of a decode step (up to 32) go through lesson 08's int8 matmul kernel instead.
+    pad_rows: the last pad_rows entries of x's leading axis are zeros that keep a one-row
+    product a matrix multiply (forward_cached at batch 1); the result keeps them."""
     out_dtype = out_dtype or x.dtype
     lead = _lead(eq, x)
-    one_row = math.prod(lead) == 1
     if isinstance(w, dict):
-        return _linear_output_major(x, w, lead, out_dtype)
+        return _linear_output_major(x, w, lead, out_dtype, pad_rows)
     # One row against a small matrix is a multiply and a sum down its columns, slow in this
     # layout (ROW_SUM_MAX; inference_params stores those matrices output-major). With a second
     # (dummy) row it stays a matrix multiply, and the row costs nothing at batch 1: the bytes
     # are the weight's.
+    one_row = math.prod(lead) == 1
     xp = jnp.concatenate([x, jnp.zeros_like(x)]) if one_row else x
     y = jnp.einsum(eq, xp, w.astype(x.dtype), preferred_element_type=out_dtype)
     return (y[:1] if one_row else y).astype(out_dtype)
 
 
-def _linear_output_major(x, w, lead, out_dtype):
+def _linear_output_major(x, w, lead, out_dtype, pad_rows):
     wt = w.get("t", w.get("qt", w.get("qt_pallas")))
     out_dims = w["scale"].shape if "scale" in w else wt.shape[:-1]
     K = wt.shape[-1]
@@ -274,17 +289,24 @@ def _linear_output_major(x, w, lead, out_dtype):
     if "qt_pallas" in w and M <= 32:
         y = _kernels().int8_matmul(x2, wt, w["scale"].reshape(-1), interpret=_interpret())
         return y.reshape(lead + out_dims).astype(out_dtype)
-    # One row: under ROW_SUM_MAX values XLA's multiply-and-sum along these rows is the fast
-    # path; above it a second (zero) row keeps the product a matrix multiply, which XLA tiles
-    # better than a one-row one (2-8% for bf16 here, 1.2-1.6x for int8).
-    pad = M == 1 and wt.size >= ROW_SUM_MAX
-    xp = jnp.concatenate([x2, jnp.zeros_like(x2)]) if pad else x2
+    # One real row: under ROW_SUM_MAX values XLA's multiply-and-sum along these rows is the
+    # fast path (padding rows dropped, and given back as zeros after); above it a second (zero)
+    # row keeps the product a matrix multiply, which XLA tiles better than a one-row one (2-8%
+    # for bf16 here, 1.2-1.6x for int8).
+    real = M - pad_rows * (M // lead[0])
+    if real == 1 and wt.size < ROW_SUM_MAX:
+        xp = x2[:1]
+    elif M == 1:
+        xp = jnp.concatenate([x2, jnp.zeros_like(x2)])
+    else:
+        xp = x2
     if "scale" in w:
         y = jnp.dot(xp, wt.astype(x.dtype).T, preferred_element_type=jnp.float32)
         y = y * w["scale"].reshape(-1)
     else:
         y = jnp.dot(xp, wt.T, preferred_element_type=out_dtype)
-    return y[:M].reshape(lead + out_dims).astype(out_dtype)
+    y = jnp.pad(y, ((0, max(M - y.shape[0], 0)), (0, 0)))[:M]
+    return y.reshape(lead + out_dims).astype(out_dtype)
 
 
 def _lead(eq, x):
@@ -352,7 +374,10 @@ def _write(cache, i, k, v, write):
 def write_at_lengths(buf, new, start):
     """buf [B, KH, S, ...] <- new [B, KH, T, ...] at positions start[b] .. start[b]+T-1 of each
     row: one dynamic_update_slice per row (vmap makes them a single scatter, in place on a
-    donated cache)."""
+    donated cache). A single row is written by a plain dynamic_update_slice: the vmapped form
+    adds a kernel that checks the bounds."""
+    if buf.shape[0] == 1:
+        return lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start[0], axis=2)
     def row(b, x, s):
         return lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), s, axis=1)
     return jax.vmap(row)(buf, new, start)
@@ -405,24 +430,36 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
 # The model, with a cache: prefill and decode
 # ----------------------------------------------------------------------------------------------
 
-def _qkv(x, p, cos, sin, cfg):
-    h = common.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    qkv = linear("btd,dhk->bthk", h, p["wqkv"])                  # [B, T, H + 2 KH, Dh]
+def _inv_rms(x, eps):
+    """1 / rms(x) over the last axis, in float32, [..., 1]: RMSNorm's per-token factor, which
+    multiplies a product's output (fold_norm)."""
+    xf = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def _qkv(x, p, cos, sin, cfg, pad_rows=0):
+    # rms_norm(x) @ wqkv, the norm's weight folded into wqkv; x's padding rows are dropped here.
+    B = x.shape[0] - pad_rows
+    qkv = linear("btd,dhk->bthk", x, p["wqkv"], jnp.float32, pad_rows)[:B]
+    qkv = (qkv * _inv_rms(x[:B], cfg.norm_eps)[..., None]).astype(x.dtype)  # [B, T, H+2KH, Dh]
     q, k, v = jnp.split(qkv, [cfg.n_heads, cfg.n_heads + cfg.n_kv_heads], axis=2)
     return common.apply_rope(q, cos, sin), common.apply_rope(k, cos, sin), v
 
 
-def _out_and_mlp(x, o, p, cfg):
-    x = x + linear("bthk,hkd->btd", o, p["wo"])
+def _out_and_mlp(x, o, p, cfg, pad_rows=0):
+    if pad_rows:
+        o = jnp.concatenate([o, jnp.zeros((pad_rows,) + o.shape[1:], o.dtype)])
+    x = x + linear("bthk,hkd->btd", o, p["wo"], pad_rows=pad_rows)
     with jax.named_scope("mlp"):
-        h = common.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-        gu = linear("btd,dgf->btgf", h, p["w_gate_up"])           # [B, T, 2, F]
-        return x + linear("btf,fd->btd", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], p["w_down"])
+        gu = linear("btd,dgf->btgf", x, p["w_gate_up"], jnp.float32, pad_rows)  # [B, T, 2, F]
+        gu = (gu * _inv_rms(x, cfg.norm_eps)[..., None]).astype(x.dtype)
+        return x + linear("btf,fd->btd", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], p["w_down"],
+                          pad_rows=pad_rows)
 
 
-def _logits(params, x, cfg):  # x [B, T, D] -> [B, T, V] float32
+def _logits(params, x, cfg, pad_rows=0):  # x [B, T, D] -> [B, T, V] float32
     x = common.rms_norm(x, params["final_norm"], cfg.norm_eps)
-    return linear("btd,vd->btv", x, params["head"], out_dtype=jnp.float32)
+    return linear("btd,vd->btv", x, params["head"], jnp.float32, pad_rows)
 
 
 def prefill(params, cache, tokens, lengths, slots, cfg, attention=None):
@@ -459,18 +496,24 @@ def forward_cached(params, cache, tokens, cfg, decode_attention=None):
     start = cache["lengths"]                                              # [B]
     cos, sin = common.rope_cos_sin(start[:, None] + jnp.arange(T), cfg)   # [B, T, Dh/2]
     x = params["embed"][tokens].astype(dt)                                # [B, T, D]
+    # At batch 1 the token's row travels with a zero second row through every layer: each
+    # product sees two rows and stays a matrix multiply (linear), with no kernel to pad the row
+    # before each one. The zero row stays zero (the norms scale it by a finite 1/sqrt(eps)).
+    pad = 1 if B * T == 1 else 0
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros_like(x)])
     int8 = "k_scale" in cache
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            q, k, v = _qkv(x, p, cos, sin, cfg)
+            q, k, v = _qkv(x, p, cos, sin, cfg, pad)
             cache = _write(cache, i, k, v, lambda buf, new: write_at_lengths(buf, new, start))
             with jax.named_scope("decode_attention"):
                 o = decode_attention(q, cache["k"][i], cache["v"][i], start + T,
                                      cache["k_scale"][i] if int8 else None,
                                      cache["v_scale"][i] if int8 else None)
-            x = _out_and_mlp(x, o, p, cfg)
+            x = _out_and_mlp(x, o, p, cfg, pad)
     cache["lengths"] = start + T
-    return _logits(params, x, cfg), cache
+    return _logits(params, x, cfg, pad)[:B], cache
 
 
 # ----------------------------------------------------------------------------------------------

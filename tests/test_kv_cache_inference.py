@@ -68,6 +68,19 @@ def test_cached_greedy_equals_full_recompute_on_ragged_batch(cfg):
         assert toks == greedy_full_recompute(params, cfg, prompt, 9)
 
 
+@pytest.mark.parametrize("row_sum_max", [inf.ROW_SUM_MAX, 0], ids=["output-major", "input-major"])
+def test_cached_greedy_equals_full_recompute_at_batch_1(row_sum_max, monkeypatch):
+    """One prompt: the decode step carries a zero second row through the layers (forward_cached),
+    with the small matrices stored output-major (the default here) or all input-major."""
+    monkeypatch.setattr(inf, "ROW_SUM_MAX", row_sum_max)
+    params = params_for(TINY)
+    ip = inf.inference_params(params, TINY)
+    assert isinstance(ip["layers"][0]["wqkv"], dict) == (row_sum_max > 0)
+    for prompt in PROMPTS[:2]:
+        assert (inf.generate(ip, TINY, [prompt], 9, cache_len=CACHE)[0] ==
+                greedy_full_recompute(params, TINY, prompt, 9))
+
+
 def np_attention(q, k, v):
     """float64 softmax attention of q [T, H, D] to k, v [S, KH, D], query t at position
     S - T + t, each group of H / KH query heads sharing a kv head."""
