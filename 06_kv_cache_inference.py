@@ -1382,7 +1382,9 @@ def measure_step_kernels(run):
                 f"{rest_n:.0f} kernels", f"{100 * rest_t / t_step:.0f}% of the step")
     print(f"A step at 90% of the bandwidth bound leaves 10% of it for everything that is not "
           f"a weight matmul; each small kernel costs a microsecond or more however little it "
-          f"reads, and a layer has {rest_n / cfg.n_layers:.0f} of them here.")
+          f"reads, and a layer has {rest_n / cfg.n_layers:.0f} of them here. (Independent kernels "
+          f"overlap in the step's graph, DECODE_COMPILER_OPTIONS, so the columns can add up to "
+          f"more than the step.)")
 
 
 def measure_batch(run):
