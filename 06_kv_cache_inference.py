@@ -129,7 +129,7 @@ CONTRACTED = {"wqkv": (0,), "wo": (0, 1), "w_gate_up": (0,), "w_down": (0,)}
 # elementwise multiply and a sum (its ShouldStrengthReduceDotToReduce). How fast that sum runs
 # depends on the matrix's layout: summing along contiguous rows of an output-major [N, K] matrix
 # reads it once at 92-96% of copy bandwidth (a 1B layer's q/k/v and output projections on an
-# H200), while summing down the columns of an input-major [K, N] one runs at 14-16%. Larger
+# H200), while summing down the columns of an input-major [K, N] one runs at 14-24%. Larger
 # matrices stay matrix multiplies, where input-major is the faster layout for bf16 (by 2-7%)
 # and output-major for int8 (by 8-25%; lesson 08's int8 sweep layout).
 ROW_SUM_MAX = 10_000_000
@@ -174,9 +174,8 @@ def inference_params(params, cfg):
         w_gate_up = jnp.stack([p["w_gate"], p["w_up"]], axis=1)
         ws = {"wqkv": fold_norm(p["attn_norm"], wqkv), "wo": p["wo"],
               "w_gate_up": fold_norm(p["mlp_norm"], w_gate_up), "w_down": p["w_down"]}
-        ws = {k: {"t": output_major(w, CONTRACTED[k])} if w.size < ROW_SUM_MAX else w
-              for k, w in ws.items()}
-        return ws
+        return {k: {"t": output_major(w, CONTRACTED[k])} if w.size < ROW_SUM_MAX else w
+                for k, w in ws.items()}
 
     return {"embed": params["embed"], "final_norm": params["final_norm"],
             "layers": [layer(i) for i in range(cfg.n_layers)],
@@ -453,7 +452,7 @@ def _out_and_mlp(x, o, p, cfg, pad_rows=0):
     if pad_rows:
         o = jnp.concatenate([o, jnp.zeros((pad_rows,) + o.shape[1:], o.dtype)])
     x = x + linear("bthk,hkd->btd", o, p["wo"], pad_rows=pad_rows)
-    with jax.named_scope("mlp"):
+    with jax.named_scope("mlp"):  # rms_norm(x) @ w_gate_up, the norm's weight folded in
         gu = linear("btd,dgf->btgf", x, p["w_gate_up"], jnp.float32, pad_rows)  # [B, T, 2, F]
         gu = (gu * _inv_rms(x, cfg.norm_eps)[..., None]).astype(x.dtype)
         return x + linear("btf,fd->btd", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], p["w_down"],
