@@ -50,15 +50,16 @@ What the lesson shows, in the order main() prints it:
      layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
      model exists that could agree with the target.
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
-     matmuls against the bytes they read, and the ten or so small kernels per layer around
+     products against the bytes they read, and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
-     whatever it reads. At batch 1 they, not the matmuls, keep a step from the bandwidth bound,
-     and the step is built to have few of them: the norms' weights folded into the next
-     matrices (fold_norm), the batch-1 row padded once per step instead of before every
-     matmul, and independent kernels run side by side (DECODE_COMPILER_OPTIONS). (A trap on
-     the way: XLA's GPU compiler turns a one-row product with a small matrix into a multiply and
-     a sum, fast along an output-major matrix's rows and 6x slower down an input-major one's
-     columns; the layout of each matrix is chosen for the product it will see, ROW_SUM_MAX.)
+     whatever it reads. At batch 1 they, not the products, keep a step from the bandwidth
+     bound, and the step is built to have few of them: the norms' weights folded into the next
+     matrices (fold_norm), and independent kernels run side by side
+     (DECODE_COMPILER_OPTIONS). The products themselves are written for one row: a one-row
+     product is a matrix-vector product, and an elementwise multiply and a sum along the rows
+     of an output-major matrix streams it faster than a matrix multiply kernel does
+     (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices, and down the
+     columns of an input-major matrix that sum is 6x slower).
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
@@ -71,6 +72,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 import typing
 
@@ -125,13 +127,17 @@ class InferConfig:
 # The contracted (input) axes of each matrix; a scale is kept per remaining (output) channel.
 CONTRACTED = {"wqkv": (0,), "wo": (0, 1), "w_gate_up": (0,), "w_down": (0,)}
 
-# XLA's GPU compiler turns a one-row product with a matrix of fewer values than this into an
-# elementwise multiply and a sum (its ShouldStrengthReduceDotToReduce). How fast that sum runs
-# depends on the matrix's layout: summing along contiguous rows of an output-major [N, K] matrix
-# reads it once at 92-96% of copy bandwidth (a 1B layer's q/k/v and output projections on an
-# H200), while summing down the columns of an input-major [K, N] one runs at 14-24%. Larger
-# matrices stay matrix multiplies, where input-major is the faster layout for bf16 (by 2-7%)
-# and output-major for int8 (by 8-25%; lesson 08's int8 sweep layout).
+# A product with one row is a matrix-vector product: each output is the dot of the row with one
+# row of an output-major [N, K] matrix, contiguous bytes, and the fastest way to stream such a
+# bf16 weight is to write the product so, as an elementwise multiply and a sum along those rows.
+# On an H200 at the four Llama-3-8B layer shapes the sum reads the weight at 95-108% of copy
+# bandwidth, against 81-103% for XLA's matrix multiply kernel fed the row and a zero second
+# row (and a one-row matmul is slower still). XLA's GPU compiler itself rewrites a one-row
+# product with a matrix of fewer values than ROW_SUM_MAX into such a multiply and sum
+# (ShouldStrengthReduceDotToReduce). For int8 weights the sum is the faster form only that
+# small: on the large matrices widening each byte costs more than streaming it (62-78% of copy
+# bandwidth against 76-87% for the matmul), so there a row of int8 products travels with a
+# zero second row (forward_cached), which keeps them matrix multiplies.
 ROW_SUM_MAX = 10_000_000
 
 
@@ -161,10 +167,10 @@ def inference_params(params, cfg):
     [D, H + 2 KH, Dh] and the gate and up projections one w_gate_up [D, 2, F], as gpt-fast's
     wqkv and vLLM's merged linears: at batch 1 a matmul is a stream of its weight, and fewer,
     longer streams lose less to kernel launches and ramp-up. The RMSNorm weight before each of
-    the two is folded into its rows (fold_norm). A matrix under ROW_SUM_MAX values
-    is stored output-major, as {"t": [output dims..., K]}, the layout in which XLA's one-row
-    product reads it fastest. `head` is the output matrix as [V, D] (the embedding table itself
-    when tied). Params already in this layout pass through."""
+    the two is folded into its rows (fold_norm). Every matrix is stored output-major, as
+    {"t": [output dims..., K]}, the layout in which a one-row product reads it fastest
+    (ROW_SUM_MAX); `head` is {"t": [V, D]} (the embedding table itself when tied). Params
+    already in this layout pass through."""
     if "head" in params:
         return params
 
@@ -174,12 +180,11 @@ def inference_params(params, cfg):
         w_gate_up = jnp.stack([p["w_gate"], p["w_up"]], axis=1)
         ws = {"wqkv": fold_norm(p["attn_norm"], wqkv), "wo": p["wo"],
               "w_gate_up": fold_norm(p["mlp_norm"], w_gate_up), "w_down": p["w_down"]}
-        return {k: {"t": output_major(w, CONTRACTED[k])} if w.size < ROW_SUM_MAX else w
-                for k, w in ws.items()}
+        return {k: {"t": output_major(w, CONTRACTED[k])} for k, w in ws.items()}
 
     return {"embed": params["embed"], "final_norm": params["final_norm"],
             "layers": [layer(i) for i in range(cfg.n_layers)],
-            "head": params["embed"] if cfg.tie_embeddings else params["lm_head"].T}
+            "head": {"t": params["embed"] if cfg.tie_embeddings else params["lm_head"].T}}
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -201,13 +206,13 @@ def quantize_params(params, cfg):
     and the embedding table (one row read per token) stay as they are."""
     params = inference_params(params, cfg)
 
-    def q(w, axes):
-        t = w["t"] if isinstance(w, dict) else output_major(w, axes)
+    def q(w):
+        t = w["t"]
         qw = quantize_int8(t.reshape(-1, t.shape[-1]), (1,))
         return {"qt": qw["q"], "scale": qw["scale"].reshape(t.shape[:-1])}
-    layers = [{k: q(w, CONTRACTED[k]) if k in CONTRACTED else w for k, w in p.items()}
+    layers = [{k: q(w) if k in CONTRACTED else w for k, w in p.items()}
               for p in params["layers"]]
-    return {**params, "layers": layers, "head": q({"t": params["head"]}, None)}  # [V, D]
+    return {**params, "layers": layers, "head": q(params["head"])}  # [V, D]
 
 
 def draft_params(params, cfg, n_layers):
@@ -220,16 +225,6 @@ def draft_params(params, cfg, n_layers):
     small = {**ip, "layers": ip["layers"][:n]}
     dcfg = dataclasses.replace(cfg, n_layers=n)
     return quantize_params(small, dcfg), dcfg
-
-
-def matmul_weight_bytes(params):
-    """The part of weight_bytes that a batch-1 step reads through matrix-multiply kernels: the
-    matrices under ROW_SUM_MAX values (unless routed to 08's kernel) run as XLA's multiply-and-sum
-    fusions, which a profile does not tell apart from the other small kernels."""
-    small = [w for p in params["layers"] for k, w in p.items()
-             if k in CONTRACTED and isinstance(w, dict) and "qt_pallas" not in w
-             and w.get("t", w.get("qt")).size < ROW_SUM_MAX]
-    return weight_bytes(params) - sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(small))
 
 
 def weight_bytes(params):
@@ -258,28 +253,21 @@ def _interpret():
 
 
 def linear(eq, x, w, out_dtype=None, pad_rows=0):
-    """x times a weight: an input-major array contracted as `eq` says, or an output-major dict,
-    {"t": [output dims..., K]} in x's dtype, or int8 {"qt": [N, K], "scale": [output dims]}
-    (widened to x's dtype inside the product, the per-channel scale applied to the result, so
-    the weight crosses memory as 1 byte per value), or int8 {"qt_pallas", "scale"}, whose few
-    rows of a decode step (up to 32) go through lesson 08's int8 matmul kernel instead.
-    pad_rows: the last pad_rows entries of x's leading axis are zeros that keep a one-row
+    """x times an output-major weight, contracted as `eq` says: {"t": [output dims..., K]} in
+    x's dtype, or int8 {"qt": [N, K], "scale": [output dims]} (widened to x's dtype inside the
+    product, the per-channel scale applied to the result, so the weight crosses memory as 1
+    byte per value), or int8 {"qt_pallas", "scale"}, whose few rows of a decode step (up to 32)
+    go through lesson 08's int8 matmul kernel instead. One row is a multiply and a sum
+    (ROW_SUM_MAX), more rows a matrix multiply.
+    pad_rows: the last pad_rows entries of x's leading axis are zeros that keep a one-row int8
     product a matrix multiply (forward_cached at batch 1); the result keeps them."""
+    with jax.named_scope("linear"):  # how weight_kernels finds these products in a profile
+        return _linear(eq, x, w, out_dtype, pad_rows)
+
+
+def _linear(eq, x, w, out_dtype, pad_rows):
     out_dtype = out_dtype or x.dtype
     lead = _lead(eq, x)
-    if isinstance(w, dict):
-        return _linear_output_major(x, w, lead, out_dtype, pad_rows)
-    # One row against a small matrix is a multiply and a sum down its columns, slow in this
-    # layout (ROW_SUM_MAX; inference_params stores those matrices output-major). With a second
-    # (dummy) row it stays a matrix multiply, and the row costs nothing at batch 1: the bytes
-    # are the weight's.
-    one_row = math.prod(lead) == 1
-    xp = jnp.concatenate([x, jnp.zeros_like(x)]) if one_row else x
-    y = jnp.einsum(eq, xp, w.astype(x.dtype), preferred_element_type=out_dtype)
-    return (y[:1] if one_row else y).astype(out_dtype)
-
-
-def _linear_output_major(x, w, lead, out_dtype, pad_rows):
     wt = w.get("t", w.get("qt", w.get("qt_pallas")))
     out_dims = w["scale"].shape if "scale" in w else wt.shape[:-1]
     K = wt.shape[-1]
@@ -291,24 +279,32 @@ def _linear_output_major(x, w, lead, out_dtype, pad_rows):
     if "qt_pallas" in w and M <= 32:
         y = _kernels().int8_matmul(x2, wt, w["scale"].reshape(-1), interpret=_interpret())
         return y.reshape(lead + out_dims).astype(out_dtype)
-    # One real row: under ROW_SUM_MAX values XLA's multiply-and-sum along these rows is the
-    # fast path (padding rows dropped, and given back as zeros after); above it a second (zero)
-    # row keeps the product a matrix multiply, which XLA tiles better than a one-row one (2-8%
-    # for bf16 here, 1.2-1.6x for int8).
-    real = M - pad_rows * (M // lead[0])
-    if real == 1 and wt.size < ROW_SUM_MAX:
-        xp = x2[:1]
-    elif M == 1:
-        xp = jnp.concatenate([x2, jnp.zeros_like(x2)])
+    if M - pad_rows * (M // lead[0]) == 1 and ("t" in w or wt.size < ROW_SUM_MAX):
+        # float32 products of the bf16 values summed in float32, as a matmul accumulates them
+        y = jnp.sum(x2[:1].astype(jnp.float32) * wt.astype(jnp.float32), axis=1)[None]
     else:
-        xp = x2
+        # Several rows; or an int8 row with its zero second row (pad_rows, or added here).
+        xp = jnp.concatenate([x2, jnp.zeros_like(x2)]) if M == 1 else x2
+        y = jnp.dot(xp, wt.astype(x.dtype).T, preferred_element_type=jnp.float32)[:M]
     if "scale" in w:
-        y = jnp.dot(xp, wt.astype(x.dtype).T, preferred_element_type=jnp.float32)
         y = y * w["scale"].reshape(-1)
-    else:
-        y = jnp.dot(xp, wt.T, preferred_element_type=out_dtype)
-    y = jnp.pad(y, ((0, max(M - y.shape[0], 0)), (0, 0)))[:M]
+    y = jnp.pad(y, ((0, M - y.shape[0]), (0, 0)))              # the padding rows, back as zeros
     return y.reshape(lead + out_dims).astype(out_dtype)
+
+
+def weight_kernels(compiled_text):
+    """The device kernels of a compiled step (its HLO text) that compute `linear`'s products,
+    named as a profile names them: the fusions traced inside the "linear" scope that are not
+    elementwise (XLA's kLoop: the scale, the padding) but a reduction or a matmul. A one-row
+    product's sum is a kernel named like a norm's sum of squares; only its scope tells them
+    apart."""
+    names = set()
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*? fusion\([^\n]*?"
+                         r"kind=k(?!Loop)\w+[^\n]*?op_name=\"[^\"]*/linear/[^\n]*", compiled_text,
+                         re.M):
+        dedup = re.search(r'deduplicated_name="([^"]*)"', m.group(0))
+        names |= {n.replace(".", "_") for n in (m.group(1), dedup and dedup.group(1)) if n}
+    return names
 
 
 def _lead(eq, x):
@@ -498,10 +494,11 @@ def forward_cached(params, cache, tokens, cfg, decode_attention=None):
     start = cache["lengths"]                                              # [B]
     cos, sin = common.rope_cos_sin(start[:, None] + jnp.arange(T), cfg)   # [B, T, Dh/2]
     x = params["embed"][tokens].astype(dt)                                # [B, T, D]
-    # At batch 1 the token's row travels with a zero second row through every layer: each
-    # product sees two rows and stays a matrix multiply (linear), with no kernel to pad the row
-    # before each one. The zero row stays zero (the norms scale it by a finite 1/sqrt(eps)).
-    pad = 1 if B * T == 1 else 0
+    # At batch 1 with int8 weights the token's row travels with a zero second row through every
+    # layer: each large product sees two rows and stays a matrix multiply (linear), with no
+    # kernel to pad the row before each one. The zero row stays zero (the norms scale it by a
+    # finite 1/sqrt(eps)).
+    pad = 1 if B * T == 1 and "scale" in params["layers"][0]["w_down"] else 0
     if pad:
         x = jnp.concatenate([x, jnp.zeros_like(x)])
     int8 = "k_scale" in cache
@@ -1357,21 +1354,21 @@ def measure_step_kernels(run):
         if times is None:
             print("(no device kernels in the profile: this needs a GPU or TPU)")
             return
+        compiled = _decode_jit.lower(params, state["cache"], state["tok"], zero, zero, 0, cfg=cfg,
+                                     sampling=GREEDY, decode_attention=pallas_decode_attention)
+        mine = weight_kernels(compiled.compile().as_text())
         t_step, _ = time_decode(params, cfg, state.pop("cache"), run.steps,
                                 decode_attention=pallas_decode_attention)
-        kinds = common.kernel_summary(times)
+        kinds = common.kernel_summary(
+            times, lambda n: "matmul" if n in mine else common.kernel_kind(n))
         mm_t, at_t = kinds.get("matmul", (0.0, 0))[0], kinds.get("attention", (0.0, 0))[0]
         if not mm_t:
-            print("(no kernel in the profile is named like a matmul: the kinds follow NVIDIA's "
-                  "kernel names)")
+            print("(no kernel in the profile was found to run a weight product: XLA's kernel "
+                  "names have changed?)")
             return
         rest_t = sum(t for k, (t, n) in kinds.items() if k not in ("matmul", "attention"))
         rest_n = sum(n for k, (t, n) in kinds.items() if k not in ("matmul", "attention"))
-        W = matmul_weight_bytes(params)
-        if W < weight_bytes(params):
-            print(f"{'':>22s} (the matmul column leaves out the {_si(weight_bytes(params) - W, 'B')}"
-                  f" of matrices under {ROW_SUM_MAX:,} values, read by multiply-and-sum "
-                  f"fusions counted in the rest)")
+        W = weight_bytes(params)
         print(f"{what:>22s} {t_step * 1e3:6.2f}ms {sum(n for _, n in kinds.values()):8.0f} "
               f"{mm_t * 1e3:5.2f} ms = {100 * W / mm_t / run.bw:3.0f}% BW {at_t * 1e3:6.2f} ms "
               f"{rest_t * 1e3:5.2f} ms in {rest_n:4.0f} kernels")

@@ -744,12 +744,12 @@ def kernel_times(fn, calls=3, device=0):
     return {k: (t / calls, n / calls) for k, (t, n) in times.items()} or None
 
 
-def kernel_summary(times):
-    """kernel_times' result -> {kind: (seconds, launches)} per call, kinds by kernel_kind."""
+def kernel_summary(times, kind=kernel_kind):
+    """kernel_times' result -> {kind: (seconds, launches)} per call, kinds by `kind(name)`."""
     out = {}
     for name, (t, n) in times.items():
-        kt, kn = out.get(kernel_kind(name), (0.0, 0))
-        out[kernel_kind(name)] = (kt + t, kn + n)
+        kt, kn = out.get(kind(name), (0.0, 0))
+        out[kind(name)] = (kt + t, kn + n)
     return out
 
 

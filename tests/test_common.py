@@ -459,5 +459,7 @@ def test_kernel_kinds_and_summary():
     assert summary["matmul"] == pytest.approx((6e-3, 6.0))
     assert summary["other"] == pytest.approx((15e-3, 4.0))
     assert sum(t for t, _ in summary.values()) == pytest.approx(sum(t for t, _ in times.values()))
+    mine = common.kernel_summary(times, lambda n: "matmul" if "reduce" in n else "other")
+    assert mine["matmul"] == pytest.approx((8e-3, 2.0))
     # A CPU runs no device kernels: the profile has nothing to report.
     assert common.kernel_times(lambda: jnp.ones(8) * 2, calls=1) is None

@@ -68,17 +68,26 @@ def test_cached_greedy_equals_full_recompute_on_ragged_batch(cfg):
         assert toks == greedy_full_recompute(params, cfg, prompt, 9)
 
 
-@pytest.mark.parametrize("row_sum_max", [inf.ROW_SUM_MAX, 0], ids=["output-major", "input-major"])
-def test_cached_greedy_equals_full_recompute_at_batch_1(row_sum_max, monkeypatch):
-    """One prompt: the decode step carries a zero second row through the layers (forward_cached),
-    with the small matrices stored output-major (the default here) or all input-major."""
-    monkeypatch.setattr(inf, "ROW_SUM_MAX", row_sum_max)
+def test_cached_greedy_equals_full_recompute_at_batch_1():
+    """One prompt: every product sees one row, a multiply and a sum along the weight's rows."""
     params = params_for(TINY)
     ip = inf.inference_params(params, TINY)
-    assert isinstance(ip["layers"][0]["wqkv"], dict) == (row_sum_max > 0)
     for prompt in PROMPTS[:2]:
         assert (inf.generate(ip, TINY, [prompt], 9, cache_len=CACHE)[0] ==
                 greedy_full_recompute(params, TINY, prompt, 9))
+
+
+@pytest.mark.parametrize("row_sum_max", [inf.ROW_SUM_MAX, 0], ids=["small", "large"])
+def test_int8_batch_1_carries_a_zero_row_and_matches_batch_2(row_sum_max, monkeypatch):
+    """int8 weights at batch 1: the decode step carries a zero second row through the layers
+    (forward_cached) so that each product stays a matrix multiply, for the matrices above
+    ROW_SUM_MAX (all of them with 0; none of this tiny model's otherwise, whose one row is then
+    summed). The tokens are those the same prompt gets beside another."""
+    monkeypatch.setattr(inf, "ROW_SUM_MAX", row_sum_max)
+    qp = inf.quantize_params(inference_params_for(TINY), TINY)
+    for prompt in PROMPTS[:2]:
+        assert (inf.generate(qp, TINY, [prompt], 9, cache_len=CACHE)[0] ==
+                inf.generate(qp, TINY, [prompt, PROMPTS[2]], 9, cache_len=CACHE)[0])
 
 
 def np_attention(q, k, v):
@@ -121,7 +130,7 @@ def test_decode_attention_matches_reference(T):
 
 def input_major(name, layer=1):
     """A tiny layer's matrix in common's input-major layout, merged as inference_params merges
-    it (which then stores matrices this small output-major)."""
+    it (which then stores them output-major)."""
     w = params_for(TINY)["layers"]
     return {"wqkv": jnp.concatenate([w["wq"], w["wk"], w["wv"]], axis=2), "wo": w["wo"],
             "w_gate_up": jnp.stack([w["w_gate"], w["w_up"]], axis=2),
@@ -183,19 +192,30 @@ def test_linear_through_the_int8_kernel_matches_xla(name):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows,row_sum_max", [(1, inf.ROW_SUM_MAX), (1, 0), (3, 0)])
+@pytest.mark.parametrize("rows,row_sum_max,int8", [(1, inf.ROW_SUM_MAX, False), (3, 0, False),
+                                                    (1, inf.ROW_SUM_MAX, True), (1, 0, True),
+                                                    (3, 0, True)])
 @pytest.mark.parametrize("name", list(EQS))
-def test_output_major_weight_gives_the_same_product(name, rows, row_sum_max, monkeypatch):
-    """A matrix stored output-major ({"t": [output dims..., K]}, as inference_params keeps the
-    small ones) against the same matrix input-major: one row as a multiply-and-sum (a small
-    matrix), one row padded to two (row_sum_max 0: as if the matrix were large), several rows."""
+def test_output_major_weight_gives_the_same_product(name, rows, row_sum_max, int8, monkeypatch):
+    """linear with a matrix stored output-major ({"t": [output dims..., K]}, or int8 {"qt",
+    "scale"}) against einsum with the same matrix input-major, as common's params hold it: one
+    row as a multiply-and-sum, one int8 row padded to two (row_sum_max 0: as if the matrix were
+    large), several rows as a matrix multiply."""
     monkeypatch.setattr(inf, "ROW_SUM_MAX", row_sum_max)
     w = input_major(name)
+    t = inf.output_major(w, inf.CONTRACTED[name])
+    if int8:
+        q = inf.quantize_int8(t.reshape(-1, t.shape[-1]), (1,))
+        wd = {"qt": q["q"], "scale": q["scale"].reshape(t.shape[:-1])}
+        t = (q["q"] * q["scale"][:, None]).reshape(t.shape)
+        w = t.reshape(-1, t.shape[-1]).T.reshape(w.shape)       # the dequantized matrix
+    else:
+        wd = {"t": t}
     x_shape = {"wo": (TINY.n_heads, TINY.head_dim), "w_down": (TINY.d_ff,)}.get(
         name, (TINY.d_model,))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, 1) + x_shape), jnp.float32)
-    got = inf.linear(EQS[name], x, {"t": inf.output_major(w, inf.CONTRACTED[name])})
-    np.testing.assert_allclose(got, inf.linear(EQS[name], x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(inf.linear(EQS[name], x, wd), jnp.einsum(EQS[name], x, w),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_kernels_in_the_decode_step_give_the_same_tokens():
@@ -388,3 +408,18 @@ def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)   # as if not installed
     with pytest.raises(common.UserError, match="pip install tokenizers"):
         inf.load_tokenizer(str(tmp_path))
+
+
+def test_weight_kernels_finds_the_products_in_a_compiled_step():
+    """The step-kernel table counts as weight products the fusions weight_kernels names: each
+    one's root was traced inside linear, and a decode step has some."""
+    ip = inference_params_for(TINY)
+    cache, z = inf.filled_cache(TINY, 1, CACHE, 8, False), jnp.zeros((1,), jnp.int32)
+    text = inf._decode_jit.lower(ip, cache, z, z, z, 0, cfg=TINY, sampling=inf.GREEDY,
+                                 decode_attention=None).compile().as_text()
+    names = inf.weight_kernels(text)
+    assert names
+    lines = {ln.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%").replace(".", "_"): ln
+             for ln in text.splitlines() if " = " in ln}
+    for n in names:
+        assert "/linear/" in lines[n] and " fusion(" in lines[n]
