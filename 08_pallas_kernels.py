@@ -30,7 +30,7 @@ into code. Four kernels, each with its reference beside it:
      own product with int8 weights the layout decides: with the weights input-major ([K, N])
      lesson 06's decode step ran at 1.14x its bf16 speed through XLA and 1.48x through this
      kernel (Llama-3-8B shape, H200); with them output-major ([N, K]) XLA's product ran at
-     0.92-0.95x this kernel's time per step, and at 61-95% of the copy bandwidth per weight shape
+     0.91-0.95x this kernel's time per step, and at 61-95% of the copy bandwidth per weight shape
      where this kernel reached 46-95%. Lesson 06 now uses XLA's and keeps this one as its peer.
 
 The portable kernels use only a grid, BlockSpecs and `jnp` inside the body, so they run
