@@ -445,9 +445,10 @@ def _qkv(x, p, cos, sin, cfg, pad_rows=0):
 
 
 def _out_and_mlp(x, o, p, cfg, pad_rows=0):
-    if pad_rows:
-        o = jnp.concatenate([o, jnp.zeros((pad_rows,) + o.shape[1:], o.dtype)])
-    x = x + linear("bthk,hkd->btd", o, p["wo"], pad_rows=pad_rows)
+    # o has only the real rows: the product sums its one row or pads it itself (linear), and
+    # its output's zero rows are added here, where the residual add absorbs them.
+    y = linear("bthk,hkd->btd", o, p["wo"])
+    x = x + jnp.pad(y, ((0, pad_rows),) + ((0, 0),) * (y.ndim - 1))
     with jax.named_scope("mlp"):  # rms_norm(x) @ w_gate_up, the norm's weight folded in
         gu = linear("btd,dgf->btgf", x, p["w_gate_up"], jnp.float32, pad_rows)  # [B, T, 2, F]
         gu = (gu * _inv_rms(x, cfg.norm_eps)[..., None]).astype(x.dtype)
