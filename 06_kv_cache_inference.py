@@ -58,8 +58,8 @@ What the lesson shows, in the order main() prints it:
      (DECODE_COMPILER_OPTIONS). The products themselves are written for one row: a one-row
      product is a matrix-vector product, and an elementwise multiply and a sum along the rows
      of an output-major matrix streams it faster than a matrix multiply kernel does
-     (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices, and down the
-     columns of an input-major matrix that sum is 6x slower).
+     (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices; down the
+     columns of an input-major matrix the same sum is up to 4x slower).
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
