@@ -423,3 +423,15 @@ def test_weight_kernels_finds_the_products_in_a_compiled_step():
              for ln in text.splitlines() if " = " in ln}
     for n in names:
         assert "/linear/" in lines[n] and " fusion(" in lines[n]
+
+
+def test_default_decode_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """The reference on a CPU; on a GPU 08's kernel for bf16 models with a power-of-two head
+    size, the reference for any other."""
+    bf16 = dataclasses.replace(TINY, dtype="bfloat16")
+    assert inf.default_decode_attention(bf16) is inf.decode_attention_reference  # a CPU
+    monkeypatch.setattr(inf, "_interpret", lambda: False)                        # as on a GPU
+    assert inf.default_decode_attention(bf16) is inf.pallas_decode_attention
+    assert inf.default_decode_attention(TINY) is inf.decode_attention_reference  # float32
+    odd = dataclasses.replace(bf16, head_dim=24)
+    assert inf.default_decode_attention(odd) is inf.decode_attention_reference
