@@ -497,7 +497,8 @@ def load_hf_llama(path, dtype=None):
     dtype overrides the checkpoint's dtype for both storage and compute."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise UserError(f"checkpoint directory {path} does not exist")
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise UserError(f"checkpoint directory {path} {what}")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint")
     with open(cfg_path) as f:
