@@ -35,7 +35,8 @@ What the lesson shows, in the order main() prints it:
      are prefilled in one call, scattered into whichever slots are free; and the host does not
      read each step's tokens before launching the next (that round trip idles the GPU every
      step): a request ends at a known length, so the steps up to the next finish are queued
-     back to back and their tokens fetched once.
+     back to back and their tokens fetched once. With stop tokens (a tokenizer's end of
+     sequence) a request may end at any step; the host then looks every STOP_CHECK_EVERY steps.
   5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
      Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
      cache with one scale per token and head, the simplest scheme (KIVI, Liu et al. 2024, and
@@ -93,7 +94,7 @@ class InferConfig:
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
                                 # llama-3-8b,llama-3.2-1b, else the newest 09 checkpoint or `small`
     prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
-    max_new_tokens: int = 64    # the sample's length
+    max_new_tokens: int = 64    # the sample's length, at most (a checkpoint's EOS ends it)
     temperature: float = 0.0    # 0: greedy
     top_k: int = 0              # sample among the k most likely tokens; 0: all
     top_p: float = 1.0          # nucleus sampling mass; 1: all
@@ -669,16 +670,37 @@ def pad_prompts(prompts, T):
     return out
 
 
+# With stop tokens, generate asks the device whether every row has stopped once per this many
+# steps: each question is a round trip that the decode steps queued behind it do not hide.
+STOP_CHECK_EVERY = 16
+
+
+@jax.jit
+def _stopped(done, tokens, stop_tokens):
+    return done | jnp.any(tokens[:, None] == stop_tokens[None, :], axis=1)
+
+
+def _check_stops(stop_tokens, cfg):
+    stops = sorted({int(t) for t in (stop_tokens or ())})
+    if stops and not 0 <= stops[0] <= stops[-1] < cfg.vocab_size:
+        raise common.UserError(f"stop_tokens must be ids in [0, {cfg.vocab_size}), got {stops}")
+    return stops
+
+
 def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             seed=0, cache_len=None, kv_int8=False, decode_attention=None, return_logits=False):
+             seed=0, cache_len=None, kv_int8=False, decode_attention=None, return_logits=False,
+             stop_tokens=None):
     """Generate max_new_tokens after each prompt (a list of token lists of any lengths, run as one
     batch) and return, per prompt, the list of new tokens: one prefill, then one decode step per
     token. Greedy (temperature 0) output is what argmax decoding by full recompute gives.
-    return_logits: also return, per prompt, the logits [max_new_tokens, V] each token came from."""
+    stop_tokens: token ids (a tokenizer's end of sequence) that end a prompt's answer; the
+    answer keeps its stop token, and generation ends early once every prompt has stopped.
+    return_logits: also return, per prompt, the logits [tokens, V] each token came from."""
     params = inference_params(params, cfg)
     sampling = make_sampling(temperature, top_k, top_p)
     decode_attention = decode_attention or default_decode_attention(cfg)
     lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len)
+    stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
     if max_new_tokens == 0:
         return ([[] for _ in prompts], [None] * B) if return_logits else [[] for _ in prompts]
@@ -688,22 +710,31 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     tok, logits, cache = prefill_step(params, cache, tokens, lengths, row_ids, row_ids, seed,
                                       cfg=cfg, sampling=sampling)
     out, outl = [tok], [logits]
+    if stops:
+        stop_ids, done = jnp.asarray(stops, jnp.int32), jnp.zeros((B,), bool)
+        done = _stopped(done, tok, stop_ids)
     # Token i's counter is built on the device: an array made from a host value each step
     # would cost a host-to-device copy per step (0.8 ms on a GPU host, most of a 1B model's step).
     counters, one = jnp.ones((B,), jnp.int32), jnp.ones((B,), jnp.int32)
-    for _ in range(1, max_new_tokens):
+    for i in range(1, max_new_tokens):
+        if stops and i % STOP_CHECK_EVERY == 0 and bool(jnp.all(done)):
+            break
         tok, logits, cache = decode_step(params, cache, tok, row_ids, counters, seed, cfg=cfg,
                                          sampling=sampling, decode_attention=decode_attention)
         counters = counters + one
         out.append(tok)
         outl.append(logits)
+        if stops:
+            done = _stopped(done, tok, stop_ids)
     # Gathered on the host at the end: no sync between steps, and no jnp.stack, which would
     # compile anew for every max_new_tokens. jax.device_get starts every copy before it waits
     # for one; fetching the arrays one by one would pay a round trip each (about 0.6 ms on a
     # GPU host: 78 ms of a 1B model's 128-token answer).
     toks = [[int(t) for t in row] for row in np.stack(jax.device_get(out), axis=1)]
+    ends = [next((j + 1 for j, t in enumerate(row) if t in stops), len(row)) for row in toks]
+    toks = [row[:n] for row, n in zip(toks, ends)]
     if return_logits:
-        return toks, list(np.stack(jax.device_get(outl), axis=1))
+        return toks, [lg[:n] for lg, n in zip(np.stack(jax.device_get(outl), axis=1), ends)]
     return toks
 
 
@@ -737,7 +768,8 @@ class Request:
 class Served:
     """A request's answer and when the host had it: the times are those of the fetches from the
     device. A prefill's first tokens are read once that prefill is done; later tokens come in one
-    fetch each time some request finishes, so a request's last token is timed as it is made."""
+    fetch each time some request finishes (with stop tokens, at least every STOP_CHECK_EVERY
+    steps), so a request's last token is timed as it is made."""
     tokens: list
     ttft_s: float   # from the stream's start (all requests arrive at once) to the first token
     tpot_s: float   # mean time between its later tokens (nan with fewer than 2 tokens)
@@ -763,22 +795,23 @@ def _served(out, t_first, t_last):
 
 
 def serve_static(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
-                 seed=0, kv_int8=False, decode_attention=None):
+                 seed=0, kv_int8=False, decode_attention=None, stop_tokens=None):
     """Static batching: requests in arrival order (those wanting no tokens skipped), n_slots at a
     time; a batch is prefilled together and decoded until its longest request is done, then the
-    next batch starts. Returns ([Served] per request, seconds for the whole stream)."""
+    next batch starts. A request is done at its max_new_tokens or at a stop token (kept, as
+    generate keeps it). Returns ([Served] per request, seconds for the whole stream)."""
     return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-                  decode_attention, continuous=False)
+                  decode_attention, stop_tokens, continuous=False)
 
 
 def serve_continuous(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
-                     seed=0, kv_int8=False, decode_attention=None):
+                     seed=0, kv_int8=False, decode_attention=None, stop_tokens=None):
     """Continuous batching: n_slots cache rows; whenever rows are free, the next requests'
     prompts are prefilled into them, all in one call, between two decode steps, and each decode
-    step advances every busy row by one token. Returns ([Served] per request, seconds for the
-    whole stream)."""
+    step advances every busy row by one token. A request is done at its max_new_tokens or at a
+    stop token. Returns ([Served] per request, seconds for the whole stream)."""
     return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-                  decode_attention, continuous=True)
+                  decode_attention, stop_tokens, continuous=True)
 
 
 @jax.jit
@@ -789,17 +822,20 @@ def _place_tokens(tok, slots, new):
 
 
 def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-           decode_attention, continuous):
+           decode_attention, stop_tokens, continuous):
     """The serving loop of both policies; they differ in one line, when requests are admitted.
-    A request stops only at its max_new_tokens, so after an admission the host knows that k
-    steps pass before the next slot frees (the fewest tokens a busy row still owes). It queues
-    those k decode steps back to back, each feeding its tokens to the next on the device, and
-    fetches the k token vectors in one transfer after the last: the device waits for the host
-    once per finishing request, not once per step (reading a step's tokens before launching the
-    next leaves the accelerator idle for a round trip every step)."""
+    Without stop tokens a request ends only at its max_new_tokens, so after an admission the
+    host knows that k steps pass before the next slot frees (the fewest tokens a busy row still
+    owes). It queues those k decode steps back to back, each feeding its tokens to the next on
+    the device, and fetches the k token vectors in one transfer after the last: the device waits
+    for the host once per finishing request, not once per step (reading a step's tokens before
+    launching the next leaves the accelerator idle for a round trip every step). With stop
+    tokens a request may end at any step, so k is at most STOP_CHECK_EVERY: a finished row
+    frees its slot up to that many steps late, and the tokens it made meanwhile are dropped."""
     params = inference_params(params, cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
     pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
+    stops = _check_stops(stop_tokens, cfg)
     n, want = len(requests), [r.max_new_tokens for r in requests]
     cache = init_cache(cfg, n_slots, cache_len, kv_int8)
     tok = jnp.zeros((n_slots,), jnp.int32)    # each slot's newest token, kept on the device
@@ -847,6 +883,8 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
                     slot_req[s], made[s] = r, 1
         busy = np.flatnonzero(slot_req >= 0)
         k = min((want[slot_req[s]] - made[s] for s in busy), default=0)
+        if stops:
+            k = min(k, STOP_CHECK_EVERY)
         ids = jax.device_put(np.maximum(slot_req, 0).astype(np.int32))   # sent once, used k times
         # counters: the index of each row's new token in its answer (free rows: anything),
         # advanced on the device (a host array per step would be a copy per step)
@@ -865,16 +903,22 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
             for r, t in zip(reqs, first):
                 out[r].append(int(t))
                 t_first[r] = t_last[r] = now
+                if int(t) in stops:                # answered by its first token: free the slot
+                    slot_req[slot_req == r] = -1
         if not k:
             continue
         steps = np.stack(jax.device_get(steps), axis=1)        # [n_slots, k]
         now = time.perf_counter() - t0
         for s in busy:
             r = slot_req[s]
-            out[r] += [int(t) for t in steps[s]]
+            if r < 0:
+                continue
+            new = [int(t) for t in steps[s]]
+            hit = next((j for j, t in enumerate(new) if t in stops), None)  # a stop token's step
+            out[r] += new if hit is None else new[:hit + 1]
             t_last[r] = now
             made[s] += k
-            if made[s] == want[r]:
+            if made[s] == want[r] or hit is not None:
                 slot_req[s] = -1
     return _served(out, t_first, t_last), time.perf_counter() - t0
 
@@ -996,6 +1040,7 @@ def load_train_checkpoint(path):
 class Tokenizer(typing.NamedTuple):
     encode: typing.Callable
     decode: typing.Callable
+    stop: tuple = ()          # the ids that end an answer (the checkpoint's end of sequence)
 
 
 BYTES = Tokenizer(lambda s: list(s.encode("utf-8")),
@@ -1013,7 +1058,23 @@ def load_tokenizer(path):
     if not os.path.isfile(file):
         raise common.UserError(f"{path} has no tokenizer.json")
     tok = tokenizers.Tokenizer.from_file(file)
-    return Tokenizer(lambda s: tok.encode(s).ids, lambda ids: tok.decode(list(ids)))
+    return Tokenizer(lambda s: tok.encode(s).ids, lambda ids: tok.decode(list(ids)),
+                     eos_token_ids(path))
+
+
+def eos_token_ids(path):
+    """A Hugging Face checkpoint's end-of-sequence ids: generation_config.json's eos_token_id
+    (an id or a list; instruction-tuned Llamas end a turn with one and a text with another),
+    else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if eos is not None:
+            return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+    return ()
 
 
 def load_model(ic, on_gpu):
@@ -1551,7 +1612,8 @@ def show_sample(run):
     ids = tok.encode(ic.prompt)
     fits = len(ids) + ic.max_new_tokens <= run.S   # then the compiled decode step is reused
     out = generate(run.params, run.cfg, [ids], ic.max_new_tokens, ic.temperature, ic.top_k,
-                   ic.top_p, ic.seed, cache_len=run.S if fits else None)[0]
+                   ic.top_p, ic.seed, cache_len=run.S if fits else None,
+                   stop_tokens=[t for t in tok.stop if t < run.cfg.vocab_size])[0]
     run.section(f"sample: temperature {ic.temperature}, top_k {ic.top_k}, top_p {ic.top_p}")
     print(ic.prompt + tok.decode(out))
 

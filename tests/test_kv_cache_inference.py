@@ -248,6 +248,21 @@ def test_serving_returns_what_each_request_gets_alone():
     assert all(s.ttft_s >= last_of_first_batch - 1e-9 for s in static[3:6] if s.tokens)
 
 
+def test_serving_with_stop_tokens_returns_what_each_request_gets_alone():
+    params = params_for(TINY)
+    reqs = [inf.Request(p, n) for p, n in zip(PROMPTS + PROMPTS[:3], [30, 2, 25, 1, 20, 0, 9])]
+    full = [inf.generate(params, TINY, [r.prompt], r.max_new_tokens, cache_len=CACHE)[0]
+            for r in reqs]
+    stops = [full[0][17], full[2][0], full[1][1]]   # past one fetch; a first token; a last
+    alone = [inf.generate(params, TINY, [r.prompt], r.max_new_tokens, cache_len=CACHE,
+                          stop_tokens=stops)[0] for r in reqs]
+    lengths = [len(a) for a in alone]
+    assert inf.STOP_CHECK_EVERY < lengths[0] < 30 and lengths[2] == 1, lengths
+    for serve in (inf.serve_continuous, inf.serve_static):
+        served, _ = serve(params, TINY, reqs, 3, CACHE, prompt_pad=32, stop_tokens=stops)
+        assert [s.tokens for s in served] == alone
+
+
 def test_prefill_into_scattered_slots_drops_padding_rows():
     """Two prompts into rows [2, 0] of a 3-row cache whose row 1 holds another sequence, in a
     batch padded by a row aimed past the cache (slot 3): each prompt gets the first token,
@@ -309,6 +324,37 @@ def test_speculative_greedy_equals_target():
         assert 0 <= st["acceptance"] <= 1 and 1 <= st["tokens_per_round"] <= 4
         acceptance.append(st["acceptance"])
     assert acceptance[0] > 0.5
+
+
+def test_stop_tokens_end_each_answer_and_then_the_loop(monkeypatch):
+    params, n = params_for(TINY), 40
+    full = inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE)
+    stops = [full[1][2], full[3][5]]
+    got, logits = inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=stops,
+                               return_logits=True)
+    for row, g, lg in zip(full, got, logits):
+        end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+        assert g == row[:end] and lg.shape == (end, TINY.vocab_size)
+    # every answer stops at its first token: the steps end at the first check
+    real_step, steps = inf.decode_step, []
+
+    def counting_step(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(inf, "decode_step", counting_step)
+    got = inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE,
+                       stop_tokens=[row[0] for row in full])
+    assert got == [row[:1] for row in full] and len(steps) == inf.STOP_CHECK_EVERY - 1
+    with pytest.raises(common.UserError, match="stop_tokens"):
+        inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=[TINY.vocab_size])
+
+
+def test_eos_ids_come_from_the_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert inf.eos_token_ids(str(tmp_path)) == (2,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert inf.eos_token_ids(str(tmp_path)) == (7, 9)
+    assert inf.eos_token_ids(str(tmp_path / "missing")) == ()
 
 
 def test_sampling_with_a_seed_is_reproducible():
@@ -402,9 +448,11 @@ def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
     loaded = inf.load_tokenizer(str(tmp_path))
     assert loaded.encode("hello world") == [1, 2]
     assert loaded.decode([1, 2]) == "hello world"
+    assert loaded.stop == (2,)                        # the sample's answer ends there
     monkeypatch.setitem(sys.modules, "tokenizers", None)   # as if not installed
     with pytest.raises(common.UserError, match="pip install tokenizers"):
         inf.load_tokenizer(str(tmp_path))
