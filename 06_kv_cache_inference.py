@@ -1481,6 +1481,10 @@ def measure_step_kernels(run):
                 f"{W / run.bw * 1e3:.2f} ms (W / BW)", f"{100 * W / mm_t / run.bw:.0f}% of BW")
         run.row(f"B=1 {what.split()[0]} step: the rest", f"{rest_t * 1e3:.2f} ms",
                 f"{rest_n:.0f} kernels", f"{100 * rest_t / t_step:.0f}% of the step")
+        busy = mm_t + at_t + rest_t
+        if t_step > 1.1 * busy:
+            print(f"{'':>22s} the timed step is {(t_step - busy) * 1e3:.2f} ms longer than its "
+                  f"kernels: the host, dispatching one call per step, sets the pace here")
     print(f"A step at 90% of the bandwidth bound leaves 10% of it for everything that is not "
           f"a weight matmul; each small kernel costs a microsecond or more however little it "
           f"reads, and a layer has {rest_n / cfg.n_layers:.0f} of them here. (Independent kernels "
