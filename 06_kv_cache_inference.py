@@ -623,6 +623,35 @@ def decode_step(params, cache, tokens, row_ids, counters, seed, cfg, sampling=GR
                        sampling=sampling, decode_attention=decode_attention)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "decode_attention", "n",
+                                             "with_logits"),
+                   donate_argnames=("cache",), compiler_options=DECODE_COMPILER_OPTIONS)
+def _decode_steps_jit(params, cache, tokens, row_ids, counters, seed, *, cfg, sampling,
+                      decode_attention, n, with_logits):
+    def step(carry, _):
+        cache, tok, counters = carry
+        logits, cache = forward_cached(params, cache, tok[:, None], cfg, decode_attention)
+        tok = sample(logits[:, 0], seed, row_ids, counters, sampling)
+        return (cache, tok, counters + 1), (tok, logits[:, 0] if with_logits else None)
+
+    (cache, _, _), (toks, logits) = lax.scan(step, (cache, tokens, counters), None, length=n)
+    return toks, logits, cache
+
+
+def decode_steps(params, cache, tokens, row_ids, counters, seed, cfg, n, sampling=GREEDY,
+                 decode_attention=None, with_logits=False):
+    """n decode steps in one compiled call (a lax.scan over decode_step's body, the cache in its
+    carry): (tokens [n, B], logits [n, B, V] or None, cache); row b's step i draws with counter
+    counters[b] + i, so the tokens are decode_step's, n times over. Each call costs the host
+    one dispatch of a few hundred arrays, 0.4-1 ms on the GPU hosts measured, which a small
+    model's step can take less than (Llama-3.2-1B shape: 0.85 ms on an H200): there n steps
+    per call keep the device busy; where the step is longer than the dispatch, the loop costs
+    a little (BENCHMARKS.md)."""
+    return _decode_steps_jit(params, cache, tokens, row_ids, counters, seed, cfg=cfg,
+                             sampling=sampling, decode_attention=decode_attention, n=n,
+                             with_logits=with_logits)
+
+
 # ----------------------------------------------------------------------------------------------
 # generate: ragged prompts, one batch
 # ----------------------------------------------------------------------------------------------
@@ -677,7 +706,9 @@ STOP_CHECK_EVERY = 16
 
 @jax.jit
 def _stopped(done, tokens, stop_tokens):
-    return done | jnp.any(tokens[:, None] == stop_tokens[None, :], axis=1)
+    """done [B] | whether any of tokens ([B], or [n, B] from several steps) is a stop token."""
+    hit = jnp.any(tokens[..., None] == stop_tokens, axis=-1)
+    return done | (hit if hit.ndim == 1 else jnp.any(hit, axis=0))
 
 
 def _check_stops(stop_tokens, cfg):
@@ -689,13 +720,16 @@ def _check_stops(stop_tokens, cfg):
 
 def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
              seed=0, cache_len=None, kv_int8=False, decode_attention=None, return_logits=False,
-             stop_tokens=None):
+             stop_tokens=None, steps_per_call=1):
     """Generate max_new_tokens after each prompt (a list of token lists of any lengths, run as one
     batch) and return, per prompt, the list of new tokens: one prefill, then one decode step per
     token. Greedy (temperature 0) output is what argmax decoding by full recompute gives.
     stop_tokens: token ids (a tokenizer's end of sequence) that end a prompt's answer; the
     answer keeps its stop token, and generation ends early once every prompt has stopped.
-    return_logits: also return, per prompt, the logits [tokens, V] each token came from."""
+    return_logits: also return, per prompt, the logits [tokens, V] each token came from.
+    steps_per_call: decode steps per compiled call (decode_steps); the tokens are the same."""
+    if steps_per_call < 1:
+        raise common.UserError(f"steps_per_call must be >= 1, got {steps_per_call}")
     params = inference_params(params, cfg)
     sampling = make_sampling(temperature, top_k, top_p)
     decode_attention = decode_attention or default_decode_attention(cfg)
@@ -709,6 +743,7 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     tok, logits, cache = prefill_step(params, cache, tokens, lengths, row_ids, row_ids, seed,
                                       cfg=cfg, sampling=sampling)
+    # Each step's tokens [B] (or a call's [n, B]) and logits stay on the device until the end.
     out, outl = [tok], [logits]
     if stops:
         stop_ids, done = jnp.asarray(stops, jnp.int32), jnp.zeros((B,), bool)
@@ -716,25 +751,42 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     # Token i's counter is built on the device: an array made from a host value each step
     # would cost a host-to-device copy per step (0.8 ms on a GPU host, most of a 1B model's step).
     counters, one = jnp.ones((B,), jnp.int32), jnp.ones((B,), jnp.int32)
-    for i in range(1, max_new_tokens):
-        if stops and i % STOP_CHECK_EVERY == 0 and bool(jnp.all(done)):
-            break
-        tok, logits, cache = decode_step(params, cache, tok, row_ids, counters, seed, cfg=cfg,
-                                         sampling=sampling, decode_attention=decode_attention)
-        counters = counters + one
-        out.append(tok)
-        outl.append(logits)
+    i, checked = 1, 0
+    while i < max_new_tokens:
+        if stops and i - checked >= STOP_CHECK_EVERY:
+            checked = i
+            if bool(jnp.all(done)):
+                break
+        n = steps_per_call if max_new_tokens - i >= steps_per_call else 1  # the rest: one by one
+        if n == 1:
+            toks, logits, cache = decode_step(params, cache, tok, row_ids, counters, seed,
+                                              cfg=cfg, sampling=sampling,
+                                              decode_attention=decode_attention)
+            tok = toks
+        else:
+            toks, logits, cache = decode_steps(params, cache, tok, row_ids, counters, seed,
+                                               cfg=cfg, n=n, sampling=sampling,
+                                               decode_attention=decode_attention,
+                                               with_logits=return_logits)
+            tok = toks[n - 1]
+        counters = counters + n * one
+        out.append(toks)
+        if return_logits:
+            outl.append(logits)
         if stops:
-            done = _stopped(done, tok, stop_ids)
+            done = _stopped(done, toks, stop_ids)
+        i += n
     # Gathered on the host at the end: no sync between steps, and no jnp.stack, which would
     # compile anew for every max_new_tokens. jax.device_get starts every copy before it waits
     # for one; fetching the arrays one by one would pay a round trip each (about 0.6 ms on a
     # GPU host: 78 ms of a 1B model's 128-token answer).
-    toks = [[int(t) for t in row] for row in np.stack(jax.device_get(out), axis=1)]
+    steps = np.concatenate([t.reshape(-1, B) for t in jax.device_get(out)])   # [tokens, B]
+    toks = [[int(t) for t in row] for row in steps.T]
     ends = [next((j + 1 for j, t in enumerate(row) if t in stops), len(row)) for row in toks]
     toks = [row[:n] for row, n in zip(toks, ends)]
     if return_logits:
-        return toks, [lg[:n] for lg, n in zip(np.stack(jax.device_get(outl), axis=1), ends)]
+        logits = np.concatenate([lg.reshape(-1, B, lg.shape[-1]) for lg in jax.device_get(outl)])
+        return toks, [logits[:n, b] for b, n in enumerate(ends)]
     return toks
 
 
@@ -1143,13 +1195,25 @@ def filled_cache(cfg, batch, max_len, length, kv_int8):
     return cache
 
 
-def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None):
+# Steps per call where the lesson times decode_steps against one step per call.
+PER_CALL = 8
+
+
+def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None, per_call=1):
     """Seconds per decode step: the median over `repeats` runs of `steps` steps (the cache and the
     tokens fed from step to step, never synced in between), and the first call's time (compile
-    included). The cache must have room for 1 + steps x repeats more tokens."""
+    included). per_call > 1: that many steps per call (decode_steps), steps rounded down to a
+    multiple of it. The cache must have room for per_call + steps x repeats more tokens."""
     B = cache["lengths"].shape[0]
     tok, zeros = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
-    step = functools.partial(decode_step, cfg=cfg, decode_attention=decode_attention)
+    if per_call == 1:
+        step = functools.partial(decode_step, cfg=cfg, decode_attention=decode_attention)
+    else:
+        def step(params, cache, tok, row_ids, counters, seed):
+            toks, _, cache = decode_steps(params, cache, tok, row_ids, counters, seed, cfg=cfg,
+                                          n=per_call, decode_attention=decode_attention)
+            return toks[per_call - 1], None, cache
+    calls = max(steps // per_call, 1)
     t0 = time.perf_counter()
     tok, _, cache = step(params, cache, tok, zeros, zeros, 0)
     tok.block_until_ready()
@@ -1157,10 +1221,10 @@ def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(calls):
             tok, _, cache = step(params, cache, tok, zeros, zeros, 0)
         tok.block_until_ready()
-        times.append((time.perf_counter() - t0) / steps)
+        times.append((time.perf_counter() - t0) / (calls * per_call))
     return float(np.median(times)), first
 
 
@@ -1324,6 +1388,10 @@ def measure_batch_1(run):
     t_device = sum(t for t, _ in kernels.values()) if kernels else None
     cache = state.pop("cache")
     run.t_step, c_step = time_decode(ip, cfg, cache, run.steps)
+    # The same steps, PER_CALL to a call: the host's dispatch of a call divided among them.
+    cache = filled_cache(cfg, 1, S, P, False)
+    t_steps, _ = time_decode(ip, cfg, cache, run.steps, per_call=PER_CALL)
+    del cache
     W, kv, N = weight_bytes(ip), kv_bytes_per_token(cfg), cfg.param_count(embedding=False)
     step_bytes = W + (P + 1 + 3 * run.steps // 2) * kv    # at the mean context of the timed steps
     pred_prefill = P * 2 * N / run.flops
@@ -1337,6 +1405,10 @@ def measure_batch_1(run):
           f"{c_step:.1f} s), reading {_si(step_bytes, 'B')} per step = {_si(achieved, 'B/s')} = "
           f"{100 * achieved / run.bw:.0f}% of the copy bandwidth; bound {run.bw / step_bytes:.1f} "
           f"tok/s")
+    print(f"decode, {PER_CALL} steps per call (decode_steps): {t_steps * 1e3:.3f} ms/step = "
+          f"{1 / t_steps:.1f} tok/s = {run.t_step / t_steps:.2f}x one step per call" +
+          ("; the host's dispatch of a call was setting the pace" if t_steps < 0.95 * run.t_step
+           else ""))
     if run.t_no_cache:
         print(f"without a cache, a token costs a forward over the whole sequence: "
               f"{run.t_no_cache * 1e3:.2f} ms at {run.no_cache_len} tokens = "
@@ -1354,8 +1426,18 @@ def measure_batch_1(run):
     print(f"end to end, {P} + {G} tokens: {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + G x W / BW = "
           f"{pred * 1e3:.1f} ms ({100 * pred / t_e2e:.0f}%); measured prefill + G x step = "
           f"{(run.t_prefill + (G - 1) * run.t_step) * 1e3:.1f} ms")
+    ref(ip, cfg, [run.prompt], PER_CALL + 1, cache_len=S, steps_per_call=PER_CALL)  # compiles
+    t0 = time.perf_counter()
+    many = ref(ip, cfg, [run.prompt], G, cache_len=S, steps_per_call=PER_CALL)[0]
+    t_e2e_many = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(many, run.ref_tokens))
+    print(f"end to end with {PER_CALL} steps per call: {t_e2e_many * 1e3:.1f} ms "
+          f"({100 * pred / t_e2e_many:.0f}% of the model); {same}/{G} tokens as one per call")
     run.row(f"decode B=1 {cfg.dtype}", f"{1 / run.t_step:,.1f} tok/s",
             f"{run.bw / step_bytes:,.1f} tok/s", f"{100 * achieved / run.bw:.0f}% of BW")
+    run.row(f"decode B=1 {PER_CALL} steps/call", f"{1 / t_steps:,.1f} tok/s",
+            f"{run.bw / step_bytes:,.1f} tok/s",
+            f"{100 * step_bytes / t_steps / run.bw:.0f}% of BW, {run.t_step / t_steps:.2f}x")
     run.row(f"prefill {P} tokens", f"{run.t_prefill * 1e3:.2f} ms", f"{pred_prefill * 1e3:.2f} ms",
             f"{100 * pred_prefill / run.t_prefill:.0f}% of FLOPS")
     if t_device:
@@ -1363,6 +1445,8 @@ def measure_batch_1(run):
                 f"{pred_prefill * 1e3:.2f} ms", f"{100 * pred_prefill / t_device:.0f}% of FLOPS")
     run.row(f"end to end {P}+{G}", f"{t_e2e * 1e3:.1f} ms", f"{pred * 1e3:.1f} ms",
             f"{100 * pred / t_e2e:.0f}% of model")
+    run.row(f"end to end {P}+{G}, {PER_CALL} steps/call", f"{t_e2e_many * 1e3:.1f} ms",
+            f"{pred * 1e3:.1f} ms", f"{100 * pred / t_e2e_many:.0f}% of model")
 
 
 def measure_int8(run, quality=True):

@@ -349,6 +349,24 @@ def test_stop_tokens_end_each_answer_and_then_the_loop(monkeypatch):
         inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=[TINY.vocab_size])
 
 
+def test_several_steps_per_call_give_the_same_tokens_and_logits():
+    params = params_for(TINY)
+    for kw in (dict(), dict(temperature=1.0, top_k=20, seed=3)):
+        one, one_logits = inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE,
+                                       return_logits=True, **kw)
+        many, many_logits = inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE,
+                                         return_logits=True, steps_per_call=4, **kw)
+        assert many == one                                   # 1 + 3 x 4 steps + 1 alone
+        for a, b in zip(one_logits, many_logits):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    stops = [one[1][2]]
+    assert inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE, stop_tokens=stops,
+                        steps_per_call=4) == \
+        inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE, stop_tokens=stops)
+    with pytest.raises(common.UserError, match="steps_per_call"):
+        inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE, steps_per_call=0)
+
+
 def test_eos_ids_come_from_the_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
     assert inf.eos_token_ids(str(tmp_path)) == (2,)
