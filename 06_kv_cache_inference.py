@@ -1279,6 +1279,7 @@ class Run:
     prompt: list = None       # set by measure_batch_1, used by the later sections
     ref_tokens: list = None   # the greedy answer to `prompt`
     t_step: float = 0.0       # seconds per decode step at batch 1
+    t_steps: float = 0.0      # the same, PER_CALL steps per call
     t_prefill: float = 0.0
     t_no_cache: float = 0.0   # seconds per token by full recompute over no_cache_len positions
     no_cache_len: int = 0
@@ -1390,7 +1391,8 @@ def measure_batch_1(run):
     run.t_step, c_step = time_decode(ip, cfg, cache, run.steps)
     # The same steps, PER_CALL to a call: the host's dispatch of a call divided among them.
     cache = filled_cache(cfg, 1, S, P, False)
-    t_steps, _ = time_decode(ip, cfg, cache, run.steps, per_call=PER_CALL)
+    run.t_steps, _ = time_decode(ip, cfg, cache, run.steps, per_call=PER_CALL)
+    t_steps = run.t_steps
     del cache
     W, kv, N = weight_bytes(ip), kv_bytes_per_token(cfg), cfg.param_count(embedding=False)
     step_bytes = W + (P + 1 + 3 * run.steps // 2) * kv    # at the mean context of the timed steps
@@ -1475,6 +1477,12 @@ def measure_int8(run, quality=True):
           f"{100 * q_bytes / t_q / run.bw:.0f}% of the copy bandwidth")
     run.row("decode B=1 int8 weights", f"{1 / t_q:,.1f} tok/s", f"{run.bw / q_bytes:,.1f} tok/s",
             f"{run.t_step / t_q:.2f}x {cfg.dtype}")
+    t_q8, _ = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
+                          per_call=PER_CALL)
+    print(f"the same, {PER_CALL} steps per call: {t_q8 * 1e3:.3f} ms/step = {1 / t_q8:.1f} tok/s = "
+          f"{run.t_steps / t_q8:.2f}x {cfg.dtype} at {PER_CALL} steps per call")
+    run.row(f"decode B=1 int8, {PER_CALL} steps/call", f"{1 / t_q8:,.1f} tok/s",
+            f"{1 / run.t_steps:,.1f} {cfg.dtype}", f"{run.t_steps / t_q8:.2f}x {cfg.dtype}")
     if errors:
         run.row("int8 weights / KV quality", f"{errors[0][0]:.4f}/{errors[1][0]:.4f}",
                 "rms err/std", f"agree {100 * errors[0][1]:.0f}/{100 * errors[1][1]:.0f}%")
