@@ -61,6 +61,9 @@ What the lesson shows, in the order main() prints it:
      of an output-major matrix streams it faster than a matrix multiply kernel does
      (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices; down the
      columns of an input-major matrix the same sum is up to 4x slower).
+     The host pays for every call: dispatching a step's few hundred arrays takes 0.4-1 ms,
+     longer than a small model's step on a GPU. decode_steps runs several steps in one call
+     (generate's steps_per_call), and the lesson times it beside one step per call.
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
