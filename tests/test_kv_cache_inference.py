@@ -324,6 +324,10 @@ def test_speculative_greedy_equals_target():
         assert 0 <= st["acceptance"] <= 1 and 1 <= st["tokens_per_round"] <= 4
         acceptance.append(st["acceptance"])
     assert acceptance[0] > 0.5
+    stops = [want[0][4], want[2][0]]
+    got, _ = inf.speculative_generate(params, TINY, self_draft, dcfg, PROMPTS, 13, gamma=3,
+                                      cache_len=CACHE, stop_tokens=stops)
+    assert got == inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE, stop_tokens=stops)
 
 
 def test_stop_tokens_end_each_answer_and_then_the_loop(monkeypatch):
