@@ -758,7 +758,8 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
         done = _stopped(done, tok, stop_ids)
     # Token i's counter is built on the device: an array made from a host value each step
     # would cost a host-to-device copy per step (0.8 ms on a GPU host, most of a 1B model's step).
-    counters, one = jnp.ones((B,), jnp.int32), jnp.ones((B,), jnp.int32)
+    counters = jnp.ones((B,), jnp.int32)
+    advance = {n: jnp.full((B,), n, jnp.int32) for n in {1, steps_per_call}}
     i, checked = 1, 0
     while i < max_new_tokens:
         if stops and i - checked >= STOP_CHECK_EVERY:
@@ -777,7 +778,7 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
                                                decode_attention=decode_attention,
                                                with_logits=return_logits)
             tok = toks[n - 1]
-        counters = counters + n * one
+        counters = counters + advance[n]
         out.append(toks)
         if return_logits:
             outl.append(logits)
