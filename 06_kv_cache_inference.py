@@ -1407,10 +1407,8 @@ def measure_batch_1(run):
     cache = state.pop("cache")
     run.t_step, c_step = time_decode(ip, cfg, cache, run.steps)
     # The same steps, PER_CALL to a call: the host's dispatch of a call divided among them.
-    cache = filled_cache(cfg, 1, S, P, False)
-    run.t_steps, _ = time_decode(ip, cfg, cache, run.steps, per_call=PER_CALL)
-    t_steps = run.t_steps
-    del cache
+    t_steps = run.t_steps = time_decode(ip, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
+                                        per_call=PER_CALL)[0]
     W, kv, N = weight_bytes(ip), kv_bytes_per_token(cfg), cfg.param_count(embedding=False)
     step_bytes = W + (P + 1 + 3 * run.steps // 2) * kv    # at the mean context of the timed steps
     pred_prefill = P * 2 * N / run.flops
