@@ -43,7 +43,11 @@ What the lesson shows, in the order main() prints it:
      KVQuant, Hooper et al. 2024, find keys quantize better per channel), halves the cache,
      which pays where the cache outweighs the weights: long contexts at large batches (lesson
      08's kernel reads it as int8). Their cost is measured as logit error and greedy agreement
-     with the unquantized model, teacher-forced on the same tokens.
+     with the unquantized model, teacher-forced on the same tokens. Halving the weight bytes
+     does not halve a batch-1 step: its small kernels (norms, rope, cache writes, residual
+     adds) take as long as before, and a matrix of a few tens of MB loses a few microseconds
+     per product to kernel ramp-up, which matters more once its bytes stream twice as fast
+     (section 7 and BENCHMARKS.md: about 1.5x, where the bytes say 2x).
   6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
      gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
