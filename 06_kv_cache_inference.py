@@ -860,23 +860,25 @@ def _served(out, t_first, t_last):
 
 
 def serve_static(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
-                 seed=0, kv_int8=False, decode_attention=None, stop_tokens=None):
+                 seed=0, kv_int8=False, decode_attention=None, stop_tokens=None,
+                 steps_per_call=1):
     """Static batching: requests in arrival order (those wanting no tokens skipped), n_slots at a
     time; a batch is prefilled together and decoded until its longest request is done, then the
     next batch starts. A request is done at its max_new_tokens or at a stop token (kept, as
     generate keeps it). Returns ([Served] per request, seconds for the whole stream)."""
     return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-                  decode_attention, stop_tokens, continuous=False)
+                  decode_attention, stop_tokens, steps_per_call, continuous=False)
 
 
 def serve_continuous(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
-                     seed=0, kv_int8=False, decode_attention=None, stop_tokens=None):
+                     seed=0, kv_int8=False, decode_attention=None, stop_tokens=None,
+                     steps_per_call=1):
     """Continuous batching: n_slots cache rows; whenever rows are free, the next requests'
     prompts are prefilled into them, all in one call, between two decode steps, and each decode
     step advances every busy row by one token. A request is done at its max_new_tokens or at a
     stop token. Returns ([Served] per request, seconds for the whole stream)."""
     return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-                  decode_attention, stop_tokens, continuous=True)
+                  decode_attention, stop_tokens, steps_per_call, continuous=True)
 
 
 @jax.jit
@@ -887,7 +889,7 @@ def _place_tokens(tok, slots, new):
 
 
 def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-           decode_attention, stop_tokens, continuous):
+           decode_attention, stop_tokens, steps_per_call, continuous):
     """The serving loop of both policies; they differ in one line, when requests are admitted.
     Without stop tokens a request ends only at its max_new_tokens, so after an admission the
     host knows that k steps pass before the next slot frees (the fewest tokens a busy row still
@@ -896,7 +898,10 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
     for the host once per finishing request, not once per step (reading a step's tokens before
     launching the next leaves the accelerator idle for a round trip every step). With stop
     tokens a request may end at any step, so k is at most STOP_CHECK_EVERY: a finished row
-    frees its slot up to that many steps late, and the tokens it made meanwhile are dropped."""
+    frees its slot up to that many steps late, and the tokens it made meanwhile are dropped.
+    steps_per_call > 1 issues the k steps that many to a call (decode_steps), as generate does."""
+    if steps_per_call < 1:
+        raise common.UserError(f"steps_per_call must be >= 1, got {steps_per_call}")
     params = inference_params(params, cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
     pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
@@ -927,10 +932,15 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
     zeros = np.zeros(n_slots, np.int32)
     tok, _, cache = decode_step(params, cache, tok, zeros, zeros, seed, cfg=cfg,
                                 sampling=sampling, decode_attention=decode_attention)
+    if steps_per_call > 1:
+        toks, _, cache = decode_steps(params, cache, tok, zeros, zeros, seed, cfg=cfg,
+                                      n=steps_per_call, sampling=sampling,
+                                      decode_attention=decode_attention)
+        tok = toks[steps_per_call - 1]
     tok.block_until_ready()
 
     out, t_first, t_last = [[] for _ in range(n)], [math.nan] * n, [math.nan] * n
-    one = jnp.ones(n_slots, jnp.int32)
+    advance = {m: jnp.full((n_slots,), m, jnp.int32) for m in {1, steps_per_call}}
     queue = collections.deque(r for r in range(n) if want[r] > 0)
     slot_req = np.full(n_slots, -1)           # the request in each slot, -1 when free
     made = np.zeros(n_slots, np.int32)        # the tokens it has got so far
@@ -954,12 +964,21 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
         # counters: the index of each row's new token in its answer (free rows: anything),
         # advanced on the device (a host array per step would be a copy per step)
         counters = jax.device_put(made)
-        steps = []
-        for _ in range(k):
-            tok, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
-                                        sampling=sampling, decode_attention=decode_attention)
-            counters = counters + one
-            steps.append(tok)
+        steps, done = [], 0
+        while done < k:
+            n = steps_per_call if k - done >= steps_per_call else 1   # the rest: one by one
+            if n == 1:
+                tok, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
+                                            sampling=sampling, decode_attention=decode_attention)
+                steps.append(tok)
+            else:
+                toks, _, cache = decode_steps(params, cache, tok, ids, counters, seed, cfg=cfg,
+                                              n=n, sampling=sampling,
+                                              decode_attention=decode_attention)
+                tok = toks[n - 1]
+                steps.append(toks)
+            counters = counters + advance[n]
+            done += n
         # The k steps are queued behind the prefills, so the host can wait for each prefill's
         # first tokens (TTFT) while the device goes on decoding.
         for reqs, first in firsts:
@@ -972,7 +991,7 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
                     slot_req[slot_req == r] = -1
         if not k:
             continue
-        steps = np.stack(jax.device_get(steps), axis=1)        # [n_slots, k]
+        steps = np.concatenate([t.reshape(-1, n_slots) for t in jax.device_get(steps)]).T
         now = time.perf_counter() - t0
         for s in busy:
             r = slot_req[s]

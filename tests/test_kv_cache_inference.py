@@ -260,8 +260,10 @@ def test_serving_with_stop_tokens_returns_what_each_request_gets_alone():
              for row in full]
     lengths = [len(a) for a in alone]
     assert inf.STOP_CHECK_EVERY < lengths[0] < 30 and lengths[2] == 1, lengths
-    for serve in (inf.serve_continuous, inf.serve_static):
-        served, _ = serve(params, TINY, reqs, 3, CACHE, prompt_pad=32, stop_tokens=stops)
+    for serve, per_call in ((inf.serve_continuous, 1), (inf.serve_static, 1),
+                            (inf.serve_continuous, 4)):          # and 4 decode steps per call
+        served, _ = serve(params, TINY, reqs, 3, CACHE, prompt_pad=32, stop_tokens=stops,
+                          steps_per_call=per_call)
         assert [s.tokens for s in served] == alone
 
 
@@ -307,9 +309,10 @@ def test_serving_with_sampling_draws_what_each_request_draws_alone():
     want = inf.generate(params, TINY, PROMPTS, max(news), temperature=1.0, seed=3,
                         cache_len=CACHE)
     reqs = [inf.Request(p, n) for p, n in zip(PROMPTS, news)]
-    for serve in (inf.serve_continuous, inf.serve_static):
+    for serve, per_call in ((inf.serve_continuous, 1), (inf.serve_static, 1),
+                            (inf.serve_static, 2)):
         served, _ = serve(params, TINY, reqs, 2, CACHE, prompt_pad=32,
-                          sampling=inf.make_sampling(1.0), seed=3)
+                          sampling=inf.make_sampling(1.0), seed=3, steps_per_call=per_call)
         assert [s.tokens for s in served] == [w[:n] for w, n in zip(want, news)]
 
 
