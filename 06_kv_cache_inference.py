@@ -9,6 +9,8 @@ measured against the memory-bandwidth bound that rules decode.
     python 06_kv_cache_inference.py --checkpoint=DIR    # a Hugging Face Llama directory (with
                                                         # its tokenizer.json), or 09's out_dir
     python 06_kv_cache_inference.py --prompt="def " --temperature=0.8 --top_p=0.95
+    python 06_kv_cache_inference.py --checkpoint=DIR --draft=SMALLER_DIR   # speculative
+                                                        # decoding with a smaller model as draft
 
 What the lesson shows, in the order main() prints it:
   1. The arithmetic. A decode step makes one token per sequence, so it multiplies each weight
@@ -53,7 +55,8 @@ What the lesson shows, in the order main() prints it:
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
      target's. The draft here is the target's own weights in int8 (optionally its first N
      layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
-     model exists that could agree with the target.
+     model exists that could agree with the target. With real checkpoints, --draft=DIR takes
+     a smaller model of the same vocabulary (Llama-3.2-1B for Llama-3.1-8B).
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
      products against the bytes they read, and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
@@ -115,6 +118,8 @@ class InferConfig:
     requests: int = 0           # requests in the stream; 0: 3 x slots
     gamma: int = 4              # speculative decoding: draft tokens proposed per round
     draft_layers: int = 0       # the draft: the target's first N layers in int8; 0: all layers
+    draft: str = ""             # instead, a smaller model as the draft: a directory as
+                                # --checkpoint takes, with the target's vocabulary
     steps: int = 0              # decode steps per timed run; 0: 32 on a GPU, 8 on a CPU
 
     def __post_init__(self):
@@ -128,6 +133,9 @@ class InferConfig:
             raise common.UserError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise common.UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.draft and self.draft_layers:
+            raise common.UserError("give --draft (a draft model) or --draft_layers (the target's "
+                                   "own layers as the draft), not both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1034,8 +1042,11 @@ def speculative_round(params, draft, cache, draft_cache, last, active, cfg, draf
         tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         return dcache, tok, drafts.at[:, i].set(tok)
 
+    # A draft with a smaller vocabulary (the same tokenizer, its table padded less) reads a
+    # token it does not have as its last one; its guesses after it are then only rejected.
     draft_cache, _, drafts = lax.fori_loop(
-        0, gamma + 1, draft_one, (draft_cache, last, jnp.zeros((B, gamma + 1), jnp.int32)))
+        0, gamma + 1, draft_one, (draft_cache, jnp.minimum(last, draft_cfg.vocab_size - 1),
+                                  jnp.zeros((B, gamma + 1), jnp.int32)))
     drafts = drafts[:, :gamma]                                       # [B, gamma]
     chunk = jnp.concatenate([last[:, None], drafts], axis=1)         # [B, gamma + 1]
     logits, cache = forward_cached(params, cache, chunk, cfg, decode_attention)
@@ -1051,9 +1062,13 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                          cache_len=None, decode_attention=None, stop_tokens=None):
     """Greedy generation by the target `params`, sped up by the `draft` model: returns (tokens
     per prompt, identical to generate(..., temperature=0) with the same stop_tokens, and
-    statistics: rounds, acceptance rate = accepted / proposed draft tokens, tokens per round)."""
-    if draft_cfg.vocab_size != cfg.vocab_size:
-        raise common.UserError("the draft and the target must share a vocabulary")
+    statistics: rounds, acceptance rate = accepted / proposed draft tokens, tokens per round).
+    Identical in float32; in bf16 the target scores gamma + 1 tokens in one pass, whose sums
+    round differently from one token's, so where two tokens' logits nearly tie the argmax can
+    differ from generate's (as it can between batch sizes)."""
+    if draft_cfg.vocab_size > cfg.vocab_size:
+        raise common.UserError(f"the draft's vocabulary ({draft_cfg.vocab_size}) is larger than "
+                               f"the target's ({cfg.vocab_size}): they must share a tokenizer")
     if gamma < 1:
         raise common.UserError(f"gamma must be >= 1, got {gamma}")
     params, draft = inference_params(params, cfg), inference_params(draft, draft_cfg)
@@ -1069,8 +1084,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     ids = jnp.arange(B, dtype=jnp.int32)
     last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, 0,
                                   cfg=cfg)
-    _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S), tokens, lengths, ids, ids, 0,
-                                cfg=draft_cfg)
+    _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S),
+                                jnp.minimum(tokens, draft_cfg.vocab_size - 1), lengths, ids, ids,
+                                0, cfg=draft_cfg)
     out = [[int(t)] for t in np.asarray(last)]
     stopped = [o[0] in stops for o in out]
 
@@ -1082,7 +1098,7 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
         g, a, last, cache, dcache = speculative_round(params, draft, cache, dcache, last, active,
                                                       cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
                                                       decode_attention=decode_attention)
-        g, a = np.asarray(g), np.asarray(a)
+        g, a = jax.device_get((g, a))           # one transfer: the round's only sync
         for b in np.flatnonzero(active):
             new = [int(t) for t in g[b, :a[b] + 1]]
             out[b] += new
@@ -1111,7 +1127,9 @@ def find_train_checkpoint(ckpt_dir):
 
 def load_train_checkpoint(path):
     """(cfg, params) from a checkpoint of 09_train.py (common.save_checkpoint): meta.json holds the
-    model's Config under "model", state.npz the params (and the optimizer state, not read)."""
+    model's Config under "model", state.npz the params (and the optimizer state, not read).
+    09 keeps float32 master weights and computes in bf16 on a GPU; inference reads the weights
+    in the compute dtype, as a released checkpoint stores them (half the bytes per step)."""
     with open(os.path.join(path, "meta.json")) as f:
         fields = json.load(f).get("model")
     known = {f.name for f in dataclasses.fields(common.Config)}
@@ -1126,6 +1144,7 @@ def load_train_checkpoint(path):
     if not all(jax.tree.leaves(jax.tree.map(lambda a, s: a.shape == s.shape, state["params"],
                                             like))):
         raise common.UserError(f"{path}: the stored params do not have the shapes meta.json says")
+    cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), state["params"])
 
 
@@ -1169,18 +1188,38 @@ def eos_token_ids(path):
     return ()
 
 
+def load_checkpoint_dir(path, tokenizer=True):
+    """(name, cfg, params, tokenizer, a line saying which) from a Hugging Face Llama directory,
+    a checkpoint of 09_train.py, or 09's out_dir (its newest checkpoint)."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
+        path = find_train_checkpoint(path) or path    # an out_dir of 09_train.py: its newest
+    name = os.path.basename(path.rstrip("/"))
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        cfg, params = load_train_checkpoint(path)
+        return name, cfg, params, BYTES, f"09_train.py checkpoint {path}"
+    cfg, params = common.load_hf_llama(path)
+    return (name, cfg, params, load_tokenizer(path) if tokenizer else None,
+            f"Hugging Face checkpoint {path}")
+
+
+def load_draft(path, cfg):
+    """A draft model for speculative decoding (--draft): (name, cfg, params in the inference
+    layout), checked against the target's config `cfg`. It must use the target's tokenizer; its
+    vocabulary may be smaller (a table padded less, or a byte model's 256 ids), not larger."""
+    name, dcfg, params, _, which = load_checkpoint_dir(path, tokenizer=False)
+    if dcfg.vocab_size > cfg.vocab_size:
+        raise common.UserError(f"the draft {path} has a vocabulary of {dcfg.vocab_size} tokens, "
+                               f"more than the target's {cfg.vocab_size}: they must share a "
+                               f"tokenizer (a draft's table may only be padded less)")
+    print(f"draft: {which}")
+    return name, dcfg, inference_params(params, dcfg)
+
+
 def load_model(ic, on_gpu):
     """[(name, cfg, params in common's layout, tokenizer or None)] and a line saying which."""
     if ic.checkpoint:
-        path = ic.checkpoint
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
-            path = find_train_checkpoint(path) or path    # an out_dir of 09_train.py: its newest
-        name = os.path.basename(path.rstrip("/"))
-        if os.path.isfile(os.path.join(path, "meta.json")):
-            cfg, params = load_train_checkpoint(path)
-            return [(name, cfg, params, BYTES)], f"model: 09_train.py checkpoint {path}"
-        cfg, params = common.load_hf_llama(path)
-        return [(name, cfg, params, load_tokenizer(path))], f"model: Hugging Face checkpoint {path}"
+        *model, which = load_checkpoint_dir(ic.checkpoint)
+        return [tuple(model)], f"model: {which}"
     if ic.models == "auto" and not on_gpu:
         path = find_train_checkpoint(ic.ckpt_dir)
         if path:
@@ -1713,29 +1752,42 @@ def measure_stream(run):
             f"{results['static'][1]['tok_s']:,.0f} static", f"{ratio:.2f}x static")
 
 
-def measure_speculative(run):
-    """Speculative decoding with the int8 draft, against the measured batch-1 decode."""
+def measure_speculative(run, draft=None):
+    """Speculative decoding against the measured batch-1 decode; the draft: `draft` (name, cfg,
+    params) if given, else the target's own first draft_layers layers in int8."""
     cfg, ip, g, G = run.cfg, run.params, run.ic.gamma, run.G
-    dp, dcfg = draft_params(ip, cfg, run.ic.draft_layers)
+    if draft is None:
+        dp, dcfg = draft_params(ip, cfg, run.ic.draft_layers)
+        what = f"the target's first {dcfg.n_layers} layers in int8"
+    else:
+        dname, dcfg, dp = draft
+        what = f"{dname}, {dcfg.n_layers} layers of d_model {dcfg.d_model}"
     c = weight_bytes(dp) / weight_bytes(ip)
     for _ in range(2):  # the first run compiles
         tokens, st = speculative_generate(ip, cfg, dp, dcfg, [run.prompt], G, gamma=g,
                                           cache_len=run.S,
                                           decode_attention=decode_attention_reference)
+    # The draft's steps as a round runs them: gamma + 1 in one compiled call.
+    t_draft, _ = time_decode(dp, dcfg, filled_cache(dcfg, 1, run.S, run.P, False), run.steps,
+                             decode_attention=decode_attention_reference, per_call=g + 1)
     del dp
     a, tok_s = st["acceptance"], (G - 1) / st["decode_s"]
     # Leviathan et al. 2023, eq. 1: a round yields (1 - a^(gamma+1)) / (1 - a) tokens; it costs
-    # gamma + 1 draft steps of c target steps each, plus one verification of ~ one step.
+    # gamma + 1 draft steps of c target steps each, plus one verification of ~ one step. By
+    # the bytes c is the draft's share of the weights; a small draft's step is set by its
+    # kernels' fixed costs instead, so c is also taken from the two measured steps.
     per_round = (1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1
     pred = per_round / ((g + 1) * c + 1)
+    pred_t = per_round / ((g + 1) * t_draft / run.t_step + 1)
     same = next((i for i, (x, y) in enumerate(zip(tokens[0], run.ref_tokens)) if x != y), G)
-    run.section(f"speculative decoding, gamma {g}; draft: the target's first {dcfg.n_layers} "
-                f"layers in int8, {100 * c:.0f}% of its bytes")
+    run.section(f"speculative decoding, gamma {g}; draft: {what}, {100 * c:.0f}% of the "
+                f"target's bytes")
     print(f"acceptance {100 * a:.1f}%, {st['tokens_per_round']:.2f} tokens per round; "
           f"{tok_s:.1f} tok/s against {1 / run.t_step:.1f} alone = {tok_s * run.t_step:.2f}x; "
-          f"the memory-bound model predicts {pred:.2f}x; output equal to the target's alone for "
-          f"{same}/{G} tokens")
-    run.row(f"speculative gamma={g}", f"{tok_s:,.1f} tok/s", f"{pred / run.t_step:,.1f} tok/s",
+          f"the model predicts {pred:.2f}x from the bytes, {pred_t:.2f}x from the measured steps "
+          f"(draft {t_draft * 1e3:.3f} ms, target {run.t_step * 1e3:.3f} ms); output equal to the "
+          f"target's alone for {same}/{G} tokens")
+    run.row(f"speculative gamma={g}", f"{tok_s:,.1f} tok/s", f"{pred_t / run.t_step:,.1f} tok/s",
             f"{tok_s * run.t_step:.2f}x, acc {100 * a:.0f}%")
 
 
@@ -1753,9 +1805,10 @@ def show_sample(run):
     print(ic.prompt + tok.decode(out))
 
 
-def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True):
+def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, draft=None):
     """Every measurement on one model (only the speeds unless `full`, to keep a run of several
-    models short); returns the rows of the final table."""
+    models short); returns the rows of the final table. draft: speculative decoding's draft
+    model (load_draft), else the target's own int8 copy."""
     t0 = time.perf_counter()
     print(f"\n=== {name}: {_si(cfg.param_count(), '')} params, {cfg.n_layers} layers, "
           f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
@@ -1788,7 +1841,7 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True):
         measure_step_kernels(run)
     if full:
         measure_stream(run)
-        measure_speculative(run)
+        measure_speculative(run, draft)
     show_sample(run)
     print(f"\n({name}: {time.perf_counter() - t0:.0f} s)")
     return run.rows
@@ -1801,6 +1854,7 @@ def main():
     models, which = load_model(ic, on_gpu)
     print(which)
     dtype = models[0][1].dtype
+    draft = load_draft(ic.draft, models[0][1]) if ic.draft else None
     peaks = common.measure_peaks(dtype=dtype)
     line = (f"measured on {jax.devices()[0].device_kind}: {dtype} matmul "
             f"{_si(peaks['matmul_flops'], 'FLOP/s')}, copy {_si(peaks['copy_bw'], 'B/s')}")
@@ -1813,8 +1867,8 @@ def main():
         corpus = common.load_corpus(max_bytes=2 * 2**20)[0].tobytes()
     rows, first = [], True
     while models:  # popped, so that a model's weights are freed before the next one's
-        rows += lesson(*models.pop(0), ic, on_gpu, peaks, corpus, full=first)
-        first = False
+        rows += lesson(*models.pop(0), ic, on_gpu, peaks, corpus, full=first, draft=draft)
+        first, draft = False, None
     w = max([28] + [len(r[1]) for r in rows])
     print(f"\n{'model':14s} {'measurement':{w}s} {'measured':>15s} {'bound / peer':>15s}  ratio")
     for r in rows:

@@ -321,8 +321,10 @@ def test_speculative_greedy_equals_target():
     want = inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE)
     self_draft, dcfg = inf.draft_params(params, TINY, 0)                # int8 copy: agrees often
     other = dataclasses.replace(TINY, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    fewer = dataclasses.replace(other, vocab_size=48)   # ids past 48 in the prompts and answers
     acceptance = []
-    for draft, cfg_d in ((self_draft, dcfg), (params_for(other, seed=5), other)):
+    for draft, cfg_d in ((self_draft, dcfg), (params_for(other, seed=5), other),
+                         (params_for(fewer, seed=5), fewer)):
         got, st = inf.speculative_generate(params, TINY, draft, cfg_d, PROMPTS, 13, gamma=3,
                                            cache_len=CACHE)
         assert got == want
@@ -463,10 +465,34 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
         assert cfg == TIED and name == "ckpt_00000012" and tok is inf.BYTES
         jax.tree.map(np.testing.assert_array_equal, params, new)
     assert inf.find_train_checkpoint(str(tmp_path / "empty")) is None
+    # 09 on a GPU: float32 master weights, bf16 compute; inference reads them in bf16
+    mixed = dataclasses.replace(TIED, dtype="bfloat16")
+    common.save_checkpoint(str(tmp_path / "gpu"), 3, {"params": new},
+                           {"model": dataclasses.asdict(mixed)})
+    cfg, params = inf.load_train_checkpoint(str(tmp_path / "gpu" / "ckpt_00000003"))
+    assert cfg == dataclasses.replace(mixed, param_dtype="bfloat16")
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump({"model": {"d_model": 8, "n_experts": 4}}, f)
     with pytest.raises(common.UserError, match="no model config"):
         inf.load_train_checkpoint(path)
+
+
+def test_draft_checkpoint_loads_and_must_share_the_vocabulary(tmp_path):
+    """--draft: a smaller model from a checkpoint directory, checked against the target."""
+    small = dataclasses.replace(TINY, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    other_vocab = dataclasses.replace(small, vocab_size=512)
+    for name, cfg in (("draft", small), ("wrong", other_vocab)):
+        common.save_checkpoint(str(tmp_path / name), 1, {"params": numpy_params(cfg, 5)},
+                               {"model": dataclasses.asdict(cfg)})
+    name, dcfg, dp = inf.load_draft(str(tmp_path / "draft"), TINY)
+    assert dcfg == small and name == "ckpt_00000001"
+    jax.tree.map(np.testing.assert_array_equal, dp,
+                 inf.inference_params(jax.tree.map(jnp.asarray, numpy_params(small, 5)), small))
+    with pytest.raises(common.UserError, match="vocabulary of 512 tokens"):
+        inf.load_draft(str(tmp_path / "wrong"), TINY)
+    with pytest.raises(common.UserError, match="not both"):
+        inf.InferConfig(draft=str(tmp_path / "draft"), draft_layers=1)
 
 
 def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
