@@ -42,7 +42,7 @@ def one_device_run(tmp_path_factory):
     return train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0]
 
 
-@pytest.mark.parametrize("mesh", ["fsdp:8", "tp:2,fsdp:4", "dp:2,fsdp:2,tp:2"])
+@pytest.mark.parametrize("mesh", ["fsdp:8", "dp:2,fsdp:2,tp:2"])
 def test_sharded_steps_equal_single_device(tmp_path, mesh, one_device_run):
     """Same losses and gradient norms on 8 devices, with 2 micro-batches, as on one device with
     one batch: sharding and accumulation change where and in what order, not what."""
