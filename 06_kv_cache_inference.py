@@ -56,7 +56,7 @@ What the lesson shows, in the order main() prints it:
      target's. The draft here is the target's own weights in int8 (optionally its first N
      layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
      model exists that could agree with the target. With real checkpoints, --draft=DIR takes
-     a smaller model of the same vocabulary (Llama-3.2-1B for Llama-3.1-8B).
+     a smaller model with the same tokenizer (Llama-3.2-1B for Llama-3.1-8B).
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
      products against the bytes they read, and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
@@ -119,7 +119,7 @@ class InferConfig:
     gamma: int = 4              # speculative decoding: draft tokens proposed per round
     draft_layers: int = 0       # the draft: the target's first N layers in int8; 0: all layers
     draft: str = ""             # instead, a smaller model as the draft: a directory as
-                                # --checkpoint takes, with the target's vocabulary
+                                # --checkpoint takes, with the target's tokenizer
     steps: int = 0              # decode steps per timed run; 0: 32 on a GPU, 8 on a CPU
 
     def __post_init__(self):
