@@ -1019,9 +1019,6 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
 # Speculative decoding (greedy)
 # ----------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "gamma", "decode_attention"),
-                   donate_argnames=("cache", "draft_cache"),
-                   compiler_options=DECODE_COMPILER_OPTIONS)
 def speculative_round(params, draft, cache, draft_cache, last, active, cfg, draft_cfg, gamma,
                       decode_attention=None):
     """One round (Leviathan et al. 2023, Algorithm 1, at temperature 0). Both caches hold each
@@ -1058,11 +1055,51 @@ def speculative_round(params, draft, cache, draft_cache, last, active, cfg, draf
     return g, a, last, cache, draft_cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "gamma", "width",
+                                             "decode_attention"),
+                   donate_argnames=("cache", "draft_cache"),
+                   compiler_options=DECODE_COMPILER_OPTIONS)
+def speculative_loop(params, draft, cache, draft_cache, last, want, stops, cfg, draft_cfg,
+                     gamma, width, decode_attention=None):
+    """Rounds until every row has `want` [B] tokens or has made one of `stops` [n], all on the
+    device: how many tokens a round accepts decides where the next one starts, so a loop on the
+    host would wait for each round's answer, and pay its dispatch and wake-up (about a target
+    step at 1B on an H200) between rounds. `last` is the prefill's token, the answer's first.
+    Returns (tokens [B, width], made [B] (a row may make up to gamma more than it wants),
+    row-rounds [B], accepted [B], cache, draft_cache)."""
+    B = last.shape[0]
+    rows, j = jnp.arange(B)[:, None], jnp.arange(gamma + 1)[None, :]
+    out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(last)
+    zeros = jnp.zeros((B,), jnp.int32)
+
+    def running(state):
+        made, stopped = state[4], state[5]
+        return (made < want) & ~stopped
+
+    def one_round(state):
+        cache, draft_cache, last, out, made, stopped, row_rounds, accepted = state
+        active = running(state)
+        g, a, last, cache, draft_cache = speculative_round(
+            params, draft, cache, draft_cache, last, active, cfg, draft_cfg, gamma,
+            decode_attention)
+        new = active[:, None] & (j <= a[:, None])                    # the row's g_0 .. g_a
+        out = out.at[rows, jnp.where(new, made[:, None] + j, width)].set(g, mode="drop")
+        stopped = stopped | jnp.any(new & jnp.isin(g, stops), axis=1)
+        made = made + jnp.where(active, a + 1, 0)
+        return (cache, draft_cache, last, out, made, stopped,
+                row_rounds + active, accepted + jnp.where(active, a, 0))
+
+    state = (cache, draft_cache, last, out, zeros + 1, jnp.isin(last, stops), zeros, zeros)
+    state = lax.while_loop(lambda s: jnp.any(running(s)), one_round, state)
+    return state[3], state[4], state[6], state[7], state[0], state[1]
+
+
 def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens, gamma=4,
                          cache_len=None, decode_attention=None, stop_tokens=None):
     """Greedy generation by the target `params`, sped up by the `draft` model: returns (tokens
     per prompt, identical to generate(..., temperature=0) with the same stop_tokens, and
-    statistics: rounds, acceptance rate = accepted / proposed draft tokens, tokens per round).
+    statistics: rounds (the most any row took), acceptance rate = accepted / proposed draft
+    tokens, tokens per round (per row), decode_s (the rounds' time, after both prefills)).
     Identical in float32; in bf16 the target scores gamma + 1 tokens in one pass, whose sums
     round differently from one token's, so where two tokens' logits nearly tie the argmax can
     differ from generate's (as it can between batch sizes)."""
@@ -1077,9 +1114,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len, extra=2 * gamma + 1)
     stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
-    stats = {"rounds": 0, "proposed": 0, "accepted": 0}
     if max_new_tokens == 0:
-        return [[] for _ in prompts], dict(stats, acceptance=math.nan, tokens_per_round=math.nan)
+        return [[] for _ in prompts], {"rounds": 0, "proposed": 0, "accepted": 0,
+                                       "acceptance": math.nan, "tokens_per_round": math.nan}
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     ids = jnp.arange(B, dtype=jnp.int32)
     last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, 0,
@@ -1087,31 +1124,18 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S),
                                 jnp.minimum(tokens, draft_cfg.vocab_size - 1), lengths, ids, ids,
                                 0, cfg=draft_cfg)
-    out = [[int(t)] for t in np.asarray(last)]
-    stopped = [o[0] in stops for o in out]
-
-    def unfinished():
-        return np.array([len(o) < max_new_tokens and not s for o, s in zip(out, stopped)])
-    active = unfinished()
-    emitted, t0 = 0, time.perf_counter()
-    while active.any():
-        g, a, last, cache, dcache = speculative_round(params, draft, cache, dcache, last, active,
-                                                      cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
-                                                      decode_attention=decode_attention)
-        g, a = jax.device_get((g, a))           # one transfer: the round's only sync
-        for b in np.flatnonzero(active):
-            new = [int(t) for t in g[b, :a[b] + 1]]
-            out[b] += new
-            stopped[b] = any(t in stops for t in new)
-            stats["proposed"] += gamma
-            stats["accepted"] += int(a[b])
-            emitted += int(a[b]) + 1
-        stats["rounds"] += 1
-        active = unfinished()
-    stats["decode_s"] = time.perf_counter() - t0   # the rounds, after both prefills
+    jax.block_until_ready((last, dcache))
+    t0 = time.perf_counter()
+    out, made, row_rounds, accepted = jax.device_get(speculative_loop(
+        params, draft, cache, dcache, last, jnp.full((B,), max_new_tokens, jnp.int32),
+        jnp.array(stops, jnp.int32), cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
+        width=bucket(max_new_tokens + gamma + 1, 64), decode_attention=decode_attention)[:4])
+    n_rounds = int(row_rounds.sum())
+    stats = {"rounds": int(row_rounds.max()), "proposed": gamma * n_rounds,
+             "accepted": int(accepted.sum()), "decode_s": time.perf_counter() - t0}
     stats["acceptance"] = stats["accepted"] / max(stats["proposed"], 1)
-    stats["tokens_per_round"] = emitted / max(stats["rounds"] * B, 1)
-    out = [o[:max_new_tokens] for o in out]
+    stats["tokens_per_round"] = (stats["accepted"] + n_rounds) / max(n_rounds, 1)
+    out = [[int(t) for t in row[:min(n, max_new_tokens)]] for row, n in zip(out, made)]
     return [o[:_until_stop(o, stops)] for o in out], stats
 
 
@@ -1767,26 +1791,37 @@ def measure_speculative(run, draft=None):
         tokens, st = speculative_generate(ip, cfg, dp, dcfg, [run.prompt], G, gamma=g,
                                           cache_len=run.S,
                                           decode_attention=decode_attention_reference)
-    # The draft's steps as a round runs them: gamma + 1 in one compiled call.
+    # The parts of a round, each timed inside one compiled loop as the round runs them (no
+    # dispatch between them): the draft's step, and the target's verification of gamma + 1
+    # tokens.
     t_draft, _ = time_decode(dp, dcfg, filled_cache(dcfg, 1, run.S, run.P, False), run.steps,
-                             decode_attention=decode_attention_reference, per_call=g + 1)
+                             decode_attention=decode_attention_reference, per_call=run.steps)
     del dp
-    a, tok_s = st["acceptance"], (G - 1) / st["decode_s"]
-    # Leviathan et al. 2023, eq. 1: a round yields (1 - a^(gamma+1)) / (1 - a) tokens; it costs
-    # gamma + 1 draft steps of c target steps each, plus one verification of ~ one step. By
-    # the bytes c is the draft's share of the weights; a small draft's step is set by its
-    # kernels' fixed costs instead, so c is also taken from the two measured steps.
-    per_round = (1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1
+    n = run.steps
+
+    @jax.jit
+    def verify(p, cache, chunk):  # n verifications, each fed the last one's argmax
+        def one(_, chunk):
+            logits, _ = forward_cached(p, cache, chunk, cfg, decode_attention_reference)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return lax.fori_loop(0, n, one, chunk)
+    t_verify = common.bench(verify, ip, filled_cache(cfg, 1, run.S, run.P, False),
+                            jnp.zeros((1, g + 1), jnp.int32), iters=3).median_s / n
+    a, per_round, tok_s = st["acceptance"], st["tokens_per_round"], (G - 1) / st["decode_s"]
+    # A round yields per_round tokens (Leviathan et al. 2023, eq. 1: (1 - a^(gamma+1)) / (1 - a)
+    # if each draft token were accepted with the same chance a) and costs gamma + 1 draft steps
+    # plus one verification. In target steps: by the bytes, a draft step is c and verifying ~1
+    # (the weights are read once for all gamma + 1 tokens); measured, they are what they take.
     pred = per_round / ((g + 1) * c + 1)
-    pred_t = per_round / ((g + 1) * t_draft / run.t_step + 1)
+    pred_t = per_round * run.t_step / ((g + 1) * t_draft + t_verify)
     same = next((i for i, (x, y) in enumerate(zip(tokens[0], run.ref_tokens)) if x != y), G)
     run.section(f"speculative decoding, gamma {g}; draft: {what}, {100 * c:.0f}% of the "
                 f"target's bytes")
     print(f"acceptance {100 * a:.1f}%, {st['tokens_per_round']:.2f} tokens per round; "
           f"{tok_s:.1f} tok/s against {1 / run.t_step:.1f} alone = {tok_s * run.t_step:.2f}x; "
           f"the model predicts {pred:.2f}x from the bytes, {pred_t:.2f}x from the measured steps "
-          f"(draft {t_draft * 1e3:.3f} ms, target {run.t_step * 1e3:.3f} ms); output equal to the "
-          f"target's alone for {same}/{G} tokens")
+          f"(draft {t_draft * 1e3:.3f} ms x {g + 1}, verification {t_verify * 1e3:.3f} ms, target "
+          f"{run.t_step * 1e3:.3f} ms); output equal to the target's alone for {same}/{G} tokens")
     run.row(f"speculative gamma={g}", f"{tok_s:,.1f} tok/s", f"{pred_t / run.t_step:,.1f} tok/s",
             f"{tok_s * run.t_step:.2f}x, acc {100 * a:.0f}%")
 
