@@ -53,10 +53,16 @@ What the lesson shows, in the order main() prints it:
   6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
      gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
-     target's. The draft here is the target's own weights in int8 (optionally its first N
-     layers, self-speculation as in Zhang et al. 2023): with random weights no smaller trained
-     model exists that could agree with the target. With real checkpoints, --draft=DIR takes
-     a smaller model with the same tokenizer (Llama-3.2-1B for Llama-3.1-8B).
+     target's (sampling keeps each draft token with chance min(1, p/q) and so draws exactly
+     the target's distribution). How many tokens a round keeps decides where the next round
+     starts, so the rounds loop on the device (lax.while_loop): a loop on the host would wait
+     for every round's answer. The draft here is the target's own weights in int8 (optionally
+     its first N layers, self-speculation as in Zhang et al. 2023): with random weights no
+     smaller trained model exists that could agree with the target. With real checkpoints,
+     --draft=DIR takes a smaller model with the same tokenizer (Llama-3.2-1B for
+     Llama-3.1-8B). The speedup is tokens per round over a round's cost in target steps:
+     gamma + 1 draft steps, each far dearer than its share of the bytes, plus a verification
+     that costs more than one step.
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
      products against the bytes they read, and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
@@ -578,9 +584,16 @@ def sample(logits, seed, row_ids, counters, sampling):
     request draws the same numbers in whatever batch or slot it runs."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(row_keys(seed, row_ids, counters),
+                                            filter_logits(logits, sampling)).astype(jnp.int32)
+
+
+def filter_logits(logits, sampling):
+    """The logits [..., V] that sampling draws from, as float32: divided by the temperature (> 0),
+    -inf outside the top_k and outside the top_p nucleus."""
     logits = logits.astype(jnp.float32) / sampling.temperature
     if sampling.top_k:
-        kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1:
         desc = -jnp.sort(-logits, axis=-1)
@@ -589,10 +602,14 @@ def sample(logits, seed, row_ids, counters, sampling):
         keep = before < sampling.top_p                       # the best token always stays
         cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cut, -jnp.inf, logits)
+    return logits
+
+
+def row_keys(seed, row_ids, counters):
+    """One random key per row [B], from (seed, row_ids[b], counters[b]) alone."""
     base = jax.random.key(seed)
-    keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(
+    return jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(
         row_ids, counters)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "attention"),
@@ -1020,51 +1037,82 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
 # ----------------------------------------------------------------------------------------------
 
 def speculative_round(params, draft, cache, draft_cache, last, active, cfg, draft_cfg, gamma,
-                      decode_attention=None):
-    """One round (Leviathan et al. 2023, Algorithm 1, at temperature 0). Both caches hold each
-    row's first n positions; `last` [B] is the newest token, in neither cache yet.
+                      decode_attention=None, sampling=GREEDY, keys=None):
+    """One round (Leviathan et al. 2023, Algorithm 1). Both caches hold each row's first n
+    positions; `last` [B] is the newest token, in neither cache yet.
     1. The draft decodes gamma + 1 steps from `last`: d_1 .. d_gamma (the last step only stores
        d_gamma's keys, so the draft cache is complete whatever is accepted).
-    2. The target runs [last, d_1 .. d_gamma] in one forward: its argmax g_0 .. g_gamma.
-    3. a = the number of leading i with d_{i+1} = g_i; the row gains g_0 .. g_a (d_1..d_a are
-       g_0..g_{a-1}, and g_a is the target's own next token), so the output is the target's.
-    Returns (g [B, gamma + 1], a [B], new `last`, cache, draft_cache); rows not `active` are
-    left as they were."""
-    B = last.shape[0]
+    2. The target runs [last, d_1 .. d_gamma] in one forward: its next-token distributions
+       p_0 .. p_gamma, one pass for all of them.
+    3. Greedy (temperature 0): a = the number of leading i with d_{i+1} = argmax p_i; the row
+       gains d_1 .. d_a and argmax p_a, the target's own next token, so the output is the
+       target's. Sampling: d_{i+1} was drawn from the draft's q_i and is kept with chance
+       min(1, p_i(d) / q_i(d)); at the first refusal, a, the row draws from max(0, p_a - q_a)
+       renormalized (p_gamma if all were kept). Each token is then distributed as the target
+       alone would draw it (with the same temperature, top_k and top_p), whatever the draft.
+    keys [B]: the round's random keys (sampling only). Returns (g [B, gamma + 1], the tokens
+    gained in g[:, :a + 1]; a [B]; new `last`; cache; draft_cache); rows not `active` are left
+    as they were."""
+    B, greedy = last.shape[0], sampling.temperature == 0
     start = cache["lengths"]
 
     def draft_one(i, carry):
-        dcache, tok, drafts = carry
+        dcache, tok, drafts, qs = carry
         logits, dcache = forward_cached(draft, dcache, tok[:, None], draft_cfg, decode_attention)
-        tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        return dcache, tok, drafts.at[:, i].set(tok)
+        if greedy:
+            tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        else:
+            ql = filter_logits(logits[:, 0], sampling)
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+            tok = jax.vmap(jax.random.categorical)(step_keys, ql).astype(jnp.int32)
+            qs = qs.at[:, i].set(jax.nn.softmax(ql, axis=-1))
+        return dcache, tok, drafts.at[:, i].set(tok), qs
 
     # A draft with a smaller vocabulary (the same tokenizer, its table padded less) reads a
     # token it does not have as its last one; its guesses after it are then only rejected.
-    draft_cache, _, drafts = lax.fori_loop(
+    qs = jnp.zeros((B, 0 if greedy else gamma + 1, draft_cfg.vocab_size), jnp.float32)
+    draft_cache, _, drafts, qs = lax.fori_loop(
         0, gamma + 1, draft_one, (draft_cache, jnp.minimum(last, draft_cfg.vocab_size - 1),
-                                  jnp.zeros((B, gamma + 1), jnp.int32)))
+                                  jnp.zeros((B, gamma + 1), jnp.int32), qs))
     drafts = drafts[:, :gamma]                                       # [B, gamma]
     chunk = jnp.concatenate([last[:, None], drafts], axis=1)         # [B, gamma + 1]
     logits, cache = forward_cached(params, cache, chunk, cfg, decode_attention)
-    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)                # [B, gamma + 1]
-    a = jnp.sum(jnp.cumprod(drafts == g[:, :gamma], axis=1), axis=1).astype(jnp.int32)
+    rows = jnp.arange(B)
+    if greedy:
+        g = jnp.argmax(logits, axis=-1).astype(jnp.int32)            # [B, gamma + 1]
+        a = jnp.sum(jnp.cumprod(drafts == g[:, :gamma], axis=1), axis=1).astype(jnp.int32)
+    else:
+        p = jax.nn.softmax(filter_logits(logits, sampling), axis=-1)       # [B, gamma + 1, V]
+        q = jnp.pad(qs, ((0, 0), (0, 0), (0, cfg.vocab_size - draft_cfg.vocab_size)))
+        p_d = jnp.take_along_axis(p[:, :gamma], drafts[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(q[:, :gamma], drafts[..., None], axis=-1)[..., 0]
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, gamma + 1),
+                                                  (gamma,)))(keys)
+        kept = u * q_d < p_d                                         # u < p / q, q_d > 0
+        a = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
+        p_a, q_a = p[rows, a], jnp.where((a < gamma)[:, None], q[rows, a], 0.0)
+        rest = jnp.maximum(p_a - q_a, 0.0)
+        rest = jnp.where(jnp.sum(rest, axis=-1, keepdims=True) > 0, rest, p_a)
+        end_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, gamma + 2)
+        t = jax.vmap(jax.random.categorical)(end_keys, jnp.log(rest)).astype(jnp.int32)
+        g = jnp.concatenate([drafts, t[:, None]], axis=1).at[rows, a].set(t)
     new_len = jnp.where(active, start + a + 1, start)
     cache["lengths"], draft_cache["lengths"] = new_len, new_len
-    last = jnp.where(active, g[jnp.arange(B), a], last)
+    last = jnp.where(active, g[rows, a], last)
     return g, a, last, cache, draft_cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "gamma", "width",
-                                             "decode_attention"),
+                                             "decode_attention", "sampling"),
                    donate_argnames=("cache", "draft_cache"),
                    compiler_options=DECODE_COMPILER_OPTIONS)
-def speculative_loop(params, draft, cache, draft_cache, last, want, stops, cfg, draft_cfg,
-                     gamma, width, decode_attention=None):
+def speculative_loop(params, draft, cache, draft_cache, last, want, stops, seed, cfg, draft_cfg,
+                     gamma, width, decode_attention=None, sampling=GREEDY):
     """Rounds until every row has `want` [B] tokens or has made one of `stops` [n], all on the
     device: how many tokens a round accepts decides where the next one starts, so a loop on the
     host would wait for each round's answer, and pay its dispatch and wake-up (about a target
     step at 1B on an H200) between rounds. `last` is the prefill's token, the answer's first.
+    A round's random keys come from (seed, row, the index in the answer of its first token).
     Returns (tokens [B, width], made [B] (a row may make up to gamma more than it wants),
     row-rounds [B], accepted [B], cache, draft_cache)."""
     B = last.shape[0]
@@ -1081,7 +1129,7 @@ def speculative_loop(params, draft, cache, draft_cache, last, want, stops, cfg, 
         active = running(state)
         g, a, last, cache, draft_cache = speculative_round(
             params, draft, cache, draft_cache, last, active, cfg, draft_cfg, gamma,
-            decode_attention)
+            decode_attention, sampling, row_keys(seed, rows[:, 0], made))
         new = active[:, None] & (j <= a[:, None])                    # the row's g_0 .. g_a
         out = out.at[rows, jnp.where(new, made[:, None] + j, width)].set(g, mode="drop")
         stopped = stopped | jnp.any(new & jnp.isin(g, stops), axis=1)
@@ -1095,14 +1143,19 @@ def speculative_loop(params, draft, cache, draft_cache, last, want, stops, cfg, 
 
 
 def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens, gamma=4,
-                         cache_len=None, decode_attention=None, stop_tokens=None):
-    """Greedy generation by the target `params`, sped up by the `draft` model: returns (tokens
-    per prompt, identical to generate(..., temperature=0) with the same stop_tokens, and
-    statistics: rounds (the most any row took), acceptance rate = accepted / proposed draft
-    tokens, tokens per round (per row), decode_s (the rounds' time, after both prefills)).
-    Identical in float32; in bf16 the target scores gamma + 1 tokens in one pass, whose sums
-    round differently from one token's, so where two tokens' logits nearly tie the argmax can
-    differ from generate's (as it can between batch sizes)."""
+                         cache_len=None, decode_attention=None, stop_tokens=None,
+                         temperature=0.0, top_k=None, top_p=None, seed=0):
+    """Generation by the target `params`, sped up by the `draft` model: returns (tokens per
+    prompt, and statistics: rounds (the most any row took), acceptance rate = accepted /
+    proposed draft tokens, tokens per round (per row), decode_s (the rounds' time, after both
+    prefills)).
+    Greedy (temperature 0): the tokens are generate(..., temperature=0)'s with the same
+    stop_tokens. Identical in float32; in bf16 the target scores gamma + 1 tokens in one pass,
+    whose sums round differently from one token's, so where two tokens' logits nearly tie the
+    argmax can differ from generate's (as it can between batch sizes).
+    Sampling: each token is distributed as generate's with the same temperature, top_k and
+    top_p (speculative sampling, speculative_round), though not the same draws for a seed."""
+    sampling = make_sampling(temperature, top_k, top_p)
     if draft_cfg.vocab_size > cfg.vocab_size:
         raise common.UserError(f"the draft's vocabulary ({draft_cfg.vocab_size}) is larger than "
                                f"the target's ({cfg.vocab_size}): they must share a tokenizer")
@@ -1119,8 +1172,8 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                                        "acceptance": math.nan, "tokens_per_round": math.nan}
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     ids = jnp.arange(B, dtype=jnp.int32)
-    last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, 0,
-                                  cfg=cfg)
+    last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, seed,
+                                  cfg=cfg, sampling=sampling)
     _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S),
                                 jnp.minimum(tokens, draft_cfg.vocab_size - 1), lengths, ids, ids,
                                 0, cfg=draft_cfg)
@@ -1128,8 +1181,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     t0 = time.perf_counter()
     out, made, row_rounds, accepted = jax.device_get(speculative_loop(
         params, draft, cache, dcache, last, jnp.full((B,), max_new_tokens, jnp.int32),
-        jnp.array(stops, jnp.int32), cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
-        width=bucket(max_new_tokens + gamma + 1, 64), decode_attention=decode_attention)[:4])
+        jnp.array(stops, jnp.int32), seed, cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
+        width=bucket(max_new_tokens + gamma + 1, 64), decode_attention=decode_attention,
+        sampling=sampling)[:4])
     n_rounds = int(row_rounds.sum())
     stats = {"rounds": int(row_rounds.max()), "proposed": gamma * n_rounds,
              "accepted": int(accepted.sum()), "decode_s": time.perf_counter() - t0}

@@ -337,6 +337,37 @@ def test_speculative_greedy_equals_target():
     assert got == inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE, stop_tokens=stops)
 
 
+def test_speculative_sampling_draws_from_the_target():
+    """At temperature > 0 each token must be distributed as the target alone would draw it
+    (p), whatever the draft (q). 256 answers to one prompt, with a draft that agrees about half
+    the time; at each position j, for f = p_j and f = q_j, the answers' sum of f(token) must
+    match its expectation under p_j, given each answer's own prefix, within 4 standard
+    deviations. Drawn from the draft instead, the sums would sit 9 to 55 away."""
+    params, n, new = params_for(TINY), 256, 4
+    draft, dcfg = inf.draft_params(params, TINY, 1)        # the first layer of two, int8
+    sampling = dict(temperature=0.8, top_k=6)
+    prompt = [3, 1, 4, 1, 5]
+    got, st = inf.speculative_generate(params, TINY, draft, dcfg, [prompt] * n, new, gamma=3,
+                                       cache_len=CACHE, seed=1, **sampling)
+    assert 0.2 < st["acceptance"] < 0.9 and all(len(g) == new for g in got)
+    toks = jnp.array([prompt + g for g in got])
+
+    def next_token_probs(p, cfg):   # [n, new, V]: what each answer's token j was drawn from
+        logits, _ = jax.jit(inf.forward_cached, static_argnums=3)(
+            p, inf.init_cache(cfg, n, CACHE), toks, cfg)
+        probs = jax.nn.softmax(inf.filter_logits(logits, inf.make_sampling(**sampling)), -1)
+        return np.asarray(probs[:, len(prompt) - 1:-1], np.float64)
+    p, q = next_token_probs(params, TINY), next_token_probs(draft, dcfg)
+    for j in range(1, new):                            # token 0 is the prefill's
+        pj, qj, x = p[:, j], q[:, j], np.array([g[j] for g in got])
+        for f in (pj, qj):
+            mean, mean_sq = (pj * f).sum(1), (pj * f**2).sum(1)    # E_p[f], E_p[f^2] per row
+            sd = np.sqrt((mean_sq - mean**2).sum())
+            z = (f[np.arange(n), x].sum() - mean.sum()) / sd
+            z_draft = ((qj * f).sum() - mean.sum()) / sd
+            assert abs(z) < 4 and abs(z_draft) > 6, (j, z, z_draft)
+
+
 def test_stop_tokens_end_each_answer_and_then_the_loop(monkeypatch):
     params, n = params_for(TINY), 40
     full = inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE)
