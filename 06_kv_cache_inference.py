@@ -111,7 +111,7 @@ class InferConfig:
                                 # llama-3-8b,llama-3.2-1b, else the newest 09 checkpoint or `small`
     prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
     max_new_tokens: int = 64    # the sample's length, at most (a checkpoint's EOS ends it)
-    temperature: float = 0.0    # 0: greedy
+    temperature: float = 0.0    # the sample's; > 0 also times speculative sampling; 0: greedy
     top_k: int = 0              # sample among the k most likely tokens; 0: all
     top_p: float = 1.0          # nucleus sampling mass; 1: all
     seed: int = 0
@@ -1845,6 +1845,8 @@ def measure_speculative(run, draft=None):
         tokens, st = speculative_generate(ip, cfg, dp, dcfg, [run.prompt], G, gamma=g,
                                           cache_len=run.S,
                                           decode_attention=decode_attention_reference)
+    if run.ic.temperature > 0:
+        sampled = measure_speculative_sampling(run, dp, dcfg)
     # The parts of a round, each timed inside one compiled loop as the round runs them (no
     # dispatch between them): the draft's step, and the target's verification of gamma + 1
     # tokens.
@@ -1878,6 +1880,34 @@ def measure_speculative(run, draft=None):
           f"{run.t_step * 1e3:.3f} ms); output equal to the target's alone for {same}/{G} tokens")
     run.row(f"speculative gamma={g}", f"{tok_s:,.1f} tok/s", f"{pred_t / run.t_step:,.1f} tok/s",
             f"{tok_s * run.t_step:.2f}x, acc {100 * a:.0f}%")
+    if run.ic.temperature > 0:
+        st, tok_s, plain = sampled
+        print(f"sampling (temperature {run.ic.temperature}, top_k {run.ic.top_k}, top_p "
+              f"{run.ic.top_p}): acceptance {100 * st['acceptance']:.1f}%, "
+              f"{st['tokens_per_round']:.2f} tokens per round; {tok_s:.1f} tok/s against "
+              f"generate's {plain:.1f} at {PER_CALL} steps per call = {tok_s / plain:.2f}x")
+        run.row(f"speculative sampling gamma={g}", f"{tok_s:,.1f} tok/s",
+                f"{plain:,.1f} generate", f"{tok_s / plain:.2f}x, acc "
+                f"{100 * st['acceptance']:.0f}%")
+
+
+def measure_speculative_sampling(run, dp, dcfg):
+    """(statistics, tok/s) of speculative sampling at the sample's temperature, top_k and top_p,
+    and the tok/s of generate's decode with the same settings (its time for G tokens less its
+    time for 1, the prefill), PER_CALL steps per call."""
+    ic = run.ic
+    kw = dict(temperature=ic.temperature, top_k=ic.top_k, top_p=ic.top_p, seed=ic.seed,
+              cache_len=run.S, decode_attention=decode_attention_reference)
+
+    def seconds(n):
+        generate(run.params, run.cfg, [run.prompt], n, steps_per_call=PER_CALL, **kw)
+        t0 = time.perf_counter()
+        generate(run.params, run.cfg, [run.prompt], n, steps_per_call=PER_CALL, **kw)
+        return time.perf_counter() - t0
+    for _ in range(2):  # the first run compiles
+        _, st = speculative_generate(run.params, run.cfg, dp, dcfg, [run.prompt], run.G,
+                                     gamma=ic.gamma, **kw)
+    return st, (run.G - 1) / st["decode_s"], (run.G - 1) / (seconds(run.G) - seconds(1))
 
 
 def show_sample(run):
