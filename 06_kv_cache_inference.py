@@ -76,7 +76,8 @@ What the lesson shows, in the order main() prints it:
      columns of an input-major matrix the same sum is up to 4x slower).
      The host pays for every call: dispatching a step's few hundred arrays takes 0.4-1 ms,
      longer than a small model's step on a GPU. decode_steps runs several steps in one call
-     (generate's steps_per_call), and the lesson times it beside one step per call.
+     (the serving loops' steps_per_call), and the lesson times it beside one step per call;
+     generate runs all of an answer's steps in one call (decode_loop, a lax.while_loop).
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
@@ -342,13 +343,15 @@ def _lead(eq, x):
 # The KV cache
 # ----------------------------------------------------------------------------------------------
 
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "max_len", "kv_int8"))
 def init_cache(cfg, batch, max_len, kv_int8=False):
     """Per layer, keys and values [batch, KH, max_len, Dh] (one buffer each, donated and updated
     in place), and the number of valid positions of each row, `lengths` [batch]. Heads before
     positions: attention is then a matmul batched over (batch, kv head) whose operands are
     contiguous [max_len, Dh] blocks, read as they lie, with no transposed copy of the cache.
     With kv_int8 the values are int8 with a float32 scale per token and head, [batch, KH,
-    max_len]."""
+    max_len]. Compiled, so that its 2 x layers buffers cost one call: made one jnp.zeros at a
+    time they took 18 ms on a GPU host, more than twice a Llama-3-8B prefill of 256 tokens."""
     shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     L = cfg.n_layers
     if kv_int8:
@@ -731,8 +734,9 @@ def pad_prompts(prompts, T):
     return out
 
 
-# With stop tokens, generate asks the device whether every row has stopped once per this many
-# steps: each question is a round trip that the decode steps queued behind it do not hide.
+# The serving loops, which hand out cache slots between steps, ask the device whether their
+# requests have stopped once per this many steps: each question is a round trip that the decode
+# steps queued behind it do not hide.
 STOP_CHECK_EVERY = 16
 
 
@@ -755,18 +759,49 @@ def _until_stop(tokens, stops):
     return next((j + 1 for j, t in enumerate(tokens) if t in stops), len(tokens))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "decode_attention", "width"),
+                   donate_argnames=("cache",), compiler_options=DECODE_COMPILER_OPTIONS)
+def decode_loop(params, cache, tok, logits, row_ids, want, stops, seed, *, cfg, sampling,
+                decode_attention, width):
+    """Decode steps in one call, on the device, until every row has `want` tokens or has made
+    one of `stops` [n]: the host dispatches the whole answer once, instead of a few hundred
+    arrays per step (0.4-1 ms on the GPU hosts measured, longer than a small model's step). `tok`
+    [B] is the prefill's token, the answers' first; token i draws with counter i, so the tokens
+    are decode_step's. `logits` [B, V], the prefill's, or None: then none are kept.
+    Returns (tokens [B, width], logits [B, width, V] float32 or None, tokens made, cache)."""
+    B = tok.shape[0]
+    out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(tok)
+    if logits is not None:
+        logits = jnp.zeros((B, width, cfg.vocab_size), jnp.float32).at[:, 0].set(logits)
+
+    def going(state):
+        i, done = state[0], state[3]
+        return (i < want) & ~jnp.all(done)
+
+    def step(state):
+        i, cache, tok, done, out, kept = state
+        lg, cache = forward_cached(params, cache, tok[:, None], cfg, decode_attention)
+        tok = sample(lg[:, 0], seed, row_ids, jnp.full((B,), i, jnp.int32), sampling)
+        out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        if kept is not None:
+            kept = lax.dynamic_update_slice(kept, lg.astype(jnp.float32), (0, i, 0))
+        return i + 1, cache, tok, done | jnp.isin(tok, stops), out, kept
+
+    state = (jnp.int32(1), cache, tok, jnp.isin(tok, stops), out, logits)
+    made, cache, _, _, out, logits = lax.while_loop(going, step, state)
+    return out, logits, made, cache
+
+
 def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
              seed=0, cache_len=None, kv_int8=False, decode_attention=None, return_logits=False,
-             stop_tokens=None, steps_per_call=1):
+             stop_tokens=None):
     """Generate max_new_tokens after each prompt (a list of token lists of any lengths, run as one
     batch) and return, per prompt, the list of new tokens: one prefill, then one decode step per
-    token. Greedy (temperature 0) output is what argmax decoding by full recompute gives.
+    token, all of them in one call (decode_loop). Greedy (temperature 0) output is what argmax
+    decoding by full recompute gives.
     stop_tokens: token ids (a tokenizer's end of sequence) that end a prompt's answer; the
-    answer keeps its stop token, and generation ends early once every prompt has stopped.
-    return_logits: also return, per prompt, the logits [tokens, V] each token came from.
-    steps_per_call: decode steps per compiled call (decode_steps); the tokens are the same."""
-    if steps_per_call < 1:
-        raise common.UserError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    answer keeps its stop token, and the steps end once every prompt has stopped.
+    return_logits: also return, per prompt, the logits [tokens, V] each token came from."""
     params = inference_params(params, cfg)
     sampling = make_sampling(temperature, top_k, top_p)
     decode_attention = decode_attention or default_decode_attention(cfg)
@@ -780,51 +815,19 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     tok, logits, cache = prefill_step(params, cache, tokens, lengths, row_ids, row_ids, seed,
                                       cfg=cfg, sampling=sampling)
-    # Each step's tokens [B] (or a call's [n, B]) and logits stay on the device until the end.
-    out, outl = [tok], [logits]
-    if stops:
-        stop_ids, done = jnp.asarray(stops, jnp.int32), jnp.zeros((B,), bool)
-        done = _stopped(done, tok, stop_ids)
-    # Token i's counter is built on the device: an array made from a host value each step
-    # would cost a host-to-device copy per step (0.8 ms on a GPU host, most of a 1B model's step).
-    counters = jnp.ones((B,), jnp.int32)
-    advance = {n: jnp.full((B,), n, jnp.int32) for n in {1, steps_per_call}}
-    i, checked = 1, 0
-    while i < max_new_tokens:
-        if stops and i - checked >= STOP_CHECK_EVERY:
-            checked = i
-            if bool(jnp.all(done)):
-                break
-        n = steps_per_call if max_new_tokens - i >= steps_per_call else 1  # the rest: one by one
-        if n == 1:
-            toks, logits, cache = decode_step(params, cache, tok, row_ids, counters, seed,
-                                              cfg=cfg, sampling=sampling,
-                                              decode_attention=decode_attention)
-            tok = toks
-        else:
-            toks, logits, cache = decode_steps(params, cache, tok, row_ids, counters, seed,
-                                               cfg=cfg, n=n, sampling=sampling,
-                                               decode_attention=decode_attention,
-                                               with_logits=return_logits)
-            tok = toks[n - 1]
-        counters = counters + advance[n]
-        out.append(toks)
-        if return_logits:
-            outl.append(logits)
-        if stops:
-            done = _stopped(done, toks, stop_ids)
-        i += n
-    # Gathered on the host at the end: no sync between steps, and no jnp.stack, which would
-    # compile anew for every max_new_tokens. jax.device_get starts every copy before it waits
-    # for one; fetching the arrays one by one would pay a round trip each (about 0.6 ms on a
-    # GPU host: 78 ms of a 1B model's 128-token answer).
-    steps = np.concatenate([t.reshape(-1, B) for t in jax.device_get(out)])   # [tokens, B]
-    toks = [[int(t) for t in row] for row in steps.T]
+    # The answers' buffer is max_new_tokens rounded up to a power of two, so that one compile
+    # serves many lengths.
+    out, logits, made, _ = decode_loop(
+        params, cache, tok, logits if return_logits else None, row_ids,
+        np.int32(max_new_tokens), np.asarray(stops, np.int32), seed, cfg=cfg,
+        sampling=sampling, decode_attention=decode_attention, width=bucket(max_new_tokens))
+    out, made = jax.device_get((out, made))
+    toks = [[int(t) for t in row[:made]] for row in out]
     ends = [_until_stop(row, stops) for row in toks]
     toks = [row[:n] for row, n in zip(toks, ends)]
     if return_logits:
-        logits = np.concatenate([lg.reshape(-1, B, lg.shape[-1]) for lg in jax.device_get(outl)])
-        return toks, [logits[:n, b] for b, n in enumerate(ends)]
+        logits = np.asarray(logits)
+        return toks, [logits[b, :n] for b, n in enumerate(ends)]
     return toks
 
 
@@ -924,7 +927,7 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
     launching the next leaves the accelerator idle for a round trip every step). With stop
     tokens a request may end at any step, so k is at most STOP_CHECK_EVERY: a finished row
     frees its slot up to that many steps late, and the tokens it made meanwhile are dropped.
-    steps_per_call > 1 issues the k steps that many to a call (decode_steps), as generate does."""
+    steps_per_call > 1 issues the k steps that many to a call (decode_steps)."""
     if steps_per_call < 1:
         raise common.UserError(f"steps_per_call must be >= 1, got {steps_per_call}")
     params = inference_params(params, cfg)
@@ -1575,21 +1578,19 @@ def measure_batch_1(run):
     # The reference attention, as in the steps timed above (generate's default on a GPU is 08's
     # kernel: section "lesson 08's Pallas kernels").
     ref = functools.partial(generate, decode_attention=decode_attention_reference)
-    ref(ip, cfg, [run.prompt], 2, cache_len=S)  # compiles what the steps above did not
-    t0 = time.perf_counter()
-    run.ref_tokens = ref(ip, cfg, [run.prompt], G, cache_len=S)[0]
-    t_e2e = time.perf_counter() - t0
+    ref(ip, cfg, [run.prompt], G, cache_len=S)  # compiles what the steps above did not
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run.ref_tokens = ref(ip, cfg, [run.prompt], G, cache_len=S)[0]
+        times.append(time.perf_counter() - t0)
+    t_e2e = float(np.median(times))
     pred = pred_prefill + G * W / run.bw
-    print(f"end to end, {P} + {G} tokens: {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + G x W / BW = "
-          f"{pred * 1e3:.1f} ms ({100 * pred / t_e2e:.0f}%); measured prefill + G x step = "
-          f"{(run.t_prefill + (G - 1) * run.t_step) * 1e3:.1f} ms")
-    ref(ip, cfg, [run.prompt], PER_CALL + 1, cache_len=S, steps_per_call=PER_CALL)  # compiles
-    t0 = time.perf_counter()
-    many = ref(ip, cfg, [run.prompt], G, cache_len=S, steps_per_call=PER_CALL)[0]
-    t_e2e_many = time.perf_counter() - t0
-    same = sum(a == b for a, b in zip(many, run.ref_tokens))
-    print(f"end to end with {PER_CALL} steps per call: {t_e2e_many * 1e3:.1f} ms "
-          f"({100 * pred / t_e2e_many:.0f}% of the model); {same}/{G} tokens as one per call")
+    parts = run.t_prefill + (G - 1) * min(run.t_step, t_steps)
+    print(f"end to end, {P} + {G} tokens (generate: a prefill call, then every step in one "
+          f"decode_loop call): {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + G x W / BW = "
+          f"{pred * 1e3:.1f} ms ({100 * pred / t_e2e:.0f}%); measured prefill + {G - 1} x the "
+          f"faster step above = {parts * 1e3:.1f} ms ({100 * parts / t_e2e:.0f}%)")
     run.row(f"decode B=1 {cfg.dtype}", f"{1 / run.t_step:,.1f} tok/s",
             f"{run.bw / step_bytes:,.1f} tok/s", f"{100 * achieved / run.bw:.0f}% of BW")
     run.row(f"decode B=1 {PER_CALL} steps/call", f"{1 / t_steps:,.1f} tok/s",
@@ -1601,9 +1602,7 @@ def measure_batch_1(run):
         run.row(f"prefill {P} tokens: kernels", f"{t_device * 1e3:.2f} ms",
                 f"{pred_prefill * 1e3:.2f} ms", f"{100 * pred_prefill / t_device:.0f}% of FLOPS")
     run.row(f"end to end {P}+{G}", f"{t_e2e * 1e3:.1f} ms", f"{pred * 1e3:.1f} ms",
-            f"{100 * pred / t_e2e:.0f}% of model")
-    run.row(f"end to end {P}+{G}, {PER_CALL} steps/call", f"{t_e2e_many * 1e3:.1f} ms",
-            f"{pred * 1e3:.1f} ms", f"{100 * pred / t_e2e_many:.0f}% of model")
+            f"{100 * pred / t_e2e:.0f}% of model, {100 * parts / t_e2e:.0f}% of parts")
 
 
 def measure_int8(run, quality=True):
@@ -1885,7 +1884,7 @@ def measure_speculative(run, draft=None):
         print(f"sampling (temperature {run.ic.temperature}, top_k {run.ic.top_k}, top_p "
               f"{run.ic.top_p}): acceptance {100 * st['acceptance']:.1f}%, "
               f"{st['tokens_per_round']:.2f} tokens per round; {tok_s:.1f} tok/s against "
-              f"generate's {plain:.1f} at {PER_CALL} steps per call = {tok_s / plain:.2f}x")
+              f"generate's {plain:.1f} = {tok_s / plain:.2f}x")
         run.row(f"speculative sampling gamma={g}", f"{tok_s:,.1f} tok/s",
                 f"{plain:,.1f} generate", f"{tok_s / plain:.2f}x, acc "
                 f"{100 * st['acceptance']:.0f}%")
@@ -1894,15 +1893,15 @@ def measure_speculative(run, draft=None):
 def measure_speculative_sampling(run, dp, dcfg):
     """(statistics, tok/s) of speculative sampling at the sample's temperature, top_k and top_p,
     and the tok/s of generate's decode with the same settings (its time for G tokens less its
-    time for 1, the prefill), PER_CALL steps per call."""
+    time for 1, the prefill)."""
     ic = run.ic
     kw = dict(temperature=ic.temperature, top_k=ic.top_k, top_p=ic.top_p, seed=ic.seed,
               cache_len=run.S, decode_attention=decode_attention_reference)
 
     def seconds(n):
-        generate(run.params, run.cfg, [run.prompt], n, steps_per_call=PER_CALL, **kw)
+        generate(run.params, run.cfg, [run.prompt], n, **kw)
         t0 = time.perf_counter()
-        generate(run.params, run.cfg, [run.prompt], n, steps_per_call=PER_CALL, **kw)
+        generate(run.params, run.cfg, [run.prompt], n, **kw)
         return time.perf_counter() - t0
     for _ in range(2):  # the first run compiles
         _, st = speculative_generate(run.params, run.cfg, dp, dcfg, [run.prompt], run.G,

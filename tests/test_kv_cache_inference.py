@@ -377,36 +377,56 @@ def test_stop_tokens_end_each_answer_and_then_the_loop(monkeypatch):
     for row, g, lg in zip(full, got, logits):
         end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         assert g == row[:end] and lg.shape == (end, TINY.vocab_size)
-    # every answer stops at its first token: the steps end at the first check
-    real_step, steps = inf.decode_step, []
+    # the steps end with the last answer to stop
+    made, real_loop = [], inf.decode_loop
 
-    def counting_step(*args, **kwargs):
-        steps.append(1)
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(inf, "decode_step", counting_step)
+    def recording_loop(*args, **kwargs):
+        out = real_loop(*args, **kwargs)
+        made.append(int(out[2]))
+        return out
+    monkeypatch.setattr(inf, "decode_loop", recording_loop)
+    stops = [row[j] for row, j in zip(full, (9, 2, 17, 5))]
+    inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=stops)
+    ends = [next((j + 1 for j, t in enumerate(row) if t in stops), n) for row in full]
+    assert made == [max(ends)] and max(ends) < n, (made, ends)
     got = inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE,
                        stop_tokens=[row[0] for row in full])
-    assert got == [row[:1] for row in full] and len(steps) == inf.STOP_CHECK_EVERY - 1
+    assert got == [row[:1] for row in full] and made[-1] == 1
     with pytest.raises(common.UserError, match="stop_tokens"):
         inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=[TINY.vocab_size])
 
 
-def test_several_steps_per_call_give_the_same_tokens_and_logits():
-    params = params_for(TINY)
+def test_decode_loop_and_decode_steps_give_one_steps_tokens_and_logits():
+    """generate's one-call loop, and decode_steps' n steps per call, against decode_step called
+    once per token."""
+    ip, B = inference_params_for(TINY), len(PROMPTS)
+    lengths = np.array([len(p) for p in PROMPTS], np.int32)
+    ids = jnp.arange(B, dtype=jnp.int32)
     for kw in (dict(), dict(temperature=1.0, top_k=20, seed=3)):
-        one, one_logits = inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE,
-                                       return_logits=True, **kw)
-        many, many_logits = inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE,
-                                         return_logits=True, steps_per_call=4, **kw)
-        assert many == one                                   # 1 + 3 x 4 steps + 1 alone
-        for a, b in zip(one_logits, many_logits):
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-    stops = [one[1][2]]
-    assert inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE, stop_tokens=stops,
-                        steps_per_call=4) == \
-        inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE, stop_tokens=stops)
-    with pytest.raises(common.UserError, match="steps_per_call"):
-        inf.generate(params, TINY, PROMPTS, 14, cache_len=CACHE, steps_per_call=0)
+        sampling, seed = inf.make_sampling(kw.get("temperature", 0.0), kw.get("top_k")), 3
+        kw["seed"] = seed
+        tok, lg, cache = inf.prefill_step(ip, inf.init_cache(TINY, B, CACHE),
+                                          inf.pad_prompts(PROMPTS, 32), lengths, ids, ids, seed,
+                                          cfg=TINY, sampling=sampling)
+        one, one_lg, c1, c4 = [tok], [lg], jax.tree.map(jnp.copy, cache), cache
+        for i in range(1, 13):
+            tok, lg, c1 = inf.decode_step(ip, c1, tok, ids, jnp.full((B,), i, jnp.int32), seed,
+                                          cfg=TINY, sampling=sampling)
+            one.append(tok), one_lg.append(lg)
+        one, one_lg = np.stack(one, 1), np.stack(one_lg, 1)        # [B, 13], [B, 13, V]
+        many, many_lg = [one[:, 0]], [one_lg[:, 0]]
+        for i in range(1, 13, 4):
+            toks, lg, c4 = inf.decode_steps(ip, c4, jnp.asarray(many[-1]), ids,
+                                            jnp.full((B,), i, jnp.int32), seed, cfg=TINY, n=4,
+                                            sampling=sampling, with_logits=True)
+            many += list(np.asarray(toks))
+            many_lg += list(np.asarray(lg))
+        np.testing.assert_array_equal(np.stack(many, 1), one)
+        np.testing.assert_allclose(np.stack(many_lg, 1), one_lg, rtol=1e-5, atol=1e-5)
+        got, got_lg = inf.generate(ip, TINY, PROMPTS, 13, cache_len=CACHE, return_logits=True,
+                                   **kw)
+        assert got == one.tolist()
+        np.testing.assert_allclose(np.stack(got_lg), one_lg, rtol=1e-5, atol=1e-5)
 
 
 def test_eos_ids_come_from_the_checkpoint(tmp_path):
