@@ -767,7 +767,8 @@ def decode_loop(params, cache, tok, logits, row_ids, want, stops, seed, *, cfg, 
     one of `stops` [n]: the host dispatches the whole answer once, instead of a few hundred
     arrays per step (0.4-1 ms on the GPU hosts measured, longer than a small model's step). `tok`
     [B] is the prefill's token, the answers' first; token i draws with counter i, so the tokens
-    are decode_step's. `logits` [B, V], the prefill's, or None: then none are kept.
+    are decode_step's. `logits` [B, V], the prefill's, or None: then none are kept (kept, they
+    take B x width x V float32 on the device).
     Returns (tokens [B, width], logits [B, width, V] float32 or None, tokens made, cache)."""
     B = tok.shape[0]
     out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(tok)
@@ -779,7 +780,7 @@ def decode_loop(params, cache, tok, logits, row_ids, want, stops, seed, *, cfg, 
         return (i < want) & ~jnp.all(done)
 
     def step(state):
-        i, cache, tok, done, out, kept = state
+        i, cache, tok, done, out, kept = state    # i: tokens made; [B], [B], [B, width], kept
         lg, cache = forward_cached(params, cache, tok[:, None], cfg, decode_attention)
         tok = sample(lg[:, 0], seed, row_ids, jnp.full((B,), i, jnp.int32), sampling)
         out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
