@@ -631,13 +631,21 @@ def _prefill_jit(params, cache, tokens, lengths, slots, row_ids, seed, *, cfg, s
 DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
+def _decode_one(params, cache, tokens, row_ids, counters, seed, cfg, sampling,
+                decode_attention):
+    """The body of every decode loop: one token per row in, (next tokens [B], logits [B, V],
+    cache) out."""
+    logits, cache = forward_cached(params, cache, tokens[:, None], cfg, decode_attention)
+    logits = logits[:, 0]
+    return sample(logits, seed, row_ids, counters, sampling), logits, cache
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "decode_attention"),
                    donate_argnames=("cache",), compiler_options=DECODE_COMPILER_OPTIONS)
 def _decode_jit(params, cache, tokens, row_ids, counters, seed, *, cfg, sampling,
                 decode_attention):
-    logits, cache = forward_cached(params, cache, tokens[:, None], cfg, decode_attention)
-    logits = logits[:, 0]
-    return sample(logits, seed, row_ids, counters, sampling), logits, cache
+    return _decode_one(params, cache, tokens, row_ids, counters, seed, cfg, sampling,
+                       decode_attention)
 
 
 # The static arguments are always passed by keyword, defaults included: jit keys its cache on the
@@ -665,9 +673,9 @@ def _decode_steps_jit(params, cache, tokens, row_ids, counters, seed, *, cfg, sa
                       decode_attention, n, with_logits):
     def step(carry, _):
         cache, tok, counters = carry
-        logits, cache = forward_cached(params, cache, tok[:, None], cfg, decode_attention)
-        tok = sample(logits[:, 0], seed, row_ids, counters, sampling)
-        return (cache, tok, counters + 1), (tok, logits[:, 0] if with_logits else None)
+        tok, logits, cache = _decode_one(params, cache, tok, row_ids, counters, seed, cfg,
+                                         sampling, decode_attention)
+        return (cache, tok, counters + 1), (tok, logits if with_logits else None)
 
     (cache, _, _), (toks, logits) = lax.scan(step, (cache, tokens, counters), None, length=n)
     return toks, logits, cache
@@ -781,11 +789,11 @@ def decode_loop(params, cache, tok, logits, row_ids, want, stops, seed, *, cfg, 
 
     def step(state):
         i, cache, tok, done, out, kept = state    # i: tokens made; [B], [B], [B, width], kept
-        lg, cache = forward_cached(params, cache, tok[:, None], cfg, decode_attention)
-        tok = sample(lg[:, 0], seed, row_ids, jnp.full((B,), i, jnp.int32), sampling)
+        tok, lg, cache = _decode_one(params, cache, tok, row_ids, jnp.full((B,), i, jnp.int32),
+                                     seed, cfg, sampling, decode_attention)
         out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
         if kept is not None:
-            kept = lax.dynamic_update_slice(kept, lg.astype(jnp.float32), (0, i, 0))
+            kept = lax.dynamic_update_slice(kept, lg[:, None].astype(jnp.float32), (0, i, 0))
         return i + 1, cache, tok, done | jnp.isin(tok, stops), out, kept
 
     state = (jnp.int32(1), cache, tok, jnp.isin(tok, stops), out, logits)
