@@ -748,13 +748,6 @@ def pad_prompts(prompts, T):
 STOP_CHECK_EVERY = 16
 
 
-@jax.jit
-def _stopped(done, tokens, stop_tokens):
-    """done [B] | whether any of tokens ([B], or [n, B] from several steps) is a stop token."""
-    hit = jnp.any(tokens[..., None] == stop_tokens, axis=-1)
-    return done | (hit if hit.ndim == 1 else jnp.any(hit, axis=0))
-
-
 def _check_stops(stop_tokens, cfg):
     stops = sorted({int(t) for t in (stop_tokens or ())})
     if stops and not 0 <= stops[0] <= stops[-1] < cfg.vocab_size:
