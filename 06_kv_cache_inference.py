@@ -36,9 +36,9 @@ What the lesson shows, in the order main() prints it:
      make the scheduler fast, and both policies share them: the requests admitted at one moment
      are prefilled in one call, scattered into whichever slots are free; and the host does not
      read each step's tokens before launching the next (that round trip idles the GPU every
-     step): a request ends at a known length, so the steps up to the next finish are queued
-     back to back and their tokens fetched once. With stop tokens (a tokenizer's end of
-     sequence) a request may end at any step; the host then looks every STOP_CHECK_EVERY steps.
+     step): the steps up to the next finish run in one call, a loop on the device that ends
+     when a request reaches its length or makes a stop token (a tokenizer's end of sequence),
+     and their tokens are fetched once.
   5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
      Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
      cache with one scale per token and head, the simplest scheme (KIVI, Liu et al. 2024, and
@@ -75,9 +75,10 @@ What the lesson shows, in the order main() prints it:
      (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices; down the
      columns of an input-major matrix the same sum is up to 4x slower).
      The host pays for every call: dispatching a step's few hundred arrays takes 0.4-1 ms,
-     longer than a small model's step on a GPU. decode_steps runs several steps in one call
-     (the serving loops' steps_per_call), and the lesson times it beside one step per call;
-     generate runs all of an answer's steps in one call (decode_loop, a lax.while_loop).
+     longer than a small model's step on a GPU. decode_steps runs several steps in one call,
+     and the lesson times it beside one step per call; generate and the serving loops run
+     every step up to the next change of their batch in one call (decode_loop, a
+     lax.while_loop that decides on the device when to stop).
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
@@ -742,12 +743,6 @@ def pad_prompts(prompts, T):
     return out
 
 
-# The serving loops, which hand out cache slots between steps, ask the device whether their
-# requests have stopped once per this many steps: each question is a round trip that the decode
-# steps queued behind it do not hide.
-STOP_CHECK_EVERY = 16
-
-
 def _check_stops(stop_tokens, cfg):
     stops = sorted({int(t) for t in (stop_tokens or ())})
     if stops and not 0 <= stops[0] <= stops[-1] < cfg.vocab_size:
@@ -760,38 +755,42 @@ def _until_stop(tokens, stops):
     return next((j + 1 for j, t in enumerate(tokens) if t in stops), len(tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "decode_attention", "width"),
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "decode_attention", "width",
+                                             "with_logits", "end_on_first_stop"),
                    donate_argnames=("cache",), compiler_options=DECODE_COMPILER_OPTIONS)
-def decode_loop(params, cache, tok, logits, row_ids, want, stops, seed, *, cfg, sampling,
-                decode_attention, width):
-    """Decode steps in one call, on the device, until every row has `want` tokens or has made
-    one of `stops` [n]: the host dispatches the whole answer once, instead of a few hundred
-    arrays per step (0.4-1 ms on the GPU hosts measured, longer than a small model's step). `tok`
-    [B] is the prefill's token, the answers' first; token i draws with counter i, so the tokens
-    are decode_step's. `logits` [B, V], the prefill's, or None: then none are kept (kept, they
-    take B x width x V float32 on the device).
-    Returns (tokens [B, width], logits [B, width, V] float32 or None, tokens made, cache)."""
+def decode_loop(params, cache, tok, row_ids, counters, seed, k, stops, busy=None, *, cfg,
+                sampling, decode_attention, width, with_logits=False, end_on_first_stop=False):
+    """Up to k decode steps (k <= width) in one compiled call, a lax.while_loop on the device:
+    the host dispatches them once, instead of a few hundred arrays per step (0.4-1 ms on the
+    GPU hosts measured, longer than a small model's step), and learns nothing until they end.
+    Row b's step j draws with counter counters[b] + j, so the tokens are decode_step's.
+    The loop ends after step k, or once every `busy` row has made one of `stops` [n] (generate:
+    every answer has ended), or with end_on_first_stop once any busy row has (the serving
+    loops, which then give its slot to the next request). A row whose last token `tok` [B] is
+    a stop token is never busy; busy [B] (default: every row) can leave out others.
+    Returns (tokens [width, B], the first n rows made, their logits [width, B, V] float32 if
+    with_logits else None, n, the last tokens [B], cache)."""
     B = tok.shape[0]
-    out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(tok)
-    if logits is not None:
-        logits = jnp.zeros((B, width, cfg.vocab_size), jnp.float32).at[:, 0].set(logits)
+    busy = ~jnp.isin(tok, stops) & (True if busy is None else busy)
+    out = jnp.zeros((width, B), jnp.int32)
+    kept = jnp.zeros((width, B, cfg.vocab_size), jnp.float32) if with_logits else None
 
     def going(state):
-        i, done = state[0], state[3]
-        return (i < want) & ~jnp.all(done)
+        i, stopped = state[0], state[3] & busy
+        return (i < k) & ~(jnp.any(stopped) if end_on_first_stop else jnp.all(stopped | ~busy))
 
     def step(state):
-        i, cache, tok, done, out, kept = state    # i: tokens made; [B], [B], [B, width], kept
-        tok, lg, cache = _decode_one(params, cache, tok, row_ids, jnp.full((B,), i, jnp.int32),
-                                     seed, cfg, sampling, decode_attention)
-        out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        i, cache, tok, stopped, out, kept = state    # i: steps made; [B], [B], [width, B], kept
+        tok, logits, cache = _decode_one(params, cache, tok, row_ids, counters + i, seed, cfg,
+                                         sampling, decode_attention)
+        out = lax.dynamic_update_slice(out, tok[None], (i, 0))
         if kept is not None:
-            kept = lax.dynamic_update_slice(kept, lg[:, None].astype(jnp.float32), (0, i, 0))
-        return i + 1, cache, tok, done | jnp.isin(tok, stops), out, kept
+            kept = lax.dynamic_update_slice(kept, logits[None].astype(jnp.float32), (i, 0, 0))
+        return i + 1, cache, tok, stopped | jnp.isin(tok, stops), out, kept
 
-    state = (jnp.int32(1), cache, tok, jnp.isin(tok, stops), out, logits)
-    made, cache, _, _, out, logits = lax.while_loop(going, step, state)
-    return out, logits, made, cache
+    state = (jnp.int32(0), cache, tok, jnp.zeros((B,), bool), out, kept)
+    n, cache, tok, _, out, kept = lax.while_loop(going, step, state)
+    return out, kept, n, tok, cache
 
 
 def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
@@ -817,19 +816,20 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     tok, logits, cache = prefill_step(params, cache, tokens, lengths, row_ids, row_ids, seed,
                                       cfg=cfg, sampling=sampling)
-    # The answers' buffer is max_new_tokens rounded up to a power of two, so that one compile
+    # The steps' buffer is max_new_tokens - 1 rounded up to a power of two, so that one compile
     # serves many lengths.
-    out, logits, made, _ = decode_loop(
-        params, cache, tok, logits if return_logits else None, row_ids,
-        np.int32(max_new_tokens), np.asarray(stops, np.int32), seed, cfg=cfg,
-        sampling=sampling, decode_attention=decode_attention, width=bucket(max_new_tokens))
-    out, made = jax.device_get((out, made))
-    toks = [[int(t) for t in row[:made]] for row in out]
+    steps, kept, n, _, _ = decode_loop(
+        params, cache, tok, row_ids, np.ones(B, np.int32), seed, np.int32(max_new_tokens - 1),
+        np.asarray(stops, np.int32), cfg=cfg, sampling=sampling,
+        decode_attention=decode_attention, width=bucket(max_new_tokens - 1),
+        with_logits=return_logits)
+    tok, steps, n = jax.device_get((tok, steps, n))
+    toks = [[int(t) for t in row] for row in np.concatenate([tok[None], steps[:n]]).T]
     ends = [_until_stop(row, stops) for row in toks]
-    toks = [row[:n] for row, n in zip(toks, ends)]
+    toks = [row[:e] for row, e in zip(toks, ends)]
     if return_logits:
-        logits = np.asarray(logits)
-        return toks, [logits[b, :n] for b, n in enumerate(ends)]
+        logits = np.concatenate([np.asarray(logits)[None], np.asarray(kept)[:n]])  # [1 + n, B, V]
+        return toks, [logits[:e, b] for b, e in enumerate(ends)]
     return toks
 
 
@@ -863,8 +863,8 @@ class Request:
 class Served:
     """A request's answer and when the host had it: the times are those of the fetches from the
     device. A prefill's first tokens are read once that prefill is done; later tokens come in one
-    fetch each time some request finishes (with stop tokens, at least every STOP_CHECK_EVERY
-    steps), so a request's last token is timed as it is made."""
+    fetch each time some request finishes (at its length or at a stop token), so a request's
+    last token is timed as it is made."""
     tokens: list
     ttft_s: float   # from the stream's start (all requests arrive at once) to the first token
     tpot_s: float   # mean time between its later tokens (nan with fewer than 2 tokens)
@@ -890,25 +890,23 @@ def _served(out, t_first, t_last):
 
 
 def serve_static(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
-                 seed=0, kv_int8=False, decode_attention=None, stop_tokens=None,
-                 steps_per_call=1):
+                 seed=0, kv_int8=False, decode_attention=None, stop_tokens=None):
     """Static batching: requests in arrival order (those wanting no tokens skipped), n_slots at a
     time; a batch is prefilled together and decoded until its longest request is done, then the
     next batch starts. A request is done at its max_new_tokens or at a stop token (kept, as
     generate keeps it). Returns ([Served] per request, seconds for the whole stream)."""
     return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-                  decode_attention, stop_tokens, steps_per_call, continuous=False)
+                  decode_attention, stop_tokens, continuous=False)
 
 
 def serve_continuous(params, cfg, requests, n_slots, cache_len, prompt_pad=None, sampling=GREEDY,
-                     seed=0, kv_int8=False, decode_attention=None, stop_tokens=None,
-                     steps_per_call=1):
+                     seed=0, kv_int8=False, decode_attention=None, stop_tokens=None):
     """Continuous batching: n_slots cache rows; whenever rows are free, the next requests'
     prompts are prefilled into them, all in one call, between two decode steps, and each decode
     step advances every busy row by one token. A request is done at its max_new_tokens or at a
     stop token. Returns ([Served] per request, seconds for the whole stream)."""
     return _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-                  decode_attention, stop_tokens, steps_per_call, continuous=True)
+                  decode_attention, stop_tokens, continuous=True)
 
 
 @jax.jit
@@ -919,26 +917,24 @@ def _place_tokens(tok, slots, new):
 
 
 def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed, kv_int8,
-           decode_attention, stop_tokens, steps_per_call, continuous):
+           decode_attention, stop_tokens, continuous):
     """The serving loop of both policies; they differ in one line, when requests are admitted.
-    Without stop tokens a request ends only at its max_new_tokens, so after an admission the
-    host knows that k steps pass before the next slot frees (the fewest tokens a busy row still
-    owes). It queues those k decode steps back to back, each feeding its tokens to the next on
-    the device, and fetches the k token vectors in one transfer after the last: the device waits
-    for the host once per finishing request, not once per step (reading a step's tokens before
-    launching the next leaves the accelerator idle for a round trip every step). With stop
-    tokens a request may end at any step, so k is at most STOP_CHECK_EVERY: a finished row
-    frees its slot up to that many steps late, and the tokens it made meanwhile are dropped.
-    steps_per_call > 1 issues the k steps that many to a call (decode_steps)."""
-    if steps_per_call < 1:
-        raise common.UserError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    After an admission the host knows that at most k steps pass before the next slot frees (the
+    fewest tokens a busy row still owes; sooner if a row makes a stop token). It runs them in
+    one call (decode_loop, which ends at the first stop token of a busy row) and fetches their
+    tokens in one transfer: the device waits for the host once per finishing request, not once
+    per step (reading a step's tokens before launching the next leaves the accelerator idle for
+    a round trip every step, and dispatching a step costs 0.4-1 ms of host time)."""
     params = inference_params(params, cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
     pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
-    stops = _check_stops(stop_tokens, cfg)
+    stop_ids = np.asarray(_check_stops(stop_tokens, cfg), np.int32)
     n, want = len(requests), [r.max_new_tokens for r in requests]
     cache = init_cache(cfg, n_slots, cache_len, kv_int8)
     tok = jnp.zeros((n_slots,), jnp.int32)    # each slot's newest token, kept on the device
+    loop = functools.partial(decode_loop, cfg=cfg, sampling=sampling,
+                             decode_attention=decode_attention, width=cache_len,
+                             end_on_first_stop=True)   # one compile for every stream of a cache
 
     def admit(cache, tok, reqs, slots, b):
         """Prefill requests `reqs` into cache rows `slots` in one call of batch b >= len(reqs),
@@ -955,22 +951,16 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
 
     # Admissions come in any number up to n_slots; padded to a power of two (at most n_slots),
     # they need a handful of prefill shapes. Each is compiled before the clock starts, on rows
-    # that all write nothing, and so is the decode step, whose writes into the free rows are
+    # that all write nothing, and so is the decode loop, whose writes into the free rows are
     # overwritten when the rows are admitted.
     for b in sorted({min(bucket(m, 1), n_slots) for m in range(1, n_slots + 1)}):
         _, cache, tok = admit(cache, tok, [], [], b)
     zeros = np.zeros(n_slots, np.int32)
-    tok, _, cache = decode_step(params, cache, tok, zeros, zeros, seed, cfg=cfg,
-                                sampling=sampling, decode_attention=decode_attention)
-    if steps_per_call > 1:
-        toks, _, cache = decode_steps(params, cache, tok, zeros, zeros, seed, cfg=cfg,
-                                      n=steps_per_call, sampling=sampling,
-                                      decode_attention=decode_attention)
-        tok = toks[steps_per_call - 1]
+    _, _, _, tok, cache = loop(params, cache, tok, zeros, zeros, seed, np.int32(1), stop_ids,
+                               np.zeros(n_slots, bool))
     tok.block_until_ready()
 
     out, t_first, t_last = [[] for _ in range(n)], [math.nan] * n, [math.nan] * n
-    advance = {m: jnp.full((n_slots,), m, jnp.int32) for m in {1, steps_per_call}}
     queue = collections.deque(r for r in range(n) if want[r] > 0)
     slot_req = np.full(n_slots, -1)           # the request in each slot, -1 when free
     made = np.zeros(n_slots, np.int32)        # the tokens it has got so far
@@ -988,28 +978,13 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
                     slot_req[s], made[s] = r, 1
         busy = np.flatnonzero(slot_req >= 0)
         k = min((want[slot_req[s]] - made[s] for s in busy), default=0)
-        if stops:
-            k = min(k, STOP_CHECK_EVERY)
-        ids = jax.device_put(np.maximum(slot_req, 0).astype(np.int32))   # sent once, used k times
-        # counters: the index of each row's new token in its answer (free rows: anything),
-        # advanced on the device (a host array per step would be a copy per step)
-        counters = jax.device_put(made)
-        steps, done = [], 0
-        while done < k:
-            n = steps_per_call if k - done >= steps_per_call else 1   # the rest: one by one
-            if n == 1:
-                tok, _, cache = decode_step(params, cache, tok, ids, counters, seed, cfg=cfg,
-                                            sampling=sampling, decode_attention=decode_attention)
-                steps.append(tok)
-            else:
-                toks, _, cache = decode_steps(params, cache, tok, ids, counters, seed, cfg=cfg,
-                                              n=n, sampling=sampling,
-                                              decode_attention=decode_attention)
-                tok = toks[n - 1]
-                steps.append(toks)
-            counters = counters + advance[n]
-            done += n
-        # The k steps are queued behind the prefills, so the host can wait for each prefill's
+        if k:
+            # row s draws its step j with counter made[s] + j, the index of the token in its
+            # answer (free rows: anything); a copy, as `made` changes before the call may read it
+            steps, _, n_steps, tok, cache = loop(
+                params, cache, tok, np.maximum(slot_req, 0).astype(np.int32), made.copy(), seed,
+                np.int32(k), stop_ids, slot_req >= 0)
+        # The steps are queued behind the prefills, so the host can wait for each prefill's
         # first tokens (TTFT) while the device goes on decoding.
         for reqs, first in firsts:
             first = np.asarray(first)
@@ -1017,21 +992,21 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
             for r, t in zip(reqs, first):
                 out[r].append(int(t))
                 t_first[r] = t_last[r] = now
-                if int(t) in stops:                # answered by its first token: free the slot
+                if int(t) in stop_ids:             # answered by its first token: free the slot
                     slot_req[slot_req == r] = -1
         if not k:
             continue
-        steps = np.concatenate([t.reshape(-1, n_slots) for t in jax.device_get(steps)]).T
+        steps, n_steps = jax.device_get((steps, n_steps))
         now = time.perf_counter() - t0
         for s in busy:
             r = slot_req[s]
             if r < 0:
                 continue
-            new = [int(t) for t in steps[s]]
-            hit = next((j for j, t in enumerate(new) if t in stops), None)  # a stop token's step
+            new = [int(t) for t in steps[:n_steps, s]]
+            hit = next((j for j, t in enumerate(new) if t in stop_ids), None)  # a stop's step
             out[r] += new if hit is None else new[:hit + 1]
             t_last[r] = now
-            made[s] += k
+            made[s] += n_steps
             if made[s] == want[r] or hit is not None:
                 slot_req[s] = -1
     return _served(out, t_first, t_last), time.perf_counter() - t0

@@ -255,15 +255,13 @@ def test_serving_with_stop_tokens_returns_what_each_request_gets_alone():
     # gets alone (tests above): one batch of 30 tokens gives every request's answer.
     longest = inf.generate(params, TINY, PROMPTS, 30, cache_len=CACHE)
     full = [longest[i % len(PROMPTS)][:r.max_new_tokens] for i, r in enumerate(reqs)]
-    stops = [full[0][17], full[2][0], full[1][1]]   # past one fetch; a first token; a last
+    stops = [full[0][17], full[2][0], full[1][1]]   # late in an answer; a first token; a last
     alone = [row[:next((j + 1 for j, t in enumerate(row) if t in stops), len(row))]
              for row in full]
     lengths = [len(a) for a in alone]
-    assert inf.STOP_CHECK_EVERY < lengths[0] < 30 and lengths[2] == 1, lengths
-    for serve, per_call in ((inf.serve_continuous, 1), (inf.serve_static, 1),
-                            (inf.serve_continuous, 4)):          # and 4 decode steps per call
-        served, _ = serve(params, TINY, reqs, 3, CACHE, prompt_pad=32, stop_tokens=stops,
-                          steps_per_call=per_call)
+    assert 1 < lengths[0] < 30 and lengths[2] == 1, lengths
+    for serve in (inf.serve_continuous, inf.serve_static):
+        served, _ = serve(params, TINY, reqs, 3, CACHE, prompt_pad=32, stop_tokens=stops)
         assert [s.tokens for s in served] == alone
 
 
@@ -309,10 +307,9 @@ def test_serving_with_sampling_draws_what_each_request_draws_alone():
     want = inf.generate(params, TINY, PROMPTS, max(news), temperature=1.0, seed=3,
                         cache_len=CACHE)
     reqs = [inf.Request(p, n) for p, n in zip(PROMPTS, news)]
-    for serve, per_call in ((inf.serve_continuous, 1), (inf.serve_static, 1),
-                            (inf.serve_static, 2)):
+    for serve in (inf.serve_continuous, inf.serve_static):
         served, _ = serve(params, TINY, reqs, 2, CACHE, prompt_pad=32,
-                          sampling=inf.make_sampling(1.0), seed=3, steps_per_call=per_call)
+                          sampling=inf.make_sampling(1.0), seed=3)
         assert [s.tokens for s in served] == [w[:n] for w, n in zip(want, news)]
 
 
@@ -377,21 +374,21 @@ def test_stop_tokens_end_each_answer_and_then_the_loop(monkeypatch):
     for row, g, lg in zip(full, got, logits):
         end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         assert g == row[:end] and lg.shape == (end, TINY.vocab_size)
-    # the steps end with the last answer to stop
-    made, real_loop = [], inf.decode_loop
+    # the steps end with the last answer to stop (an answer's first token is the prefill's)
+    steps, real_loop = [], inf.decode_loop
 
     def recording_loop(*args, **kwargs):
         out = real_loop(*args, **kwargs)
-        made.append(int(out[2]))
+        steps.append(int(out[2]))
         return out
     monkeypatch.setattr(inf, "decode_loop", recording_loop)
     stops = [row[j] for row, j in zip(full, (9, 2, 17, 5))]
     inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=stops)
     ends = [next((j + 1 for j, t in enumerate(row) if t in stops), n) for row in full]
-    assert made == [max(ends)] and max(ends) < n, (made, ends)
+    assert steps == [max(ends) - 1] and max(ends) < n, (steps, ends)
     got = inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE,
                        stop_tokens=[row[0] for row in full])
-    assert got == [row[:1] for row in full] and made[-1] == 1
+    assert got == [row[:1] for row in full] and steps[-1] == 0
     with pytest.raises(common.UserError, match="stop_tokens"):
         inf.generate(params, TINY, PROMPTS, n, cache_len=CACHE, stop_tokens=[TINY.vocab_size])
 
