@@ -770,7 +770,8 @@ def decode_loop(params, cache, tok, row_ids, counters, seed, k, stops, busy=None
                 sampling, decode_attention, width, with_logits=False, end_on_first_stop=False):
     """Up to k decode steps (k <= width) in one compiled call, a lax.while_loop on the device:
     the host dispatches them once, instead of a few hundred arrays per step (0.4-1 ms on the
-    GPU hosts measured, longer than a small model's step), and learns nothing until they end.
+    GPU hosts measured, longer than a small model's step), and on a GPU the call returns before
+    the loop ends (LOOP_COMPILER_OPTIONS).
     Row b's step j draws with counter counters[b] + j, so the tokens are decode_step's.
     The loop ends after step k, or once every `busy` row has made one of `stops` [n] (generate:
     every answer has ended), or with end_on_first_stop once any busy row has (the serving
