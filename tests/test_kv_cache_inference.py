@@ -248,7 +248,7 @@ def test_serving_returns_what_each_request_gets_alone():
     assert all(s.ttft_s >= last_of_first_batch - 1e-9 for s in static[3:6] if s.tokens)
 
 
-def test_serving_with_stop_tokens_returns_what_each_request_gets_alone():
+def test_serving_with_stop_tokens_returns_what_each_request_gets_alone(monkeypatch):
     params = params_for(TINY)
     reqs = [inf.Request(p, n) for p, n in zip(PROMPTS + PROMPTS[:3], [30, 2, 25, 1, 20, 0, 9])]
     # Greedy answers are prefixes of longer ones, and a ragged batch gives each prompt what it
@@ -260,9 +260,25 @@ def test_serving_with_stop_tokens_returns_what_each_request_gets_alone():
              for row in full]
     lengths = [len(a) for a in alone]
     assert 1 < lengths[0] < 30 and lengths[2] == 1, lengths
+    # each call of the decode loop ends after its k steps, or at the first step where a busy row
+    # (one whose last token is not a stop) makes a stop token
+    calls, real_loop = [], inf.decode_loop
+
+    def recording_loop(params, cache, tok, row_ids, counters, seed, k, stops_, busy, **kw):
+        busy = np.asarray(busy) & ~np.isin(np.asarray(tok), stops)
+        out = real_loop(params, cache, tok, row_ids, counters, seed, k, stops_, busy, **kw)
+        calls.append((int(k), busy, np.asarray(out[0]), int(out[2])))
+        return out
+    monkeypatch.setattr(inf, "decode_loop", recording_loop)
     for serve in (inf.serve_continuous, inf.serve_static):
         served, _ = serve(params, TINY, reqs, 3, CACHE, prompt_pad=32, stop_tokens=stops)
         assert [s.tokens for s in served] == alone
+    ended_early = 0
+    for k, busy, steps, n in calls:
+        hit = np.flatnonzero((np.isin(steps[:k], stops) & busy).any(axis=1))
+        assert n == (hit[0] + 1 if hit.size else k), (k, n, hit)
+        ended_early += n < k
+    assert ended_early >= 2
 
 
 def test_prefill_into_scattered_slots_drops_padding_rows():
