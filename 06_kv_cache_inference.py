@@ -826,12 +826,13 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     tok, logits, cache = prefill_step(params, cache, tokens, lengths, row_ids, row_ids, seed,
                                       cfg=cfg, sampling=sampling)
     # The steps' buffer is max_new_tokens - 1 rounded up to a power of two, so that one compile
-    # serves many lengths.
+    # serves many lengths; with the logits ([width, B, V] float32: 66 MB per row for 128 steps
+    # of a 128k vocabulary) it is exact, so as not to hold up to twice that.
+    width = max_new_tokens - 1 if return_logits else bucket(max_new_tokens - 1)
     steps, kept, n, _, _ = decode_loop(
         params, cache, tok, row_ids, np.ones(B, np.int32), seed, np.int32(max_new_tokens - 1),
         np.asarray(stops, np.int32), cfg=cfg, sampling=sampling,
-        decode_attention=decode_attention, width=bucket(max_new_tokens - 1),
-        with_logits=return_logits)
+        decode_attention=decode_attention, width=max(width, 1), with_logits=return_logits)
     tok, steps, n = jax.device_get((tok, steps, n))
     toks = [[int(t) for t in row] for row in np.concatenate([tok[None], steps[:n]]).T]
     ends = [_until_stop(row, stops) for row in toks]

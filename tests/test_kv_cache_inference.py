@@ -440,6 +440,11 @@ def test_decode_loop_and_decode_steps_give_one_steps_tokens_and_logits():
                                    **kw)
         assert got == one.tolist()
         np.testing.assert_allclose(np.stack(got_lg), one_lg, rtol=1e-5, atol=1e-5)
+        for n in (1, 2):   # the logits' buffer is exact in length, down to no decode step at all
+            got, got_lg = inf.generate(ip, TINY, PROMPTS, n, cache_len=CACHE,
+                                       return_logits=True, **kw)
+            assert got == one[:, :n].tolist()
+            np.testing.assert_allclose(np.stack(got_lg), one_lg[:, :n], rtol=1e-5, atol=1e-5)
 
 
 def test_eos_ids_come_from_the_checkpoint(tmp_path):
