@@ -49,7 +49,8 @@ What the lesson shows, in the order main() prints it:
      does not halve a batch-1 step: its small kernels (norms, rope, cache writes, residual
      adds) take as long as before, and a matrix of a few tens of MB loses a few microseconds
      per product to kernel ramp-up, which matters more once its bytes stream twice as fast
-     (section 7 and BENCHMARKS.md: about 1.5x, where the bytes say 2x).
+     (section 7 and BENCHMARKS.md: about 1.5x on an H200 and 1.6x on an H100, where the bytes
+     say 2x).
   6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
      gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
