@@ -65,7 +65,9 @@ What the lesson shows, in the order main() prints it:
      gamma + 1 draft steps, each far dearer than its share of the bytes, plus a verification
      that costs more than one step.
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
-     products against the bytes they read, and the ten or so small kernels per layer around
+     products against the bytes they read and against the same bytes streamed by one product
+     (each product kernel pays a few microseconds to ramp up and drain, which costs an int8
+     step more than a bf16 one), and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
      whatever it reads. At batch 1 they, not the products, keep a step from the bandwidth
      bound, and the step is built to have few of them: the norms' weights folded into the next
@@ -1669,6 +1671,24 @@ def measure_kernels(run):
     del qp
 
 
+def one_stream_time(w_bytes, cfg, int8):
+    """Device seconds of one product whose weight [N, D] holds a step's w_bytes, in the step's
+    own form (linear, one row with its zero second row): what the step's products would take if
+    they were a single kernel, with no boundary between one matrix and the next. None without
+    a device profile."""
+    D = cfg.d_model
+    if int8:
+        N = int(w_bytes // (D + 4))  # a byte per weight, a float32 scale per row
+        w = {"qt": jnp.ones((N, D), jnp.int8), "scale": jnp.ones((N,), jnp.float32)}
+    else:
+        N = int(w_bytes // (D * jnp.dtype(cfg.dtype).itemsize))
+        w = {"t": jnp.ones((N, D), cfg.dtype)}
+    x = jnp.zeros((2, 1, D), cfg.dtype).at[0].set(1)   # [B, T, D]: the row and its zero row
+    product = jax.jit(lambda x, w: linear("btd,nd->btn", x, w, jnp.float32, pad_rows=1))
+    times = common.kernel_times(lambda: product(x, w), calls=3)
+    return None if times is None else sum(t for t, _ in times.values())
+
+
 def measure_step_kernels(run):
     """Where a batch-1 decode step's time goes, read from the device's profile: the weight
     matmuls against the bytes they read, and the many small kernels around them (norms, rope,
@@ -1678,6 +1698,7 @@ def measure_step_kernels(run):
     run.section("where a batch-1 decode step's time goes (kernels as the device timed them)")
     print(f"{'weights':>22s} {'step':>8s} {'kernels':>8s} {'matmul':>17s} {'attention':>9s} "
           f"{'the rest':>24s}")
+    streams = {}   # weights -> (the step's products, the same bytes as one product), seconds
     for what in (f"{cfg.dtype}", "int8"):
         params = run.params if what == cfg.dtype else \
             jax.block_until_ready(quantize_params(run.params, cfg))
@@ -1719,11 +1740,24 @@ def measure_step_kernels(run):
         if t_step > 1.1 * busy:
             print(f"{'':>22s} the timed step is {(t_step - busy) * 1e3:.2f} ms longer than its "
                   f"kernels: the host, dispatching one call per step, sets the pace here")
+        mm_n = kinds["matmul"][1]
+        one = one_stream_time(W, cfg, int8=what == "int8")
+        streams[what] = (mm_t, one)
+        print(f"{'':>22s} the same bytes as one product: {one * 1e3:.2f} ms = "
+              f"{100 * W / one / run.bw:.0f}% BW; in {mm_n:.0f} products they take "
+              f"{(mm_t - one) * 1e3:.2f} ms more, {(mm_t - one) / mm_n * 1e6:.1f} us a kernel")
+        run.row(f"B=1 {what.split()[0]} weights as one stream", f"{one * 1e3:.2f} ms",
+                f"{W / run.bw * 1e3:.2f} ms (W / BW)",
+                f"{100 * W / one / run.bw:.0f}% of BW; products {mm_t / one:.2f}x it")
+    (mm_b, one_b), (mm_q, one_q) = streams[f"{cfg.dtype}"], streams["int8"]
     print(f"A step at 90% of the bandwidth bound leaves 10% of it for everything that is not "
           f"a weight matmul; each small kernel costs a microsecond or more however little it "
           f"reads, and a layer has {rest_n / cfg.n_layers:.0f} of them here. (Independent kernels "
           f"overlap in the step's graph, DECODE_COMPILER_OPTIONS, so the columns can add up to "
-          f"more than the step.)")
+          f"more than the step.) A product kernel pays a fixed cost too, to ramp up and drain: "
+          f"int8 products take {mm_b / mm_q:.2f}x less time than {cfg.dtype}'s, where as one "
+          f"stream each they would take {one_b / one_q:.2f}x less. A kernel per matrix costs "
+          f"int8 more, its bytes streaming half as long.")
 
 
 def measure_batch(run):
