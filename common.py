@@ -704,9 +704,12 @@ def bench(fn, *args, iters=10, warmup=2, arg_sets=None, calls=None, min_sample_s
 
 
 def kernel_kind(name):
-    """A device kernel's name -> "matmul", "attention", "copy" or "other", by the names that
-    cuBLAS, cuDNN, XLA and this course's Pallas kernels give their kernels."""
+    """A device kernel's name -> "collective", "matmul", "attention", "copy" or "other", by the
+    names that NCCL, cuBLAS, cuDNN, XLA and this course's Pallas kernels give their kernels. A
+    collective's time includes its wait for the other devices to arrive."""
     n = name.lower()
+    if "nccl" in n:
+        return "collective"
     if any(w in n for w in ("sdpa", "fmha", "flash", "attention", "decode_kernel")):
         return "attention"
     if any(w in n for w in ("gemm", "nvjet", "cublas", "xmma", "cutlass", "matmul", "gemv")):

@@ -452,12 +452,14 @@ def test_kernel_kinds_and_summary():
              "int8_matmul_kernel__2": "matmul",
              "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention",
              "decode_kernel": "attention", "MemcpyD2D": "copy",
-             "loop_add_multiply_fusion": "other", "input_reduce_fusion_17": "other"}
+             "loop_add_multiply_fusion": "other", "input_reduce_fusion_17": "other",
+             "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "collective"}
     assert {n: common.kernel_kind(n) for n in names} == names
     times = {n: (1e-3 * (i + 1), 2.0) for i, n in enumerate(names)}
     summary = common.kernel_summary(times)
     assert summary["matmul"] == pytest.approx((6e-3, 6.0))
     assert summary["other"] == pytest.approx((15e-3, 4.0))
+    assert summary["collective"] == pytest.approx((9e-3, 2.0))
     assert sum(t for t, _ in summary.values()) == pytest.approx(sum(t for t, _ in times.values()))
     mine = common.kernel_summary(times, lambda n: "matmul" if "reduce" in n else "other")
     assert mine["matmul"] == pytest.approx((8e-3, 2.0))
