@@ -648,8 +648,13 @@ def parse_flags(default, argv=None, show=True):
     except UserError as e:
         die(str(e))
     if show:
-        print(" ".join(f"{n}={getattr(cfg, n)}" for n in names))
+        print(" ".join(f"{n}={_shown(getattr(cfg, n))}" for n in names))
     return cfg
+
+
+def _shown(value):
+    """A flag's value as the config line prints it: a string with a newline or a space quoted."""
+    return repr(value) if isinstance(value, str) and (" " in value or not value.isprintable()) else value
 
 
 def run(main):

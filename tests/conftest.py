@@ -1,6 +1,8 @@
 """Tests run JAX on the CPU with 8 simulated devices; this must happen before jax is imported.
 Compiled programs are cached on disk for the session: many tests compile the same tiny model."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -10,6 +12,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:       # the session's own, removed at exit
+    _cache_dir = tempfile.mkdtemp(prefix="jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
