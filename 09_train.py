@@ -9,6 +9,11 @@ What it puts together, lesson by lesson:
 - the model of common.py, its parameters born sharded: init_params is jit'd with out_shardings
   derived from each parameter's logical axes (lesson 03), and activations are pinned to the same
   rules inside forward (`constrain`); the batch is split over dp x fsdp;
+- with tp, optional sequence parallelism (--sequence_parallel=true; Korthikanti et al. 2022):
+  between the tensor-parallel matmuls the residual stream's positions are split over tp too, so
+  each all-reduce becomes a reduce-scatter and an all-gather and the activations kept for the
+  backward pass shrink. XLA's partitioner does it from the sharding rules alone
+  (common.SEQUENCE_PARALLEL_RULES); BENCHMARKS.md measures what it saves and what it costs;
 - AdamW (Loshchilov & Hutter 2019) written out below, linear warmup then cosine decay,
   global-norm clipping, gradient accumulation over micro-batches, float32 master weights and
   optimizer state with the forward pass in bf16 (Micikevicius et al. 2018), optional
@@ -58,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0       # global-norm threshold; 0 disables
     dtype: str = "auto"          # compute dtype: float32, bfloat16, or auto (bf16 on GPU/TPU)
     mesh: str = ""               # e.g. dp:2,fsdp:2,tp:2; empty: FSDP over all devices
+    sequence_parallel: bool = False  # with tp: norms and residual adds on 1/tp of the positions
     remat: str = "none"          # none | full | dots
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
@@ -99,7 +105,10 @@ class TrainConfig:
         if self.process_id >= self.num_processes:
             raise common.UserError(f"process_id={self.process_id} must be < "
                                    f"num_processes={self.num_processes}")
-        common.parse_mesh(self.mesh)
+        tp = common.parse_mesh(self.mesh)["tp"]
+        if self.sequence_parallel and self.seq_len % tp:
+            raise common.UserError(f"sequence_parallel splits seq_len={self.seq_len} over tp={tp}, "
+                                   f"which does not divide it")
 
 
 def make_mesh(text, devices):
@@ -190,9 +199,11 @@ def attention_fn(name, mesh=None):
 
 
 def make_loss_fn(cfg, tc, mesh, attention):
+    rules = common.SEQUENCE_PARALLEL_RULES if tc.sequence_parallel else common.SHARDING_RULES
+
     def constrain(x, axes):
         return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, common.logical_to_spec(axes, mesh)))
+            x, NamedSharding(mesh, common.logical_to_spec(axes, mesh, rules)))
 
     def loss_fn(params, x, y):
         # Logits in the compute dtype: the loss widens them inside its reductions.
@@ -347,6 +358,12 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
             f"{100 * rate / matmul:14.1f}%")
     log(f"measured bf16 matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} device(s); "
         f"datasheet {peak * n_dev / 1e12:.1f}")
+    # Memory as XLA's buffer assignment plans it for one device's share of the step.
+    mem = step_fn.memory_analysis()
+    if mem is not None:
+        log(f"the step's memory per device: {mem.argument_size_in_bytes / 2**30:.2f} GiB of "
+            f"arguments (weights, optimizer state, batch), {mem.temp_size_in_bytes / 2**30:.2f} "
+            f"GiB of temporaries (activations kept for the backward pass, gradients, workspace)")
     times = common.kernel_times(lambda: full(x, y), calls=2)
     if times is None:
         return
@@ -403,7 +420,8 @@ def train(tc, stop_after=None, log=print, devices=None):
     log(f"data: {tc.data or 'Python standard library source'}: {len(train_tokens):,} train "
         f"bytes, {len(val_tokens):,} val bytes")
     log(f"model: {tc.preset}, {cfg.param_count() / 1e6:.2f}M params, {cfg.dtype} compute, "
-        f"attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)} over {n_dev} devices in "
+        f"attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
+        f"{' with sequence parallelism' if tc.sequence_parallel else ''} over {n_dev} devices in "
         f"{jax.process_count()} processes")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
         f"{n_dev} x {peak / 1e12:.1f} TFLOP/s ({basis})")

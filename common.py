@@ -259,7 +259,8 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
 
     attention: (q, k, v, causal, segment_ids) -> out, all [B, T, H, D] (k, v with KH heads);
     remat: "none", "full" (recompute each layer in the backward pass) or "dots" (save only the
-    matmul outputs); constrain: (x, logical_axes) -> x, lets a caller pin activation shardings.
+    matmul outputs); constrain: (x, logical_axes) -> x, lets a caller pin activation shardings
+    (the residual stream's positions are "residual_seq", which only SEQUENCE_PARALLEL_RULES split).
     scan_layers: one compiled layer body looped over the stacked weights (compiles in the time
     of one layer), or False for the layers unrolled (compiles each; on a GPU XLA's loop copies
     buffers between iterations that the unrolled program does not). logits_dtype: pass the
@@ -277,21 +278,27 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     def layer(x, p):  # x: [B, T, D]
         p = jax.tree.map(lambda w: w.astype(dt), p)
         with jax.named_scope("attention"):
-            h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+            # The norm runs where x lives; its output is gathered whole once, for three matmuls.
+            h = constrain(rms_norm(x, p["attn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
             q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
             k = jnp.einsum("btd,dhk->bthk", h, p["wk"])
             v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # Heads split over tp, every position whole: what attention needs, and where
+            # sequence parallelism's gather happens (a kernel such as cuDNN's refuses a split
+            # sequence).
+            q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+            k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
             o = attention(q, k, v, True, segment_ids)  # [B, T, H, Dh]
             x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"])
-            x = constrain(x, ("batch", "seq", "embed"))
+            x = constrain(x, ("batch", "residual_seq", "embed"))
         with jax.named_scope("mlp"):
-            h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+            h = constrain(rms_norm(x, p["mlp_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
             g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
             u = jnp.einsum("btd,df->btf", h, p["w_up"])
             x = x + jnp.einsum("btf,fd->btd", constrain(g * u, ("batch", "seq", "mlp")),
                                p["w_down"])
-            x = constrain(x, ("batch", "seq", "embed"))
+            x = constrain(x, ("batch", "residual_seq", "embed"))
         return x, None
 
     if remat == "full":
@@ -304,7 +311,7 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     # The table is gathered over FSDP before the lookup, as every weight is before its use; left
     # to itself, XLA's partitioner replicated the looked-up rows under a dp x fsdp x tp mesh.
     table = constrain(params["embed"].astype(dt), ("vocab", None))
-    x = constrain(jnp.take(table, tokens, axis=0), ("batch", "seq", "embed"))
+    x = constrain(jnp.take(table, tokens, axis=0), ("batch", "residual_seq", "embed"))
     if scan_layers:
         x, _ = jax.lax.scan(layer, x, params["layers"])
     else:
@@ -366,6 +373,12 @@ def cross_entropy(logits, targets, mask=None):
 # before use); tensor parallelism splits heads and the MLP width (Megatron, Shoeybi et al. 2019).
 SHARDING_RULES = {"batch": ("dp", "fsdp"), "embed": "fsdp", "heads": "tp", "kv_heads": "tp",
                   "mlp": "tp", "vocab": "tp"}
+# Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+# Transformer Models", section 4.2.2) also splits the residual stream's positions over tp between
+# the tensor-parallel matmuls: each all-reduce becomes a reduce-scatter into the norm and
+# residual add, which then run on 1/tp of the positions, and an all-gather before the next
+# matmul, the same bytes in all.
+SEQUENCE_PARALLEL_RULES = {**SHARDING_RULES, "residual_seq": "tp"}
 
 
 def logical_to_spec(axes, mesh, rules=None):

@@ -42,15 +42,32 @@ def one_device_run(tmp_path_factory):
     return train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0]
 
 
-@pytest.mark.parametrize("mesh", ["fsdp:8", "dp:2,fsdp:2,tp:2"])
-def test_sharded_steps_equal_single_device(tmp_path, mesh, one_device_run):
+@pytest.mark.parametrize("mesh,sp", [("fsdp:8", False), ("dp:2,fsdp:2,tp:2", False),
+                                     ("dp:2,fsdp:2,tp:2", True)])
+def test_sharded_steps_equal_single_device(tmp_path, mesh, sp, one_device_run):
     """Same losses and gradient norms on 8 devices, with 2 micro-batches, as on one device with
     one batch: sharding and accumulation change where and in what order, not what."""
-    got, _, _ = train_mod.train(tiny_run(tmp_path, batch_size=16, mesh=mesh, grad_accum=2),
-                                log=lambda s: None)
+    got, _, _ = train_mod.train(tiny_run(tmp_path, batch_size=16, mesh=mesh, grad_accum=2,
+                                         sequence_parallel=sp), log=lambda s: None)
     np.testing.assert_allclose(losses(got), losses(one_device_run), rtol=2e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in got],
                                [r["grad_norm"] for r in one_device_run], rtol=1e-4)
+
+
+def test_sequence_parallel_splits_the_residual_stream():
+    """Under tp without FSDP no weight is gathered, so an all-gather in the compiled loss and
+    gradient is the residual stream's positions gathered before a tensor-parallel matmul: there
+    under sequence parallelism, absent without it."""
+    cfg, mesh = common.PRESETS["tiny"], common.make_mesh(common.parse_mesh("dp:4,tp:2"))
+    params, x = common.init_params(cfg, jax.random.key(0)), np.zeros((4, 32), np.int32)
+    gathers = []
+    for sp in (False, True):
+        tc = train_mod.TrainConfig(preset="tiny", seq_len=32, mesh="dp:4,tp:2",
+                                   sequence_parallel=sp)
+        loss_fn = train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)
+        hlo = jax.jit(jax.value_and_grad(loss_fn)).lower(params, x, x).compile().as_text()
+        gathers.append(hlo.count(" all-gather("))
+    assert gathers[0] == 0 and gathers[1] > 0, gathers
 
 
 def test_pallas_attention_takes_the_same_steps(tmp_path, one_device_run):
@@ -133,6 +150,7 @@ def test_lr_schedule_shape():
     (dict(mesh="xy:2"), "expected axes"),
     (dict(batch_size=6, mesh="dp:4,fsdp:2"), "must split"),
     (dict(data="/does/not/exist"), "does not exist"),
+    (dict(mesh="tp:8", seq_len=36, sequence_parallel=True), "does not divide it"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
