@@ -13,7 +13,7 @@ What it puts together, lesson by lesson:
   between the tensor-parallel matmuls the residual stream's positions are split over tp too, so
   each all-reduce becomes a reduce-scatter and an all-gather and the activations kept for the
   backward pass shrink. XLA's partitioner does it from the sharding rules alone
-  (common.SEQUENCE_PARALLEL_RULES); BENCHMARKS.md measures what it saves and what it costs;
+  (common.sequence_parallel_rules); BENCHMARKS.md measures what it saves and what it costs;
 - AdamW (Loshchilov & Hutter 2019) written out below, linear warmup then cosine decay,
   global-norm clipping, gradient accumulation over micro-batches, float32 master weights and
   optimizer state with the forward pass in bf16 (Micikevicius et al. 2018), optional
@@ -105,10 +105,17 @@ class TrainConfig:
         if self.process_id >= self.num_processes:
             raise common.UserError(f"process_id={self.process_id} must be < "
                                    f"num_processes={self.num_processes}")
-        tp = common.parse_mesh(self.mesh)["tp"]
-        if self.sequence_parallel and self.seq_len % tp:
-            raise common.UserError(f"sequence_parallel splits seq_len={self.seq_len} over tp={tp}, "
-                                   f"which does not divide it")
+        sizes = common.parse_mesh(self.mesh)
+        rows, tp = self.sequence_parallel_rows(), sizes["tp"]
+        if self.sequence_parallel and rows % tp and self.seq_len % tp:
+            raise common.UserError(f"sequence_parallel splits the tokens over tp={tp}, which "
+                                   f"divides neither the {rows} rows per dp x fsdp group nor "
+                                   f"seq_len={self.seq_len}")
+
+    def sequence_parallel_rows(self):
+        """Rows of a micro-batch on each dp x fsdp group: what sequence parallelism splits."""
+        sizes = common.parse_mesh(self.mesh) if self.mesh else {"dp": 1, "fsdp": 1}
+        return self.batch_size // self.grad_accum // (sizes["dp"] * sizes["fsdp"])
 
 
 def make_mesh(text, devices):
@@ -198,8 +205,16 @@ def attention_fn(name, mesh=None):
     raise common.UserError(f"unknown attention {name!r}")
 
 
+def sp_text(tc, mesh):
+    if not tc.sequence_parallel or mesh.shape["tp"] == 1:
+        return ""
+    rows = tc.sequence_parallel_rows() % mesh.shape["tp"] == 0
+    return f" with sequence parallelism (the {'rows' if rows else 'positions'} split over tp)"
+
+
 def make_loss_fn(cfg, tc, mesh, attention):
-    rules = common.SEQUENCE_PARALLEL_RULES if tc.sequence_parallel else common.SHARDING_RULES
+    rules = (common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"])
+             if tc.sequence_parallel else common.SHARDING_RULES)
 
     def constrain(x, axes):
         return jax.lax.with_sharding_constraint(
@@ -421,7 +436,7 @@ def train(tc, stop_after=None, log=print, devices=None):
         f"bytes, {len(val_tokens):,} val bytes")
     log(f"model: {tc.preset}, {cfg.param_count() / 1e6:.2f}M params, {cfg.dtype} compute, "
         f"attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
-        f"{' with sequence parallelism' if tc.sequence_parallel else ''} over {n_dev} devices in "
+        f"{sp_text(tc, mesh)} over {n_dev} devices in "
         f"{jax.process_count()} processes")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
         f"{n_dev} x {peak / 1e12:.1f} TFLOP/s ({basis})")

@@ -54,20 +54,25 @@ def test_sharded_steps_equal_single_device(tmp_path, mesh, sp, one_device_run):
                                [r["grad_norm"] for r in one_device_run], rtol=1e-4)
 
 
-def test_sequence_parallel_splits_the_residual_stream():
+@pytest.mark.parametrize("batch", [8, 4])  # 2 rows per dp group: rows split; 1: positions
+def test_sequence_parallel_splits_the_residual_stream(batch):
     """Under tp without FSDP no weight is gathered, so an all-gather in the compiled loss and
-    gradient is the residual stream's positions gathered before a tensor-parallel matmul: there
-    under sequence parallelism, absent without it."""
+    gradient is the residual stream's tokens gathered before a tensor-parallel matmul: there
+    under sequence parallelism, absent without it; and the loss and gradients stay the same."""
     cfg, mesh = common.PRESETS["tiny"], common.make_mesh(common.parse_mesh("dp:4,tp:2"))
-    params, x = common.init_params(cfg, jax.random.key(0)), np.zeros((4, 32), np.int32)
-    gathers = []
+    params = common.init_params(cfg, jax.random.key(0))
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 32), np.int32)
+    gathers, results = [], []
     for sp in (False, True):
-        tc = train_mod.TrainConfig(preset="tiny", seq_len=32, mesh="dp:4,tp:2",
+        tc = train_mod.TrainConfig(preset="tiny", seq_len=32, batch_size=batch, mesh="dp:4,tp:2",
                                    sequence_parallel=sp)
-        loss_fn = train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)
-        hlo = jax.jit(jax.value_and_grad(loss_fn)).lower(params, x, x).compile().as_text()
-        gathers.append(hlo.count(" all-gather("))
+        step = jax.jit(jax.value_and_grad(
+            train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)))
+        gathers.append(step.lower(params, x, x).compile().as_text().count(" all-gather("))
+        results.append(step(params, x, x))
     assert gathers[0] == 0 and gathers[1] > 0, gathers
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_pallas_attention_takes_the_same_steps(tmp_path, one_device_run):
@@ -150,7 +155,7 @@ def test_lr_schedule_shape():
     (dict(mesh="xy:2"), "expected axes"),
     (dict(batch_size=6, mesh="dp:4,fsdp:2"), "must split"),
     (dict(data="/does/not/exist"), "does not exist"),
-    (dict(mesh="tp:8", seq_len=36, sequence_parallel=True), "does not divide it"),
+    (dict(mesh="tp:8", batch_size=4, seq_len=36, sequence_parallel=True), "divides neither"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
