@@ -113,7 +113,8 @@ class TrainConfig:
                                    f"seq_len={self.seq_len}")
 
     def sequence_parallel_rows(self):
-        """Rows of a micro-batch on each dp x fsdp group: what sequence parallelism splits."""
+        """Rows of a micro-batch on each dp x fsdp group: what sequence parallelism splits. (With
+        no --mesh there is no tp axis, and nothing for it to split.)"""
         sizes = common.parse_mesh(self.mesh) if self.mesh else {"dp": 1, "fsdp": 1}
         return self.batch_size // self.grad_accum // (sizes["dp"] * sizes["fsdp"])
 
