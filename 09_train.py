@@ -10,7 +10,7 @@ What it puts together, lesson by lesson:
   derived from each parameter's logical axes (lesson 03), and activations are pinned to the same
   rules inside forward (`constrain`); the batch is split over dp x fsdp;
 - with tp, optional sequence parallelism (--sequence_parallel=true; Korthikanti et al. 2022):
-  between the tensor-parallel matmuls the residual stream's positions are split over tp too, so
+  between the tensor-parallel matmuls the residual stream's tokens are split over tp too, so
   each all-reduce becomes a reduce-scatter and an all-gather and the activations kept for the
   backward pass shrink. XLA's partitioner does it from the sharding rules alone
   (common.sequence_parallel_rules); BENCHMARKS.md measures what it saves and what it costs;
@@ -63,7 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0       # global-norm threshold; 0 disables
     dtype: str = "auto"          # compute dtype: float32, bfloat16, or auto (bf16 on GPU/TPU)
     mesh: str = ""               # e.g. dp:2,fsdp:2,tp:2; empty: FSDP over all devices
-    sequence_parallel: bool = False  # with tp: norms and residual adds on 1/tp of the positions
+    sequence_parallel: bool = False  # with tp: norms and residual adds on 1/tp of the tokens
     remat: str = "none"          # none | full | dots
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)

@@ -678,7 +678,8 @@ def parse_flags(default, argv=None, show=True):
 
 def _shown(value):
     """A flag's value as the config line prints it: a string with a newline or a space quoted."""
-    return repr(value) if isinstance(value, str) and (" " in value or not value.isprintable()) else value
+    quoted = isinstance(value, str) and (" " in value or not value.isprintable())
+    return repr(value) if quoted else value
 
 
 def run(main):
