@@ -69,7 +69,8 @@ What the lesson shows, in the order main() prints it:
      (each product kernel pays a few microseconds to ramp up and drain, which costs an int8
      step more than a bf16 one), and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
-     whatever it reads. At batch 1 they, not the products, keep a step from the bandwidth
+     whatever it reads. An int8 step has two more per layer: XLA splits the int8 products of
+     wo and w_down over K, and their partial sums meet the residual in a kernel of their own. At batch 1 they, not the products, keep a step from the bandwidth
      bound, and the step is built to have few of them: the norms' weights folded into the next
      matrices (fold_norm), and independent kernels run side by side
      (DECODE_COMPILER_OPTIONS). The products themselves are written for one row: a one-row
