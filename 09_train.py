@@ -209,8 +209,9 @@ def attention_fn(name, mesh=None):
 def sp_text(tc, mesh):
     if not tc.sequence_parallel or mesh.shape["tp"] == 1:
         return ""
-    rows = tc.sequence_parallel_rows() % mesh.shape["tp"] == 0
-    return f" with sequence parallelism (the {'rows' if rows else 'positions'} split over tp)"
+    rules = common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"])
+    return f" with sequence parallelism (the {'positions' if 'residual_seq' in rules else 'rows'} " \
+           f"split over tp)"
 
 
 def make_loss_fn(cfg, tc, mesh, attention):
