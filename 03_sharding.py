@@ -19,7 +19,10 @@ param_specs), and one rule table (common.SHARDING_RULES) maps them to mesh axes:
     MLP width are split; wq/wk/wv and w_gate/w_up are column-parallel (output split), wo and
     w_down row-parallel (contraction split), so each sub-block ends in an all-reduce of the
     [B, T, D] activations in the forward pass, and in the backward pass the gradient of its
-    input is all-reduced;
+    input is all-reduced. Sequence parallelism (Korthikanti et al. 2022; 09_train.py's
+    --sequence_parallel) also splits the tokens between those matmuls: each all-reduce becomes
+    a reduce-scatter and an all-gather of the same bytes, and the norms, residual adds and
+    their saved activations shrink tp-fold;
   - FSDP+TP: both, on a 2-D mesh.
 For each scheme the lesson prints per-device bytes of parameters, gradients, Adam's two float32
 moments and activations; the collectives each layer needs, predicted from these rules, beside
