@@ -12,7 +12,10 @@ and the ratio FLOPs / bytes, the arithmetic intensity, says which term wins: bel
 (peak / bandwidth, in FLOP per byte) a kernel is memory-bound, above it compute-bound.
 
 The lesson measures both ceilings (matmul FLOP/s per dtype, copy bandwidth counting bytes read
-and written) beside the datasheet figures of common.CHIPS, then predicts and measures:
+and written) beside the datasheet figures of common.CHIPS. The copy runs in place: on a CPU, an
+output in fresh memory pays the operating system a page fault for every 4 KiB it first writes,
+which can cost more than the bytes themselves; the fresh-buffer copy is printed beside it.
+Then it predicts and measures:
   - axpy, y = a*x + y: 2 FLOPs per 3 words moved, intensity 1/12 in float64, 1/6 in float32;
   - elementwise chains: A+B+C as one fused kernel against op-by-op (eager) dispatch;
   - relu(A@B) with the relu fused into the matmul or run as a second kernel;
@@ -44,7 +47,7 @@ class RooflineConfig:
     max_square: int = 0       # largest square matmul n, a power of 2 >= 128; 0: 8192 (1024 on CPU)
     weight: int = 0           # W of the skinny sweep's [M, W] @ [W, W]; 0: 8192 (1024 on CPU)
     max_batch: int = 1024     # largest M of the skinny sweep (powers of 2 from 1)
-    vector_mib: int = 0       # MiB per elementwise operand; 0: 1024 (32 on CPU), past any cache
+    vector_mib: int = 0       # MiB per elementwise operand; 0: 1024 (128 on CPU), past any cache
     attn_seq: int = 0         # T = S of the attention rows; 0: 4096 (512 on CPU)
     iters: int = 0            # timed runs per kernel, the median is reported; 0: 10 (5 on CPU)
     out: str = "out"          # directory the roofline PNG is written to
@@ -65,7 +68,7 @@ class RooflineConfig:
 
 def resolve(cfg, on_cpu):
     """Fill the 0 (automatic) fields: small on a CPU, large enough to fill an accelerator."""
-    auto = dict(max_square=1024, weight=1024, vector_mib=32, attn_seq=512, iters=5) if on_cpu \
+    auto = dict(max_square=1024, weight=1024, vector_mib=128, attn_seq=512, iters=5) if on_cpu \
         else dict(max_square=8192, weight=8192, vector_mib=1024, attn_seq=4096, iters=10)
     return dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in auto.items()})
 
@@ -233,6 +236,18 @@ def arg_rotation(make, set_bytes, cache_bytes=64 * 2**20, most=8):
     return [make(i) for i in range(count)]
 
 
+def time_in_place(fn, args, state, iters):
+    """Median seconds per call of state = fn(*args, state), the last argument donated so the
+    output takes its buffer, as BLAS's axpy overwrites y (common.copy_bandwidth says why that
+    matters on a CPU)."""
+    box = [state]
+
+    def step():
+        box[0] = fn(*args, box[0])
+        return box[0]
+    return common.bench(step, iters=iters, warmup=1).median_s
+
+
 def measure_matmul(dtype, n, iters, precision=None):
     """FLOP/s of one n x n x n matmul in `dtype` (float64 inside jax.enable_x64)."""
     ka, kb = jax.random.split(jax.random.key(n))
@@ -243,24 +258,28 @@ def measure_matmul(dtype, n, iters, precision=None):
 
 
 def measure_copy(mib, iters):
-    """Bytes/s of x * 1.0001 over `mib` MiB of float32: read once, written once, both counted."""
+    """Bytes/s of x * 1.0001 over `mib` MiB of float32, read once and written once, both counted:
+    (in place, into a fresh buffer). See common.copy_bandwidth for why they can differ."""
     words = mib * 2**20 // 4
-    xs = [(random_array(k, (words,), jnp.float32),) for k in jax.random.split(jax.random.key(1))]
-    return 2 * 4 * words / time_per_call(jax.jit(lambda x: x * 1.0001), xs, iters)
+    return (common.copy_bandwidth(words, iters),
+            common.copy_bandwidth(words, iters, in_place=False))
 
 
 def xla_bytes(fn, *args):
-    """Bytes accessed as XLA's cost model counts them for the compiled fn; None if not reported."""
+    """Bytes accessed as XLA's cost model counts them for the compiled fn; None if not reported,
+    as for a program that calls a library kernel (cuBLAS on a GPU), which the model counts as 0."""
     ca = jax.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(ca, (list, tuple)):  # older jax: one dict per program
         ca = ca[0] if ca else None
-    return (ca or {}).get("bytes accessed")
+    counted = (ca or {}).get("bytes accessed")
+    return counted if counted and counted > 0 else None
 
 
 @dataclasses.dataclass
 class Ceilings:
     flops: dict            # dtype label -> measured matmul FLOP/s
-    bandwidth: float       # measured copy bytes/s
+    bandwidth: float       # measured copy bytes/s, in place
+    fresh_bandwidth: float  # the same copy writing a fresh buffer each call
     ds_flops: dict         # dtype label -> datasheet FLOP/s (only the dtypes the table lists)
     ds_bandwidth: float    # datasheet HBM bytes/s, or None
 
@@ -313,12 +332,17 @@ def measure_ceilings(cfg, on_cpu):
         ratio = f"{flops[label] / d:7.0%}" if d else f"{'-':>7s}"
         ds_text = f"{d / 1e12:8.1f} TFLOP/s" if d else f"{'-':>14s}"
         print(f"  {label:18s} {size:5d} {flops[label] / 1e12:8.2f} TFLOP/s {ds_text} {ratio:>8s}")
-    bw = measure_copy(cfg.vector_mib, cfg.iters)
+    bw, fresh = measure_copy(cfg.vector_mib, cfg.iters)
     ds_bw = chip.hbm_bw if chip else None
     ds_text = f"{ds_bw / 1e9:11.0f} GB/s" if ds_bw else f"{'-':>14s}"
-    ratio = f"{bw / ds_bw:7.0%}" if ds_bw else f"{'-':>7s}"
-    print(f"  {'copy (read+write)':18s} {'':5s} {bw / 1e9:11.1f} GB/s {ds_text} {ratio:>8s}")
-    return Ceilings(flops, bw, {k: v for k, v in ds.items() if v}, ds_bw)
+    for label, b in (("copy (read+write)", bw), ("  to a fresh buffer", fresh)):
+        ratio = f"{b / ds_bw:7.0%}" if ds_bw else f"{'-':>7s}"
+        print(f"  {label:18s} {'':5s} {b / 1e9:11.1f} GB/s {ds_text} {ratio:>8s}")
+    if fresh < 0.8 * bw:
+        print(f"  a fresh output runs at {fresh / bw:.0%} of the in-place copy here: the first write "
+              f"to each new page faults and the OS zeroes it (common.copy_bandwidth). Kernels that "
+              f"write new arrays (A+B+C, attention) pay that cost too; axpy updates y in place")
+    return Ceilings(flops, bw, fresh, {k: v for k, v in ds.items() if v}, ds_bw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +358,7 @@ def run_axpy(cfg):
         with jax.enable_x64(dtype == "float64"):  # float64 exists in jax only with x64 enabled
             kx, ky = jax.random.split(jax.random.key(2))
             x, y = random_array(kx, (n,), dtype), random_array(ky, (n,), dtype)
-            t = time_per_call(jax.jit(axpy), [(2.0, x, y)], cfg.iters)
+            t = time_in_place(jax.jit(axpy, donate_argnums=2), (2.0, x), y, cfg.iters)
         rows.append((f"axpy n={n:,}", dtype, cost, t))
     return rows
 
@@ -380,8 +404,10 @@ def run_fusion(cfg, ceil):
           f"max |diff| {err:.1e})")
     print(f"  {'kernel':22s} {'predicted MB':>13s} {'XLA MB':>10s} {'time x bw MB':>13s}")
     for name, _, cost, t in rows:
-        print(f"  {name:22s} {cost.bytes / 1e6:13.1f} {(xla[name] or math.nan) / 1e6:10.1f} "
-              f"{t * ceil.bandwidth / 1e6:13.1f}")
+        counted = f"{xla[name] / 1e6:10.1f}" if xla[name] and xla[name] > 0 else f"{'-':>10s}"
+        print(f"  {name:22s} {cost.bytes / 1e6:13.1f} {counted} {t * ceil.bandwidth / 1e6:13.1f}")
+    if not all(xla[name] and xla[name] > 0 for name, *_ in rows):  # None, or nan in a sum
+        print("  (-: not counted; XLA's cost model sees no bytes in a library call such as cuBLAS)")
     return rows
 
 
