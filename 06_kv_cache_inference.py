@@ -1997,6 +1997,9 @@ def main():
     on_gpu = jax.devices()[0].platform == "gpu"
     models, which = load_model(ic, on_gpu)
     print(which)
+    if ic.max_new_tokens and any(tok is not None and not tok.encode(ic.prompt)
+                                 for *_, tok in models):  # checked before the long run, not after
+        raise common.UserError("--prompt encodes to no tokens: give the sample some text to continue")
     dtype = models[0][1].dtype
     draft = load_draft(ic.draft, models[0][1]) if ic.draft else None
     peaks = common.measure_peaks(dtype=dtype)

@@ -512,12 +512,16 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
         inf.load_model(inf.InferConfig(checkpoint=str(tmp_path)), False)
 
 
-def test_command_line_errors_are_one_line():
-    out = subprocess.run([sys.executable, "06_kv_cache_inference.py", "--checkpoint=/no/such/dir"],
-                         cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "does not exist" in out.stderr
+def test_command_line_errors_are_one_line(tmp_path):
+    common.save_checkpoint(str(tmp_path), 1, {"params": numpy_params(TIED, 1)},
+                           {"model": dataclasses.asdict(TIED)})
+    for flags, message in ((["--checkpoint=/no/such/dir"], "does not exist"),
+                           ([f"--ckpt_dir={tmp_path}", "--prompt="], "no tokens")):
+        out = subprocess.run([sys.executable, "06_kv_cache_inference.py", *flags], cwd=ROOT,
+                             capture_output=True, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 2
+        assert out.stderr.strip().count("\n") == 0 and message in out.stderr
 
 
 def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
