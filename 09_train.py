@@ -507,7 +507,13 @@ def main():
     tc = common.parse_flags(TrainConfig())
     if tc.num_processes > 1 or tc.coordinator:
         jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
-    history, params, cfg = train(tc)
+    try:
+        history, params, cfg = train(tc)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept; common.run prints it without a traceback
+        kept = common.list_checkpoints(tc.out_dir)
+        raise KeyboardInterrupt(
+            f"{tc.out_dir} keeps {os.path.basename(kept[-1])}: the same command resumes from it"
+            if kept else f"no checkpoint in {tc.out_dir} yet") from None
     if tc.breakdown:
         return
     if jax.process_index() == 0 and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):

@@ -683,11 +683,15 @@ def _shown(value):
 
 
 def run(main):
-    """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2."""
+    """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
+    Ctrl-C one line (with what the lesson says is kept) and exit 130."""
     try:
         main()
     except UserError as e:
         die(str(e))
+    except KeyboardInterrupt as e:
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------

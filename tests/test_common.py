@@ -402,6 +402,18 @@ def test_parse_flags_errors(capsys, argv, match):
     assert match in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("raised,code,line", [(common.UserError("bad size"), 2, "error: bad size"),
+                                               (KeyboardInterrupt("out keeps x"), 130,
+                                                "interrupted: out keeps x"),
+                                               (KeyboardInterrupt(), 130, "interrupted")])
+def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, line):
+    def main():
+        raise raised
+    with pytest.raises(SystemExit) as e:
+        common.run(main)
+    assert e.value.code == code and capsys.readouterr().err == line + "\n"
+
+
 @pytest.mark.parametrize("flag,match", [("--nope=1", "unknown flag"), ("--steps=-1", "steps"),
                                         ("--preset=huge", "unknown preset"),
                                         ("--data=/does/not/exist", "does not exist")])

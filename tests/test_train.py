@@ -107,6 +107,13 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(common.np, "savez", crash)  # dies halfway through writing step 4
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    # From the command line, the interrupt names what is kept (common.run prints it as one line)
+    monkeypatch.setattr(common, "parse_flags", lambda _: tc)
+    real_train = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda tc: real_train(
+        tc, log=lambda s: None, devices=jax.devices()[:1]))
+    with pytest.raises(KeyboardInterrupt, match="keeps ckpt_00000002: the same command resumes"):
+        train_mod.main()
     monkeypatch.undo()
     assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000002"]
     rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
