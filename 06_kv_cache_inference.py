@@ -9,6 +9,7 @@ measured against the memory-bandwidth bound that rules decode.
     python 06_kv_cache_inference.py --checkpoint=DIR    # a Hugging Face Llama directory (with
                                                         # its tokenizer.json), or 09's out_dir
     python 06_kv_cache_inference.py --prompt="def " --temperature=0.8 --top_p=0.95
+    python 06_kv_cache_inference.py --checkpoint=DIR --sample_only=true --prompt="Once upon"
     python 06_kv_cache_inference.py --checkpoint=DIR --draft=SMALLER_DIR   # speculative
                                                         # decoding with a smaller model as draft
 
@@ -133,6 +134,7 @@ class InferConfig:
     draft: str = ""             # instead, a smaller model as the draft: a directory as
                                 # --checkpoint takes, with the target's tokenizer
     steps: int = 0              # decode steps per timed run; 0: 32 on a GPU, 8 on a CPU
+    sample_only: bool = False   # only continue --prompt (the sampling flags apply), no lesson
 
     def __post_init__(self):
         for f in ("max_new_tokens", "top_k", "prompt_len", "gen_len", "cache_len", "batch",
@@ -1935,18 +1937,40 @@ def measure_speculative_sampling(run, dp, dcfg):
     return st, (run.G - 1) / st["decode_s"], (run.G - 1) / (seconds(run.G) - seconds(1))
 
 
+def continue_prompt(ip, cfg, tok, ic, cache_len=None):
+    """--prompt's continuation under the sampling flags, as token ids."""
+    ids = tok.encode(ic.prompt)
+    if cache_len and len(ids) + ic.max_new_tokens > cache_len:
+        cache_len = None  # else the compiled decode step of that cache length is reused
+    return generate(ip, cfg, [ids], ic.max_new_tokens, ic.temperature, ic.top_k, ic.top_p,
+                    ic.seed, cache_len=cache_len,
+                    stop_tokens=[t for t in tok.stop if t < cfg.vocab_size])[0]
+
+
 def show_sample(run):
     ic, tok = run.ic, run.tokenizer
     if tok is None or not ic.max_new_tokens:
         return
-    ids = tok.encode(ic.prompt)
-    fits = len(ids) + ic.max_new_tokens <= run.S   # then the compiled decode step is reused
-    out = generate(run.params, run.cfg, [ids], ic.max_new_tokens, ic.temperature, ic.top_k,
-                   ic.top_p, ic.seed, cache_len=run.S if fits else None,
-                   stop_tokens=[t for t in tok.stop if t < run.cfg.vocab_size])[0]
+    out = continue_prompt(run.params, run.cfg, tok, ic, run.S)
     note = "" if run.trained else " (random weights: expect noise; 09_train.py makes a model)"
     run.section(f"sample: temperature {ic.temperature}, top_k {ic.top_k}, top_p {ic.top_p}{note}")
     print(ic.prompt + tok.decode(out))
+
+
+def sample_only(models, ic):
+    """--sample_only: the text tool. Each model continues --prompt; no measurements."""
+    for name, cfg, params, tok in models:
+        if tok is None or params is None:
+            raise common.UserError(f"--sample_only needs a trained model: {name} would have "
+                                   f"random weights (give --checkpoint=DIR, or run 09_train.py)")
+        t0 = time.perf_counter()
+        ip = jax.block_until_ready(inference_params(params, cfg))
+        t1 = time.perf_counter()
+        out = continue_prompt(ip, cfg, tok, ic)
+        t2 = time.perf_counter()
+        print(ic.prompt + tok.decode(out))
+        print(f"({name}: {len(out)} tokens in {t2 - t1:.1f} s, compilation included; weights "
+              f"ready in {t1 - t0:.1f} s)")
 
 
 def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, draft=None):
@@ -2000,6 +2024,8 @@ def main():
     if ic.max_new_tokens and any(tok is not None and not tok.encode(ic.prompt)
                                  for *_, tok in models):  # checked before the long run, not after
         raise common.UserError("--prompt encodes to no tokens: give the sample some text to continue")
+    if ic.sample_only:
+        return sample_only(models, ic)
     dtype = models[0][1].dtype
     draft = load_draft(ic.draft, models[0][1]) if ic.draft else None
     peaks = common.measure_peaks(dtype=dtype)

@@ -524,6 +524,21 @@ def test_command_line_errors_are_one_line(tmp_path):
         assert out.stderr.strip().count("\n") == 0 and message in out.stderr
 
 
+def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys):
+    common.save_checkpoint(str(tmp_path), 1, {"params": numpy_params(TIED, 1)},
+                           {"model": dataclasses.asdict(TIED)})
+    ic = inf.InferConfig(ckpt_dir=str(tmp_path), sample_only=True, prompt="ab", max_new_tokens=5)
+    models = inf.load_model(ic, False)[0]
+    inf.sample_only(models, ic)
+    (_, cfg, params, tok), = models
+    want = inf.generate(inf.inference_params(params, cfg), cfg, [tok.encode("ab")], 5,
+                        stop_tokens=tok.stop)[0]
+    assert capsys.readouterr().out.startswith("ab" + tok.decode(want) + "\n")
+    random = dataclasses.replace(ic, ckpt_dir=str(tmp_path / "none"))
+    with pytest.raises(common.UserError, match="random weights"):
+        inf.sample_only(inf.load_model(random, False)[0], random)
+
+
 def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
     """Checkpoints as 09_train.py writes them, through common.save_checkpoint."""
     old, new = numpy_params(TIED, 1), numpy_params(TIED, 2)
