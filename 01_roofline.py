@@ -339,8 +339,8 @@ def measure_ceilings(cfg, on_cpu):
         ratio = f"{b / ds_bw:7.0%}" if ds_bw else f"{'-':>7s}"
         print(f"  {label:18s} {'':5s} {b / 1e9:11.1f} GB/s {ds_text} {ratio:>8s}")
     if fresh < 0.8 * bw:
-        print(f"  a fresh output runs at {fresh / bw:.0%} of the in-place copy here: the first write "
-              f"to each new page faults and the OS zeroes it (common.copy_bandwidth). Kernels that "
+        print(f"  a fresh output runs at {fresh / bw:.0%} of the in-place copy here: the first "
+              f"write to each new page faults and the OS zeroes it (common.copy_bandwidth). Kernels that "
               f"write new arrays (A+B+C, attention) pay that cost too; axpy updates y in place")
     return Ceilings(flops, bw, fresh, {k: v for k, v in ds.items() if v}, ds_bw)
 

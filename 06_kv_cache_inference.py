@@ -71,13 +71,13 @@ What the lesson shows, in the order main() prints it:
      step more than a bf16 one), and the ten or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
      whatever it reads. An int8 step has two more per layer: XLA splits the int8 products of
-     wo and w_down over K, and their partial sums meet the residual in a kernel of their own. At batch 1 they, not the products, keep a step from the bandwidth
-     bound, and the step is built to have few of them: the norms' weights folded into the next
-     matrices (fold_norm), and independent kernels run side by side
-     (DECODE_COMPILER_OPTIONS). The products themselves are written for one row: a one-row
-     product is a matrix-vector product, and an elementwise multiply and a sum along the rows
-     of an output-major matrix streams it faster than a matrix multiply kernel does
-     (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices; down the
+     wo and w_down over K, and their partial sums meet the residual in a kernel of their own.
+     At batch 1 the small kernels, not the products, keep a step from the bandwidth bound,
+     and the step is built to have few of them: the norms' weights folded into the next
+     matrices (fold_norm), and independent kernels run side by side (DECODE_COMPILER_OPTIONS).
+     The products themselves are written for one row: a one-row product is a matrix-vector
+     product, and an elementwise multiply and a sum along the rows of an output-major matrix
+     streams it faster than a matrix multiply kernel does (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices; down the
      columns of an input-major matrix the same sum is up to 4x slower).
      The host pays for every call: dispatching a step's few hundred arrays takes 0.4-1 ms,
      longer than a small model's step on a GPU. decode_steps runs several steps in one call,
@@ -2023,7 +2023,7 @@ def main():
     print(which)
     if ic.max_new_tokens and any(tok is not None and not tok.encode(ic.prompt)
                                  for *_, tok in models):  # checked before the long run, not after
-        raise common.UserError("--prompt encodes to no tokens: give the sample some text to continue")
+        raise common.UserError("--prompt encodes to no tokens: give the sample some text")
     if ic.sample_only:
         return sample_only(models, ic)
     dtype = models[0][1].dtype
