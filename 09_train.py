@@ -75,6 +75,7 @@ class TrainConfig:
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4
     sample_len: int = 200        # bytes generated at the end
+    sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster)
     breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
     num_processes: int = 1
@@ -91,6 +92,8 @@ class TrainConfig:
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.lr <= 0:
             raise common.UserError(f"lr must be > 0, got {self.lr}")
+        if self.sample_len and not self.sample_prompt:
+            raise common.UserError("sample_prompt must not be empty (or set sample_len=0)")
         if self.preset not in common.PRESETS:
             raise common.UserError(f"unknown preset {self.preset!r} "
                                    f"(presets: {', '.join(common.PRESETS)})")
@@ -524,7 +527,8 @@ def main():
         from jax.experimental import multihost_utils
         params = multihost_utils.process_allgather(params, tiled=True)
     if tc.sample_len and jax.process_index() == 0:
-        print("sample:\n" + sample(params, cfg, b"def ", tc.sample_len, tc.seed))
+        print("sample:\n" + sample(params, cfg, tc.sample_prompt.encode(), tc.sample_len,
+                                    tc.seed))
 
 
 if __name__ == "__main__":

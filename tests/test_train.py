@@ -163,6 +163,7 @@ def test_lr_schedule_shape():
     (dict(batch_size=6, mesh="dp:4,fsdp:2"), "must split"),
     (dict(data="/does/not/exist"), "does not exist"),
     (dict(mesh="tp:8", batch_size=4, seq_len=36, sequence_parallel=True), "divides neither"),
+    (dict(sample_len=10, sample_prompt=""), "sample_prompt"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
