@@ -279,7 +279,6 @@ def xla_bytes(fn, *args):
 class Ceilings:
     flops: dict            # dtype label -> measured matmul FLOP/s
     bandwidth: float       # measured copy bytes/s, in place
-    fresh_bandwidth: float  # the same copy writing a fresh buffer each call
     ds_flops: dict         # dtype label -> datasheet FLOP/s (only the dtypes the table lists)
     ds_bandwidth: float    # datasheet HBM bytes/s, or None
 
@@ -340,9 +339,10 @@ def measure_ceilings(cfg, on_cpu):
         print(f"  {label:18s} {'':5s} {b / 1e9:11.1f} GB/s {ds_text} {ratio:>8s}")
     if fresh < 0.8 * bw:
         print(f"  a fresh output runs at {fresh / bw:.0%} of the in-place copy here: the first "
-              f"write to each new page faults and the OS zeroes it (common.copy_bandwidth). Kernels that "
-              f"write new arrays (A+B+C, attention) pay that cost too; axpy updates y in place")
-    return Ceilings(flops, bw, fresh, {k: v for k, v in ds.items() if v}, ds_bw)
+              f"write to each new page faults and the OS zeroes it (common.copy_bandwidth). "
+              f"Kernels that write new arrays (A+B+C, attention) pay that cost too; axpy "
+              f"updates y in place")
+    return Ceilings(flops, bw, {k: v for k, v in ds.items() if v}, ds_bw)
 
 
 # ----------------------------------------------------------------------------------------------

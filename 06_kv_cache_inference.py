@@ -77,8 +77,9 @@ What the lesson shows, in the order main() prints it:
      matrices (fold_norm), and independent kernels run side by side (DECODE_COMPILER_OPTIONS).
      The products themselves are written for one row: a one-row product is a matrix-vector
      product, and an elementwise multiply and a sum along the rows of an output-major matrix
-     streams it faster than a matrix multiply kernel does (ROW_SUM_MAX; XLA's GPU compiler makes the same rewrite for small matrices; down the
-     columns of an input-major matrix the same sum is up to 4x slower).
+     streams it faster than a matrix multiply kernel does (ROW_SUM_MAX; XLA's GPU compiler
+     makes the same rewrite for small matrices; down the columns of an input-major matrix the
+     same sum is up to 4x slower).
      The host pays for every call: dispatching a step's few hundred arrays takes 0.4-1 ms,
      longer than a small model's step on a GPU. decode_steps runs several steps in one call,
      and the lesson times it beside one step per call; generate and the serving loops run
