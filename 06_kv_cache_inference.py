@@ -116,7 +116,8 @@ class InferConfig:
     checkpoint: str = ""        # a Hugging Face Llama dir, or 09_train.py's ckpt_<step> or out_dir
     ckpt_dir: str = "out"       # 09_train.py's --out_dir, searched when there is no --checkpoint
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
-                                # llama-3-8b,llama-3.2-1b, else the newest 09 checkpoint or `small`
+                                # llama-3-8b,llama-3.2-1b (the benchmark), else (or with
+                                # --sample_only) the newest 09 checkpoint or `small`
     prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
     max_new_tokens: int = 64    # the sample's length, at most (a checkpoint's EOS ends it)
     temperature: float = 0.0    # the sample's; > 0 also times speculative sampling; 0: greedy
@@ -1295,19 +1296,20 @@ def load_model(ic, on_gpu):
     if ic.checkpoint:
         *model, which = load_checkpoint_dir(ic.checkpoint)
         return [tuple(model)], f"model: {which}"
-    if ic.models == "auto" and not on_gpu:
+    benchmark = on_gpu and not ic.sample_only  # a GPU's lesson measures the Llama shapes
+    if ic.models == "auto" and not benchmark:
         path = find_train_checkpoint(ic.ckpt_dir)
         if path:
             cfg, params = load_train_checkpoint(path)
             return [(os.path.basename(path), cfg, params, BYTES)], \
                 f"model: the newest 09_train.py checkpoint, {path}"
-    names = (["llama-3-8b", "llama-3.2-1b"] if on_gpu else ["small"]) if ic.models == "auto" \
+    names = (["llama-3-8b", "llama-3.2-1b"] if benchmark else ["small"]) if ic.models == "auto" \
         else [m for m in ic.models.split(",") if m]
     models = []
     for name in names:
         cfg = common.Config.preset(name)
         models.append((name, cfg, None, BYTES if cfg.vocab_size == 256 else None))
-    why = "" if ic.models != "auto" or on_gpu else f" (no checkpoint under {ic.ckpt_dir}/)"
+    why = "" if ic.models != "auto" or benchmark else f" (no checkpoint under {ic.ckpt_dir}/)"
     return models, f"model: random weights, {', '.join(names)}{why}"
 
 
