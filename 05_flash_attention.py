@@ -53,7 +53,8 @@ class FlashConfig:
     dtype: str = "bfloat16"
     causal: bool = True
     block_q: int = 0           # query rows per block; 0: a short sweep picks it on GPU, 256 on CPU
-    block_k: int = 0           # key rows per block; 0: as block_q
+    block_k: int = 0           # key rows per block; 0: as block_q (with block_q=0 on GPU the
+                               # sweep picks both, and this is ignored)
     min_len: int = 0           # shortest S timed (lengths double); 0: 1024 on GPU, 256 on CPU
     max_len: int = 0           # longest S timed; 0: 65536 on GPU, 512 on CPU
     mem_max_len: int = 65536   # longest S of the compile-only memory table (CPU: 16k, 32k, ...)

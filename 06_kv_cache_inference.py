@@ -126,7 +126,8 @@ class InferConfig:
     seed: int = 0
     prompt_len: int = 0         # end-to-end prompt tokens; 0: 256 on a GPU, 64 on a CPU
     gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
-    cache_len: int = 0          # positions per cache row; 0: prompt_len + gen_len rounded up
+    cache_len: int = 0          # positions per cache row; 0: prompt_len + gen_len + room for
+                                # a speculative round (2 gamma + 1), up to a power of 2 >= 128
     batch: int = 0              # the large decode batch, against batch 1; 0: 64 on a GPU,
                                 # 16 on a CPU
     slots: int = 0              # continuous batching slots; 0: 16 on a GPU, 4 on a CPU

@@ -53,7 +53,7 @@ class TrainConfig:
     steps: int = 150             # total optimizer steps (also the length of the cosine)
     batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
-    grad_accum: int = 1          # micro-batches per step (gradients summed before the update)
+    grad_accum: int = 1          # micro-batches per step (gradients averaged before the update)
     lr: float = 3e-3             # peak learning rate
     min_lr: float = 3e-4         # end of the cosine
     warmup: int = 20             # steps of linear warmup

@@ -112,7 +112,7 @@ class Config:
 PRESETS = {
     "tiny": Config(),  # ~0.1M params: tests
     "small": Config(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=64, d_ff=1536,
-                    max_seq_len=512),  # ~13.5M params: the CPU training demo
+                    max_seq_len=512),  # ~13.2M params: the CPU training demo
     # Published shapes (Hugging Face config.json of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B).
     "llama-3.2-1b": Config(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                            head_dim=64, d_ff=8192, max_seq_len=131072, rope_theta=500000.0,
