@@ -186,6 +186,32 @@ def init_params(cfg, key):
 # The model
 # ----------------------------------------------------------------------------------------------
 
+@jax.custom_vjp
+def embed(table, tokens):
+    """table[tokens]: the rows of an embedding table [V, D] for int tokens [B, T] -> [B, T, D].
+    Its gradient adds each token's row gradient into the table, a scatter-add that sends many
+    adds to the same rows (every space, every newline). In a 16-bit table each add is a
+    read-round-write of its own and each one rounds: XLA's bf16 scatter took 1.8 ms of a 3.4 ms
+    step of the `small` model on an H100, and 11.8 of 266 ms at llama-3.2-1b, 8 x 2048 tokens.
+    So the adds run in float32, and the sum is rounded once."""
+    return jnp.take(table, tokens, axis=0)
+
+
+def _embed_fwd(table, tokens):
+    # The backward pass needs the table's shape and dtype, not its values: an empty [V, 0] array
+    # carries them.
+    return jnp.take(table, tokens, axis=0), (tokens, jnp.zeros((table.shape[0], 0), table.dtype))
+
+
+def _embed_bwd(res, g):
+    tokens, like = res
+    rows = jnp.zeros((like.shape[0], g.shape[-1]), jnp.float32)
+    return rows.at[tokens].add(g.astype(jnp.float32)).astype(like.dtype), None
+
+
+embed.defvjp(_embed_fwd, _embed_bwd)
+
+
 def rms_norm(x, w, eps):
     # Statistics in float32 even for bf16 activations: a mean of squares loses digits fast.
     xf = x.astype(jnp.float32)
@@ -312,7 +338,7 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     # The table is gathered over FSDP before the lookup, as every weight is before its use; left
     # to itself, XLA's partitioner replicated the looked-up rows under a dp x fsdp x tp mesh.
     table = constrain(params["embed"].astype(dt), ("vocab", None))
-    x = constrain(jnp.take(table, tokens, axis=0), ("residual_batch", "residual_seq", "embed"))
+    x = constrain(embed(table, tokens), ("residual_batch", "residual_seq", "embed"))
     if scan_layers:
         x, _ = jax.lax.scan(layer, x, params["layers"])
     else:

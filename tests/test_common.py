@@ -83,6 +83,18 @@ def np_forward(params, tokens, cfg):
     return np.stack(out)
 
 
+def test_embedding_gradient_sums_in_float32():
+    """4096 tokens of one row: the table's gradient is their float32 sum, rounded to bf16 once
+    (a bf16 scatter-add rounds after every add, and lands several units away)."""
+    tokens = jnp.zeros((2, 2048), jnp.int32)
+    g = jax.random.normal(jax.random.key(0), (2, 2048, 8)).astype(jnp.bfloat16)
+    got = jax.grad(lambda t: jnp.sum(common.embed(t, tokens).astype(jnp.float32) * g))(
+        jnp.zeros((4, 8), jnp.bfloat16))
+    want = np.asarray(g, np.float32).sum(axis=(0, 1)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want))
+    assert not np.asarray(got[1:]).any()
+
+
 @pytest.mark.parametrize("cfg", [TINY, GQA_SCALED], ids=["tiny", "mqa-llama3rope-tied"])
 def test_forward_matches_numpy(cfg):
     params = common.init_params(cfg, jax.random.key(1))
