@@ -21,8 +21,10 @@ What it puts together, lesson by lesson:
 - attention chosen by flag: naive (common), flash (lesson 05), pallas (lesson 08), cudnn;
 - the layers unrolled into one program (--scan_layers=true loops one compiled layer instead:
   faster to compile, slower to run, because XLA's loop copies buffers from one iteration to the
-  next), and a loss that widens the logits to float32 only inside its reductions and writes
-  their gradient in one pass, in bf16 (common.cross_entropy);
+  next), a loss that widens the logits to float32 only inside its reductions and writes
+  their gradient in one pass, in bf16 (common.cross_entropy), and an embedding lookup whose
+  gradient sums the tokens' rows in float32 (common.embed: a bf16 scatter-add rounds at every
+  add, and ran slowly);
 - checkpoints written atomically to --out_dir (params, optimizer state, step; the data position
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
   --out_dir resumes and reaches exactly the loss an uninterrupted run reaches;
