@@ -710,11 +710,18 @@ def _shown(value):
 
 def run(main):
     """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
-    Ctrl-C one line (with what the lesson says is kept) and exit 130."""
+    the device running out of memory one line and exit 1, Ctrl-C one line (with what the lesson
+    says is kept) and exit 130."""
     try:
         main()
     except UserError as e:
         die(str(e))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        what = str(e).splitlines()[0].split(" [")[0]  # the allocator's dump went to stderr above
+        die(f"the device ran out of memory ({what}): try smaller sizes (batch, sequence, model), "
+            f"or in 09_train.py --remat=dots or full, or more devices", code=1)
     except KeyboardInterrupt as e:
         print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)

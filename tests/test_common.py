@@ -417,7 +417,15 @@ def test_parse_flags_errors(capsys, argv, match):
 @pytest.mark.parametrize("raised,code,line", [(common.UserError("bad size"), 2, "error: bad size"),
                                                (KeyboardInterrupt("out keeps x"), 130,
                                                 "interrupted: out keeps x"),
-                                               (KeyboardInterrupt(), 130, "interrupted")])
+                                               (KeyboardInterrupt(), 130, "interrupted"),
+                                               (jax.errors.JaxRuntimeError(
+                                                   "RESOURCE_EXHAUSTED: Out of memory while trying"
+                                                   " to allocate 41.66GiB [executable='step']"), 1,
+                                                "error: the device ran out of memory "
+                                                "(RESOURCE_EXHAUSTED: Out of memory while trying "
+                                                "to allocate 41.66GiB): try smaller sizes (batch, "
+                                                "sequence, model), or in 09_train.py --remat=dots "
+                                                "or full, or more devices")])
 def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, line):
     def main():
         raise raised
