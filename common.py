@@ -720,8 +720,10 @@ def run(main):
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         what = str(e).splitlines()[0].split(" [")[0]  # the allocator's dump went to stderr above
-        die(f"the device ran out of memory ({what}): try smaller sizes (batch, sequence, model), "
-            f"or in 09_train.py --remat=dots or full, or more devices", code=1)
+        gpu = ("JAX takes 75% of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION=.95 says "
+               "more; " if jax.devices()[0].platform == "gpu" else "")
+        die(f"the device ran out of memory ({what}): {gpu}try smaller sizes (batch, sequence, "
+            f"model), or in 09_train.py --remat=dots or full, or more devices", code=1)
     except KeyboardInterrupt as e:
         print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
