@@ -236,18 +236,6 @@ def arg_rotation(make, set_bytes, cache_bytes=64 * 2**20, most=8):
     return [make(i) for i in range(count)]
 
 
-def time_in_place(fn, args, state, iters):
-    """Median seconds per call of state = fn(*args, state), the last argument donated so the
-    output takes its buffer, as BLAS's axpy overwrites y (common.copy_bandwidth says why that
-    matters on a CPU)."""
-    box = [state]
-
-    def step():
-        box[0] = fn(*args, box[0])
-        return box[0]
-    return common.bench(step, iters=iters, warmup=1).median_s
-
-
 def measure_matmul(dtype, n, iters, precision=None):
     """FLOP/s of one n x n x n matmul in `dtype` (float64 inside jax.enable_x64)."""
     ka, kb = jax.random.split(jax.random.key(n))
@@ -358,7 +346,9 @@ def run_axpy(cfg):
         with jax.enable_x64(dtype == "float64"):  # float64 exists in jax only with x64 enabled
             kx, ky = jax.random.split(jax.random.key(2))
             x, y = random_array(kx, (n,), dtype), random_array(ky, (n,), dtype)
-            t = time_in_place(jax.jit(axpy, donate_argnums=2), (2.0, x), y, cfg.iters)
+            # y updated in place, as BLAS's axpy does (common.copy_bandwidth: why on a CPU)
+            step = jax.jit(axpy, donate_argnums=2)
+            t = common.bench_in_place(lambda y: step(2.0, x, y), y, cfg.iters, warmup=1).median_s
         rows.append((f"axpy n={n:,}", dtype, cost, t))
     return rows
 

@@ -909,12 +909,19 @@ def copy_bandwidth(words, iters=5, in_place=True):
         return 2 * 4 * words / bench(jax.jit(lambda x: x * 1.0001), arg_sets=xs,
                                      iters=iters).median_s
     scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    state = [jnp.full((words,), 1.0, jnp.float32)]
+    x = jnp.full((words,), 1.0, jnp.float32)
+    return 2 * 4 * words / bench_in_place(scale, x, iters=iters).median_s
 
-    def step():  # each call consumes the last one's output
-        state[0] = scale(state[0])
-        return state[0]
-    return 2 * 4 * words / bench(step, iters=iters).median_s
+
+def bench_in_place(fn, state, iters=5, warmup=2):
+    """bench for state = fn(state) with the state donated (jit(..., donate_argnums=...)): each
+    call consumes the last one's output, so the runs are chained instead of repeated."""
+    box = [state]
+
+    def step():
+        box[0] = fn(box[0])
+        return box[0]
+    return bench(step, iters=iters, warmup=warmup)
 
 
 def ceilings(dtype="bfloat16"):
