@@ -137,7 +137,8 @@ class InferConfig:
     draft: str = ""             # instead, a smaller model as the draft: a directory as
                                 # --checkpoint takes, with the target's tokenizer
     steps: int = 0              # decode steps per timed run; 0: 32 on a GPU, 8 on a CPU
-    sample_only: bool = False   # only continue --prompt (the sampling flags apply), no lesson
+    sample_only: bool = False   # only continue --prompt (the sampling flags and --draft apply),
+                                # no lesson
 
     def __post_init__(self):
         for f in ("max_new_tokens", "top_k", "prompt_len", "gen_len", "cache_len", "batch",
@@ -1951,6 +1952,16 @@ def continue_prompt(ip, cfg, tok, ic, cache_len=None):
                     stop_tokens=[t for t in tok.stop if t < cfg.vocab_size])[0]
 
 
+def continue_prompt_speculative(ip, cfg, tok, ic, draft):
+    """The same, drafted by `draft` (load_draft's triple): (token ids, the rounds' statistics)."""
+    _, dcfg, dp = draft
+    out, stats = speculative_generate(
+        ip, cfg, dp, dcfg, [tok.encode(ic.prompt)], ic.max_new_tokens, gamma=ic.gamma,
+        stop_tokens=[t for t in tok.stop if t < cfg.vocab_size], temperature=ic.temperature,
+        top_k=ic.top_k or None, top_p=ic.top_p, seed=ic.seed)
+    return out[0], stats
+
+
 def show_sample(run):
     ic, tok = run.ic, run.tokenizer
     if tok is None or not ic.max_new_tokens:
@@ -1961,8 +1972,9 @@ def show_sample(run):
     print(ic.prompt + tok.decode(out))
 
 
-def sample_only(models, ic):
-    """--sample_only: the text tool. Each model continues --prompt; no measurements."""
+def sample_only(models, ic, draft=None):
+    """--sample_only: the text tool. Each model continues --prompt, drafted by `draft` (--draft)
+    if given; no measurements."""
     for name, cfg, params, tok in models:
         if tok is None or params is None:
             raise common.UserError(f"--sample_only needs a trained model: {name} would have "
@@ -1970,11 +1982,16 @@ def sample_only(models, ic):
         t0 = time.perf_counter()
         ip = jax.block_until_ready(inference_params(params, cfg))
         t1 = time.perf_counter()
-        out = continue_prompt(ip, cfg, tok, ic)
+        if draft is None:
+            out, note = continue_prompt(ip, cfg, tok, ic), ""
+        else:
+            out, stats = continue_prompt_speculative(ip, cfg, tok, ic, draft)
+            note = (f"; drafted by {draft[0]}, gamma {ic.gamma}: {stats['acceptance']:.0%} of "
+                    f"the draft's tokens accepted")
         t2 = time.perf_counter()
         print(ic.prompt + tok.decode(out))
         print(f"({name}: {len(out)} tokens in {t2 - t1:.1f} s, compilation included; weights "
-              f"ready in {t1 - t0:.1f} s)")
+              f"ready in {t1 - t0:.1f} s{note})")
 
 
 def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, draft=None):
@@ -2028,10 +2045,10 @@ def main():
     if ic.max_new_tokens and any(tok is not None and not tok.encode(ic.prompt)
                                  for *_, tok in models):  # checked before the long run, not after
         raise common.UserError("--prompt encodes to no tokens: give the sample some text")
-    if ic.sample_only:
-        return sample_only(models, ic)
     dtype = models[0][1].dtype
     draft = load_draft(ic.draft, models[0][1]) if ic.draft else None
+    if ic.sample_only:
+        return sample_only(models, ic, draft)
     peaks = common.measure_peaks(dtype=dtype)
     line = (f"measured on {jax.devices()[0].device_kind}: {dtype} matmul "
             f"{_si(peaks['matmul_flops'], 'FLOP/s')}, copy {_si(peaks['copy_bw'], 'B/s')}")

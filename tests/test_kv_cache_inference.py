@@ -535,6 +535,10 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys):
     want = inf.generate(inf.inference_params(params, cfg), cfg, [tok.encode("ab")], 5,
                         stop_tokens=tok.stop)[0]
     assert capsys.readouterr().out.startswith("ab" + tok.decode(want) + "\n")
+    # drafted by a model (here the same one, in float32): greedy gives the same tokens
+    inf.sample_only(models, ic, inf.load_draft(str(tmp_path), cfg))
+    out = capsys.readouterr().out
+    assert "\nab" + tok.decode(want) + "\n" in out and "100% of the draft's" in out
     random = dataclasses.replace(ic, ckpt_dir=str(tmp_path / "none"))
     with pytest.raises(common.UserError, match="random weights"):
         inf.sample_only(inf.load_model(random, False)[0], random)
