@@ -317,6 +317,10 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
             q = constrain(q, ("batch", "seq", "heads", "head_dim"))
             k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
             o = attention(q, k, v, True, segment_ids)  # [B, T, H, Dh]
+            # Pinned to its heads too: under sequence parallelism XLA otherwise splits the
+            # reference attention's backward pass over the batch rows of the residual stream,
+            # moving the [T, S] probabilities between devices (all-to-alls, lesson 03).
+            o = constrain(o, ("batch", "seq", "heads", "head_dim"))
             x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"])
             x = constrain(x, ("residual_batch", "residual_seq", "embed"))
         with jax.named_scope("mlp"):
