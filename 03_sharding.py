@@ -1,8 +1,10 @@
-"""Sharding a transformer: data parallel, FSDP and tensor parallel, and what each costs.
+"""Sharding a transformer: data parallel, FSDP, tensor and sequence parallel, and what each costs.
 
     python 03_sharding.py                          # GPUs: every scheme on all local devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py    # 8 CPU devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py --mesh=dp:2,fsdp:2,tp:2
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py --mesh=dp:4,tp:2 \
+        --sequence_parallel=true
 
 A mesh names the devices' axes (here dp, fsdp, tp); a PartitionSpec says which mesh axis splits
 which dimension of an array; a NamedSharding is the pair. jit then compiles one program per
@@ -19,10 +21,11 @@ param_specs), and one rule table (common.SHARDING_RULES) maps them to mesh axes:
     MLP width are split; wq/wk/wv and w_gate/w_up are column-parallel (output split), wo and
     w_down row-parallel (contraction split), so each sub-block ends in an all-reduce of the
     [B, T, D] activations in the forward pass, and in the backward pass the gradient of its
-    input is all-reduced. Sequence parallelism (Korthikanti et al. 2022; 09_train.py's
-    --sequence_parallel) also splits the tokens between those matmuls: each all-reduce becomes
-    a reduce-scatter and an all-gather of the same bytes, and the norms, residual adds and
-    their saved activations shrink tp-fold;
+    input is all-reduced;
+  - TP+SP, sequence parallelism (Korthikanti et al. 2022; 09_train.py's --sequence_parallel):
+    TP that also splits the tokens between those matmuls, so each all-reduce becomes a
+    reduce-scatter and an all-gather of the same bytes in all, and the norms, residual adds
+    and what they keep for the backward pass shrink tp-fold;
   - FSDP+TP: both, on a 2-D mesh.
 For each scheme the lesson prints per-device bytes of parameters, gradients, Adam's two float32
 moments and activations; the collectives each layer needs, predicted from these rules, beside
@@ -57,8 +60,9 @@ class ShardingConfig:
     preset: str = ""           # model of the analysis (common.PRESETS); empty: small (GPU), tiny
     batch_size: int = 16       # global batch of the analysis, sequences
     seq_len: int = 128         # tokens per sequence
-    mesh: str = ""             # one mesh to analyse, e.g. dp:2,fsdp:2,tp:2; empty: the 4 schemes
-    tp: int = 2                # TP degree of the default TP and FSDP+TP schemes
+    mesh: str = ""             # one mesh to analyse, e.g. dp:2,fsdp:2,tp:2; empty: the 5 schemes
+    sequence_parallel: bool = False  # with --mesh and tp: split the tokens between the matmuls
+    tp: int = 2                # TP degree of the default TP, TP+SP and FSDP+TP schemes
     bench_preset: str = ""     # model of the tokens/s benchmark; empty: llama-3.2-1b (GPU), tiny
     bench_batch: int = 0       # sequences per device in the benchmark; 0: 16 (GPU), 4 (CPU)
     bench_seq: int = 0         # tokens per sequence in the benchmark; 0: 1024 (GPU), 64 (CPU)
@@ -79,29 +83,47 @@ class ShardingConfig:
         if self.bench_remat not in ("none", "full", "dots"):
             raise common.UserError(f"bench_remat must be none, full or dots, "
                                    f"got {self.bench_remat}")
-        common.parse_mesh(self.mesh)
+        sizes = common.parse_mesh(self.mesh)
+        if self.sequence_parallel and (not self.mesh or sizes["tp"] == 1):
+            raise common.UserError("sequence_parallel needs a --mesh with tp > 1 (without "
+                                   "--mesh the TP+SP scheme is analysed anyway)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Meshes and shardings
 # ----------------------------------------------------------------------------------------------
 
-def check_batch(batch_size, mesh):
-    split = mesh.shape["dp"] * mesh.shape["fsdp"]
+def check_batch(batch_size, seq_len, mesh, sequence_parallel=False):
+    split, tp = mesh.shape["dp"] * mesh.shape["fsdp"], mesh.shape["tp"]
     if batch_size % split:
         raise common.UserError(f"batch_size={batch_size} does not split over dp*fsdp={split} "
                                f"devices of mesh {common.mesh_name(dict(mesh.shape))}")
+    if sequence_parallel and (batch_size // split) % tp and seq_len % tp:
+        raise common.UserError(f"sequence parallelism splits the tokens over tp={tp}, which "
+                               f"divides neither the {batch_size // split} rows per dp*fsdp "
+                               f"group nor seq_len={seq_len}")
 
 
-def sharding_of(mesh, axes):
-    """The NamedSharding of an array with these logical axis names, by common.SHARDING_RULES."""
-    return NamedSharding(mesh, common.logical_to_spec(axes, mesh))
+def scheme_rules(mesh, batch_size, sequence_parallel):
+    """The rule table of a scheme: common.SHARDING_RULES, or with sequence parallelism the
+    residual stream's tokens split over tp as well (the batch rows where each dp x fsdp group
+    has a multiple of tp of them, else the positions)."""
+    if not sequence_parallel or mesh.shape["tp"] == 1:
+        return common.SHARDING_RULES
+    rows = batch_size // (mesh.shape["dp"] * mesh.shape["fsdp"])
+    return common.sequence_parallel_rules(rows, mesh.shape["tp"])
 
 
-def constrain_fn(mesh):
+def sharding_of(mesh, axes, rules=None):
+    """The NamedSharding of an array with these logical axis names, by a rule table
+    (common.SHARDING_RULES unless given)."""
+    return NamedSharding(mesh, common.logical_to_spec(axes, mesh, rules))
+
+
+def constrain_fn(mesh, rules=None):
     """For common.forward's `constrain` hook: pin activations to the rules' shardings, so that
     XLA follows the scheme (batch over dp and fsdp, the MLP width over tp) rather than guess."""
-    return lambda x, axes: jax.lax.with_sharding_constraint(x, sharding_of(mesh, axes))
+    return lambda x, axes: jax.lax.with_sharding_constraint(x, sharding_of(mesh, axes, rules))
 
 
 def layer_shardings(cfg, mesh):
@@ -118,22 +140,28 @@ def block(p, x, cos, sin, cfg, constrain=None):
     """One layer of common.forward, written out so that one block can be compiled alone.
     p: one layer's params (no layer axis); x: [B, T, D]. Under TP the q/k/v and gate/up
     matmuls are column-parallel (their output dim, heads or mlp, is split) and wo, w_down
-    row-parallel (their contraction is split), which is where the all-reduces come from."""
+    row-parallel (their contraction is split), which is where the all-reduces come from. The
+    residual stream x has axes of its own ("residual_batch", "residual_seq"): sequence
+    parallelism splits its tokens over tp too, so the norms' outputs are gathered before the
+    matmuls and the matmuls' sums reduce-scattered back into x."""
     constrain = constrain or (lambda a, axes: a)
     dt = jnp.dtype(cfg.dtype)
     p = jax.tree.map(lambda w: w.astype(dt), p)
-    h = common.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    residual, act = ("residual_batch", "residual_seq", "embed"), ("batch", "seq", "embed")
+    h = constrain(common.rms_norm(x, p["attn_norm"], cfg.norm_eps), act)
     q = jnp.einsum("btd,dhk->bthk", h, p["wq"])  # [B, T, H, Dh]
     k = jnp.einsum("btd,dhk->bthk", h, p["wk"])  # [B, T, KH, Dh]
     v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
     q, k = common.apply_rope(q, cos, sin), common.apply_rope(k, cos, sin)
-    o = common.attention_reference(q, k, v, True)  # [B, T, H, Dh]
-    x = constrain(x + jnp.einsum("bthk,hkd->btd", o, p["wo"]), ("batch", "seq", "embed"))
-    h = common.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+    k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
+    o = constrain(common.attention_reference(q, k, v, True), ("batch", "seq", "heads", "head_dim"))
+    x = constrain(x + jnp.einsum("bthk,hkd->btd", o, p["wo"]), residual)
+    h = constrain(common.rms_norm(x, p["mlp_norm"], cfg.norm_eps), act)
     g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))  # [B, T, F]
     u = jnp.einsum("btd,df->btf", h, p["w_up"])
     gu = constrain(g * u, ("batch", "seq", "mlp"))
-    return constrain(x + jnp.einsum("btf,fd->btd", gu, p["w_down"]), ("batch", "seq", "embed"))
+    return constrain(x + jnp.einsum("btf,fd->btd", gu, p["w_down"]), residual)
 
 
 def block_loss(p, x, cfg, constrain=None):
@@ -149,19 +177,20 @@ def model_loss(params, tokens, targets, cfg, constrain=None, remat="none"):
     return common.cross_entropy(logits, targets)
 
 
-def block_grad_fn(cfg, mesh):
+def block_grad_fn(cfg, mesh, rules=None):
     """jit'd (layer params, x) -> (loss, grads) with the scheme's shardings; grads come back
     sharded like the params, as an optimizer would consume them."""
-    f = functools.partial(block_loss, cfg=cfg, constrain=constrain_fn(mesh))
-    ls, xs = layer_shardings(cfg, mesh), sharding_of(mesh, ("batch", "seq", "embed"))
+    f = functools.partial(block_loss, cfg=cfg, constrain=constrain_fn(mesh, rules))
+    ls = layer_shardings(cfg, mesh)
+    xs = sharding_of(mesh, ("residual_batch", "residual_seq", "embed"), rules)
     return jax.jit(jax.value_and_grad(f), in_shardings=(ls, xs),
                    out_shardings=(NamedSharding(mesh, P()), ls))
 
 
-def model_grad_fn(cfg, mesh, remat="none"):
-    f = functools.partial(model_loss, cfg=cfg, constrain=constrain_fn(mesh), remat=remat)
+def model_grad_fn(cfg, mesh, remat="none", rules=None):
+    f = functools.partial(model_loss, cfg=cfg, constrain=constrain_fn(mesh, rules), remat=remat)
     ps = common.param_shardings(cfg, mesh)
-    tok = sharding_of(mesh, ("batch", "seq"))
+    tok = sharding_of(mesh, ("batch", "seq"), rules)
     return jax.jit(jax.value_and_grad(f), in_shardings=(ps, tok, tok),
                    out_shardings=(NamedSharding(mesh, P()), ps))
 
@@ -170,9 +199,13 @@ def model_grad_fn(cfg, mesh, remat="none"):
 # Memory per device
 # ----------------------------------------------------------------------------------------------
 
-def memory_per_device(cfg, mesh, batch_size, seq_len):
+def memory_per_device(cfg, mesh, batch_size, seq_len, sequence_parallel=False):
     """Bytes on each device: params and grads (param dtype), Adam's two float32 moments, and an
-    estimate of the activations a training step keeps for its backward pass (no remat)."""
+    estimate of the activations a training step keeps for its backward pass (no remat). With
+    sequence parallelism what the norms and residual adds keep (each layer's input and middle,
+    each norm's normalized float32 input) is on 1/tp of the tokens; the norms' outputs are
+    kept as gathered, whole, for the weight gradients (Megatron gathers them again in the
+    backward pass instead, and so saves those on 1/tp of the tokens too)."""
     shardings = jax.tree.leaves(common.param_shardings(cfg, mesh))
     specs = jax.tree.leaves(common.param_specs(cfg),
                             is_leaf=lambda s: isinstance(s, common.ParamSpec))
@@ -182,7 +215,9 @@ def memory_per_device(cfg, mesh, batch_size, seq_len):
     t = mesh.shape["tp"]
     T, D, H, KH, Dh, F = (seq_len, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                           cfg.d_ff)
-    per_layer = (b * T * 4 * D * dbytes                      # layer input, 2 norms' outputs, mid
+    s = t if sequence_parallel else 1
+    per_layer = (b * T * 2 * D * (dbytes + 4) // s           # input, middle, normalized x 2
+                 + b * T * 2 * D * dbytes                    # the 2 norms' outputs
                  + b * T * (2 * H + 2 * KH) * Dh // t * dbytes  # q, k, v, attention output
                  + b * (H // t) * T * T * 4                  # softmax probabilities, float32
                  + b * T * 3 * F // t * dbytes)              # gate, up, gate*up
@@ -198,11 +233,13 @@ def memory_per_device(cfg, mesh, batch_size, seq_len):
 Coll = collections.namedtuple("Coll", "op bytes group")  # bytes: the full array (see below)
 
 
-def predict_layer_collectives(cfg, sizes, batch_size, seq_len, passes=1):
+def predict_layer_collectives(cfg, sizes, batch_size, seq_len, passes=1,
+                              sequence_parallel=False):
     """The collectives one layer's forward + backward needs, as arrays of `bytes`: the gathered
     array for an all-gather, the array before it is reduced for a reduce-scatter or all-reduce.
     passes: how many times each weight is gathered: 1 in one program (XLA reuses the forward's
-    gather in the backward pass), 2 across the scan over layers (one per pass, as ZeRO-3 does)."""
+    gather in the backward pass), 2 across the scan over layers (one per pass, as ZeRO-3 does).
+    sequence_parallel: with tp, the batch rows split over tp between the sub-blocks."""
     d, f, t = sizes["dp"], sizes["fsdp"], sizes["tp"]
     D, H, KH, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     pb, db = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
@@ -213,11 +250,17 @@ def predict_layer_collectives(cfg, sizes, batch_size, seq_len, passes=1):
         out += [Coll("reduce-scatter", m // t * pb, f) for m in mats]
     if d > 1:  # DP: all-reduce every gradient (what FSDP left of it)
         out += [Coll("all-reduce", m // (t * f) * pb, d) for m in mats]
-    if d * f > 1:  # the norms' gains are replicated: their gradients are all-reduced
-        out += [Coll("all-reduce", D * pb, d * f)] * 2
-    if t > 1:  # TP: XLA reduces each matmul's partial sums on its own: 2 forward, 5 backward
-        act = batch_size // (d * f) * seq_len * D * db
+    sp = sequence_parallel and t > 1
+    norm_group = d * f * (t if sp else 1)
+    if norm_group > 1:  # the norms' gains are replicated: their gradients are all-reduced
+        out += [Coll("all-reduce", D * pb, norm_group)] * 2
+    act = batch_size // (d * f) * seq_len * D * db
+    if t > 1 and not sp:  # TP: XLA reduces each matmul's partial sums alone: 2 forward, 5 back
         out += [Coll("all-reduce", act, t)] * 7
+    if sp:  # each of those reductions a reduce-scatter into the split residual stream; the
+        # norms' outputs gathered before the matmuls (forward), and the gradient of each
+        # sub-block's output gathered before its row-parallel matmul (backward)
+        out += [Coll("reduce-scatter", act, t)] * 7 + [Coll("all-gather", act, t)] * 4
     return out
 
 
@@ -322,18 +365,18 @@ def compile_to_read(lowered):
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 0} if cpu else None)
 
 
-def compiled_block(cfg, mesh, batch_size, seq_len):
+def compiled_block(cfg, mesh, batch_size, seq_len, rules=None):
     """The block's gradient program, compiled from shapes alone."""
     params = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
     layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params["layers"])
     x = jax.ShapeDtypeStruct((batch_size, seq_len, cfg.d_model), jnp.dtype(cfg.dtype))
-    return compile_to_read(block_grad_fn(cfg, mesh).lower(layer, x))
+    return compile_to_read(block_grad_fn(cfg, mesh, rules).lower(layer, x))
 
 
-def compiled_model(cfg, mesh, batch_size, seq_len):
+def compiled_model(cfg, mesh, batch_size, seq_len, rules=None):
     params = jax.eval_shape(lambda: common.init_params(cfg, jax.random.key(0)))
     tok = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    return compile_to_read(model_grad_fn(cfg, mesh).lower(params, tok, tok))
+    return compile_to_read(model_grad_fn(cfg, mesh, rules=rules).lower(params, tok, tok))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,12 +467,13 @@ def show_sharded_array(mesh, cfg):
 
 
 def default_schemes(n, tp):
-    schemes = [("DP", {"dp": n}), ("FSDP", {"fsdp": n})]
+    """[(name, mesh sizes, sequence parallel)]."""
+    schemes = [("DP", {"dp": n}, False), ("FSDP", {"fsdp": n}, False)]
     if 1 < tp <= n:
-        schemes.append(("TP", {"tp": tp}))
+        schemes += [("TP", {"tp": tp}, False), ("TP+SP", {"tp": tp}, True)]
     if n % tp == 0 and n // tp > 1 and tp > 1:
-        schemes.append(("FSDP+TP", {"fsdp": n // tp, "tp": tp}))
-    return [(name, {a: s.get(a, 1) for a in common.MESH_AXES}) for name, s in schemes]
+        schemes.append(("FSDP+TP", {"fsdp": n // tp, "tp": tp}, False))
+    return [(name, {a: s.get(a, 1) for a in common.MESH_AXES}, sp) for name, s, sp in schemes]
 
 
 def _size(b):
@@ -441,24 +485,26 @@ def _cell(summary, op, per=1):
     if op not in summary:
         return "-"
     n, b = summary[op]
-    return f"{n / per:g} / {_size(b / per)}"
+    return f"{n / per:.3g} / {_size(b / per)}"
 
 
-def analyse(cfg, name, sizes, mesh, B, T, params, batch):
+def analyse(cfg, name, sizes, sp, mesh, B, T, params, batch):
     """Memory, collectives (predicted and compiled) and the sharded loss and grads of a scheme."""
-    c_model = compiled_model(cfg, mesh, B, T)
+    rules = scheme_rules(mesh, B, sp)
+    c_model = compiled_model(cfg, mesh, B, T, rules)
     stats = c_model.memory_analysis()
     temp = getattr(stats, "temp_size_in_bytes", None) if stats is not None else None
-    ps, tok = common.param_shardings(cfg, mesh), sharding_of(mesh, ("batch", "seq"))
+    ps, tok = common.param_shardings(cfg, mesh), sharding_of(mesh, ("batch", "seq"), rules)
     loss, grads = c_model(jax.device_put(params, ps), *(jax.device_put(t, tok) for t in batch))
     blk = ([], []) if mesh.size == 1 else parse_collectives(
-        compiled_block(cfg, mesh, B, T).as_text(), mesh.size)
+        compiled_block(cfg, mesh, B, T, rules).as_text(), mesh.size)
     loops, outside = parse_collectives(c_model.as_text(), mesh.size)
-    return {"name": name, "sizes": sizes, "mem": memory_per_device(cfg, mesh, B, T), "temp": temp,
+    return {"name": name, "sizes": sizes, "sp": sp, "temp": temp,
+            "mem": memory_per_device(cfg, mesh, B, T, sp),
             "loss": float(loss), "grads": jax.tree.map(np.asarray, grads),
-            "block_pred": predict_layer_collectives(cfg, sizes, B, T, passes=1),
+            "block_pred": predict_layer_collectives(cfg, sizes, B, T, 1, sp),
             "block": blk[0] + blk[1],
-            "layer_pred": predict_layer_collectives(cfg, sizes, B, T, passes=2),
+            "layer_pred": predict_layer_collectives(cfg, sizes, B, T, 2, sp),
             "loops": loops, "outside": outside}
 
 
@@ -482,10 +528,10 @@ def print_collectives(results, L, on_gpu):
         print("- FSDP: a weight is gathered once in the block (XLA reuses the forward's gather in "
               "the backward pass) but twice per layer in the model, whose forward and backward "
               "are two loops.")
-        if not on_gpu:
-            print("- FSDP on a CPU: XLA keeps a gradient reduction as an all-reduce then a slice "
-                  "(the same array, twice the ring traffic); GPU compilers turn the pair into a "
-                  "reduce-scatter.")
+    if not on_gpu and any(r["sizes"]["fsdp"] > 1 or r["sp"] for r in results):
+        print("- On a CPU XLA keeps a reduce-scatter as an all-reduce then a slice (the same "
+              "array, twice the ring traffic); GPU compilers turn the pair into a "
+              "reduce-scatter.")
     if any(r["sizes"]["tp"] > 1 for r in results):
         print("- TP: Megatron needs 2 all-reduces forward and 2 backward. XLA's partitioner "
               "reduces each matmul's partial sums on its own, so the prediction counts one "
@@ -493,6 +539,15 @@ def print_collectives(results, L, on_gpu):
               "Summing the partials before reducing (Megatron's g operator; XLA's "
               "AllReduceReassociate pass can do it) saves 3 [B, T, D] arrays per layer: where XLA "
               "shows fewer than predicted, it did.")
+    if any(r["sp"] for r in results):
+        print("- TP+SP: each of TP's all-reduces becomes a reduce-scatter (into the residual "
+              "stream, split over tp) and the norms' outputs are all-gathered before the next "
+              "matmuls; in the backward pass the gradient of each sub-block's output is gathered "
+              "too, where TP's was already whole. A reduce-scatter and an all-gather send what "
+              "one all-reduce does, so the forward pass moves the same bytes, and the backward "
+              "pass less while XLA reduces per matmul: 5 reduce-scatters and 2 gathers against 5 "
+              "all-reduces. The norms' gains now see 1/tp of the tokens each: their gradients are "
+              "all-reduced over tp too.")
 
 
 def main():
@@ -509,24 +564,26 @@ def main():
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
     if run.mesh:
         sizes = common.parse_mesh(run.mesh)
-        schemes = [(common.mesh_name(sizes), sizes)]
+        sp = run.sequence_parallel and sizes["tp"] > 1
+        schemes = [(common.mesh_name(sizes) + (" SP" if sp else ""), sizes, sp)]
     else:
         schemes = default_schemes(n, run.tp) if n > 1 else []
     if n == 1:
         print("one device: every scheme is the unsharded model; on a CPU set "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
     meshes = []
-    for name, sizes in schemes:
+    for name, sizes, sp in schemes:
         mesh = common.make_mesh(sizes, devices)  # a one-line error: more devices than exist,
         common.param_shardings(cfg, mesh)  # a mesh axis that does not divide a weight,
-        check_batch(B, mesh)  # or the batch
-        meshes.append((name, sizes, mesh))
-    show_sharded_array(meshes[-1][2] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
+        check_batch(B, T, mesh, sp)  # or the batch
+        meshes.append((name, sizes, sp, mesh))
+    show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
 
     params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))
     tokens = random_tokens(0, B, T + 1, cfg.vocab_size)
     batch = (tokens[:, :-1], tokens[:, 1:])
-    one = ("1 device", common.parse_mesh(""), common.make_mesh(common.parse_mesh(""), devices))
+    one = ("1 device", common.parse_mesh(""), False,
+           common.make_mesh(common.parse_mesh(""), devices))
     with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: compare to float32 tolerance
         results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
     ref = results[0]
@@ -540,6 +597,12 @@ def main():
         print(f"{r['name']:<18}{mib(mem['params']):>10}{mib(mem['grads']):>10}"
               f"{mib(mem['adam']):>10}{mib(mem['activations']):>13}"
               f"{mib(r['temp']) if r['temp'] is not None else 'n/a':>10}")
+    by_name = {r["name"]: r for r in results}
+    if "TP" in by_name and "TP+SP" in by_name and by_name["TP"]["temp"] is not None:
+        tp, sp = by_name["TP"], by_name["TP+SP"]
+        saved = (tp["mem"]["activations"] - sp["mem"]["activations"]) / 2**20
+        print(f"TP+SP against TP: {saved:.2f} MiB less activations by the estimate, "
+              f"{(tp['temp'] - sp['temp']) / 2**20:.2f} MiB less XLA temp")
 
     if len(results) > 1:
         print_collectives(results[1:], cfg.n_layers, on_gpu)

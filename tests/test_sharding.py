@@ -1,5 +1,5 @@
-"""DP, FSDP, TP and FSDP+TP on 8 simulated CPU devices: same numbers as one device, and the
-collectives XLA emits against the predicted ones."""
+"""DP, FSDP, TP, TP with sequence parallelism and FSDP+TP on 8 simulated CPU devices: same
+numbers as one device, and the collectives XLA emits against the predicted ones."""
 import dataclasses
 import functools
 import os
@@ -17,7 +17,8 @@ sh = common.import_script("03_sharding")
 
 CFG = dataclasses.replace(common.Config.preset("tiny"), n_layers=2, max_seq_len=16)
 B, T = 8, 16
-SCHEMES = {"DP": "dp:8", "FSDP": "fsdp:8", "TP": "tp:2", "FSDP+TP": "fsdp:4,tp:2"}
+SCHEMES = {"DP": "dp:8", "FSDP": "fsdp:8", "TP": "tp:2", "FSDP+TP": "fsdp:4,tp:2",
+           "TP+SP": "tp:2", "DP+TP+SP": "dp:4,tp:2"}  # +SP: sequence parallel
 
 
 def numpy_params(cfg, seed):
@@ -43,9 +44,10 @@ def sharded_run(scheme):
     """(loss, grads, per-layer collectives, outside collectives) of the compiled sharded model."""
     sizes = common.parse_mesh(SCHEMES[scheme])
     mesh = common.make_mesh(sizes)
+    rules = sh.scheme_rules(mesh, B, scheme.endswith("+SP"))
     params, x, y = reference()[:3]
-    compiled = sh.compiled_model(CFG, mesh, B, T)
-    tok = sh.sharding_of(mesh, ("batch", "seq"))
+    compiled = sh.compiled_model(CFG, mesh, B, T, rules)
+    tok = sh.sharding_of(mesh, ("batch", "seq"), rules)
     loss, grads = compiled(jax.device_put(params, common.param_shardings(CFG, mesh)),
                            jax.device_put(x, tok), jax.device_put(y, tok))
     loops, outside = sh.parse_collectives(compiled.as_text(), mesh.size)
@@ -87,26 +89,32 @@ def reductions(summary):
     return n, b
 
 
-def test_block_collectives_match_prediction():
-    sizes = common.parse_mesh("fsdp:8")
+@pytest.mark.parametrize("scheme", ["FSDP", "TP+SP"])
+def test_block_collectives_match_prediction(scheme):
+    sizes = common.parse_mesh(SCHEMES[scheme])
     mesh = common.make_mesh(sizes)
-    loops, outside = sh.parse_collectives(sh.compiled_block(CFG, mesh, B, T).as_text(), mesh.size)
+    sp = scheme.endswith("+SP")
+    compiled = sh.compiled_block(CFG, mesh, B, T, sh.scheme_rules(mesh, B, sp))
+    loops, outside = sh.parse_collectives(compiled.as_text(), mesh.size)
     assert loops == []
     got = sh.summarize(outside)
-    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, passes=1))
-    assert got["all-gather"] == want["all-gather"]  # once each: the backward reuses the gather
+    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, 1, sp))
+    assert got["all-gather"] == want["all-gather"]  # FSDP: once, the backward reuses the gather
     assert reductions(got) == reductions(want)
     assert set(got) <= {"all-gather", "all-reduce", "reduce-scatter"}
 
 
-@pytest.mark.parametrize("scheme", ["DP", "FSDP", "TP"])  # FSDP+TP: the rules are not exact
+# FSDP+TP: the rules are not exact. +SP: no all-to-all either, which XLA adds to split
+# attention's backward pass over the batch unless the attention output is pinned to its heads.
+@pytest.mark.parametrize("scheme", ["DP", "FSDP", "TP", "TP+SP", "DP+TP+SP"])
 def test_model_collectives_per_layer_match_prediction(scheme):
     sizes = common.parse_mesh(SCHEMES[scheme])
     loops = sharded_run(scheme)[2]
     got = {op: (n // CFG.n_layers, b // CFG.n_layers) for op, (n, b) in sh.summarize(loops).items()}
-    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, passes=2))
+    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, 2, scheme.endswith("+SP")))
     assert got.get("all-gather") == want.get("all-gather")
     assert reductions(got) == reductions(want)
+    assert set(got) <= {"all-gather", "all-reduce", "reduce-scatter"}
 
 
 # The forms XLA prints: sync ops (CPU), start/done pairs whose start holds the operands and the
@@ -178,6 +186,10 @@ def test_memory_per_device_divides_by_the_sharding():
     norms = (2 * CFG.n_layers + 1) * CFG.d_model  # no rule splits the norms' gains
     assert fsdp["params"] == 4 * ((n_params - norms) // 8 + norms)
     assert fsdp["activations"] == dp["activations"] < full["activations"]
+    tp_mesh = common.make_mesh(common.parse_mesh("tp:2"))
+    tp = sh.memory_per_device(CFG, tp_mesh, B, T)
+    sp = sh.memory_per_device(CFG, tp_mesh, B, T, sequence_parallel=True)
+    assert sp["params"] == tp["params"] and sp["activations"] < tp["activations"]
 
 
 def test_bad_meshes_are_one_line_errors():
@@ -186,7 +198,11 @@ def test_bad_meshes_are_one_line_errors():
     with pytest.raises(common.UserError, match="does not divide"):  # 2 kv heads over 4
         common.param_shardings(CFG, common.make_mesh(common.parse_mesh("tp:4")))
     with pytest.raises(common.UserError, match="batch_size=6 does not split"):
-        sh.check_batch(6, common.make_mesh(common.parse_mesh("fsdp:4")))
+        sh.check_batch(6, T, common.make_mesh(common.parse_mesh("fsdp:4")))
+    with pytest.raises(common.UserError, match="divides neither the 3 rows"):
+        sh.check_batch(6, 15, common.make_mesh(common.parse_mesh("dp:2,tp:2")), True)
+    with pytest.raises(common.UserError, match="sequence_parallel needs a --mesh with tp > 1"):
+        sh.ShardingConfig(mesh="dp:8", sequence_parallel=True)
     with pytest.raises(common.UserError, match="expected axes"):
         common.parse_mesh("pp:2")
 
