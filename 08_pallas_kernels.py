@@ -93,7 +93,8 @@ class KernelsConfig:
                                    f"decode_kv_heads={self.decode_kv_heads}")
         for name in ("flash_lengths", "int8_rows"):
             text = getattr(self, name)
-            if text and not all(p.isdigit() and int(p) > 0 for p in text.split(",")):
+            if text and not all(p.isascii() and p.isdigit() and int(p) > 0
+                                for p in text.split(",")):
                 raise common.UserError(f"--{name} takes positive integers, comma-separated; "
                                        f"got {text!r}")
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 import types
 import typing
+import zipfile
 import zlib
 
 import jax
@@ -458,7 +459,8 @@ def parse_mesh(text):
     sizes = {}
     for part in filter(None, text.split(",")):
         name, _, n = part.partition(":")
-        if name not in MESH_AXES or not n.isdigit() or int(n) < 1 or name in sizes:
+        if (name not in MESH_AXES or not (n.isascii() and n.isdigit()) or int(n) < 1
+                or name in sizes):
             raise UserError(f"mesh {text!r}: expected axes from {', '.join(MESH_AXES)} "
                             f"written name:size, each once (e.g. dp:2,fsdp:2,tp:2)")
         sizes[name] = int(n)
@@ -491,24 +493,50 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
               "BOOL": np.bool_}
 
 
+def read_json(path):
+    """The JSON object in a file, or a one-line error naming the file."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
+
+
 def read_safetensors(path):
     """{name: array} from one .safetensors file: an 8-byte little-endian header length, a JSON
-    header {name: {dtype, shape, data_offsets}}, then the raw bytes (memory-mapped, not copied)."""
+    header {name: {dtype, shape, data_offsets}}, then the raw bytes (memory-mapped, not copied).
+    A file cut short (an interrupted download) is an error naming the first tensor it lacks."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else size + 1
         if n > size - 8:
             raise UserError(f"{path} is not a safetensors file (bad header length)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object)")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[begin:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], \
+                info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name} has an unreadable entry in the header "
+                            f"({info!r:.80})") from None
+        if end > len(data) or end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise UserError(f"{path} is cut short or damaged: tensor {name} needs bytes "
+                            f"{begin}-{end} of {len(data)} (an interrupted download?)")
+        out[name] = np.frombuffer(data[begin:end], dtype).reshape(shape)
     return out
 
 
@@ -518,6 +546,18 @@ def config_from_hf(hf):
     transformers one (rope_parameters) are read."""
     def refuse(field, why):
         raise UserError(f"config.json: {field}={hf.get(field)!r} is not supported ({why})")
+
+    def number(field, default=None, kind=int):
+        """A numeric field (kind int or float), or its default; missing or mistyped: an error."""
+        value = hf.get(field)
+        value = default if value is None else value
+        if value is None:
+            raise UserError(f"config.json: {field} is missing")
+        ok = (int, float) if kind is float else int
+        if isinstance(value, bool) or not isinstance(value, ok):
+            raise UserError(f"config.json: {field}={value!r} is not "
+                            f"{'a number' if kind is float else 'an integer'}")
+        return kind(value)
 
     if hf.get("model_type", "llama") != "llama":
         refuse("model_type", "this loader reads the Llama architecture")
@@ -533,19 +573,32 @@ def config_from_hf(hf):
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = None
     if rope_type == "llama3":
-        scaling = (float(rope["factor"]), float(rope["low_freq_factor"]),
-                   float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        keys = ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")
+        try:
+            scaling = tuple(float(rope[k]) for k in keys[:3]) + (int(rope[keys[3]]),)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"config.json: llama3 rope scaling needs numbers {', '.join(keys)}; "
+                            f"got {rope}") from None
     elif rope_type != "default":
         raise UserError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
-    D, H = hf["hidden_size"], hf["num_attention_heads"]
+    D, H = number("hidden_size"), number("num_attention_heads")
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
-    return Config(vocab_size=hf["vocab_size"], d_model=D, n_layers=hf["num_hidden_layers"],
-                  n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H,
-                  head_dim=hf.get("head_dim") or D // H, d_ff=hf["intermediate_size"],
-                  max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
-                  rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                  param_dtype=dtype, dtype=dtype)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise UserError(f"config.json: rope_theta={theta!r} is not a number")
+    try:
+        return Config(vocab_size=number("vocab_size"), d_model=D,
+                      n_layers=number("num_hidden_layers"), n_heads=H,
+                      n_kv_heads=number("num_key_value_heads", H),
+                      head_dim=number("head_dim", D // max(H, 1)),
+                      d_ff=number("intermediate_size"),
+                      max_seq_len=number("max_position_embeddings", 2048),
+                      rope_theta=float(theta), rope_scaling=scaling,
+                      norm_eps=number("rms_norm_eps", 1e-6, float),
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      param_dtype=dtype, dtype=dtype)
+    except UserError as e:
+        raise UserError(f"config.json: {e}") from None
 
 
 def load_hf_llama(path, dtype=None):
@@ -558,14 +611,19 @@ def load_hf_llama(path, dtype=None):
         raise UserError(f"checkpoint directory {path} {what}")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f))
+    cfg = config_from_hf(read_json(cfg_path))
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):  # a sharded checkpoint names its files; others may lie beside them
-        with open(index) as f:
-            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map")
+        files = sorted({os.path.join(path, str(v)) for v in weight_map.values()})
+        for file in files:
+            if not os.path.isfile(file):
+                raise UserError(f"{index} names {os.path.basename(file)}, which is missing "
+                                f"(an incomplete download?)")
     else:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -574,30 +632,40 @@ def load_hf_llama(path, dtype=None):
     for file in files:
         tensors.update(read_safetensors(file))
 
-    def get(name):
+    def get(name, *shape):
+        """A tensor in float32, checked against the shape config.json implies."""
         if name not in tensors:
             raise UserError(f"{path}: tensor {name} is missing")
+        if tensors[name].shape != shape:
+            raise UserError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, but "
+                            f"config.json implies {list(shape)}")
         return np.asarray(tensors[name], np.float32)
 
-    D, H, KH, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    D, H, KH, Dh, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                          cfg.vocab_size)
     # torch Linear weights are [out, in]; ours are [in, out...] (x @ w).
     per_layer = {
-        "attn_norm": lambda i: get(f"model.layers.{i}.input_layernorm.weight"),
-        "wq": lambda i: get(f"model.layers.{i}.self_attn.q_proj.weight").T.reshape(D, H, Dh),
-        "wk": lambda i: get(f"model.layers.{i}.self_attn.k_proj.weight").T.reshape(D, KH, Dh),
-        "wv": lambda i: get(f"model.layers.{i}.self_attn.v_proj.weight").T.reshape(D, KH, Dh),
-        "wo": lambda i: get(f"model.layers.{i}.self_attn.o_proj.weight").T.reshape(H, Dh, D),
-        "mlp_norm": lambda i: get(f"model.layers.{i}.post_attention_layernorm.weight"),
-        "w_gate": lambda i: get(f"model.layers.{i}.mlp.gate_proj.weight").T,
-        "w_up": lambda i: get(f"model.layers.{i}.mlp.up_proj.weight").T,
-        "w_down": lambda i: get(f"model.layers.{i}.mlp.down_proj.weight").T,
+        "attn_norm": lambda i: get(f"model.layers.{i}.input_layernorm.weight", D),
+        "wq": lambda i: get(f"model.layers.{i}.self_attn.q_proj.weight", H * Dh, D)
+        .T.reshape(D, H, Dh),
+        "wk": lambda i: get(f"model.layers.{i}.self_attn.k_proj.weight", KH * Dh, D)
+        .T.reshape(D, KH, Dh),
+        "wv": lambda i: get(f"model.layers.{i}.self_attn.v_proj.weight", KH * Dh, D)
+        .T.reshape(D, KH, Dh),
+        "wo": lambda i: get(f"model.layers.{i}.self_attn.o_proj.weight", D, H * Dh)
+        .T.reshape(H, Dh, D),
+        "mlp_norm": lambda i: get(f"model.layers.{i}.post_attention_layernorm.weight", D),
+        "w_gate": lambda i: get(f"model.layers.{i}.mlp.gate_proj.weight", F, D).T,
+        "w_up": lambda i: get(f"model.layers.{i}.mlp.up_proj.weight", F, D).T,
+        "w_down": lambda i: get(f"model.layers.{i}.mlp.down_proj.weight", D, F).T,
     }
     pd = jnp.dtype(cfg.param_dtype)
-    params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"),
+    params = {"embed": get("model.embed_tokens.weight", V, D),
+              "final_norm": get("model.norm.weight", D),
               "layers": {k: np.stack([fn(i) for i in range(cfg.n_layers)])
                          for k, fn in per_layer.items()}}
     if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
+        params["lm_head"] = get("lm_head.weight", V, D).T
     expected = jax.tree.map(lambda s: s.shape, param_specs(cfg), is_leaf=_is_spec)
     got = jax.tree.map(np.shape, params)
     if expected != got:
@@ -609,13 +677,26 @@ def load_hf_llama(path, dtype=None):
 # Training checkpoints (09 writes them, 06 serves them): a directory per step, written atomically
 # ----------------------------------------------------------------------------------------------
 
+def _fsync_dir(path):
+    """Make a rename inside `path` durable: a power loss after it cannot undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out_dir, step, tree, meta, keep=2):
     """Write {tree: numpy leaves, meta: json} as out_dir/ckpt_<step>. The files go to a temporary
-    directory first, renamed into place only when complete: a crash mid-save leaves the previous
-    checkpoint as it was. Keeps the newest `keep` checkpoints."""
-    for stale in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):  # left by a crashed save
-        shutil.rmtree(stale)
+    directory first, flushed to disk, then renamed into place: a crash or a power loss mid-save
+    leaves the previous checkpoints as they were. Keeps the newest `keep` checkpoints."""
     os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):  # left by a crashed save
+        replaced = os.path.join(out_dir, os.path.basename(stale)[5:-4])
+        if stale.endswith(".old") and not os.path.exists(replaced):
+            os.rename(stale, replaced)  # the crash came between a rerun's two renames
+        else:
+            shutil.rmtree(stale)
     final = os.path.join(out_dir, f"ckpt_{step:08d}")
     tmp = os.path.join(out_dir, f".tmp_ckpt_{step:08d}")
     os.makedirs(tmp)
@@ -627,9 +708,13 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2):
         os.fsync(f.fileno())
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(dict(meta, step=step, dtypes={k: str(v.dtype) for k, v in flat.items()}), f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
     if os.path.exists(final):  # the same step saved again (a rerun): replace it
         os.rename(final, tmp + ".old")
     os.rename(tmp, final)
+    _fsync_dir(out_dir)
     for old in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")) + list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -639,19 +724,59 @@ def list_checkpoints(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "ckpt_" + "[0-9]" * 8)))
 
 
+def make_out_dir(path, flag="--out"):
+    """Create an output directory before any long work, so that a path which cannot be one (an
+    existing file, a path through a file, no permission) is refused at once, not after the run."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{flag}={path} is a file, not a directory") from None
+    except OSError as e:
+        raise UserError(f"{flag}={path} cannot be made a directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}={path} is a directory this user cannot write to")
+    return path
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint directory whose files cannot be read (truncated, emptied, edited)."""
+
+
+def load_checkpoint_meta(path):
+    """The meta dict of a directory save_checkpoint wrote, or DamagedCheckpoint."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: meta.json cannot be read "
+                                f"({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: meta.json is not a JSON object")
+    return meta
+
+
 def load_checkpoint(path, like):
-    """(tree shaped like `like`, meta) from a directory save_checkpoint wrote."""
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    data = np.load(os.path.join(path, "state.npz"))
+    """(tree shaped like `like`, meta) from a directory save_checkpoint wrote. Files that cannot
+    be read raise DamagedCheckpoint; a tree of another model a plain UserError."""
+    meta = load_checkpoint_meta(path)
+    if not isinstance(meta.get("dtypes"), dict) or not isinstance(meta.get("step"), int):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json lacks the step "
+                                f"and dtypes save_checkpoint writes")
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     leaves = []
-    for k, _ in paths:
-        name = jax.tree_util.keystr(k)
-        if name not in data:
-            raise UserError(f"checkpoint {path} has no {name}: it was written for another model")
-        a = data[name]
-        leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16" else a)
+    try:
+        with np.load(os.path.join(path, "state.npz")) as data:
+            for k, _ in paths:
+                name = jax.tree_util.keystr(k)
+                if name not in data or name not in meta["dtypes"]:
+                    raise UserError(f"checkpoint {path} has no {name}: it was written for "
+                                    f"another model")
+                a = data[name]
+                leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16"
+                              else a)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: state.npz cannot be read "
+                                f"({type(e).__name__}: {e})") from None
     return jax.tree.unflatten(treedef, leaves), meta
 
 
@@ -672,8 +797,11 @@ def _convert(text, tp):
             return False
         raise ValueError("expected true or false")
     if tp in (tuple, list) or origin in (tuple, list):
-        return tuple(float(t) for t in text.split(","))
-    return tp(text)
+        return tuple(_convert(t, float) for t in text.split(",")) if text else ()
+    value = tp(text)
+    if tp is float and not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
 
 
 def parse_flags(default, argv=None, show=True):
@@ -696,7 +824,10 @@ def parse_flags(default, argv=None, show=True):
         try:
             overrides[name] = _convert(text, hints[name])
         except (ValueError, TypeError) as e:
-            die(f"--{name}={text}: not a valid {getattr(hints[name], '__name__', hints[name])} ({e})")
+            kind = getattr(hints[name], "__name__", hints[name])
+            die(f"--{name}={text}: not a valid {kind} ({e})")
+        if name == "seed" and not 0 <= overrides[name] < 2**32:  # what every generator takes
+            die(f"--seed={text}: expected 0 <= seed < 2**32")
     try:
         cfg = dataclasses.replace(default, **overrides)
     except UserError as e:
@@ -721,8 +852,8 @@ def run(main):
     except UserError as e:
         die(str(e))
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise  # (a CPU reports a failed allocation as INTERNAL: "Out of memory allocating")
         what = str(e).splitlines()[0].split(" [")[0]  # the allocator's dump went to stderr above
         gpu = ("JAX takes 75% of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION=.95 says "
                "more; " if jax.devices()[0].platform == "gpu" else "")

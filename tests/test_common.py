@@ -341,6 +341,60 @@ def test_loader_errors(tmp_path):
         common.load_hf_llama(str(tmp_path))
 
 
+def damage_config(path, edit):
+    with open(path / "config.json") as f:
+        c = json.load(f)
+    (path / "config.json").write_text(json.dumps(edit(c)))
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: (p / "config.json").write_text("{oops"), "config.json cannot be read as JSON"),
+    (lambda p: (p / "config.json").write_text("[]"), "config.json is not a JSON object"),
+    (lambda p: damage_config(p, lambda c: {k: v for k, v in c.items() if k != "hidden_size"}),
+     "hidden_size is missing"),
+    (lambda p: damage_config(p, lambda c: dict(c, num_hidden_layers="2")),
+     "num_hidden_layers='2' is not an integer"),
+    (lambda p: damage_config(p, lambda c: dict(c, rope_scaling={"rope_type": "llama3"})),
+     "llama3 rope scaling needs"),
+    (lambda p: damage_config(p, lambda c: dict(c, hidden_size=32, head_dim=16)),
+     "has shape .* config.json implies"),
+    (lambda p: (p / "model-00001-of-00001.safetensors").write_bytes(
+        (p / "model-00001-of-00001.safetensors").read_bytes()[:-100]), "cut short"),
+    (lambda p: (p / "model.safetensors.index.json").write_text("{}"), "has no weight_map"),
+    (lambda p: (p / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}})),
+     "names gone.safetensors, which is missing"),
+])
+def test_loader_names_a_damaged_checkpoint(tmp_path, damage, match):
+    """What an interrupted download or a hand edit leaves: one line naming it, no traceback."""
+    save_checkpoint(tmp_path, common.init_params(TINY, jax.random.key(0)), TINY)
+    damage(tmp_path)
+    with pytest.raises(common.UserError, match=match):
+        common.load_hf_llama(str(tmp_path))
+
+
+def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):
+    tree = {"w": np.arange(6, dtype=np.float32)}
+    path = common.save_checkpoint(str(tmp_path), 3, tree, {"model": {}})
+    got, meta = common.load_checkpoint(path, tree)
+    np.testing.assert_array_equal(got["w"], tree["w"])
+    state = os.path.join(path, "state.npz")
+    blob = open(state, "rb").read()
+    for damage in (lambda: open(state, "wb").write(blob[:len(blob) // 2]),
+                   lambda: open(state, "wb").close(), lambda: os.remove(state),
+                   lambda: open(os.path.join(path, "meta.json"), "w").write("{"),
+                   lambda: open(os.path.join(path, "meta.json"), "w").write("[]")):
+        damage()
+        with pytest.raises(common.DamagedCheckpoint, match="ckpt_00000003 is damaged"):
+            common.load_checkpoint(path, tree)
+        path = common.save_checkpoint(str(tmp_path), 3, tree, {"model": {}})
+    # A crash between a rerun's two renames leaves the old copy aside; the next save puts it back.
+    os.rename(path, str(tmp_path / ".tmp_ckpt_00000003.old"))
+    common.save_checkpoint(str(tmp_path), 4, tree, {"model": {}})
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_00000003", "ckpt_00000004"]
+
+
 @pytest.mark.parametrize("cfg", [TINY, GQA_SCALED], ids=["tiny", "mqa-llama3rope-tied"])
 def test_logits_match_transformers(tmp_path, cfg):
     torch = pytest.importorskip("torch")
@@ -378,6 +432,9 @@ def test_param_shardings_and_errors():
     bad = jax.sharding.Mesh(np.array(jax.devices()[:3]), ("tp",))  # 3 does not divide 4 heads
     with pytest.raises(common.UserError, match="does not divide"):
         common.param_shardings(TINY, bad)
+    for text in ("dp:\u00b2", "dp:0", "dp2", "dp:2,dp:2"):  # a superscript two is a digit too
+        with pytest.raises(common.UserError, match="expected axes"):
+            common.parse_mesh(text)
 
 
 # ---------------------------------------------------------------- CLI
@@ -385,6 +442,7 @@ def test_param_shardings_and_errors():
 @dataclasses.dataclass(frozen=True)
 class Flags:
     n: int = 3
+    seed: int = 0
     rate: float = 0.5
     name: str = "a"
     on: bool = False
@@ -405,7 +463,11 @@ def test_parse_flags_types():
 @pytest.mark.parametrize("argv,match", [(["--bogus=1"], "unknown flag --bogus"),
                                         (["n=3"], "malformed"), (["--n"], "malformed"),
                                         (["--n=three"], "--n=three"), (["--on=maybe"], "--on"),
-                                        (["--n=0"], "n must be >= 1")])
+                                        (["--n=0"], "n must be >= 1"),
+                                        (["--rate=nan"], "not a finite number"),
+                                        (["--rate=inf"], "not a finite number"),
+                                        (["--seed=-1"], "0 <= seed < 2**32"),
+                                        (["--seed=99999999999999999999"], "0 <= seed")])
 def test_parse_flags_errors(capsys, argv, match):
     with pytest.raises(SystemExit) as e:
         common.parse_flags(Flags(), argv, show=False)
@@ -425,7 +487,15 @@ def test_parse_flags_errors(capsys, argv, match):
                                                 "(RESOURCE_EXHAUSTED: Out of memory while trying "
                                                 "to allocate 41.66GiB): try smaller sizes (batch, "
                                                 "sequence, model), or in 09_train.py --remat=dots "
-                                                "or full, or more devices")])
+                                                "or full, or more devices"),
+                                               (jax.errors.JaxRuntimeError(  # a CPU's words
+                                                   "INTERNAL: Out of memory allocating 2000 "
+                                                   "bytes."), 1,
+                                                "error: the device ran out of memory (INTERNAL: "
+                                                "Out of memory allocating 2000 bytes.): try "
+                                                "smaller sizes (batch, sequence, model), or in "
+                                                "09_train.py --remat=dots or full, or more "
+                                                "devices")])
 def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, line):
     def main():
         raise raised
