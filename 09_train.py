@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -94,6 +95,11 @@ class TrainConfig:
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.lr <= 0:
             raise common.UserError(f"lr must be > 0, got {self.lr}")
+        for f in ("b1", "b2"):
+            if not 0 <= getattr(self, f) < 1:
+                raise common.UserError(f"{f} must be in [0, 1), got {getattr(self, f)}")
+        if not self.out_dir:
+            raise common.UserError("out_dir must not be empty")
         if self.sample_len and not self.sample_prompt:
             raise common.UserError("sample_prompt must not be empty (or set sample_len=0)")
         if self.preset not in common.PRESETS:
@@ -110,7 +116,16 @@ class TrainConfig:
         if self.process_id >= self.num_processes:
             raise common.UserError(f"process_id={self.process_id} must be < "
                                    f"num_processes={self.num_processes}")
+        if self.num_processes > 1 and not self.coordinator:
+            raise common.UserError("num_processes > 1 needs --coordinator=HOST:PORT of process 0")
+        host, _, port = self.coordinator.rpartition(":")
+        if self.coordinator and not (host and port.isascii() and port.isdigit()
+                                     and 0 < int(port) < 65536):
+            raise common.UserError(f"coordinator={self.coordinator!r}: expected HOST:PORT, the "
+                                   f"port a number from 1 to 65535")
         sizes = common.parse_mesh(self.mesh)
+        if self.sequence_parallel and sizes["tp"] == 1:
+            raise common.UserError("sequence_parallel needs a --mesh with tp > 1")
         rows, tp = self.sequence_parallel_rows(), sizes["tp"]
         if self.sequence_parallel and rows % tp and self.seq_len % tp:
             raise common.UserError(f"sequence_parallel splits the tokens over tp={tp}, which "
@@ -289,23 +304,31 @@ def save(tc, step, params, opt, cfg):
 
 
 def restore(tc, cfg, params, opt):
-    """(params, opt, step) from the newest checkpoint in out_dir, or the inputs and 0."""
+    """(params, opt, step) from the newest readable checkpoint in out_dir, or the inputs and 0.
+    A damaged one (its files cut short by a power loss, or edited) is passed over with a line
+    saying so, and the one before it read instead."""
     ckpts = common.list_checkpoints(tc.out_dir)
-    if not ckpts:
-        return params, opt, 0
-    with open(os.path.join(ckpts[-1], "meta.json")) as f:
-        meta = json.load(f)
-    model = dataclasses.asdict(cfg)
-    if meta["model"] != json.loads(json.dumps(model)) or meta["seed"] != tc.seed:
-        raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
-                               f"(preset {meta['preset']}, seed {meta['seed']}); "
-                               f"use another --out_dir")
     like = {"params": params, "opt": opt}
-    state, meta = common.load_checkpoint(ckpts[-1], like)
-    state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
-        a.shape, ref.sharding, lambda idx: a[idx]), state, like)
-    print(f"resumed from {ckpts[-1]} at step {meta['step']}")
-    return state["params"], state["opt"], meta["step"]
+    model = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for path in reversed(ckpts):
+        try:
+            meta = common.load_checkpoint_meta(path)
+            if meta.get("model") != model or meta.get("seed") != tc.seed:
+                raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
+                                       f"(preset {meta.get('preset')}, seed {meta.get('seed')}); "
+                                       f"use another --out_dir")
+            state, meta = common.load_checkpoint(path, like)
+        except common.DamagedCheckpoint as e:
+            print(f"warning: {e}; passing over it", file=sys.stderr)
+            continue
+        state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
+            a.shape, ref.sharding, lambda idx: a[idx]), state, like)
+        print(f"resumed from {path} at step {meta['step']}")
+        return state["params"], state["opt"], meta["step"]
+    if ckpts:
+        raise common.UserError(f"every checkpoint in {tc.out_dir} is damaged; move them away to "
+                               f"train from the start, or use another --out_dir")
+    return params, opt, 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +362,14 @@ def plot_metrics(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    rows = []
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill mid-write: pass over it
+                continue
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "val_loss"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -429,6 +459,13 @@ def train(tc, stop_after=None, log=print, devices=None):
         "naive" if tc.attention == "auto" else tc.attention)
     shardings = common.param_shardings(cfg, mesh)
     train_tokens, val_tokens = common.load_corpus(tc.data or None)
+    for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
+        if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
+            raise common.UserError(f"the {name} split of the data holds {len(tokens)} bytes, "
+                                   f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
+                                   f"single file gives 5% to validation) or a smaller seq_len")
+    if jax.process_index() == 0:
+        common.make_out_dir(tc.out_dir, "--out_dir")
 
     params = jax.jit(common.init_params, static_argnums=0, out_shardings=shardings)(
         cfg, jax.random.key(tc.seed))
@@ -467,8 +504,6 @@ def train(tc, stop_after=None, log=print, devices=None):
 
     history = []
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
-    if jax.process_index() == 0:
-        os.makedirs(tc.out_dir, exist_ok=True)
     t_last, steps_since = time.perf_counter(), 0
     for step in range(start, tc.steps):
         params, opt, m = step_fn(params, opt, *batch(train_tokens, step, tc.seed))
@@ -479,8 +514,11 @@ def train(tc, stop_after=None, log=print, devices=None):
         if saving or done % tc.log_every == 0 or done == tc.steps or done == start + 1:
             m = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for the step
             if not m["finite"]:  # never checkpoint what would not resume
-                raise common.UserError(f"loss {m['loss']} or weights not finite at step {done}: "
-                                       f"stopping; the last good checkpoint in {tc.out_dir} is kept")
+                kept = common.list_checkpoints(tc.out_dir)
+                raise common.UserError(
+                    f"loss {m['loss']} or weights not finite at step {done}: stopping; "
+                    + (f"{tc.out_dir} keeps {os.path.basename(kept[-1])}, the last good "
+                       f"checkpoint" if kept else f"no checkpoint in {tc.out_dir} yet"))
             dt = (time.perf_counter() - t_last) / steps_since
             tok_s = tc.batch_size * tc.seq_len / dt
             mfu = flops_per_step / dt / (peak * n_dev)
@@ -529,8 +567,9 @@ def main():
         from jax.experimental import multihost_utils
         params = multihost_utils.process_allgather(params, tiled=True)
     if tc.sample_len and jax.process_index() == 0:
-        print("sample:\n" + sample(params, cfg, tc.sample_prompt.encode(), tc.sample_len,
-                                    tc.seed))
+        # surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes
+        prompt = tc.sample_prompt.encode("utf-8", "surrogateescape")
+        print("sample:\n" + sample(params, cfg, prompt, tc.sample_len, tc.seed))
 
 
 if __name__ == "__main__":

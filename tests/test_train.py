@@ -164,10 +164,44 @@ def test_lr_schedule_shape():
     (dict(data="/does/not/exist"), "does not exist"),
     (dict(mesh="tp:8", batch_size=4, seq_len=36, sequence_parallel=True), "divides neither"),
     (dict(sample_len=10, sample_prompt=""), "sample_prompt"),
+    (dict(sequence_parallel=True), "needs a --mesh with tp > 1"),
+    (dict(b2=1.0), "b2 must be in"),
+    (dict(num_processes=2), "needs --coordinator"),
+    (dict(coordinator="localhost"), "expected HOST:PORT"),
+    (dict(coordinator="localhost:99999"), "expected HOST:PORT"),
+    (dict(out_dir=os.path.join(ROOT, "common.py")), "--out_dir=.* is a file"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
         train_mod.train(tiny_run(tmp_path, **kw), log=lambda s: None)
+
+
+def test_short_validation_split_is_refused_before_training(tmp_path):
+    (tmp_path / "small.txt").write_bytes(b"x" * 1000)  # 950 bytes to train on, 50 to validate
+    with pytest.raises(common.UserError, match="validation split of the data holds 50 bytes"):
+        train_mod.train(tiny_run(tmp_path, seq_len=64, data=str(tmp_path / "small.txt")),
+                        log=lambda s: None)
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
+    """A power loss can leave the newest checkpoint unreadable: resume from the one before."""
+    tc = tiny_run(tmp_path, steps=3, ckpt_every=1)
+    full, _, _ = train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "full")),
+                                 log=lambda s: None, devices=jax.devices()[:1])
+    train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
+    newest = common.list_checkpoints(tc.out_dir)[-1]
+    open(os.path.join(newest, "state.npz"), "wb").close()
+    with open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 9, "lo')  # a line cut short by a kill
+    rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert "ckpt_00000002 is damaged" in capsys.readouterr().err
+    assert [r["step"] for r in rest] == [2, 3] and losses(rest) == losses(full)[1:]
+    train_mod.plot_metrics(tc.out_dir)  # passes over the cut line
+    for path in common.list_checkpoints(tc.out_dir):
+        open(os.path.join(path, "meta.json"), "w").close()
+    with pytest.raises(common.UserError, match="every checkpoint in .* is damaged"):
+        train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
 
 
 def test_out_dir_of_another_config(tmp_path):
