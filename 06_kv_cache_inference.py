@@ -100,6 +100,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import typing
 
@@ -154,6 +155,11 @@ class InferConfig:
         if self.draft and self.draft_layers:
             raise common.UserError("give --draft (a draft model) or --draft_layers (the target's "
                                    "own layers as the draft), not both")
+        if self.models != "auto":
+            names = [m for m in self.models.split(",") if m]
+            if not names or set(names) - set(common.PRESETS):
+                raise common.UserError(f"models={self.models!r}: expected auto or presets from "
+                                       f"{', '.join(common.PRESETS)}, comma-separated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,8 +748,10 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
     if cache_len is None:
         cache_len = need
         if cache_len > cfg.max_seq_len:
+            room = f" plus the {extra} positions a speculative round needs" if extra else ""
             raise common.UserError(f"a prompt of {max(lengths)} tokens plus {max_new_tokens} new "
-                                   f"ones exceeds the model's max_seq_len={cfg.max_seq_len}")
+                                   f"ones{room} exceeds the model's "
+                                   f"max_seq_len={cfg.max_seq_len}")
     elif cache_len > cfg.max_seq_len:
         raise common.UserError(f"cache_len={cache_len} exceeds max_seq_len={cfg.max_seq_len}")
     if need > cache_len:
@@ -1197,10 +1205,18 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
 # Checkpoints and tokenizers
 # ----------------------------------------------------------------------------------------------
 
-def find_train_checkpoint(ckpt_dir):
-    """The newest checkpoint 09_train.py wrote under ckpt_dir (ckpt_<step>/), or None."""
+def newest_train_checkpoint(ckpt_dir):
+    """(path, cfg, params) of the newest readable checkpoint 09_train.py wrote under ckpt_dir
+    (ckpt_<step>/), or None. A damaged one is passed over with a line saying so, as 09 does."""
     found = common.list_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+    for path in reversed(found):
+        try:
+            return (path, *load_train_checkpoint(path))
+        except common.DamagedCheckpoint as e:
+            print(f"warning: {e}; passing over it", file=sys.stderr)
+    if found:
+        raise common.UserError(f"every checkpoint in {ckpt_dir} is damaged")
+    return None
 
 
 def load_train_checkpoint(path):
@@ -1208,14 +1224,17 @@ def load_train_checkpoint(path):
     model's Config under "model", state.npz the params (and the optimizer state, not read).
     09 keeps float32 master weights and computes in bf16 on a GPU; inference reads the weights
     in the compute dtype, as a released checkpoint stores them (half the bytes per step)."""
-    with open(os.path.join(path, "meta.json")) as f:
-        fields = json.load(f).get("model")
+    fields = common.load_checkpoint_meta(path).get("model")
     known = {f.name for f in dataclasses.fields(common.Config)}
     if not isinstance(fields, dict) or set(fields) - known:
         raise common.UserError(f"{path}/meta.json holds no model config of this course")
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = tuple(fields["rope_scaling"])
-    cfg = common.Config(**fields)
+    try:
+        cfg = common.Config(**fields)
+    except (common.UserError, TypeError) as e:
+        raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json model "
+                                       f"config is not valid ({e})") from None
     like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.param_dtype),
                         common.param_specs(cfg), is_leaf=lambda x: isinstance(x, common.ParamSpec))
     state, _ = common.load_checkpoint(path, {"params": like})
@@ -1232,7 +1251,8 @@ class Tokenizer(typing.NamedTuple):
     stop: tuple = ()          # the ids that end an answer (the checkpoint's end of sequence)
 
 
-BYTES = Tokenizer(lambda s: list(s.encode("utf-8")),
+# surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes
+BYTES = Tokenizer(lambda s: list(s.encode("utf-8", "surrogateescape")),
                   lambda ids: bytes(int(i) for i in ids if i < 256).decode("utf-8", "replace"))
 
 
@@ -1246,9 +1266,17 @@ def load_tokenizer(path):
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise common.UserError(f"{path} has no tokenizer.json")
-    tok = tokenizers.Tokenizer.from_file(file)
-    return Tokenizer(lambda s: tok.encode(s).ids, lambda ids: tok.decode(list(ids)),
-                     eos_token_ids(path))
+    try:
+        tok = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # the package raises its own errors, of no common base class
+        raise common.UserError(f"{file} cannot be read by tokenizers ({e})") from None
+
+    def encode(text):
+        try:
+            return tok.encode(text).ids
+        except Exception as e:
+            raise common.UserError(f"the tokenizer cannot encode {text[:40]!r} ({e})") from None
+    return Tokenizer(encode, lambda ids: tok.decode(list(ids)), eos_token_ids(path))
 
 
 def eos_token_ids(path):
@@ -1262,19 +1290,26 @@ def eos_token_ids(path):
         except (OSError, ValueError, AttributeError):
             continue
         if eos is not None:
-            return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise common.UserError(f"{os.path.join(path, name)}: eos_token_id={eos!r} is "
+                                       f"not a token id or a list of them")
+            return tuple(ids)
     return ()
 
 
 def load_checkpoint_dir(path, tokenizer=True):
     """(name, cfg, params, tokenizer, a line saying which) from a Hugging Face Llama directory,
     a checkpoint of 09_train.py, or 09's out_dir (its newest checkpoint)."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
-        path = find_train_checkpoint(path) or path    # an out_dir of 09_train.py: its newest
-    name = os.path.basename(path.rstrip("/"))
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        cfg, params = load_train_checkpoint(path)
+    if (os.path.isfile(os.path.join(path, "meta.json"))
+            or os.path.isfile(os.path.join(path, "state.npz"))):
+        cfg, params = load_train_checkpoint(path)   # one checkpoint of 09_train.py
+        name = os.path.basename(path.rstrip("/"))
         return name, cfg, params, BYTES, f"09_train.py checkpoint {path}"
+    if os.path.isdir(path) and common.list_checkpoints(path):  # 09's out_dir: its newest
+        found, cfg, params = newest_train_checkpoint(path)
+        return os.path.basename(found), cfg, params, BYTES, f"09_train.py checkpoint {found}"
+    name = os.path.basename(path.rstrip("/"))
     cfg, params = common.load_hf_llama(path)
     return (name, cfg, params, load_tokenizer(path) if tokenizer else None,
             f"Hugging Face checkpoint {path}")
@@ -1300,9 +1335,9 @@ def load_model(ic, on_gpu):
         return [tuple(model)], f"model: {which}"
     benchmark = on_gpu and not ic.sample_only  # a GPU's lesson measures the Llama shapes
     if ic.models == "auto" and not benchmark:
-        path = find_train_checkpoint(ic.ckpt_dir)
-        if path:
-            cfg, params = load_train_checkpoint(path)
+        found = newest_train_checkpoint(ic.ckpt_dir)
+        if found:
+            path, cfg, params = found
             return [(os.path.basename(path), cfg, params, BYTES)], \
                 f"model: the newest 09_train.py checkpoint, {path}"
     names = (["llama-3-8b", "llama-3.2-1b"] if benchmark else ["small"]) if ic.models == "auto" \
@@ -1962,6 +1997,11 @@ def continue_prompt_speculative(ip, cfg, tok, ic, draft):
     return out[0], stats
 
 
+def readable(text):
+    """A prompt as it can be printed: bytes that were not UTF-8 shown as replacement marks."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def show_sample(run):
     ic, tok = run.ic, run.tokenizer
     if tok is None or not ic.max_new_tokens:
@@ -1969,7 +2009,7 @@ def show_sample(run):
     out = continue_prompt(run.params, run.cfg, tok, ic, run.S)
     note = "" if run.trained else " (random weights: expect noise; 09_train.py makes a model)"
     run.section(f"sample: temperature {ic.temperature}, top_k {ic.top_k}, top_p {ic.top_p}{note}")
-    print(ic.prompt + tok.decode(out))
+    print(readable(ic.prompt) + tok.decode(out))
 
 
 def sample_only(models, ic, draft=None):
@@ -1989,9 +2029,43 @@ def sample_only(models, ic, draft=None):
             note = (f"; drafted by {draft[0]}, gamma {ic.gamma}: {stats['acceptance']:.0%} of "
                     f"the draft's tokens accepted")
         t2 = time.perf_counter()
-        print(ic.prompt + tok.decode(out))
+        print(readable(ic.prompt) + tok.decode(out))
         print(f"({name}: {len(out)} tokens in {t2 - t1:.1f} s, compilation included; weights "
               f"ready in {t1 - t0:.1f} s{note})")
+
+
+def lesson_lengths(cfg, ic, on_gpu):
+    """The lesson's prompt, generated and cache lengths (P, G, S) for this model."""
+    P = ic.prompt_len or (256 if on_gpu else 64)
+    G = ic.gen_len or (128 if on_gpu else 32)
+    need = P + G + 2 * ic.gamma + 1
+    S = ic.cache_len or bucket(need, 128)
+    if need > S or S > cfg.max_seq_len:
+        given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
+        raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len + 2 x gamma "
+                               f"+ 1 = {need} and fit the model's max_seq_len={cfg.max_seq_len}")
+    return P, G, S
+
+
+def check_before_the_run(models, ic, on_gpu, draft):
+    """What would fail late in the lesson or the sample, refused before either starts."""
+    try:
+        ic.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        if any(tok is not BYTES for *_, tok in models):
+            raise common.UserError("--prompt is not valid UTF-8 text") from None
+    for name, cfg, _, tok in models:
+        if tok is not None and ic.max_new_tokens:
+            ids = tok.encode(ic.prompt)
+            if not ids:
+                raise common.UserError("--prompt encodes to no tokens: give the sample some text")
+            room = 2 * ic.gamma + 1 if draft is not None and ic.sample_only else 0
+            check_prompts([ids], cfg, ic.max_new_tokens, extra=room)
+        if not ic.sample_only:
+            lesson_lengths(cfg, ic, on_gpu)
+    if not ic.sample_only and ic.draft_layers > models[0][1].n_layers:
+        raise common.UserError(f"draft_layers={ic.draft_layers} exceeds the model's "
+                               f"{models[0][1].n_layers} layers")
 
 
 def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, draft=None):
@@ -2002,12 +2076,7 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, d
     print(f"\n=== {name}: {_si(cfg.param_count(), '')} params, {cfg.n_layers} layers, "
           f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
           f"{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, {cfg.dtype} ===")
-    P = ic.prompt_len or (256 if on_gpu else 64)
-    G = ic.gen_len or (128 if on_gpu else 32)
-    S = ic.cache_len or bucket(P + G + 2 * ic.gamma + 1, 128)
-    if P + G + 2 * ic.gamma + 1 > S or S > cfg.max_seq_len:
-        raise common.UserError(f"cache_len={S} must hold prompt_len + gen_len + 2 x gamma + 1 = "
-                               f"{P + G + 2 * ic.gamma + 1} and fit max_seq_len={cfg.max_seq_len}")
+    P, G, S = lesson_lengths(cfg, ic, on_gpu)
     trained = params is not None
     if not trained:
         params = random_params(cfg, ic.seed, on_gpu)
@@ -2042,11 +2111,9 @@ def main():
     on_gpu = jax.devices()[0].platform == "gpu"
     models, which = load_model(ic, on_gpu)
     print(which)
-    if ic.max_new_tokens and any(tok is not None and not tok.encode(ic.prompt)
-                                 for *_, tok in models):  # checked before the long run, not after
-        raise common.UserError("--prompt encodes to no tokens: give the sample some text")
     dtype = models[0][1].dtype
     draft = load_draft(ic.draft, models[0][1]) if ic.draft else None
+    check_before_the_run(models, ic, on_gpu, draft)
     if ic.sample_only:
         return sample_only(models, ic, draft)
     peaks = common.measure_peaks(dtype=dtype)

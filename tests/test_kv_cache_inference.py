@@ -495,6 +495,8 @@ def test_sampling_restrictions():
     (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1] * 60, 10)], 2, CACHE), "cache"),
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 50], 10, gamma=3,
                                         cache_len=CACHE), "cache"),
+    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 20, gamma=4),
+     "plus the 9 positions a speculative round needs"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
 ])
 def test_bad_inputs_raise_user_error(call, match):
@@ -510,6 +512,35 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(common.UserError, match="model_type"):
         inf.load_model(inf.InferConfig(checkpoint=str(tmp_path)), False)
+    for models in ("", ",", "small,huge"):
+        with pytest.raises(common.UserError, match="expected auto or presets"):
+            inf.InferConfig(models=models)
+    # checked before the lesson's long run: the sample's length, the draft's layers, the cache
+    models = inf.load_model(inf.InferConfig(models="tiny"), False)[0]
+    for ic, match in ((inf.InferConfig(models="tiny", max_new_tokens=200), "max_seq_len=128"),
+                      (inf.InferConfig(models="tiny", draft_layers=3), "draft_layers=3"),
+                      (inf.InferConfig(models="tiny", prompt_len=100),
+                       r"cache_len=256 \(cache_len=0 picks 256\) must hold")):
+        with pytest.raises(common.UserError, match=match):
+            inf.check_before_the_run(models, ic, False, None)
+
+
+def test_damaged_train_checkpoints_are_named_or_passed_over(tmp_path, capsys):
+    for step, seed in ((1, 1), (2, 2)):
+        common.save_checkpoint(str(tmp_path), step, {"params": numpy_params(TIED, seed)},
+                               {"model": dataclasses.asdict(TIED)})
+    old, new = common.list_checkpoints(str(tmp_path))
+    open(os.path.join(new, "state.npz"), "wb").write(b"PK\x03\x04 cut")
+    with pytest.raises(common.UserError, match="ckpt_00000002 is damaged: state.npz"):
+        inf.load_model(inf.InferConfig(checkpoint=new), False)
+    (name, cfg, params, _), = inf.load_model(inf.InferConfig(checkpoint=str(tmp_path)), False)[0]
+    assert name == "ckpt_00000001" and "passing over it" in capsys.readouterr().err
+    jax.tree.map(np.testing.assert_array_equal, params, numpy_params(TIED, 1))
+    os.remove(os.path.join(old, "meta.json"))
+    with pytest.raises(common.UserError, match="ckpt_00000001 is damaged: meta.json"):
+        inf.load_model(inf.InferConfig(checkpoint=old), False)
+    with pytest.raises(common.UserError, match="every checkpoint in .* is damaged"):
+        inf.load_model(inf.InferConfig(ckpt_dir=str(tmp_path)), False)
 
 
 def test_command_line_errors_are_one_line(tmp_path):
@@ -550,14 +581,14 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
     meta = {"model": dataclasses.asdict(TIED)}
     for step, p in ((9, old), (12, new)):
         common.save_checkpoint(str(tmp_path), step, {"params": p, "opt": {"count": 3}}, meta)
-    path = inf.find_train_checkpoint(str(tmp_path))
+    path = inf.newest_train_checkpoint(str(tmp_path))[0]
     assert path.endswith("ckpt_00000012")
     for ic in (inf.InferConfig(ckpt_dir=str(tmp_path)), inf.InferConfig(checkpoint=str(tmp_path)),
                inf.InferConfig(checkpoint=path)):
         (name, cfg, params, tok), = inf.load_model(ic, False)[0]
         assert cfg == TIED and name == "ckpt_00000012" and tok is inf.BYTES
         jax.tree.map(np.testing.assert_array_equal, params, new)
-    assert inf.find_train_checkpoint(str(tmp_path / "empty")) is None
+    assert inf.newest_train_checkpoint(str(tmp_path / "empty")) is None
     # 09 on a GPU: float32 master weights, bf16 compute; inference reads them in bf16
     mixed = dataclasses.replace(TIED, dtype="bfloat16")
     common.save_checkpoint(str(tmp_path / "gpu"), 3, {"params": new},
