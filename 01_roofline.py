@@ -513,6 +513,7 @@ def plot_roofline(points, ceil, path, title):
 
 def main():
     cfg = common.parse_flags(RooflineConfig())
+    common.make_out_dir(cfg.out)  # before the run: a bad --out fails now
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     cfg = resolve(cfg, on_cpu)
@@ -552,11 +553,6 @@ def main():
     rows += skinny
     rows += run_attention(cfg, ceil, dev.platform == "gpu")
 
-    points = [(name, c.intensity, c.flops / t) for name, _, c, t in rows]
-    path = plot_roofline(points, ceil, os.path.join(cfg.out, "roofline.png"),
-                         f"roofline: {dev.device_kind}")
-    print(f"\nroofline plot: {path or 'not drawn (pip install matplotlib)'}")
-
     has_ds = ceil.ds_bandwidth is not None
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
           f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype)"
@@ -575,6 +571,12 @@ def main():
             t_ds = roofline_time(c, ceil.peak(dtype, datasheet=True), ceil.ds_bandwidth)
             line += f" {t_ds / t:5.0%}"
         print(line)
+
+    # The plot comes last: whatever happens while drawing it, the table above is printed.
+    points = [(name, c.intensity, c.flops / t) for name, _, c, t in rows]
+    path = plot_roofline(points, ceil, os.path.join(cfg.out, "roofline.png"),
+                         f"roofline: {dev.device_kind}")
+    print(f"\nroofline plot: {path or 'not drawn (pip install matplotlib)'}")
 
 
 if __name__ == "__main__":

@@ -447,6 +447,35 @@ def time_training(cfg, mesh, batch_size, seq_len, remat, iters):
     return compile_s, float(np.median(times[2:])), float(loss)
 
 
+def bench_plan(run, devices, on_gpu):
+    """(preset name, model config, sequences per device, tokens per sequence, [(mesh sizes,
+    mesh)]) of the tokens/s benchmark: one device, then FSDP over all of them. main() calls it
+    before the analysis, so that a benchmark that cannot run is refused at once; the errors name
+    the benchmark's own FSDP mesh, which no flag spells out, and the flags that change it."""
+    preset = run.bench_preset or ("llama-3.2-1b" if on_gpu else "tiny")
+    cfg = common.Config.preset(preset)
+    batch = run.bench_batch or (16 if on_gpu else 4)
+    seq = run.bench_seq or (1024 if on_gpu else 64)
+    if seq > cfg.max_seq_len:
+        what = (f"bench_seq={seq}" if run.bench_seq else
+                f"bench_seq=0 picks {seq} on a {'GPU' if on_gpu else 'CPU'}, which")
+        raise common.UserError(f"{what} exceeds max_seq_len={cfg.max_seq_len} of the benchmark's "
+                               f"preset {preset}: set a shorter --bench_seq or another "
+                               f"--bench_preset")
+    n = len(devices)
+    plan = [common.parse_mesh("")] + ([common.parse_mesh(f"fsdp:{n}")] if n > 1 else [])
+    meshes = [(sizes, common.make_mesh(sizes, devices)) for sizes in plan]
+    if cfg.d_model % n:  # FSDP splits each weight's embed dim (d_model) over all n devices
+        fits = [p for p, c in common.PRESETS.items() if c.d_model % n == 0]
+        fix = f"--bench_preset={' or '.join(fits)}, or fewer devices" if fits else "fewer devices"
+        raise common.UserError(f"the benchmark's FSDP mesh fsdp:{n} (all {n} devices) cannot "
+                               f"split d_model={cfg.d_model} of preset {preset} {n} ways: use "
+                               f"{fix}")
+    for _, mesh in meshes:
+        common.param_shardings(cfg, mesh)  # any other dimension that does not divide
+    return preset, cfg, batch, seq, meshes
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -577,6 +606,7 @@ def main():
         common.param_shardings(cfg, mesh)  # a mesh axis that does not divide a weight,
         check_batch(B, T, mesh, sp)  # or the batch
         meshes.append((name, sizes, sp, mesh))
+    bench_preset, bcfg, bb, bt, bench_meshes = bench_plan(run, devices, on_gpu)
     show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
 
     params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))
@@ -614,19 +644,11 @@ def main():
 
     # Tokens/s of a training step: FSDP on every local device against one device, with the same
     # batch per device (weak scaling: the work per device is constant).
-    bench_preset = run.bench_preset or ("llama-3.2-1b" if on_gpu else "tiny")
-    bcfg = common.Config.preset(bench_preset)
-    bb = run.bench_batch or (16 if on_gpu else 4)
-    bt = run.bench_seq or (1024 if on_gpu else 64)
-    if bt > bcfg.max_seq_len:
-        raise common.UserError(f"bench_seq={bt} exceeds the preset's "
-                               f"max_seq_len={bcfg.max_seq_len}")
+    # bench_plan chose the model, the sizes and the two meshes before the analysis.
     peak, _, peak_src = common.ceilings(bcfg.dtype)
     flops_tok = bcfg.train_flops_per_token(bt)
     rows = []
-    for sizes in [common.parse_mesh("")] + ([common.parse_mesh(f"fsdp:{n}")] if n > 1 else []):
-        mesh = common.make_mesh(sizes, devices)
-        common.param_shardings(bcfg, mesh)
+    for sizes, mesh in bench_meshes:
         batch_size = bb * mesh.size
         compile_s, step_s, loss = time_training(bcfg, mesh, batch_size, bt, run.bench_remat,
                                                 run.bench_iters)

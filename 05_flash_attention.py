@@ -76,6 +76,9 @@ class FlashConfig:
             raise common.UserError(f"min_len={self.min_len} exceeds max_len={self.max_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise common.UserError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        if not (self.time_budget_s > 0 and math.isfinite(self.time_budget_s)):  # nan too
+            raise common.UserError(f"time_budget_s must be a positive number of seconds, "
+                                   f"got {self.time_budget_s}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +322,23 @@ def lengths_between(lo, hi, factor=2):
     return out
 
 
+def timed_lengths(cfg, on_gpu):
+    """The S of the benchmark: min_len doubling up to max_len, a 0 replaced by the device's
+    default. An empty range is an error that names the bound in force, which may be a default
+    the user never typed (two typed bounds are compared by FlashConfig already)."""
+    device = "GPU" if on_gpu else "CPU"
+    lo = cfg.min_len or (1024 if on_gpu else 256)
+    hi = cfg.max_len or (65536 if on_gpu else 512)
+    lengths = lengths_between(lo, hi)
+    if not lengths and cfg.min_len:
+        raise common.UserError(f"min_len={lo} exceeds the longest length measured, {hi} "
+                               f"(max_len=0 picks {hi} on a {device})")
+    if not lengths:
+        raise common.UserError(f"max_len={hi} is below the shortest length measured, {lo} "
+                               f"(min_len=0 picks {lo} on a {device})")
+    return lengths
+
+
 def check_correctness(seed):
     """Flash vs lesson 04's attention in float32 on awkward shapes (GQA, T not a block multiple):
     forward, and the gradients of a random weighted sum of the output."""
@@ -468,6 +488,7 @@ def main():
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
+    lengths = timed_lengths(cfg, on_gpu)
     # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
     peak, _, basis = common.ceilings(cfg.dtype if dev.platform != "cpu" else "float32")
     limit = (dev.memory_stats() or {}).get("bytes_limit")  # what this process may allocate
@@ -477,10 +498,6 @@ def main():
     print("\ncorrectness, float32, against lesson 04 (forward, and gradients of a weighted sum):")
     check_correctness(cfg.seed)
 
-    lengths = lengths_between(cfg.min_len or (1024 if on_gpu else 256),
-                              cfg.max_len or (65536 if on_gpu else 512))
-    if not lengths:
-        raise common.UserError(f"min_len={cfg.min_len} exceeds max_len={cfg.max_len}")
     if cfg.block_q:
         bq, bk = cfg.block_q, cfg.block_k or cfg.block_q
     elif on_gpu:

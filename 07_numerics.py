@@ -577,7 +577,8 @@ def report_stall(histories, cfg):
 
 def plot_training(histories, path, window=10):
     """Three panels: the loss curves, each mode's loss minus float32's (smoothed over `window`
-    steps), and the share of updates lost to rounding beside the learning rate."""
+    steps, fewer in a run shorter than 2 windows), and the share of updates lost to rounding
+    beside the learning rate."""
     try:
         import matplotlib
     except ImportError:  # the tables do not need it
@@ -585,11 +586,15 @@ def plot_training(histories, path, window=10):
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    base = histories["float32"]["loss"]
+    # A window longer than the run would leave no point to draw (np.convolve's "valid" part of a
+    # short array and a long kernel is the kernel's overhang, not the array's means).
+    window = max(1, min(window, len(base) // 2))
+
     def smooth(v):
         return np.convolve(v, np.ones(window) / window, mode="valid")
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    base = histories["float32"]["loss"]
     for mode, h in histories.items():
         steps = np.arange(len(h["loss"]) - window + 1) + window
         ax1.plot(steps, smooth(h["loss"]), label=mode)
@@ -617,6 +622,7 @@ def plot_training(histories, path, window=10):
 
 def main():
     cfg = common.parse_flags(NumericsConfig())
+    common.make_out_dir(cfg.out)  # before the run: a bad --out fails now
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     cfg = resolve(cfg, on_cpu)
@@ -629,8 +635,6 @@ def main():
     rates = run_matmul_speed(cfg)
     histories = run_training(cfg)
     report_stall(histories, cfg)
-    path = plot_training(histories, os.path.join(cfg.out, "mixed_precision.png"))
-    print(f"\nloss curves: {path or 'not drawn (pip install matplotlib)'}")
 
     print("\nsummary (errors are relative; speed against the bf16 matmul measured in this run)")
     print(f"{'experiment':34s} {'result':>12s}   {'against':s}")
@@ -651,6 +655,10 @@ def main():
         print(f"{'train ' + mode + ' final loss':34s} {h['loss'][-tail:].mean():12.4f}   float32 "
               f"{histories['float32']['loss'][-tail:].mean():.4f}; lost updates, last {tail} "
               f"steps {h['lost'][-tail:].mean():.1%}")
+
+    # The plot comes last: whatever happens while drawing it, the summary above is printed.
+    path = plot_training(histories, os.path.join(cfg.out, "mixed_precision.png"))
+    print(f"\nloss curves: {path or 'not drawn (pip install matplotlib)'}")
 
 
 if __name__ == "__main__":

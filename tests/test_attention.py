@@ -4,6 +4,10 @@ Tolerances are literals chosen per dtype: float32 results agree to rounding (~1e
 order 1); bfloat16 inputs carry 8 bits of mantissa (relative step 2^-8 = 0.4%), so bf16 outputs
 are compared with a float32 reference at a few of those steps."""
 import functools
+import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,7 @@ import common
 
 a04 = common.import_script("04_attention")
 f05 = common.import_script("05_flash_attention")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compiled once per shape: op-by-op dispatch would compile every small op on its own.
 attention = jax.jit(a04.attention, static_argnums=3)
 reference = jax.jit(common.attention_reference, static_argnums=3)
@@ -265,3 +270,36 @@ def test_bad_arguments():
         f05.flash_attention(q, k[:, :4], v[:, :4], True, jnp.zeros((1, 8), jnp.int32))
     with pytest.raises(common.UserError, match="block_q"):  # the CLI's check
         f05.FlashConfig(block_q=-1)
+
+
+def test_timed_lengths_fill_the_device_defaults():
+    assert f05.timed_lengths(f05.FlashConfig(), on_gpu=False) == [256, 512]
+    assert f05.timed_lengths(f05.FlashConfig(), on_gpu=True) == [2**i for i in range(10, 17)]
+    assert f05.timed_lengths(f05.FlashConfig(min_len=300, max_len=1300), False) == [300, 600, 1200]
+
+
+def test_an_empty_length_range_names_the_default_bound_in_force():
+    with pytest.raises(common.UserError, match=r"^min_len=1024 exceeds the longest length "
+                       r"measured, 512 \(max_len=0 picks 512 on a CPU\)$"):
+        f05.timed_lengths(f05.FlashConfig(min_len=1024), on_gpu=False)
+    with pytest.raises(common.UserError, match=r"^max_len=512 is below the shortest length "
+                       r"measured, 1024 \(min_len=0 picks 1024 on a GPU\)$"):
+        f05.timed_lengths(f05.FlashConfig(max_len=512), on_gpu=True)
+    with pytest.raises(common.UserError, match="^min_len=1024 exceeds max_len=512$"):
+        f05.FlashConfig(min_len=1024, max_len=512)
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, math.nan, math.inf])
+def test_time_budget_must_be_positive_and_finite(budget):
+    with pytest.raises(common.UserError, match="time_budget_s must be a positive number"):
+        f05.FlashConfig(time_budget_s=budget)
+
+
+def test_cli_refuses_an_empty_length_range_before_the_correctness_check():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "05_flash_attention.py"),
+                        "--min_len=1024"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: min_len=1024 exceeds the longest length measured, 512 "
+                                "(max_len=0 picks 512 on a CPU)")
+    assert "correctness" not in r.stdout

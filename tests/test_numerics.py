@@ -2,6 +2,9 @@
 the error ordering of the three sums, quantization round trips within their bounds, and the
 rounding rule behind the pure-bf16 stall."""
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 import common
 
 nm = common.import_script("07_numerics")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 SUMS = {m: jax.jit(f, static_argnums=1) for m, f in nm.SUMS.items()}  # compiled once per shape
@@ -248,3 +252,32 @@ def test_config_rejects_bad_values():
         nm.NumericsConfig(dim=100, block=64)
     with pytest.raises(common.UserError):
         nm.NumericsConfig(n=0)
+
+
+@pytest.mark.parametrize("steps, window", [(1, 1), (5, 2), (12, 6), (40, 10)])
+def test_plot_training_smooths_short_runs_over_a_shorter_window(steps, window, tmp_path,
+                                                                monkeypatch):
+    """A run shorter than two 10-step windows is smoothed over half its length: the loss panel
+    holds the running means of `window` steps, one per step from step `window` on."""
+    figure = pytest.importorskip("matplotlib.figure")
+    drawn = {}
+    monkeypatch.setattr(figure.Figure, "savefig",
+                        lambda fig, path, **kw: drawn.update(lines=fig.axes[0].get_lines()))
+    loss = np.arange(steps, dtype=np.float64) ** 2
+    h = {"loss": loss, "lost": np.zeros(steps), "below_half_ulp": np.zeros(steps),
+         "lr": np.linspace(1.0, 0.1, steps)}
+    path = str(tmp_path / "mixed_precision.png")
+    assert nm.plot_training({mode: h for mode in nm.MODES}, path) == path
+    x, y = drawn["lines"][0].get_data()
+    np.testing.assert_array_equal(x, np.arange(window, steps + 1))
+    np.testing.assert_allclose(y, [loss[i:i + window].mean() for i in range(steps - window + 1)])
+
+
+def test_cli_refuses_a_file_as_out_before_the_experiments(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "07_numerics.py"), f"--out={a_file}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: --out={a_file} is a file, not a directory"
+    assert "summing" not in r.stdout  # refused before the first experiment

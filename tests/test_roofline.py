@@ -1,6 +1,9 @@
 """01_roofline: the predicted FLOPs and bytes against exact formulas and XLA's own count, the
 roofline arithmetic, and the kernels against their references."""
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import pytest
 import common
 
 rl = common.import_script("01_roofline")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def randn(shape, seed):
@@ -145,3 +149,25 @@ def test_config_rejects_bad_sizes():
     with pytest.raises(common.UserError):
         rl.RooflineConfig(dtype="int4")
     assert rl.resolve(rl.RooflineConfig(), on_cpu=True).max_square == 1024
+
+
+def test_out_must_be_a_directory_or_creatable_as_one(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(common.UserError, match=f"^--out={a_file} is a file, not a directory$"):
+        common.make_out_dir(str(a_file))
+    with pytest.raises(common.UserError, match="cannot be made a directory .Not a directory."):
+        common.make_out_dir(str(a_file / "plots"))
+    nested = tmp_path / "new" / "plots"
+    assert common.make_out_dir(str(nested)) == str(nested) and nested.is_dir()
+    assert common.make_out_dir(str(nested)) == str(nested)  # an existing directory is fine
+
+
+def test_cli_refuses_a_file_as_out_before_measuring(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "01_roofline.py"), f"--out={a_file}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: --out={a_file} is a file, not a directory"
+    assert "ceilings" not in r.stdout  # refused before the first measurement

@@ -214,3 +214,35 @@ def test_cli_reports_a_bad_mesh_in_one_line():
                          text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: mesh fsdp:16 needs 16 devices, but only 8 exist"
+
+
+def test_bench_plan_defaults_on_cpu():
+    preset, cfg, batch, seq, meshes = sh.bench_plan(sh.ShardingConfig(), jax.devices(), False)
+    assert (preset, batch, seq) == ("tiny", 4, 64) and cfg == common.Config.preset("tiny")
+    assert [(common.mesh_name(s), m.size) for s, m in meshes] == [("1 device", 1), ("fsdp:8", 8)]
+
+
+def test_bench_plan_errors_name_the_benchmarks_own_mesh_and_preset():
+    three = jax.devices()[:3]  # tiny's d_model=64 does not split 3 ways; small's 384 does
+    with pytest.raises(common.UserError, match=r"^the benchmark's FSDP mesh fsdp:3 \(all 3 "
+                       r"devices\) cannot split d_model=64 of preset tiny 3 ways: use "
+                       r"--bench_preset=small, or fewer devices$"):
+        sh.bench_plan(sh.ShardingConfig(), three, False)
+    assert sh.bench_plan(sh.ShardingConfig(bench_preset="small"), three, False)[0] == "small"
+    with pytest.raises(common.UserError, match="^bench_seq=1000 exceeds max_seq_len=128 of the "
+                       "benchmark's preset tiny"):
+        sh.bench_plan(sh.ShardingConfig(bench_seq=1000), jax.devices(), False)
+    with pytest.raises(common.UserError, match="^bench_seq=0 picks 1024 on a GPU, which exceeds "
+                       "max_seq_len=128 of the benchmark's preset tiny"):
+        sh.bench_plan(sh.ShardingConfig(bench_preset="tiny"), jax.devices(), True)
+
+
+def test_cli_refuses_the_benchmark_mesh_before_the_analysis():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "03_sharding.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    out = subprocess.run([sys.executable, script, "--mesh=dp:3", "--batch_size=3"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: the benchmark's FSDP mesh fsdp:3 (all 3 devices)")
+    assert "w_up" not in out.stdout  # the analysis never started
