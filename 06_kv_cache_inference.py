@@ -1319,7 +1319,10 @@ def load_draft(path, cfg):
     """A draft model for speculative decoding (--draft): (name, cfg, params in the inference
     layout), checked against the target's config `cfg`. It must use the target's tokenizer; its
     vocabulary may be smaller (a table padded less, or a byte model's 256 ids), not larger."""
-    name, dcfg, params, _, which = load_checkpoint_dir(path, tokenizer=False)
+    try:
+        name, dcfg, params, _, which = load_checkpoint_dir(path, tokenizer=False)
+    except common.UserError as e:
+        raise common.UserError(f"the draft (--draft): {e}") from None
     if dcfg.vocab_size > cfg.vocab_size:
         raise common.UserError(f"the draft {path} has a vocabulary of {dcfg.vocab_size} tokens, "
                                f"more than the target's {cfg.vocab_size}: they must share a "

@@ -314,8 +314,11 @@ def restore(tc, cfg, params, opt):
         try:
             meta = common.load_checkpoint_meta(path)
             if meta.get("model") != model or meta.get("seed") != tc.seed:
+                stored = dict(meta.get("model") or {}, seed=meta.get("seed"))
+                differ = [f"{k} {stored.get(k)!r} there, {v!r} here"
+                          for k, v in dict(model, seed=tc.seed).items() if stored.get(k) != v]
                 raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
-                                       f"(preset {meta.get('preset')}, seed {meta.get('seed')}); "
+                                       f"(preset {meta.get('preset')}: {'; '.join(differ)}); "
                                        f"use another --out_dir")
             state, meta = common.load_checkpoint(path, like)
         except common.DamagedCheckpoint as e:
@@ -472,6 +475,9 @@ def train(tc, stop_after=None, log=print, devices=None):
     opt = jax.jit(adamw_init, out_shardings={"mu": shardings, "nu": shardings,
                                              "count": NamedSharding(mesh, common.P())})(params)
     params, opt, start = restore(tc, cfg, params, opt)
+    if start >= tc.steps:
+        log(f"{tc.out_dir} is at step {start}, at or past steps={tc.steps}: nothing to train "
+            f"(a larger --steps goes on, with the cosine stretched to its length)")
 
     n_dev = len(devices)
     flops_per_step = cfg.train_flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len

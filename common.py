@@ -479,7 +479,7 @@ def make_mesh(sizes, devices=None):
     shape = tuple(sizes[a] for a in MESH_AXES)
     if math.prod(shape) > len(devices):
         raise UserError(f"mesh {mesh_name(sizes)} needs {math.prod(shape)} devices, but only "
-                        f"{len(devices)} exist")
+                        f"{len(devices)} {'exists' if len(devices) == 1 else 'exist'}")
     return jax.sharding.Mesh(np.array(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
 
 

@@ -207,7 +207,7 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
 def test_out_dir_of_another_config(tmp_path):
     train_mod.train(tiny_run(tmp_path, steps=1, ckpt_every=1), log=lambda s: None,
                     devices=jax.devices()[:1])
-    with pytest.raises(common.UserError, match="another config"):
+    with pytest.raises(common.UserError, match="another config .preset tiny: seed 0 there, 1 here."):
         train_mod.train(tiny_run(tmp_path, steps=2, seed=1), log=lambda s: None,
                         devices=jax.devices()[:1])
 
