@@ -65,6 +65,9 @@ class FlashConfig:
         for f in ("batch", "n_heads", "n_kv_heads", "head_dim", "mem_max_len"):
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.mem_max_len > 2**20:  # one compiled program per doubling from 16k
+            raise common.UserError(f"mem_max_len must be <= 2**20 (1,048,576), got "
+                                   f"{self.mem_max_len}")
         for f in ("block_q", "block_k", "min_len", "max_len"):
             if getattr(self, f) < 0:
                 raise common.UserError(f"{f} must be >= 1 (or 0 for the default), "

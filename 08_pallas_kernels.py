@@ -1632,8 +1632,8 @@ def resolve(cfg):
 
 
 def main():
-    cfg = common.parse_flags(KernelsConfig())
-    cfg, env = resolve(cfg)
+    given = common.parse_flags(KernelsConfig())
+    cfg, env = resolve(given)
     dev = jax.devices()[0]
     peak, _, basis = common.ceilings("bfloat16" if env["gpu"] else "float32")
     measured = common.measure_peaks(dtype="bfloat16" if env["gpu"] else "float32")
@@ -1645,6 +1645,13 @@ def main():
         print("interpreted: each grid point's body runs as ordinary XLA ops on this device, so the "
               "errors below are the kernels' own,\nbut the speeds measure the interpreter; the "
               "lesson's speeds come from a GPU (BENCHMARKS.md)")
+        fixed = [f"--{f}" for f in ("n_heads", "head_dim", "flash_tokens", "decode_batch",
+                                    "decode_heads", "decode_kv_heads", "decode_len", "int8_n",
+                                    "int8_rows")
+                 if getattr(given, f) != getattr(KernelsConfig(), f)]
+        if fixed:
+            print(f"(interpreted, the kernels run at small fixed sizes: {', '.join(fixed)} "
+                  f"appl{'y' if len(fixed) > 1 else 'ies'} to a compiled run on a GPU)")
     rows = []
     t0 = time.perf_counter()
     for name, fn in (("matmul", bench_matmul), ("flash", bench_flash), ("decode", bench_decode),
