@@ -14,9 +14,11 @@ Nothing runs at import time. Read top to bottom:
 import dataclasses
 import glob
 import importlib.util
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -804,6 +806,39 @@ def _convert(text, tp):
     return value
 
 
+def flag_notes(cls):
+    """{field: the comment beside it in the class's source, with the comment-only lines below
+    it}: the config classes document their flags where they declare them."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    notes, name = {}, None
+    for line in lines:
+        field = re.match(r"\s+(\w+)\s*:[^=]*=.*?(?:\s#\s?(.*))?$", line)
+        more = re.match(r"\s+#\s?(.*)$", line)
+        if more and name:
+            notes[name] += " " + more.group(1).strip()
+        elif field:
+            name = field.group(1)
+            notes[name] = (field.group(2) or "").strip()
+        else:
+            name = None
+    return notes
+
+
+def flag_help(default):
+    """--help: each flag with its default and what it does."""
+    notes = flag_notes(type(default))
+    doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+    rows = [f"  --{f.name}={getattr(default, f.name)!r}" for f in dataclasses.fields(default)]
+    width = max(len(r) for r in rows) + 2
+    title = " ".join(doc.split("\n\n")[0].split())  # the script's docstring, first paragraph
+    return "\n".join(([title, ""] if doc else []) + ["flags (--name=value):"] + [
+        f"{r:{width}s}{notes.get(f.name, '')}".rstrip()
+        for r, f in zip(rows, dataclasses.fields(default))])
+
+
 def parse_flags(default, argv=None, show=True):
     """A copy of dataclass `default` with --field=value overrides from argv; a bad flag is a
     one-line error and exit code 2. Range checks live in the dataclass's __post_init__."""
@@ -813,7 +848,7 @@ def parse_flags(default, argv=None, show=True):
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print("flags: " + " ".join(f"--{n}={getattr(default, n)!r}" for n in names))
+            print(flag_help(default))
             sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
             die(f"malformed flag {arg!r}: expected --name=value")

@@ -441,9 +441,10 @@ def test_param_shardings_and_errors():
 
 @dataclasses.dataclass(frozen=True)
 class Flags:
-    n: int = 3
+    n: int = 3          # how many
     seed: int = 0
-    rate: float = 0.5
+    rate: float = 0.5   # a rate of # signs,
+                        # said on two lines
     name: str = "a"
     on: bool = False
     size: int | None = None
@@ -458,6 +459,18 @@ def test_parse_flags_types():
                            show=False)
     assert f == Flags(n=7, rate=1e-3, name="x", on=True, size=None)
     assert common.parse_flags(Flags(), ["--size=4"], show=False).size == 4
+
+
+def test_help_lists_each_flag_with_its_default_and_comment(capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_flags(Flags(), ["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    flags = lines[lines.index("flags (--name=value):") + 1:]
+    assert [line.split()[0] for line in flags] == [
+        "--n=3", "--seed=0", "--rate=0.5", "--name='a'", "--on=False", "--size=None"]
+    assert flags[0].endswith("how many") and flags[1] == "  --seed=0"
+    assert flags[2].endswith("a rate of # signs, said on two lines")
 
 
 @pytest.mark.parametrize("argv,match", [(["--bogus=1"], "unknown flag --bogus"),
