@@ -313,6 +313,9 @@ def restore(tc, cfg, params, opt):
     for path in reversed(ckpts):
         try:
             meta = common.load_checkpoint_meta(path)
+            if not isinstance(meta.get("model"), dict):
+                raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json "
+                                               f"holds no model config")
             if meta.get("model") != model or meta.get("seed") != tc.seed:
                 stored = dict(meta.get("model") or {}, seed=meta.get("seed"))
                 differ = [f"{k} {stored.get(k)!r} there, {v!r} here"
