@@ -98,10 +98,8 @@ def check_batch(batch_size, seq_len, mesh, sequence_parallel=False):
     if batch_size % split:
         raise common.UserError(f"batch_size={batch_size} does not split over dp*fsdp={split} "
                                f"devices of mesh {common.mesh_name(dict(mesh.shape))}")
-    if sequence_parallel and (batch_size // split) % tp and seq_len % tp:
-        raise common.UserError(f"sequence parallelism splits the tokens over tp={tp}, which "
-                               f"divides neither the {batch_size // split} rows per dp*fsdp "
-                               f"group nor seq_len={seq_len}")
+    if sequence_parallel:
+        common.check_sequence_split(batch_size // split, seq_len, tp)
 
 
 def scheme_rules(mesh, batch_size, sequence_parallel):

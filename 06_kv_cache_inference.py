@@ -100,7 +100,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import typing
 
@@ -1208,15 +1207,8 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
 def newest_train_checkpoint(ckpt_dir):
     """(path, cfg, params) of the newest readable checkpoint 09_train.py wrote under ckpt_dir
     (ckpt_<step>/), or None. A damaged one is passed over with a line saying so, as 09 does."""
-    found = common.list_checkpoints(ckpt_dir)
-    for path in reversed(found):
-        try:
-            return (path, *load_train_checkpoint(path))
-        except common.DamagedCheckpoint as e:
-            print(f"warning: {e}; passing over it", file=sys.stderr)
-    if found:
-        raise common.UserError(f"every checkpoint in {ckpt_dir} is damaged")
-    return None
+    found = common.load_newest_checkpoint(ckpt_dir, load_train_checkpoint)
+    return None if found is None else (found[0], *found[1])
 
 
 def load_train_checkpoint(path):

@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -126,11 +125,8 @@ class TrainConfig:
         sizes = common.parse_mesh(self.mesh)
         if self.sequence_parallel and sizes["tp"] == 1:
             raise common.UserError("sequence_parallel needs a --mesh with tp > 1")
-        rows, tp = self.sequence_parallel_rows(), sizes["tp"]
-        if self.sequence_parallel and rows % tp and self.seq_len % tp:
-            raise common.UserError(f"sequence_parallel splits the tokens over tp={tp}, which "
-                                   f"divides neither the {rows} rows per dp x fsdp group nor "
-                                   f"seq_len={self.seq_len}")
+        if self.sequence_parallel:
+            common.check_sequence_split(self.sequence_parallel_rows(), self.seq_len, sizes["tp"])
 
     def sequence_parallel_rows(self):
         """Rows of a micro-batch on each dp x fsdp group: what sequence parallelism splits. (With
@@ -307,34 +303,31 @@ def restore(tc, cfg, params, opt):
     """(params, opt, step) from the newest readable checkpoint in out_dir, or the inputs and 0.
     A damaged one (its files cut short by a power loss, or edited) is passed over with a line
     saying so, and the one before it read instead."""
-    ckpts = common.list_checkpoints(tc.out_dir)
     like = {"params": params, "opt": opt}
     model = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    for path in reversed(ckpts):
-        try:
-            meta = common.load_checkpoint_meta(path)
-            if not isinstance(meta.get("model"), dict):
-                raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json "
-                                               f"holds no model config")
-            if meta.get("model") != model or meta.get("seed") != tc.seed:
-                stored = dict(meta.get("model") or {}, seed=meta.get("seed"))
-                differ = [f"{k} {stored.get(k)!r} there, {v!r} here"
-                          for k, v in dict(model, seed=tc.seed).items() if stored.get(k) != v]
-                raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
-                                       f"(preset {meta.get('preset')}: {'; '.join(differ)}); "
-                                       f"use another --out_dir")
-            state, meta = common.load_checkpoint(path, like)
-        except common.DamagedCheckpoint as e:
-            print(f"warning: {e}; passing over it", file=sys.stderr)
-            continue
-        state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
-            a.shape, ref.sharding, lambda idx: a[idx]), state, like)
-        print(f"resumed from {path} at step {meta['step']}")
-        return state["params"], state["opt"], meta["step"]
-    if ckpts:
-        raise common.UserError(f"every checkpoint in {tc.out_dir} is damaged; move them away to "
-                               f"train from the start, or use another --out_dir")
-    return params, opt, 0
+
+    def load(path):
+        meta = common.load_checkpoint_meta(path)
+        if not isinstance(meta.get("model"), dict):
+            raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json holds "
+                                           f"no model config")
+        if meta["model"] != model or meta.get("seed") != tc.seed:
+            stored = dict(meta["model"], seed=meta.get("seed"))
+            differ = [f"{k} {stored.get(k)!r} there, {v!r} here"
+                      for k, v in dict(model, seed=tc.seed).items() if stored.get(k) != v]
+            raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
+                                   f"(preset {meta.get('preset')}: {'; '.join(differ)}); "
+                                   f"use another --out_dir")
+        return common.load_checkpoint(path, like)
+
+    found = common.load_newest_checkpoint(tc.out_dir, load)
+    if found is None:
+        return params, opt, 0
+    path, (state, meta) = found
+    state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
+        a.shape, ref.sharding, lambda idx: a[idx]), state, like)
+    print(f"resumed from {path} at step {meta['step']}")
+    return state["params"], state["opt"], meta["step"]
 
 
 # ----------------------------------------------------------------------------------------------

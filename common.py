@@ -425,6 +425,14 @@ def sequence_parallel_rules(rows, tp):
     return {**SHARDING_RULES, "residual_seq": "tp"}
 
 
+def check_sequence_split(rows, seq_len, tp):
+    """sequence_parallel_rules splits each dp x fsdp group's rows over tp, else its positions:
+    one of the two must divide."""
+    if rows % tp and seq_len % tp:
+        raise UserError(f"sequence parallelism splits the tokens over tp={tp}, which divides "
+                        f"neither the {rows} rows per dp x fsdp group nor seq_len={seq_len}")
+
+
 def logical_to_spec(axes, mesh, rules=None):
     """PartitionSpec for a tuple of logical names; mesh axes absent from the mesh (or of size 1)
     are dropped, so one rule table serves every mesh."""
@@ -755,6 +763,22 @@ def load_checkpoint_meta(path):
     if not isinstance(meta, dict):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: meta.json is not a JSON object")
     return meta
+
+
+def load_newest_checkpoint(out_dir, load):
+    """(path, load(path)) for the newest checkpoint in out_dir that `load` can read, or None if
+    there is none. A damaged one (DamagedCheckpoint: files cut short by a power loss, or edited)
+    is passed over with a line saying so, for the one before it."""
+    found = list_checkpoints(out_dir)
+    for path in reversed(found):
+        try:
+            return path, load(path)
+        except DamagedCheckpoint as e:
+            print(f"warning: {e}; passing over it", file=sys.stderr)
+    if found:
+        raise UserError(f"every checkpoint in {out_dir} is damaged; move them away to start "
+                        f"afresh, or use another directory")
+    return None
 
 
 def load_checkpoint(path, like):
