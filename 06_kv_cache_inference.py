@@ -154,6 +154,9 @@ class InferConfig:
         if self.draft and self.draft_layers:
             raise common.UserError("give --draft (a draft model) or --draft_layers (the target's "
                                    "own layers as the draft), not both")
+        if self.sample_only and self.draft_layers:
+            raise common.UserError("--sample_only drafts with --draft (a smaller model); "
+                                   "draft_layers is the lesson's own draft")
         if self.models != "auto":
             names = [m for m in self.models.split(",") if m]
             if not names or set(names) - set(common.PRESETS):
@@ -1301,6 +1304,9 @@ def load_checkpoint_dir(path, tokenizer=True):
     if os.path.isdir(path) and common.list_checkpoints(path):  # 09's out_dir: its newest
         found, cfg, params = newest_train_checkpoint(path)
         return os.path.basename(found), cfg, params, BYTES, f"09_train.py checkpoint {found}"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise common.UserError(f"{path} holds no checkpoint: neither a Hugging Face one "
+                               f"(config.json) nor 09_train.py's (meta.json, or ckpt_<step>/)")
     name = os.path.basename(path.rstrip("/"))
     cfg, params = common.load_hf_llama(path)
     return (name, cfg, params, load_tokenizer(path) if tokenizer else None,

@@ -1149,6 +1149,8 @@ def load_corpus(path=None, max_bytes=64 * 2**20):
                        if os.path.isfile(f))
     elif os.path.isfile(path):
         files = [path]
+    elif os.path.exists(path):
+        raise UserError(f"data path {path} is neither a file nor a directory")
     else:
         raise UserError(f"data path {path} does not exist")
     train, val, total = [], [], 0

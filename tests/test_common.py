@@ -546,6 +546,9 @@ def test_corpus_split_and_batches(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.UserError, match="no data"):
         common.load_corpus(str(tmp_path / "empty"))
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(common.UserError, match="neither a file nor a directory"):
+        common.load_corpus(str(tmp_path / "pipe"))
 
 
 def test_default_corpus_is_python_source():

@@ -512,6 +512,11 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(common.UserError, match="model_type"):
         inf.load_model(inf.InferConfig(checkpoint=str(tmp_path)), False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.UserError, match="holds no checkpoint: neither a Hugging Face"):
+        inf.load_model(inf.InferConfig(checkpoint=str(tmp_path / "empty")), False)
+    with pytest.raises(common.UserError, match="draft_layers is the lesson's own draft"):
+        inf.InferConfig(sample_only=True, draft_layers=1)
     for models in ("", ",", "small,huge"):
         with pytest.raises(common.UserError, match="expected auto or presets"):
             inf.InferConfig(models=models)
