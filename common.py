@@ -702,11 +702,12 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2):
     leaves the previous checkpoints as they were. Keeps the newest `keep` checkpoints."""
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):  # left by a crashed save
-        replaced = os.path.join(out_dir, os.path.basename(stale)[5:-4])
-        if stale.endswith(".old") and not os.path.exists(replaced):
-            os.rename(stale, replaced)  # the crash came between a rerun's two renames
-        else:
-            shutil.rmtree(stale)
+        if stale.endswith(".old"):  # a rerun's previous copy, set aside before its rename
+            final = os.path.join(out_dir, os.path.basename(stale)[len(".tmp_"):-len(".old")])
+            if not os.path.exists(final):  # the crash came between the two renames
+                os.rename(stale, final)
+                continue
+        shutil.rmtree(stale)
     final = os.path.join(out_dir, f"ckpt_{step:08d}")
     tmp = os.path.join(out_dir, f".tmp_ckpt_{step:08d}")
     os.makedirs(tmp)
@@ -789,20 +790,19 @@ def load_checkpoint(path, like):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json lacks the step "
                                 f"and dtypes save_checkpoint writes")
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    leaves = []
+    names = [jax.tree_util.keystr(k) for k, _ in paths]
     try:
         with np.load(os.path.join(path, "state.npz")) as data:
-            for k, _ in paths:
-                name = jax.tree_util.keystr(k)
-                if name not in data or name not in meta["dtypes"]:
-                    raise UserError(f"checkpoint {path} has no {name}: it was written for "
-                                    f"another model")
-                a = data[name]
-                leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16"
-                              else a)
+            stored = {name: data[name] for name in names if name in data}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: state.npz cannot be read "
                                 f"({type(e).__name__}: {e})") from None
+    leaves = []
+    for name in names:
+        if name not in stored or name not in meta["dtypes"]:
+            raise UserError(f"checkpoint {path} has no {name}: it was written for another model")
+        a = stored[name]
+        leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16" else a)
     return jax.tree.unflatten(treedef, leaves), meta
 
 

@@ -378,6 +378,9 @@ def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):
     path = common.save_checkpoint(str(tmp_path), 3, tree, {"model": {}})
     got, meta = common.load_checkpoint(path, tree)
     np.testing.assert_array_equal(got["w"], tree["w"])
+    with pytest.raises(common.UserError, match="has no \\['b'\\]: it was written for another") as e:
+        common.load_checkpoint(path, dict(tree, b=tree["w"]))
+    assert not isinstance(e.value, common.DamagedCheckpoint)  # 09 would pass over a damaged one
     state = os.path.join(path, "state.npz")
     blob = open(state, "rb").read()
     for damage in (lambda: open(state, "wb").write(blob[:len(blob) // 2]),
