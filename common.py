@@ -905,7 +905,7 @@ def _shown(value):
 def run(main):
     """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
     the device running out of memory one line and exit 1, Ctrl-C one line (with what the lesson
-    says is kept) and exit 130."""
+    says is kept) and exit 130, a closed output pipe nothing and exit 141, as a shell's tools."""
     try:
         main()
     except UserError as e:
@@ -921,6 +921,9 @@ def run(main):
     except KeyboardInterrupt as e:
         print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # what read the output went away (`| head`): stop without a word
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 # ----------------------------------------------------------------------------------------------

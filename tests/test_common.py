@@ -530,6 +530,14 @@ def test_train_script_bad_input_is_one_line(flag, match):
     assert match in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_closed_output_pipe_ends_the_script_quietly():
+    """`python 09_train.py --help | head -1`: the reader leaves early; no traceback follows."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "09_train.py"), "--help"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()
+    assert p.stderr.read() == b"" and p.wait(timeout=120) == 141
+
+
 # ---------------------------------------------------------------- data
 
 def test_corpus_split_and_batches(tmp_path):
