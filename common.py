@@ -907,7 +907,10 @@ def run(main):
     the device running out of memory one line and exit 1, Ctrl-C one line (with what the lesson
     says is kept) and exit 130, a closed output pipe nothing and exit 141, as a shell's tools."""
     try:
-        main()
+        try:
+            main()
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, where the handlers below see it
     except UserError as e:
         die(str(e))
     except jax.errors.JaxRuntimeError as e:

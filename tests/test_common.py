@@ -532,8 +532,9 @@ def test_train_script_bad_input_is_one_line(flag, match):
 
 def test_a_closed_output_pipe_ends_the_script_quietly():
     """`python 09_train.py --help | head -1`: the reader leaves early; no traceback follows."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the output waits
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "09_train.py"), "--help"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     p.stdout.close()
     assert p.stderr.read() == b"" and p.wait(timeout=120) == 141
 
