@@ -403,11 +403,12 @@ def adam_update(params, grads, opt, lr=1e-4, b1=0.9, b2=0.95, eps=1e-8):
     return new, {"mu": mu, "nu": nu, "count": count}
 
 
-def make_train_step(cfg, mesh, remat):
+def make_train_step(cfg, mesh, remat, rules=None):
     ps = common.param_shardings(cfg, mesh)
     opt_s = {"mu": ps, "nu": ps, "count": NamedSharding(mesh, P())}
-    tok = sharding_of(mesh, ("batch", "seq"))
-    loss = functools.partial(model_loss, cfg=cfg, constrain=constrain_fn(mesh), remat=remat)
+    tok = sharding_of(mesh, ("batch", "seq"), rules)
+    loss = functools.partial(model_loss, cfg=cfg, constrain=constrain_fn(mesh, rules),
+                             remat=remat)
 
     def step(params, opt, x, y):
         value, grads = jax.value_and_grad(loss)(params, x, y)
@@ -423,10 +424,10 @@ def make_train_step(cfg, mesh, remat):
     return init, init_opt, step, tok
 
 
-def time_training(cfg, mesh, batch_size, seq_len, remat, iters):
+def time_training(cfg, mesh, batch_size, seq_len, remat, iters, rules=None):
     """(compile s, median step s, last loss). The state is carried from step to step (donated),
     as in training; two batches of random tokens alternate."""
-    init, init_opt, step, tok = make_train_step(cfg, mesh, remat)
+    init, init_opt, step, tok = make_train_step(cfg, mesh, remat, rules)
     params = init(fast_key(0))
     opt = init_opt(params)
     batches = []
@@ -446,10 +447,12 @@ def time_training(cfg, mesh, batch_size, seq_len, remat, iters):
 
 
 def bench_plan(run, devices, on_gpu):
-    """(preset name, model config, sequences per device, tokens per sequence, [(mesh sizes,
-    mesh)]) of the tokens/s benchmark: one device, then FSDP over all of them. main() calls it
-    before the analysis, so that a benchmark that cannot run is refused at once; the errors name
-    the benchmark's own FSDP mesh, which no flag spells out, and the flags that change it."""
+    """(preset name, model config, sequences per device, tokens per sequence, [(name, mesh sizes,
+    sequence parallel, mesh)]) of the tokens/s benchmark: one device, FSDP over all of them,
+    then (where --tp divides the devices and the model's heads) FSDP over n/tp groups of tp-way
+    TP, without and with sequence parallelism. main() calls it before the analysis, so that a
+    benchmark that cannot run is refused at once; the errors name the benchmark's own FSDP
+    mesh, which no flag spells out, and the flags that change it."""
     preset = run.bench_preset or ("llama-3.2-1b" if on_gpu else "tiny")
     cfg = common.Config.preset(preset)
     batch = run.bench_batch or (16 if on_gpu else 4)
@@ -460,16 +463,24 @@ def bench_plan(run, devices, on_gpu):
         raise common.UserError(f"{what} exceeds max_seq_len={cfg.max_seq_len} of the benchmark's "
                                f"preset {preset}: set a shorter --bench_seq or another "
                                f"--bench_preset")
-    n = len(devices)
-    plan = [common.parse_mesh("")] + ([common.parse_mesh(f"fsdp:{n}")] if n > 1 else [])
-    meshes = [(sizes, common.make_mesh(sizes, devices)) for sizes in plan]
+    n, tp = len(devices), run.tp
+    plan = [("", False)] + ([(f"fsdp:{n}", False)] if n > 1 else [])
+    if 1 < tp <= n and n % tp == 0 and not (cfg.n_kv_heads % tp or cfg.d_ff % tp
+                                            or cfg.vocab_size % tp or cfg.d_model % (n // tp)):
+        tp_mesh = f"fsdp:{n // tp},tp:{tp}" if n > tp else f"tp:{tp}"
+        plan += [(tp_mesh, False), (tp_mesh, True)]
+    meshes = []
+    for text, sp in plan:
+        sizes = common.parse_mesh(text)
+        meshes.append((common.mesh_name(sizes) + (" SP" if sp else ""), sizes, sp,
+                       common.make_mesh(sizes, devices)))
     if cfg.d_model % n:  # FSDP splits each weight's embed dim (d_model) over all n devices
         fits = [p for p, c in common.PRESETS.items() if c.d_model % n == 0]
         fix = f"--bench_preset={' or '.join(fits)}, or fewer devices" if fits else "fewer devices"
         raise common.UserError(f"the benchmark's FSDP mesh fsdp:{n} (all {n} devices) cannot "
                                f"split d_model={cfg.d_model} of preset {preset} {n} ways: use "
                                f"{fix}")
-    for _, mesh in meshes:
+    for *_, mesh in meshes:
         common.param_shardings(cfg, mesh)  # any other dimension that does not divide
     return preset, cfg, batch, seq, meshes
 
@@ -641,39 +652,54 @@ def main():
             print(f"  {r['name']:<18}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
 
     # Tokens/s of a training step: FSDP on every local device against one device, with the same
-    # batch per device (weak scaling: the work per device is constant).
+    # batch per device (weak scaling: the work per device is constant); then TP in groups of tp
+    # devices, which share their sequences (the batch is split over the groups only).
     # bench_plan chose the model, the sizes and the two meshes before the analysis.
     peak, _, peak_src = common.ceilings(bcfg.dtype)
     flops_tok = bcfg.train_flops_per_token(bt)
     rows = []
-    for sizes, mesh in bench_meshes:
-        batch_size = bb * mesh.size
+    for name, sizes, sp, mesh in bench_meshes:
+        batch_size = bb * sizes["dp"] * sizes["fsdp"]
         compile_s, step_s, loss = time_training(bcfg, mesh, batch_size, bt, run.bench_remat,
-                                                run.bench_iters)
-        rows.append((common.mesh_name(sizes), mesh.size, batch_size, compile_s, step_s, loss))
-    # Bounds per step: the FLOPs at peak, and FSDP's traffic at the link's datasheet bandwidth:
-    # every weight gathered twice (forward, backward) in the compute dtype, every gradient
-    # reduce-scattered in the param dtype, (N-1)/N of each on a ring (lesson 02).
+                                                run.bench_iters, scheme_rules(mesh, batch_size, sp))
+        rows.append((name, sizes, sp, batch_size, compile_s, step_s, loss))
+    # Bounds per step: the FLOPs at peak, and the traffic at the link's datasheet bandwidth.
+    # FSDP: every weight gathered twice (forward, backward) in the compute dtype, every gradient
+    # reduce-scattered in the param dtype, (N-1)/N of each on a ring (lesson 02). TP: the
+    # layers' activation reductions as predicted above (XLA's count), on a ring.
     chip = common.device_chip()
     n_params = bcfg.param_count()
     pb, db = jnp.dtype(bcfg.param_dtype).itemsize, jnp.dtype(bcfg.dtype).itemsize
+
+    def comm_bytes(sizes, sp, batch_size):
+        f, t = sizes["fsdp"], sizes["tp"]
+        tp_only = {"dp": 1, "fsdp": 1, "tp": t}
+        acts = predict_layer_collectives(bcfg, tp_only, batch_size // f, bt, 2, sp)
+        return ((2 * db + pb) * n_params / t * (f - 1) / f
+                + (bcfg.n_layers * ring_traffic(acts) if t > 1 else 0))
     print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({n_params / 1e6:.1f}M params), "
           f"{bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
           f"{flops_tok / 1e9:.2f} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
-          f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters at "
+          f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters and TP's "
+          f"activation reductions at "
           + (f"{chip.link_bw / 1e9:.0f} GB/s ({chip.name} datasheet)" if chip else "n/a"))
-    print(f"{'mesh':<10}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}"
+    print(f"{'mesh':<16}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}"
           f"{'peak ms':>9}{'comm ms':>9}{'tok/s':>12}{'MFU':>7}{'vs 1 device':>13}{'loss':>9}")
     base = None
-    for name, nd, batch_size, compile_s, step_s, loss in rows:
+    for name, sizes, sp, batch_size, compile_s, step_s, loss in rows:
+        nd = math.prod(sizes.values())
         tps = batch_size * bt / step_s
         base = base or tps
-        t_peak = flops_tok * bb * bt / peak
-        comm = (2 * db + pb) * n_params * (nd - 1) / nd
+        t_peak = flops_tok * batch_size * bt / (nd * peak)
+        comm = comm_bytes(sizes, sp, batch_size)
         t_comm = f"{comm / chip.link_bw * 1e3:.1f}" if chip else "n/a"
-        print(f"{name:<10}{nd:>8}{batch_size:>7}{compile_s:>11.1f}{step_s * 1e3:>10.1f}"
+        print(f"{name:<16}{nd:>8}{batch_size:>7}{compile_s:>11.1f}{step_s * 1e3:>10.1f}"
               f"{t_peak * 1e3:>9.1f}{t_comm:>9}{tps:>12,.0f}{tps * flops_tok / (nd * peak):>7.1%}"
               f"{f'{tps / base:.2f}x of {nd}':>13}{loss:>9.4f}")
+    if any(sizes["tp"] > 1 for _, sizes, *_ in rows):
+        print("- TP's reductions sit between each layer's matmuls, on the critical path, where "
+              "FSDP's weight traffic can run beside the compute (09_train.py --breakdown=true "
+              "measures how much of each is exposed)")
     if not on_gpu and n > 1:
         print("(simulated CPU devices share the same cores: this speedup means nothing)")
 

@@ -219,7 +219,9 @@ def test_cli_reports_a_bad_mesh_in_one_line():
 def test_bench_plan_defaults_on_cpu():
     preset, cfg, batch, seq, meshes = sh.bench_plan(sh.ShardingConfig(), jax.devices(), False)
     assert (preset, batch, seq) == ("tiny", 4, 64) and cfg == common.Config.preset("tiny")
-    assert [(common.mesh_name(s), m.size) for s, m in meshes] == [("1 device", 1), ("fsdp:8", 8)]
+    assert [(name, m.size) for name, _, _, m in meshes] == [
+        ("1 device", 1), ("fsdp:8", 8), ("fsdp:4,tp:2", 8), ("fsdp:4,tp:2 SP", 8)]
+    assert [sp for _, _, sp, _ in meshes] == [False, False, False, True]
 
 
 def test_bench_plan_errors_name_the_benchmarks_own_mesh_and_preset():
