@@ -666,7 +666,7 @@ def main():
     # Bounds per step: the FLOPs at peak, and the traffic at the link's datasheet bandwidth.
     # FSDP: every weight gathered twice (forward, backward) in the compute dtype, every gradient
     # reduce-scattered in the param dtype, (N-1)/N of each on a ring (lesson 02). TP: the
-    # layers' activation reductions as predicted above (XLA's count), on a ring.
+    # layers' activation reductions as predicted above (7 a layer, before any reassociation).
     chip = common.device_chip()
     n_params = bcfg.param_count()
     pb, db = jnp.dtype(bcfg.param_dtype).itemsize, jnp.dtype(bcfg.dtype).itemsize
