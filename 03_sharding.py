@@ -30,8 +30,9 @@ param_specs), and one rule table (common.SHARDING_RULES) maps them to mesh axes:
 For each scheme the lesson prints per-device bytes of parameters, gradients, Adam's two float32
 moments and activations; the collectives each layer needs, predicted from these rules, beside
 those read back from the compiled program's HLO text; and checks that loss and gradients equal
-the unsharded model's. Last, the tokens/s of an FSDP training step on every local device
-against one device (on GPUs; on simulated CPU devices the figure means nothing).
+the unsharded model's. Last, the tokens/s of a training step on one device, with FSDP over
+every local device, and with TP (and TP+SP) in groups of --tp devices, each beside its compute
+and communication bounds (on GPUs; on simulated CPU devices the figures mean nothing).
 
 References: Xu et al., "GSPMD: general and scalable parallelization for ML computation graphs",
 2021; Rajbhandari et al., "ZeRO: memory optimizations toward training trillion parameter
