@@ -880,6 +880,8 @@ def parse_flags(default, argv=None, show=True):
         name = name.replace("-", "_")
         if name not in names:
             die(f"unknown flag --{name} (flags: {', '.join('--' + n for n in names)})")
+        if name in overrides:  # rather than silently keeping the last of two values
+            die(f"--{name} is given twice: give it once")
         try:
             overrides[name] = _convert(text, hints[name])
         except (ValueError, TypeError) as e:
