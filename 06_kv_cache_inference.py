@@ -19,7 +19,9 @@ What the lesson shows, in the order main() prints it:
      time it reads one byte, decode is bound by memory bandwidth, and the shortest step is
      (weight bytes + batch x KV bytes) / bandwidth. Decode turns compute-bound only near the
      batch where 2N x B FLOPs take as long as reading the weights; prefill, which multiplies each
-     weight by S prompt tokens, is compute-bound: time ~ S x 2N / FLOPS + G x 2N / BW.
+     weight by S prompt tokens, is compute-bound: time ~ S x 2N / FLOPS + G x 2N / BW. The
+     third limit is capacity: the weights and every sequence's KV cache must fit in memory, and
+     at long contexts that caps the batch below the compute-bound one.
   2. The KV cache (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2):
      the keys and values of past tokens are kept, so a step computes one token's projections
      instead of the whole prefix's. It costs 2 x layers x kv_heads x head_dim x bytes per token
@@ -1524,6 +1526,53 @@ def show_arithmetic(run):
     print(f"decode turns compute-bound at batch ~{weights_only:,.0f} counting the weights only "
           f"(2N x B FLOPs = W bytes: B = FLOPS / BW x bytes per weight / 2), at batch "
           f"{with_kv:,.0f} counting each sequence's {P}-token KV reads too")
+    held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.params))  # with embedding
+    show_capacity(cfg, held, run.S, weights_only)
+
+
+def memory_limit(device=None):
+    """(bytes, what they are): on a GPU what the allocator lets this process take (75% of the
+    memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), else the chip table's HBM or
+    a CPU's physical memory; (None, "") where none of these is known."""
+    device = device or jax.devices()[0]
+    limit, chip = (device.memory_stats() or {}).get("bytes_limit"), common.device_chip(device)
+    if limit:
+        return limit, "this process may allocate"
+    if chip:
+        return chip.hbm_bytes, f"{chip.name}'s memory"
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the host's memory"
+        except (ValueError, OSError):
+            pass
+    return None, ""
+
+
+def max_resident_batch(limit, w_bytes, kv_per_seq):
+    """How many sequences' KV caches fit beside the weights: (memory - W) / KV per sequence
+    (activations and the compiled step's scratch are left out, so this is an upper bound)."""
+    return max(int((limit - w_bytes) // kv_per_seq), 0)
+
+
+def show_capacity(cfg, w_bytes, cache_len, compute_bound):
+    """The lecture's third limit: memory capacity caps the batch, often before it turns
+    compute-bound (Llama-2-7B on a 24 GB A10: 14 GB of weights, 2 GB per 4k-token sequence,
+    about 5 sequences). w_bytes: every parameter the device holds, the embedding included."""
+    limit, what = memory_limit()
+    if limit is None:
+        print("memory capacity: unknown on this device, so the batch that fits is not computed")
+        return
+    lengths = sorted({cache_len, 4096, cfg.max_seq_len})
+    counts = {int8: [max_resident_batch(limit, w_bytes, kv_bytes_per_token(cfg, int8) * n)
+                     for n in lengths] for int8 in (False, True)}
+    print(f"memory capacity: {_si(limit, 'B')}, {what}; beside {_si(w_bytes, 'B')} of "
+          f"parameters the KV caches of at most " + ", ".join(
+              f"{b:,} ({b8:,} int8) at {n:,} tokens"
+              for n, b, b8 in zip(lengths, counts[False], counts[True])) + " fit")
+    short = [n for n, b in zip(lengths, counts[False]) if b < compute_bound]
+    print(f"  against the batch of ~{compute_bound:,.0f} where the weights' reads turn "
+          f"compute-bound: " + (f"from {short[0]:,} tokens of context memory runs out first"
+                               if short else "memory holds it at every length above"))
 
 
 def check_full_recompute(run, params):

@@ -158,6 +158,22 @@ def test_int8_kv_roundtrip_per_token_and_head():
     assert np.all(np.abs(q * scale[..., None] - x) <= scale[..., None] / 2 + 1e-6)
 
 
+def test_capacity_reproduces_the_lectures_a10_example(capsys, monkeypatch):
+    """Llama-2-7B (32 layers of 32 kv heads x 128, bf16) on a 24 GB A10: ~2 GB of KV per
+    4k-token sequence and ~14 GB of weights leave room for about 5 sequences."""
+    llama2 = dataclasses.replace(common.Config.preset("llama-3-8b"), n_kv_heads=32,
+                                 dtype="bfloat16", max_seq_len=4096)
+    per_seq = inf.kv_bytes_per_token(llama2) * 4096
+    assert 2.0e9 < per_seq < 2.2e9
+    assert inf.max_resident_batch(24e9, 14e9, per_seq) in (4, 5)
+    assert inf.max_resident_batch(10e9, 14e9, per_seq) == 0       # the weights alone overflow
+    monkeypatch.setattr(inf, "memory_limit", lambda: (24e9, "an A10's"))
+    inf.show_capacity(llama2, 14e9, 512, 208)
+    out = capsys.readouterr().out
+    assert "at most 37 (72 int8) at 512 tokens, 4 (9 int8) at 4,096 tokens fit" in out
+    assert "from 512 tokens of context memory runs out first" in out
+
+
 def test_int8_paths_within_measured_tolerance(cfg=TINY):
     """Measured on the tiny model (3 seeds, both configs): int8 weights give a logit rms error of
     0.0065 x std(logits), at most 0.032 on one logit; the int8 KV cache 0.0020 and 0.0070; the
