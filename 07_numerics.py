@@ -20,6 +20,10 @@ measures where it bites, in three parts.
 3. Mixed precision in training: a few hundred steps of the tiny model in float32, in pure bf16
    (weights stored in bf16) and in bf16 compute with float32 master weights. An update smaller
    than half a bf16 ulp of its weight rounds away to nothing; the script counts how many do.
+   Then 8-bit training: the same master weights with every layer's matmul, forward and
+   backward, on fp8 inputs (fp8_einsum: e4m3 activations and weights, e5m2 gradients, a scale
+   per tensor), the loss it costs against bf16's. 09_train.py --fp8=true trains with it and
+   times it on a GPU.
 
 References: Higham, "The accuracy of floating point summation", SIAM J. Sci. Comput. 1993 (error
 bounds of recursive, pairwise and compensated sums); Kahan, "Further remarks on reducing
@@ -29,6 +33,7 @@ truncation errors", CACM 1965; Micikevicius et al., "Mixed Precision Training", 
 DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024, section 3.3 (fine-grained fp8 block scaling).
 """
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -303,6 +308,53 @@ def bf16_matmul(x, w):
                    preferred_element_type=jnp.float32)
 
 
+# fp8 training (Micikevicius et al. 2022, section 4): every matmul of the forward and backward
+# passes on fp8 inputs. Weights and activations in e4m3 (more mantissa), gradients in e5m2 (more
+# range: they span more orders of magnitude), each tensor with one scale computed from its own
+# current max ("current scaling"; Transformer Engine's default instead reuses the maxima of past
+# steps, "delayed scaling", to save the extra pass that finding the max costs).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fp8_einsum(spec, x, w):
+    """jnp.einsum(spec, x, w) for two operands, each quantized to e4m3 with a per-tensor scale;
+    its gradient quantizes the incoming gradient to e5m2 and runs both backward products in fp8
+    too. The products' outputs come back in x's dtype (the fp8 units accumulate in float32
+    inside); the scales multiply afterwards, outside the sum. x and w share one dtype."""
+    return _fp8_einsum_fwd(spec, x, w)[0]
+
+
+def _operands(spec):
+    """"btd,dhk->bthk" -> ("btd", "dhk", "bthk")."""
+    ins, out = spec.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    return a, b, out
+
+
+def _fp8_einsum_fwd(spec, x, w):
+    if x.dtype != w.dtype:
+        raise ValueError(f"fp8_einsum: x is {x.dtype}, w is {w.dtype}; give both one dtype")
+    qx, sx = quantize(x, "e4m3")
+    qw, sw = quantize(w, "e4m3")
+    y = jnp.einsum(spec, qx, qw, preferred_element_type=x.dtype)
+    return y * (sx * sw).reshape(()).astype(x.dtype), (qx, sx, qw, sw)  # residuals: fp8 + scales
+
+
+def _fp8_einsum_bwd(spec, res, g):
+    """For y = einsum("a,b->o", x, w): dx = einsum("o,b->a", g, w), dw = einsum("a,o->b", x, g),
+    each on the saved fp8 operands and the e5m2 gradient (e4m3 x e5m2: a pair the fp8 units
+    take; two e5m2 operands they do not)."""
+    qx, sx, qw, sw = res
+    a, b, o = _operands(spec)
+    qg, sg = quantize(g, "e5m2")
+    dx = jnp.einsum(f"{o},{b}->{a}", qg, qw, preferred_element_type=g.dtype)
+    dw = jnp.einsum(f"{a},{o}->{b}", qx, qg, preferred_element_type=g.dtype)
+    return (dx * (sg * sw).reshape(()).astype(g.dtype),
+            dw * (sx * sg).reshape(()).astype(g.dtype))
+
+
+fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
+
+
 def weight_like(rng, K, N):
     """[K, N]: heavy-tailed (Student t, 4 degrees of freedom) with channels of different scale,
     like a trained layer's weights, std about 0.02."""
@@ -419,9 +471,10 @@ def run_matmul_speed(cfg):
 # ----------------------------------------------------------------------------------------------
 
 # mode -> (weight storage dtype, compute dtype)
-MODES = {"float32": ("float32", "float32"),
-         "bf16 pure": ("bfloat16", "bfloat16"),
-         "bf16 + f32 master": ("float32", "bfloat16")}
+MODES = {"float32": ("float32", "float32", False),            # (weights stored, computed in,
+         "bf16 pure": ("bfloat16", "bfloat16", False),         #  fp8 matmuls)
+         "bf16 + f32 master": ("float32", "bfloat16", False),
+         "fp8 + f32 master": ("float32", "bfloat16", True)}    # fp8_einsum in every layer
 
 
 def half_gap(p, u, dtype=jnp.bfloat16):
@@ -467,12 +520,15 @@ def lr_at(step, cfg):
                      cfg.lr * (0.1 + 0.45 * (1 + jnp.cos(jnp.pi * frac))))
 
 
-def make_grad_fn(model_cfg):
+def make_grad_fn(model_cfg, fp8=False):
     """Loss and gradients with the weights given in the compute dtype. Mixed precision computes
     the gradients of a bf16 copy of the master weights, so the pure-bf16 and master-weight modes
-    share this program, and the gradients arrive in bf16 in both."""
+    share this program, and the gradients arrive in bf16 in both. fp8: the layers' matmuls, and
+    their gradients', through fp8_einsum (the output head stays bf16, as fp8 recipes keep it)."""
+    dot = fp8_einsum if fp8 else None
+
     def loss_fn(params, x, y):
-        return common.cross_entropy(common.forward(params, x, model_cfg), y)
+        return common.cross_entropy(common.forward(params, x, model_cfg, dot=dot), y)
     return jax.jit(jax.value_and_grad(loss_fn))
 
 
@@ -501,7 +557,7 @@ def train(mode, cfg, data, log_every, grad_fns, model_cfg=None):
     """`steps` steps in one precision mode of the model (the tiny preset by default); grad_fns
     caches the gradient program per compute dtype. Every mode starts from the same float32
     initialization, rounded to its storage dtype."""
-    param_dtype, dtype = MODES[mode]
+    param_dtype, dtype, fp8 = MODES[mode]
     model_cfg = model_cfg or common.Config.preset("tiny")
     model_cfg = dataclasses.replace(model_cfg, param_dtype=param_dtype, dtype=dtype,
                                     max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
@@ -515,9 +571,9 @@ def train(mode, cfg, data, log_every, grad_fns, model_cfg=None):
         lambda axes, p: jnp.full(p.shape, float("norm" not in axes)),
         common.logical_axes(model_cfg), params, is_leaf=lambda a: isinstance(a, tuple)))
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
-    if dtype not in grad_fns:
-        grad_fns[dtype] = make_grad_fn(dataclasses.replace(model_cfg, param_dtype=dtype))
-    grad_fn, update = grad_fns[dtype], make_update_fn(cfg, unravel, decay, dtype)
+    if (dtype, fp8) not in grad_fns:
+        grad_fns[dtype, fp8] = make_grad_fn(dataclasses.replace(model_cfg, param_dtype=dtype), fp8)
+    grad_fn, update = grad_fns[dtype, fp8], make_update_fn(cfg, unravel, decay, dtype)
     opt = opt_init(w)
     history = []
     t0 = time.perf_counter()
@@ -565,7 +621,9 @@ def report_stall(histories, cfg):
     print(f"\n   pure bf16 lost {pure['lost'][-tail:].mean():.0%} of its updates over the last "
           f"{tail} steps{since}.\n   Its loss trails float32's by "
           f"{(pure['loss'] - f32['loss'])[-tail:].mean():+.4f} there; bf16 compute with float32 "
-          f"master weights trails by {(master['loss'] - f32['loss'])[-tail:].mean():+.4f}.\n"
+          f"master weights trails by {(master['loss'] - f32['loss'])[-tail:].mean():+.4f}, "
+          f"and with every layer's matmul in fp8 too by "
+          f"{(histories['fp8 + f32 master']['loss'] - f32['loss'])[-tail:].mean():+.4f}.\n"
           f"   Why: w = {w} lies in [2^-6, 2^-5), where bf16 values are 2^-13 apart; an update "
           f"below half that, {half:.1e},\n   rounds back to w. {moves}, so as the learning rate "
           f"decays"

@@ -18,6 +18,9 @@ What it puts together, lesson by lesson:
   global-norm clipping, gradient accumulation over micro-batches, float32 master weights and
   optimizer state with the forward pass in bf16 (Micikevicius et al. 2018), optional
   rematerialization (remat=full recomputes each layer; dots keeps only matmul outputs);
+- 8-bit training (--fp8=true): every layer's matmul, forward and backward, on fp8 inputs with a
+  scale per tensor (lesson 07's fp8_einsum; the output head stays bf16), the master weights
+  still float32; validation and samples run the plain bf16 model;
 - attention chosen by flag: naive (common), flash (lesson 05), pallas (lesson 08), cudnn;
 - the layers unrolled into one program (--scan_layers=true loops one compiled layer instead:
   faster to compile, slower to run, because XLA's loop copies buffers from one iteration to the
@@ -67,6 +70,7 @@ class TrainConfig:
     mesh: str = ""               # e.g. dp:2,fsdp:2,tp:2; empty: FSDP over all devices
     sequence_parallel: bool = False  # with tp: norms and residual adds on 1/tp of the tokens
     remat: str = "none"          # none | full | dots
+    fp8: bool = False            # layers' matmuls in fp8 (lesson 07); MFU still over bf16 peak
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
     seed: int = 0
@@ -238,11 +242,13 @@ def make_loss_fn(cfg, tc, mesh, attention):
         return jax.lax.with_sharding_constraint(
             x, NamedSharding(mesh, common.logical_to_spec(axes, mesh, rules)))
 
+    dot = common.import_script("07_numerics").fp8_einsum if tc.fp8 else None
+
     def loss_fn(params, x, y):
         # Logits in the compute dtype: the loss widens them inside its reductions.
         logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
                                 constrain=constrain, scan_layers=tc.scan_layers,
-                                logits_dtype=cfg.dtype)
+                                logits_dtype=cfg.dtype, dot=dot)
         return common.cross_entropy(logits, y)
     return loss_fn
 

@@ -283,7 +283,7 @@ def save_dots_and_attention(prim, *args, **params):
 
 
 def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=None, remat="none",
-            constrain=None, scan_layers=True, logits_dtype=jnp.float32):
+            constrain=None, scan_layers=True, logits_dtype=jnp.float32, dot=None):
     """Logits [B, T, V] (float32 unless logits_dtype says otherwise) for int tokens [B, T].
 
     attention: (q, k, v, causal, segment_ids) -> out, all [B, T, H, D] (k, v with KH heads);
@@ -295,8 +295,10 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     of one layer), or False for the layers unrolled (compiles each; on a GPU XLA's loop copies
     buffers between iterations that the unrolled program does not). logits_dtype: pass the
     compute dtype to skip the widening when the loss widens inside its own reductions
-    (cross_entropy does)."""
+    (cross_entropy does). dot: (spec, x, w) -> jnp.einsum(spec, x, w) for the layers' weight
+    matmuls, such as lesson 07's fp8_einsum (the output head keeps jnp.einsum)."""
     attention = attention or attention_reference
+    dot = dot or jnp.einsum
     constrain = constrain or (lambda x, axes: x)
     tokens = jnp.asarray(tokens)
     B, T = tokens.shape
@@ -310,9 +312,9 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
         with jax.named_scope("attention"):
             # The norm runs where x lives; its output is gathered whole once, for three matmuls.
             h = constrain(rms_norm(x, p["attn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-            q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
-            k = jnp.einsum("btd,dhk->bthk", h, p["wk"])
-            v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+            q = dot("btd,dhk->bthk", h, p["wq"])
+            k = dot("btd,dhk->bthk", h, p["wk"])
+            v = dot("btd,dhk->bthk", h, p["wv"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # Heads split over tp, every position whole: what attention needs, and where
             # sequence parallelism's gather happens (a kernel such as cuDNN's refuses a split
@@ -324,14 +326,13 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
             # reference attention's backward pass over the batch rows of the residual stream,
             # moving the [T, S] probabilities between devices (all-to-alls, lesson 03).
             o = constrain(o, ("batch", "seq", "heads", "head_dim"))
-            x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"])
+            x = x + dot("bthk,hkd->btd", o, p["wo"])
             x = constrain(x, ("residual_batch", "residual_seq", "embed"))
         with jax.named_scope("mlp"):
             h = constrain(rms_norm(x, p["mlp_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-            g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
-            u = jnp.einsum("btd,df->btf", h, p["w_up"])
-            x = x + jnp.einsum("btf,fd->btd", constrain(g * u, ("batch", "seq", "mlp")),
-                               p["w_down"])
+            g = jax.nn.silu(dot("btd,df->btf", h, p["w_gate"]))
+            u = dot("btd,df->btf", h, p["w_up"])
+            x = x + dot("btf,fd->btd", constrain(g * u, ("batch", "seq", "mlp")), p["w_down"])
             x = constrain(x, ("residual_batch", "residual_seq", "embed"))
         return x, None
 

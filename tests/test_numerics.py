@@ -1,8 +1,10 @@
 """07_numerics: summation against exact references (math.fsum, ml_dtypes arithmetic in numpy),
 the error ordering of the three sums, quantization round trips within their bounds, and the
 rounding rule behind the pure-bf16 stall."""
+import functools
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -173,6 +175,33 @@ def test_scheme_matmuls_approximate_the_float64_product(scheme):
 
 # ---- mixed precision -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("spec,xs,ws", [("btd,dhk->bthk", (2, 8, 32), (32, 4, 8)),
+                                        ("bthk,hkd->btd", (2, 8, 4, 8), (4, 8, 32)),
+                                        ("btf,fd->btd", (2, 8, 64), (64, 32))])
+def test_fp8_einsum_and_its_gradients_run_in_fp8(spec, xs, ws):
+    """Forward and both backward products take fp8 operands (e4m3 x e4m3, then e5m2 against
+    e4m3), and the results stay within fp8's rounding of the float32 einsum: e4m3 keeps 3
+    mantissa bits (relative error up to 2^-4 per value), e5m2 2 bits (2^-3)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(xs), jnp.bfloat16)
+    w = jnp.asarray(0.1 * rng.standard_normal(ws), jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal(jnp.einsum(spec, x, w).shape), jnp.float32)
+
+    def loss(dot, a, b):
+        return jnp.sum(ct * dot(spec, a, b).astype(jnp.float32))
+    fp8 = jax.value_and_grad(functools.partial(loss, nm.fp8_einsum), argnums=(0, 1))
+    exact = jax.value_and_grad(functools.partial(loss, jnp.einsum), argnums=(0, 1))
+    (_, got), (_, want) = fp8(x, w), exact(x.astype(jnp.float32), w.astype(jnp.float32))
+    y, y_want = nm.fp8_einsum(spec, x, w), jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    errors = [nm.rms_error(a.astype(jnp.float32), b) for a, b in [(y, y_want), *zip(got, want)]]
+    assert all(0.005 < e < 0.1 for e in errors), errors       # rounded, but only as fp8 rounds
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.bfloat16]
+    hlo = jax.jit(fp8).lower(x, w).as_text()
+    operands = sorted(re.findall(r"dot_general.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
+                                 hlo))
+    assert operands == [("f8E4M3FN", "f8E4M3FN"), ("f8E4M3FN", "f8E5M2"), ("f8E5M2", "f8E4M3FN")]
+
+
 def test_half_gap_of_bf16():
     p = jnp.array([1.0, 1.0, 0.02, -3.0], jnp.float32)
     u = jnp.array([-1e-9, 1e-9, 1e-9, 1e-9], jnp.float32)  # up from 1, down from 1, ...
@@ -217,7 +246,7 @@ def test_pure_bf16_loses_the_updates_master_weights_keep():
     decay = jnp.ones(sum(p.size for p in jax.tree.leaves(master)), jnp.float32)
     out = {}
     for mode in ("bf16 pure", "bf16 + f32 master"):
-        param_dtype, dtype = nm.MODES[mode]
+        param_dtype, dtype, _ = nm.MODES[mode]
         w, unravel = ravel_pytree(jax.tree.map(lambda p: p.astype(param_dtype), master))
         g = jax.tree.map(lambda x: x.astype(dtype), grads)  # gradients of the bf16 copy
         update = nm.make_update_fn(cfg, unravel, decay, dtype)
