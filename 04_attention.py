@@ -33,15 +33,15 @@ import common
 
 @dataclasses.dataclass(frozen=True)
 class AttnConfig:
-    batch: int = 1
+    batch: int = 1              # sequences B
     seq_len: int = 0           # T = S tokens; 0: 1024 on a CPU, 8192 on an accelerator
     n_heads: int = 16          # query heads H
     n_kv_heads: int = 16       # key/value heads KH; fewer than H is GQA, 1 is MQA
     head_dim: int = 128        # D
     dtype: str = "bfloat16"    # of q, k, v and the output; scores and softmax stay float32
-    causal: bool = True
+    causal: bool = True         # each token sees only those before it
     iters: int = 10            # timed runs per implementation (the median is reported)
-    seed: int = 0
+    seed: int = 0               # of the random q, k, v
 
     def __post_init__(self):
         for f in ("batch", "n_heads", "n_kv_heads", "head_dim", "iters"):
@@ -289,8 +289,9 @@ def main():
             continue
         rows.append((name, t, err))
 
+    half = " (causal half)" if cfg.causal else ""
     print(f"\nmeasured, B={B} T=S={T} H={H} KH={KH} D={D} {cfg.dtype}"
-          f"{' causal' if cfg.causal else ''}; FLOPs {flops / 1e9:.1f} G (causal half); roofline "
+          f"{' causal' if cfg.causal else ''}; FLOPs {flops / 1e9:.1f} G{half}; roofline "
           f"{t_mat * 1e3:.3f} ms materialized, {t_fused * 1e3:.3f} ms fused")
     print(f"  'GB/s if mat.': the materialized version's bytes over the time; above the "
           f"{bw / 1e9:.0f} GB/s ceiling a kernel cannot be writing the [T, S] matrix")

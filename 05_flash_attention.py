@@ -46,12 +46,12 @@ attn04 = common.import_script("04_attention")
 
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
-    batch: int = 1
+    batch: int = 1             # sequences B
     n_heads: int = 16          # query heads H
     n_kv_heads: int = 16       # key/value heads KH (dividing H)
     head_dim: int = 128        # D
-    dtype: str = "bfloat16"
-    causal: bool = True
+    dtype: str = "bfloat16"    # of q, k, v; the softmax statistics stay float32
+    causal: bool = True        # each token sees only those before it
     block_q: int = 0           # query rows per block; 0: a short sweep picks it on GPU, 256 on CPU
     block_k: int = 0           # key rows per block; 0: as block_q (with block_q=0 on GPU the
                                # sweep picks both, and this is ignored)
@@ -59,7 +59,7 @@ class FlashConfig:
     max_len: int = 0           # longest S timed; 0: 65536 on GPU, 512 on CPU
     mem_max_len: int = 65536   # longest S of the compile-only memory table (CPU: 16k, 32k, ...)
     time_budget_s: float = 170  # seconds; no new length is timed past it (keeps a run short)
-    seed: int = 0
+    seed: int = 0              # of the random inputs
 
     def __post_init__(self):
         for f in ("batch", "n_heads", "n_kv_heads", "head_dim", "mem_max_len"):

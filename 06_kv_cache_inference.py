@@ -125,7 +125,7 @@ class InferConfig:
     temperature: float = 0.0    # the sample's; > 0 also times speculative sampling; 0: greedy
     top_k: int = 0              # sample among the k most likely tokens; 0: all
     top_p: float = 1.0          # nucleus sampling mass; 1: all
-    seed: int = 0
+    seed: int = 0               # of random weights, prompts and sampling
     prompt_len: int = 0         # end-to-end prompt tokens; 0: 256 on a GPU, 64 on a CPU
     gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
     cache_len: int = 0          # positions per cache row; 0: prompt_len + gen_len + room for

@@ -63,7 +63,7 @@ class NumericsConfig:
     seq_len: int = 0              # tokens per sequence; 0: 128 (64 on CPU)
     optimizer: str = "adamw"      # adamw or sgd
     lr: float = 0.0               # peak learning rate; 0: 1e-3 for adamw, 0.5 for sgd
-    seed: int = 0
+    seed: int = 0                 # of every random input and the model's init
     iters: int = 0                # timed runs per matmul; 0: 10 (3 on CPU)
     out: str = "out"              # directory for the loss-curve PNG
 
@@ -619,10 +619,10 @@ def report_stall(histories, cfg):
         step = over[0] + tail  # the last step of the first window past one half
         since = f"; more than half from step {step} on (lr {pure['lr'][step - 1]:.1e})"
     print(f"\n   pure bf16 lost {pure['lost'][-tail:].mean():.0%} of its updates over the last "
-          f"{tail} steps{since}.\n   Its loss trails float32's by "
-          f"{(pure['loss'] - f32['loss'])[-tail:].mean():+.4f} there; bf16 compute with float32 "
-          f"master weights trails by {(master['loss'] - f32['loss'])[-tail:].mean():+.4f}, "
-          f"and with every layer's matmul in fp8 too by "
+          f"{tail} steps{since}.\n   There its mean loss minus float32's is "
+          f"{(pure['loss'] - f32['loss'])[-tail:].mean():+.4f}; bf16 compute with float32 "
+          f"master weights gives {(master['loss'] - f32['loss'])[-tail:].mean():+.4f}, "
+          f"and with every layer's matmul in fp8 too "
           f"{(histories['fp8 + f32 master']['loss'] - f32['loss'])[-tail:].mean():+.4f}.\n"
           f"   Why: w = {w} lies in [2^-6, 2^-5), where bf16 values are 2^-13 apart; an update "
           f"below half that, {half:.1e},\n   rounds back to w. {moves}, so as the learning rate "
@@ -710,7 +710,8 @@ def main():
                   f"{rates['bfloat16'] / 1e12:.3g} ({rates[dtype] / rates['bfloat16']:.2f}x)")
     for mode, h in histories.items():
         tail = max(1, cfg.steps // 10)
-        print(f"{'train ' + mode + ' final loss':34s} {h['loss'][-tail:].mean():12.4f}   float32 "
+        name = f"train {mode} loss, last 10%"
+        print(f"{name:34s} {h['loss'][-tail:].mean():12.4f}   float32 "
               f"{histories['float32']['loss'][-tail:].mean():.4f}; lost updates, last {tail} "
               f"steps {h['lost'][-tail:].mean():.1%}")
 

@@ -71,14 +71,14 @@ class KernelsConfig:
     flash_lengths: str = ""    # S values, comma-separated; "": 1k..32k on GPU, 128,256 interpreted
     flash_tokens: int = 32768  # batch = flash_tokens // S, so every length does similar work
     n_heads: int = 16          # attention benchmark: H = KH
-    head_dim: int = 128
+    head_dim: int = 128        # attention and decode benchmarks: D
     decode_batch: int = 32     # decode benchmark: rows, each with decode_len cached tokens
     decode_heads: int = 32     # query heads (Llama-3-8B: 32 query, 8 kv heads)
-    decode_kv_heads: int = 8
-    decode_len: int = 8192
+    decode_kv_heads: int = 8   # decode benchmark: KH (query heads: decode_heads)
+    decode_len: int = 8192     # decode benchmark: cached tokens per row
     int8_n: int = 8192         # int8 benchmark: weight [int8_n, int8_n]
     int8_rows: str = "1,2,4,8,16,32,64"  # M values
-    seed: int = 0
+    seed: int = 0              # of the random inputs
 
     def __post_init__(self):
         kernels = set(self.only.split(","))

@@ -63,8 +63,8 @@ class TrainConfig:
     min_lr: float = 3e-4         # end of the cosine
     warmup: int = 20             # steps of linear warmup
     weight_decay: float = 0.1    # decoupled, on matrices only
-    b1: float = 0.9
-    b2: float = 0.95
+    b1: float = 0.9              # AdamW's decay of the gradient's running mean
+    b2: float = 0.95             # ... and of its running square
     grad_clip: float = 1.0       # global-norm threshold; 0 disables
     dtype: str = "auto"          # compute dtype: float32, bfloat16, or auto (bf16 on GPU/TPU)
     mesh: str = ""               # e.g. dp:2,fsdp:2,tp:2; empty: FSDP over all devices
@@ -73,19 +73,19 @@ class TrainConfig:
     fp8: bool = False            # layers' matmuls in fp8 (lesson 07); MFU still over bf16 peak
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
-    seed: int = 0
+    seed: int = 0                # of the init and of the batches' order
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
     out_dir: str = "out"         # checkpoints and metrics.jsonl; rerun to resume
     ckpt_every: int = 100        # steps between checkpoints (and one at the end); 0: none
-    log_every: int = 10
+    log_every: int = 10          # steps between log lines (each waits for its step)
     eval_every: int = 50         # validation loss every N steps (and at the end)
-    eval_batches: int = 4
+    eval_batches: int = 4        # validation batches per evaluation
     sample_len: int = 200        # bytes generated at the end
     sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster)
     breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
-    num_processes: int = 1
-    process_id: int = 0
+    num_processes: int = 1       # hosts (processes) in a multi-host run
+    process_id: int = 0          # this process's rank, 0 .. num_processes - 1
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -98,6 +98,9 @@ class TrainConfig:
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.lr <= 0:
             raise common.UserError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise common.UserError(f"min_lr={self.min_lr} is above lr={self.lr}: the cosine "
+                                   f"decays from lr down to min_lr")
         for f in ("b1", "b2"):
             if not 0 <= getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be in [0, 1), got {getattr(self, f)}")
@@ -360,6 +363,27 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
     return bytes(toks).decode("utf-8", errors="replace")
 
 
+def drop_metrics_after(path, step):
+    """Resuming at `step` trains the steps after it again (those logged after the checkpoint,
+    before a crash or kill): their old rows go, so each step appears once in the file and in the
+    plot. Rewritten to a temporary file and renamed over the old one."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a kill mid-write
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def plot_metrics(out_dir):
     try:
         import matplotlib
@@ -413,8 +437,10 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
         rate = flops / t
         log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.1f} {100 * rate / (peak * n_dev):6.1f}% "
             f"{100 * rate / matmul:14.1f}%")
-    log(f"measured bf16 matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} device(s); "
-        f"datasheet {peak * n_dev / 1e12:.1f}")
+    chip = common.device_chip()
+    log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} "
+        f"device(s); " + (f"datasheet {peak * n_dev / 1e12:.1f}" if chip else
+                          "no datasheet entry for this device (MFU is over a measured rate)"))
     # Memory as XLA's buffer assignment plans it for one device's share of the step.
     mem = step_fn.memory_analysis()
     if mem is not None:
@@ -423,6 +449,7 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
             f"GiB of temporaries (activations kept for the backward pass, gradients, workspace)")
     times = common.kernel_times(lambda: full(x, y), calls=2)
     if times is None:
+        log("no kernel list: this device's profile holds no kernel timings (a CPU's does not)")
         return
     # The step's kernels by kind, as the device timed them; the weight matmuls do the 6N FLOPs.
     kinds = common.kernel_summary(times)
@@ -444,7 +471,7 @@ def model_config(tc):
     cfg = dataclasses.replace(common.Config.preset(tc.preset), param_dtype="float32", dtype=dtype)
     if tc.seq_len > cfg.max_seq_len:
         raise common.UserError(f"seq_len={tc.seq_len} exceeds the preset's max_seq_len "
-                               f"{cfg.max_seq_len}")
+                               f"{cfg.max_seq_len}: pass --seq_len={cfg.max_seq_len} or less")
     if cfg.vocab_size < 256:
         raise common.UserError("byte-level data needs vocab_size >= 256")
     return cfg
@@ -512,6 +539,8 @@ def train(tc, stop_after=None, log=print, devices=None):
 
     history = []
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    if jax.process_index() == 0:
+        drop_metrics_after(metrics_path, start)
     t_last, steps_since = time.perf_counter(), 0
     for step in range(start, tc.steps):
         params, opt, m = step_fn(params, opt, *batch(train_tokens, step, tc.seed))

@@ -796,8 +796,10 @@ def load_checkpoint(path, like):
         with np.load(os.path.join(path, "state.npz")) as data:
             stored = {name: data[name] for name in names if name in data}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy takes bytes that are no .npz for a pickle and suggests loading it unsafely: no
+        why = "it is not an archive of arrays" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: state.npz cannot be read "
-                                f"({type(e).__name__}: {e})") from None
+                                f"({why})") from None
     leaves = []
     for name in names:
         if name not in stored or name not in meta["dtypes"]:

@@ -192,7 +192,8 @@ def test_fp8_einsum_and_its_gradients_run_in_fp8(spec, xs, ws):
     fp8 = jax.value_and_grad(functools.partial(loss, nm.fp8_einsum), argnums=(0, 1))
     exact = jax.value_and_grad(functools.partial(loss, jnp.einsum), argnums=(0, 1))
     (_, got), (_, want) = fp8(x, w), exact(x.astype(jnp.float32), w.astype(jnp.float32))
-    y, y_want = nm.fp8_einsum(spec, x, w), jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    y = nm.fp8_einsum(spec, x, w)
+    y_want = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
     errors = [nm.rms_error(a.astype(jnp.float32), b) for a, b in [(y, y_want), *zip(got, want)]]
     assert all(0.005 < e < 0.1 for e in errors), errors       # rounded, but only as fp8 rounds
     assert [g.dtype for g in got] == [jnp.bfloat16, jnp.bfloat16]

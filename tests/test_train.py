@@ -3,6 +3,7 @@ processes equal one; AdamW equals optax's; bad input is one line."""
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -96,6 +97,13 @@ def test_resume_is_exact(tmp_path):
     assert losses(first) + losses(rest) == losses(full)  # bit for bit
     rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
     assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(rows[0])
+    # As if killed after step 6 was logged but before its checkpoint was written: the rerun
+    # trains steps 5 and 6 again from step 4's, and the file keeps one row per step.
+    shutil.rmtree(os.path.join(tc.out_dir, "ckpt_00000006"))
+    again, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert [r["step"] for r in again] == [5, 6] and losses(again) == losses(full)[4:]
+    rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -166,6 +174,8 @@ def test_lr_schedule_shape():
     (dict(sample_len=10, sample_prompt=""), "sample_prompt"),
     (dict(sequence_parallel=True), "needs a --mesh with tp > 1"),
     (dict(b2=1.0), "b2 must be in"),
+    (dict(lr=1e-3, min_lr=1e-2), "min_lr=0.01 is above lr=0.001"),
+    (dict(seq_len=4096), "pass --seq_len=128 or less"),
     (dict(num_processes=2), "needs --coordinator"),
     (dict(coordinator="localhost"), "expected HOST:PORT"),
     (dict(coordinator="localhost:99999"), "expected HOST:PORT"),
