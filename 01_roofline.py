@@ -555,7 +555,9 @@ def main():
 
     has_ds = ceil.ds_bandwidth is not None
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
-          f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype)"
+          f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype); roof% = "
+          f"roofline / measured time, above 100% where a kernel beats a ceiling measured with "
+          f"other shapes (a cache holding part of its bytes, a faster matmul shape)"
           + ("; ds%: the same against the datasheet" if has_ds else ""))
     print(f"{'kernel':34s} {'dtype':8s} {'GFLOP':>9s} {'MB':>9s} {'FLOP/B':>8s} {'bound':>7s} "
           f"{'roof us':>9s} {'meas us':>10s} {'roof%':>6s} {'TFLOP/s':>8s} {'GB/s':>7s}"

@@ -680,7 +680,7 @@ def main():
                 + (bcfg.n_layers * ring_traffic(acts) if t > 1 else 0))
     print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({n_params / 1e6:.1f}M params), "
           f"{bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
-          f"{flops_tok / 1e9:.2f} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
+          f"{flops_tok / 1e9:.3g} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
           f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters and TP's "
           f"activation reductions at "
           + (f"{chip.link_bw / 1e9:.0f} GB/s ({chip.name} datasheet)" if chip else "n/a"))

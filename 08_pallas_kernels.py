@@ -1587,7 +1587,7 @@ def bench_int8(cfg, env, rows):
                 best[unit] = (t, variant)
         t, variant = min(best.values())
         vec = f"{best['vector'][0] * 1e6:7.1f}" if "vector" in best else f"{'-':>7s}"
-        print(f"  {M:3d} {t * 1e6:8.1f} {N * K / t / 1e9:6.0f} {N * K / t / env['copy_bw']:7.0%} "
+        print(f"  {M:3d} {t * 1e6:8.1f} {N * K / t / 1e9:6.3g} {N * K / t / env['copy_bw']:7.0%} "
               f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:8.2f} {t_xla * 1e6:9.1f} {vec}   {variant}",
               flush=True)
         rows.append((f"int8 matmul M={M}", f"{N}x{K}", _rate(N * K / t, "B/s"),
