@@ -1653,11 +1653,20 @@ def measure_batch_1(run):
           ("; the host's dispatch of a call was setting the pace" if t_steps < 0.95 * run.t_step
            else ""))
     if run.t_no_cache:
+        # Recomputing L tokens reads the weights once too, so it costs max(L x 2N / FLOPS,
+        # W / BW): about one cached step until L reaches the ridge point, then it grows with L.
+        L = run.no_cache_len
+        pred = max(L * 2 * N / run.flops, W / run.bw)
+        ridge = W / run.bw * run.flops / (2 * N)
         print(f"without a cache, a token costs a forward over the whole sequence: "
-              f"{run.t_no_cache * 1e3:.2f} ms at {run.no_cache_len} tokens = "
-              f"{run.t_no_cache / run.t_step:.1f}x the cached step, and growing with the length")
-        run.row(f"no-cache step, {run.no_cache_len} tok", f"{run.t_no_cache * 1e3:.2f} ms",
-                f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower")
+              f"{run.t_no_cache * 1e3:.2f} ms at {L} tokens = "
+              f"{run.t_no_cache / run.t_step:.1f}x the cached step; predicted max(L x 2N / "
+              f"FLOPS, W / BW) = {pred * 1e3:.2f} ms ({pred / run.t_no_cache:.0%} of the measured "
+              f"time): no dearer than a cached step up to L = {ridge:,.0f} tokens, then "
+              f"growing with L")
+        run.row(f"no-cache step, {L} tok", f"{run.t_no_cache * 1e3:.2f} ms",
+                f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower; "
+                f"predicted {pred * 1e3:.2f} ms")
     # The reference attention, as in the steps timed above (generate's default on a GPU is 08's
     # kernel: section "lesson 08's Pallas kernels").
     ref = functools.partial(generate, decode_attention=decode_attention_reference)
