@@ -279,15 +279,7 @@ def save_dots_and_attention(prim, *args, **params):
     of cuDNN kernels in each step of llama-3.2-1b at 16 x 2048 on an H200."""
     if prim.name == "pallas_call" or prim.name.startswith("dot_product_attention_fwd"):
         return True
-    if prim.name == "name" and params.get("name") == REMAT_SAVE:
-        return True
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
-
-
-# A value marked jax.ad_checkpoint.checkpoint_name(x, REMAT_SAVE) is kept by remat="dots" too:
-# lesson 07's fp8 matmuls mark their 1-byte inputs, which recomputing would cost a pass for
-# each tensor's max and another to convert it.
-REMAT_SAVE = "remat_save"
 
 
 def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=None, remat="none",

@@ -205,8 +205,9 @@ def test_fp8_einsum_and_its_gradients_run_in_fp8(spec, xs, ws):
 
 
 def test_fp8_model_gradients_are_the_same_under_every_remat():
-    """remat="dots" keeps fp8_einsum's 1-byte inputs by name, "full" recomputes them, "none"
-    keeps everything: the same loss, and gradients within fp8's rounding of each other."""
+    """remat="dots" and "full" recompute fp8_einsum's scaling in the backward pass, "none" keeps
+    it: the same loss, and gradients within fp8's rounding of each other (a bf16 value
+    recomputed may round to the neighbouring fp8 value)."""
     cfg = dataclasses.replace(common.Config.preset("tiny"), dtype="bfloat16")
     params = common.init_params(cfg, jax.random.key(0))
     tokens = np.arange(2 * 33).reshape(2, 33) % cfg.vocab_size
@@ -217,7 +218,6 @@ def test_fp8_model_gradients_are_the_same_under_every_remat():
     results = [jax.value_and_grad(loss)(params, remat) for remat in ("none", "dots", "full")]
     flat = [np.asarray(ravel_pytree(g)[0], np.float32) for _, g in results]
     assert all(np.all(np.isfinite(g)) for g in flat)
-    # Recomputed in bf16, a value may round to the neighbouring fp8 value: close, not equal
     for (value, _), g in zip(results[1:], flat[1:]):
         assert float(value) == pytest.approx(float(results[0][0]), rel=1e-3)
         assert nm.rms_error(g, flat[0]) < 5e-2
