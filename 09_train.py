@@ -507,6 +507,8 @@ def train(tc, stop_after=None, log=print, devices=None):
     if start >= tc.steps:
         log(f"{tc.out_dir} is at step {start}, at or past steps={tc.steps}: nothing to train "
             f"(a larger --steps goes on, with the cosine stretched to its length)")
+        if not tc.breakdown:
+            return [], params, cfg  # no step to compile; main still plots and samples
 
     n_dev = len(devices)
     flops_per_step = cfg.train_flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len

@@ -104,6 +104,10 @@ def test_resume_is_exact(tmp_path):
     assert [r["step"] for r in again] == [5, 6] and losses(again) == losses(full)[4:]
     rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    logged = []  # once more: at steps=6 already, so nothing is compiled or trained
+    assert train_mod.train(tc, log=logged.append, devices=jax.devices()[:1])[0] == []
+    assert any("nothing to train" in s for s in logged)
+    assert not any("compiled the train step" in s for s in logged)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
