@@ -309,6 +309,53 @@ def on_chip_bytes(block_q, block_k, D, bytes_per_value):
     return inputs + 4 * (block_q * block_k + block_q * D + 2 * block_q)
 
 
+def hbm_bytes_per_head(N, D, block_q, block_k, bytes_per_value, order):
+    """HBM traffic of one head's forward pass over N queries and N keys, no mask, by loop order.
+
+    "fa1" (FlashAttention, Algorithm 1, the lecture's pseudocode): the outer loop walks K/V
+    blocks, so each K_j, V_j is read once, but every inner step reads Q_i and the running O_i,
+    m_i, l_i back from HBM and writes them again: T_c = N / B_c round trips of the output, here
+    kept in float32 as it accumulates.
+    "fa2" (FlashAttention-2, Algorithm 1): the outer loop walks query blocks, so Q_i is read and
+    O_i, L_i written once, while K and V are read T_r = N / B_r times.
+    "materialized" (lesson 04's order): the [N, N] scores written and read in float32, the
+    probabilities written and read in the input dtype (12 bytes per entry in bf16)."""
+    b = bytes_per_value
+    nd = N * D
+    if order == "fa1":
+        tc = math.ceil(N / block_k)
+        return 2 * nd * b + tc * (nd * b + 2 * nd * 4 + 2 * 2 * N * 4)
+    if order == "fa2":
+        tr = math.ceil(N / block_q)
+        return 2 * nd * b + N * 4 + tr * 2 * nd * b
+    if order == "materialized":
+        return 4 * nd * b + (4 + 4 + b + b) * N * N
+    raise ValueError(f"order must be fa1, fa2 or materialized, got {order!r}")
+
+
+def show_loop_orders(D, dtype, blocks, lengths=(1024, 4096, 16384, 65536)):
+    """The two FlashAttention loop orders against the materialized one, per head."""
+    b = jnp.dtype(dtype).itemsize
+    bq, bk = blocks
+    print(f"\nHBM bytes of one head's forward, no mask, D={D}, {dtype}, blocks {bq} x {bk}: "
+          f"FlashAttention-1's order (K/V outer, O_i read and written per step) against "
+          f"FlashAttention-2's (Q outer, K/V re-read per query block) and the materialized one:")
+    print(f"  {'N':>6} {'FA1 order':>11} {'FA2 order':>11} {'FA1 / FA2':>10} {'materialized':>13}")
+    for N in lengths:
+        fa1, fa2, mat = (hbm_bytes_per_head(N, D, bq, bk, b, o)
+                         for o in ("fa1", "fa2", "materialized"))
+        print(f"  {N:>6} {fa1 / 2**20:9.1f}MB {fa2 / 2**20:9.1f}MB {fa1 / fa2:9.2f}x "
+              f"{mat / 2**20:11.1f}MB")
+    print(f"  Per (query, key) pair FA2's order reads 2 D b / B_r = {2 * D * b / bq:g} bytes of K "
+          f"and V, against {8 + 2 * b} for the\n  materialized scores and probabilities; FA1's "
+          f"order adds a float32 round trip of O per key block.\n  Larger blocks divide both "
+          f"(Dao et al. 2022, Theorem 2: Theta(N^2 d^2 / M) for on-chip memory M),\n  and query "
+          f"blocks running side by side read the same K/V blocks, which a GPU's L2 can serve: "
+          f"these\n  counts are upper bounds. FA2's order also gives each query block to one "
+          f"program with no writes\n  between steps, which is why the kernels (lesson 08, and "
+          f"this file) take it.")
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +556,7 @@ def main():
         bq, bk = 256, cfg.block_k or 256
     print(f"flash blocks: block_q={bq}, block_k={bk}")
     show_block_arithmetic(cfg.head_dim, cfg.dtype, (bq, bk))
+    show_loop_orders(cfg.head_dim, cfg.dtype, (128, 128))
 
     impls = {"naive": attn04.attention,
              "flash": functools.partial(flash_attention, block_q=bq, block_k=bk)}

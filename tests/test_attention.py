@@ -256,6 +256,27 @@ def test_flash_inside_the_model():
     assert max_err(ours, ref) < 1e-4
 
 
+@pytest.mark.parametrize("N,bq,bk", [(256, 64, 32), (300, 128, 128)])
+def test_loop_order_traffic_counts_each_load_of_the_algorithms(N, bq, bk):
+    """The formulas against the two algorithms walked block by block, each load and store of
+    HBM added up (D=16, bf16 inputs, float32 O, m, l and L)."""
+    D, b = 16, 2
+    def rows(blk):  # the blocks' sizes, the last one short where blk does not divide N
+        return [min(blk, N - i) for i in range(0, N, blk)]
+    fa1 = 0
+    for c in rows(bk):                          # FlashAttention, Algorithm 1: K_j, V_j outside
+        fa1 += 2 * c * D * b
+        for r in rows(bq):                      # Q_i, O_i, l_i, m_i read; O_i, l_i, m_i written
+            fa1 += r * D * b + 2 * r * D * 4 + 2 * 2 * r * 4
+    fa2 = 0
+    for r in rows(bq):                          # FlashAttention-2, Algorithm 1: Q_i outside
+        fa2 += r * D * b + r * D * b + r * 4    # Q_i read; O_i and L_i written once
+        fa2 += sum(2 * c * D * b for c in rows(bk))
+    assert f05.hbm_bytes_per_head(N, D, bq, bk, b, "fa1") == fa1
+    assert f05.hbm_bytes_per_head(N, D, bq, bk, b, "fa2") == fa2
+    assert f05.hbm_bytes_per_head(N, D, bq, bk, b, "materialized") == 4 * N * D * b + 12 * N * N
+
+
 def test_bad_arguments():
     q, k, v, _ = make_qkv(1, 8, 8, 4, 2, 16)
     with pytest.raises(common.UserError, match="block_q"):
