@@ -23,7 +23,9 @@ temporary memory grows like T*D (the output accumulator) plus one block, instead
 What it does not do is keep the blocks on chip: XLA runs each block's matmuls and softmax as
 separate kernels, so a block's scores still make a round trip through HBM (or L2). A real
 FlashAttention kernel keeps them in registers and shared memory (the block-size arithmetic below
-says how big a block may be for that), which lesson 08 does with Pallas. So here the memory win
+says how big a block may be for that, and what each loop order then reads from HBM: K/V blocks
+outside, as in the first paper's Algorithm 1, or query blocks outside, as in FlashAttention-2),
+which lesson 08 does with Pallas. So here the memory win
 is the full one, while the speed win over the materialized version comes mostly from skipping
 the masked blocks; main() measures both against XLA's materialized attention (lesson 04) and
 cuDNN's fused kernel. On a CPU it runs the same steps at small sizes, and shows the memory of
