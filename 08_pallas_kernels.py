@@ -1352,8 +1352,14 @@ def bench_matmul(cfg, env, rows):
     # of intensity I could go no faster than I x bandwidth (nor than the peak). Measured above
     # it means the panels were re-read from the on-chip L2 cache instead.
     unit, scale = env["flop_unit"]
+    # The grid has one program per output tile; a GPU runs them on its SMs in waves, so too few
+    # tiles leave SMs idle and a last, partial wave idles some too (wave quantization).
+    sms = getattr(jax.devices()[0], "core_count", None)
+    print(f"  (tiles/SM: the grid's output tiles over the {sms} SMs, at least 1 to fill them; "
+          f"the last wave is partial unless it divides)" if sms else
+          "  (tiles/SM: no SM count on this device)")
     print(f"  {'tile m x n x k':>16s} {'warps':>5s} {'stages':>6s} {'FLOP/B':>7s} "
-          f"{'HBM roof':>9s} {unit:>8s} {'vs XLA':>7s}")
+          f"{'tiles/SM':>8s} {'HBM roof':>9s} {unit:>8s} {'vs XLA':>7s}")
     best = None
     for bm, bn, bk, warps, stages in env["matmul_tiles"]:
         f = functools.partial(matmul, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
@@ -1366,8 +1372,10 @@ def bench_matmul(cfg, env, rows):
             continue
         intensity = tile_intensity(bm, bn, n, size)
         roof = min(env["peak"], intensity * env["copy_bw"])
+        tiles = math.ceil(n / bm) * math.ceil(n / bn)
+        per_sm = f"{tiles / sms:8.2f}" if sms else f"{'-':>8s}"
         print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d} {intensity:7.1f} "
-              f"{roof / scale:9.1f} {flops / t / scale:8.1f} {t_xla / t:7.2f}")
+              f"{per_sm} {roof / scale:9.1f} {flops / t / scale:8.1f} {t_xla / t:7.2f}")
         if best is None or t < best[0]:
             best = (t, (bm, bn, bk, warps, stages))
     t, (bm, bn, bk, warps, stages) = best
