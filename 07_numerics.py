@@ -308,7 +308,7 @@ def bf16_matmul(x, w):
                    preferred_element_type=jnp.float32)
 
 
-# fp8 training (Micikevicius et al. 2022, section 4): every matmul of the forward and backward
+# fp8 training (Micikevicius et al. 2022, "FP8 Formats"): every matmul of the forward and backward
 # passes on fp8 inputs. Weights and activations in e4m3 (more mantissa), gradients in e5m2 (more
 # range: they span more orders of magnitude), each tensor with one scale computed from its own
 # current max ("current scaling"; Transformer Engine's default instead reuses the maxima of past
