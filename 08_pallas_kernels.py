@@ -34,7 +34,7 @@ into code. Four kernels, each with its reference beside it:
      where this kernel reached 46-95%. Lesson 06 now uses XLA's and keeps this one as its peer.
 
 The portable kernels use only a grid, BlockSpecs and `jnp` inside the body, so they run
-interpreted on a CPU (`interpret=True`, what the tests do), compiled on an NVIDIA GPU, and by
+interpreted on a CPU (by default there; `interpret=True` anywhere), compiled on an NVIDIA GPU, and by
 their structure on a TPU. On a GPU they are compiled through the Triton lowering of Pallas
 (`num_warps`, `num_stages` below), which handles these block shapes and in-kernel loops; JAX
 marks that lowering deprecated in favour of Mosaic GPU.
@@ -156,10 +156,17 @@ def matmul_kernel(x_ref, w_ref, b_ref, o_ref, *, block_k, activation):
     o_ref[...] = ACTIVATIONS[activation](acc).astype(o_ref.dtype)
 
 
+def _interpreted(interpret):
+    """interpret=None, every kernel's default: interpreted where Pallas cannot compile (a CPU),
+    compiled elsewhere."""
+    return jax.devices()[0].platform == "cpu" if interpret is None else bool(interpret)
+
+
 def matmul(x, w, bias=None, activation="none", block_m=128, block_n=128, block_k=64,
-           num_warps=4, num_stages=3, interpret=False):
+           num_warps=4, num_stages=3, interpret=None):
     """act(x @ w + bias): x [M, K], w [K, N], bias [N] or None; any M, N, K (padded to blocks).
     Accumulates in float32, returns x.dtype."""
+    interpret = _interpreted(interpret)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise common.UserError(f"matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
     if activation not in ACTIVATIONS:
@@ -1042,7 +1049,7 @@ def _flash_bwd(causal, sm_scale, blocks, interpret, impl, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=False,
+def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
                     blocks=FlashBlocks(), sm_scale=None, implementation=None):
     """Exact attention as one kernel per pass: q [B, T, H, D]; k, v [B, S, KH, D] with KH
     dividing H; segment_ids [B, T] (T == S) or None. Causal aligns query i with key i.
@@ -1052,6 +1059,7 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=False,
     above: forward, and backward where `hopper_backward_available`, else the portable one), or
     None: "hopper" where `hopper_available`, else "portable"."""
     flash05.attn04.check_inputs(q, k, v, segment_ids)
+    interpret = _interpreted(interpret)
     if causal and q.shape[1] != k.shape[1]:
         raise common.UserError(f"causal attention here needs T == S, got T={q.shape[1]}, "
                                f"S={k.shape[1]}")
@@ -1126,7 +1134,7 @@ def decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, chunk):
 
 
 def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None, block_k=None,
-                     num_warps=4, num_stages=3, interpret=False):
+                     num_warps=4, num_stages=3, interpret=None):
     """q [B, H, D] (this step's token); k, v [B, KH, S, D] (lesson 06's cache layout); lengths
     [B] int: row b attends to cache positions < lengths[b] (>= 1). Returns [B, H, D].
     An int8 cache (lesson 06's kv_int8) comes with float32 scales k_scale, v_scale [B, KH, S],
@@ -1137,6 +1145,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     block_k None: 64 cache rows per step, or for an int8 cache 8 KB of them (128 rows at
     D = 64), which an H200 sweep found 1.1x faster than 64 there (64 stays best at D = 128)."""
     B, H, D = q.shape
+    interpret = _interpreted(interpret)
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         raise common.UserError(f"decode_attention: q [B, H, D] {q.shape} and k, v [B, KH, S, D] "
                                f"{k.shape}, {v.shape} do not fit")
@@ -1240,7 +1249,7 @@ def int8_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_k):
 
 
 def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=4, num_stages=3,
-                vector_rows=0, interpret=False):
+                vector_rows=0, interpret=None):
     """x [M, K] (bf16/f32) @ (w_q [N, K] int8 * scale [N]).T -> [M, N] in x.dtype: a linear
     layer whose weight rows (output channels) are int8 with one float32 scale each. Made for
     small M (decode): M is padded to 16 rows, the matrix unit's smallest tile.
@@ -1263,6 +1272,7 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
         raise common.UserError(f"int8_matmul: w_q must be int8, got {w_q.dtype}")
     _check_block("block_n", block_n)
     _check_block("block_k", block_k)
+    interpret = _interpreted(interpret)
     (M, K), N = x.shape, w_q.shape[0]
     block_n, block_k = min(block_n, _pow2_at_least(N)), min(block_k, _pow2_at_least(K))
     vector = M <= vector_rows
