@@ -34,8 +34,8 @@ into code. Four kernels, each with its reference beside it:
      where this kernel reached 46-95%. Lesson 06 now uses XLA's and keeps this one as its peer.
 
 The portable kernels use only a grid, BlockSpecs and `jnp` inside the body, so they run
-interpreted on a CPU (by default there; `interpret=True` anywhere), compiled on an NVIDIA GPU, and by
-their structure on a TPU. On a GPU they are compiled through the Triton lowering of Pallas
+interpreted on a CPU (by default there; `interpret=True` anywhere), compiled on an NVIDIA GPU,
+and by their structure on a TPU. On a GPU they are compiled through the Triton lowering of Pallas
 (`num_warps`, `num_stages` below), which handles these block shapes and in-kernel loops; JAX
 marks that lowering deprecated in favour of Mosaic GPU.
 
