@@ -21,7 +21,9 @@ What the lesson shows, in the order main() prints it:
      batch where 2N x B FLOPs take as long as reading the weights; prefill, which multiplies each
      weight by S prompt tokens, is compute-bound: time ~ S x 2N / FLOPS + G x 2N / BW. The
      third limit is capacity: the weights and every sequence's KV cache must fit in memory, and
-     at long contexts that caps the batch below the compute-bound one.
+     at long contexts that caps the batch below the compute-bound one. Per layer, the lecture's
+     [prefill, decode] x [attention, FFN]: batching lifts decode's FFN toward the ridge point,
+     never its attention, whose KV bytes grow with the batch as its FLOPs do.
   2. The KV cache (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2):
      the keys and values of past tokens are kept, so a step computes one token's projections
      instead of the whole prefix's. It costs 2 x layers x kv_heads x head_dim x bytes per token
@@ -1528,6 +1530,46 @@ def show_arithmetic(run):
           f"{with_kv:,.0f} counting each sequence's {P}-token KV reads too")
     held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.params))  # with embedding
     show_capacity(cfg, held, run.S, weights_only)
+    show_cross_product(cfg, P, B, run.flops / run.bw)
+
+
+def layer_intensity(cfg, block, tokens, context, batch=1):
+    """FLOPs per byte of one layer's attention core (QK^T, softmax, PV) or FFN (three matmuls)
+    for `batch` sequences of `tokens` new tokens each, attending to `context` positions, counted
+    as the lecture counts them: every matmul's operands and result through memory once, the
+    scores and probabilities (when materialized) in 2 bytes, 3 FLOPs of softmax per score.
+    Prefill is tokens = context = S; decode is tokens = 1."""
+    b = jnp.dtype(cfg.dtype).itemsize
+    d, f, h, kvh, hd = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    n = batch * tokens
+    if block == "ffn":  # gate and up: [n, d] @ [d, f]; down: [n, f] @ [f, d]
+        flops = 3 * 2 * n * d * f
+        nbytes = b * (3 * d * f + 2 * n * d + 6 * n * f)  # weights; x in, y out; g, u, h out and in
+    elif block == "attention":  # per sequence its own K, V: batching shares nothing here
+        scores = batch * h * tokens * context
+        flops = (4 * hd + 3) * scores
+        nbytes = 8 * scores + b * batch * (2 * tokens * h * hd + 2 * context * kvh * hd)
+    else:
+        raise ValueError(f"block must be attention or ffn, got {block!r}")
+    return flops / nbytes
+
+
+def show_cross_product(cfg, S, B, ridge):
+    """The lecture's [prefill, decode] x [attention, FFN]: which of the four is memory-bound."""
+    print(f"one layer's arithmetic intensity, FLOP/byte against the ridge point {ridge:.0f} "
+          f"(the lecture's count: operands through memory once, 2-byte scores):")
+    print(f"  {'':28s} {'attention (QK^T, softmax, PV)':>30s} {'FFN (3 matmuls)':>20s}")
+    for name, tokens, batch in ((f"prefill, {S} tokens", S, 1),
+                                (f"decode, batch 1, context {S}", 1, 1),
+                                (f"decode, batch {B}, context {S}", 1, B)):
+        cells = []
+        for block in ("attention", "ffn"):
+            x = layer_intensity(cfg, block, tokens, S, batch)
+            cells.append(f"{x:,.1f} {'compute' if x > ridge else 'memory'}")
+        print(f"  {name:28s} {cells[0]:>30s} {cells[1]:>20s}")
+    print("  Batching decode multiplies the FFN's intensity (its weights serve every sequence) but "
+          "not attention's: each\n  sequence reads its own KV cache, so decode attention has the "
+          "same intensity at any batch.")
 
 
 def memory_limit(device=None):

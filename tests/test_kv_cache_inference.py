@@ -174,6 +174,21 @@ def test_capacity_reproduces_the_lectures_a10_example(capsys, monkeypatch):
     assert "from 512 tokens of context memory runs out first" in out
 
 
+def test_layer_intensity_reproduces_the_lectures_counts():
+    """Llama-2-7B (32 heads of 128, bf16) at N = 4096: the lecture's 62 FLOP/byte for attention,
+    (4d + 3) N^2 / (8 N^2 + 8 N d) per head. Decode attention reads each sequence's own cache,
+    so batching leaves its intensity alone, while the FFN's grows with the batch."""
+    llama2 = dataclasses.replace(common.Config.preset("llama-3-8b"), n_kv_heads=32, d_ff=11008,
+                                 dtype="bfloat16")
+    assert inf.layer_intensity(llama2, "attention", 4096, 4096) == pytest.approx(
+        (4 * 128 + 3) * 4096**2 / (8 * 4096**2 + 8 * 4096 * 128))
+    assert round(inf.layer_intensity(llama2, "attention", 4096, 4096)) == 62
+    one, many = (inf.layer_intensity(llama2, "attention", 1, 4096, b) for b in (1, 64))
+    assert one == pytest.approx(many) and one < 5
+    ffn1, ffn64 = (inf.layer_intensity(llama2, "ffn", 1, 4096, b) for b in (1, 64))
+    assert ffn1 == pytest.approx(1.0, rel=0.01) and 50 < ffn64 < 64
+
+
 def test_int8_paths_within_measured_tolerance(cfg=TINY):
     """Measured on the tiny model (3 seeds, both configs): int8 weights give a logit rms error of
     0.0065 x std(logits), at most 0.032 on one logit; the int8 KV cache 0.0020 and 0.0070; the
