@@ -363,24 +363,31 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
     return bytes(toks).decode("utf-8", errors="replace")
 
 
+def read_metrics(path):
+    """The rows of metrics.jsonl, each a dict with its step; a line cut short by a kill
+    mid-write is passed over."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
 def drop_metrics_after(path, step):
     """Resuming at `step` trains the steps after it again (those logged after the checkpoint,
     before a crash or kill): their old rows go, so each step appears once in the file and in the
     plot. Rewritten to a temporary file and renamed over the old one."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut short by a kill mid-write
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [row for row in read_metrics(path) if row["step"] <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(row) + "\n" for row in kept)
     os.replace(tmp, path)
 
 
@@ -391,14 +398,7 @@ def plot_metrics(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = []
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill mid-write: pass over it
-                continue
-    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "val_loss"):
         pts = [(r["step"], r[key]) for r in rows if key in r]

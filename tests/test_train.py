@@ -206,11 +206,15 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
     train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
     newest = common.list_checkpoints(tc.out_dir)[-1]
     open(os.path.join(newest, "state.npz"), "wb").close()
-    with open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") as f:
+    metrics = os.path.join(tc.out_dir, "metrics.jsonl")
+    with open(metrics, "a") as f:
         f.write('{"step": 9, "lo')  # a line cut short by a kill
     rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     assert "ckpt_00000002 is damaged" in capsys.readouterr().err
     assert [r["step"] for r in rest] == [2, 3] and losses(rest) == losses(full)[1:]
+    assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3]  # the cut line gone
+    with open(metrics, "a") as f:
+        f.write('{"step": 9, "lo')
     train_mod.plot_metrics(tc.out_dir)  # passes over the cut line
     for path in common.list_checkpoints(tc.out_dir):
         open(os.path.join(path, "meta.json"), "w").close()
