@@ -1061,6 +1061,14 @@ CHIPS = {
                  _NV),
     "A100": Chip("A100 SXM 80GB", 312e12, 0, 624e12, 19.5e12, 2.039e12, 80e9, 300e9, 164 * 1024,
                  _NV),
+    # Variants whose device_kind names them: the same chip with less bandwidth, or (H100 PCIe)
+    # fewer SMs at a lower clock. The longest key that the kind contains wins.
+    "A100-SXM4-40GB": Chip("A100 SXM 40GB", 312e12, 0, 624e12, 19.5e12, 1.555e12, 40e9, 300e9,
+                           164 * 1024, _NV),
+    "A100-PCIE-40GB": Chip("A100 PCIe 40GB", 312e12, 0, 624e12, 19.5e12, 1.555e12, 40e9, 300e9,
+                           164 * 1024, _NV),
+    "H100 PCIe": Chip("H100 PCIe", 756e12, 1513e12, 1513e12, 51e12, 2.0e12, 80e9, 300e9,
+                      228 * 1024, _NV),
     "TPU v4": Chip("TPU v4", 275e12, 0, 275e12, 0, 1.2e12, 32 * 2**30, 4.5e10, 0, _TPU),
     "TPU v5 lite": Chip("TPU v5e", 197e12, 0, 394e12, 0, 8.19e11, 16e9, 4.5e10, 128 * 2**20,
                         _TPU),

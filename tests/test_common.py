@@ -574,6 +574,10 @@ def test_import_script_and_chip_table():
     mod = common.import_script("09_train")
     assert mod is common.import_script("09_train") and hasattr(mod, "TrainConfig")
     assert common.device_chip() is None  # the CPU has no datasheet entry
+    for kind, name in (("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                       ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
+                       ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"), ("TPU v5 lite", "TPU v5e")):
+        assert common.device_chip(type("Device", (), {"device_kind": kind})()).name == name
     for chip in common.CHIPS.values():
         assert chip.bf16_flops > 0 and chip.hbm_bw > 0 and chip.source
 
