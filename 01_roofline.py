@@ -192,11 +192,20 @@ def attention_materialized(q, k, v):
 
 
 def matmul_for(dtype, precision=None):
-    """A jitted a @ b for any dtype: int8 accumulates into int32 and fp8 writes bf16, the outputs
-    the hardware's integer and fp8 matrix units produce."""
+    """A jitted product of a [M, K] and b for any dtype: int8 accumulates into int32 and fp8
+    writes bf16, the outputs the hardware's integer and fp8 matrix units produce.
+
+    For those 8-bit types b is given as [N, K], each operand with K contiguous: the only layout
+    an H100's 8-bit matrix instructions read (cuBLAS's "TN"). Given b as [K, N], XLA transposes
+    it before every product, a separate kernel: 0.48 ms of an 8192^3 fp8 call's 1.18 ms on an
+    H100, where the product itself took 0.70 ms. Other types take a @ b, b [K, N]."""
     out = {"int8": jnp.int32, "float8_e4m3fn": jnp.bfloat16,
            "float8_e5m2": jnp.bfloat16}.get(jnp.dtype(dtype).name)
-    return jax.jit(lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=out))
+    if out is None:
+        return jax.jit(lambda a, b: jnp.dot(a, b, precision=precision))
+    k_major = (((1,), (1,)), ((), ()))                       # contract a's dim 1 with b's dim 1
+    return jax.jit(lambda a, b: jax.lax.dot_general(a, b, k_major, precision=precision,
+                                                    preferred_element_type=out))
 
 
 def random_array(key, shape, dtype):
