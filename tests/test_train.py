@@ -31,7 +31,7 @@ def losses(history):
 
 
 def test_loss_decreases(tmp_path):
-    hist, _, _ = train_mod.train(tiny_run(tmp_path, steps=40, lr=1e-2, scan_layers=False),
+    hist, _, _ = train_mod.train(tiny_run(tmp_path, steps=20, lr=1e-2, scan_layers=False),
                                  log=lambda s: None, devices=jax.devices()[:1])
     ls = losses(hist)
     assert ls[-1] < ls[0] - 1.0, ls
@@ -238,12 +238,12 @@ def run_script(args, env_devices, **kw):
                             **kw)
 
 
-def test_fp8_training_follows_the_plain_run_on_a_sharded_mesh(tmp_path, one_device_run):
-    """Every layer's matmul in fp8 (lesson 07), with its per-tensor scales found across the
-    shards of fsdp x tp, under remat=dots (which recomputes the scaling in the backward pass):
-    the losses stay within fp8's rounding of the plain run's, and differ."""
-    got, _, _ = train_mod.train(tiny_run(tmp_path, batch_size=16, mesh="fsdp:4,tp:2", fp8=True,
-                                         remat="dots"), log=lambda s: None)
+def test_fp8_training_follows_the_plain_run(tmp_path, one_device_run):
+    """Every layer's matmul in fp8 (lesson 07), under remat=dots (which recomputes the scaling
+    in the backward pass): the losses stay within fp8's rounding of the plain run's, and
+    differ."""
+    got, _, _ = train_mod.train(tiny_run(tmp_path, batch_size=16, fp8=True, remat="dots"),
+                                log=lambda s: None, devices=jax.devices()[:1])
     fp8, plain = np.array(losses(got)), np.array(losses(one_device_run))
     np.testing.assert_allclose(fp8, plain, rtol=1e-2)
     assert np.max(np.abs(fp8 - plain) / plain) > 1e-5
