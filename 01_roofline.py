@@ -22,8 +22,11 @@ Then it predicts and measures:
   - square matmuls (intensity n/3 in bf16) and skinny ones, M = 1 .. 1024 rows against a fixed
     weight: the batch-size sweep of decoding, memory-bound until M nears the ridge point;
   - attention with the [T, S] score matrix written to memory and without (a fused kernel).
-For each: FLOPs, bytes, intensity, roofline time, measured time, and their ratio. A log-log
-roofline plot with one point per kernel is written as a PNG.
+For each: FLOPs, bytes, intensity, roofline time, measured time, and their ratio. The measured
+time is the device's own (a profile's kernel times) where there is a device apart from the host:
+the wall clock of a call from Python also holds the host's dispatch, and below a few tens of
+microseconds on a GPU that is all it measures. A log-log roofline plot with one point per
+kernel is written as a PNG.
 
 References: Williams, Waterman & Patterson, "Roofline: an insightful visual performance model for
 multicore architectures", CACM 2009; Dao et al., "FlashAttention", 2022, section 3 (the IO
@@ -31,8 +34,10 @@ analysis of attention); Pope et al., "Efficiently Scaling Transformer Inference"
 (why decoding at small batch is bound by reading the weights).
 """
 import dataclasses
+import itertools
 import math
 import os
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -221,17 +226,40 @@ def random_array(key, shape, dtype):
 # Measuring
 # ----------------------------------------------------------------------------------------------
 
+class Measured(typing.NamedTuple):
+    """One kernel's time per call, by two clocks. wall_s: the host's, calls issued back to back
+    and the last one waited for. device_s: the accelerator's own, the kernels a call ran summed
+    from a profile (common.device_seconds); None on a CPU, where the host is the device. A call
+    from Python costs the host some microseconds to dispatch (tens on a GPU host); a kernel
+    shorter than that leaves the device idle between calls, and the wall clock then times the
+    host. The roofline predicts the kernel, so it is checked against the device's clock."""
+    wall_s: float
+    device_s: typing.Optional[float] = None
+
+    @property
+    def s(self):
+        return self.wall_s if self.device_s is None else self.device_s
+
+
 def time_per_call(fn, arg_sets, iters, calls=1):
-    """Median seconds per call of fn, through common.bench (compile apart, warm up, median).
-    A timed run issues `calls` calls back to back (dispatch is asynchronous) and blocks on the last,
-    so a kernel of a few microseconds is not drowned by one host round trip per call; the inputs
-    rotate through arg_sets."""
+    """Measured seconds per call of fn: the wall clock's median through common.bench (compile
+    apart, warm up, median; a timed run issues `calls` calls back to back and blocks on the last)
+    and the device's clock; the inputs rotate through arg_sets."""
     def burst():
         out = None
         for i in range(calls):
             out = fn(*arg_sets[i % len(arg_sets)])
         return out
-    return common.bench(burst, iters=iters, warmup=1).median_s / calls
+    wall = common.bench(burst, iters=iters, warmup=1).median_s / calls
+    sets = itertools.cycle(arg_sets)
+    return Measured(wall, common.device_seconds(lambda: fn(*next(sets))))
+
+
+def dispatch_floor(iters):
+    """Wall seconds per call of a jitted function that does almost nothing: the host's share of
+    every call, the floor under any kernel timed from Python by the wall clock."""
+    one = jnp.ones((1,), jnp.float32)
+    return time_per_call(jax.jit(lambda x: x + 1), [(one,)], iters, calls=100).wall_s
 
 
 def calls_for(t_predicted, budget_s=2e-3, most=100):
@@ -251,7 +279,7 @@ def measure_matmul(dtype, n, iters, precision=None):
     with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
         a, b = random_array(ka, (n, n), dtype), random_array(kb, (n, n), dtype)
         t = time_per_call(matmul_for(dtype, precision), [(a, b)], iters)
-    return 2 * n**3 / t
+    return 2 * n**3 / t.s
 
 
 def measure_copy(mib, iters):
@@ -357,7 +385,15 @@ def run_axpy(cfg):
             x, y = random_array(kx, (n,), dtype), random_array(ky, (n,), dtype)
             # y updated in place, as BLAS's axpy does (common.copy_bandwidth: why on a CPU)
             step = jax.jit(axpy, donate_argnums=2)
-            t = common.bench_in_place(lambda y: step(2.0, x, y), y, cfg.iters, warmup=1).median_s
+            held = [y]
+
+            def update():  # each call consumes the last one's y: chained, as in bench_in_place
+                held[0] = step(2.0, x, held[0])
+                return held[0]
+            device = common.device_seconds(update)
+            wall = common.bench_in_place(lambda y: step(2.0, x, y), held[0], cfg.iters,
+                                         warmup=1).median_s
+            t = Measured(wall, device)
         rows.append((f"axpy n={n:,}", dtype, cost, t))
     return rows
 
@@ -404,7 +440,7 @@ def run_fusion(cfg, ceil):
     print(f"  {'kernel':22s} {'predicted MB':>13s} {'XLA MB':>10s} {'time x bw MB':>13s}")
     for name, _, cost, t in rows:
         counted = f"{xla[name] / 1e6:10.1f}" if xla[name] and xla[name] > 0 else f"{'-':>10s}"
-        print(f"  {name:22s} {cost.bytes / 1e6:13.1f} {counted} {t * ceil.bandwidth / 1e6:13.1f}")
+        print(f"  {name:22s} {cost.bytes / 1e6:13.1f} {counted} {t.s * ceil.bandwidth / 1e6:13.1f}")
     if not all(xla[name] and xla[name] > 0 for name, *_ in rows):  # None, or nan in a sum
         print("  (-: not counted; XLA's cost model sees no bytes in a library call such as cuBLAS)")
     return rows
@@ -554,7 +590,7 @@ def main():
     rows = run_axpy(cfg) + run_fusion(cfg, ceil)
     rows += run_square(cfg, ceil)
     skinny = run_skinny(cfg, ceil)
-    times = [t for *_, t in skinny]  # M = 1, 2, 4, ...
+    times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
     flat = max(2**i for i, t in enumerate(times) if t <= 1.2 * times[0])
     print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
           f"up to M = {flat}:\n  below the ridge, reading the {W}x{W} weight is the cost, not the "
@@ -563,28 +599,41 @@ def main():
     rows += run_attention(cfg, ceil, dev.platform == "gpu")
 
     has_ds = ceil.ds_bandwidth is not None
+    on_device = rows[0][3].device_s is not None
+    floor = dispatch_floor(cfg.iters)
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
           f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype); roof% = "
           f"roofline / measured time, above 100% where a kernel beats a ceiling measured with "
           f"other shapes (a cache holding part of its bytes, a faster matmul shape)"
           + ("; ds%: the same against the datasheet" if has_ds else ""))
+    if on_device:
+        print(f"measured = kernel us, the device's own clock (the kernels of one call, from a "
+              f"profile); wall us = the host's clock, calls back to back. The host needs "
+              f"{floor * 1e6:.1f} us to dispatch a call that does nothing: a kernel shorter than "
+              f"that waits on the host, and its wall time measures the host, not the kernel")
+    else:
+        print(f"measured = wall us, calls back to back (on a CPU the host is the device); a call "
+              f"that does nothing takes {floor * 1e6:.1f} us")
     print(f"{'kernel':34s} {'dtype':8s} {'GFLOP':>9s} {'MB':>9s} {'FLOP/B':>8s} {'bound':>7s} "
-          f"{'roof us':>9s} {'meas us':>10s} {'roof%':>6s} {'TFLOP/s':>8s} {'GB/s':>7s}"
-          + (f" {'ds%':>5s}" if has_ds else ""))
+          f"{'roof us':>9s}" + (f" {'kernel us':>10s}" if on_device else "")
+          + f" {'wall us':>10s} {'roof%':>6s} {'TFLOP/s':>8s} "
+          f"{'GB/s':>7s}" + (f" {'ds%':>5s}" if has_ds else ""))
     for name, dtype, c, t in rows:
         peak = ceil.peak(dtype)
         t_roof = roofline_time(c, peak, ceil.bandwidth)
         bound = "memory" if c.intensity < ridge_point(peak, ceil.bandwidth) else "compute"
+        kernel = f" {t.device_s * 1e6:10.1f}" if on_device else ""
         line = (f"{name:34s} {dtype[:8]:8s} {c.flops / 1e9:9.3f} {c.bytes / 1e6:9.1f} "
-                f"{c.intensity:8.3f} {bound:>7s} {t_roof * 1e6:9.1f} {t * 1e6:10.1f} "
-                f"{t_roof / t:6.0%} {c.flops / t / 1e12:8.2f} {c.bytes / t / 1e9:7.0f}")
+                f"{c.intensity:8.3f} {bound:>7s} {t_roof * 1e6:9.1f}{kernel} "
+                f"{t.wall_s * 1e6:10.1f} {t_roof / t.s:6.0%} {c.flops / t.s / 1e12:8.2f} "
+                f"{c.bytes / t.s / 1e9:7.0f}")
         if has_ds:
             t_ds = roofline_time(c, ceil.peak(dtype, datasheet=True), ceil.ds_bandwidth)
-            line += f" {t_ds / t:5.0%}"
+            line += f" {t_ds / t.s:5.0%}"
         print(line)
 
     # The plot comes last: whatever happens while drawing it, the table above is printed.
-    points = [(name, c.intensity, c.flops / t) for name, _, c, t in rows]
+    points = [(name, c.intensity, c.flops / t.s) for name, _, c, t in rows]
     path = plot_roofline(points, ceil, os.path.join(cfg.out, "roofline.png"),
                          f"roofline: {dev.device_kind}")
     print(f"\nroofline plot: {path or 'not drawn (pip install matplotlib)'}")

@@ -49,6 +49,7 @@ about 75% of the copy bandwidth (BENCHMARKS.md records what limits it).
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import time
 
@@ -1339,8 +1340,18 @@ def _rate(x, unit):
     return f"{x:.0f} {unit}"
 
 
-def _time(fn, arg_sets):
-    return common.bench(jax.jit(fn), arg_sets=arg_sets, iters=7, warmup=2).median_s
+def _time(fn, arg_sets, device=False):
+    """Seconds per call of fn by the wall clock's median (common.bench). With device=True,
+    (seconds by the device's own clock where there is one, else the wall's; the wall's): a call
+    from Python costs the host tens of microseconds to dispatch on a GPU, so a shorter kernel is
+    timed by the device's clock (common.device_seconds) or not at all."""
+    f = jax.jit(fn)
+    wall = common.bench(f, arg_sets=arg_sets, iters=7, warmup=2).median_s
+    if not device:
+        return wall
+    sets = itertools.cycle(arg_sets)
+    kernels = common.device_seconds(lambda: f(*next(sets)))
+    return (wall if kernels is None else kernels), wall
 
 
 def bench_matmul(cfg, env, rows):
@@ -1356,8 +1367,11 @@ def bench_matmul(cfg, env, rows):
           f"output, a 1x2 strip, a 2x2 tile):")
     for tm, tn in ((1, 1), (1, 2), (2, 2)):
         print(f"  {tm}x{tn} outputs: {tile_intensity(tm, tn, n, size):6.2f} FLOP/B")
-    t_xla = _time(jnp.dot, sets)
-    print(f"  XLA's matmul: {_rate(flops / t_xla, 'FLOP/s')}")
+    t_xla, wall_xla = _time(jnp.dot, sets, device=True)
+    clock = ("the wall clock" if jax.devices()[0].platform == "cpu" else
+             "the device's clock: each call's kernels, from a profile")
+    print(f"  XLA's matmul: {_rate(flops / t_xla, 'FLOP/s')} (wall clock: "
+          f"{_rate(flops / wall_xla, 'FLOP/s')}); this section times by {clock}")
     # The roofline of a tiling: if every tile read its row and column panels from HBM, a tile
     # of intensity I could go no faster than I x bandwidth (nor than the peak). Measured above
     # it means the panels were re-read from the on-chip L2 cache instead.
@@ -1375,7 +1389,7 @@ def bench_matmul(cfg, env, rows):
         f = functools.partial(matmul, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                               num_stages=stages, interpret=interp)
         try:
-            t = _time(f, sets)
+            t, _ = _time(f, sets, device=True)
         except Exception as e:  # a tile the GPU cannot hold (shared memory, registers)
             print(f"  {bm:>4d}x{bn:>4d}x{bk:>4d} {warps:5d} {stages:6d}  failed: "
                   f"{str(e).splitlines()[0][:60]}")
@@ -1399,8 +1413,8 @@ def bench_matmul(cfg, env, rows):
     ref = functools.partial(matmul_reference, activation="gelu")
     err = _rel_error(jax.jit(f)(x[:256], w[:, :256], bias[:256]),
                      ref(x[:256].astype(jnp.float32), w[:, :256].astype(jnp.float32), bias[:256]))
-    t_f = _time(f, [(x, w, bias), (x2, w, bias)])
-    t_r = _time(ref, [(x, w, bias), (x2, w, bias)])
+    t_f, _ = _time(f, [(x, w, bias), (x2, w, bias)], device=True)
+    t_r, _ = _time(ref, [(x, w, bias), (x2, w, bias)], device=True)
     print(f"  matmul + bias + GELU: fused epilogue {t_f * 1e3:.3f} ms, XLA {t_r * 1e3:.3f} ms "
           f"({t_r / t_f:.2f}x); error vs float32 {err:.1e}")
     rows.append(("matmul+bias+gelu", f"{n}^3", _rate(flops / t_f, "FLOP/s"),

@@ -1025,6 +1025,18 @@ def kernel_times(fn, calls=3, device=0):
     return {k: (t / calls, n / calls) for k, (t, n) in times.items()} or None
 
 
+def device_seconds(call, calls=4):
+    """Seconds per call of call() by the accelerator's own clock: the sum of the kernels one call
+    ran (kernel_times). A wall-clock time from Python also holds the host's work to dispatch
+    each call, tens of microseconds on a GPU host; while a kernel is shorter than that, the
+    device waits between calls and the wall clock measures the host, not the kernel. None on a
+    CPU, where the host is the device."""
+    if jax.devices()[0].platform == "cpu":
+        return None
+    times = kernel_times(call, calls=calls)
+    return sum(t for t, _ in times.values()) if times else None
+
+
 def kernel_summary(times, kind=kernel_kind):
     """kernel_times' result -> {kind: (seconds, launches)} per call, kinds by `kind(name)`."""
     out = {}

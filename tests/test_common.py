@@ -600,3 +600,6 @@ def test_kernel_kinds_and_summary():
     assert mine["matmul"] == pytest.approx((8e-3, 2.0))
     # A CPU runs no device kernels: the profile has nothing to report.
     assert common.kernel_times(lambda: jnp.ones(8) * 2, calls=1) is None
+    # ... so device_seconds answers None there, without profiling (or calling) anything.
+    ran = []
+    assert common.device_seconds(lambda: ran.append(1)) is None and not ran

@@ -31,6 +31,13 @@ def test_axpy_intensity(dtype, intensity):
     assert c.intensity == pytest.approx(intensity, rel=1e-12)
 
 
+def test_measured_time_is_the_device_clock_where_there_is_one():
+    assert rl.Measured(wall_s=40e-6, device_s=3e-6).s == 3e-6   # a GPU: the kernel, not the host
+    assert rl.Measured(wall_s=40e-6).s == 40e-6                  # a CPU: the wall clock
+    t = rl.time_per_call(jax.jit(lambda x: x * 2), [(jnp.ones(4),)], iters=2, calls=3)
+    assert t.device_s is None and t.wall_s > 0
+
+
 @pytest.mark.parametrize("n", [128, 1024, 8192])
 def test_square_matmul_intensity_is_n_over_3_in_bf16(n):
     c = rl.matmul_cost(n, n, n, 2)
