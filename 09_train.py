@@ -587,8 +587,16 @@ def train(tc, stop_after=None, log=print, devices=None):
 
 def main():
     tc = common.parse_flags(TrainConfig())
-    if tc.num_processes > 1 or tc.coordinator:
-        jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
+    if not (tc.num_processes > 1 or tc.coordinator):
+        return train_and_sample(tc)
+    jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
+    train_and_sample(tc)
+    # Every process leaves together: process 0 hosts the coordinator, and a process that outlives
+    # it finds the coordinator gone. (JAX still logs one harmless CANCELLED watch on the way out.)
+    jax.distributed.shutdown()
+
+
+def train_and_sample(tc):
     try:
         history, params, cfg = train(tc)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept; common.run prints it without a traceback
