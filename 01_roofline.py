@@ -259,7 +259,7 @@ def dispatch_floor(iters):
     """Wall seconds per call of a jitted function that does almost nothing: the host's share of
     every call, the floor under any kernel timed from Python by the wall clock."""
     one = jnp.ones((1,), jnp.float32)
-    return time_per_call(jax.jit(lambda x: x + 1), [(one,)], iters, calls=100).wall_s
+    return common.bench(jax.jit(lambda x: x + 1), one, iters=iters, calls=100).median_s
 
 
 def calls_for(t_predicted, budget_s=2e-3, most=100):
