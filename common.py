@@ -1025,12 +1025,14 @@ def kernel_times(fn, calls=3, device=0):
     return {k: (t / calls, n / calls) for k, (t, n) in times.items()} or None
 
 
-def device_seconds(call, calls=4):
+def device_seconds(call, calls=16):
     """Seconds per call of call() by the accelerator's own clock: the sum of the kernels one call
-    ran (kernel_times). A wall-clock time from Python also holds the host's work to dispatch
-    each call, tens of microseconds on a GPU host; while a kernel is shorter than that, the
-    device waits between calls and the wall clock measures the host, not the kernel. None on a
-    CPU, where the host is the device."""
+    ran (kernel_times), averaged over `calls` calls. A wall-clock time from Python also holds
+    the host's work to dispatch each call, tens of microseconds on a GPU host; while a kernel is
+    shorter than that, the device waits between calls and the wall clock measures the host, not
+    the kernel. The average is over many calls because a GPU at its power limit moves its clock
+    from moment to moment (an H100's 8192^3 bf16 matmul: 670-820 TFLOP/s from one group of 4
+    calls to the next). None on a CPU, where the host is the device."""
     if jax.devices()[0].platform == "cpu":
         return None
     times = kernel_times(call, calls=calls)
