@@ -607,7 +607,7 @@ def main():
           f"other shapes (a cache holding part of its bytes, a faster matmul shape)"
           + ("; ds%: the same against the datasheet" if has_ds else ""))
     if on_device:
-        print(f"measured = kernel us, the device's own clock (the kernels of one call, from a "
+        print(f"measured = kernel us, the device's own clock (the kernels of a call, from a "
               f"profile); wall us = the host's clock, calls back to back. The host needs "
               f"{floor * 1e6:.1f} us to dispatch a call that does nothing: a kernel shorter than "
               f"that waits on the host, and its wall time measures the host, not the kernel")
