@@ -34,7 +34,6 @@ analysis of attention); Pope et al., "Efficiently Scaling Transformer Inference"
 (why decoding at small batch is bound by reading the weights).
 """
 import dataclasses
-import itertools
 import math
 import os
 import typing
@@ -251,8 +250,7 @@ def time_per_call(fn, arg_sets, iters, calls=1):
             out = fn(*arg_sets[i % len(arg_sets)])
         return out
     wall = common.bench(burst, iters=iters, warmup=1).median_s / calls
-    sets = itertools.cycle(arg_sets)
-    return Measured(wall, common.device_seconds(lambda: fn(*next(sets))))
+    return Measured(wall, common.device_seconds(fn, arg_sets=arg_sets))
 
 
 def dispatch_floor(iters):

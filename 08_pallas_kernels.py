@@ -49,7 +49,6 @@ about 75% of the copy bandwidth (BENCHMARKS.md records what limits it).
 import dataclasses
 import functools
 import inspect
-import itertools
 import math
 import time
 
@@ -1349,8 +1348,7 @@ def _time(fn, arg_sets, device=False):
     wall = common.bench(f, arg_sets=arg_sets, iters=7, warmup=2).median_s
     if not device:
         return wall
-    sets = itertools.cycle(arg_sets)
-    kernels = common.device_seconds(lambda: f(*next(sets)))
+    kernels = common.device_seconds(f, arg_sets=arg_sets)
     return (wall if kernels is None else kernels), wall
 
 

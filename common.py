@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -1025,9 +1026,10 @@ def kernel_times(fn, calls=3, device=0):
     return {k: (t / calls, n / calls) for k, (t, n) in times.items()} or None
 
 
-def device_seconds(call, calls=16):
-    """Seconds per call of call() by the accelerator's own clock: the sum of the kernels one call
-    ran (kernel_times), averaged over `calls` calls. A wall-clock time from Python also holds
+def device_seconds(fn, *args, arg_sets=None, calls=16):
+    """Seconds per call of fn(*args) by the accelerator's own clock: the sum of the kernels one
+    call ran (kernel_times), averaged over `calls` calls, the arguments rotating through
+    arg_sets as in bench. A wall-clock time from Python also holds
     the host's work to dispatch each call, tens of microseconds on a GPU host; while a kernel is
     shorter than that, the device waits between calls and the wall clock measures the host, not
     the kernel. The average is over many calls because a GPU at its power limit moves its clock
@@ -1035,7 +1037,8 @@ def device_seconds(call, calls=16):
     calls to the next). None on a CPU, where the host is the device."""
     if jax.devices()[0].platform == "cpu":
         return None
-    times = kernel_times(call, calls=calls)
+    sets = itertools.cycle(arg_sets or [args])
+    times = kernel_times(lambda: fn(*next(sets)), calls=calls)
     return sum(t for t, _ in times.values()) if times else None
 
 
