@@ -465,12 +465,16 @@ def run_skinny(cfg, ceil):
     dt = jnp.dtype(cfg.dtype)
     W = cfg.weight
     kw, kx = jax.random.split(jax.random.key(5))
-    w = random_array(kw, (W, W), dt)
+    # Copies of the weight, enough to exceed the caches: a weight that stays in L2 from one call
+    # to the next would be read from there, not from memory (the lesson is the memory's).
+    ws = arg_rotation(lambda i: random_array(jax.random.fold_in(kw, i), (W, W), dt),
+                      W * W * dt.itemsize)
     rows = []
     M = 1
     while M <= cfg.max_batch:
         cost = matmul_cost(M, W, W, dt.itemsize)
-        xs = [(random_array(k, (M, W), dt), w) for k in jax.random.split(kx, 4)]
+        xs = [(random_array(k, (M, W), dt), ws[i % len(ws)])
+              for i, k in enumerate(jax.random.split(kx, max(4, len(ws))))]
         t_roof = roofline_time(cost, ceil.peak(cfg.dtype), ceil.bandwidth)
         rows.append((f"skinny M={M} W={W}", cfg.dtype, cost,
                      time_per_call(_matmul, xs, cfg.iters, calls_for(t_roof))))
