@@ -1029,12 +1029,12 @@ def kernel_times(fn, calls=3, device=0):
 def device_seconds(fn, *args, arg_sets=None, calls=16):
     """Seconds per call of fn(*args) by the accelerator's own clock: the sum of the kernels one
     call ran (kernel_times), averaged over `calls` calls, the arguments rotating through
-    arg_sets as in bench. A wall-clock time from Python also holds
-    the host's work to dispatch each call, tens of microseconds on a GPU host; while a kernel is
-    shorter than that, the device waits between calls and the wall clock measures the host, not
-    the kernel. The average is over many calls because a GPU at its power limit moves its clock
-    from moment to moment (an H100's 8192^3 bf16 matmul: 670-820 TFLOP/s from one group of 4
-    calls to the next). None on a CPU, where the host is the device."""
+    arg_sets as in bench. A wall-clock time from Python also holds the host's work to dispatch
+    each call, tens of microseconds on a GPU host; while a kernel is shorter than that, the
+    device waits between calls and the wall clock measures the host, not the kernel. The
+    average is over many calls because a GPU at its power limit moves its clock from moment to
+    moment (an H100's 8192^3 bf16 matmul: 670-820 TFLOP/s from one group of 4 calls to the
+    next). None on a CPU, where the host is the device."""
     if jax.devices()[0].platform == "cpu":
         return None
     sets = itertools.cycle(arg_sets or [args])
