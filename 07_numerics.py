@@ -314,7 +314,8 @@ def bf16_matmul(x, w):
 # current max ("current scaling"; Transformer Engine's default instead reuses the maxima of past
 # steps, "delayed scaling", to save the extra pass that finding the max costs). That pass is most
 # of what fp8 training costs beside its products: on an H100 the 1B step of 09_train.py ran at
-# 1.17x bf16 with current scaling and 1.34x with its scales fixed ahead of time (BENCHMARKS.md).
+# 1.17x bf16 with current scaling and 1.25x with scales fixed ahead of time while each maximum
+# was still found for later steps, as delayed scaling does (BENCHMARKS.md).
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fp8_einsum(spec, x, w):
