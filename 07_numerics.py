@@ -358,6 +358,65 @@ def _fp8_einsum_bwd(spec, res, g):
 fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
 
 
+# Delayed scaling: each tensor's scale comes from its maximum as recorded at the step before, so
+# the conversion to fp8 need not wait for a pass over the tensor; this step's maxima are still
+# found, for the next step. The scales live outside the function, as state of the training loop:
+# amax = {"x": ..., "w": ..., "g": ...}, float32 scalars, one such dict per matmul of the model
+# (common.forward's dot_state carries them, layer by layer).
+# They go in as an argument and their "gradient" comes back as this step's maxima, so the step
+# that takes gradients gets the new maxima with them (as Flax's fp8 layers do) and stores them
+# instead of stepping along them. A value past the recorded maximum saturates at the format's
+# largest; a maximum of 0 (before the first step) means a scale of 1.
+
+def delayed_amax(n_layers):
+    """common.forward's dot_state for fp8_einsum_delayed before the first step: no maximum
+    recorded yet, for each weight matmul of each layer."""
+    return {name: {k: jnp.zeros((n_layers,), jnp.float32) for k in ("x", "w", "g")}
+            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fp8_einsum_delayed(spec, x, w, amax):
+    """fp8_einsum with the scales from `amax`, the maxima of x, w and the incoming gradient
+    recorded at an earlier step. Its VJP returns, as amax's cotangent, this step's maxima."""
+    return _fp8_delayed_fwd(spec, x, w, amax)[0]
+
+
+def _saturate(x, fmt, amax):
+    """x in fp8 with the scale a recorded maximum gives: (q, scale), values past it clipped."""
+    dtype, qmax = FORMATS[fmt]
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    return jnp.clip(x.astype(jnp.float32) / scale, -qmax, qmax).astype(dtype), scale
+
+
+def _amax(x):
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def _fp8_delayed_fwd(spec, x, w, amax):
+    if x.dtype != w.dtype:
+        raise ValueError(f"fp8_einsum_delayed: x is {x.dtype}, w is {w.dtype}; give both one "
+                         f"dtype")
+    qx, sx = _saturate(x, "e4m3", amax["x"])
+    qw, sw = _saturate(w, "e4m3", amax["w"])
+    y = jnp.einsum(spec, qx, qw, preferred_element_type=x.dtype)
+    return (y * (sx * sw).astype(x.dtype),
+            (qx, sx, qw, sw, amax["g"], {"x": _amax(x), "w": _amax(w)}))
+
+
+def _fp8_delayed_bwd(spec, res, g):
+    qx, sx, qw, sw, amax_g, seen = res
+    qg, sg = _saturate(g, "e5m2", amax_g)
+    a, b, o = _operands(spec)
+    dx = jnp.einsum(f"{o},{b}->{a}", qg, qw, preferred_element_type=g.dtype)
+    dw = jnp.einsum(f"{a},{o}->{b}", qx, qg, preferred_element_type=g.dtype)
+    return (dx * (sg * sw).astype(g.dtype), dw * (sx * sg).astype(g.dtype),
+            dict(seen, g=_amax(g)))
+
+
+fp8_einsum_delayed.defvjp(_fp8_delayed_fwd, _fp8_delayed_bwd)
+
+
 def weight_like(rng, K, N):
     """[K, N]: heavy-tailed (Student t, 4 degrees of freedom) with channels of different scale,
     like a trained layer's weights, std about 0.02."""

@@ -40,6 +40,7 @@ all devices (the datasheet when common.CHIPS knows the chip, else the matmul rat
 Logged steps also go to <out_dir>/metrics.jsonl, and the loss curve to <out_dir>/loss.png.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,6 +72,8 @@ class TrainConfig:
     sequence_parallel: bool = False  # with tp: norms and residual adds on 1/tp of the tokens
     remat: str = "none"          # none | full | dots
     fp8: bool = False            # layers' matmuls in fp8 (lesson 07); MFU still over bf16 peak
+    fp8_scaling: str = "current"  # with fp8: current (each tensor's own max) or delayed (the max
+                                 # the step before saw, kept with the optimizer state)
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
     seed: int = 0                # of the init and of the batches' order
@@ -112,10 +115,14 @@ class TrainConfig:
             raise common.UserError(f"unknown preset {self.preset!r} "
                                    f"(presets: {', '.join(common.PRESETS)})")
         choices = {"dtype": ("auto", "float32", "bfloat16"), "remat": ("none", "full", "dots"),
-                   "attention": ("auto", "naive", "flash", "pallas", "cudnn")}
+                   "attention": ("auto", "naive", "flash", "pallas", "cudnn"),
+                   "fp8_scaling": ("current", "delayed")}
         for f, ok in choices.items():
             if getattr(self, f) not in ok:
                 raise common.UserError(f"{f} must be one of {', '.join(ok)}; got {getattr(self, f)!r}")
+        if self.fp8_scaling != "current" and not self.fp8:
+            raise common.UserError(f"fp8_scaling={self.fp8_scaling} applies to fp8 matmuls: add "
+                                   f"--fp8=true")
         if self.batch_size % self.grad_accum:
             raise common.UserError(f"grad_accum={self.grad_accum} must divide "
                                    f"batch_size={self.batch_size}")
@@ -245,13 +252,16 @@ def make_loss_fn(cfg, tc, mesh, attention):
         return jax.lax.with_sharding_constraint(
             x, NamedSharding(mesh, common.logical_to_spec(axes, mesh, rules)))
 
-    dot = common.import_script("07_numerics").fp8_einsum if tc.fp8 else None
+    numerics = common.import_script("07_numerics")
 
-    def loss_fn(params, x, y):
+    def loss_fn(params, x, y, amax=None):
+        """amax: with fp8_scaling=delayed, every layer matmul's recorded maxima."""
+        dot = None if not tc.fp8 else (
+            numerics.fp8_einsum if amax is None else numerics.fp8_einsum_delayed)
         # Logits in the compute dtype: the loss widens them inside its reductions.
         logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
                                 constrain=constrain, scan_layers=tc.scan_layers,
-                                logits_dtype=cfg.dtype, dot=dot)
+                                logits_dtype=cfg.dtype, dot=dot, dot_state=amax)
         return common.cross_entropy(logits, y)
     return loss_fn
 
@@ -266,12 +276,21 @@ def make_train_step(cfg, tc, mesh, attention):
         # Micro-batch i takes rows i, i+A, ...: every device holds a share of each one.
         xs, ys = (a.reshape(-1, tc.grad_accum, a.shape[-1]).swapaxes(0, 1) for a in (x, y))
 
+        amax = opt.get("fp8")  # fp8_scaling=delayed: the maxima recorded at the step before
+
         def micro(acc, xy):
-            loss, g = jax.value_and_grad(loss_fn)(params, *xy)
-            return jax.tree.map(jnp.add, acc, (loss, g)), None
+            if amax is None:
+                loss, g = jax.value_and_grad(loss_fn)(params, *xy)
+                return jax.tree.map(jnp.add, acc, (loss, g)), None
+            # The maxima's "gradient" is the maxima this micro-batch saw (lesson 07).
+            loss, (g, seen) = jax.value_and_grad(loss_fn, argnums=(0, 3))(params, *xy, amax)
+            return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g),
+                    jax.tree.map(jnp.maximum, acc[2], seen)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(micro, zero, (xs, ys))
+        if amax is not None:
+            zero += (jax.tree.map(jnp.zeros_like, amax),)
+        (loss, grads, *seen), _ = jax.lax.scan(micro, zero, (xs, ys))
         loss, grads = jax.tree.map(lambda a: a / tc.grad_accum, (loss, grads))
         gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         if tc.grad_clip > 0:
@@ -279,6 +298,8 @@ def make_train_step(cfg, tc, mesh, attention):
             grads = jax.tree.map(lambda g: g * scale, grads)
         lr = lr_schedule(opt["count"], tc)
         params, opt = adamw_update(grads, opt, params, lr, tc, mask)
+        if amax is not None:
+            opt["fp8"] = seen[0]  # kept for the next step's scales, not stepped along
         finite = jnp.isfinite(loss) & jnp.all(jnp.array(
             [jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
         return params, opt, {"loss": loss, "grad_norm": gnorm, "lr": lr, "finite": finite}
@@ -304,7 +325,7 @@ def save(tc, step, params, opt, cfg):
         state = multihost_utils.process_allgather(state, tiled=True)
     if jax.process_index() == 0:
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
-                "data_position": step}
+                "data_position": step, "fp8_maxima": "fp8" in opt}
         common.save_checkpoint(tc.out_dir, step, jax.device_get(state), meta)
 
 
@@ -327,6 +348,10 @@ def restore(tc, cfg, params, opt):
             raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
                                    f"(preset {meta.get('preset')}: {'; '.join(differ)}); "
                                    f"use another --out_dir")
+        if "fp8" in opt and not meta.get("fp8_maxima"):
+            raise common.UserError(f"{tc.out_dir} holds a checkpoint without fp8 maxima (written "
+                                   f"without --fp8_scaling=delayed): resume it as it was run, "
+                                   f"or use another --out_dir")
         return common.load_checkpoint(path, like)
 
     found = common.load_newest_checkpoint(tc.out_dir, load)
@@ -503,6 +528,9 @@ def train(tc, stop_after=None, log=print, devices=None):
         cfg, jax.random.key(tc.seed))
     opt = jax.jit(adamw_init, out_shardings={"mu": shardings, "nu": shardings,
                                              "count": NamedSharding(mesh, common.P())})(params)
+    if tc.fp8_scaling == "delayed":  # no maximum recorded yet: the first step's scales are 1
+        opt["fp8"] = jax.device_put(common.import_script("07_numerics").delayed_amax(
+            cfg.n_layers), NamedSharding(mesh, common.P()))
     params, opt, start = restore(tc, cfg, params, opt)
     if start >= tc.steps:
         log(f"{tc.out_dir} is at step {start}, at or past steps={tc.steps}: nothing to train "
@@ -535,6 +563,8 @@ def train(tc, stop_after=None, log=print, devices=None):
     log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
     if tc.breakdown:
         loss_fn = make_loss_fn(cfg, tc, mesh, attention_fn(attn, mesh))
+        if "fp8" in opt:  # forward and backward timed apart with the step's recorded maxima
+            loss_fn = functools.partial(loss_fn, amax=opt["fp8"])
         breakdown(step_fn, loss_fn, params, opt, *batch(train_tokens, start, tc.seed),
                   flops_per_step, peak, n_dev, log, cfg, tc.batch_size * tc.seq_len)
         return [], params, cfg

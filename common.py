@@ -284,7 +284,8 @@ def save_dots_and_attention(prim, *args, **params):
 
 
 def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=None, remat="none",
-            constrain=None, scan_layers=True, logits_dtype=jnp.float32, dot=None):
+            constrain=None, scan_layers=True, logits_dtype=jnp.float32, dot=None,
+            dot_state=None):
     """Logits [B, T, V] (float32 unless logits_dtype says otherwise) for int tokens [B, T].
 
     attention: (q, k, v, causal, segment_ids) -> out, all [B, T, H, D] (k, v with KH heads);
@@ -297,7 +298,11 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     buffers between iterations that the unrolled program does not). logits_dtype: pass the
     compute dtype to skip the widening when the loss widens inside its own reductions
     (cross_entropy does). dot: (spec, x, w) -> jnp.einsum(spec, x, w) for the layers' weight
-    matmuls, such as lesson 07's fp8_einsum (the output head keeps jnp.einsum)."""
+    matmuls, such as lesson 07's fp8_einsum (the output head keeps jnp.einsum). dot_state: state
+    that such a dot keeps per matmul, {weight name ("wq", ... "w_down"): pytree whose leaves have
+    a leading [n_layers] axis}; given, each matmul calls dot(spec, x, w, its layer's slice) (lesson
+    07's delayed fp8 scaling keeps each matmul's recorded maxima so). It enters each layer as an
+    argument, as the weights do: a remat'd layer is traced once for all of them."""
     attention = attention or attention_reference
     dot = dot or jnp.einsum
     constrain = constrain or (lambda x, axes: x)
@@ -308,14 +313,18 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     cos, sin = rope_cos_sin(positions, cfg)
 
-    def layer(x, p):  # x: [B, T, D]
+    def layer(x, p_state):  # x: [B, T, D]
+        p, state = p_state
         p = jax.tree.map(lambda w: w.astype(dt), p)
+
+        def mm(spec, a, name):  # a weight matmul, through dot, with the matmul's state if kept
+            return dot(spec, a, p[name]) if state is None else dot(spec, a, p[name], state[name])
         with jax.named_scope("attention"):
             # The norm runs where x lives; its output is gathered whole once, for three matmuls.
             h = constrain(rms_norm(x, p["attn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-            q = dot("btd,dhk->bthk", h, p["wq"])
-            k = dot("btd,dhk->bthk", h, p["wk"])
-            v = dot("btd,dhk->bthk", h, p["wv"])
+            q = mm("btd,dhk->bthk", h, "wq")
+            k = mm("btd,dhk->bthk", h, "wk")
+            v = mm("btd,dhk->bthk", h, "wv")
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # Heads split over tp, every position whole: what attention needs, and where
             # sequence parallelism's gather happens (a kernel such as cuDNN's refuses a split
@@ -327,13 +336,13 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
             # reference attention's backward pass over the batch rows of the residual stream,
             # moving the [T, S] probabilities between devices (all-to-alls, lesson 03).
             o = constrain(o, ("batch", "seq", "heads", "head_dim"))
-            x = x + dot("bthk,hkd->btd", o, p["wo"])
+            x = x + mm("bthk,hkd->btd", o, "wo")
             x = constrain(x, ("residual_batch", "residual_seq", "embed"))
         with jax.named_scope("mlp"):
             h = constrain(rms_norm(x, p["mlp_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-            g = jax.nn.silu(dot("btd,df->btf", h, p["w_gate"]))
-            u = dot("btd,df->btf", h, p["w_up"])
-            x = x + dot("btf,fd->btd", constrain(g * u, ("batch", "seq", "mlp")), p["w_down"])
+            g = jax.nn.silu(mm("btd,df->btf", h, "w_gate"))
+            u = mm("btd,df->btf", h, "w_up")
+            x = x + mm("btf,fd->btd", constrain(g * u, ("batch", "seq", "mlp")), "w_down")
             x = constrain(x, ("residual_batch", "residual_seq", "embed"))
         return x, None
 
@@ -348,11 +357,12 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     # to itself, XLA's partitioner replicated the looked-up rows under a dp x fsdp x tp mesh.
     table = constrain(params["embed"].astype(dt), ("vocab", None))
     x = constrain(embed(table, tokens), ("residual_batch", "residual_seq", "embed"))
+    per_layer = (params["layers"], dot_state)
     if scan_layers:
-        x, _ = jax.lax.scan(layer, x, params["layers"])
+        x, _ = jax.lax.scan(layer, x, per_layer)
     else:
         for i in range(cfg.n_layers):
-            x, _ = layer(x, jax.tree.map(lambda w: w[i], params["layers"]))
+            x, _ = layer(x, jax.tree.map(lambda w: w[i], per_layer))
     x = rms_norm(x, params["final_norm"].astype(dt), cfg.norm_eps)
     w_out = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     # The head's output stays in the compute dtype and is widened after: the widening's

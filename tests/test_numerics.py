@@ -203,6 +203,36 @@ def test_fp8_einsum_and_its_gradients_run_in_fp8(spec, xs, ws):
     assert operands == [("f8E4M3FN", "f8E4M3FN"), ("f8E4M3FN", "f8E5M2"), ("f8E5M2", "f8E4M3FN")]
 
 
+def test_delayed_scaling_is_current_scaling_when_the_recorded_maxima_are_current():
+    """With last step's maxima equal to this step's, fp8_einsum_delayed computes what
+    fp8_einsum does, bit for bit, and hands back this step's maxima as their cotangent. With
+    maxima recorded smaller than the values, they saturate at the format's largest instead of
+    overflowing."""
+    rng = np.random.default_rng(1)
+    spec = "btd,df->btf"
+    x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.bfloat16)
+    w = jnp.asarray(0.1 * rng.standard_normal((32, 16)), jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.bfloat16)
+
+    def loss(dot, a, b, *amax):
+        return jnp.sum((ct * dot(spec, a, b, *amax)).astype(jnp.float32))
+    current = jax.value_and_grad(functools.partial(loss, nm.fp8_einsum), argnums=(0, 1))(x, w)
+    seen = {k: jnp.max(jnp.abs(v)).astype(jnp.float32) for k, v in (("x", x), ("w", w),
+                                                                    ("g", ct))}
+    delayed = jax.value_and_grad(functools.partial(loss, nm.fp8_einsum_delayed),
+                                 argnums=(0, 1, 2))(x, w, seen)
+    np.testing.assert_array_equal(delayed[0], current[0])
+    for got, want in zip(delayed[1][:2], current[1]):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert {k: float(v) for k, v in delayed[1][2].items()} == {k: float(v) for k, v in seen.items()}
+    low = {k: v / 4 for k, v in seen.items()}      # the values have grown 4x since the last step
+    y = nm.fp8_einsum_delayed(spec, x, w, low)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    assert float(jnp.max(jnp.abs(y))) <= float(jnp.max(jnp.abs(jnp.einsum(
+        spec, jnp.clip(x.astype(jnp.float32), -low["x"], low["x"]),
+        jnp.clip(w.astype(jnp.float32), -low["w"], low["w"]))))) * 1.2
+
+
 def test_half_gap_of_bf16():
     p = jnp.array([1.0, 1.0, 0.02, -3.0], jnp.float32)
     u = jnp.array([-1e-9, 1e-9, 1e-9, 1e-9], jnp.float32)  # up from 1, down from 1, ...

@@ -184,6 +184,8 @@ def test_lr_schedule_shape():
     (dict(coordinator="localhost"), "expected HOST:PORT"),
     (dict(coordinator="localhost:99999"), "expected HOST:PORT"),
     (dict(out_dir=os.path.join(ROOT, "common.py")), "--out_dir=.* is a file"),
+    (dict(fp8_scaling="delayed"), "applies to fp8 matmuls"),
+    (dict(fp8=True, fp8_scaling="late"), "fp8_scaling must be one of"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
@@ -236,6 +238,27 @@ def run_script(args, env_devices, **kw):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "09_train.py")] + args, env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kw)
+
+
+def test_fp8_delayed_scaling_follows_the_plain_run_and_resumes_exactly(tmp_path,
+                                                                      one_device_run):
+    """fp8_scaling=delayed (scales from the maxima recorded at the step before, kept with the
+    optimizer state): the losses stay within fp8's rounding of the plain run's; stopped after
+    step 2 and resumed, the run gives the same losses bit for bit, so the maxima travel with
+    the checkpoint; a checkpoint written without them is refused with a message."""
+    tc = tiny_run(tmp_path, batch_size=16, fp8=True, fp8_scaling="delayed", remat="dots",
+                  ckpt_every=2)
+    one = dict(log=lambda s: None, devices=jax.devices()[:1])
+    full, _, _ = train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "full")), **one)
+    np.testing.assert_allclose(losses(full), losses(one_device_run), rtol=1e-2)
+    first, _, _ = train_mod.train(tc, stop_after=2, **one)
+    rest, _, _ = train_mod.train(tc, **one)
+    assert losses(first) + losses(rest) == losses(full)
+    newest = common.list_checkpoints(tc.out_dir)[-1]
+    meta = json.load(open(os.path.join(newest, "meta.json")))
+    json.dump(dict(meta, fp8_maxima=False), open(os.path.join(newest, "meta.json"), "w"))
+    with pytest.raises(common.UserError, match="without fp8 maxima"):
+        train_mod.train(dataclasses.replace(tc, steps=6), **one)
 
 
 def test_fp8_training_follows_the_plain_run(tmp_path, one_device_run):
