@@ -312,10 +312,9 @@ def bf16_matmul(x, w):
 # passes on fp8 inputs. Weights and activations in e4m3 (more mantissa), gradients in e5m2 (more
 # range: they span more orders of magnitude), each tensor with one scale computed from its own
 # current max ("current scaling"; Transformer Engine's default instead reuses the maxima of past
-# steps, "delayed scaling", to save the extra pass that finding the max costs). That pass is most
-# of what fp8 training costs beside its products: on an H100 the 1B step of 09_train.py ran at
-# 1.17x bf16 with current scaling and 1.25x with scales fixed ahead of time while each maximum
-# was still found for later steps, as delayed scaling does (BENCHMARKS.md).
+# steps, "delayed scaling", below, to save waiting on the pass that finds the max). On an H100 the
+# 1B step of 09_train.py runs at 1.17x bf16 with current scaling and 1.22x with delayed
+# scaling (--fp8_scaling=delayed; BENCHMARKS.md).
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fp8_einsum(spec, x, w):
