@@ -20,7 +20,10 @@ What it puts together, lesson by lesson:
   rematerialization (remat=full recomputes each layer; dots keeps only matmul outputs);
 - 8-bit training (--fp8=true): every layer's matmul, forward and backward, on fp8 inputs with a
   scale per tensor (lesson 07's fp8_einsum; the output head stays bf16), the master weights
-  still float32; validation and samples run the plain bf16 model;
+  still float32; validation and samples run the plain bf16 model. Each scale comes from the
+  tensor's own maximum, or with --fp8_scaling=delayed from the maximum recorded at the step
+  before (lesson 07's fp8_einsum_delayed), so the conversion need not wait for it; the
+  recorded maxima live with the optimizer state;
 - attention chosen by flag: naive (common), flash (lesson 05), pallas (lesson 08), cudnn;
 - the layers unrolled into one program (--scan_layers=true loops one compiled layer instead:
   faster to compile, slower to run, because XLA's loop copies buffers from one iteration to the
