@@ -651,7 +651,14 @@ def _prefill_jit(params, cache, tokens, lengths, slots, row_ids, seed, *, cfg, s
 # rather than bytes, and some of them do not depend on each other: a norm's sum of squares and
 # the matmul whose output it scales, the two cache writes and the query's rope. CONCURRENT
 # lets the graph run those side by side (Llama-3-8B shape, H200: 4.19 -> 4.09 ms per step).
-DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+# In a loop of steps (decode_steps, decode_loop, the speculative rounds) the weights do not
+# change, so XLA's CPU compiler moves each int8 weight's widening out of the loop: the loop
+# then reads 4-byte copies every step instead of the 1-byte weights, and on a CPU the int8
+# steps ran 2-3x slower in a loop than one per call (the `small` model, 2 cores: 10.0 against
+# 3.2 ms per step). The pass is turned off for these calls; XLA's GPU compiler widens inside
+# the product either way (1B and 8B shapes on an H100: the same step time to 0.2%).
+DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
+                           "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 # A lax.while_loop whose condition the device computes: by default XLA's GPU runtime copies each
 # iteration's condition to the host and waits for it, so the call holds the host until the loop
 # ends (generate's 128-step loop at the 1B shape: the call returned after 114 ms, when the loop

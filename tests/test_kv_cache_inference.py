@@ -686,6 +686,26 @@ def test_weight_kernels_finds_the_products_in_a_compiled_step():
         assert "/linear/" in lines[n] and " fusion(" in lines[n]
 
 
+def test_decode_loops_read_the_int8_weights_as_int8():
+    """A loop of steps must widen each int8 weight inside its product: widened once before the
+    loop (XLA's loop-invariant code motion), every step would read 4-byte copies. Nothing in
+    the compiled call, outside the loop body, makes a float array of an int8 weight's shape.
+    (The tiny model's matrices are small enough to take the row-sum path of `linear`.)"""
+    qp = inf.quantize_params(inference_params_for(TINY), TINY)
+    cache, z = inf.init_cache(TINY, 1, CACHE), jnp.zeros((1,), jnp.int32)
+    text = inf._decode_steps_jit.lower(qp, cache, z, z, z, 0, cfg=TINY, sampling=inf.GREEDY,
+                                       decode_attention=None, n=4,
+                                       with_logits=False).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    shapes = {f"[{','.join(map(str, w.shape))}]" for w in jax.tree.leaves(qp)
+              if w.dtype == jnp.int8}
+    assert shapes and " while(" in entry
+    widened = [ln for ln in entry.splitlines() for s in shapes
+               if (f"= f32{s}" in ln or f"= bf16{s}" in ln) and " parameter(" not in ln]
+    assert not widened, widened[0]
+
+
 def test_default_decode_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     """The reference on a CPU; on a GPU 08's kernel for bf16 models with a power-of-two head
     size, the reference for any other."""
