@@ -308,10 +308,16 @@ class Ceilings:
     def peak(self, dtype, datasheet=False):
         """The FLOP/s a kernel in `dtype` is held to. float32 kernels meet the default-precision
         matmul rate; where the datasheet has no figure for a dtype, the measured one stands in."""
-        key = "float32 default" if dtype == "float32" else dtype
-        if datasheet and self.ds_flops.get(key):
-            return self.ds_flops[key]
-        return self.flops[key]
+        if datasheet and self.has_datasheet(dtype):
+            return self.ds_flops[_label(dtype)]
+        return self.flops[_label(dtype)]
+
+    def has_datasheet(self, dtype):
+        return bool(self.ds_bandwidth and self.ds_flops.get(_label(dtype)))
+
+
+def _label(dtype):
+    return "float32 default" if dtype == "float32" else dtype
 
 
 # (label, dtype, precision): float32 twice, because on recent GPUs XLA's default precision runs
@@ -328,7 +334,8 @@ CEILING_DTYPES = [("float64", "float64", None),
 def datasheet_flops(chip):
     if chip is None:
         return {}
-    return {"float32 highest": chip.f32_flops, "bfloat16": chip.bf16_flops,
+    return {"float32 highest": chip.f32_flops, "float32 default": chip.tf32_flops,
+            "bfloat16": chip.bf16_flops,
             "float16": chip.bf16_flops, "float8_e4m3fn": chip.fp8_flops, "int8": chip.int8_ops}
 
 
@@ -574,13 +581,13 @@ def main():
     itemsize = jnp.dtype(cfg.dtype).itemsize
     print(f"\nridge point ({cfg.dtype} peak / copy bandwidth): "
           f"{ridge_point(ceil.peak(cfg.dtype), ceil.bandwidth):.0f} FLOP/B measured", end="")
-    if ceil.ds_bandwidth and cfg.dtype in ceil.ds_flops:
-        print(f", {ridge_point(ceil.ds_flops[cfg.dtype], ceil.ds_bandwidth):.0f} FLOP/B datasheet",
-              end="")
+    if ceil.has_datasheet(cfg.dtype):
+        print(f", {ridge_point(ceil.peak(cfg.dtype, True), ceil.ds_bandwidth):.0f} FLOP/B "
+              f"datasheet", end="")
     print()
     W = cfg.weight
     for basis, datasheet in (("measured", False), ("datasheet", True)):
-        if datasheet and not (ceil.ds_bandwidth and cfg.dtype in ceil.ds_flops):
+        if datasheet and not ceil.has_datasheet(cfg.dtype):
             continue
         bw = ceil.ds_bandwidth if datasheet else ceil.bandwidth
         m_star = compute_bound_batch(W, W, itemsize,

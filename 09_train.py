@@ -449,7 +449,7 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
     """Where a step's time goes: forward alone, forward + backward, and the whole step (the
     difference is the optimizer), each against the datasheet peak and against the matmul rate
     this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach."""
-    matmul = common.measure_peaks(dtype="bfloat16")["matmul_flops"] * n_dev
+    matmul = common.measure_peaks(dtype=cfg.dtype)["matmul_flops"] * n_dev
     state = [params, opt]
 
     def full(x, y):  # the step donates its inputs: feed each result to the next call
@@ -515,8 +515,13 @@ def train(tc, stop_after=None, log=print, devices=None):
     if tc.batch_size % (data_ways * tc.grad_accum):
         raise common.UserError(f"batch_size={tc.batch_size} must split over dp x fsdp = "
                                f"{data_ways} devices and grad_accum={tc.grad_accum} micro-batches")
-    attn = "cudnn" if tc.attention == "auto" and jax.devices()[0].platform == "gpu" else (
-        "naive" if tc.attention == "auto" else tc.attention)
+    attn = tc.attention
+    if attn == "auto":  # cuDNN's fused attention takes 16-bit inputs only
+        gpu = jax.devices()[0].platform == "gpu"
+        attn = "cudnn" if gpu and cfg.dtype == "bfloat16" else "naive"
+    if attn == "cudnn" and cfg.dtype != "bfloat16":
+        raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {cfg.dtype}: use "
+                               f"--dtype=bfloat16 or --attention=naive or flash")
     shardings = common.param_shardings(cfg, mesh)
     train_tokens, val_tokens = common.load_corpus(tc.data or None)
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):

@@ -1077,25 +1077,28 @@ class Chip:
     link_bw: float           # bytes/s one way, per link (NVLink per GPU; one TPU ICI link)
     on_chip_bytes: float     # shared memory per SM (GPU) or VMEM (TPU); 0 when not published
     source: str
+    # float32 matrix products at JAX's default precision: TF32 on NVIDIA's tensor cores; one
+    # bf16 pass on a TPU's matrix unit, so 0 there stands for bf16_flops
+    tf32_flops: float = 0
 
 
 _NV = "NVIDIA datasheet (dense, without sparsity)"
 _TPU = "Cloud TPU system architecture docs; link one-way bandwidth per the JAX scaling book"
 CHIPS = {
     "H100": Chip("H100 SXM", 989e12, 1979e12, 1979e12, 67e12, 3.35e12, 80e9, 450e9, 228 * 1024,
-                 _NV),
+                 _NV, tf32_flops=494.7e12),
     "H200": Chip("H200 SXM", 989e12, 1979e12, 1979e12, 67e12, 4.8e12, 141e9, 450e9, 228 * 1024,
-                 _NV),
+                 _NV, tf32_flops=494.7e12),
     "A100": Chip("A100 SXM 80GB", 312e12, 0, 624e12, 19.5e12, 2.039e12, 80e9, 300e9, 164 * 1024,
-                 _NV),
+                 _NV, tf32_flops=156e12),
     # Variants whose device_kind names them: the same chip with less bandwidth, or (H100 PCIe)
     # fewer SMs at a lower clock. The longest key that the kind contains wins.
     "A100-SXM4-40GB": Chip("A100 SXM 40GB", 312e12, 0, 624e12, 19.5e12, 1.555e12, 40e9, 300e9,
-                           164 * 1024, _NV),
+                           164 * 1024, _NV, tf32_flops=156e12),
     "A100-PCIE-40GB": Chip("A100 PCIe 40GB", 312e12, 0, 624e12, 19.5e12, 1.555e12, 40e9, 300e9,
-                           164 * 1024, _NV),
+                           164 * 1024, _NV, tf32_flops=156e12),
     "H100 PCIe": Chip("H100 PCIe", 756e12, 1513e12, 1513e12, 51e12, 2.0e12, 80e9, 300e9,
-                      228 * 1024, _NV),
+                      228 * 1024, _NV, tf32_flops=378e12),
     "TPU v4": Chip("TPU v4", 275e12, 0, 275e12, 0, 1.2e12, 32 * 2**30, 4.5e10, 0, _TPU),
     "TPU v5 lite": Chip("TPU v5e", 197e12, 0, 394e12, 0, 8.19e11, 16e9, 4.5e10, 128 * 2**20,
                         _TPU),
@@ -1167,10 +1170,11 @@ def bench_in_place(fn, state, iters=5, warmup=2):
 def ceilings(dtype="bfloat16"):
     """(peak FLOP/s, memory bytes/s, where they come from) for the default device: the datasheet
     when the chip is in CHIPS, else measured here (float32 matmuls on a CPU, whose bf16 is
-    emulated)."""
+    emulated). float32's peak is the matrix unit's at the default precision (TF32 on a GPU),
+    which is how XLA runs a float32 product unless told otherwise."""
     chip = device_chip()
     if chip is not None:
-        flops = {"float32": chip.f32_flops, "float8_e4m3fn": chip.fp8_flops,
+        flops = {"float32": chip.tf32_flops, "float8_e4m3fn": chip.fp8_flops,
                  "float8_e5m2": chip.fp8_flops, "int8": chip.int8_ops}.get(str(dtype))
         return flops or chip.bf16_flops, chip.hbm_bw, f"{chip.name} datasheet"
     on_cpu = jax.devices()[0].platform == "cpu"
