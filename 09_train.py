@@ -35,7 +35,8 @@ What it puts together, lesson by lesson:
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
   --out_dir resumes and reaches exactly the loss an uninterrupted run reaches;
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
-  own devices and reads only its own rows of each batch.
+  own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
+  every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
 
 Each logged step prints loss, learning rate, gradient norm, ms/step, tokens/s and MFU: model
 FLOPs (6N plus causal attention, common.Config.train_flops_per_token) per second over the peak of
@@ -102,6 +103,9 @@ class TrainConfig:
                   "grad_clip"):
             if getattr(self, f) < 0:
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
+        for f in ("steps", "warmup"):  # the schedule and AdamW's count are int32 on the device
+            if getattr(self, f) >= 2**31:
+                raise common.UserError(f"{f} must be below 2**31, got {getattr(self, f)}")
         if self.lr <= 0:
             raise common.UserError(f"lr must be > 0, got {self.lr}")
         if self.min_lr > self.lr:
@@ -441,6 +445,15 @@ def plot_metrics(out_dir):
     return path
 
 
+def check_same_start(starts, out_dir):
+    """Every process reads out_dir itself, and only process 0 writes it: on storage that the
+    hosts do not share, they would resume at different steps."""
+    if len(set(int(s) for s in starts)) > 1:
+        raise common.UserError(f"the processes found different checkpoints in {out_dir} (steps "
+                               f"{', '.join(str(int(s)) for s in starts)} by process): out_dir "
+                               f"must be one directory every host sees")
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +553,9 @@ def train(tc, stop_after=None, log=print, devices=None):
         opt["fp8"] = jax.device_put(common.import_script("07_numerics").delayed_amax(
             cfg.n_layers), NamedSharding(mesh, common.P()))
     params, opt, start = restore(tc, cfg, params, opt)
+    if jax.process_count() > 1:  # each process read its own out_dir
+        from jax.experimental import multihost_utils
+        check_same_start(multihost_utils.process_allgather(np.int32(start)), tc.out_dir)
     if start >= tc.steps:
         log(f"{tc.out_dir} is at step {start}, at or past steps={tc.steps}: nothing to train "
             f"(a larger --steps goes on, with the cosine stretched to its length)")

@@ -812,10 +812,13 @@ def load_checkpoint(path, like):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: state.npz cannot be read "
                                 f"({why})") from None
     leaves = []
-    for name in names:
+    for name, (_, ref) in zip(names, paths):
         if name not in stored or name not in meta["dtypes"]:
             raise UserError(f"checkpoint {path} has no {name}: it was written for another model")
         a = stored[name]
+        if a.shape != np.shape(ref):  # the config in meta.json matched: the array was edited
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {name} has shape {a.shape}, "
+                                    f"the model's is {np.shape(ref)}")
         leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16" else a)
     return jax.tree.unflatten(treedef, leaves), meta
 

@@ -386,7 +386,8 @@ def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):
     for damage in (lambda: open(state, "wb").write(blob[:len(blob) // 2]),
                    lambda: open(state, "wb").close(), lambda: os.remove(state),
                    lambda: open(os.path.join(path, "meta.json"), "w").write("{"),
-                   lambda: open(os.path.join(path, "meta.json"), "w").write("[]")):
+                   lambda: open(os.path.join(path, "meta.json"), "w").write("[]"),
+                   lambda: np.savez(state, **{"['w']": tree["w"][:4]})):  # an edited array
         damage()
         with pytest.raises(common.DamagedCheckpoint, match="ckpt_00000003 is damaged"):
             common.load_checkpoint(path, tree)

@@ -186,10 +186,18 @@ def test_lr_schedule_shape():
     (dict(out_dir=os.path.join(ROOT, "common.py")), "--out_dir=.* is a file"),
     (dict(fp8_scaling="delayed"), "applies to fp8 matmuls"),
     (dict(fp8=True, fp8_scaling="late"), "fp8_scaling must be one of"),
+    (dict(steps=2**31), "steps must be below 2\\*\\*31"),
+    (dict(attention="cudnn", dtype="float32"), "attention=cudnn takes 16-bit inputs"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
         train_mod.train(tiny_run(tmp_path, **kw), log=lambda s: None)
+
+
+def test_processes_that_found_different_checkpoints_stop():
+    train_mod.check_same_start(np.array([4, 4]), "out")
+    with pytest.raises(common.UserError, match="steps 4, 0 by process.*every host sees"):
+        train_mod.check_same_start(np.array([4, 0]), "out")
 
 
 def test_short_validation_split_is_refused_before_training(tmp_path):
