@@ -602,6 +602,13 @@ def make_sampling(temperature=0.0, top_k=None, top_p=None):
     return Sampling(float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
 
 
+def check_seed(seed):
+    """The seed travels to the device as an int32."""
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+        raise common.UserError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    return int(seed)
+
+
 def sample(logits, seed, row_ids, counters, sampling):
     """Next tokens [B] from logits [B, V]: the argmax at temperature 0, else a draw from
     softmax(logits / temperature) over the top_k tokens and over the smallest set whose mass
@@ -757,7 +764,8 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
         if not np.issubdtype(p.dtype, np.integer) or p.min() < 0 or p.max() >= cfg.vocab_size:
             raise common.UserError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
         lengths.append(len(p))
-    need = max(lengths) + max_new_tokens + extra
+    # The last new token is returned, never fed back: its key and value are never cached.
+    need = max(lengths) + max(max_new_tokens - 1, 0) + extra
     if cache_len is None:
         cache_len = need
         if cache_len > cfg.max_seq_len:
@@ -844,7 +852,7 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     answer keeps its stop token, and the steps end once every prompt has stopped.
     return_logits: also return, per prompt, the logits [tokens, V] each token came from."""
     params = inference_params(params, cfg)
-    sampling = make_sampling(temperature, top_k, top_p)
+    sampling, seed = make_sampling(temperature, top_k, top_p), check_seed(seed)
     decode_attention = decode_attention or default_decode_attention(cfg)
     lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len)
     stops = _check_stops(stop_tokens, cfg)
@@ -880,7 +888,8 @@ def teacher_forced_logits(params, cfg, prompt, continuation, cache_len, kv_int8=
     compared on the same tokens, not on diverging outputs)."""
     cache = init_cache(cfg, 1, cache_len, kv_int8)
     zero = jnp.zeros((1,), jnp.int32)
-    _, logits, cache = prefill_step(params, cache, pad_prompts([prompt], bucket(len(prompt))),
+    T = min(bucket(len(prompt)), cache_len)
+    _, logits, cache = prefill_step(params, cache, pad_prompts([prompt], T),
                                     np.array([len(prompt)], np.int32), zero, zero, 0, cfg=cfg)
     out = [logits[0]]
     for t in continuation:
@@ -918,7 +927,7 @@ def _check_stream(requests, cfg, n_slots, cache_len, prompt_pad):
         raise common.UserError("the request stream is empty")
     for r in requests:
         check_prompts([r.prompt], cfg, r.max_new_tokens, cache_len)
-    pad = prompt_pad or bucket(max(len(r.prompt) for r in requests))
+    pad = prompt_pad or min(bucket(max(len(r.prompt) for r in requests)), cache_len)
     if pad > cache_len or pad < max(len(r.prompt) for r in requests):
         raise common.UserError(f"prompt_pad={pad} must hold every prompt and fit the cache "
                                f"({cache_len})")
@@ -969,6 +978,7 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
     params = inference_params(params, cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
     pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
+    seed = check_seed(seed)
     stop_ids = np.asarray(_check_stops(stop_tokens, cfg), np.int32)
     n, want = len(requests), [r.max_new_tokens for r in requests]
     cache = init_cache(cfg, n_slots, cache_len, kv_int8)
@@ -1176,7 +1186,7 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     argmax can differ from generate's (as it can between batch sizes).
     Sampling: each token is distributed as generate's with the same temperature, top_k and
     top_p (speculative sampling, speculative_round), though not the same draws for a seed."""
-    sampling = make_sampling(temperature, top_k, top_p)
+    sampling, seed = make_sampling(temperature, top_k, top_p), check_seed(seed)
     if draft_cfg.vocab_size > cfg.vocab_size:
         raise common.UserError(f"the draft's vocabulary ({draft_cfg.vocab_size}) is larger than "
                                f"the target's ({cfg.vocab_size}): they must share a tokenizer")
@@ -1527,7 +1537,7 @@ def show_arithmetic(run):
         t_min = (W + b * P * kv) / run.bw
         print(f"minimum decode step, batch {b:3d}, context {P}: (W + {b} x {P} x KV) / BW = "
               f"{t_min * 1e3:.3f} ms, at most {b / t_min:,.0f} tok/s")
-    weights_only = compute_bound_batch(cfg, W, 0, P, run.flops, run.bw)
+    weights_only = compute_bound_batch(cfg, W, 0, 0, run.flops, run.bw)  # 2N FLOPs a token
     with_kv = compute_bound_batch(cfg, W, kv, P, run.flops, run.bw)
     if jax.devices()[0].platform == "cpu":
         print(f"(on a CPU the bounds are loose: part of the {_si(W, 'B')} of weights stays in its "
@@ -1535,7 +1545,8 @@ def show_arithmetic(run):
     print(f"decode turns compute-bound at batch ~{weights_only:,.0f} counting the weights only "
           f"(2N x B FLOPs = W bytes: B = FLOPS / BW x bytes per weight / 2), at batch "
           f"{with_kv:,.0f} counting each sequence's {P}-token KV reads too")
-    held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.params))  # with embedding
+    arrays = {id(x): x for x in jax.tree.leaves(run.params)}  # a tied head is the embedding
+    held = sum(x.size * x.dtype.itemsize for x in arrays.values())  # with the embedding
     show_capacity(cfg, held, run.S, weights_only)
     show_cross_product(cfg, P, B, run.flops / run.bw)
 
@@ -1611,7 +1622,7 @@ def show_capacity(cfg, w_bytes, cache_len, compute_bound):
     if limit is None:
         print("memory capacity: unknown on this device, so the batch that fits is not computed")
         return
-    lengths = sorted({cache_len, 4096, cfg.max_seq_len})
+    lengths = sorted(n for n in {cache_len, 4096, cfg.max_seq_len} if n <= cfg.max_seq_len)
     counts = {int8: [max_resident_batch(limit, w_bytes, kv_bytes_per_token(cfg, int8) * n)
                      for n in lengths] for int8 in (False, True)}
     print(f"memory capacity: {_si(limit, 'B')}, {what}; beside {_si(w_bytes, 'B')} of "
@@ -1660,7 +1671,8 @@ def measure_batch_1(run):
     cfg, ip, P, G, S = run.cfg, run.params, run.P, run.G, run.S
     run.prompt = run.prompts([P])[0]
     tokens, lengths, zero = (jnp.asarray(a) for a in (
-        pad_prompts([run.prompt], bucket(P)), np.array([P], np.int32), np.zeros(1, np.int32)))
+        pad_prompts([run.prompt], min(bucket(P), S)), np.array([P], np.int32),
+        np.zeros(1, np.int32)))
     state = {"cache": init_cache(cfg, 1, S)}
 
     def prefill(calls=1):  # each call writes the same rows again, the cache passed along
@@ -1968,7 +1980,7 @@ def measure_stream(run):
     p_lo, p_hi = max(P // 16, 1), max(P // 2, 1)
     longs = run.rng.random(n) < 0.25
     news = np.where(longs, run.rng.integers(3 * G // 2, 2 * G + 1, n),
-                    run.rng.integers(max(G // 16, 1), G // 2 + 1, n))
+                    run.rng.integers(max(G // 16, 1), max(G // 2, 1) + 1, n))
     reqs = [Request(p, int(m)) for p, m in zip(run.prompts(run.rng.integers(p_lo, p_hi + 1, n)),
                                                news)]
     pad = bucket(p_hi)
@@ -2136,7 +2148,7 @@ def sample_only(models, ic, draft=None):
         t0 = time.perf_counter()
         ip = jax.block_until_ready(inference_params(params, cfg))
         t1 = time.perf_counter()
-        if draft is None:
+        if draft is None or ic.max_new_tokens == 0:
             out, note = continue_prompt(ip, cfg, tok, ic), ""
         else:
             out, stats = continue_prompt_speculative(ip, cfg, tok, ic, draft)
@@ -2152,6 +2164,9 @@ def lesson_lengths(cfg, ic, on_gpu):
     """The lesson's prompt, generated and cache lengths (P, G, S) for this model."""
     P = ic.prompt_len or (256 if on_gpu else 64)
     G = ic.gen_len or (128 if on_gpu else 32)
+    if G < 2:  # the first token comes from the prefill: decoding starts at the second
+        raise common.UserError(f"gen_len={G}: the lesson times the decode steps after the "
+                               f"first token, so it needs gen_len >= 2")
     need = P + G + 2 * ic.gamma + 1
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:

@@ -904,8 +904,8 @@ def parse_flags(default, argv=None, show=True):
         except (ValueError, TypeError) as e:
             kind = getattr(hints[name], "__name__", hints[name])
             die(f"--{name}={text}: not a valid {kind} ({e})")
-        if name == "seed" and not 0 <= overrides[name] < 2**32:  # what every generator takes
-            die(f"--seed={text}: expected 0 <= seed < 2**32")
+        if name == "seed" and not 0 <= overrides[name] < 2**31:  # an int32 on the device
+            die(f"--seed={text}: expected 0 <= seed < 2**31")
     try:
         cfg = dataclasses.replace(default, **overrides)
     except UserError as e:

@@ -483,7 +483,7 @@ def test_help_lists_each_flag_with_its_default_and_comment(capsys):
                                         (["--n=0"], "n must be >= 1"),
                                         (["--rate=nan"], "not a finite number"),
                                         (["--rate=inf"], "not a finite number"),
-                                        (["--seed=-1"], "0 <= seed < 2**32"),
+                                        (["--seed=-1"], "0 <= seed < 2**31"),
                                         (["--seed=99999999999999999999"], "0 <= seed"),
                                         (["--n=2", "--n=3"], "--n is given twice")])
 def test_parse_flags_errors(capsys, argv, match):

@@ -279,6 +279,16 @@ def test_serving_returns_what_each_request_gets_alone():
     assert all(s.ttft_s >= last_of_first_batch - 1e-9 for s in static[3:6] if s.tokens)
 
 
+def test_a_cache_holds_the_prompt_and_every_new_token_but_the_last():
+    """The last new token is returned, never fed back, so L + N - 1 positions suffice. The
+    serving loops pad prompts to the cache there, not to a power of two past it."""
+    params, prompt = params_for(TINY), list(range(100, 141))    # 41 tokens, 8 more: 48
+    want = greedy_full_recompute(params, TINY, prompt, 8)
+    assert inf.generate(params, TINY, [prompt], 8, cache_len=48)[0] == want
+    served, _ = inf.serve_continuous(params, TINY, [inf.Request(prompt, 8)], 1, 48)
+    assert served[0].tokens == want
+
+
 def test_serving_with_stop_tokens_returns_what_each_request_gets_alone(monkeypatch):
     params = params_for(TINY)
     reqs = [inf.Request(p, n) for p, n in zip(PROMPTS + PROMPTS[:3], [30, 2, 25, 1, 20, 0, 9])]
@@ -523,10 +533,12 @@ def test_sampling_restrictions():
     (lambda p: inf.generate(p, TINY, [[1, 256]], 4), "outside"),
     (lambda p: inf.generate(p, TINY, [[1]], 4, temperature=-1.0), "temperature"),
     (lambda p: inf.generate(p, TINY, [[1]], 4, top_p=0.0), "top_p"),
+    (lambda p: inf.generate(p, TINY, [[1]], 4, temperature=1.0, seed=2**31), "seed"),
+    (lambda p: inf.generate(p, TINY, [[1] * 41], 8, cache_len=47), "needs 48 cache positions"),
     (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1] * 60, 10)], 2, CACHE), "cache"),
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 50], 10, gamma=3,
                                         cache_len=CACHE), "cache"),
-    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 20, gamma=4),
+    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 21, gamma=4),
      "plus the 9 positions a speculative round needs"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
 ])
