@@ -34,6 +34,7 @@ analysis of attention); Pope et al., "Efficiently Scaling Transformer Inference"
 (why decoding at small batch is bound by reading the weights).
 """
 import dataclasses
+import itertools
 import math
 import os
 import typing
@@ -244,10 +245,12 @@ def time_per_call(fn, arg_sets, iters, calls=1):
     """Measured seconds per call of fn: the wall clock's median through common.bench (compile
     apart, warm up, median; a timed run issues `calls` calls back to back and blocks on the last)
     and the device's clock; the inputs rotate through arg_sets."""
+    sets = itertools.cycle(arg_sets)  # carried from burst to burst, so every set takes a turn
+
     def burst():
         out = None
-        for i in range(calls):
-            out = fn(*arg_sets[i % len(arg_sets)])
+        for _ in range(calls):
+            out = fn(*next(sets))
         return out
     wall = common.bench(burst, iters=iters, warmup=1).median_s / calls
     return Measured(wall, common.device_seconds(fn, arg_sets=arg_sets))
@@ -580,9 +583,9 @@ def main():
     ceil = measure_ceilings(cfg, on_cpu)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     print(f"\nridge point ({cfg.dtype} peak / copy bandwidth): "
-          f"{ridge_point(ceil.peak(cfg.dtype), ceil.bandwidth):.0f} FLOP/B measured", end="")
+          f"{ridge_point(ceil.peak(cfg.dtype), ceil.bandwidth):.3g} FLOP/B measured", end="")
     if ceil.has_datasheet(cfg.dtype):
-        print(f", {ridge_point(ceil.peak(cfg.dtype, True), ceil.ds_bandwidth):.0f} FLOP/B "
+        print(f", {ridge_point(ceil.peak(cfg.dtype, True), ceil.ds_bandwidth):.3g} FLOP/B "
               f"datasheet", end="")
     print()
     W = cfg.weight

@@ -326,9 +326,11 @@ def main():
         print("one device: every collective is a copy; on a CPU set "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
 
-    M = cfg.mm_m or (16384 if on_gpu else 256)
+    def split(given, default):  # a size left to the script: rounded to a multiple of the devices
+        return given or max(n, default - default % n)
+    M = split(cfg.mm_m, 16384 if on_gpu else 256)
     K = cfg.mm_k or (8192 if on_gpu else 128)
-    F = cfg.mm_f or (8192 if on_gpu else 256)
+    F = split(cfg.mm_f, 8192 if on_gpu else 256)
     if M % n or F % n:
         raise common.UserError(f"mm_m={M} and mm_f={F} must be multiples of {n} devices")
     k = cfg.pieces or (4 if on_gpu else 2)
@@ -360,7 +362,7 @@ def main():
         # One ring step alone: what the link does with nothing else to do.
         t_shift = common.bench(functools.partial(ring_shift, mesh=mesh, axis_name="ring"), x,
                                iters=iters).median_s
-        rows.append(("one ppermute", block_bytes / 2**20, block_bytes,
+        rows.append(("one ppermute", block_bytes / 2**20, block_bytes if n > 1 else 0,
                      block_bytes / link_bw if link_bw and n > 1 else None, {"ring": t_shift},
                      None, 0.0))
         del x
@@ -383,7 +385,7 @@ def main():
     pred_coll = max(t_comm, t_mm * (n - 1) / n) + t_mm / n if t_comm is not None else None
 
     print(f"\nring collectives, {cfg.dtype}, N={n}: ring = one piece per step, x{k} = {k} pieces "
-          f"pipelined, bidir = half the pieces each way. GB/s = bytes each device sends / time "
+          f"pipelined, bidir = {k} pieces each way. GB/s = bytes each device sends / time "
           f"(bus bandwidth); predicted = sent / link bandwidth; err = max |ring - built-in| / "
           f"max |built-in| over the variants")
     names = [name for name, _ in variants]

@@ -245,16 +245,20 @@ def main():
         bound = "compute" if t_flops > t_bytes else "memory"
         print(f"  {name:<28} {flops / 1e9:9.1f} {fmt_bytes(nbytes):>9} {flops / nbytes:9.1f} "
               f"{max(t_flops, t_bytes) * 1e3:8.3f}ms  {bound}")
-    fused = f"S/4 = {T // 4} (causal: half the work)" if cfg.causal else f"S/2 = {T // 2}"
+    n = dtype.itemsize  # the fused kernel moves q, k, v and o once: 4 S D FLOPs per n D bytes
+    fused = (f"S/{2 * n} = {T // (2 * n)} (causal: half the work)" if cfg.causal
+             else f"S/{n} = {T // n}")
+    pv = {1: "2D", 2: "D"}.get(n, f"D/{n // 2}")  # 2 D FLOPs per probability of n bytes
     print(f"  ridge point {peak / bw:.0f} FLOP/byte: the matmuls that write/read the [T, S] "
-          f"matrix sit near D/2..D, the fused kernel near {fused}, more with fewer kv heads")
+          f"matrix sit near D/2 (QK^T) and {pv} (PV), the fused kernel near {fused}, more with "
+          f"fewer kv heads")
     # The lecture's per-head count (Llama-2-7B: 62 FLOP/byte at N=4096, d=128) stores the scores
     # and probabilities in 2 bytes each and gives the softmax 3 FLOPs per entry:
     # (4d + 3) N^2 FLOPs over 8 N^2 + 8 N d bytes. Here the scores are float32, as XLA keeps them.
     lecture = (4 * D + 3) * T * T / (8 * T * T + 8 * T * D)
     print(f"  the lecture's count (2-byte scores and probabilities, full mask, one head): "
-          f"(4D + 3) S^2 / (8 S^2 + 8 S D) = {lecture:.1f} FLOP/byte; float32 scores move 12 "
-          f"bytes per entry, not 8")
+          f"(4D + 3) S^2 / (8 S^2 + 8 S D) = {lecture:.1f} FLOP/byte; float32 scores move "
+          f"{8 + 2 * n} bytes per entry, not 8")
 
     ks = jax.random.split(jax.random.key(cfg.seed), 6)
     def inputs(a, b, c):

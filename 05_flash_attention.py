@@ -346,8 +346,8 @@ def show_loop_orders(D, dtype, blocks, lengths=(1024, 4096, 16384, 65536)):
     for N in lengths:
         fa1, fa2, mat = (hbm_bytes_per_head(N, D, bq, bk, b, o)
                          for o in ("fa1", "fa2", "materialized"))
-        print(f"  {N:>6} {fa1 / 2**20:9.1f}MB {fa2 / 2**20:9.1f}MB {fa1 / fa2:9.2f}x "
-              f"{mat / 2**20:11.1f}MB")
+        print(f"  {N:>6} {fa1 / 2**20:8.1f}MiB {fa2 / 2**20:8.1f}MiB {fa1 / fa2:9.2f}x "
+              f"{mat / 2**20:10.1f}MiB")
     print(f"  Per (query, key) pair FA2's order reads 2 D b / B_r = {2 * D * b / bq:g} bytes of K "
           f"and V, against {8 + 2 * b} for the\n  materialized scores and probabilities; FA1's "
           f"order adds a float32 round trip of O per key block.\n  Larger blocks divide both "

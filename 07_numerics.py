@@ -190,7 +190,8 @@ def run_summation(cfg):
     n = cfg.n
     print(f"\n1. summing n={n} values from uniform(0, 1): relative error against the exact sum of "
           f"the same inputs\n   bounds to first order: sequential n*u, pairwise log2(n)*u, "
-          f"Kahan 2u (u: unit roundoff); 'rounded': the exact sum rounded\n   once to the "
+          f"Kahan 2u + O(n*u^2) (u: unit\n   roundoff; the second term rules once n*u is not "
+          f"small, as in fp8); 'rounded': the exact sum rounded once\n   to the "
           f"accumulator, the best any method can return; 'inf': an overflow past 'max'")
     print(f"   {'accumulator':14s} {'u':>8s} {'max':>8s} " + " ".join(f"{m:>11s}" for m in SUMS)
           + f" {'rounded':>9s} {'exact sum':>10s}")
