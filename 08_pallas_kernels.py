@@ -1162,6 +1162,8 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     block_k = min(block_k, _pow2_at_least(S))
     if n_chunks is None:  # enough grid points to fill a GPU's ~132 SMs a few times over
         n_chunks = max(1, min(S // block_k, -(-512 // (B * KH))))
+    if n_chunks < 1:
+        raise common.UserError(f"decode_attention: n_chunks must be >= 1, got {n_chunks}")
     chunk = -(-S // n_chunks // block_k) * block_k
     kp, vp = _pad_to(k, 2, chunk), _pad_to(v, 2, chunk)
     Sp = kp.shape[2]
@@ -1274,6 +1276,9 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
     _check_block("block_k", block_k)
     interpret = _interpreted(interpret)
     (M, K), N = x.shape, w_q.shape[0]
+    if min(M, K, N) < 1 or split_k is not None and split_k < 1:
+        raise common.UserError(f"int8_matmul: M, K, N and split_k must be >= 1, got {M}, {K}, "
+                               f"{N}, {split_k}")
     block_n, block_k = min(block_n, _pow2_at_least(N)), min(block_k, _pow2_at_least(K))
     vector = M <= vector_rows
     Mp = M if vector else _pow2_at_least(M)

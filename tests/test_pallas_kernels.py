@@ -169,6 +169,13 @@ def test_int8_matmul(M, K, N, split_k, vector_rows):
     assert rel(out, x @ w.T) < 2e-2
 
 
-def test_int8_matmul_rejects_float_weights():
+def test_kernels_reject_bad_arguments():
     with pytest.raises(common.UserError, match="int8"):
         k08.int8_matmul(jnp.ones((1, 16)), jnp.ones((16, 16)), jnp.ones(16), interpret=True)
+    w_q = jnp.ones((16, 16), jnp.int8)
+    for x, split_k in ((jnp.ones((0, 16)), None), (jnp.ones((1, 16)), 0)):
+        with pytest.raises(common.UserError, match="must be >= 1"):
+            k08.int8_matmul(x, w_q, jnp.ones(16), split_k=split_k, interpret=True)
+    with pytest.raises(common.UserError, match="n_chunks must be >= 1"):
+        k08.decode_attention(jnp.ones((1, 4, 16)), jnp.ones((1, 2, 8, 16)), jnp.ones((1, 2, 8, 16)),
+                             jnp.array([8]), n_chunks=0, interpret=True)
