@@ -603,7 +603,7 @@ def main():
     rows += run_square(cfg, ceil)
     skinny = run_skinny(cfg, ceil)
     times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
-    flat = max(2**i for i, t in enumerate(times) if t <= 1.2 * times[0])
+    flat = 2 ** next((i for i, t in enumerate(times) if t > 1.2 * times[0]), len(times)) // 2
     print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
           f"up to M = {flat}:\n  below the ridge, reading the {W}x{W} weight is the cost, not the "
           f"FLOPs")
