@@ -542,6 +542,9 @@ _LOG2E = math.log2(math.e)
 # of shared memory, 120 more than the 232,448 a CTA may have (hopper_smem_bytes counts the tiles
 # and barriers, 230,008; the compiler adds a little scratch of its own).
 HOPPER_BLOCK_Q, HOPPER_BLOCK_KV, HOPPER_STAGES = 64, 128, 2
+# What a CTA may take on sm90, and the scratch Mosaic GPU adds to hopper_smem_bytes' count (the
+# same 2,560 bytes at D = 128 and 256, on an H200 and an H100).
+SM90_SMEM_PER_CTA, MOSAIC_SCRATCH = 232_448, 2_560
 
 
 def hopper_smem_bytes(block_q, block_kv, stages, D, itemsize=2):
@@ -555,13 +558,16 @@ def hopper_smem_bytes(block_q, block_kv, stages, D, itemsize=2):
 
 
 def hopper_available(q, k, segment_ids, causal):
-    """Whether the Hopper forward applies: an sm90 GPU, 16-bit inputs, D a multiple of 64 up
-    to 256, no segment ids, T a multiple of 2 * block_q and S of block_kv (T == S if causal)."""
+    """Whether the Hopper forward applies: an sm90 GPU, 16-bit inputs, D a multiple of 64 whose
+    tiles fit in shared memory (64 and 128: at 192 the two K/V stages alone pass it), no segment
+    ids, T a multiple of 2 * block_q and S of block_kv (T == S if causal)."""
     dev = jax.devices()[0]
     T, S, D = q.shape[1], k.shape[1], q.shape[3]
     return (dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
             and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
-            and D % 64 == 0 and D <= 256 and segment_ids is None
+            and D % 64 == 0 and segment_ids is None
+            and hopper_smem_bytes(HOPPER_BLOCK_Q, HOPPER_BLOCK_KV, HOPPER_STAGES, D)
+            + MOSAIC_SCRATCH <= SM90_SMEM_PER_CTA
             and T % (2 * HOPPER_BLOCK_Q) == 0 and S % HOPPER_BLOCK_KV == 0
             and (T == S or not causal))
 
@@ -1081,9 +1087,14 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
         raise common.UserError(f"implementation must be 'portable' or 'hopper', got "
                                f"{implementation!r}")
     elif implementation == "hopper" and not hopper:
-        raise common.UserError("the Hopper kernel needs an sm90 GPU, bf16/fp16, D a multiple of "
-                               f"64, no segment ids, T a multiple of {2 * HOPPER_BLOCK_Q} and S "
+        raise common.UserError("the Hopper kernel needs an sm90 GPU, bf16/fp16, D of 64 or "
+                               f"128, no segment ids, T a multiple of {2 * HOPPER_BLOCK_Q} and S "
                                f"of {HOPPER_BLOCK_KV}; got q {q.shape} {q.dtype}")
+    D = q.shape[-1]
+    if D != _pow2_at_least(D):  # Triton's lowering takes power-of-2 tiles: pad with zeros,
+        pad = lambda x: _pad_to(x, 3, _pow2_at_least(D))   # which add nothing to q . k
+        return _flash(pad(q), pad(k), pad(v), segment_ids, bool(causal), sm_scale, blocks,
+                      bool(interpret), implementation)[..., :D]
     return _flash(q, k, v, segment_ids, bool(causal), sm_scale, blocks, bool(interpret),
                   implementation)
 
@@ -1154,8 +1165,9 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
             k_scale.shape != k.shape[:3] or v_scale.shape != k.shape[:3]):
         raise common.UserError(f"decode_attention: an int8 cache needs k_scale and v_scale "
                                f"[B, KH, S] {k.shape[:3]}")
+    scale, Dp = 1.0 / math.sqrt(D), _pow2_at_least(D)
     if block_k is None:
-        block_k = max(64, 8192 // D) if scaled else 64
+        block_k = max(64, 8192 // Dp) if scaled else 64
     _check_block("block_k", block_k)
     KH, S = k.shape[1], k.shape[2]
     G = H // KH
@@ -1165,15 +1177,18 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     if n_chunks < 1:
         raise common.UserError(f"decode_attention: n_chunks must be >= 1, got {n_chunks}")
     chunk = -(-S // n_chunks // block_k) * block_k
+    if Dp != D:  # Triton's lowering takes power-of-2 tiles: zero columns add nothing to q . k
+        # (a copy of the cache at every call: a model of such a D should keep its cache padded)
+        q, k, v = (_pad_to(x, x.ndim - 1, Dp) for x in (q, k, v))
     kp, vp = _pad_to(k, 2, chunk), _pad_to(v, 2, chunk)
     Sp = kp.shape[2]
     n_chunks = Sp // chunk
     Gp = max(16, G)
-    qg = q.reshape(B, KH, G, D) * (1.0 / math.sqrt(D))
+    qg = q.reshape(B, KH, G, Dp) * scale
     qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(q.dtype if scaled else k.dtype)
     lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
     kernel = functools.partial(decode_kernel, block_k=block_k, chunk=chunk)
-    cache_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, c: (b, h, 0, 0))
+    cache_spec = pl.BlockSpec((None, None, Sp, Dp), lambda b, h, c: (b, h, 0, 0))
     scale_spec = pl.BlockSpec((None, None, Sp), lambda b, h, c: (b, h, 0))
     scales = [_pad_to(x.astype(jnp.float32), 2, chunk) for x in (k_scale, v_scale)] if scaled \
         else []
@@ -1181,11 +1196,11 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
         kernel,
         grid=(B, KH, n_chunks),
         in_specs=[pl.BlockSpec((1,), lambda b, h, c: (b,)),
-                  pl.BlockSpec((None, None, Gp, D), lambda b, h, c: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, Gp, Dp), lambda b, h, c: (b, h, 0, 0)),
                   cache_spec, cache_spec] + [scale_spec] * len(scales),
-        out_specs=[pl.BlockSpec((None, None, None, Gp, D), lambda b, h, c: (b, h, c, 0, 0)),
+        out_specs=[pl.BlockSpec((None, None, None, Gp, Dp), lambda b, h, c: (b, h, c, 0, 0)),
                    pl.BlockSpec((None, None, None, Gp), lambda b, h, c: (b, h, c, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, KH, n_chunks, Gp, D), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((B, KH, n_chunks, Gp, Dp), jnp.float32),
                    jax.ShapeDtypeStruct((B, KH, n_chunks, Gp), jnp.float32)],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
@@ -1193,7 +1208,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     # Combine the chunks: weights exp(lse_c - max) renormalised (the same online-softmax
     # identity as across blocks, done once across chunks).
     w = jax.nn.softmax(lse, axis=2)                               # [B, KH, C, Gp]
-    out = jnp.einsum("bkcg,bkcgd->bkgd", w, out)[:, :, :G]
+    out = jnp.einsum("bkcg,bkcgd->bkgd", w, out)[:, :, :G, :D]
     return out.reshape(B, H, D).astype(q.dtype)
 
 

@@ -56,14 +56,13 @@ def test_tile_intensity_matches_the_lecture():
 SMALL = k08.FlashBlocks(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
 
 
-@pytest.mark.parametrize("B,T,S,H,KH,causal,segments", [
-    (1, 50, 70, 2, 1, False, False),   # T != S, ragged, GQA 2:1
-    (2, 45, 45, 4, 2, True, False),    # causal across a ragged diagonal
-    (1, 40, 40, 4, 1, True, True),     # packed sequences, MQA, ragged (backward pads to 64)
+@pytest.mark.parametrize("B,T,S,H,KH,D,causal,segments", [
+    (1, 50, 70, 2, 1, 16, False, False),   # T != S, ragged, GQA 2:1
+    (2, 45, 45, 4, 2, 24, True, False),    # causal across a ragged diagonal; D padded to 32
+    (1, 40, 40, 4, 1, 16, True, True),     # packed sequences, MQA, ragged (backward pads to 64)
 ])
-def test_flash_attention_and_gradients(B, T, S, H, KH, causal, segments):
+def test_flash_attention_and_gradients(B, T, S, H, KH, D, causal, segments):
     rng = np.random.default_rng(T + S)
-    D = 16
     q, k, v, w = (normal(rng, B, T, H, D), normal(rng, B, S, KH, D), normal(rng, B, S, KH, D),
                   normal(rng, B, T, H, D))
     seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1), jnp.int32) if segments else None
@@ -111,10 +110,10 @@ def test_flash_attention_implementation_choice():
         k08.flash_attention(q, q, q, implementation="triton", interpret=True)
 
 
-def test_decode_attention(B=3, H=8, KH=2, S=100, n_chunks=3):
+@pytest.mark.parametrize("D", [32, 40])  # 40: padded to 64, a power of 2, in the wrapper
+def test_decode_attention(D, B=3, H=8, KH=2, S=100, n_chunks=3):
     """A ragged cache, GQA, and chunks that end past some rows' lengths."""
     rng = np.random.default_rng(S)
-    D = 32
     q, k, v = normal(rng, B, H, D), normal(rng, B, KH, S, D), normal(rng, B, KH, S, D)
     lengths = jnp.asarray(rng.integers(1, S + 1, B), jnp.int32).at[0].set(1)  # one row of 1
     out = k08.decode_attention(q, k, v, lengths, n_chunks=n_chunks, block_k=16, interpret=True)
