@@ -559,7 +559,7 @@ def hopper_smem_bytes(block_q, block_kv, stages, D, itemsize=2):
 
 def hopper_available(q, k, segment_ids, causal):
     """Whether the Hopper forward applies: an sm90 GPU, 16-bit inputs, D a multiple of 64 whose
-    tiles fit in shared memory (64 and 128: at 192 the two K/V stages alone pass it), no segment
+    tiles fit in shared memory (64 and 128: at 192 its tiles take 240 of 227 KiB), no segment
     ids, T a multiple of 2 * block_q and S of block_kv (T == S if causal)."""
     dev = jax.devices()[0]
     T, S, D = q.shape[1], k.shape[1], q.shape[3]
