@@ -133,3 +133,11 @@ def test_collective_matmul_matches_plain_and_numpy():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(coll.matmul_all_gather(x, w, mesh, "x")), want,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_timing_many_runs_of_a_collective_on_simulated_devices():
+    """common.bench queues runs back to back; on simulated CPU devices (threads of one pool)
+    independent runs of a collective could then deadlock, and XLA aborts the process."""
+    x = sharded_input(8, 64, (256,), jnp.float32)
+    f = functools.partial(coll.ring_all_gather, mesh=ring_mesh(8), axis_name="x")
+    assert common.bench(f, x, iters=2, warmup=0, calls=100).runs == 200
