@@ -120,8 +120,8 @@ class InferConfig:
     checkpoint: str = ""        # a Hugging Face Llama dir, or 09_train.py's ckpt_<step> or out_dir
     ckpt_dir: str = "out"       # 09_train.py's --out_dir, searched when there is no --checkpoint
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
-                                # llama-3-8b,llama-3.2-1b (the benchmark), else (or with
-                                # --sample_only) the newest 09 checkpoint or `small`
+                                # llama-3-8b,llama-3.2-1b (the benchmark), else the newest 09
+                                # checkpoint or `small` (--sample_only: the checkpoint only)
     prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
     max_new_tokens: int = 64    # the sample's length, at most (a checkpoint's EOS ends it)
     temperature: float = 0.0    # the sample's; > 0 also times speculative sampling; 0: greedy

@@ -1,7 +1,7 @@
 """Train the course's Llama-style model end to end: one device, many devices, many hosts.
 
     python 09_train.py                                    # `small` on the Python stdlib's source
-    python 09_train.py --preset=tiny --steps=50 --data=input.txt --out_dir=out/tiny
+    python 09_train.py --preset=tiny --seq_len=128 --steps=50 --data=input.txt --out_dir=out/tiny
     python 09_train.py --mesh=dp:2,fsdp:2,tp:2 --remat=dots --attention=flash
     python 09_train.py --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0   # per host
 
