@@ -197,6 +197,16 @@ def adamw_update(grads, state, params, lr, tc, decay_mask, eps=1e-8):
     return jax.tree.map(step, params, mu, nu, decay_mask), {"mu": mu, "nu": nu, "count": count}
 
 
+def clip_by_global_norm(grads, max_norm):
+    """(grads scaled down so that their global L2 norm is at most max_norm, that norm before);
+    max_norm 0 leaves them as they are."""
+    gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    if max_norm > 0:
+        scale = jnp.minimum(1.0, max_norm / (gnorm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale, grads)
+    return grads, gnorm
+
+
 def decay_mask(cfg):
     """Decay every weight but the norm gains."""
     return jax.tree.map(lambda axes: "norm" not in axes, common.logical_axes(cfg),
@@ -299,10 +309,7 @@ def make_train_step(cfg, tc, mesh, attention):
             zero += (jax.tree.map(jnp.zeros_like, amax),)
         (loss, grads, *seen), _ = jax.lax.scan(micro, zero, (xs, ys))
         loss, grads = jax.tree.map(lambda a: a / tc.grad_accum, (loss, grads))
-        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        if tc.grad_clip > 0:
-            scale = jnp.minimum(1.0, tc.grad_clip / (gnorm + 1e-6))
-            grads = jax.tree.map(lambda g: g * scale, grads)
+        grads, gnorm = clip_by_global_norm(grads, tc.grad_clip)
         lr = lr_schedule(opt["count"], tc)
         params, opt = adamw_update(grads, opt, params, lr, tc, mask)
         if amax is not None:

@@ -129,6 +129,23 @@ def test_attention_costs_intensity():
     assert fused[0] / fused[1] == pytest.approx(S / 2)
 
 
+@pytest.mark.parametrize("b,causal", [(2, False), (4, True)])
+def test_attention_costs_count_every_byte(b, causal):
+    """Each stage counted by hand: q, k, v and the output move once each; the float32 scores are
+    written and read back (4 + 4 bytes per entry), the probabilities too (b + b); the fused
+    kernel's FLOPs halve when causal, the materialized ones do not (XLA computes every entry)."""
+    B, T, S, H, KH, D = 2, 64, 96, 8, 2, 32
+    q, kv, n = b * B * T * H * D, b * B * S * KH * D, B * H * T * S
+    want = {"QK^T -> scores f32": (2 * n * D, q + kv + 4 * n),
+            "mask + softmax": (5 * n, 4 * n + b * n),
+            "probs @ V": (2 * n * D, b * n + kv + q),
+            "materialized total": (4 * n * D + 5 * n, 2 * q + 2 * kv + (8 + 2 * b) * n),
+            "fused (never writes [T,S])": (4 * n * D // (2 if causal else 1), 2 * q + 2 * kv)}
+    got = {name: (f, nbytes) for name, f, nbytes in a04.attention_costs(B, T, S, H, KH, D, b,
+                                                                         causal)}
+    assert got == want
+
+
 # ---------------------------------------------------------------------------------------------
 # 05: flash attention
 # ---------------------------------------------------------------------------------------------

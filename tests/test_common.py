@@ -127,6 +127,23 @@ def test_remat_and_jnp_tokens_do_not_change_logits():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_remat_keeps_the_gradients_and_plans_less_memory():
+    """remat recomputes instead of keeping: the same gradients, fewer bytes of temporaries in the
+    compiled backward pass (full keeps only each layer's input, dots the matmuls' outputs too)."""
+    params = common.init_params(TINY, jax.random.key(0))
+    tokens = jnp.asarray(np.arange(2 * 64).reshape(2, 64) % TINY.vocab_size)
+    grads, temp = {}, {}
+    for remat in ("none", "dots", "full"):
+        f = jax.jit(jax.grad(lambda p: common.cross_entropy(
+            common.forward(p, tokens, TINY, remat=remat), tokens)))
+        grads[remat] = f(params)
+        temp[remat] = f.lower(params).compile().memory_analysis().temp_size_in_bytes
+    for remat in ("dots", "full"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     grads[remat], grads["none"])
+    assert temp["full"] < temp["dots"] < temp["none"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cross_entropy_and_its_gradient_match_log_softmax(dtype):
     rng = np.random.default_rng(0)

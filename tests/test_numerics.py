@@ -173,6 +173,16 @@ def test_scheme_matmuls_approximate_the_float64_product(scheme):
     assert err < limit
 
 
+def test_scheme_matmuls_gain_from_finer_scales_on_outlier_data():
+    """Per channel (a scale per row of x) confines an outlier's coarse scale to its own row, and
+    blocks further still: the products' errors fall in that order, in int8 as in e4m3."""
+    x, w = data((16, 64), seed=5), data((64, 32), seed=6, outliers=False)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    err = {s: nm.rms_error(nm.scheme_matmul(x, w, s, 16), ref) for s in nm.SCHEMES}
+    assert err["int8 per tensor"] > err["int8 per channel"] > err["int8 per block"]
+    assert err["e4m3 per tensor"] > err["e4m3 per channel"]
+
+
 # ---- mixed precision -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,xs,ws", [("btd,dhk->bthk", (2, 8, 32), (32, 4, 8)),

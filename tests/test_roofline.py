@@ -38,6 +38,19 @@ def test_measured_time_is_the_device_clock_where_there_is_one():
     assert t.device_s is None and t.wall_s > 0
 
 
+def test_time_per_call_is_per_call_and_rotates_every_input(monkeypatch):
+    clock, seen = [0.0], []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def fn(i):  # one second of the fake clock a call
+        clock[0] += 1.0
+        seen.append(i)
+        return i
+    t = rl.time_per_call(fn, [(0,), (1,), (2,)], iters=3, calls=2)
+    assert t.wall_s == 1.0
+    assert sorted(set(seen)) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("n", [128, 1024, 8192])
 def test_square_matmul_intensity_is_n_over_3_in_bf16(n):
     c = rl.matmul_cost(n, n, n, 2)
