@@ -100,17 +100,17 @@ def check_batch(batch_size, seq_len, mesh, sequence_parallel=False):
         raise common.UserError(f"batch_size={batch_size} does not split over dp*fsdp={split} "
                                f"devices of mesh {common.mesh_name(dict(mesh.shape))}")
     if sequence_parallel:
-        common.check_sequence_split(batch_size // split, seq_len, tp)
+        common.check_sequence_split(batch_size // split, seq_len, tp, mesh.shape["fsdp"])
 
 
 def scheme_rules(mesh, batch_size, sequence_parallel):
     """The rule table of a scheme: common.SHARDING_RULES, or with sequence parallelism the
     residual stream's tokens split over tp as well (the batch rows where each dp x fsdp group
-    has a multiple of tp of them, else the positions)."""
+    has a multiple of tp of them and FSDP is off, else the positions)."""
     if not sequence_parallel or mesh.shape["tp"] == 1:
         return common.SHARDING_RULES
     rows = batch_size // (mesh.shape["dp"] * mesh.shape["fsdp"])
-    return common.sequence_parallel_rules(rows, mesh.shape["tp"])
+    return common.sequence_parallel_rules(rows, mesh.shape["tp"], mesh.shape["fsdp"])
 
 
 def sharding_of(mesh, axes, rules=None):

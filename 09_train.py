@@ -147,7 +147,8 @@ class TrainConfig:
         if self.sequence_parallel and sizes["tp"] == 1:
             raise common.UserError("sequence_parallel needs a --mesh with tp > 1")
         if self.sequence_parallel:
-            common.check_sequence_split(self.sequence_parallel_rows(), self.seq_len, sizes["tp"])
+            common.check_sequence_split(self.sequence_parallel_rows(), self.seq_len, sizes["tp"],
+                                        sizes["fsdp"])
 
     def sequence_parallel_rows(self):
         """Rows of a micro-batch on each dp x fsdp group: what sequence parallelism splits. (With
@@ -256,13 +257,15 @@ def attention_fn(name, mesh=None):
 def sp_text(tc, mesh):
     if not tc.sequence_parallel or mesh.shape["tp"] == 1:
         return ""
-    rules = common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"])
+    rules = common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"],
+                                           mesh.shape["fsdp"])
     return f" with sequence parallelism (the {'positions' if 'residual_seq' in rules else 'rows'} " \
            f"split over tp)"
 
 
 def make_loss_fn(cfg, tc, mesh, attention):
-    rules = (common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"])
+    rules = (common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"],
+                                            mesh.shape["fsdp"])
              if tc.sequence_parallel else common.SHARDING_RULES)
 
     def constrain(x, axes):

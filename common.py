@@ -421,7 +421,7 @@ SHARDING_RULES = {"batch": ("dp", "fsdp"), "residual_batch": ("dp", "fsdp"), "em
                   "heads": "tp", "kv_heads": "tp", "mlp": "tp", "vocab": "tp"}
 
 
-def sequence_parallel_rules(rows, tp):
+def sequence_parallel_rules(rows, tp, fsdp=1):
     """Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
     Transformer Models", section 4.2.2): between the tensor-parallel matmuls the residual
     stream's tokens are split over tp as well, so each all-reduce becomes a reduce-scatter into
@@ -431,15 +431,21 @@ def sequence_parallel_rules(rows, tp):
     [T, B, D] and it splits T, the leading axis; ours are [B, T, D], and a split of a later axis
     makes every gather and scatter rearrange its data first (measured in BENCHMARKS.md: 0.94x
     plain TP against 0.97x). So the batch rows are split when each dp x fsdp group has a
-    multiple of tp of them (`rows`), the positions otherwise."""
-    if rows % tp == 0:
+    multiple of tp of them (`rows`) and FSDP is off, the positions otherwise. With FSDP on, XLA's
+    partitioner could not bring rows split over (dp, fsdp, tp) to the layout of the weights'
+    gradients and replicated the activations instead (an 8-device fsdp:4,tp:2 run of lesson 03:
+    4.3x the predicted traffic), which a split of the positions avoids."""
+    if rows % tp == 0 and fsdp == 1:
         return {**SHARDING_RULES, "residual_batch": ("dp", "fsdp", "tp")}
     return {**SHARDING_RULES, "residual_seq": "tp"}
 
 
-def check_sequence_split(rows, seq_len, tp):
-    """sequence_parallel_rules splits each dp x fsdp group's rows over tp, else its positions:
-    one of the two must divide."""
+def check_sequence_split(rows, seq_len, tp, fsdp=1):
+    """sequence_parallel_rules splits each dp x fsdp group's rows over tp, else (or with FSDP)
+    its positions: one of the two must divide."""
+    if fsdp > 1 and seq_len % tp:
+        raise UserError(f"sequence parallelism with FSDP splits the positions over tp={tp}, "
+                        f"which does not divide seq_len={seq_len}")
     if rows % tp and seq_len % tp:
         raise UserError(f"sequence parallelism splits the tokens over tp={tp}, which divides "
                         f"neither the {rows} rows per dp x fsdp group nor seq_len={seq_len}")

@@ -18,7 +18,8 @@ sh = common.import_script("03_sharding")
 CFG = dataclasses.replace(common.Config.preset("tiny"), n_layers=2, max_seq_len=16)
 B, T = 8, 16
 SCHEMES = {"DP": "dp:8", "FSDP": "fsdp:8", "TP": "tp:2", "FSDP+TP": "fsdp:4,tp:2",
-           "TP+SP": "tp:2", "DP+TP+SP": "dp:4,tp:2"}  # +SP: sequence parallel
+           "TP+SP": "tp:2", "DP+TP+SP": "dp:4,tp:2",
+           "FSDP+TP+SP": "fsdp:4,tp:2"}  # +SP: sequence parallel
 
 
 def numpy_params(cfg, seed):
@@ -102,6 +103,19 @@ def test_block_collectives_match_prediction(scheme):
     assert got["all-gather"] == want["all-gather"]  # FSDP: once, the backward reuses the gather
     assert reductions(got) == reductions(want)
     assert set(got) <= {"all-gather", "all-reduce", "reduce-scatter"}
+
+
+def test_sequence_parallel_with_fsdp_gathers_no_whole_activations():
+    """With FSDP, a split of the rows over (fsdp, tp) made XLA replicate the activations for the
+    weights' gradients: here 2.4x the predicted all-gather bytes (4.3x at lesson 03's sizes).
+    The prediction is not exact with FSDP and TP together (below); the positions' split keeps
+    within 2x of it (1.6x)."""
+    sizes = common.parse_mesh(SCHEMES["FSDP+TP+SP"])
+    mesh = common.make_mesh(sizes)
+    compiled = sh.compiled_block(CFG, mesh, B, T, sh.scheme_rules(mesh, B, True))
+    got = sh.summarize(sh.parse_collectives(compiled.as_text(), mesh.size)[1])
+    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, 1, True))
+    assert got["all-gather"][1] < 2 * want["all-gather"][1]
 
 
 # FSDP+TP: the rules are not exact. +SP: no all-to-all either, which XLA adds to split
