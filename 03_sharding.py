@@ -470,6 +470,10 @@ def bench_plan(run, devices, on_gpu):
                                             or cfg.vocab_size % tp or cfg.d_model % (n // tp)):
         tp_mesh = f"fsdp:{n // tp},tp:{tp}" if n > tp else f"tp:{tp}"
         plan += [(tp_mesh, False), (tp_mesh, True)]
+    elif 1 < tp <= n:
+        print(f"benchmark: no TP rows at tp={tp}: preset {preset} would have to split its "
+              f"{cfg.n_kv_heads} kv heads, d_ff and vocabulary {tp} ways and d_model "
+              f"{n // tp} ways (another --tp or --bench_preset)")
     meshes = []
     for text, sp in plan:
         sizes = common.parse_mesh(text)
@@ -601,6 +605,9 @@ def main():
         raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
+    if run.tp > 1 and n % run.tp:  # else the TP schemes and benchmark rows would just vanish
+        raise common.UserError(f"tp={run.tp} must divide the {n} devices (the TP schemes and "
+                               f"the benchmark's TP rows split them tp ways)")
     if run.mesh:
         sizes = common.parse_mesh(run.mesh)
         sp = run.sequence_parallel and sizes["tp"] > 1
