@@ -341,3 +341,11 @@ def test_cli_refuses_an_empty_length_range_before_the_correctness_check():
     assert r.stderr.strip() == ("error: min_len=1024 exceeds the longest length measured, 512 "
                                 "(max_len=0 picks 512 on a CPU)")
     assert "correctness" not in r.stdout
+
+
+def test_an_allocation_failure_names_its_bytes_whole():
+    """A table cell keeps 50 characters of an error, which cut the bytes an allocation asked for
+    (8590000000 became 85900)."""
+    e = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8590000000 bytes.\ndetails")
+    assert f05.short(e) == "out of memory, 8.59 GB asked"
+    assert f05.short(ValueError("x" * 80)) == "x" * 50
