@@ -73,6 +73,8 @@ def check_inputs(q, k, v, segment_ids=None):
         raise common.UserError(f"batch of q ({B}) and k/v ({k.shape[0]}) differ")
     if k.shape[3] != D:
         raise common.UserError(f"head dims differ: q has D={D}, k/v have {k.shape[3]}")
+    if 0 in q.shape or 0 in k.shape:
+        raise common.UserError(f"q, k, v must not be empty, got shapes {q.shape}, {k.shape}")
     if H % k.shape[2]:
         raise common.UserError(f"k/v heads KH={k.shape[2]} must divide query heads H={H}")
     if segment_ids is not None:

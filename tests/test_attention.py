@@ -308,6 +308,8 @@ def test_bad_arguments():
         f05.flash_attention(q, k[:, :4], v[:, :4], True, jnp.zeros((1, 8), jnp.int32))
     with pytest.raises(common.UserError, match="block_q"):  # the CLI's check
         f05.FlashConfig(block_q=-1)
+    with pytest.raises(common.UserError, match="must not be empty"):  # it divided by D
+        f05.flash_attention(q[..., :0], k[..., :0], v[..., :0])
 
 
 def test_timed_lengths_fill_the_device_defaults():
