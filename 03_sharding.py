@@ -608,10 +608,12 @@ def main():
     if run.tp > 1 and n % run.tp:  # else the TP schemes and benchmark rows would just vanish
         raise common.UserError(f"tp={run.tp} must divide the {n} devices (the TP schemes and "
                                f"the benchmark's TP rows split them tp ways)")
-    if run.mesh:
-        sizes = common.parse_mesh(run.mesh)
+    sizes = common.parse_mesh(run.mesh)
+    if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
         sp = run.sequence_parallel and sizes["tp"] > 1
         schemes = [(common.mesh_name(sizes) + (" SP" if sp else ""), sizes, sp)]
+    elif run.mesh:
+        schemes = []
     else:
         schemes = default_schemes(n, run.tp) if n > 1 else []
     if n == 1:
