@@ -605,9 +605,10 @@ def main():
         raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
-    if run.tp > 1 and n % run.tp:  # else the TP schemes and benchmark rows would just vanish
-        raise common.UserError(f"tp={run.tp} must divide the {n} devices (the TP schemes and "
-                               f"the benchmark's TP rows split them tp ways)")
+    if run.tp > n:
+        raise common.UserError(f"tp={run.tp} exceeds the {n} devices")
+    if run.tp > 1 and n % run.tp:  # said, rather than the TP rows just missing
+        print(f"no TP schemes or benchmark rows: tp={run.tp} does not divide the {n} devices")
     sizes = common.parse_mesh(run.mesh)
     if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
         sp = run.sequence_parallel and sizes["tp"] > 1

@@ -228,9 +228,9 @@ def test_cli_reports_a_bad_mesh_in_one_line():
                          text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: mesh fsdp:16 needs 16 devices, but only 8 exist"
-    out = subprocess.run([sys.executable, script, "--tp=3"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, script, "--tp=16"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and out.stderr.startswith("error: tp=3 must divide the 8 devices")
+    assert out.returncode == 2 and out.stderr.strip() == "error: tp=16 exceeds the 8 devices"
 
 
 def test_bench_plan_defaults_on_cpu():
