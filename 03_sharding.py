@@ -470,7 +470,7 @@ def bench_plan(run, devices, on_gpu):
                                             or cfg.vocab_size % tp or cfg.d_model % (n // tp)):
         tp_mesh = f"fsdp:{n // tp},tp:{tp}" if n > tp else f"tp:{tp}"
         plan += [(tp_mesh, False), (tp_mesh, True)]
-    elif 1 < tp <= n:
+    elif 1 < tp <= n and n % tp == 0:
         print(f"benchmark: no TP rows at tp={tp}: preset {preset} would have to split its "
               f"{cfg.n_kv_heads} kv heads, d_ff and vocabulary {tp} ways and d_model "
               f"{n // tp} ways (another --tp or --bench_preset)")
@@ -605,9 +605,9 @@ def main():
         raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
-    if run.tp > n:
+    if run.tp > n > 1:  # (one device runs the unsharded model alone)
         raise common.UserError(f"tp={run.tp} exceeds the {n} devices")
-    if run.tp > 1 and n % run.tp:  # said, rather than the TP rows just missing
+    if n > 1 and run.tp > 1 and n % run.tp:  # said, rather than the TP rows just missing
         print(f"no TP schemes or benchmark rows: tp={run.tp} does not divide the {n} devices")
     sizes = common.parse_mesh(run.mesh)
     if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
