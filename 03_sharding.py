@@ -509,6 +509,16 @@ def show_sharded_array(mesh, cfg):
         jax.debug.visualize_array_sharding(w)
 
 
+def check_tp(tp, n):
+    """A --tp past the n devices is refused; one that does not divide them leaves no TP rows,
+    which the returned note says. One device runs the unsharded model alone, whatever tp is."""
+    if tp > n > 1:
+        raise common.UserError(f"tp={tp} exceeds the {n} devices")
+    if n > 1 and tp > 1 and n % tp:
+        return f"no TP schemes or benchmark rows: tp={tp} does not divide the {n} devices"
+    return ""
+
+
 def default_schemes(n, tp):
     """[(name, mesh sizes, sequence parallel)]."""
     schemes = [("DP", {"dp": n}, False), ("FSDP", {"fsdp": n}, False)]
@@ -605,10 +615,9 @@ def main():
         raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
-    if run.tp > n > 1:  # (one device runs the unsharded model alone)
-        raise common.UserError(f"tp={run.tp} exceeds the {n} devices")
-    if n > 1 and run.tp > 1 and n % run.tp:  # said, rather than the TP rows just missing
-        print(f"no TP schemes or benchmark rows: tp={run.tp} does not divide the {n} devices")
+    note = check_tp(run.tp, n)
+    if note:
+        print(note)
     sizes = common.parse_mesh(run.mesh)
     if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
         sp = run.sequence_parallel and sizes["tp"] > 1

@@ -221,6 +221,13 @@ def test_bad_meshes_are_one_line_errors():
         common.parse_mesh("pp:2")
 
 
+def test_tp_past_the_devices_is_refused_and_one_that_does_not_divide_is_said():
+    assert sh.check_tp(2, 1) == "" and sh.check_tp(2, 8) == ""   # one device: nothing to split
+    assert "tp=3 does not divide the 8 devices" in sh.check_tp(3, 8)
+    with pytest.raises(common.UserError, match="tp=16 exceeds the 8 devices"):
+        sh.check_tp(16, 8)
+
+
 def test_cli_reports_a_bad_mesh_in_one_line():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "03_sharding.py")
