@@ -327,3 +327,16 @@ def test_cli_error_is_one_line():
     p = run_script(["--mesh=dp:2,fsdp:2,tp:3", "--steps=1"], 8)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "uses 12 devices" in err and "Traceback" not in err
+
+
+def test_validation_loss_is_measured_on_the_held_out_split(tmp_path):
+    """A file whose first 95% (the training split) is one byte repeated and whose last 5% is
+    another: the model learns the first, so its training loss falls far below ln 256 while the
+    validation loss, on bytes it never saw, stays far above it."""
+    data = tmp_path / "two_bytes.txt"
+    data.write_bytes(b"a" * 19000 + b"b" * 1000)
+    history, _, _ = train_mod.train(tiny_run(tmp_path, steps=30, eval_every=30, lr=1e-2,
+                                             data=str(data)), log=lambda s: None,
+                                    devices=jax.devices()[:1])
+    last = history[-1]
+    assert last["loss"] < 0.5 < math.log(256) < last["val_loss"]
