@@ -340,3 +340,18 @@ def test_validation_loss_is_measured_on_the_held_out_split(tmp_path):
                                     devices=jax.devices()[:1])
     last = history[-1]
     assert last["loss"] < 0.5 < math.log(256) < last["val_loss"]
+
+
+def test_sample_at_a_low_temperature_is_greedy_over_the_last_window():
+    """09's sampler recomputes the whole window for every byte; near temperature 0 it must pick
+    what argmax over common.forward picks, with the oldest bytes dropped once the prompt and
+    its continuation outgrow max_seq_len (tiny: 128)."""
+    cfg = common.Config.preset("tiny")
+    params = common.init_params(cfg, jax.random.key(1))
+    forward = jax.jit(lambda t: common.forward(params, t[None], cfg)[0, -1])
+    for prompt in (b"def ", bytes(range(32, 157))):          # 4 bytes; 125, which slides
+        want = list(prompt)
+        for _ in range(5):
+            want.append(int(np.argmax(forward(np.array(want[-128:], np.int32)))))
+        got = train_mod.sample(params, cfg, prompt, 5, temperature=1e-6)
+        assert got == bytes(want).decode("utf-8", errors="replace")
