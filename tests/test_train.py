@@ -111,6 +111,22 @@ def test_resume_is_exact(tmp_path):
     assert not any("compiled the train step" in s for s in logged)
 
 
+def test_resume_on_another_mesh(tmp_path, one_device_run):
+    """A checkpoint holds whole arrays, so a run saved on one device resumes on 8 (each array
+    placed as that mesh's rules say) and goes back to one, taking the same steps throughout."""
+    tc = tiny_run(tmp_path, batch_size=16, ckpt_every=2)
+    one = dict(log=lambda s: None, devices=jax.devices()[:1])
+    first, _, _ = train_mod.train(tc, stop_after=2, **one)
+    mesh_tc = dataclasses.replace(tc, mesh="dp:2,fsdp:2,tp:2")
+    middle, params, cfg = train_mod.train(mesh_tc, stop_after=3, log=lambda s: None)
+    want = common.param_shardings(cfg, train_mod.make_mesh(mesh_tc.mesh, jax.devices()))
+    placed = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), params, want)
+    assert all(jax.tree.leaves(placed)), placed
+    last, _, _ = train_mod.train(tc, **one)
+    assert [r["step"] for r in middle + last] == [3, 4]
+    np.testing.assert_allclose(losses(first + middle + last), losses(one_device_run), rtol=2e-5)
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     tc = tiny_run(tmp_path, steps=4, ckpt_every=2)
     train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
