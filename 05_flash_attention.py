@@ -501,11 +501,17 @@ def measure(attn, name, S, cfg, mode, limit=None, arg_sets=None, iters=0):
 
 
 def short(e):
-    """An error's first line, cut to fit a table cell, with the bytes an allocation asked for
-    (which a cut would split) given whole."""
-    line = str(e).splitlines()[0]
-    asked = re.search(r"allocating (\d+) bytes", line)
-    return f"out of memory, {gb(int(asked.group(1)))} asked" if asked else line[:50]
+    """An error's first line, cut to fit a table cell; an allocation that failed anywhere in
+    the message (XLA's autotuner reports its own a few lines down) is named with its bytes
+    whole, which a cut would split."""
+    text = str(e)
+    asked = re.search(r"allocating (\d+) bytes", text)
+    if asked:
+        return f"out of memory, {gb(int(asked.group(1)))} asked"
+    asked = re.search(r"Out of memory while trying to allocate ([\d.]+) ?([KMGT]i?B)", text)
+    if asked:
+        return f"out of memory, {asked.group(1)} {asked.group(2)} asked"
+    return text.splitlines()[0][:50] if text else type(e).__name__
 
 
 def pick_blocks(cfg, S, limit):

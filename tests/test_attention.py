@@ -351,3 +351,7 @@ def test_an_allocation_failure_names_its_bytes_whole():
     e = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8590000000 bytes.\ndetails")
     assert f05.short(e) == "out of memory, 8.59 GB asked"
     assert f05.short(ValueError("x" * 80)) == "x" * 50
+    tuned = RuntimeError("RESOURCE_EXHAUSTED: Failed to get configs for: 2 ops\nFailures (3):\n"
+                         "EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
+                         "allocate 64.02GiB with allocator GPU_0_bfc on device 0.")
+    assert f05.short(tuned) == "out of memory, 64.02 GiB asked"
