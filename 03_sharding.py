@@ -626,6 +626,10 @@ def main():
         schemes = []
     else:
         schemes = default_schemes(n, run.tp) if n > 1 else []
+    if len(schemes) > 1:  # TP's group is smaller than the others' mesh: say so before the tables
+        print("schemes: " + ", ".join(
+            f"{name} = {common.mesh_name(sizes)} ({math.prod(sizes.values())} devices)"
+            for name, sizes, _ in schemes))
     if n == 1:
         print("one device: every scheme is the unsharded model; on a CPU set "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
