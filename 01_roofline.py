@@ -78,6 +78,26 @@ def resolve(cfg, on_cpu):
     return dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in auto.items()})
 
 
+def attention_shape(on_gpu):
+    """(B, H, D) of the attention rows; T = S = attn_seq."""
+    return (2, 16, 128) if on_gpu else (1, 4, 64)
+
+
+def check_sizes(cfg, on_gpu):
+    """Refuse sizes whose arrays cannot fit, before the first is built (cfg resolved)."""
+    n, W, mib, T = cfg.max_square, cfg.weight, cfg.vector_mib, cfg.attn_seq
+    item = jnp.dtype(cfg.dtype).itemsize
+    B, H, _ = attention_shape(on_gpu)
+    common.check_fits(f"max_square={n}", 3 * n * n * 8, f"the float64 ceiling's three {n} x {n} "
+                      f"matrices")
+    common.check_fits(f"weight={W}", 2 * W * W * item, f"a [{W}, {W}] weight and relu(A @ B)'s "
+                      f"[{W}, {W}] output")
+    common.check_fits(f"vector_mib={mib}", 5 * mib * 2**20, "A + B + C unfused: 3 operands, a "
+                      "partial sum and the result")
+    common.check_fits(f"attn_seq={T}", 2 * B * H * T * T * 4, f"attention's float32 [T, S] "
+                      f"scores and probabilities at B{B} H{H}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Predictions: FLOPs and bytes of each kernel, written out by hand
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +515,7 @@ def run_skinny(cfg, ceil):
 def run_attention(cfg, ceil, on_gpu):
     dt = jnp.dtype(cfg.dtype)
     T = S = cfg.attn_seq
-    B, H, D = (2, 16, 128) if on_gpu else (1, 4, 64)
+    B, H, D = attention_shape(on_gpu)
     kq, kk, kv = jax.random.split(jax.random.key(6), 3)
     q = random_array(kq, (B, T, H, D), dt)      # [B, T, H, D]
     k = random_array(kk, (B, S, H, D), dt)      # [B, S, H, D]
@@ -574,6 +594,7 @@ def main():
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     cfg = resolve(cfg, on_cpu)
+    check_sizes(cfg, dev.platform == "gpu")
     chip = common.device_chip()
     print(f"device: {dev.device_kind} ({dev.platform}); datasheet: "
           f"{f'{chip.name} ({chip.source})' if chip else 'none in common.CHIPS, measured only'}")

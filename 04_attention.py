@@ -230,6 +230,11 @@ def main():
     T = cfg.seq_len or (1024 if platform == "cpu" else 8192)
     B, H, KH, D = cfg.batch, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
+    # The materialized [B, H, T, S] float32 scores and probabilities beside two sets of inputs:
+    # refused now if they cannot fit (past 2^63 elements XLA would abort the process).
+    common.check_fits(f"batch={B} seq_len={T} n_heads={H}",
+                      2 * B * H * T * T * 4 + 2 * B * T * (H + 2 * KH) * D * dtype.itemsize,
+                      "the float32 [B, H, T, S] scores and probabilities")
     # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
     peak, bw, basis = common.ceilings(cfg.dtype if platform != "cpu" else "float32")
     print(f"device: {jax.devices()[0].device_kind}; ceilings {peak / 1e12:.1f} TFLOP/s, "

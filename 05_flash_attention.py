@@ -441,6 +441,12 @@ def show_block_arithmetic(D, dtype, chosen):
           f"only for short sequences, which is why the blocks and the online softmax matter.")
 
 
+def input_bytes(cfg, S, n_sets=2):
+    """Bytes of make_inputs(cfg, S, n_sets)."""
+    H, KH = cfg.n_heads, cfg.n_kv_heads
+    return n_sets * cfg.batch * S * (2 * H + 2 * KH) * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
 def make_inputs(cfg, S, n_sets):
     """n_sets of fresh (q, k, v, d_out): rotated between runs so no run reads a warm cache."""
     B, H, KH, D = cfg.batch, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -564,9 +570,12 @@ def main():
     lengths = timed_lengths(cfg, on_gpu)
     # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
     peak, _, basis = common.ceilings(cfg.dtype if dev.platform != "cpu" else "float32")
-    limit = (dev.memory_stats() or {}).get("bytes_limit")  # what this process may allocate
+    limit, where = common.memory_limit(dev)
     print(f"device: {dev.device_kind}; peak {peak / 1e12:.2f} TFLOP/s ({basis}); memory limit "
-          f"{gb(limit) if limit else 'none known'}")
+          f"{f'{gb(limit)} ({where})' if limit else 'none known'}")
+    common.check_fits(f"batch={cfg.batch} n_heads={cfg.n_heads} head_dim={cfg.head_dim} at "
+                      f"S={lengths[0]}", input_bytes(cfg, lengths[0]),
+                      "two sets of q, k, v and the output's gradient")
 
     print("\ncorrectness, float32, against lesson 04 (forward, and gradients of a weighted sum):")
     check_correctness(cfg.seed)
@@ -574,7 +583,10 @@ def main():
     if cfg.block_q:
         bq, bk = cfg.block_q, cfg.block_k or cfg.block_q
     elif on_gpu:
-        bq, bk = pick_blocks(cfg, min(16384, lengths[-1]), limit)
+        S = min(16384, lengths[-1])
+        while S > lengths[0] and input_bytes(cfg, S) > limit / 2:  # room for the run's temps
+            S //= 2
+        bq, bk = pick_blocks(cfg, S, limit)
     else:
         bq, bk = 256, cfg.block_k or 256
     print(f"flash blocks: block_q={bq}, block_k={bk}")
@@ -598,6 +610,10 @@ def main():
     for S in lengths:
         if timed and time.perf_counter() - t_start > cfg.time_budget_s:  # the first is timed
             print(f"  S={S} and longer skipped: past the {cfg.time_budget_s:.0f} s time budget")
+            break
+        if limit and input_bytes(cfg, S) > limit:
+            print(f"  S={S} and longer skipped: their inputs alone need "
+                  f"{gb(input_bytes(cfg, S))} > {gb(limit)}")
             break
         arg_sets = make_inputs(cfg, S, 2)
         iters = (10 if S <= 4096 else 5 if S <= 16384 else 3 if S <= 32768 else 2) if on_gpu else 3

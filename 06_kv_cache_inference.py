@@ -1590,24 +1590,6 @@ def show_cross_product(cfg, S, B, ridge):
           "same intensity at any batch.")
 
 
-def memory_limit(device=None):
-    """(bytes, what they are): on a GPU what the allocator lets this process take (75% of the
-    memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), else the chip table's HBM or
-    a CPU's physical memory; (None, "") where none of these is known."""
-    device = device or jax.devices()[0]
-    limit, chip = (device.memory_stats() or {}).get("bytes_limit"), common.device_chip(device)
-    if limit:
-        return limit, "this process may allocate"
-    if chip:
-        return chip.hbm_bytes, f"{chip.name}'s memory"
-    if device.platform == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the host's memory"
-        except (ValueError, OSError):
-            pass
-    return None, ""
-
-
 def max_resident_batch(limit, w_bytes, kv_per_seq):
     """How many sequences' KV caches fit beside the weights: (memory - W) / KV per sequence
     (activations and the compiled step's scratch are left out, so this is an upper bound)."""
@@ -1618,7 +1600,7 @@ def show_capacity(cfg, w_bytes, cache_len, compute_bound):
     """The lecture's third limit: memory capacity caps the batch, often before it turns
     compute-bound (Llama-2-7B on a 24 GB A10: 14 GB of weights, 2 GB per 4k-token sequence,
     about 5 sequences). w_bytes: every parameter the device holds, the embedding included."""
-    limit, what = memory_limit()
+    limit, what = common.memory_limit()
     if limit is None:
         print("memory capacity: unknown on this device, so the batch that fits is not computed")
         return

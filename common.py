@@ -929,8 +929,10 @@ def _shown(value):
 
 def run(main):
     """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
-    the device running out of memory one line and exit 1, Ctrl-C one line (with what the lesson
-    says is kept) and exit 130, a closed output pipe nothing and exit 141, as a shell's tools."""
+    the device or the host (numpy) running out of memory one line and exit 1, Ctrl-C one line
+    (with what the lesson says is kept) and exit 130, a closed output pipe nothing and exit 141,
+    as a shell's tools."""
+    smaller = "try smaller sizes (batch, sequence, model), or in 09_train.py --remat=dots or full"
     try:
         try:
             main()
@@ -944,8 +946,9 @@ def run(main):
         what = str(e).splitlines()[0].split(" [")[0]  # the allocator's dump went to stderr above
         gpu = ("JAX takes 75% of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION=.95 says "
                "more; " if jax.devices()[0].platform == "gpu" else "")
-        die(f"the device ran out of memory ({what}): {gpu}try smaller sizes (batch, sequence, "
-            f"model), or in 09_train.py --remat=dots or full, or more devices", code=1)
+        die(f"the device ran out of memory ({what}): {gpu}{smaller}, or more devices", code=1)
+    except MemoryError as e:  # numpy's, building inputs on the host
+        die(f"the host ran out of memory ({e}): {smaller}", code=1)
     except KeyboardInterrupt as e:
         print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
@@ -1130,6 +1133,33 @@ def device_chip(device=None):
         if key.lower() in kind.lower():
             return CHIPS[key]
     return None
+
+
+def memory_limit(device=None):
+    """(bytes, what they are): on a GPU what the allocator lets this process take (75% of the
+    memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), else the chip table's HBM or
+    a CPU's physical memory; (None, "") where none of these is known."""
+    device = device or jax.devices()[0]
+    limit, chip = (device.memory_stats() or {}).get("bytes_limit"), device_chip(device)
+    if limit:
+        return limit, "what this process may allocate"
+    if chip:
+        return chip.hbm_bytes, f"{chip.name}'s memory"
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the host's memory"
+        except (ValueError, OSError):
+            pass
+    return None, ""
+
+
+def check_fits(flag, nbytes, what):
+    """Refuse a size whose arrays cannot fit in the device's memory, before any is built: past
+    2^63 elements XLA aborts the process rather than report an error."""
+    limit, where = memory_limit()
+    if limit and nbytes > limit:
+        raise UserError(f"{flag} needs {nbytes / 1e9:,.3g} GB for {what}, more than the "
+                        f"{limit / 1e9:,.3g} GB of {where}: use a smaller size")
 
 
 _MEASURED = {}

@@ -355,3 +355,21 @@ def test_an_allocation_failure_names_its_bytes_whole():
                          "EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
                          "allocate 64.02GiB with allocator GPU_0_bfc on device 0.")
     assert f05.short(tuned) == "out of memory, 64.02 GiB asked"
+
+
+def test_input_bytes_are_what_make_inputs_builds():
+    cfg = f05.FlashConfig(batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="bfloat16")
+    sets = f05.make_inputs(cfg, 24, 2)
+    assert f05.input_bytes(cfg, 24) == sum(x.nbytes for s in sets for x in s)
+
+
+def test_attention_past_the_memory_is_refused_before_any_array():
+    """A sequence of 10^10 tokens: [B, H, T, S] scores past 2^63 elements, which XLA would abort
+    the process on; refused in one line first."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "04_attention.py"),
+                        "--seq_len=10000000000"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and r.stderr.startswith(
+        "error: batch=1 seq_len=10000000000 n_heads=16 needs 1.28e+13 GB for the float32 "
+        "[B, H, T, S] scores and probabilities, more than the ") and r.stderr.count("\n") == 1
+    assert "device:" not in r.stdout  # refused before the ceilings are measured

@@ -531,7 +531,12 @@ def test_parse_flags_errors(capsys, argv, match):
                                                 "Out of memory allocating 2000 bytes.): try "
                                                 "smaller sizes (batch, sequence, model), or in "
                                                 "09_train.py --remat=dots or full, or more "
-                                                "devices")])
+                                                "devices"),
+                                               (MemoryError("Unable to allocate 4.69 TiB"), 1,
+                                                "error: the host ran out of memory (Unable to "
+                                                "allocate 4.69 TiB): try smaller sizes (batch, "
+                                                "sequence, model), or in 09_train.py "
+                                                "--remat=dots or full")])
 def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, line):
     def main():
         raise raised

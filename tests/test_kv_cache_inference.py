@@ -167,7 +167,7 @@ def test_capacity_reproduces_the_lectures_a10_example(capsys, monkeypatch):
     assert 2.0e9 < per_seq < 2.2e9
     assert inf.max_resident_batch(24e9, 14e9, per_seq) in (4, 5)
     assert inf.max_resident_batch(10e9, 14e9, per_seq) == 0       # the weights alone overflow
-    monkeypatch.setattr(inf, "memory_limit", lambda: (24e9, "an A10's"))
+    monkeypatch.setattr(common, "memory_limit", lambda: (24e9, "an A10's memory"))
     inf.show_capacity(llama2, 14e9, 512, 208)
     out = capsys.readouterr().out
     assert "at most 37 (72 int8) at 512 tokens, 4 (9 int8) at 4,096 tokens fit" in out

@@ -191,3 +191,25 @@ def test_cli_refuses_a_file_as_out_before_measuring(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: --out={a_file} is a file, not a directory"
     assert "ceilings" not in r.stdout  # refused before the first measurement
+
+
+def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
+    """XLA aborts the process on a shape of more than 2^63 elements (a 10^10-wide weight), so
+    the sizes are checked against the memory first."""
+    monkeypatch.setattr(common, "memory_limit", lambda: (16e9, "a test's memory"))
+    ok = rl.resolve(rl.RooflineConfig(), on_cpu=False)
+    rl.check_sizes(ok, on_gpu=True)  # the GPU defaults fit in 16 GB
+    for field, value, what in [("weight", 10**10, r"4e\+11 GB for a \[10000000000, 1"),
+                               ("weight", 65536, "17.2 GB for a"),  # 2 x 65536^2 x 2 bytes
+                               ("attn_seq", 2**17, "4.4e\\+03 GB for attention's"),  # B2 H16
+                               ("max_square", 2**15, "25.8 GB for the float64"),
+                               ("vector_mib", 4096, "21.5 GB for A \\+ B \\+ C")]:
+        cfg = rl.resolve(rl.RooflineConfig(**{field: value}), on_cpu=False)
+        with pytest.raises(common.UserError, match=f"^{field}={value} needs {what}.*more than "
+                           f"the 16 GB of a test's memory: use a smaller size$"):
+            rl.check_sizes(cfg, on_gpu=True)
+
+
+def test_memory_limit_knows_this_host():
+    limit, where = common.memory_limit()  # a CPU: its physical memory
+    assert limit > 2**30 and where == "the host's memory"
