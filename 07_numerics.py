@@ -92,6 +92,16 @@ def resolve(cfg, on_cpu):
     cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in auto.items()})
     if cfg.dim % cfg.block:
         raise common.UserError(f"block={cfg.block} must divide dim={cfg.dim}")
+    if cfg.steps >= 2**31:  # the step number travels as an int32
+        raise common.UserError(f"steps must be < 2**31, got {cfg.steps}")
+    # Sizes that cannot fit are refused before the first array (XLA aborts the process on a
+    # shape past 2^63 elements): float64 references on the host, quantized copies beside them.
+    common.check_fits(f"n={cfg.n}", 4 * 8 * cfg.n, "the summed vector in float64 and its copies")
+    common.check_fits(f"rows={cfg.rows} dim={cfg.dim}",
+                      8 * (6 * cfg.rows * cfg.dim + 3 * cfg.dim * cfg.dim),
+                      "the quantization test's float64 activations, weight and their copies")
+    common.check_fits(f"mm_size={cfg.mm_size}", 3 * 4 * cfg.mm_size**2,
+                      "the speed test's operands and product")
     return cfg
 
 

@@ -1678,6 +1678,20 @@ def resolve(cfg):
     }
     if not big:
         cfg = dataclasses.replace(cfg, n_heads=2, head_dim=32, flash_tokens=512)
+    # Sizes that cannot fit are refused before the first array (XLA aborts the process on a
+    # shape past 2^63 elements); each bound counts the inputs, outputs and references, 4 bytes
+    # an element where the kernel's are 2 (the references run in float32).
+    n, (B, _, KH, L), n8 = env["matmul_n"], env["decode_shape"], env["int8_n"]
+    common.check_fits(f"matmul_n={n}", 4 * 4 * n * n, "the matmul's operands, product and "
+                      "reference")
+    common.check_fits(f"flash_tokens={cfg.flash_tokens} n_heads={cfg.n_heads} head_dim="
+                      f"{cfg.head_dim}", 8 * 4 * cfg.flash_tokens * cfg.n_heads * cfg.head_dim,
+                      "flash attention's q, k, v, output and their gradients")
+    common.check_fits(f"decode_batch={B} decode_kv_heads={KH} decode_len={L} head_dim="
+                      f"{cfg.head_dim}", 3 * 2 * 2 * B * KH * L * cfg.head_dim,
+                      "the decode benchmark's K and V caches and their copies")
+    common.check_fits(f"int8_n={n8}", env["int8_layers"] * 3 * n8 * n8, f"the int8 benchmark's "
+                      f"{env['int8_layers']} weights, int8 and bf16")
     return cfg, env
 
 

@@ -351,3 +351,15 @@ def test_cli_refuses_a_file_as_out_before_the_experiments(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: --out={a_file} is a file, not a directory"
     assert "summing" not in r.stdout  # refused before the first experiment
+
+
+def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
+    monkeypatch.setattr(common, "memory_limit", lambda: (16e9, "a test's memory"))
+    nm.resolve(nm.NumericsConfig(), on_cpu=False)  # the GPU defaults fit in 16 GB
+    for kw, match in [({"n": 10**9}, "^n=1000000000 needs 32 GB for the summed vector"),
+                      ({"dim": 2**15}, "^rows=2048 dim=32768 needs 29 GB for the quantization"),
+                      ({"mm_size": 2**16}, "^mm_size=65536 needs 51.5 GB for the speed test")]:
+        with pytest.raises(common.UserError, match=match + ".* more than the 16 GB of a test's"):
+            nm.resolve(nm.NumericsConfig(**kw), on_cpu=False)
+    with pytest.raises(common.UserError, match=r"^steps must be < 2\*\*31"):
+        nm.resolve(nm.NumericsConfig(steps=2**31), on_cpu=False)

@@ -186,3 +186,10 @@ def test_kernels_reject_bad_arguments():
     with pytest.raises(common.UserError, match="n_chunks must be >= 1"):
         k08.decode_attention(jnp.ones((1, 4, 16)), jnp.ones((1, 2, 8, 16)), jnp.ones((1, 2, 8, 16)),
                              jnp.array([8]), n_chunks=0, interpret=True)
+
+
+def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
+    monkeypatch.setattr(common, "memory_limit", lambda: (16e9, "a test's memory"))
+    k08.resolve(k08.KernelsConfig())
+    with pytest.raises(common.UserError, match="^matmul_n=65536 needs 68.7 GB for the matmul's"):
+        k08.resolve(k08.KernelsConfig(matmul_n=65536))
