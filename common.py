@@ -944,6 +944,7 @@ def run(main):
         if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
             raise  # (a CPU reports a failed allocation as INTERNAL: "Out of memory allocating")
         what = str(e).splitlines()[0].split(" [")[0]  # the allocator's dump went to stderr above
+        what = re.sub(r"(Error dispatching computation: )+", "", what)  # one per device thread
         gpu = ("JAX takes 75% of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION=.95 says "
                "more; " if jax.devices()[0].platform == "gpu" else "")
         die(f"the device ran out of memory ({what}): {gpu}{smaller}, or more devices", code=1)

@@ -532,6 +532,15 @@ def test_parse_flags_errors(capsys, argv, match):
                                                 "smaller sizes (batch, sequence, model), or in "
                                                 "09_train.py --remat=dots or full, or more "
                                                 "devices"),
+                                               (jax.errors.JaxRuntimeError(  # 8 CPU threads
+                                                   "INTERNAL: Error dispatching computation: "
+                                                   "Error dispatching computation: Out of memory "
+                                                   "allocating 16 bytes."), 1,
+                                                "error: the device ran out of memory (INTERNAL: "
+                                                "Out of memory allocating 16 bytes.): try "
+                                                "smaller sizes (batch, sequence, model), or in "
+                                                "09_train.py --remat=dots or full, or more "
+                                                "devices"),
                                                (MemoryError("Unable to allocate 4.69 TiB"), 1,
                                                 "error: the host ran out of memory (Unable to "
                                                 "allocate 4.69 TiB): try smaller sizes (batch, "
