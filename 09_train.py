@@ -33,7 +33,8 @@ What it puts together, lesson by lesson:
   add, and ran slowly);
 - checkpoints written atomically to --out_dir (params, optimizer state, step; the data position
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
-  --out_dir resumes and reaches exactly the loss an uninterrupted run reaches;
+  --out_dir resumes and reaches exactly the loss an uninterrupted run reaches; a second run
+  started on an --out_dir that a run still holds is refused;
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -43,6 +44,7 @@ FLOPs (6N plus causal attention, common.Config.train_flops_per_token) per second
 all devices (the datasheet when common.CHIPS knows the chip, else the matmul rate measured here).
 Logged steps also go to <out_dir>/metrics.jsonl, and the loss curve to <out_dir>/loss.png.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -531,6 +533,11 @@ def model_config(tc):
 def train(tc, stop_after=None, log=print, devices=None):
     """Train per `tc` on `devices` (default: all); stop_after ends the run early at that step (as
     a kill would), after its checkpoint. Returns (logged metrics, params, model config)."""
+    with contextlib.ExitStack() as held:  # out_dir, held by process 0 until the run ends
+        return _train(tc, stop_after, log, devices, held)
+
+
+def _train(tc, stop_after, log, devices, held):
     cfg = model_config(tc)
     devices = devices or jax.devices()
     mesh = make_mesh(tc.mesh, devices)
@@ -553,7 +560,7 @@ def train(tc, stop_after=None, log=print, devices=None):
                                    f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
                                    f"single file gives 5% to validation) or a smaller seq_len")
     if jax.process_index() == 0:
-        common.make_out_dir(tc.out_dir, "--out_dir")
+        held.enter_context(common.hold_dir(tc.out_dir, "--out_dir"))
 
     params = jax.jit(common.init_params, static_argnums=0, out_shardings=shardings)(
         cfg, jax.random.key(tc.seed))

@@ -11,6 +11,7 @@ Nothing runs at import time. Read top to bottom:
   Config and presets -> the model -> sharding rules -> Hugging Face checkpoints -> CLI
   -> timing -> hardware -> data -> import_script.
 """
+import contextlib
 import dataclasses
 import glob
 import importlib.util
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import sysconfig
@@ -765,6 +767,31 @@ def make_out_dir(path, flag="--out"):
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{flag}={path} is a directory this user cannot write to")
     return path
+
+
+@contextlib.contextmanager
+def hold_dir(path, flag="--out_dir"):
+    """Make `path` (make_out_dir) and hold it for this run: a second run writing the same
+    directory is refused in one line, since each save clears the half-written checkpoints it
+    finds, the other run's included. The lock (flock on path/.lock) ends with the run or its
+    process; where the file system has no locks (some network mounts) the run goes unguarded."""
+    make_out_dir(path, flag)
+    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            owner = f.read().strip() or "its owner unknown"
+            raise UserError(f"{flag}={path} is in use by another run ({owner}): wait for it to "
+                            f"end, or use another {flag}") from None
+        except (ImportError, OSError):  # no fcntl (Windows), or no locks on this file system
+            pass
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield path
 
 
 class DamagedCheckpoint(UserError):

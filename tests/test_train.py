@@ -371,3 +371,17 @@ def test_sample_at_a_low_temperature_is_greedy_over_the_last_window():
             want.append(int(np.argmax(forward(np.array(want[-128:], np.int32)))))
         got = train_mod.sample(params, cfg, prompt, 5, temperature=1e-6)
         assert got == bytes(want).decode("utf-8", errors="replace")
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
+    """Two runs saving into one out_dir would delete each other's half-written checkpoints (a
+    save clears the temporary directories it finds): the second is refused while the first
+    holds the directory, and the directory is free again once the first ends."""
+    tc = tiny_run(tmp_path, steps=1)
+    with common.hold_dir(tc.out_dir):
+        with pytest.raises(common.UserError, match=rf"^--out_dir={tc.out_dir} is in use by "
+                           rf"another run \(pid {os.getpid()} on .+\): wait for it to end"):
+            train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert len(train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0]) == 1
+    assert len(train_mod.train(dataclasses.replace(tc, steps=2), log=lambda s: None,
+                               devices=jax.devices()[:1])[0]) == 2  # released after each run
