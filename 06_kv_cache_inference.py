@@ -2150,6 +2150,10 @@ def lesson_lengths(cfg, ic, on_gpu):
         raise common.UserError(f"gen_len={G}: the lesson times the decode steps after the "
                                f"first token, so it needs gen_len >= 2")
     need = P + G + 2 * ic.gamma + 1
+    if need > cfg.max_seq_len:
+        raise common.UserError(f"prompt_len + gen_len + 2 x gamma + 1 = {P} + {G} + "
+                               f"{2 * ic.gamma} + 1 = {need} exceeds the model's max_seq_len="
+                               f"{cfg.max_seq_len}: use shorter lengths or a smaller gamma")
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"

@@ -568,7 +568,10 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
     for ic, match in ((inf.InferConfig(models="tiny", max_new_tokens=200), "max_seq_len=128"),
                       (inf.InferConfig(models="tiny", draft_layers=3), "draft_layers=3"),
                       (inf.InferConfig(models="tiny", prompt_len=100),
-                       r"cache_len=256 \(cache_len=0 picks 256\) must hold")):
+                       r"^prompt_len \+ gen_len \+ 2 x gamma \+ 1 = 100 \+ 32 \+ 8 \+ 1 = 141 "
+                       r"exceeds the model's max_seq_len=128"),
+                      (inf.InferConfig(models="tiny", cache_len=64),
+                       r"^cache_len=64 must hold prompt_len \+ gen_len \+ 2 x gamma \+ 1 = 105")):
         with pytest.raises(common.UserError, match=match):
             inf.check_before_the_run(models, ic, False, None)
 
