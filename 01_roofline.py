@@ -673,4 +673,5 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --max_square, --weight, --max_batch, --vector_mib or "
+                             "--attn_seq")

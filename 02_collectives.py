@@ -410,4 +410,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try smaller --sizes_mib, or a smaller --mm_m, --mm_k or --mm_f")

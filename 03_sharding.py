@@ -729,4 +729,5 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --batch_size, --bench_preset, --bench_batch or "
+                             "--bench_seq, --bench_remat=dots or full, or more devices")

@@ -315,4 +315,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --batch, --seq_len or --n_heads")

@@ -697,4 +697,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --max_len, --mem_max_len, --batch or --n_heads")

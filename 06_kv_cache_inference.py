@@ -2256,4 +2256,5 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try smaller --models, or a smaller --batch, --slots, --requests or "
+                             "--cache_len")

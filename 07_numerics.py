@@ -793,4 +793,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --rows, --dim, --mm_size, --batch_size or --seq_len")

@@ -1730,4 +1730,5 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --matmul_n, --flash_tokens, --decode_batch, "
+                             "--decode_len, --int8_n or --int8_rows, or --only one kernel")

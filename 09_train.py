@@ -691,4 +691,5 @@ def train_and_sample(tc):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, smaller="try a smaller --batch_size or --seq_len, the same batch in "
+                             "--grad_accum pieces, --remat=dots or full, or more devices")

@@ -954,12 +954,11 @@ def _shown(value):
     return repr(value) if quoted else value
 
 
-def run(main):
+def run(main, smaller="try smaller sizes"):
     """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
     the device or the host (numpy) running out of memory one line and exit 1, Ctrl-C one line
     (with what the lesson says is kept) and exit 130, a closed output pipe nothing and exit 141,
-    as a shell's tools."""
-    smaller = "try smaller sizes (batch, sequence, model), or in 09_train.py --remat=dots or full"
+    as a shell's tools. `smaller` is the lesson's advice on memory: the flags that shrink it."""
     try:
         try:
             main()
@@ -974,7 +973,7 @@ def run(main):
         what = re.sub(r"(Error dispatching computation: )+", "", what)  # one per device thread
         gpu = ("JAX takes 75% of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION=.95 says "
                "more; " if jax.devices()[0].platform == "gpu" else "")
-        die(f"the device ran out of memory ({what}): {gpu}{smaller}, or more devices", code=1)
+        die(f"the device ran out of memory ({what}): {gpu}{smaller}", code=1)
     except MemoryError as e:  # numpy's, building inputs on the host
         die(f"the host ran out of memory ({e}): {smaller}", code=1)
     except KeyboardInterrupt as e:

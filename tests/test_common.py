@@ -1,9 +1,11 @@
 """common.py against independent references: a numpy Llama, RoPE's algebra, GQA as repeated MHA,
 the checkpoint loader (our own writer, and transformers when installed), the CLI, data."""
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -521,37 +523,41 @@ def test_parse_flags_errors(capsys, argv, match):
                                                    " to allocate 41.66GiB [executable='step']"), 1,
                                                 "error: the device ran out of memory "
                                                 "(RESOURCE_EXHAUSTED: Out of memory while trying "
-                                                "to allocate 41.66GiB): try smaller sizes (batch, "
-                                                "sequence, model), or in 09_train.py --remat=dots "
-                                                "or full, or more devices"),
+                                                "to allocate 41.66GiB): try a smaller --n"),
                                                (jax.errors.JaxRuntimeError(  # a CPU's words
                                                    "INTERNAL: Out of memory allocating 2000 "
                                                    "bytes."), 1,
                                                 "error: the device ran out of memory (INTERNAL: "
-                                                "Out of memory allocating 2000 bytes.): try "
-                                                "smaller sizes (batch, sequence, model), or in "
-                                                "09_train.py --remat=dots or full, or more "
-                                                "devices"),
+                                                "Out of memory allocating 2000 bytes.): try a "
+                                                "smaller --n"),
                                                (jax.errors.JaxRuntimeError(  # 8 CPU threads
                                                    "INTERNAL: Error dispatching computation: "
                                                    "Error dispatching computation: Out of memory "
                                                    "allocating 16 bytes."), 1,
                                                 "error: the device ran out of memory (INTERNAL: "
-                                                "Out of memory allocating 16 bytes.): try "
-                                                "smaller sizes (batch, sequence, model), or in "
-                                                "09_train.py --remat=dots or full, or more "
-                                                "devices"),
+                                                "Out of memory allocating 16 bytes.): try a "
+                                                "smaller --n"),
                                                (MemoryError("Unable to allocate 4.69 TiB"), 1,
                                                 "error: the host ran out of memory (Unable to "
-                                                "allocate 4.69 TiB): try smaller sizes (batch, "
-                                                "sequence, model), or in 09_train.py "
-                                                "--remat=dots or full")])
+                                                "allocate 4.69 TiB): try a smaller --n")])
 def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, line):
     def main():
         raise raised
     with pytest.raises(SystemExit) as e:
-        common.run(main)
+        common.run(main, smaller="try a smaller --n")
     assert e.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def test_each_lesson_names_its_own_flags_when_memory_runs_out():
+    """The advice on running out of memory names flags the lesson has, not another lesson's."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "[0-9][0-9]_*.py"))):
+        source = open(path).read()
+        call = source[source.rindex("common.run(main"):]
+        advice = "".join(re.findall(r'"([^"]*)"', call))
+        flags = re.findall(r"--([a-z_0-9]+)", advice)
+        assert flags, f"{os.path.basename(path)} gives no flags to shrink its memory"
+        for flag in flags:
+            assert re.search(rf"^    {flag}: ", source, re.M), f"{path}: no --{flag}"
 
 
 @pytest.mark.parametrize("flag,match", [("--nope=1", "unknown flag"), ("--steps=-1", "steps"),
