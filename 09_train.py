@@ -23,7 +23,8 @@ What it puts together, lesson by lesson:
   still float32; validation and samples run the plain bf16 model. Each scale comes from the
   tensor's own maximum, or with --fp8_scaling=delayed from the maximum recorded at the step
   before (lesson 07's fp8_einsum_delayed), so the conversion need not wait for it; the
-  recorded maxima live with the optimizer state;
+  recorded maxima live with the optimizer state, and a fresh run records its first ones in one
+  unquantized pass before step 1;
 - attention chosen by flag: naive (common), flash (lesson 05), pallas (lesson 08), cudnn;
 - the layers unrolled into one program (--scan_layers=true loops one compiled layer instead:
   faster to compile, slower to run, because XLA's loop copies buffers from one iteration to the
@@ -265,7 +266,7 @@ def sp_text(tc, mesh):
            f"split over tp)"
 
 
-def make_loss_fn(cfg, tc, mesh, attention):
+def make_loss_fn(cfg, tc, mesh, attention, record=False):
     rules = (common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"],
                                             mesh.shape["fsdp"])
              if tc.sequence_parallel else common.SHARDING_RULES)
@@ -277,8 +278,10 @@ def make_loss_fn(cfg, tc, mesh, attention):
     numerics = common.import_script("07_numerics")
 
     def loss_fn(params, x, y, amax=None):
-        """amax: with fp8_scaling=delayed, every layer matmul's recorded maxima."""
+        """amax: with fp8_scaling=delayed, every layer matmul's recorded maxima. record: the
+        matmuls unquantized, handing their maxima back as amax's gradient (calibrate_fp8)."""
         dot = None if not tc.fp8 else (
+            numerics.record_amax_einsum if record else
             numerics.fp8_einsum if amax is None else numerics.fp8_einsum_delayed)
         # Logits in the compute dtype: the loss widens them inside its reductions.
         logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
@@ -324,6 +327,17 @@ def make_train_step(cfg, tc, mesh, attention):
         return params, opt, {"loss": loss, "grad_norm": gnorm, "lr": lr, "finite": finite}
 
     return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def calibrate_fp8(cfg, tc, mesh, attention, params, amax, x, y):
+    """Delayed scaling's first maxima, before its first step: one forward and backward pass of
+    the first micro-batch with the matmuls unquantized, recording the maxima of their inputs
+    and incoming gradients; nothing is updated. Without it the first step's scales are 1
+    (lesson 07 measures how far off its gradient is)."""
+    loss_fn = make_loss_fn(cfg, tc, mesh, attention, record=True)
+    first = lambda a: a[::tc.grad_accum]  # micro-batch 0: rows 0, A, 2A, ... as train_step's
+    return jax.jit(lambda p, m, x, y: jax.grad(loss_fn, argnums=3)(p, first(x), first(y), m))(
+        params, amax, x, y)
 
 
 def global_batch(local, mesh):
@@ -566,7 +580,7 @@ def _train(tc, stop_after, log, devices, held):
         cfg, jax.random.key(tc.seed))
     opt = jax.jit(adamw_init, out_shardings={"mu": shardings, "nu": shardings,
                                              "count": NamedSharding(mesh, common.P())})(params)
-    if tc.fp8_scaling == "delayed":  # no maximum recorded yet: the first step's scales are 1
+    if tc.fp8_scaling == "delayed":  # no maximum recorded yet: calibrate_fp8 records them
         opt["fp8"] = jax.device_put(common.import_script("07_numerics").delayed_amax(
             cfg.n_layers), NamedSharding(mesh, common.P()))
     params, opt, start = restore(tc, cfg, params, opt)
@@ -599,6 +613,12 @@ def _train(tc, stop_after, log, devices, held):
                                  jax.process_index(), jax.process_count())
         return [global_batch(a, mesh) for a in local]
 
+    if "fp8" in opt and start == 0:
+        t0 = time.perf_counter()
+        opt["fp8"] = calibrate_fp8(cfg, tc, mesh, attention_fn(attn, mesh), params, opt["fp8"],
+                                   *batch(train_tokens, start, tc.seed))
+        log(f"fp8: recorded the first maxima in one unquantized pass over step 1's first "
+            f"micro-batch, {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     step_fn = step_fn.lower(params, opt, *batch(train_tokens, start, tc.seed)).compile()
     log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")

@@ -243,6 +243,26 @@ def test_delayed_scaling_is_current_scaling_when_the_recorded_maxima_are_current
         jnp.clip(w.astype(jnp.float32), -low["w"], low["w"]))))) * 1.2
 
 
+def test_record_amax_einsum_is_the_plain_product_and_hands_back_the_maxima():
+    """The calibration pass before delayed scaling's first step: the product and its gradients
+    are jnp.einsum's, unquantized; amax's cotangent is the maxima of x, w and the incoming
+    gradient, whatever amax held."""
+    rng = np.random.default_rng(2)
+    spec = "btd,df->btf"
+    x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
+    w = jnp.asarray(0.1 * rng.standard_normal((32, 16)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
+    amax = {k: jnp.float32(0.0) for k in "xwg"}
+    y, vjp = jax.vjp(lambda a, b, m: nm.record_amax_einsum(spec, a, b, m), x, w, amax)
+    want_y, want_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
+    np.testing.assert_array_equal(y, want_y)
+    dx, dw, seen = vjp(ct)
+    for got, want in zip((dx, dw), want_vjp(ct)):  # the same sums, maybe in another order
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert {k: float(v) for k, v in seen.items()} == {
+        k: float(jnp.max(jnp.abs(v))) for k, v in (("x", x), ("w", w), ("g", ct))}
+
+
 def test_half_gap_of_bf16():
     p = jnp.array([1.0, 1.0, 0.02, -3.0], jnp.float32)
     u = jnp.array([-1e-9, 1e-9, 1e-9, 1e-9], jnp.float32)  # up from 1, down from 1, ...

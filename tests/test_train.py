@@ -309,6 +309,43 @@ def test_fp8_delayed_scaling_follows_the_plain_run_and_resumes_exactly(tmp_path,
         train_mod.train(dataclasses.replace(tc, steps=6), **one)
 
 
+def test_fp8_delayed_scaling_records_its_first_maxima_before_the_first_step():
+    """With nothing recorded, delayed scaling's scales would be 1, and e5m2 at a scale of 1
+    flushes small gradients to zero. calibrate_fp8 records the maxima in one unquantized pass
+    over the first micro-batch: each weight's is its own, and the first step's gradient then
+    points the way the plain gradient does as closely as current scaling's, with nothing
+    flushed."""
+    cfg = common.PRESETS["tiny"]
+    tc = train_mod.TrainConfig(preset="tiny", seq_len=128, batch_size=32, grad_accum=2,
+                               fp8=True, fp8_scaling="delayed")
+    mesh = train_mod.make_mesh("dp:1", jax.devices()[:1])
+    params = common.init_params(cfg, jax.random.key(0))
+    x, y = np.split(np.random.default_rng(0).integers(0, cfg.vocab_size, (32, 129), np.int32),
+                    [128], axis=1)
+    y = np.concatenate([x[:, 1:], y], axis=1)
+    nothing = common.import_script("07_numerics").delayed_amax(cfg.n_layers)
+    amax = train_mod.calibrate_fp8(cfg, tc, mesh, common.attention_reference, params, nothing,
+                                   x, y)
+    for name, m in amax.items():
+        w = np.abs(params["layers"][name])  # [layers, ...]
+        np.testing.assert_array_equal(m["w"], w.reshape(len(w), -1).max(axis=1))
+        assert np.all(np.asarray(m["x"]) > 0) and np.all(np.asarray(m["g"]) > 0)
+
+    def grads(tc, *amax):
+        loss_fn = train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)
+        g = jax.grad(loss_fn)(params, x[::2], y[::2], *amax)["layers"]
+        return np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
+    plain, current = (grads(dataclasses.replace(tc, fp8=f, fp8_scaling="current"))
+                      for f in (False, True))
+    calibrated, ones = grads(tc, amax), grads(tc, nothing)
+
+    def cos(g):
+        return g @ plain / np.linalg.norm(g) / np.linalg.norm(plain)
+    assert cos(calibrated) > cos(current) - 1e-3 and np.mean(calibrated == 0) == 0
+    assert cos(ones) < cos(current) - 0.02 and np.mean(ones == 0) > 0.05, (cos(ones),
+                                                                          np.mean(ones == 0))
+
+
 def test_fp8_training_follows_the_plain_run(tmp_path, one_device_run):
     """Every layer's matmul in fp8 (lesson 07), under remat=dots (which recomputes the scaling
     in the backward pass): the losses stay within fp8's rounding of the plain run's, and
