@@ -59,22 +59,26 @@ import common
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
     preset: str = ""           # model of the analysis (common.PRESETS); empty: small (GPU), tiny
-    batch_size: int = 16       # global batch of the analysis, sequences
+                               # (CPU), or the smallest one every scheme's mesh can split
+    batch_size: int = 0        # global batch of the analysis, sequences; 0: 16, rounded up to a
+                               # multiple of the schemes' dp*fsdp
     seq_len: int = 128         # tokens per sequence
     mesh: str = ""             # one mesh to analyse, e.g. dp:2,fsdp:2,tp:2; empty: the 5 schemes
     sequence_parallel: bool = False  # with --mesh and tp: split the tokens between the matmuls
     tp: int = 2                # TP degree of the default TP, TP+SP and FSDP+TP schemes
     bench_preset: str = ""     # model of the tokens/s benchmark; empty: llama-3.2-1b (GPU), tiny
+                               # (CPU), or the smallest one that splits over all the devices
     bench_batch: int = 0       # sequences per device in the benchmark; 0: 16 (GPU), 4 (CPU)
-    bench_seq: int = 0         # tokens per sequence in the benchmark; 0: 1024 (GPU), 64 (CPU)
+    bench_seq: int = 0         # tokens per sequence in the benchmark; 0: 1024 (GPU), 64 (CPU),
+                               # at most the preset's max_seq_len
     bench_remat: str = "dots"  # none, full or dots (keep matmul outputs: fits a 1B model's step)
     bench_iters: int = 5       # timed steps, the median is reported
 
     def __post_init__(self):
-        for f in ("batch_size", "seq_len", "tp", "bench_iters"):
+        for f in ("seq_len", "tp", "bench_iters"):
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("bench_batch", "bench_seq"):
+        for f in ("batch_size", "bench_batch", "bench_seq"):
             if getattr(self, f) < 0:
                 raise common.UserError(f"{f} must be >= 0 (0 picks a size for the device)")
         for f in ("preset", "bench_preset"):
@@ -454,17 +458,20 @@ def bench_plan(run, devices, on_gpu):
     TP, without and with sequence parallelism. main() calls it before the analysis, so that a
     benchmark that cannot run is refused at once; the errors name the benchmark's own FSDP
     mesh, which no flag spells out, and the flags that change it."""
+    n, tp = len(devices), run.tp
     preset = run.bench_preset or ("llama-3.2-1b" if on_gpu else "tiny")
+    fits = [p for p, c in common.PRESETS.items() if c.d_model % n == 0]  # smallest first
+    if not run.bench_preset and common.Config.preset(preset).d_model % n and fits:
+        print(f"benchmark: {preset}'s d_model={common.Config.preset(preset).d_model} does not "
+              f"split {n} ways; it takes preset {fits[0]}")
+        preset = fits[0]
     cfg = common.Config.preset(preset)
     batch = run.bench_batch or (16 if on_gpu else 4)
-    seq = run.bench_seq or (1024 if on_gpu else 64)
+    seq = run.bench_seq or min(1024 if on_gpu else 64, cfg.max_seq_len)
     if seq > cfg.max_seq_len:
-        what = (f"bench_seq={seq}" if run.bench_seq else
-                f"bench_seq=0 picks {seq} on a {'GPU' if on_gpu else 'CPU'}, which")
-        raise common.UserError(f"{what} exceeds max_seq_len={cfg.max_seq_len} of the benchmark's "
-                               f"preset {preset}: set a shorter --bench_seq or another "
-                               f"--bench_preset")
-    n, tp = len(devices), run.tp
+        raise common.UserError(f"bench_seq={seq} exceeds max_seq_len={cfg.max_seq_len} of the "
+                               f"benchmark's preset {preset}: set a shorter --bench_seq or "
+                               f"another --bench_preset")
     plan = [("", False)] + ([(f"fsdp:{n}", False)] if n > 1 else [])
     if 1 < tp <= n and n % tp == 0 and not (cfg.n_kv_heads % tp or cfg.d_ff % tp
                                             or cfg.vocab_size % tp or cfg.d_model % (n // tp)):
@@ -480,7 +487,6 @@ def bench_plan(run, devices, on_gpu):
         meshes.append((common.mesh_name(sizes) + (" SP" if sp else ""), sizes, sp,
                        common.make_mesh(sizes, devices)))
     if cfg.d_model % n:  # FSDP splits each weight's embed dim (d_model) over all n devices
-        fits = [p for p, c in common.PRESETS.items() if c.d_model % n == 0]
         fix = f"--bench_preset={' or '.join(fits)}, or fewer devices" if fits else "fewer devices"
         raise common.UserError(f"the benchmark's FSDP mesh fsdp:{n} (all {n} devices) cannot "
                                f"split d_model={cfg.d_model} of preset {preset} {n} ways: use "
@@ -509,13 +515,42 @@ def show_sharded_array(mesh, cfg):
         jax.debug.visualize_array_sharding(w)
 
 
+def analysis_model(run, meshes, on_gpu):
+    """(preset, config, global batch, note) of the analysis. Flags left unset adapt to the
+    meshes: the batch is 16 rounded up to a multiple of every mesh's dp*fsdp, and the model is
+    the default preset, or where the meshes cannot split it (tiny's d_model=64 over 3 or 6
+    devices) the smallest that they can; the note says so. A preset the flag names, or none
+    that splits, gives the first mesh's one-line error."""
+    split = math.lcm(*(m.shape["dp"] * m.shape["fsdp"] for m in meshes)) if meshes else 1
+    batch = run.batch_size or -(-16 // split) * split
+    default = "small" if on_gpu else "tiny"
+    names = [run.preset] if run.preset else [default] + [p for p in ("tiny", "small")
+                                                          if p != default]
+    first_error = note = None
+    for name in names:
+        cfg = common.Config.preset(name)
+        try:
+            for mesh in meshes:
+                common.param_shardings(cfg, mesh)  # every weight dimension a mesh axis splits
+        except common.UserError as e:
+            first_error = first_error or e
+            note = note or f" ({name}'s weights do not split over {common.mesh_name(mesh.shape)})"
+            continue
+        return name, cfg, batch, note or ""
+    if len(names) == 1:
+        raise first_error
+    raise common.UserError(f"{first_error}, nor do {' or '.join(names[1:])}'s weights split: "
+                           f"use fewer devices")
+
+
 def check_tp(tp, n):
     """A --tp past the n devices is refused; one that does not divide them leaves no TP rows,
     which the returned note says. One device runs the unsharded model alone, whatever tp is."""
     if tp > n > 1:
         raise common.UserError(f"tp={tp} exceeds the {n} devices")
     if n > 1 and tp > 1 and n % tp:
-        return f"no TP schemes or benchmark rows: tp={tp} does not divide the {n} devices"
+        return (f"no FSDP+TP scheme or TP benchmark rows: tp={tp} does not divide the {n} "
+                f"devices")
     return ""
 
 
@@ -608,16 +643,7 @@ def main():
     devices = jax.devices()
     on_gpu = devices[0].platform == "gpu"
     n = len(devices)
-    preset = run.preset or ("small" if on_gpu else "tiny")
-    cfg = common.Config.preset(preset)
-    B, T = run.batch_size, run.seq_len
-    if T > cfg.max_seq_len:
-        raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
-    print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
-          f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens")
     note = check_tp(run.tp, n)
-    if note:
-        print(note)
     sizes = common.parse_mesh(run.mesh)
     if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
         sp = run.sequence_parallel and sizes["tp"] > 1
@@ -626,6 +652,17 @@ def main():
         schemes = []
     else:
         schemes = default_schemes(n, run.tp) if n > 1 else []
+    meshes = [(name, sizes, sp, common.make_mesh(sizes, devices))  # a one-line error: more
+              for name, sizes, sp in schemes]                      # devices than exist
+    preset, cfg, B, passed_over = analysis_model(run, [m for *_, m in meshes], on_gpu)
+    T = run.seq_len
+    if T > cfg.max_seq_len:
+        raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
+    print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
+          f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens"
+          f"{passed_over}")
+    if note:
+        print(note)
     if len(schemes) > 1:  # TP's group is smaller than the others' mesh: say so before the tables
         print("schemes: " + ", ".join(
             f"{name} = {common.mesh_name(sizes)} ({math.prod(sizes.values())} devices)"
@@ -633,12 +670,8 @@ def main():
     if n == 1:
         print("one device: every scheme is the unsharded model; on a CPU set "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
-    meshes = []
-    for name, sizes, sp in schemes:
-        mesh = common.make_mesh(sizes, devices)  # a one-line error: more devices than exist,
-        common.param_shardings(cfg, mesh)  # a mesh axis that does not divide a weight,
-        check_batch(B, T, mesh, sp)  # or the batch
-        meshes.append((name, sizes, sp, mesh))
+    for _, _, sp, mesh in meshes:
+        check_batch(B, T, mesh, sp)
     bench_preset, bcfg, bb, bt, bench_meshes = bench_plan(run, devices, on_gpu)
     show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
 

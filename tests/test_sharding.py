@@ -248,26 +248,54 @@ def test_bench_plan_defaults_on_cpu():
     assert [sp for _, _, sp, _ in meshes] == [False, False, False, True]
 
 
-def test_bench_plan_errors_name_the_benchmarks_own_mesh_and_preset():
+def test_bench_plan_errors_name_the_benchmarks_own_mesh_and_preset(capsys):
     three = jax.devices()[:3]  # tiny's d_model=64 does not split 3 ways; small's 384 does
     with pytest.raises(common.UserError, match=r"^the benchmark's FSDP mesh fsdp:3 \(all 3 "
                        r"devices\) cannot split d_model=64 of preset tiny 3 ways: use "
                        r"--bench_preset=small, or fewer devices$"):
-        sh.bench_plan(sh.ShardingConfig(), three, False)
-    assert sh.bench_plan(sh.ShardingConfig(bench_preset="small"), three, False)[0] == "small"
+        sh.bench_plan(sh.ShardingConfig(bench_preset="tiny"), three, False)
+    assert capsys.readouterr().out == ""
+    # Left unset, the preset is the smallest that splits, and says so.
+    assert sh.bench_plan(sh.ShardingConfig(), three, False)[0] == "small"
+    assert capsys.readouterr().out == ("benchmark: tiny's d_model=64 does not split 3 ways; it "
+                                       "takes preset small\n")
+    with pytest.raises(common.UserError, match="^the benchmark's FSDP mesh fsdp:5 .* use fewer "
+                       "devices$"):  # no preset splits 5 ways
+        sh.bench_plan(sh.ShardingConfig(), jax.devices()[:5], False)
     with pytest.raises(common.UserError, match="^bench_seq=1000 exceeds max_seq_len=128 of the "
                        "benchmark's preset tiny"):
         sh.bench_plan(sh.ShardingConfig(bench_seq=1000), jax.devices(), False)
-    with pytest.raises(common.UserError, match="^bench_seq=0 picks 1024 on a GPU, which exceeds "
-                       "max_seq_len=128 of the benchmark's preset tiny"):
-        sh.bench_plan(sh.ShardingConfig(bench_preset="tiny"), jax.devices(), True)
+    # Left unset, the length is the device's default, at most the preset's max_seq_len.
+    assert sh.bench_plan(sh.ShardingConfig(bench_preset="tiny"), jax.devices(), True)[3] == 128
+    assert sh.bench_plan(sh.ShardingConfig(bench_preset="small"), jax.devices(), True)[3] == 512
+
+
+def test_the_analysis_adapts_its_unset_model_and_batch_to_the_meshes():
+    """tiny's d_model=64 does not split 3 or 6 ways: left unset, the analysis takes small,
+    and its batch of 16 rounds up to a multiple of every scheme's dp*fsdp; flags the user set
+    are kept, and refused where they do not split."""
+    def meshes(n, tp=2):
+        return [common.make_mesh(s, jax.devices()[:n]) for _, s, _ in sh.default_schemes(n, tp)]
+    got = sh.analysis_model(sh.ShardingConfig(), meshes(8), False)
+    assert got[0] == "tiny" and got[2] == 16 and got[3] == ""
+    got = sh.analysis_model(sh.ShardingConfig(), meshes(6), False)
+    assert got[0] == "small" and got[1] == common.Config.preset("small") and got[2] == 18
+    assert got[3] == " (tiny's weights do not split over fsdp:6)"
+    assert sh.analysis_model(sh.ShardingConfig(batch_size=12), meshes(6), False)[2] == 12
+    assert sh.analysis_model(sh.ShardingConfig(), meshes(6), True)[:3:2] == ("small", 18)
+    with pytest.raises(common.UserError, match="splits embed=64 of"):
+        sh.analysis_model(sh.ShardingConfig(preset="tiny"), meshes(6), False)
+    with pytest.raises(common.UserError, match="splits embed=64 of .*, nor do small's weights "
+                       "split: use fewer devices$"):  # no preset splits 5 ways
+        sh.analysis_model(sh.ShardingConfig(), meshes(5), False)
 
 
 def test_cli_refuses_the_benchmark_mesh_before_the_analysis():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "03_sharding.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    out = subprocess.run([sys.executable, script, "--mesh=dp:3", "--batch_size=3"], env=env,
+    out = subprocess.run([sys.executable, script, "--mesh=dp:3", "--batch_size=3",
+                          "--bench_preset=tiny"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: the benchmark's FSDP mesh fsdp:3 (all 3 devices)")
