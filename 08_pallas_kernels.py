@@ -169,6 +169,11 @@ def matmul(x, w, bias=None, activation="none", block_m=128, block_n=128, block_k
     interpret = _interpreted(interpret)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise common.UserError(f"matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+    if min(x.shape + w.shape) < 1:
+        raise common.UserError(f"matmul: M, K and N must be >= 1, got x {x.shape}, w {w.shape}")
+    if bias is not None and jnp.shape(bias) != (w.shape[1],):
+        raise common.UserError(f"matmul: bias must be [N] = ({w.shape[1]},), got "
+                               f"{jnp.shape(bias)}")
     if activation not in ACTIVATIONS:
         raise common.UserError(f"activation must be one of {sorted(ACTIVATIONS)}, "
                                f"got {activation!r}")
@@ -185,7 +190,7 @@ def matmul(x, w, bias=None, activation="none", block_m=128, block_n=128, block_k
     args = [xp, wp]
     if bias is not None:
         in_specs.append(pl.BlockSpec((block_n,), lambda i, j: (j,)))
-        args.append(_pad_to(bias.reshape(N), 0, block_n))
+        args.append(_pad_to(jnp.asarray(bias), 0, block_n))
     kernel = functools.partial(matmul_kernel, block_k=block_k, activation=activation)
     if bias is None:
         kernel = functools.partial(_no_bias, kernel)
@@ -1147,7 +1152,8 @@ def decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, chunk):
 def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None, block_k=None,
                      num_warps=4, num_stages=3, interpret=None):
     """q [B, H, D] (this step's token); k, v [B, KH, S, D] (lesson 06's cache layout); lengths
-    [B] int: row b attends to cache positions < lengths[b] (>= 1). Returns [B, H, D].
+    [B] int (or one for every row): row b attends to cache positions < lengths[b], a length
+    past S counting as S and a row of length 0 giving zeros. Returns [B, H, D].
     An int8 cache (lesson 06's kv_int8) comes with float32 scales k_scale, v_scale [B, KH, S],
     one per position and head: the values are k * k_scale[..., None].
 
@@ -1155,14 +1161,19 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     outputs are merged with their logsumexp: out = sum_c exp(lse_c - lse) * out_c.
     block_k None: 64 cache rows per step, or for an int8 cache 8 KB of them (128 rows at
     D = 64), which an H200 sweep found 1.1x faster than 64 there (64 stays best at D = 128)."""
-    B, H, D = q.shape
     interpret = _interpreted(interpret)
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
+    if (q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]
+            or k.shape[3] != q.shape[2] or q.shape[1] % k.shape[1]):
         raise common.UserError(f"decode_attention: q [B, H, D] {q.shape} and k, v [B, KH, S, D] "
                                f"{k.shape}, {v.shape} do not fit")
+    B, H, D = q.shape
+    if jnp.ndim(lengths) not in (0, 1) or jnp.ndim(lengths) == 1 and len(lengths) != B:
+        raise common.UserError(f"decode_attention: lengths must be [B] = ({B},) or one number, "
+                               f"got shape {jnp.shape(lengths)}")
     scaled = k_scale is not None
     if scaled != (v_scale is not None) or scaled and (
-            k_scale.shape != k.shape[:3] or v_scale.shape != k.shape[:3]):
+            k_scale.shape != k.shape[:3] or v_scale.shape != k.shape[:3]) or (
+            not scaled and jnp.issubdtype(k.dtype, jnp.integer)):
         raise common.UserError(f"decode_attention: an int8 cache needs k_scale and v_scale "
                                f"[B, KH, S] {k.shape[:3]}")
     scale, Dp = 1.0 / math.sqrt(D), _pow2_at_least(D)
@@ -1186,7 +1197,8 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     Gp = max(16, G)
     qg = q.reshape(B, KH, G, Dp) * scale
     qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(q.dtype if scaled else k.dtype)
-    lengths = jnp.asarray(lengths, jnp.int32).reshape(B)
+    # Positions past S hold the padding above (or nothing): a longer length counts as S.
+    lengths = jnp.clip(jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,)), 0, S)
     kernel = functools.partial(decode_kernel, block_k=block_k, chunk=chunk)
     cache_spec = pl.BlockSpec((None, None, Sp, Dp), lambda b, h, c: (b, h, 0, 0))
     scale_spec = pl.BlockSpec((None, None, Sp), lambda b, h, c: (b, h, 0))
@@ -1206,15 +1218,18 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
         interpret=interpret,
     )(lengths, qg, kp, vp, *scales)
     # Combine the chunks: weights exp(lse_c - max) renormalised (the same online-softmax
-    # identity as across blocks, done once across chunks).
-    w = jax.nn.softmax(lse, axis=2)                               # [B, KH, C, Gp]
+    # identity as across blocks, done once across chunks). A row of length 0 has no chunk to
+    # weigh (every lse is -inf): its weights are 0, not the softmax's 0/0.
+    w = jnp.where((lengths > 0)[:, None, None, None], jax.nn.softmax(lse, axis=2), 0.0)
     out = jnp.einsum("bkcg,bkcgd->bkgd", w, out)[:, :, :G, :D]
     return out.reshape(B, H, D).astype(q.dtype)
 
 
 def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
-    """Materialised softmax over the whole cache, masked past each row's length."""
+    """Materialised softmax over the whole cache, masked past each row's length (zeros for a row
+    of length 0)."""
     B, H, D = q.shape
+    lengths = jnp.broadcast_to(jnp.asarray(lengths), (B,))
     KH, S = k.shape[1], k.shape[2]
     if k_scale is not None:  # an int8 cache: its values are k * k_scale
         k = k.astype(jnp.float32) * k_scale[..., None]
@@ -1222,7 +1237,8 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None):
     qg = q.reshape(B, KH, H // KH, D).astype(jnp.float32)
     s = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     s = jnp.where(jnp.arange(S)[None, None, None] < lengths[:, None, None, None], s, -jnp.inf)
-    out = jnp.einsum("bkgs,bksd->bkgd", jax.nn.softmax(s, axis=-1), v.astype(jnp.float32))
+    p = jnp.where((lengths > 0)[:, None, None, None], jax.nn.softmax(s, axis=-1), 0.0)
+    out = jnp.einsum("bkgs,bksd->bkgd", p, v.astype(jnp.float32))
     return out.reshape(B, H, D).astype(q.dtype)
 
 
@@ -1281,6 +1297,7 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
     M = 1); 256-wide K blocks with 4 warps beat 512 with 8 on every shape.
     Keep N a multiple of block_n and K of block_k: otherwise every call pads (copies) the
     weight."""
+    scale = jnp.asarray(scale)
     if (x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != w_q.shape[1]
             or scale.shape != (w_q.shape[0],)):
         raise common.UserError(f"int8_matmul needs x [M, K], w_q [N, K], scale [N]; got "

@@ -159,6 +159,43 @@ def test_decode_attention_ignores_the_stale_cache():
     np.testing.assert_array_equal(run(k, v), run(junk(k), junk(v)))
 
 
+def test_decode_attention_lengths_of_zero_and_past_the_cache():
+    """A length past S counts as S (the positions beyond are the chunks' zero padding, which
+    must not be attended to); a row of length 0 gives zeros, not NaN, and leaves the other
+    rows as they were; one length serves every row."""
+    rng = np.random.default_rng(3)
+    S = 33                                   # 3 chunks of 16: 15 rows of padding past S
+    q, k, v = normal(rng, 3, 4, 16), normal(rng, 3, 2, S, 16), normal(rng, 3, 2, S, 16)
+    run = lambda lengths: k08.decode_attention(q, k, v, lengths, n_chunks=3, block_k=16,
+                                               interpret=True)
+    np.testing.assert_allclose(run(jnp.array([40, 1000, 17])), run(jnp.array([S, S, 17])),
+                               rtol=1e-6, atol=1e-6)
+    got, want = run(jnp.array([0, 5, 17])), run(jnp.array([3, 5, 17]))
+    assert bool(jnp.all(got[0] == 0)) and bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_array_equal(got[1:], want[1:])
+    ref = k08.decode_attention_reference(q, k, v, jnp.array([0, 5, 17]))
+    assert bool(jnp.all(ref[0] == 0)) and rel(got, ref) < 1e-5
+    np.testing.assert_allclose(run(9), run(jnp.array([9, 9, 9])), rtol=0, atol=0)
+
+
+def test_kernels_name_the_shapes_a_user_got_wrong():
+    q, k = jnp.ones((1, 4, 16)), jnp.ones((1, 2, 8, 16))
+    cases = [(lambda: k08.decode_attention(q[0], k, k, jnp.array([8])), "q \\[B, H, D\\]"),
+             (lambda: k08.decode_attention(q, k, k, jnp.array([8, 8])), "lengths must be"),
+             (lambda: k08.decode_attention(q, k.astype(jnp.int8), k.astype(jnp.int8),
+                                           jnp.array([8])), "int8 cache needs k_scale"),
+             (lambda: k08.matmul(jnp.ones((4, 8)), jnp.ones((8, 16)), bias=jnp.ones(8)),
+              "bias must be \\[N\\]"),
+             (lambda: k08.matmul(jnp.ones((0, 8)), jnp.ones((8, 16))), "must be >= 1")]
+    for call, match in cases:
+        with pytest.raises(common.UserError, match=match):
+            call()
+    x, w = normal(np.random.default_rng(4), 2, 16), normal(np.random.default_rng(5), 16, 16)
+    w_q, scale = k08.quantize_int8(w)   # a scale given as a list is taken as an array
+    np.testing.assert_array_equal(k08.int8_matmul(x, w_q, list(np.asarray(scale))),
+                                  k08.int8_matmul(x, w_q, scale))
+
+
 @pytest.mark.parametrize("M,K,N,split_k,vector_rows", [
     (1, 64, 48, None, 4),  # one row on the vector-unit kernel, split chosen by the wrapper
     (3, 100, 70, 3, 4),    # ragged, split K, still vector
