@@ -151,8 +151,9 @@ class InferConfig:
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.gamma < 1:
             raise common.UserError(f"gamma must be >= 1, got {self.gamma}")
-        if self.temperature < 0:
-            raise common.UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise common.UserError(f"temperature must be a finite number >= 0, got "
+                                   f"{self.temperature}")
         if not 0 < self.top_p <= 1:
             raise common.UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.draft and self.draft_layers:
@@ -593,13 +594,25 @@ GREEDY = Sampling()
 
 
 def make_sampling(temperature=0.0, top_k=None, top_p=None):
-    if temperature < 0:
-        raise common.UserError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise common.UserError(f"top_k must be >= 0, got {top_k}")
+    if not 0 <= temperature < math.inf:  # (a NaN fails this too)
+        raise common.UserError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 0):
+        raise common.UserError(f"top_k must be an integer >= 0, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise common.UserError(f"top_p must be in (0, 1], got {top_p}")
-    return Sampling(float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
+    # Below float32's smallest normal number the division by it would overflow: sampling at such
+    # a temperature is greedy in all but name.
+    temperature = 0.0 if temperature < np.finfo(np.float32).tiny else float(temperature)
+    return Sampling(temperature, int(top_k or 0), float(1.0 if top_p is None else top_p))
+
+
+def check_sampling(sampling):
+    """A Sampling built by hand (the serving loops take one) passes make_sampling's checks."""
+    if not isinstance(sampling, Sampling):
+        raise common.UserError(f"sampling must be a Sampling (make_sampling builds one), got "
+                               f"{sampling!r}")
+    return make_sampling(*sampling)
 
 
 def check_seed(seed):
@@ -624,7 +637,10 @@ def sample(logits, seed, row_ids, counters, sampling):
 def filter_logits(logits, sampling):
     """The logits [..., V] that sampling draws from, as float32: divided by the temperature (> 0),
     -inf outside the top_k and outside the top_p nucleus."""
-    logits = logits.astype(jnp.float32) / sampling.temperature
+    logits = logits.astype(jnp.float32)
+    # The best logit first brought to 0: at a small temperature the others go to -inf, not the
+    # best to +inf (softmax does not change).
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
     if sampling.top_k:
         kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -746,14 +762,23 @@ def decode_steps(params, cache, tokens, row_ids, counters, seed, cfg, n, samplin
 
 def bucket(n, lo=16):
     """Pad lengths to powers of two, so that a few compiled shapes serve every prompt."""
-    return max(lo, 1 << max(n - 1, 0).bit_length())
+    return max(lo, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def check_count(name, n):
+    """A count of tokens given by a user: an integer (numpy's too), as a Python int."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise common.UserError(f"{name} must be an integer, got {n!r}")
+    return int(n)
 
 
 def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
     """Lengths [B] of a list of token lists; the cache length to use. One-line errors for what a
     user can get wrong."""
-    if max_new_tokens < 0:
+    if check_count("max_new_tokens", max_new_tokens) < 0:
         raise common.UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if cache_len is not None and check_count("cache_len", cache_len) < 1:
+        raise common.UserError(f"cache_len must be >= 1, got {cache_len}")
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise common.UserError("prompts must be a non-empty list of token lists")
     lengths = []
@@ -791,7 +816,13 @@ def pad_prompts(prompts, T):
 
 
 def _check_stops(stop_tokens, cfg):
-    stops = sorted({int(t) for t in (stop_tokens or ())})
+    if stop_tokens is None:
+        stop_tokens = ()
+    stop_tokens = np.atleast_1d(np.asarray(stop_tokens))  # one id, or a list of them
+    if stop_tokens.size and (stop_tokens.ndim != 1 or
+                             not np.issubdtype(stop_tokens.dtype, np.integer)):
+        raise common.UserError(f"stop_tokens must be token ids, got {stop_tokens.tolist()}")
+    stops = sorted({int(t) for t in stop_tokens})
     if stops and not 0 <= stops[0] <= stops[-1] < cfg.vocab_size:
         raise common.UserError(f"stop_tokens must be ids in [0, {cfg.vocab_size}), got {stops}")
     return stops
@@ -855,6 +886,7 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     sampling, seed = make_sampling(temperature, top_k, top_p), check_seed(seed)
     decode_attention = decode_attention or default_decode_attention(cfg)
     lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len)
+    max_new_tokens = int(max_new_tokens)
     stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
     if max_new_tokens == 0:
@@ -886,6 +918,12 @@ def teacher_forced_logits(params, cfg, prompt, continuation, cache_len, kv_int8=
     """Logits [len(continuation) + 1, V] after the prompt and after each continuation token, fed
     through the same prefill and decode steps as generation (so int8 weights and int8 caches are
     compared on the same tokens, not on diverging outputs)."""
+    # Every continuation token is fed back, its last too: one position more than generate's.
+    check_prompts([prompt], cfg, len(continuation) + 1, cache_len)
+    c = np.asarray(continuation)
+    if c.size and (c.ndim != 1 or not np.issubdtype(c.dtype, np.integer) or c.min() < 0
+                   or c.max() >= cfg.vocab_size):
+        raise common.UserError(f"the continuation must be token ids in [0, {cfg.vocab_size})")
     cache = init_cache(cfg, 1, cache_len, kv_int8)
     zero = jnp.zeros((1,), jnp.int32)
     T = min(bucket(len(prompt)), cache_len)
@@ -921,11 +959,16 @@ class Served:
 
 
 def _check_stream(requests, cfg, n_slots, cache_len, prompt_pad):
-    if n_slots < 1:
+    if check_count("n_slots", n_slots) < 1:
         raise common.UserError(f"n_slots must be >= 1, got {n_slots}")
     if not requests:
         raise common.UserError("the request stream is empty")
-    for r in requests:
+    if check_count("cache_len", cache_len) < 1:
+        raise common.UserError(f"cache_len must be >= 1, got {cache_len}")
+    for i, r in enumerate(requests):
+        if not isinstance(r, Request):
+            raise common.UserError(f"request {i} must be a Request(prompt, max_new_tokens), got "
+                                   f"{type(r).__name__}")
         check_prompts([r.prompt], cfg, r.max_new_tokens, cache_len)
     pad = prompt_pad or min(bucket(max(len(r.prompt) for r in requests)), cache_len)
     if pad > cache_len or pad < max(len(r.prompt) for r in requests):
@@ -978,7 +1021,8 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
     params = inference_params(params, cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
     pad = _check_stream(requests, cfg, n_slots, cache_len, prompt_pad)
-    seed = check_seed(seed)
+    seed, sampling = check_seed(seed), check_sampling(sampling)
+    n_slots, cache_len = int(n_slots), int(cache_len)
     stop_ids = np.asarray(_check_stops(stop_tokens, cfg), np.int32)
     n, want = len(requests), [r.max_new_tokens for r in requests]
     cache = init_cache(cfg, n_slots, cache_len, kv_int8)
@@ -1190,12 +1234,16 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     if draft_cfg.vocab_size > cfg.vocab_size:
         raise common.UserError(f"the draft's vocabulary ({draft_cfg.vocab_size}) is larger than "
                                f"the target's ({cfg.vocab_size}): they must share a tokenizer")
-    if gamma < 1:
+    if check_count("gamma", gamma) < 1:
         raise common.UserError(f"gamma must be >= 1, got {gamma}")
     params, draft = inference_params(params, cfg), inference_params(draft, draft_cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
-    # A round writes gamma + 1 positions past a row's length, also past its last token.
-    lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len, extra=2 * gamma + 1)
+    # A round writes gamma + 1 positions past a row's length, also past its last token; with no
+    # token wanted there is no round.
+    rounds = check_count("max_new_tokens", max_new_tokens) > 0
+    lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len,
+                               extra=(2 * gamma + 1) * rounds)
+    max_new_tokens, gamma = int(max_new_tokens), int(gamma)
     stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
     if max_new_tokens == 0:

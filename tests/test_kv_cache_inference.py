@@ -504,6 +504,24 @@ def test_sampling_with_a_seed_is_reproducible():
     assert a != run(seed=4)
 
 
+def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
+    """What a caller passes as a matter of course: numpy integers for counts, one stop id
+    rather than a list, and a temperature so small that dividing by it in float32 overflows,
+    which samples the argmax."""
+    p, prompts = params_for(TINY), PROMPTS[:2]
+    greedy = inf.generate(p, TINY, prompts, 6, cache_len=CACHE)
+    assert inf.generate(p, TINY, prompts, np.int64(6), cache_len=CACHE) == greedy
+    for t in (1e-39, 1e-46):
+        assert inf.generate(p, TINY, prompts, 6, temperature=t, cache_len=CACHE) == greedy
+    stop = greedy[0][2]
+    assert inf.generate(p, TINY, prompts, 6, cache_len=CACHE, stop_tokens=stop) == \
+        inf.generate(p, TINY, prompts, 6, cache_len=CACHE, stop_tokens=[stop])
+    assert inf.speculative_generate(p, TINY, p, TINY, prompts, np.int64(6), gamma=np.int64(2),
+                                    cache_len=CACHE)[0] == greedy
+    # no round runs for no tokens: a prompt that fills the model gets its empty answer
+    assert inf.speculative_generate(p, TINY, p, TINY, [[1] * TINY.max_seq_len], 0)[0] == [[]]
+
+
 def test_sampling_restrictions():
     logits = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32) * 3
     rows, zeros = np.arange(64, dtype=np.int32), np.zeros(64, np.int32)
@@ -541,6 +559,19 @@ def test_sampling_restrictions():
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 21, gamma=4),
      "plus the 9 positions a speculative round needs"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
+    (lambda p: inf.generate(p, TINY, [[1]], 4.0), "max_new_tokens must be an integer"),
+    (lambda p: inf.generate(p, TINY, [[1]], 4, temperature=float("nan")), "finite number"),
+    (lambda p: inf.generate(p, TINY, [[1]], 4, top_k=2.5), "top_k must be an integer"),
+    (lambda p: inf.generate(p, TINY, [[1]], 4, stop_tokens=[1.5]), "stop_tokens must be"),
+    (lambda p: inf.serve_static(p, TINY, [inf.Request([1], 4)], 2, CACHE,
+                                sampling=inf.Sampling(0.8, 0, 0.0)), "top_p"),
+    (lambda p: inf.serve_static(p, TINY, [inf.Request([1], 4)], 2, CACHE,
+                                sampling=(1.0, 0, 1.0)), "sampling must be a Sampling"),
+    (lambda p: inf.serve_continuous(p, TINY, [([1], 4)], 2, CACHE), "request 0 must be"),
+    (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1], 4)], 2, None), "cache_len"),
+    (lambda p: inf.teacher_forced_logits(p, TINY, [1, 2], [3] * 8, 8), "needs 10 cache"),
+    (lambda p: inf.teacher_forced_logits(p, TINY, [], [3], 8), "non-empty"),
+    (lambda p: inf.teacher_forced_logits(p, TINY, [1], [256], 8), "continuation must be"),
 ])
 def test_bad_inputs_raise_user_error(call, match):
     with pytest.raises(common.UserError, match=match):
