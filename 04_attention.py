@@ -61,31 +61,6 @@ class AttnConfig:
 # Attention, step by step
 # ----------------------------------------------------------------------------------------------
 
-def check_inputs(q, k, v, segment_ids=None):
-    """Shapes as attention expects them, or a one-line UserError that names them."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise common.UserError(f"q, k, v must be [B, T, H, D] / [B, S, KH, D], got shapes "
-                               f"{q.shape}, {k.shape}, {v.shape}")
-    B, T, H, D = q.shape
-    if k.shape != v.shape:
-        raise common.UserError(f"k and v shapes differ: {k.shape} vs {v.shape}")
-    if k.shape[0] != B:
-        raise common.UserError(f"batch of q ({B}) and k/v ({k.shape[0]}) differ")
-    if k.shape[3] != D:
-        raise common.UserError(f"head dims differ: q has D={D}, k/v have {k.shape[3]}")
-    if 0 in q.shape or 0 in k.shape:
-        raise common.UserError(f"q, k, v must not be empty, got shapes {q.shape}, {k.shape}")
-    if H % k.shape[2]:
-        raise common.UserError(f"k/v heads KH={k.shape[2]} must divide query heads H={H}")
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise common.UserError(f"segment_ids must be [B, T] = {(B, T)}, got "
-                                   f"{segment_ids.shape}")
-        if k.shape[1] != T:
-            raise common.UserError(f"segment_ids are for self-attention: S={k.shape[1]} must "
-                                   f"equal T={T}")
-
-
 def visible(q_pos, k_pos, causal, q_seg=None, k_seg=None):
     """The mask, True where a query may see a key: [B or 1, Tq, Sk].
 
@@ -107,7 +82,7 @@ def attention(q, k, v, causal=False, segment_ids=None):
     head kh); segment_ids: [B, T] (self-attention, S == T). Causal with S > T (decoding after
     a cache of S - T tokens): query t sits at key position t + S - T, as in
     common.attention_reference. Rows that see no key at all give 0."""
-    check_inputs(q, k, v, segment_ids)
+    common.check_attention_inputs(q, k, v, segment_ids)
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, KH, H // KH, D)  # [B, T, KH, G, D]: each group shares one kv head

@@ -212,7 +212,7 @@ def flash_forward(q, k, v, segment_ids, causal, block_q, block_k):
     seen = l > 0  # false only for rows that see no key at all: they give 0, as in lesson 04
     o = o / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    out = from_blocks(o, T).reshape(B, T, H, D).astype(q.dtype)
+    out = from_blocks(o, T).reshape(B, T, H, D).astype(v.dtype)  # as lesson 04
     return out, lse
 
 
@@ -290,7 +290,7 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, block_q=1024, block
     block_q, block_k: rows of Q and of K/V per block (clamped to T and S). Large blocks suit a
     GPU here: each block pair is one loop step of several kernels, so a step must carry enough
     work to hide their launch; the temporary memory grows with block_q * block_k * H."""
-    attn04.check_inputs(q, k, v, segment_ids)
+    common.check_attention_inputs(q, k, v, segment_ids)
     if q.shape[1] < 1 or k.shape[1] < 1:
         raise common.UserError(f"T and S must be >= 1, got T={q.shape[1]}, S={k.shape[1]}")
     for name, b in (("block_q", block_q), ("block_k", block_k)):

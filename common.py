@@ -252,10 +252,36 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def check_attention_inputs(q, k, v, segment_ids=None):
+    """Shapes as attention expects them, or a one-line UserError that names them."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise UserError(f"q, k, v must be [B, T, H, D] / [B, S, KH, D], got shapes "
+                        f"{q.shape}, {k.shape}, {v.shape}")
+    B, T, H, D = q.shape
+    if k.shape != v.shape:
+        raise UserError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    if k.shape[0] != B:
+        raise UserError(f"batch of q ({B}) and k/v ({k.shape[0]}) differ")
+    if k.shape[3] != D:
+        raise UserError(f"head dims differ: q has D={D}, k/v have {k.shape[3]}")
+    if 0 in q.shape or 0 in k.shape:
+        raise UserError(f"q, k, v must not be empty, got shapes {q.shape}, {k.shape}")
+    if H % k.shape[2]:
+        raise UserError(f"k/v heads KH={k.shape[2]} must divide query heads H={H}")
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T):
+            raise UserError(f"segment_ids must be [B, T] = {(B, T)}, got "
+                            f"{segment_ids.shape}")
+        if k.shape[1] != T:
+            raise UserError(f"segment_ids are for self-attention: S={k.shape[1]} must "
+                            f"equal T={T}")
+
+
 def attention_reference(q, k, v, causal=True, segment_ids=None):
     """Naive attention, the [T, S] score matrix materialized. q: [B, T, H, D]; k, v: [B, S, KH, D]
     with KH dividing H (each group of H/KH query heads shares one kv head); segment_ids: [B, T]
     (self-attention over packed sequences: a token sees only its own segment)."""
+    check_attention_inputs(q, k, v, segment_ids)
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, KH, H // KH, D)

@@ -312,6 +312,22 @@ def test_bad_arguments():
         f05.flash_attention(q[..., :0], k[..., :0], v[..., :0])
 
 
+def test_the_reference_checks_shapes_and_flash_returns_the_values_dtype():
+    """common.attention_reference (common.forward's default) refuses what einsum would broadcast
+    silently, a batch of 1 against one of 2; flash attention returns v's dtype, as lesson 04's
+    attention and the reference do, whatever q's."""
+    q, k, v, _ = make_qkv(2, 8, 8, 4, 2, 16)
+    with pytest.raises(common.UserError, match="batch of q"):
+        common.attention_reference(q, k[:1], v[:1])
+    with pytest.raises(common.UserError, match="segment_ids must be"):
+        common.attention_reference(q, k, v, True, jnp.zeros((1, 8), jnp.int32))
+    q16 = q.astype(jnp.bfloat16)
+    want = common.attention_reference(q16, k, v)
+    got = f05.flash_attention(q16, k, v, True, block_q=4, block_k=4)
+    assert got.dtype == want.dtype == v.dtype == a04.attention(q16, k, v).dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_timed_lengths_fill_the_device_defaults():
     assert f05.timed_lengths(f05.FlashConfig(), on_gpu=False) == [256, 512]
     assert f05.timed_lengths(f05.FlashConfig(), on_gpu=True) == [2**i for i in range(10, 17)]
