@@ -103,13 +103,15 @@ class TrainConfig:
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
         for f in ("warmup", "ckpt_every", "sample_len", "process_id", "min_lr", "weight_decay",
-                  "grad_clip"):
-            if getattr(self, f) < 0:
+                  "grad_clip", "seed"):
+            if not 0 <= getattr(self, f) < math.inf:  # (a NaN fails this too)
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.seed >= 2**31:  # a jax.random key's seed and numpy's, as the CLI checks
+            raise common.UserError(f"seed must be below 2**31, got {self.seed}")
         for f in ("steps", "warmup"):  # the schedule and AdamW's count are int32 on the device
             if getattr(self, f) >= 2**31:
                 raise common.UserError(f"{f} must be below 2**31, got {getattr(self, f)}")
-        if self.lr <= 0:
+        if not 0 < self.lr < math.inf:
             raise common.UserError(f"lr must be > 0, got {self.lr}")
         if self.min_lr > self.lr:
             raise common.UserError(f"min_lr={self.min_lr} is above lr={self.lr}: the cosine "
@@ -358,7 +360,8 @@ def save(tc, step, params, opt, cfg):
         state = multihost_utils.process_allgather(state, tiled=True)
     if jax.process_index() == 0:
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
-                "data_position": step, "fp8_maxima": "fp8" in opt}
+                "data_position": step, "fp8_maxima": "fp8" in opt,
+                "batch_size": tc.batch_size, "seq_len": tc.seq_len}
         common.save_checkpoint(tc.out_dir, step, jax.device_get(state), meta)
 
 
@@ -394,6 +397,11 @@ def restore(tc, cfg, params, opt):
     state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
         a.shape, ref.sharding, lambda idx: a[idx]), state, like)
     print(f"resumed from {path} at step {meta['step']}")
+    changed = [f"{k}={getattr(tc, k)} (the checkpoint's steps ran at {meta[k]})"
+               for k in ("batch_size", "seq_len") if meta.get(k, getattr(tc, k)) != getattr(tc, k)]
+    if changed:  # allowed (a smaller batch after running out of memory), but said
+        print(f"note: resuming with {', '.join(changed)}: the steps from here read other batches "
+              f"than an uninterrupted run would")
     return state["params"], state["opt"], meta["step"]
 
 

@@ -74,16 +74,29 @@ class Config:
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                   "max_seq_len"):
-            if getattr(self, f) < 1:
-                raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise UserError(f"{f} must be an integer >= 1, got {value!r}")
+        if self.head_dim % 2:  # rope turns pairs of dimensions
+            raise UserError(f"head_dim must be even (rope rotates pairs), got {self.head_dim}")
+        for f in ("rope_theta", "norm_eps"):
+            if not 0 < getattr(self, f) < math.inf:
+                raise UserError(f"{f} must be a finite number > 0, got {getattr(self, f)}")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         for f in ("param_dtype", "dtype"):
             if getattr(self, f) not in ("float32", "bfloat16", "float16"):
                 raise UserError(f"{f} must be float32, bfloat16 or float16, got {getattr(self, f)}")
-        if self.rope_scaling is not None and len(self.rope_scaling) != 4:
-            raise UserError("rope_scaling takes 4 numbers: factor,low_freq_factor,"
-                            "high_freq_factor,original_max_len")
+        if self.rope_scaling is not None:
+            try:
+                values = tuple(float(x) for x in self.rope_scaling)
+            except (TypeError, ValueError):
+                values = ()
+            if len(values) != 4:
+                raise UserError(f"rope_scaling takes 4 numbers: factor,low_freq_factor,"
+                                f"high_freq_factor,original_max_len; got {self.rope_scaling!r}")
+            # a tuple, so that the config stays hashable (jit takes it as a static argument)
+            object.__setattr__(self, "rope_scaling", values)
 
     @staticmethod
     def preset(name):
@@ -335,8 +348,16 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     dot = dot or jnp.einsum
     constrain = constrain or (lambda x, axes: x)
     tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise UserError(f"tokens must be integers [B, T], got {tokens.dtype} {list(tokens.shape)}")
     B, T = tokens.shape
     dt = jnp.dtype(cfg.dtype)
+    if positions is not None and jnp.shape(positions) not in ((B, T), (1, T)):
+        raise UserError(f"positions must be [B, T] = {[B, T]} or [1, T], got "
+                        f"{list(jnp.shape(positions))}")
+    if segment_ids is not None and jnp.shape(segment_ids) != (B, T):
+        raise UserError(f"segment_ids must be [B, T] = {[B, T]}, got "
+                        f"{list(jnp.shape(segment_ids))}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     cos, sin = rope_cos_sin(positions, cfg)
@@ -586,6 +607,9 @@ def read_safetensors(path):
         try:
             dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], \
                 info["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                       for x in list(shape) + [begin, end]) or end < begin:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {name} has an unreadable entry in the header "
                             f"({info!r:.80})") from None
@@ -596,10 +620,10 @@ def read_safetensors(path):
     return out
 
 
-def config_from_hf(hf):
+def config_from_hf(hf, dtype=None):
     """Config from a Hugging Face LlamaConfig dict. Fields that change the math are honored or
     refused by name; both the Llama 3 spelling (rope_theta, rope_scaling) and the newer
-    transformers one (rope_parameters) are read."""
+    transformers one (rope_parameters) are read. dtype, if given, replaces the checkpoint's."""
     def refuse(field, why):
         raise UserError(f"config.json: {field}={hf.get(field)!r} is not supported ({why})")
 
@@ -615,6 +639,13 @@ def config_from_hf(hf):
                             f"{'a number' if kind is float else 'an integer'}")
         return kind(value)
 
+    def flag(field):
+        """A true/false field; JSON's booleans only (the string "false" is not False)."""
+        value = hf.get(field, False)
+        if not isinstance(value, bool):
+            raise UserError(f"config.json: {field}={value!r} is not true or false")
+        return value
+
     if hf.get("model_type", "llama") != "llama":
         refuse("model_type", "this loader reads the Llama architecture")
     if hf.get("hidden_act", "silu") != "silu":
@@ -624,7 +655,9 @@ def config_from_hf(hf):
             refuse(field, "the model has no biases")
     if hf.get("quantization_config"):
         raise UserError("config.json: quantization_config is set; load an unquantized checkpoint")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"config.json: rope scaling {rope!r} is not an object of named values")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = None
@@ -639,7 +672,8 @@ def config_from_hf(hf):
     elif rope_type != "default":
         raise UserError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
     D, H = number("hidden_size"), number("num_attention_heads")
-    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    dtype = dtype or str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.",
+                                                                                        "")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise UserError(f"config.json: rope_theta={theta!r} is not a number")
     try:
@@ -651,10 +685,10 @@ def config_from_hf(hf):
                       max_seq_len=number("max_position_embeddings", 2048),
                       rope_theta=float(theta), rope_scaling=scaling,
                       norm_eps=number("rms_norm_eps", 1e-6, float),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      tie_embeddings=flag("tie_word_embeddings"),
                       param_dtype=dtype, dtype=dtype)
     except UserError as e:
-        raise UserError(f"config.json: {e}") from None
+        raise UserError(e if str(e).startswith("config.json: ") else f"config.json: {e}") from None
 
 
 def load_hf_llama(path, dtype=None):
@@ -667,9 +701,7 @@ def load_hf_llama(path, dtype=None):
         raise UserError(f"checkpoint directory {path} {what}")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    cfg = config_from_hf(read_json(cfg_path))
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+    cfg = config_from_hf(read_json(cfg_path), dtype)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):  # a sharded checkpoint names its files; others may lie beside them
         weight_map = read_json(index).get("weight_map")
@@ -695,6 +727,9 @@ def load_hf_llama(path, dtype=None):
         if tensors[name].shape != shape:
             raise UserError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, but "
                             f"config.json implies {list(shape)}")
+        if not jnp.issubdtype(tensors[name].dtype, jnp.floating):  # bf16 and fp8 count too
+            raise UserError(f"{path}: tensor {name} is {tensors[name].dtype}, not a float: a "
+                            f"quantized checkpoint needs its scales; load an unquantized one")
         return np.asarray(tensors[name], np.float32)
 
     D, H, KH, Dh, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
@@ -753,7 +788,7 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2):
             if not os.path.exists(final):  # the crash came between the two renames
                 os.rename(stale, final)
                 continue
-        shutil.rmtree(stale)
+        _remove(stale)
     final = os.path.join(out_dir, f"ckpt_{step:08d}")
     tmp = os.path.join(out_dir, f".tmp_ckpt_{step:08d}")
     os.makedirs(tmp)
@@ -773,12 +808,23 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2):
     os.rename(tmp, final)
     _fsync_dir(out_dir)
     for old in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")) + list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+        _remove(old)
     return final
 
 
+def _remove(path):
+    """An old checkpoint deleted, or where that fails (made read-only), left with a warning:
+    the new one is already in place."""
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        print(f"warning: could not remove the old checkpoint {path} ({e.strerror})",
+              file=sys.stderr)
+
+
 def list_checkpoints(out_dir):
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_" + "[0-9]" * 8)))
+    return sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt_" + "[0-9]" * 8))
+                  if os.path.isdir(p))
 
 
 def make_out_dir(path, flag="--out"):
@@ -1029,6 +1075,8 @@ def bench(fn, *args, iters=10, warmup=2, arg_sets=None, calls=None, min_sample_s
     measured at about 0.4 ms on some GPU hosts, is spread over many runs instead of added to
     each; calls=None picks enough runs to fill min_sample_s. arg_sets: a list of argument tuples
     to rotate through, so repeated runs do not just measure the cache."""
+    if iters < 1 or calls is not None and calls < 1:
+        raise UserError(f"bench needs iters >= 1 and calls >= 1, got {iters} and {calls}")
     arg_sets = arg_sets or [args]
     t0 = time.perf_counter()
     if hasattr(fn, "lower"):

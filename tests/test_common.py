@@ -241,7 +241,7 @@ def write_safetensors(path, tensors):
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
         code = {np.float32: "F32", np.float64: "F64", ml_dtypes.bfloat16: "BF16",
-                np.float16: "F16"}[arr.dtype.type]
+                np.float16: "F16", np.int8: "I8"}[arr.dtype.type]
         header[name] = {"dtype": code, "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         blobs.append(arr.tobytes())
@@ -361,6 +361,17 @@ def test_loader_errors(tmp_path):
         common.load_hf_llama(str(tmp_path))
 
 
+def damage_header(path, edit):
+    """The safetensors header entry of model.norm.weight replaced by edit(header)."""
+    file = path / "model-00001-of-00001.safetensors"
+    blob = file.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    header["model.norm.weight"] = edit(header)
+    head = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(head)) + head + blob[8 + n:])
+
+
 def damage_config(path, edit):
     with open(path / "config.json") as f:
         c = json.load(f)
@@ -384,6 +395,21 @@ def damage_config(path, edit):
     (lambda p: (p / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}})),
      "names gone.safetensors, which is missing"),
+    (lambda p: damage_config(p, lambda c: dict(c, tie_word_embeddings="false")),
+     "tie_word_embeddings='false' is not true or false"),
+    (lambda p: damage_config(p, lambda c: dict(c, rope_scaling="llama3")),
+     "rope scaling 'llama3' is not an object"),
+    (lambda p: damage_config(p, lambda c: dict(c, head_dim=3, hidden_size=12)),
+     "^config.json: head_dim must be even"),
+    (lambda p: damage_config(p, lambda c: {k: v for k, v in c.items() if k != "vocab_size"}),
+     "^config.json: vocab_size is missing$"),   # named once, not "config.json: config.json:"
+    (lambda p: write_safetensors(p / "model-00001-of-00001.safetensors", dict(
+        hf_tensors(common.init_params(TINY, jax.random.key(0)), TINY),
+        **{"model.norm.weight": np.ones(TINY.d_model, np.int8)})), "is int8, not a float"),
+    (lambda p: damage_header(p, lambda h: dict(h["model.norm.weight"], shape=["64"])),
+     "unreadable entry"),
+    (lambda p: damage_header(p, lambda h: dict(h["model.norm.weight"], data_offsets=[-256, 0])),
+     "unreadable entry"),
 ])
 def test_loader_names_a_damaged_checkpoint(tmp_path, damage, match):
     """What an interrupted download or a hand edit leaves: one line naming it, no traceback."""
@@ -391,6 +417,62 @@ def test_loader_names_a_damaged_checkpoint(tmp_path, damage, match):
     damage(tmp_path)
     with pytest.raises(common.UserError, match=match):
         common.load_hf_llama(str(tmp_path))
+
+
+def test_loader_dtype_override_applies_before_the_check(tmp_path):
+    """A float64 checkpoint (torch_dtype float64, which the model does not compute in) loads when
+    a dtype is asked for."""
+    params = common.init_params(TINY, jax.random.key(0))
+    save_checkpoint(tmp_path, params, TINY, torch_dtype="float64")
+    with pytest.raises(common.UserError, match="float64"):
+        common.load_hf_llama(str(tmp_path))
+    cfg, got = common.load_hf_llama(str(tmp_path), dtype="float32")
+    assert cfg == TINY
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+def test_config_and_forward_refuse_what_would_fail_deep_inside():
+    for bad, match in ((dict(head_dim=3), "head_dim must be even"),
+                       (dict(rope_theta=0.0), "rope_theta must be"),
+                       (dict(norm_eps=-1.0), "norm_eps must be"),
+                       (dict(vocab_size=2.5), "vocab_size must be an integer"),
+                       (dict(rope_scaling="llama3"), "rope_scaling takes 4 numbers")):
+        with pytest.raises(common.UserError, match=match):
+            dataclasses.replace(TINY, **bad)
+    listed = dataclasses.replace(TINY, rope_scaling=[8, 1, 4, 32])   # kept hashable, for jit
+    assert listed.rope_scaling == (8.0, 1.0, 4.0, 32.0) and hash(listed)
+    params, tok = common.init_params(TINY, jax.random.key(0)), jnp.zeros((2, 8), jnp.int32)
+    for call, match in ((lambda: common.forward(params, tok[0], TINY), "tokens must be"),
+                        (lambda: common.forward(params, tok * 1.0, TINY), "tokens must be"),
+                        (lambda: common.forward(params, tok, TINY, positions=tok[0]),
+                         "positions must be"),
+                        (lambda: common.forward(params, tok, TINY, segment_ids=tok[:1]),
+                         "segment_ids must be")):
+        with pytest.raises(common.UserError, match=match):
+            call()
+    np.testing.assert_array_equal(common.forward(params, tok, TINY, positions=tok[:1] + 3),
+                                  common.forward(params, tok, TINY, positions=tok + 3))
+
+
+def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypatch, capsys):
+    """A plain file named like a checkpoint is not one; an old checkpoint that cannot be deleted
+    is left with a warning, after the new one is in place."""
+    tree = {"w": np.arange(3, dtype=np.float32)}
+    (tmp_path / "ckpt_00000001").write_text("notes")
+    for step in (2, 3):
+        common.save_checkpoint(str(tmp_path), step, tree, {"model": {}})
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_00000002", "ckpt_00000003"]
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(common.shutil, "rmtree", refuse)
+    common.save_checkpoint(str(tmp_path), 4, tree, {"model": {}})
+    assert "could not remove the old checkpoint" in capsys.readouterr().err
+    assert len(common.list_checkpoints(str(tmp_path))) == 3
+    assert (tmp_path / "ckpt_00000001").read_text() == "notes"
+    with pytest.raises(common.UserError, match="iters >= 1"):
+        common.bench(lambda: None, iters=0)
 
 
 def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):

@@ -111,6 +111,20 @@ def test_resume_is_exact(tmp_path):
     assert not any("compiled the train step" in s for s in logged)
 
 
+def test_resuming_with_another_batch_says_so(tmp_path, capsys):
+    """A smaller batch after running out of memory is allowed, but the run is then not the
+    uninterrupted one: the resume says so, and says nothing where the batch is the same."""
+    tc = tiny_run(tmp_path, steps=2, ckpt_every=1)
+    train_mod.train(dataclasses.replace(tc, steps=1), log=lambda s: None,
+                    devices=jax.devices()[:1])
+    train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert "note: resuming" not in capsys.readouterr().out
+    train_mod.train(dataclasses.replace(tc, steps=3, batch_size=4), log=lambda s: None,
+                    devices=jax.devices()[:1])
+    assert "note: resuming with batch_size=4 (the checkpoint's steps ran at 8)" in \
+        capsys.readouterr().out
+
+
 def test_resume_on_another_mesh(tmp_path, one_device_run):
     """A checkpoint holds whole arrays, so a run saved on one device resumes on 8 (each array
     placed as that mesh's rules say) and goes back to one, taking the same steps throughout."""
@@ -227,6 +241,9 @@ def test_clipping_scales_the_global_norm_down_to_the_threshold():
     (dict(fp8_scaling="delayed"), "applies to fp8 matmuls"),
     (dict(fp8=True, fp8_scaling="late"), "fp8_scaling must be one of"),
     (dict(steps=2**31), "steps must be below 2\\*\\*31"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(lr=float("nan")), "lr must be > 0"),
+    (dict(grad_clip=float("nan")), "grad_clip must be >= 0"),
     (dict(attention="cudnn", dtype="float32"), "attention=cudnn takes 16-bit inputs"),
 ])
 def test_bad_input(tmp_path, kw, match):
