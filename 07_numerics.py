@@ -127,7 +127,7 @@ def sequential_sum(x, dtype):
     1993, eq. 2.6); once |sum| * u exceeds the addends, adding them changes nothing."""
     def step(acc, xi):
         return add_in(dtype, acc, xi), None
-    acc, _ = jax.lax.scan(step, jnp.zeros((), dtype), x.astype(dtype))
+    acc, _ = jax.lax.scan(step, jnp.zeros(x.shape[1:], dtype), x.astype(dtype))
     return acc
 
 
@@ -136,7 +136,7 @@ def pairwise_sum(x, dtype):
     length to a power of two (adding zero is exact)."""
     x = x.astype(dtype)
     n = x.shape[0]
-    x = jnp.pad(x, (0, (1 << max(n - 1, 0).bit_length()) - n))
+    x = jnp.pad(x, [(0, (1 << max(n - 1, 0).bit_length()) - n)] + [(0, 0)] * (x.ndim - 1))
     while x.shape[0] > 1:
         x = add_in(dtype, x[0::2], x[1::2])
     return x[0]
@@ -152,7 +152,8 @@ def kahan_sum(x, dtype):
         t = add_in(dtype, s, y)
         c = add_in(dtype, add_in(dtype, t, -s), -y)  # (t - s) - y: what the add lost, negated
         return (t, c), None
-    (s, _), _ = jax.lax.scan(step, (jnp.zeros((), dtype), jnp.zeros((), dtype)), x.astype(dtype))
+    zero = jnp.zeros(x.shape[1:], dtype)
+    (s, _), _ = jax.lax.scan(step, (zero, zero), x.astype(dtype))
     return s
 
 
@@ -160,7 +161,7 @@ def library_sum(x, dtype):
     """jnp.sum on an array of `dtype`. JAX widens bfloat16 and float16 to float32 for the reduction
     and rounds only the result (jax.jit(jnp.sum).lower(x).as_text() shows the convert); the fp8
     types it reduces as they are, in fp8."""
-    return jnp.sum(x.astype(dtype))
+    return jnp.sum(x.astype(dtype), axis=0)
 
 
 SUMS = {"sequential": sequential_sum, "pairwise": pairwise_sum, "kahan": kahan_sum,
@@ -177,6 +178,8 @@ def relative_error(value, reference):
     value = float(value)
     if not math.isfinite(value):
         return math.inf
+    if reference == 0:  # (an empty sum, or one that cancels): exact, or infinitely far
+        return 0.0 if value == 0 else math.inf
     return abs(value - reference) / abs(reference)
 
 
@@ -252,13 +255,17 @@ def _grouped(x, axis, block):
     """x viewed as groups that share one scale, and the axes to reduce within a group.
     axis=None: the whole tensor; block=None: all of `axis` (per-channel); else `block`
     consecutive elements along `axis`, x reshaped [..., K/block, block, ...]."""
+    if x.size == 0:
+        raise common.UserError(f"nothing to quantize: x has shape {x.shape}")
     if axis is None:
         return x, tuple(range(x.ndim))
+    if not -x.ndim <= axis < x.ndim:
+        raise common.UserError(f"axis={axis} is out of range for x of shape {x.shape}")
     axis = axis % x.ndim
     if block is None:
         return x, (axis,)
     K = x.shape[axis]
-    if K % block:
+    if block < 1 or K % block:
         raise common.UserError(f"block={block} does not divide the dimension of size {K}")
     return x.reshape(x.shape[:axis] + (K // block, block) + x.shape[axis + 1:]), (axis + 1,)
 
@@ -271,13 +278,20 @@ def quantize(x, fmt, axis=None, block=None):
     dtype, qmax = FORMATS[fmt]
     xg, red = _grouped(x.astype(jnp.float32), axis, block)
     amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    scale = _scale(amax, qmax)
     y = xg / scale
     if fmt == "int8":
         q = jnp.clip(jnp.round(y), -qmax, qmax).astype(dtype)
     else:
         q = y.astype(dtype)
     return q.reshape(x.shape), scale
+
+
+def _scale(amax, qmax):
+    """amax / qmax, or 1 for a group of zeros. Never below float32's smallest normal number,
+    which a group of tiny values (amax < 448 x 1.2e-38) would flush to 0, and 0 / 0 is NaN. A
+    NaN or inf in the group stays visible: its scale, and so every value of the group, is NaN."""
+    return jnp.where(amax == 0, 1.0, jnp.maximum(amax / qmax, jnp.finfo(jnp.float32).tiny))
 
 
 def dequantize(q, scale, axis=None, block=None):
@@ -338,14 +352,27 @@ def fp8_einsum(spec, x, w):
 
 def _operands(spec):
     """"btd,dhk->bthk" -> ("btd", "dhk", "bthk")."""
-    ins, out = spec.replace(" ", "").split("->")
-    a, b = ins.split(",")
+    try:
+        ins, out = spec.replace(" ", "").split("->")
+        a, b = ins.split(",")
+    except ValueError:
+        raise common.UserError(f"the fp8 einsums take two operands and an explicit output, "
+                               f"as 'btd,df->btf'; got {spec!r}") from None
     return a, b, out
 
 
-def _fp8_einsum_fwd(spec, x, w):
+def _check_fp8_inputs(name, spec, x, w):
+    """Both operands of one float dtype, and not float16: the products of two fp8 values reach
+    448^2, past float16's largest (65504), where the output is summed in the inputs' dtype."""
+    _operands(spec)
     if x.dtype != w.dtype:
-        raise ValueError(f"fp8_einsum: x is {x.dtype}, w is {w.dtype}; give both one dtype")
+        raise ValueError(f"{name}: x is {x.dtype}, w is {w.dtype}; give both one dtype")
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float16:
+        raise common.UserError(f"{name} takes bfloat16 or float32 inputs, got {x.dtype}")
+
+
+def _fp8_einsum_fwd(spec, x, w):
+    _check_fp8_inputs("fp8_einsum", spec, x, w)
     qx, sx = quantize(x, "e4m3")
     qw, sw = quantize(w, "e4m3")
     y = jnp.einsum(spec, qx, qw, preferred_element_type=x.dtype)
@@ -399,7 +426,7 @@ def fp8_einsum_delayed(spec, x, w, amax):
 def _saturate(x, fmt, amax):
     """x in fp8 with the scale a recorded maximum gives: (q, scale), values past it clipped."""
     dtype, qmax = FORMATS[fmt]
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    scale = _scale(amax, qmax)
     return jnp.clip(x.astype(jnp.float32) / scale, -qmax, qmax).astype(dtype), scale
 
 
@@ -408,9 +435,7 @@ def _amax(x):
 
 
 def _fp8_delayed_fwd(spec, x, w, amax):
-    if x.dtype != w.dtype:
-        raise ValueError(f"fp8_einsum_delayed: x is {x.dtype}, w is {w.dtype}; give both one "
-                         f"dtype")
+    _check_fp8_inputs("fp8_einsum_delayed", spec, x, w)
     qx, sx = _saturate(x, "e4m3", amax["x"])
     qw, sw = _saturate(w, "e4m3", amax["w"])
     y = jnp.einsum(spec, qx, qw, preferred_element_type=x.dtype)
@@ -440,13 +465,15 @@ def record_amax_einsum(spec, x, w, amax):
 
 
 def _record_fwd(spec, x, w, amax):
+    _operands(spec)
     return jnp.einsum(spec, x, w), (x, w)
 
 
 def _record_bwd(spec, res, g):
     x, w = res
     a, b, o = _operands(spec)
-    return (jnp.einsum(f"{o},{b}->{a}", g, w), jnp.einsum(f"{a},{o}->{b}", x, g),
+    return (jnp.einsum(f"{o},{b}->{a}", g, w).astype(x.dtype),
+            jnp.einsum(f"{a},{o}->{b}", x, g).astype(w.dtype),
             {"x": _amax(x), "w": _amax(w), "g": _amax(g)})
 
 

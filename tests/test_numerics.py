@@ -263,6 +263,47 @@ def test_record_amax_einsum_is_the_plain_product_and_hands_back_the_maxima():
         k: float(jnp.max(jnp.abs(v))) for k, v in (("x", x), ("w", w), ("g", ct))}
 
 
+def test_quantize_keeps_tiny_groups_and_shows_a_nan():
+    """A group of tiny values (amax / qmax below float32's smallest normal number, which a CPU
+    flushes to 0) still quantizes and comes back, where a scale of 0 gave NaN; a NaN in a group
+    makes its scale NaN, visible, where a fallback scale of 1 clipped its other values."""
+    tiny = jnp.array([1e-36, -5e-37, 2e-37], jnp.float32)
+    for fmt in ("int8", "e4m3", "e5m2"):
+        q, scale = nm.quantize(tiny, fmt)
+        back = nm.dequantize(q, scale)
+        assert bool(jnp.all(jnp.isfinite(back))), fmt
+        np.testing.assert_allclose(back, tiny, rtol=0.15)
+        q, scale = nm.quantize(jnp.array([1.0, 2.0, jnp.nan, 1000.0]), fmt)
+        assert bool(jnp.isnan(scale).all()), fmt
+    x = jnp.full((2, 8), 1e-37, jnp.float32)   # was NaN; the product of the scales underflows
+    y = nm.fp8_einsum("ab,bc->ac", x, jnp.ones((8, 3), jnp.float32))
+    assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.max(jnp.abs(y))) < 1e-36
+
+
+def test_numerics_helpers_refuse_what_they_cannot_do():
+    x = jnp.ones((4, 8), jnp.float32)
+    for call, match in ((lambda: nm.quantize(x, "int8", axis=2), "axis=2 is out of range"),
+                        (lambda: nm.quantize(x, "int8", axis=1, block=0), "block=0"),
+                        (lambda: nm.quantize(x[:0], "int8"), "nothing to quantize"),
+                        (lambda: nm.fp8_einsum("ab,bc", x, x.T), "explicit output"),
+                        (lambda: nm.fp8_einsum("ab,bc->ac", x.astype(jnp.float16),
+                                               x.T.astype(jnp.float16)), "bfloat16 or float32"),
+                        (lambda: nm.fp8_einsum("ab,bc->ac", x.astype(jnp.int32),
+                                               x.T.astype(jnp.int32)), "bfloat16 or float32")):
+        with pytest.raises(common.UserError, match=match):
+            call()
+    # The sums run along the first axis of any array; a sum that cancels to 0 is measured.
+    v = jnp.asarray(np.random.default_rng(0).uniform(size=(5, 3)), jnp.float32)
+    for name, fn in nm.SUMS.items():
+        np.testing.assert_allclose(fn(v, jnp.float32), v.sum(axis=0), rtol=1e-6, err_msg=name)
+    assert nm.relative_error(0.0, 0.0) == 0.0 and nm.relative_error(1e-9, 0.0) == math.inf
+    # record_amax_einsum's gradients come back in each operand's own dtype
+    amax = {k: jnp.float32(0) for k in "xwg"}
+    dx, dw = jax.grad(lambda a, b: nm.record_amax_einsum("ab,bc->ac", a, b, amax).sum(),
+                      argnums=(0, 1))(x.astype(jnp.bfloat16), x.T)
+    assert (dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
+
+
 def test_half_gap_of_bf16():
     p = jnp.array([1.0, 1.0, 0.02, -3.0], jnp.float32)
     u = jnp.array([-1e-9, 1e-9, 1e-9, 1e-9], jnp.float32)  # up from 1, down from 1, ...
