@@ -103,7 +103,9 @@ def _shift(x, axis_name, n, direction):
     return jax.lax.ppermute(x, axis_name, [(i, (i + direction) % n) for i in range(n)])
 
 
-def _num_blocks(x, mesh, axis_name):
+def _num_blocks(x, mesh, axis_name, pieces=1):
+    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)):
+        raise common.UserError(f"pieces must be an integer, got {pieces!r}")
     if axis_name not in mesh.shape:
         raise common.UserError(f"mesh has no axis {axis_name!r} (axes: {', '.join(mesh.shape)})")
     n = mesh.shape[axis_name]
@@ -172,7 +174,7 @@ def _reduce_scatter_local(b, axis_name, n, pieces=1, bidirectional=False):
 @jit_static
 def ring_all_gather(x, mesh, axis_name, pieces=1, bidirectional=False):
     """The same global value as x, replicated on every device of the axis."""
-    n = _num_blocks(x, mesh, axis_name)
+    n = _num_blocks(x, mesh, axis_name, pieces)
     local = lambda b: _all_gather_local(b, axis_name, n, pieces, bidirectional)
     return shard_map(local, mesh, P(axis_name), P())(x)
 
@@ -181,7 +183,7 @@ def ring_all_gather(x, mesh, axis_name, pieces=1, bidirectional=False):
 def ring_reduce_scatter(x, mesh, axis_name, pieces=1, bidirectional=False):
     """s_0 + ... + s_{N-1}, shape [S, ...], sharded along its first dimension. S must be a
     multiple of N: the result is split evenly (as lax.psum_scatter requires too)."""
-    n = _num_blocks(x, mesh, axis_name)
+    n = _num_blocks(x, mesh, axis_name, pieces)
     S = x.shape[0] // n
     if S % n:
         raise common.UserError(f"reduce-scatter of blocks of {S} rows over {n} devices: {S} is "
@@ -194,7 +196,7 @@ def ring_reduce_scatter(x, mesh, axis_name, pieces=1, bidirectional=False):
 def ring_all_reduce(x, mesh, axis_name, pieces=1, bidirectional=False):
     """s_0 + ... + s_{N-1}, shape [S, ...], replicated: a reduce-scatter then an all-gather.
     Blocks whose S is not a multiple of N are padded with zero rows, which the sum ignores."""
-    n = _num_blocks(x, mesh, axis_name)
+    n = _num_blocks(x, mesh, axis_name, pieces)
     S = x.shape[0] // n
     pad = -S % n
 
@@ -254,8 +256,9 @@ def collective_matmul(x, w, mesh, axis_name):
     w, so the transfer of step s overlaps the matmul of step s. N matmuls of [M/N, K] x [K, F/N],
     N-1 transfers of [M/N, K]; only the last matmul is not overlapped."""
     n = _num_blocks(x, mesh, axis_name)
-    if w.shape[1] % n:
-        raise common.UserError(f"w has {w.shape[1]} columns, not a multiple of {n} devices")
+    if w.ndim != 2 or w.shape[1] % n:
+        raise common.UserError(f"w must be [K, F] with F a multiple of the {n} devices, got "
+                               f"{tuple(w.shape)}")
     if x.shape[1] != w.shape[0]:
         raise common.UserError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply")
 

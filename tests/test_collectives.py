@@ -95,6 +95,11 @@ def test_global_array_must_split_into_blocks():
             fn(x, mesh, "x")
     with pytest.raises(common.UserError, match="no axis 'y'"):
         coll.ring_all_gather(jnp.ones((8, 4)), mesh, "y")
+    for fn in (coll.ring_all_gather, coll.ring_reduce_scatter, coll.ring_all_reduce):
+        with pytest.raises(common.UserError, match="pieces must be an integer"):
+            fn(jnp.ones((64, 4)), mesh, "x", pieces=1.5)
+    with pytest.raises(common.UserError, match="w must be \\[K, F\\]"):
+        coll.collective_matmul(jnp.ones((8, 4)), jnp.ones(4), mesh, "x")
 
 
 def permute_bytes(fn, x):
