@@ -162,6 +162,9 @@ class InferConfig:
         if self.sample_only and self.draft_layers:
             raise common.UserError("--sample_only drafts with --draft (a smaller model); "
                                    "draft_layers is the lesson's own draft")
+        if self.models != "auto" and self.checkpoint:
+            raise common.UserError("give --checkpoint (its weights) or --models (random weights of "
+                                   "these shapes), not both")
         if self.models != "auto":
             names = [m for m in self.models.split(",") if m]
             if not names or set(names) - set(common.PRESETS):
@@ -1405,11 +1408,20 @@ def load_model(ic, on_gpu):
         return [tuple(model)], f"model: {which}"
     benchmark = on_gpu and not ic.sample_only  # a GPU's lesson measures the Llama shapes
     if ic.models == "auto" and not benchmark:
+        chosen = ic.ckpt_dir != InferConfig.ckpt_dir  # named by the user, not the default
+        if os.path.isfile(os.path.join(ic.ckpt_dir, "meta.json")):  # one checkpoint itself
+            cfg, params = load_train_checkpoint(ic.ckpt_dir)
+            return [(os.path.basename(ic.ckpt_dir.rstrip("/")), cfg, params, BYTES)], \
+                f"model: the 09_train.py checkpoint {ic.ckpt_dir}"
         found = newest_train_checkpoint(ic.ckpt_dir)
         if found:
             path, cfg, params = found
             return [(os.path.basename(path), cfg, params, BYTES)], \
                 f"model: the newest 09_train.py checkpoint, {path}"
+        if chosen:  # a mistyped directory is said, not replaced by random weights
+            what = "does not exist" if not os.path.exists(ic.ckpt_dir) else \
+                "holds no 09_train.py checkpoint (ckpt_<step>/)"
+            raise common.UserError(f"--ckpt_dir={ic.ckpt_dir} {what}")
     names = (["llama-3-8b", "llama-3.2-1b"] if benchmark else ["small"]) if ic.models == "auto" \
         else [m for m in ic.models.split(",") if m]
     models = []
@@ -1460,6 +1472,7 @@ def filled_cache(cfg, batch, max_len, length, kv_int8):
 
 # Steps per call where the lesson times decode_steps against one step per call.
 PER_CALL = 8
+LONG_CONTEXT = (4096, 3072)   # (cache, context) of the long-context rows at batch 64
 
 
 def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None, per_call=1):
@@ -1984,7 +1997,7 @@ def measure_batch(run):
         return
     # At a long context the cache outweighs the weights, and an int8 cache pays: the bytes per
     # step fall by nearly half the cache's share.
-    S_long, P_long = 4096, 3072
+    S_long, P_long = LONG_CONTEXT
     print(f"at context {P_long} (flash-decoding):")
     t_long, b_long = {}, {}
     for kv8 in (False, True):
@@ -2202,11 +2215,24 @@ def lesson_lengths(cfg, ic, on_gpu):
         raise common.UserError(f"prompt_len + gen_len + 2 x gamma + 1 = {P} + {G} + "
                                f"{2 * ic.gamma} + 1 = {need} exceeds the model's max_seq_len="
                                f"{cfg.max_seq_len}: use shorter lengths or a smaller gamma")
+    # The timed decode steps (time_decode) run on a cache filled to P and write every step into
+    # it: a first call of up to PER_CALL steps, 4 more before a profile, then 3 runs of `steps`.
+    steps = ic.steps or (32 if on_gpu else 8)
+    timed = P + PER_CALL + 4 + 3 * steps
+    if timed > cfg.max_seq_len or on_gpu and LONG_CONTEXT[1] + timed - P > LONG_CONTEXT[0]:
+        most = (min(cfg.max_seq_len - P, LONG_CONTEXT[0] - LONG_CONTEXT[1] if on_gpu else math.inf)
+                - PER_CALL - 4) // 3
+        raise common.UserError(f"steps={steps}: the timed decode steps write prompt_len + "
+                               f"{PER_CALL + 4} + 3 x steps positions, past the cache the model "
+                               f"or the context-{LONG_CONTEXT[1]} rows allow: use --steps={most} "
+                               f"or fewer")
+    need = max(need, timed)
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
         raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len + 2 x gamma "
-                               f"+ 1 = {need} and fit the model's max_seq_len={cfg.max_seq_len}")
+                               f"+ 1 and prompt_len + {PER_CALL + 4} + 3 x steps, {need}, and "
+                               f"fit the model's max_seq_len={cfg.max_seq_len}")
     return P, G, S
 
 

@@ -383,7 +383,8 @@ def restore(tc, cfg, params, opt):
                       for k, v in dict(model, seed=tc.seed).items() if stored.get(k) != v]
             raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
                                    f"(preset {meta.get('preset')}: {'; '.join(differ)}); "
-                                   f"use another --out_dir")
+                                   f"resume with the flags it was written with (--preset, "
+                                   f"--dtype, --seed), or use another --out_dir")
         if "fp8" in opt and not meta.get("fp8_maxima"):
             raise common.UserError(f"{tc.out_dir} holds a checkpoint without fp8 maxima (written "
                                    f"without --fp8_scaling=delayed): resume it as it was run, "
@@ -575,6 +576,10 @@ def _train(tc, stop_after, log, devices, held):
         raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {cfg.dtype}: use "
                                f"--dtype=bfloat16 or --attention=naive or flash")
     shardings = common.param_shardings(cfg, mesh)
+    data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
+    if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
+        raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
+                               f"run would read the checkpoints as text; put it elsewhere")
     train_tokens, val_tokens = common.load_corpus(tc.data or None)
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps

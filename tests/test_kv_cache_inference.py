@@ -602,9 +602,18 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
                        r"^prompt_len \+ gen_len \+ 2 x gamma \+ 1 = 100 \+ 32 \+ 8 \+ 1 = 141 "
                        r"exceeds the model's max_seq_len=128"),
                       (inf.InferConfig(models="tiny", cache_len=64),
-                       r"^cache_len=64 must hold prompt_len \+ gen_len \+ 2 x gamma \+ 1 = 105")):
+                       r"^cache_len=64 must hold prompt_len \+ gen_len \+ 2 x gamma \+ 1 and "
+                       r"prompt_len \+ 12 \+ 3 x steps, 105,"),
+                      # the timed steps wrote past the cache's end without a word
+                      (inf.InferConfig(models="tiny", steps=100), "use --steps=17 or fewer"),
+                      (inf.InferConfig(models="tiny", steps=18, cache_len=128),
+                       "use --steps=17 or fewer")):
         with pytest.raises(common.UserError, match=match):
             inf.check_before_the_run(models, ic, False, None)
+    # a longer timing grows the cache the lesson picks, within max_seq_len
+    assert inf.lesson_lengths(models[0][1], inf.InferConfig(steps=17), False)[2] == 128
+    assert inf.lesson_lengths(models[0][1], inf.InferConfig(steps=8, prompt_len=20,
+                                                            gen_len=8), False)[2] == 128
 
 
 def test_damaged_train_checkpoints_are_named_or_passed_over(tmp_path, capsys):
@@ -652,7 +661,7 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys):
     inf.sample_only(models, ic, inf.load_draft(str(tmp_path), cfg))
     out = capsys.readouterr().out
     assert "\nab" + tok.decode(want) + "\n" in out and "100% of the draft's" in out
-    random = dataclasses.replace(ic, ckpt_dir=str(tmp_path / "none"))
+    random = dataclasses.replace(ic, models="tiny")   # no checkpoint: random weights
     with pytest.raises(common.UserError, match="random weights"):
         inf.sample_only(inf.load_model(random, False)[0], random)
 
@@ -666,11 +675,19 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
     path = inf.newest_train_checkpoint(str(tmp_path))[0]
     assert path.endswith("ckpt_00000012")
     for ic in (inf.InferConfig(ckpt_dir=str(tmp_path)), inf.InferConfig(checkpoint=str(tmp_path)),
-               inf.InferConfig(checkpoint=path)):
+               inf.InferConfig(checkpoint=path), inf.InferConfig(ckpt_dir=path)):
         (name, cfg, params, tok), = inf.load_model(ic, False)[0]
         assert cfg == TIED and name == "ckpt_00000012" and tok is inf.BYTES
         jax.tree.map(np.testing.assert_array_equal, params, new)
     assert inf.newest_train_checkpoint(str(tmp_path / "empty")) is None
+    # a --ckpt_dir the user names but that holds nothing is said, not run on random weights
+    (tmp_path / "empty").mkdir()
+    for where, match in ((tmp_path / "typo", "does not exist"),
+                         (tmp_path / "empty", "holds no 09_train.py checkpoint")):
+        with pytest.raises(common.UserError, match=match):
+            inf.load_model(inf.InferConfig(ckpt_dir=str(where)), False)
+    with pytest.raises(common.UserError, match="not both"):
+        inf.InferConfig(checkpoint=path, models="tiny")
     # 09 on a GPU: float32 master weights, bf16 compute; inference reads them in bf16
     mixed = dataclasses.replace(TIED, dtype="bfloat16")
     common.save_checkpoint(str(tmp_path / "gpu"), 3, {"params": new},

@@ -251,6 +251,16 @@ def test_bad_input(tmp_path, kw, match):
         train_mod.train(tiny_run(tmp_path, **kw), log=lambda s: None)
 
 
+def test_an_out_dir_inside_the_data_is_refused(tmp_path):
+    """Else the checkpoints written there become training text when the run resumes."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(open(os.path.join(ROOT, "common.py"), "rb").read())
+    with pytest.raises(common.UserError, match="lies inside --data"):
+        train_mod.train(tiny_run(tmp_path, data=str(corpus), out_dir=str(corpus / "run")),
+                        log=lambda s: None)
+
+
 def test_processes_that_found_different_checkpoints_stop():
     train_mod.check_same_start(np.array([4, 4]), "out")
     with pytest.raises(common.UserError, match="steps 4, 0 by process.*every host sees"):
