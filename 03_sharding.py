@@ -519,7 +519,7 @@ def analysis_model(run, meshes, on_gpu):
     """(preset, config, global batch, note) of the analysis. Flags left unset adapt to the
     meshes: the batch is 16 rounded up to a multiple of every mesh's dp*fsdp, and the model is
     the default preset, or where the meshes cannot split it (tiny's d_model=64 over 3 or 6
-    devices) the smallest that they can; the note says so. A preset the flag names, or none
+    devices) the other of tiny and small; the note says so. A preset the flag names, or none
     that splits, gives the first mesh's one-line error."""
     split = math.lcm(*(m.shape["dp"] * m.shape["fsdp"] for m in meshes)) if meshes else 1
     batch = run.batch_size or -(-16 // split) * split
@@ -544,8 +544,9 @@ def analysis_model(run, meshes, on_gpu):
 
 
 def check_tp(tp, n):
-    """A --tp past the n devices is refused; one that does not divide them leaves no TP rows,
-    which the returned note says. One device runs the unsharded model alone, whatever tp is."""
+    """A --tp past the n devices is refused; one that does not divide them leaves no FSDP+TP
+    scheme and no TP benchmark rows (TP alone still runs on tp of the devices), which the
+    returned note says. One device runs the unsharded model alone, whatever tp is."""
     if tp > n > 1:
         raise common.UserError(f"tp={tp} exceeds the {n} devices")
     if n > 1 and tp > 1 and n % tp:
@@ -652,8 +653,8 @@ def main():
         schemes = []
     else:
         schemes = default_schemes(n, run.tp) if n > 1 else []
-    meshes = [(name, sizes, sp, common.make_mesh(sizes, devices))  # a one-line error: more
-              for name, sizes, sp in schemes]                      # devices than exist
+    # (make_mesh refuses a mesh of more devices than exist in one line)
+    meshes = [(name, sizes, sp, common.make_mesh(sizes, devices)) for name, sizes, sp in schemes]
     preset, cfg, B, passed_over = analysis_model(run, [m for *_, m in meshes], on_gpu)
     T = run.seq_len
     if T > cfg.max_seq_len:

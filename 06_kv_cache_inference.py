@@ -821,7 +821,9 @@ def pad_prompts(prompts, T):
 def _check_stops(stop_tokens, cfg):
     if stop_tokens is None:
         stop_tokens = ()
-    stop_tokens = np.atleast_1d(np.asarray(stop_tokens))  # one id, or a list of them
+    if np.ndim(stop_tokens) == 0 and not isinstance(stop_tokens, (set, frozenset)):
+        stop_tokens = [stop_tokens]   # one id; else any collection of them
+    stop_tokens = np.asarray(list(stop_tokens))
     if stop_tokens.size and (stop_tokens.ndim != 1 or
                              not np.issubdtype(stop_tokens.dtype, np.integer)):
         raise common.UserError(f"stop_tokens must be token ids, got {stop_tokens.tolist()}")
@@ -2216,23 +2218,30 @@ def lesson_lengths(cfg, ic, on_gpu):
                                f"{2 * ic.gamma} + 1 = {need} exceeds the model's max_seq_len="
                                f"{cfg.max_seq_len}: use shorter lengths or a smaller gamma")
     # The timed decode steps (time_decode) run on a cache filled to P and write every step into
-    # it: a first call of up to PER_CALL steps, 4 more before a profile, then 3 runs of `steps`.
+    # it: a first call of PER_CALL steps (4 more before a profile), or of `steps` for the draft,
+    # then 3 runs of `steps`.
     steps = ic.steps or (32 if on_gpu else 8)
-    timed = P + PER_CALL + 4 + 3 * steps
-    if timed > cfg.max_seq_len or on_gpu and LONG_CONTEXT[1] + timed - P > LONG_CONTEXT[0]:
-        most = (min(cfg.max_seq_len - P, LONG_CONTEXT[0] - LONG_CONTEXT[1] if on_gpu else math.inf)
-                - PER_CALL - 4) // 3
+    first = PER_CALL + 4
+    timed = P + max(first, steps) + 3 * steps
+    room = min(cfg.max_seq_len - P,  # and on a GPU the rows at a long context, from theirs
+               LONG_CONTEXT[0] - LONG_CONTEXT[1] if on_gpu else math.inf)
+    if timed - P > room:
+        most = room // 4 if room >= 4 * first else (room - first) // 3
+        if most < 1:
+            raise common.UserError(f"prompt_len={P} leaves no room in the model's max_seq_len="
+                                   f"{cfg.max_seq_len} for the timed decode steps: use a "
+                                   f"shorter --prompt_len")
+        where = f" or the context-{LONG_CONTEXT[1]} rows' cache" if on_gpu else ""
         raise common.UserError(f"steps={steps}: the timed decode steps write prompt_len + "
-                               f"{PER_CALL + 4} + 3 x steps positions, past the cache the model "
-                               f"or the context-{LONG_CONTEXT[1]} rows allow: use --steps={most} "
-                               f"or fewer")
+                               f"max({first}, steps) + 3 x steps positions, past what the "
+                               f"model{where} holds: use --steps={most} or fewer")
     need = max(need, timed)
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
         raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len + 2 x gamma "
-                               f"+ 1 and prompt_len + {PER_CALL + 4} + 3 x steps, {need}, and "
-                               f"fit the model's max_seq_len={cfg.max_seq_len}")
+                               f"+ 1 and prompt_len + max({first}, steps) + 3 x steps, {need}, "
+                               f"and fit the model's max_seq_len={cfg.max_seq_len}")
     return P, G, S
 
 

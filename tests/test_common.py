@@ -471,8 +471,12 @@ def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypa
     assert "could not remove the old checkpoint" in capsys.readouterr().err
     assert len(common.list_checkpoints(str(tmp_path))) == 3
     assert (tmp_path / "ckpt_00000001").read_text() == "notes"
-    with pytest.raises(common.UserError, match="iters >= 1"):
-        common.bench(lambda: None, iters=0)
+
+
+def test_bench_refuses_no_runs():
+    for kw in (dict(iters=0), dict(calls=0)):  # (an empty median, a sample of no runs)
+        with pytest.raises(common.UserError, match="iters >= 1 and calls >= 1"):
+            common.bench(lambda: None, **kw)
 
 
 def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):

@@ -509,13 +509,20 @@ def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
     rather than a list, and a temperature so small that dividing by it in float32 overflows,
     which samples the argmax."""
     p, prompts = params_for(TINY), PROMPTS[:2]
+    # logits of +-30 at a temperature of 2e-38 (a normal float32): divided as they are, +-inf;
+    # brought to a maximum of 0 first, the best stays 0 and the draw is the argmax
+    logits = np.random.default_rng(0).uniform(-30, 30, (64, 256)).astype(np.float32)
+    rows = np.arange(64, dtype=np.int32)
+    got = inf.sample(logits, 0, rows, rows * 0, inf.make_sampling(2e-38))
+    np.testing.assert_array_equal(got, logits.argmax(-1))
     greedy = inf.generate(p, TINY, prompts, 6, cache_len=CACHE)
     assert inf.generate(p, TINY, prompts, np.int64(6), cache_len=CACHE) == greedy
     for t in (1e-39, 1e-46):
         assert inf.generate(p, TINY, prompts, 6, temperature=t, cache_len=CACHE) == greedy
     stop = greedy[0][2]
     assert inf.generate(p, TINY, prompts, 6, cache_len=CACHE, stop_tokens=stop) == \
-        inf.generate(p, TINY, prompts, 6, cache_len=CACHE, stop_tokens=[stop])
+        inf.generate(p, TINY, prompts, 6, cache_len=CACHE, stop_tokens=[stop]) == \
+        inf.generate(p, TINY, prompts, 6, cache_len=CACHE, stop_tokens={stop})
     assert inf.speculative_generate(p, TINY, p, TINY, prompts, np.int64(6), gamma=np.int64(2),
                                     cache_len=CACHE)[0] == greedy
     # no round runs for no tokens: a prompt that fills the model gets its empty answer
@@ -603,17 +610,21 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
                        r"exceeds the model's max_seq_len=128"),
                       (inf.InferConfig(models="tiny", cache_len=64),
                        r"^cache_len=64 must hold prompt_len \+ gen_len \+ 2 x gamma \+ 1 and "
-                       r"prompt_len \+ 12 \+ 3 x steps, 105,"),
-                      # the timed steps wrote past the cache's end without a word
-                      (inf.InferConfig(models="tiny", steps=100), "use --steps=17 or fewer"),
-                      (inf.InferConfig(models="tiny", steps=18, cache_len=128),
-                       "use --steps=17 or fewer")):
+                       r"prompt_len \+ max\(12, steps\) \+ 3 x steps, 105,"),
+                      # the timed steps wrote past the cache's end without a word: 4 x 16 fit
+                      # the 128 - 64 positions left (the draft's first call is `steps` long)
+                      (inf.InferConfig(models="tiny", steps=100), "use --steps=16 or fewer$"),
+                      (inf.InferConfig(models="tiny", steps=17, cache_len=128),
+                       "use --steps=16 or fewer$"),
+                      (inf.InferConfig(models="tiny", prompt_len=116, gen_len=2, gamma=1),
+                       "prompt_len=116 leaves no room")):
         with pytest.raises(common.UserError, match=match):
             inf.check_before_the_run(models, ic, False, None)
-    # a longer timing grows the cache the lesson picks, within max_seq_len
-    assert inf.lesson_lengths(models[0][1], inf.InferConfig(steps=17), False)[2] == 128
-    assert inf.lesson_lengths(models[0][1], inf.InferConfig(steps=8, prompt_len=20,
-                                                            gen_len=8), False)[2] == 128
+    inf.lesson_lengths(models[0][1], inf.InferConfig(steps=16), False)
+    # a longer timing grows the cache the lesson picks: 64 + 40 + 3 x 40 = 224 of 256
+    roomy = dataclasses.replace(TINY, max_seq_len=512)
+    assert inf.lesson_lengths(roomy, inf.InferConfig(), False)[2] == 128
+    assert inf.lesson_lengths(roomy, inf.InferConfig(steps=40), False)[2] == 256
 
 
 def test_damaged_train_checkpoints_are_named_or_passed_over(tmp_path, capsys):

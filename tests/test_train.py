@@ -324,7 +324,10 @@ def test_fp8_delayed_scaling_follows_the_plain_run_and_resumes_exactly(tmp_path,
     tc = tiny_run(tmp_path, batch_size=16, fp8=True, fp8_scaling="delayed", remat="dots",
                   ckpt_every=2)
     one = dict(log=lambda s: None, devices=jax.devices()[:1])
-    full, _, _ = train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "full")), **one)
+    logged = []
+    full, _, _ = train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "full")),
+                                 log=logged.append, devices=jax.devices()[:1])
+    assert any(s.startswith("fp8: recorded the first maxima") for s in logged)  # calibrate_fp8
     np.testing.assert_allclose(losses(full), losses(one_device_run), rtol=1e-2)
     first, _, _ = train_mod.train(tc, stop_after=2, **one)
     rest, _, _ = train_mod.train(tc, **one)
