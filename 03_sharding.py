@@ -476,7 +476,12 @@ def bench_plan(run, devices, on_gpu):
     if 1 < tp <= n and n % tp == 0 and not (cfg.n_kv_heads % tp or cfg.d_ff % tp
                                             or cfg.vocab_size % tp or cfg.d_model % (n // tp)):
         tp_mesh = f"fsdp:{n // tp},tp:{tp}" if n > tp else f"tp:{tp}"
-        plan += [(tp_mesh, False), (tp_mesh, True)]
+        plan += [(tp_mesh, False)]
+        try:  # each dp x fsdp group's rows or its positions must split over tp
+            common.check_sequence_split(batch, seq, tp, n // tp)
+            plan += [(tp_mesh, True)]
+        except common.UserError as e:
+            print(f"benchmark: no SP row: {e}")
     elif 1 < tp <= n and n % tp == 0:
         print(f"benchmark: no TP rows at tp={tp}: preset {preset} would have to split its "
               f"{cfg.n_kv_heads} kv heads, d_ff and vocabulary {tp} ways and d_model "
@@ -526,21 +531,21 @@ def analysis_model(run, meshes, on_gpu):
     default = "small" if on_gpu else "tiny"
     names = [run.preset] if run.preset else [default] + [p for p in ("tiny", "small")
                                                           if p != default]
-    first_error = note = None
+    errors, note = [], None
     for name in names:
         cfg = common.Config.preset(name)
         try:
             for mesh in meshes:
                 common.param_shardings(cfg, mesh)  # every weight dimension a mesh axis splits
         except common.UserError as e:
-            first_error = first_error or e
+            errors.append(f"{name}: {e}")
             note = note or f" ({name}'s weights do not split over {common.mesh_name(mesh.shape)})"
             continue
         return name, cfg, batch, note or ""
     if len(names) == 1:
-        raise first_error
-    raise common.UserError(f"{first_error}, nor do {' or '.join(names[1:])}'s weights split: "
-                           f"use fewer devices")
+        raise common.UserError(errors[0].split(": ", 1)[1])
+    raise common.UserError(f"no preset splits over these meshes ({'; '.join(errors)}): use "
+                           f"another --tp, --mesh or number of devices")
 
 
 def check_tp(tp, n):
@@ -602,16 +607,16 @@ def print_collectives(results, L, on_gpu):
           f"gathered array, a reduction's input); ring: bytes each device sends on a ring. "
           f"Block: one layer compiled alone; layer: the model's scan over {L} layers, per layer; "
           f"outside: embedding, head and loss.")
-    print(f"{'scheme':<18}{'op':<19}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
+    print(f"{'scheme':<21}{'op':<19}{'block pred':>14}{'block XLA':>14}{'layer pred':>14}"
           f"{'layer XLA':>14}{'outside XLA':>14}")
     keys = ("block_pred", "block", "layer_pred", "loops", "outside")
     for r in results:
         s = [summarize(r[k]) for k in keys]
         for op in sorted(set().union(*s)):
-            print(f"{r['name']:<17} {op:<19}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
+            print(f"{r['name']:<20} {op:<19}{_cell(s[0], op):>14}{_cell(s[1], op):>14}"
                   f"{_cell(s[2], op):>14}{_cell(s[3], op, L):>14}{_cell(s[4], op):>14}")
         t = [ring_traffic(r[k]) for k in keys]
-        print(f"{r['name']:<17} {'ring':<19}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
+        print(f"{r['name']:<20} {'ring':<19}{_size(t[0]):>14}{_size(t[1]):>14}{_size(t[2]):>14}"
               f"{_size(t[3] / L):>14}{_size(t[4]):>14}")
     if any(r["sizes"]["fsdp"] > 1 for r in results):
         print("- FSDP: a weight is gathered once in the block (XLA reuses the forward's gather in "
@@ -658,11 +663,14 @@ def main():
     preset, cfg, B, passed_over = analysis_model(run, [m for *_, m in meshes], on_gpu)
     T = run.seq_len
     if T > cfg.max_seq_len:
-        raise common.UserError(f"seq_len={T} exceeds the preset's max_seq_len={cfg.max_seq_len}")
+        longer = [p for p, c in common.PRESETS.items() if c.max_seq_len >= T]
+        raise common.UserError(f"seq_len={T} exceeds max_seq_len={cfg.max_seq_len} of preset "
+                               f"{preset}: use a shorter --seq_len"
+                               + (f" or --preset={longer[0]}" if longer else ""))
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens"
           f"{passed_over}")
-    if note:
+    if note and not run.mesh:  # (with --mesh there are no TP schemes to drop)
         print(note)
     if len(schemes) > 1:  # TP's group is smaller than the others' mesh: say so before the tables
         print("schemes: " + ", ".join(
@@ -687,11 +695,11 @@ def main():
 
     print("\nper-device memory, MiB; activations: an estimate of what the backward pass keeps "
           "(no remat); XLA temp: all scratch of the compiled step, from memory_analysis")
-    print(f"{'scheme':<18}{'params':>10}{'grads':>10}{'adam':>10}{'activations':>13}"
+    print(f"{'scheme':<21}{'params':>10}{'grads':>10}{'adam':>10}{'activations':>13}"
           f"{'XLA temp':>10}")
     for r in results:
         mem, mib = r["mem"], lambda b: f"{b / 2**20:.2f}"
-        print(f"{r['name']:<18}{mib(mem['params']):>10}{mib(mem['grads']):>10}"
+        print(f"{r['name']:<21}{mib(mem['params']):>10}{mib(mem['grads']):>10}"
               f"{mib(mem['adam']):>10}{mib(mem['activations']):>13}"
               f"{mib(r['temp']) if r['temp'] is not None else 'n/a':>10}")
     by_name = {r["name"]: r for r in results}
@@ -707,7 +715,7 @@ def main():
         for r in results[1:]:
             dg = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
                      for a, b in zip(jax.tree.leaves(r["grads"]), jax.tree.leaves(ref["grads"])))
-            print(f"  {r['name']:<18}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
+            print(f"  {r['name']:<21}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
 
     # Tokens/s of a training step: FSDP on every local device against one device, with the same
     # batch per device (weak scaling: the work per device is constant); then TP in groups of tp
@@ -736,7 +744,8 @@ def main():
         return ((2 * db + pb) * n_params / t * (f - 1) / f
                 + (bcfg.n_layers * ring_traffic(acts) if t > 1 else 0))
     print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({n_params / 1e6:.1f}M params), "
-          f"{bb} x {bt} tokens per device, remat={run.bench_remat}; MFU = "
+          f"{bb} x {bt} tokens per device (per group of tp devices in the TP rows), "
+          f"remat={run.bench_remat}; MFU = "
           f"{flops_tok / 1e9:.3g} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
           f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters and TP's "
           f"activation reductions at "

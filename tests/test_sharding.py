@@ -240,6 +240,14 @@ def test_cli_reports_a_bad_mesh_in_one_line():
     assert out.returncode == 2 and out.stderr.strip() == "error: tp=16 exceeds the 8 devices"
 
 
+def test_bench_plan_drops_an_sp_row_that_cannot_split(capsys):
+    """The timed TP+SP row splits each group's rows or positions over tp, as the analysis
+    checks: with 3 rows of 63 positions on tp=2 neither divides, and the row is left out."""
+    plan = sh.bench_plan(sh.ShardingConfig(bench_batch=3, bench_seq=63), jax.devices(), False)
+    assert [name for name, *_ in plan[4]] == ["1 device", "fsdp:8", "fsdp:4,tp:2"]
+    assert "no SP row" in capsys.readouterr().out
+
+
 def test_bench_plan_defaults_on_cpu():
     preset, cfg, batch, seq, meshes = sh.bench_plan(sh.ShardingConfig(), jax.devices(), False)
     assert (preset, batch, seq) == ("tiny", 4, 64) and cfg == common.Config.preset("tiny")
@@ -285,8 +293,9 @@ def test_the_analysis_adapts_its_unset_model_and_batch_to_the_meshes():
     assert sh.analysis_model(sh.ShardingConfig(), meshes(6), True)[:3:2] == ("small", 18)
     with pytest.raises(common.UserError, match="splits embed=64 of"):
         sh.analysis_model(sh.ShardingConfig(preset="tiny"), meshes(6), False)
-    with pytest.raises(common.UserError, match="splits embed=64 of .*, nor do small's weights "
-                       "split: use fewer devices$"):  # no preset splits 5 ways
+    with pytest.raises(common.UserError, match="^no preset splits over these meshes \\(tiny: "
+                       ".*embed=64 .*; small: .*embed=384 .*\\): use another --tp, --mesh or "
+                       "number of devices$"):  # no preset splits 5 ways
         sh.analysis_model(sh.ShardingConfig(), meshes(5), False)
 
 
