@@ -1,6 +1,6 @@
 """Sharding a transformer: data parallel, FSDP, tensor and sequence parallel, and what each costs.
 
-    python 03_sharding.py                          # GPUs: every scheme on all local devices
+    python 03_sharding.py                          # GPUs: every scheme (TP on --tp of them)
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py    # 8 CPU devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py --mesh=dp:2,fsdp:2,tp:2
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python 03_sharding.py --mesh=dp:4,tp:2 \

@@ -118,7 +118,9 @@ import common
 @dataclasses.dataclass(frozen=True)
 class InferConfig:
     checkpoint: str = ""        # a Hugging Face Llama dir, or 09_train.py's ckpt_<step> or out_dir
-    ckpt_dir: str = "out"       # 09_train.py's --out_dir, searched when there is no --checkpoint
+    ckpt_dir: str = "out"       # 09_train.py's --out_dir or one ckpt_<step>, read without
+                                # --checkpoint (on a GPU: if named, or with --sample_only); one
+                                # named that holds none is an error
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
                                 # llama-3-8b,llama-3.2-1b (the benchmark), else the newest 09
                                 # checkpoint or `small` (--sample_only: the checkpoint only)
@@ -130,8 +132,9 @@ class InferConfig:
     seed: int = 0               # of random weights, prompts and sampling
     prompt_len: int = 0         # end-to-end prompt tokens; 0: 256 on a GPU, 64 on a CPU
     gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
-    cache_len: int = 0          # positions per cache row; 0: prompt_len + gen_len + room for
-                                # a speculative round (2 gamma + 1), up to a power of 2 >= 128
+    cache_len: int = 0          # positions per cache row; 0: the least power of 2 >= 128 that
+                                # holds prompt_len + gen_len + 2 gamma + 1 (a speculative round)
+                                # and the timed steps, prompt_len + max(12, steps) + 3 x steps
     batch: int = 0              # the large decode batch, against batch 1; 0: 64 on a GPU,
                                 # 16 on a CPU
     slots: int = 0              # continuous batching slots; 0: 16 on a GPU, 4 on a CPU
@@ -1408,9 +1411,10 @@ def load_model(ic, on_gpu):
     if ic.checkpoint:
         *model, which = load_checkpoint_dir(ic.checkpoint)
         return [tuple(model)], f"model: {which}"
-    benchmark = on_gpu and not ic.sample_only  # a GPU's lesson measures the Llama shapes
+    chosen = ic.ckpt_dir != InferConfig.ckpt_dir  # named by the user, not the default
+    # A GPU's lesson measures the Llama shapes, unless asked for a checkpoint.
+    benchmark = on_gpu and not ic.sample_only and not chosen
     if ic.models == "auto" and not benchmark:
-        chosen = ic.ckpt_dir != InferConfig.ckpt_dir  # named by the user, not the default
         if os.path.isfile(os.path.join(ic.ckpt_dir, "meta.json")):  # one checkpoint itself
             cfg, params = load_train_checkpoint(ic.ckpt_dir)
             return [(os.path.basename(ic.ckpt_dir.rstrip("/")), cfg, params, BYTES)], \

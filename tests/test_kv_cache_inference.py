@@ -691,6 +691,11 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
         assert cfg == TIED and name == "ckpt_00000012" and tok is inf.BYTES
         jax.tree.map(np.testing.assert_array_equal, params, new)
     assert inf.newest_train_checkpoint(str(tmp_path / "empty")) is None
+    # on a GPU the lesson measures the Llama shapes, unless a --ckpt_dir is named
+    assert inf.load_model(inf.InferConfig(ckpt_dir=str(tmp_path)), True)[0][0][0] == \
+        "ckpt_00000012"
+    assert [m[0] for m in inf.load_model(inf.InferConfig(), True)[0]] == ["llama-3-8b",
+                                                                          "llama-3.2-1b"]
     # a --ckpt_dir the user names but that holds nothing is said, not run on random weights
     (tmp_path / "empty").mkdir()
     for where, match in ((tmp_path / "typo", "does not exist"),
