@@ -328,6 +328,8 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
             constrain=None, scan_layers=True, logits_dtype=jnp.float32, dot=None,
             dot_state=None):
     """Logits [B, T, V] (float32 unless logits_dtype says otherwise) for int tokens [B, T].
+    Token values are not checked (they may be traced): one past the table gives NaN logits, a
+    negative one counts from the end, as jnp indexing does; callers check what users give.
 
     attention: (q, k, v, causal, segment_ids) -> out, all [B, T, H, D] (k, v with KH heads);
     remat: "none", "full" (recompute each layer in the backward pass) or "dots" (save only the
@@ -452,7 +454,8 @@ _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
 def cross_entropy(logits, targets, mask=None):
-    """Mean next-token loss in float32; logits [B, T, V] (any float dtype), int targets [B, T].
+    """Mean next-token loss in float32; logits [B, T, V] (any float dtype), int targets [B, T]
+    in [0, V) (unchecked, as forward's tokens: one outside gives a NaN loss).
     Its gradient is written in one pass, in the logits' dtype (see _token_nll)."""
     nll = _token_nll(logits, targets)
     if mask is None:
