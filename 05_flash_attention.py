@@ -609,7 +609,7 @@ def main():
     cells, timed = {}, []
     for S in lengths:
         if timed and time.perf_counter() - t_start > cfg.time_budget_s:  # the first is timed
-            print(f"  S={S} and longer skipped: past the {cfg.time_budget_s:.0f} s time budget")
+            print(f"  S={S} and longer skipped: past the {cfg.time_budget_s:g} s time budget")
             break
         if limit and input_bytes(cfg, S) > limit:
             print(f"  S={S} and longer skipped: their inputs alone need "

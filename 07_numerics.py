@@ -76,12 +76,16 @@ class NumericsConfig:
                 raise common.UserError(f"{f} must be >= 0 (0 picks a size for the device)")
         if self.dim and self.dim % self.block:
             raise common.UserError(f"block={self.block} must divide dim={self.dim}")
-        if not 0 <= self.outlier_frac < 1 or self.outlier_scale <= 0:
-            raise common.UserError("outlier_frac must be in [0, 1) and outlier_scale > 0")
+        if not 0 <= self.outlier_frac < 1 or not 0 < self.outlier_scale <= 1e6:
+            # (LLM.int8's outlier features are some 20x the rest; at 1e37 the float32
+            # products of such channels overflow)
+            raise common.UserError("outlier_frac must be in [0, 1) and outlier_scale in "
+                                   "(0, 1e6]")
         if self.optimizer not in ("adamw", "sgd"):
             raise common.UserError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.lr < 0:
-            raise common.UserError("lr must be > 0 (or 0 for the optimizer's default)")
+        if not 0 <= self.lr < math.inf or self.lr and np.float32(self.lr * 0.1) == 0:
+            raise common.UserError(f"lr must be > 0 (or 0 for the optimizer's default), and its "
+                                   f"tenth (the cosine's end) above 0 in float32; got {self.lr}")
 
 
 def resolve(cfg, on_cpu):
@@ -729,7 +733,15 @@ def run_training(cfg):
 
 def report_stall(histories, cfg):
     """Where pure bf16 falls behind, and why: the step from which it loses most updates, the loss
-    gap at the end, and the arithmetic of one lost update."""
+    gap at the end, and the arithmetic of one lost update. A run whose loss went NaN or inf says
+    so instead: it diverged, and the comparison means nothing."""
+    diverged = {mode: int(np.argmin(np.isfinite(h["loss"]))) + 1
+                for mode, h in histories.items() if not np.isfinite(h["loss"]).all()}
+    if diverged:
+        print("\n   diverged (the loss not finite from step " + ", ".join(
+            f"{s} in {m}" for m, s in diverged.items()) + f"): lower --lr ({cfg.lr:g} here); "
+            f"the comparison of precisions below means nothing")
+        return
     pure, f32 = histories["bf16 pure"], histories["float32"]
     master = histories["bf16 + f32 master"]
     tail = max(1, cfg.steps // 10)
@@ -805,10 +817,10 @@ def plot_training(histories, path, window=10):
 
 def main():
     cfg = common.parse_flags(NumericsConfig())
-    common.make_out_dir(cfg.out)  # before the run: a bad --out fails now
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     cfg = resolve(cfg, on_cpu)
+    common.make_out_dir(cfg.out)  # before the run: a bad --out fails now, a refused run makes none
     print(f"device: {dev.device_kind} ({dev.platform}); resolved: rows={cfg.rows} dim={cfg.dim} "
           f"mm_size={cfg.mm_size} lr={cfg.lr:g} iters={cfg.iters} steps={cfg.steps} "
           f"batch_size={cfg.batch_size} seq_len={cfg.seq_len}")

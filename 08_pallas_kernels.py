@@ -1607,11 +1607,12 @@ def bench_int8(cfg, env, rows):
     # L different weights, as a decode step's layers: one program applies them in turn, so the
     # host launches one program per L matmuls (a 20-40 us matmul is shorter than the host's
     # dispatch of a call) and no weight is read twice in a row from L2.
-    ws = [_random(kk, (K, N), dtype) for kk in ks[:L]]          # bf16 [K, N]: XLA's layout
+    ws = [_random(kk, (K, N), dtype) for kk in ks[:L]]          # [K, N]: XLA's layout
     qs = [quantize_int8(w.T) for w in ws]                        # int8 [N, K] + scale [N]
+    short = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[jnp.dtype(dtype).name]
     print(f"\n== 4. int8 weight-only matmul, {L} weights [{N}, {K}] applied in one program; "
-          f"bound: int8 bytes at copy bandwidth; peers: the bf16 matmul it replaces, and the "
-          f"int8 weight widened by XLA (lesson 06)")
+          f"bound: int8 bytes at copy bandwidth; peers: the {jnp.dtype(dtype).name} matmul it "
+          f"replaces, and the int8 weight widened by XLA (lesson 06)")
     x = _random(ks[L], (3, K), dtype)
     for vector_rows in (4, 0):
         err = _rel_error(int8_matmul(x, *qs[0], vector_rows=vector_rows, interpret=interp),
@@ -1629,7 +1630,7 @@ def bench_int8(cfg, env, rows):
         return (y * scale).astype(x.dtype)
 
     bf16 = over_layers(lambda x, w: jnp.dot(x, w))
-    print(f"  {'M':>3s} {'int8 us':>8s} {'GB/s':>6s} {'% copy':>7s} {'bf16 us':>8s} "
+    print(f"  {'M':>3s} {'int8 us':>8s} {'GB/s':>6s} {'% copy':>7s} {short + ' us':>8s} "
           f"{'speedup':>8s} {'XLA int8':>9s} {'vector':>7s}   per weight, in us; best (block_n, "
           f"block_k, split_k, warps, stages, vector_rows)")
     for M in env["int8_rows"]:
@@ -1658,7 +1659,7 @@ def bench_int8(cfg, env, rows):
               f"{t_bf16 * 1e6:8.1f} {t_bf16 / t:8.2f} {t_xla * 1e6:9.1f} {vec}   {variant}",
               flush=True)
         rows.append((f"int8 matmul M={M}", f"{N}x{K}", _rate(N * K / t, "B/s"),
-                     f"bf16 {t_bf16 * 1e6:.1f} us", t_bf16 / t,
+                     f"{short} {t_bf16 * 1e6:.1f} us", t_bf16 / t,
                      f"{N * K / t / env['copy_bw']:.0%} of copy BW; XLA int8 {t_xla / t:.2f}x"))
 
 

@@ -383,6 +383,22 @@ def test_config_rejects_bad_values():
         nm.NumericsConfig(dim=100, block=64)
     with pytest.raises(common.UserError):
         nm.NumericsConfig(n=0)
+    with pytest.raises(common.UserError, match="above 0 in float32"):  # every lr printed 0
+        nm.NumericsConfig(lr=1e-45)
+    with pytest.raises(common.UserError, match="outlier_scale in"):    # NaN tables past 1e38
+        nm.NumericsConfig(outlier_scale=1e39)
+
+
+def test_a_diverged_run_is_said_not_compared(capsys):
+    """Losses that went NaN make the precision comparison meaningless: the report says where it
+    diverged and what to change, and gives no stall explanation."""
+    ok = {"loss": np.array([3.0, 2.5]), "lr": np.array([1e-3, 1e-4]), "lost": np.zeros(2)}
+    bad = dict(ok, loss=np.array([3.0, np.nan]))
+    nm.report_stall({mode: bad if mode == "bf16 pure" else ok for mode in nm.MODES},
+                    nm.NumericsConfig(steps=2, lr=1e6))
+    out = capsys.readouterr().out
+    assert "diverged (the loss not finite from step 2 in bf16 pure): lower --lr" in out
+    assert "Why:" not in out
 
 
 @pytest.mark.parametrize("steps, window", [(1, 1), (5, 2), (12, 6), (40, 10)])
