@@ -832,23 +832,23 @@ def main():
     report_stall(histories, cfg)
 
     print("\nsummary (errors are relative; speed against the bf16 matmul measured in this run)")
-    print(f"{'experiment':34s} {'result':>12s}   {'against':s}")
+    print(f"{'experiment':39s} {'result':>12s}   {'against':s}")
     for dtype in ("bfloat16", "float16", "float8_e5m2"):
         e = sums[dtype]
-        print(f"{'sum ' + dtype + ' seq/pair/kahan':34s} {e['sequential']:12.2e}   pairwise "
+        print(f"{'sum ' + dtype + ' seq/pair/kahan':39s} {e['sequential']:12.2e}   pairwise "
               f"{e['pairwise']:.2e}, Kahan {e['kahan']:.2e}")
     for scheme in ("int8 per tensor", "int8 per channel", "int8 per block", "e4m3 per tensor"):
-        print(f"{'X@W outliers ' + scheme:34s} {quant[scheme][4]:12.2e}   bf16 "
+        print(f"{'X@W outliers ' + scheme:39s} {quant[scheme][4]:12.2e}   bf16 "
               f"{quant['bf16 (cast)'][4]:.2e}")
     for dtype in ("float8_e4m3fn", "int8"):
         if dtype in rates and "bfloat16" in rates:
             name = f"{dtype} matmul {cfg.mm_size}^3"
-            print(f"{name:34s} {rates[dtype] / 1e12:12.3g}   TFLOP/s; bf16 "
+            print(f"{name:39s} {rates[dtype] / 1e12:12.3g}   TFLOP/s; bf16 "
                   f"{rates['bfloat16'] / 1e12:.3g} ({rates[dtype] / rates['bfloat16']:.2f}x)")
     for mode, h in histories.items():
         tail = max(1, cfg.steps // 10)
         name = f"train {mode} loss, last 10%"
-        print(f"{name:34s} {h['loss'][-tail:].mean():12.4f}   float32 "
+        print(f"{name:39s} {h['loss'][-tail:].mean():12.4f}   float32 "
               f"{histories['float32']['loss'][-tail:].mean():.4f}; lost updates, last {tail} "
               f"steps {h['lost'][-tail:].mean():.1%}")
 
