@@ -610,13 +610,15 @@ def main():
               f"datasheet", end="")
     print()
     W = cfg.weight
-    m_stars = {}
+    m_star_measured = None
     for basis, datasheet in (("measured", False), ("datasheet", True)):
         if datasheet and not ceil.has_datasheet(cfg.dtype):
             continue
         bw = ceil.ds_bandwidth if datasheet else ceil.bandwidth
-        m_star = m_stars[basis] = compute_bound_batch(
-            W, W, itemsize, ridge_point(ceil.peak(cfg.dtype, datasheet), bw))
+        m_star = compute_bound_batch(W, W, itemsize,
+                                     ridge_point(ceil.peak(cfg.dtype, datasheet), bw))
+        if not datasheet:
+            m_star_measured = m_star
         print(f"  [M, {W}] @ [{W}, {W}] {cfg.dtype} turns compute-bound at M = "
               f"{m_star if m_star else 'never (W too small)'} ({basis} ceilings; intensity is "
               f"about 2M/{itemsize} FLOP/B while M << {W})")
@@ -627,9 +629,9 @@ def main():
     times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
     flat = 2 ** next((i for i, t in enumerate(times) if t > 1.2 * times[0]), len(times)) // 2
     why = (f"below the ridge, reading the {W}x{W} weight is the cost, not the FLOPs"
-           if m_stars["measured"] != 1 else
-           f"a {W}x{W} weight is compute-bound from M = 1 on by the roofline, so what holds "
-           f"the time is a call's fixed cost, not the bytes")
+           if m_star_measured is None or m_star_measured > flat else
+           f"a {W}x{W} weight is compute-bound from M = {m_star_measured} on by the roofline, "
+           f"so what holds the time is a call's fixed cost, not the bytes")
     print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
           f"up to M = {flat}:\n  {why}")
     rows += skinny

@@ -548,15 +548,15 @@ def analysis_model(run, meshes, on_gpu):
                            f"another --tp, --mesh or number of devices")
 
 
-def check_tp(tp, n):
+def check_tp(tp, n, schemes=True):
     """A --tp past the n devices is refused; one that does not divide them leaves no FSDP+TP
     scheme and no TP benchmark rows (TP alone still runs on tp of the devices), which the
     returned note says. One device runs the unsharded model alone, whatever tp is."""
     if tp > n > 1:
         raise common.UserError(f"tp={tp} exceeds the {n} devices")
     if n > 1 and tp > 1 and n % tp:
-        return (f"no FSDP+TP scheme or TP benchmark rows: tp={tp} does not divide the {n} "
-                f"devices")
+        return (f"no {'FSDP+TP scheme or ' if schemes else ''}TP benchmark rows: tp={tp} does "
+                f"not divide the {n} devices")
     return ""
 
 
@@ -649,7 +649,7 @@ def main():
     devices = jax.devices()
     on_gpu = devices[0].platform == "gpu"
     n = len(devices)
-    note = check_tp(run.tp, n)
+    note = check_tp(run.tp, n, schemes=not run.mesh)  # (--mesh replaces the schemes)
     sizes = common.parse_mesh(run.mesh)
     if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
         sp = run.sequence_parallel and sizes["tp"] > 1
@@ -663,14 +663,14 @@ def main():
     preset, cfg, B, passed_over = analysis_model(run, [m for *_, m in meshes], on_gpu)
     T = run.seq_len
     if T > cfg.max_seq_len:
-        longer = [p for p, c in common.PRESETS.items() if c.max_seq_len >= T]
+        longer = [p for p in ("tiny", "small") if common.PRESETS[p].max_seq_len >= T]
         raise common.UserError(f"seq_len={T} exceeds max_seq_len={cfg.max_seq_len} of preset "
                                f"{preset}: use a shorter --seq_len"
                                + (f" or --preset={longer[0]}" if longer else ""))
     print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
           f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens"
           f"{passed_over}")
-    if note and not run.mesh:  # (with --mesh there are no TP schemes to drop)
+    if note:
         print(note)
     if len(schemes) > 1:  # TP's group is smaller than the others' mesh: say so before the tables
         print("schemes: " + ", ".join(

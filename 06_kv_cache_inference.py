@@ -118,9 +118,9 @@ import common
 @dataclasses.dataclass(frozen=True)
 class InferConfig:
     checkpoint: str = ""        # a Hugging Face Llama dir, or 09_train.py's ckpt_<step> or out_dir
-    ckpt_dir: str = "out"       # 09_train.py's --out_dir or one ckpt_<step>, read without
+    ckpt_dir: str = ""          # 09_train.py's --out_dir or one ckpt_<step>, read without
                                 # --checkpoint (on a GPU: if named, or with --sample_only); one
-                                # named that holds none is an error
+                                # named that holds none is an error; empty: out, if it exists
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
                                 # llama-3-8b,llama-3.2-1b (the benchmark), else the newest 09
                                 # checkpoint or `small` (--sample_only: the checkpoint only)
@@ -1411,30 +1411,30 @@ def load_model(ic, on_gpu):
     if ic.checkpoint:
         *model, which = load_checkpoint_dir(ic.checkpoint)
         return [tuple(model)], f"model: {which}"
-    chosen = ic.ckpt_dir != InferConfig.ckpt_dir  # named by the user, not the default
+    chosen, ckpt_dir = bool(ic.ckpt_dir), ic.ckpt_dir or "out"  # named, or the default
     # A GPU's lesson measures the Llama shapes, unless asked for a checkpoint.
     benchmark = on_gpu and not ic.sample_only and not chosen
     if ic.models == "auto" and not benchmark:
-        if os.path.isfile(os.path.join(ic.ckpt_dir, "meta.json")):  # one checkpoint itself
-            cfg, params = load_train_checkpoint(ic.ckpt_dir)
-            return [(os.path.basename(ic.ckpt_dir.rstrip("/")), cfg, params, BYTES)], \
-                f"model: the 09_train.py checkpoint {ic.ckpt_dir}"
-        found = newest_train_checkpoint(ic.ckpt_dir)
+        if os.path.isfile(os.path.join(ckpt_dir, "meta.json")):  # one checkpoint itself
+            cfg, params = load_train_checkpoint(ckpt_dir)
+            return [(os.path.basename(ckpt_dir.rstrip("/")), cfg, params, BYTES)], \
+                f"model: the 09_train.py checkpoint {ckpt_dir}"
+        found = newest_train_checkpoint(ckpt_dir)
         if found:
             path, cfg, params = found
             return [(os.path.basename(path), cfg, params, BYTES)], \
                 f"model: the newest 09_train.py checkpoint, {path}"
         if chosen:  # a mistyped directory is said, not replaced by random weights
-            what = "does not exist" if not os.path.exists(ic.ckpt_dir) else \
+            what = "does not exist" if not os.path.exists(ckpt_dir) else \
                 "holds no 09_train.py checkpoint (ckpt_<step>/)"
-            raise common.UserError(f"--ckpt_dir={ic.ckpt_dir} {what}")
+            raise common.UserError(f"--ckpt_dir={ckpt_dir} {what}")
     names = (["llama-3-8b", "llama-3.2-1b"] if benchmark else ["small"]) if ic.models == "auto" \
         else [m for m in ic.models.split(",") if m]
     models = []
     for name in names:
         cfg = common.Config.preset(name)
         models.append((name, cfg, None, BYTES if cfg.vocab_size == 256 else None))
-    why = "" if ic.models != "auto" or benchmark else f" (no checkpoint under {ic.ckpt_dir}/)"
+    why = "" if ic.models != "auto" or benchmark else " (no checkpoint under out/)"
     return models, f"model: random weights, {', '.join(names)}{why}"
 
 

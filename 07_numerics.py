@@ -83,7 +83,7 @@ class NumericsConfig:
                                    "(0, 1e6]")
         if self.optimizer not in ("adamw", "sgd"):
             raise common.UserError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if not 0 <= self.lr < math.inf or self.lr and np.float32(self.lr * 0.1) == 0:
+        if not 0 <= self.lr < math.inf or 0 < self.lr * 0.1 < np.finfo(np.float32).tiny:
             raise common.UserError(f"lr must be > 0 (or 0 for the optimizer's default), and its "
                                    f"tenth (the cosine's end) above 0 in float32; got {self.lr}")
 

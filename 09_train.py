@@ -111,7 +111,8 @@ class TrainConfig:
         for f in ("steps", "warmup"):  # the schedule and AdamW's count are int32 on the device
             if getattr(self, f) >= 2**31:
                 raise common.UserError(f"{f} must be below 2**31, got {getattr(self, f)}")
-        if not 0 < self.lr < math.inf or np.float32(self.lr) == 0:  # the schedule is float32
+        # (the schedule runs in float32, where XLA flushes subnormal numbers to 0)
+        if not np.finfo(np.float32).tiny <= self.lr < math.inf:
             raise common.UserError(f"lr must be > 0 (and above 0 in float32), got {self.lr}")
         if self.min_lr > self.lr:
             raise common.UserError(f"min_lr={self.min_lr} is above lr={self.lr}: the cosine "

@@ -455,7 +455,8 @@ _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 def cross_entropy(logits, targets, mask=None):
     """Mean next-token loss in float32; logits [B, T, V] (any float dtype), int targets [B, T]
-    in [0, V) (unchecked, as forward's tokens: one outside gives a NaN loss).
+    in [0, V), unchecked as forward's tokens are: one >= V gives a NaN loss, a negative one
+    counts from the end (and its gradient does not match).
     Its gradient is written in one pass, in the logits' dtype (see _token_nll)."""
     nll = _token_nll(logits, targets)
     if mask is None:

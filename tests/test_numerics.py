@@ -383,8 +383,10 @@ def test_config_rejects_bad_values():
         nm.NumericsConfig(dim=100, block=64)
     with pytest.raises(common.UserError):
         nm.NumericsConfig(n=0)
-    with pytest.raises(common.UserError, match="above 0 in float32"):  # every lr printed 0
-        nm.NumericsConfig(lr=1e-45)
+    for lr in (1e-45, 1e-37):  # the cosine's end subnormal or 0 in float32: every lr printed 0
+        with pytest.raises(common.UserError, match="above 0 in float32"):
+            nm.NumericsConfig(lr=lr)
+    nm.NumericsConfig(lr=0.0)  # 0: the optimizer's default
     with pytest.raises(common.UserError, match="outlier_scale in"):    # NaN tables past 1e38
         nm.NumericsConfig(outlier_scale=1e39)
 

@@ -241,11 +241,17 @@ def test_cli_reports_a_bad_mesh_in_one_line():
 
 
 def test_bench_plan_drops_an_sp_row_that_cannot_split(capsys):
-    """The timed TP+SP row splits each group's rows or positions over tp, as the analysis
-    checks: with 3 rows of 63 positions on tp=2 neither divides, and the row is left out."""
-    plan = sh.bench_plan(sh.ShardingConfig(bench_batch=3, bench_seq=63), jax.devices(), False)
+    """The timed TP+SP row splits each group's positions over tp beside FSDP, else its rows or
+    its positions, as the analysis checks: where they do not divide, the row is left out."""
+    plan = sh.bench_plan(sh.ShardingConfig(bench_batch=4, bench_seq=63), jax.devices(), False)
     assert [name for name, *_ in plan[4]] == ["1 device", "fsdp:8", "fsdp:4,tp:2"]
-    assert "no SP row" in capsys.readouterr().out
+    assert "splits the positions over tp=2" in capsys.readouterr().out
+    two = jax.devices()[:2]   # tp:2 alone: rows or positions; 3 rows of 63 divide neither way
+    plan = sh.bench_plan(sh.ShardingConfig(bench_batch=3, bench_seq=63), two, False)
+    assert [name for name, *_ in plan[4]] == ["1 device", "fsdp:2", "tp:2"]
+    assert "divides neither the 3 rows" in capsys.readouterr().out
+    plan = sh.bench_plan(sh.ShardingConfig(bench_batch=4, bench_seq=63), two, False)
+    assert [name for name, *_ in plan[4]] == ["1 device", "fsdp:2", "tp:2", "tp:2 SP"]
 
 
 def test_bench_plan_defaults_on_cpu():
