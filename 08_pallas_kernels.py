@@ -1354,7 +1354,8 @@ def int8_matmul_reference(x, w_q, scale):
 # ----------------------------------------------------------------------------------------------
 
 def _ints(text):
-    return [int(p) for p in text.split(",")]
+    """"512,128,512" -> [128, 512]: each size once, in order (a repeat would time it twice)."""
+    return sorted({int(p) for p in text.split(",")})
 
 
 def _random(key, shape, dtype):

@@ -225,6 +225,10 @@ def test_kernels_reject_bad_arguments():
                              jnp.array([8]), n_chunks=0, interpret=True)
 
 
+def test_size_lists_time_each_size_once():
+    assert k08._ints("512,128,512") == [128, 512]
+
+
 def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
     monkeypatch.setattr(common, "memory_limit", lambda: (16e9, "a test's memory"))
     k08.resolve(k08.KernelsConfig())
