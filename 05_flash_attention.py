@@ -307,7 +307,7 @@ def on_chip_bytes(block_q, block_k, D, bytes_per_value):
     """What one step of a fused kernel holds on chip: Q_i [B_r, d], K_j and V_j [B_c, d] in the
     input dtype; the scores/probabilities S_ij [B_r, B_c], the output accumulator O_i [B_r, d]
     and m_i, l_i [B_r] in float32. The lecture's count, B_r*B_c + d*(2*B_r + 2*B_c) values,
-    with a byte size for each."""
+    with a byte size for each, plus the 2*B_r statistics it leaves out."""
     inputs = bytes_per_value * (block_q * D + 2 * block_k * D)
     return inputs + 4 * (block_q * block_k + block_q * D + 2 * block_q)
 
@@ -422,8 +422,8 @@ def show_block_arithmetic(D, dtype, chosen):
     chips = [common.device_chip(), common.CHIPS["H100"], common.CHIPS["TPU v5 lite"]]
     chips = [c for c in dict.fromkeys(chips) if c is not None and c.on_chip_bytes]
     b = jnp.dtype(dtype).itemsize
-    print(f"\non-chip memory of one block step, B_r*B_c + d*(2*B_r + 2*B_c) values (D={D}, Q, K, V "
-          f"in {dtype}; S_ij, O_i, m_i, l_i in float32):")
+    print(f"\non-chip memory of one block step, B_r*B_c + d*(2*B_r + 2*B_c) + 2*B_r values (D={D}, "
+          f"Q, K, V in {dtype}; S_ij, O_i, m_i, l_i in float32):")
     names = [f"{c.name} {c.on_chip_bytes / 2**10:,.0f} KiB" for c in chips]
     print(f"  {'B_r x B_c':>13} {'KiB':>8}  " + "  ".join(f"{n:>22}" for n in names))
     for bq, bk in dict.fromkeys(((64, 64), (128, 64), (128, 128), (128, 256), (256, 256), chosen)):

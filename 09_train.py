@@ -418,7 +418,8 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
 
     @jax.jit
     def next_token(tokens, length, key):
-        logits = common.forward(params, tokens[None], cfg)[0, length - 1]
+        # The data are bytes: a larger vocabulary (a Llama preset's) samples among its first 256.
+        logits = common.forward(params, tokens[None], cfg)[0, length - 1, :256]
         return jax.random.categorical(key, logits / temperature)
 
     toks, key = list(prompt), jax.random.key(seed)

@@ -439,6 +439,12 @@ def test_sample_at_a_low_temperature_is_greedy_over_the_last_window():
             want.append(int(np.argmax(forward(np.array(want[-128:], np.int32)))))
         got = train_mod.sample(params, cfg, prompt, 5, temperature=1e-6)
         assert got == bytes(want).decode("utf-8", errors="replace")
+    # A Llama preset's vocabulary is larger than the bytes it trains on: the sample stays bytes
+    # (it raised "bytes must be in range(0, 256)").
+    wide = dataclasses.replace(cfg, vocab_size=1024)
+    params = common.init_params(wide, jax.random.key(1))
+    params["lm_head"] = params["lm_head"].at[:, 256:].add(100.0)   # the best tokens are not bytes
+    assert len(train_mod.sample(params, wide, b"def ", 8).encode("utf-8", "surrogateescape")) >= 8
 
 
 def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
