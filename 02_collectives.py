@@ -104,7 +104,7 @@ def _shift(x, axis_name, n, direction):
 
 
 def _num_blocks(x, mesh, axis_name, pieces=1):
-    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)):
+    if not common.is_integer(pieces):
         raise common.UserError(f"pieces must be an integer, got {pieces!r}")
     if axis_name not in mesh.shape:
         raise common.UserError(f"mesh has no axis {axis_name!r} (axes: {', '.join(mesh.shape)})")

@@ -602,8 +602,7 @@ GREEDY = Sampling()
 def make_sampling(temperature=0.0, top_k=None, top_p=None):
     if not 0 <= temperature < math.inf:  # (a NaN fails this too)
         raise common.UserError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or top_k < 0):
+    if top_k is not None and (not common.is_integer(top_k) or top_k < 0):
         raise common.UserError(f"top_k must be an integer >= 0, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise common.UserError(f"top_p must be in (0, 1], got {top_p}")
@@ -623,7 +622,7 @@ def check_sampling(sampling):
 
 def check_seed(seed):
     """The seed travels to the device as an int32."""
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+    if not common.is_integer(seed) or not 0 <= seed < 2**31:
         raise common.UserError(f"seed must be an integer in [0, 2**31), got {seed!r}")
     return int(seed)
 
@@ -773,7 +772,7 @@ def bucket(n, lo=16):
 
 def check_count(name, n):
     """A count of tokens given by a user: an integer (numpy's too), as a Python int."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+    if not common.is_integer(n):
         raise common.UserError(f"{name} must be an integer, got {n!r}")
     return int(n)
 

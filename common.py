@@ -44,6 +44,11 @@ class UserError(ValueError):
     """A mistake in what the user asked for: printed as one line, never as a traceback."""
 
 
+def is_integer(x):
+    """An int, numpy's included, and not a bool (which Python counts as one)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -75,7 +80,7 @@ class Config:
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                   "max_seq_len"):
             value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise UserError(f"{f} must be an integer >= 1, got {value!r}")
         if self.head_dim % 2:  # rope turns pairs of dimensions
             raise UserError(f"head_dim must be even (rope rotates pairs), got {self.head_dim}")
