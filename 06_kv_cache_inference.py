@@ -1196,7 +1196,8 @@ def speculative_loop(params, draft, cache, draft_cache, last, want, stops, seed,
     step at 1B on an H200) between rounds. `last` is the prefill's token, the answer's first.
     A round's random keys come from (seed, row, the index in the answer of its first token).
     Returns (tokens [B, width], made [B] (a row may make up to gamma more than it wants),
-    row-rounds [B], accepted [B], cache, draft_cache)."""
+    row-rounds [B], accepted [B], rejected [B] (rounds that refused a draft token), cache,
+    draft_cache)."""
     B = last.shape[0]
     rows, j = jnp.arange(B)[:, None], jnp.arange(gamma + 1)[None, :]
     out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(last)
@@ -1207,7 +1208,7 @@ def speculative_loop(params, draft, cache, draft_cache, last, want, stops, seed,
         return (made < want) & ~stopped
 
     def one_round(state):
-        cache, draft_cache, last, out, made, stopped, row_rounds, accepted = state
+        cache, draft_cache, last, out, made, stopped, row_rounds, accepted, rejected = state
         active = running(state)
         g, a, last, cache, draft_cache = speculative_round(
             params, draft, cache, draft_cache, last, active, cfg, draft_cfg, gamma,
@@ -1216,12 +1217,13 @@ def speculative_loop(params, draft, cache, draft_cache, last, want, stops, seed,
         out = out.at[rows, jnp.where(new, made[:, None] + j, width)].set(g, mode="drop")
         stopped = stopped | jnp.any(new & jnp.isin(g, stops), axis=1)
         made = made + jnp.where(active, a + 1, 0)
-        return (cache, draft_cache, last, out, made, stopped,
-                row_rounds + active, accepted + jnp.where(active, a, 0))
+        return (cache, draft_cache, last, out, made, stopped, row_rounds + active,
+                accepted + jnp.where(active, a, 0), rejected + (active & (a < gamma)))
 
-    state = (cache, draft_cache, last, out, zeros + 1, jnp.isin(last, stops), zeros, zeros)
+    state = (cache, draft_cache, last, out, zeros + 1, jnp.isin(last, stops), zeros, zeros,
+             zeros)
     state = lax.while_loop(lambda s: jnp.any(running(s)), one_round, state)
-    return state[3], state[4], state[6], state[7], state[0], state[1]
+    return state[3], state[4], state[6], state[7], state[8], state[0], state[1]
 
 
 def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens, gamma=4,
@@ -1229,8 +1231,12 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                          temperature=0.0, top_k=None, top_p=None, seed=0):
     """Generation by the target `params`, sped up by the `draft` model: returns (tokens per
     prompt, and statistics: rounds (the most any row took), acceptance rate = accepted /
-    proposed draft tokens, tokens per round (per row), decode_s (the rounds' time, after both
-    prefills)).
+    proposed draft tokens, alpha, tokens per round (per row), decode_s (the rounds' time, after
+    both prefills)).
+    alpha estimates the chance that a draft token is accepted once it is judged: accepted /
+    (accepted + refusals), a round judging tokens until its first refusal (Leviathan et al.
+    2023's alpha, the a of eq. 1). The acceptance rate is lower, because the tokens after a
+    refusal count as proposed but are never judged.
     Greedy (temperature 0): the tokens are generate(..., temperature=0)'s with the same
     stop_tokens. Identical in float32; in bf16 the target scores gamma + 1 tokens in one pass,
     whose sums round differently from one token's, so where two tokens' logits nearly tie the
@@ -1255,7 +1261,8 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     B = len(prompts)
     if max_new_tokens == 0:
         return [[] for _ in prompts], {"rounds": 0, "proposed": 0, "accepted": 0,
-                                       "acceptance": math.nan, "tokens_per_round": math.nan}
+                                       "acceptance": math.nan, "alpha": math.nan,
+                                       "tokens_per_round": math.nan}
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     ids = jnp.arange(B, dtype=jnp.int32)
     last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, seed,
@@ -1265,15 +1272,17 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                                 0, cfg=draft_cfg)
     jax.block_until_ready((last, dcache))
     t0 = time.perf_counter()
-    out, made, row_rounds, accepted = jax.device_get(speculative_loop(
+    out, made, row_rounds, accepted, rejected = jax.device_get(speculative_loop(
         params, draft, cache, dcache, last, jnp.full((B,), max_new_tokens, jnp.int32),
         jnp.array(stops, jnp.int32), seed, cfg=cfg, draft_cfg=draft_cfg, gamma=gamma,
         width=bucket(max_new_tokens + gamma + 1, 64), decode_attention=decode_attention,
-        sampling=sampling)[:4])
+        sampling=sampling)[:5])
     n_rounds = int(row_rounds.sum())
     stats = {"rounds": int(row_rounds.max()), "proposed": gamma * n_rounds,
              "accepted": int(accepted.sum()), "decode_s": time.perf_counter() - t0}
     stats["acceptance"] = stats["accepted"] / max(stats["proposed"], 1)
+    judged = stats["accepted"] + int(rejected.sum())
+    stats["alpha"] = stats["accepted"] / judged if judged else math.nan
     stats["tokens_per_round"] = (stats["accepted"] + n_rounds) / max(n_rounds, 1)
     out = [[int(t) for t in row[:min(n, max_new_tokens)]] for row, n in zip(out, made)]
     return [o[:_until_stop(o, stops)] for o in out], stats
@@ -2102,19 +2111,23 @@ def measure_speculative(run, draft=None):
     # Against the target decoding alone at generate's pace: its steps in one call, which the
     # faster of the two step timings stands for (one per call can be held back by the host).
     t_step = min(run.t_step, run.t_steps)
-    # A round yields per_round tokens (Leviathan et al. 2023, eq. 1: (1 - a^(gamma+1)) / (1 - a)
-    # if each draft token were accepted with the same chance a) and costs gamma + 1 draft steps
-    # plus one verification. In target steps: by the bytes, a draft step is c and verifying ~1
-    # (the weights are read once for all gamma + 1 tokens); measured, they are what they take,
-    # over the rounds that ran (the last can make up to gamma tokens past the G - 1 asked for:
-    # at G = 32 and 5 tokens a round, 7 rounds for 31 tokens).
+    # A round yields per_round tokens (Leviathan et al. 2023, eq. 1: (1 - alpha^(gamma+1)) /
+    # (1 - alpha) if every judged draft token were accepted with the same chance alpha; printed
+    # beside the count, the gap says how far acceptances are from independent) and costs
+    # gamma + 1 draft steps plus one verification. In target steps: by the bytes, a draft step
+    # is c and verifying ~1 (the weights are read once for all gamma + 1 tokens); measured,
+    # they are what they take, over the rounds that ran (the last can make up to gamma tokens
+    # past the G - 1 asked for: at G = 32 and 5 tokens a round, 7 rounds for 31 tokens).
     pred = per_round / ((g + 1) * c + 1)
     pred_t = (G - 1) * t_step / (st["rounds"] * ((g + 1) * t_draft + t_verify))
     same = next((i for i, (x, y) in enumerate(zip(tokens[0], run.ref_tokens)) if x != y), G)
     run.section(f"speculative decoding, gamma {g}; draft: {what}, {100 * c:.0f}% of the "
                 f"target's bytes")
-    print(f"acceptance {100 * a:.1f}%, {st['tokens_per_round']:.2f} tokens per round, "
-          f"{st['rounds']} rounds; "
+    alpha = st["alpha"]
+    eq1 = (1 - alpha ** (g + 1)) / (1 - alpha) if alpha < 1 else g + 1
+    print(f"acceptance {100 * a:.1f}% of the proposed tokens, alpha {100 * alpha:.1f}% of the "
+          f"judged ones; {st['tokens_per_round']:.2f} tokens per round (eq. 1 at alpha: "
+          f"{eq1:.2f}), {st['rounds']} rounds; "
           f"{tok_s:.1f} tok/s against {1 / t_step:.1f} alone = {tok_s * t_step:.2f}x; "
           f"the model predicts {pred:.2f}x from the bytes, {pred_t:.2f}x from the measured steps "
           f"(draft {t_draft * 1e3:.3f} ms x {g + 1}, verification {t_verify * 1e3:.3f} ms, target "
@@ -2124,7 +2137,8 @@ def measure_speculative(run, draft=None):
     if run.ic.temperature > 0:
         st, tok_s, plain = sampled
         print(f"sampling (temperature {run.ic.temperature}, top_k {run.ic.top_k}, top_p "
-              f"{run.ic.top_p}): acceptance {100 * st['acceptance']:.1f}%, "
+              f"{run.ic.top_p}): acceptance {100 * st['acceptance']:.1f}%, alpha "
+              f"{100 * st['alpha']:.1f}%, "
               f"{st['tokens_per_round']:.2f} tokens per round; {tok_s:.1f} tok/s against "
               f"generate's {plain:.1f} = {tok_s / plain:.2f}x")
         run.row(f"speculative sampling gamma={g}", f"{tok_s:,.1f} tok/s",

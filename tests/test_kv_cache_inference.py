@@ -382,13 +382,28 @@ def test_speculative_greedy_equals_target():
         got, st = inf.speculative_generate(params, TINY, draft, cfg_d, PROMPTS, 13, gamma=3,
                                            cache_len=CACHE)
         assert got == want
-        assert 0 <= st["acceptance"] <= 1 and 1 <= st["tokens_per_round"] <= 4
+        assert 0 <= st["acceptance"] <= st["alpha"] <= 1 and 1 <= st["tokens_per_round"] <= 4
         acceptance.append(st["acceptance"])
     assert acceptance[0] > 0.5
     stops = [want[0][4], want[2][0]]
     got, _ = inf.speculative_generate(params, TINY, self_draft, dcfg, PROMPTS, 13, gamma=3,
                                       cache_len=CACHE, stop_tokens=stops)
     assert got == inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE, stop_tokens=stops)
+
+
+def test_speculative_alpha_counts_the_judged_draft_tokens():
+    """alpha = accepted / judged, a round judging its drafts up to the first refusal. The target
+    as its own draft (float32: it agrees every time) gives 1 however the rounds end; with one
+    draft token a round, every proposed token is judged, so alpha is the acceptance rate."""
+    params = params_for(TINY)
+    _, st = inf.speculative_generate(params, TINY, params, TINY, PROMPTS, 13, gamma=3,
+                                     cache_len=CACHE)
+    assert st["alpha"] == st["acceptance"] == 1.0 and st["tokens_per_round"] == 4
+    first_layer, dcfg = inf.draft_params(params, TINY, 1)       # int8, one of two layers
+    _, st = inf.speculative_generate(params, TINY, first_layer, dcfg, PROMPTS, 13, gamma=1,
+                                     cache_len=CACHE)
+    assert 0 < st["accepted"] < st["proposed"]
+    assert st["alpha"] == st["acceptance"]
 
 
 def test_speculative_sampling_draws_from_the_target():
