@@ -145,7 +145,8 @@ def attention_cost(B, T, S, H, D, itemsize, materialized):
     4*B*T*S*H*D FLOPs (two matmuls; the softmax's few FLOPs per score are left out). Every variant
     reads Q, K, V and writes O. The materialized one also writes the float32 scores [B, H, T, S]
     and reads them back for the softmax, then writes the probabilities in the input dtype and reads
-    them back for P @ V: 2 * (4 + itemsize) bytes per score (Dao et al. 2022, section 3.2)."""
+    them back for P @ V: 2 * (4 + itemsize) bytes per score (the standard implementation, Dao et
+    al. 2022, section 2.2, Algorithm 0, with float32 scores as common.attention_reference keeps)."""
     qkvo = (2 * B * T * H * D + 2 * B * S * H * D) * itemsize
     scores = B * H * T * S * 2 * (4 + itemsize) if materialized else 0
     return Cost(4 * B * T * S * H * D, qkvo + scores)

@@ -630,7 +630,7 @@ def print_collectives(results, L, on_gpu):
         print("- TP: Megatron needs 2 all-reduces forward and 2 backward. XLA's partitioner "
               "reduces each matmul's partial sums on its own, so the prediction counts one "
               "backward all-reduce per column-parallel matmul (wq, wk, wv, w_gate, w_up): 5. "
-              "Summing the partials before reducing (Megatron's g operator; XLA's "
+              "Summing the partials before reducing (Megatron's f operator; XLA's "
               "AllReduceReassociate pass can do it) saves 3 [B, T, D] arrays per layer: where XLA "
               "shows fewer than predicted, it did.")
     if any(r["sp"] for r in results):

@@ -15,12 +15,13 @@ supports what a Llama-style model needs: causal masking, several prompts packed 
 share one key/value head. main() first shows four properties: the output matches
 common.attention_reference; attention without positions is blind to word order (so RoPE, Su et
 al. 2021, is needed); without a mask a token sees the future; packed prompts do not see each
-other. Then the lesson's arithmetic: the two matmuls move the [T, S] score matrix through
-memory, so their intensity is about the head dim D (and the softmax's about 1), far below the
-ridge point of a modern chip; a fused kernel that never writes the matrix moves only Q, K, V and
-the output, for an intensity of about S/2 (FlashAttention, Dao et al. 2022, section 3; lesson
-05). Last, the measured time of this attention, of XLA's `jax.nn.dot_product_attention` and of
-cuDNN's fused kernel where present, each against its roofline.
+other. Then the lesson's arithmetic: the two matmuls move the [T, S] score matrix through memory, so
+their intensity is of the order of the head dim D (D/2 for QK^T, whose scores are float32, and D for
+PV in bf16; the softmax's about 1), far below the ridge point of a modern chip; a fused kernel that
+never writes the matrix moves only Q, K, V and the output, for an intensity of about S/2 in bf16,
+S/4 with the causal mask's half of the work (FlashAttention, Dao et al. 2022, section 3; lesson 05).
+Last, the measured time of this attention, of XLA's `jax.nn.dot_product_attention` and of cuDNN's
+fused kernel where present, each against its roofline.
 """
 import dataclasses
 import math
@@ -227,7 +228,8 @@ def main():
         bound = "compute" if t_flops > t_bytes else "memory"
         print(f"  {name:<28} {flops / 1e9:9.1f} {fmt_bytes(nbytes):>9} {flops / nbytes:9.1f} "
               f"{max(t_flops, t_bytes) * 1e3:8.3f}ms  {bound}")
-    n = dtype.itemsize  # the fused kernel moves q, k, v and o once: 4 S D FLOPs per n D bytes
+    n = dtype.itemsize  # the fused kernel moves q, k, v and o once: a query row's 4 S D
+    # FLOPs per 4 n D bytes
     fused = (f"S/{2 * n} = {T // (2 * n)} (causal: half the work)" if cfg.causal
              else f"S/{n} = {T // n}")
     pv = {1: "2D", 2: "D"}.get(n, f"D/{n // 2}")  # 2 D FLOPs per probability of n bytes

@@ -45,34 +45,33 @@ What the lesson shows, in the order main() prints it:
      when a request reaches its length or makes a stop token (a tokenizer's end of sequence),
      and their tokens are fetched once.
   5. int8: weight-only int8 with one scale per output channel (as gpt-fast's quantize.py; LLM.int8,
-     Dettmers et al. 2022, without the outlier split) halves the bytes a step reads; an int8 KV
-     cache with one scale per token and head, the simplest scheme (KIVI, Liu et al. 2024, and
-     KVQuant, Hooper et al. 2024, find keys quantize better per channel), halves the cache,
-     which pays where the cache outweighs the weights: long contexts at large batches (lesson
-     08's kernel reads it as int8). Their cost is measured as logit error and greedy agreement
-     with the unquantized model, teacher-forced on the same tokens. Halving the weight bytes
-     does not halve a batch-1 step: its small kernels (norms, rope, cache writes, residual
-     adds) take as long as before, and a matrix of a few tens of MB loses a few microseconds
-     per product to kernel ramp-up, which matters more once its bytes stream twice as fast
-     (section 7 and BENCHMARKS.md: about 1.5x on an H200 and 1.6x on an H100, where the bytes
+     Dettmers et al. 2022, scales weights the same way but quantizes the activations too) halves the
+     bytes a step reads; an int8 KV cache with one scale per token and head, the simplest scheme
+     (KIVI, Liu et al. 2024, and KVQuant, Hooper et al. 2024, find keys quantize better per
+     channel), halves the cache, which pays where the cache outweighs the weights: long contexts at
+     large batches (lesson 08's kernel reads it as int8). Their cost is measured as logit error and
+     greedy agreement with the unquantized model, teacher-forced on the same tokens. Halving the
+     weight bytes does not halve a batch-1 step: its small kernels (norms, rope, cache writes,
+     residual adds) take as long as before, and a matrix of a few tens of MB loses a few
+     microseconds per product to kernel ramp-up, which matters more once its bytes stream twice as
+     fast (section 7 and BENCHMARKS.md: about 1.5x on an H200 and 1.6x on an H100, where the bytes
      say 2x).
   6. Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a cheap draft proposes
      gamma tokens, the target checks them all in one step (as memory-bound as a one-token step),
      and keeps the longest agreeing prefix plus its own next token: greedy output is exactly the
-     target's (sampling keeps each draft token with chance min(1, p/q) and so draws exactly
-     the target's distribution). How many tokens a round keeps decides where the next round
-     starts, so the rounds loop on the device (lax.while_loop): a loop on the host would wait
-     for every round's answer. The draft here is the target's own weights in int8 (optionally
-     its first N layers, self-speculation as in Zhang et al. 2023): with random weights no
-     smaller trained model exists that could agree with the target. With real checkpoints,
-     --draft=DIR takes a smaller model with the same tokenizer (Llama-3.2-1B for
-     Llama-3.1-8B). The speedup is tokens per round over a round's cost in target steps:
-     gamma + 1 draft steps, each far dearer than its share of the bytes, plus a verification
-     that costs more than one step.
+     target's (sampling keeps each draft token with chance min(1, p/q) and so draws exactly the
+     target's distribution). How many tokens a round keeps decides where the next round starts, so
+     the rounds loop on the device (lax.while_loop): a loop on the host would wait for every round's
+     answer. The draft here is the target's own weights in int8 (optionally its first N layers, an
+     early exit as in LayerSkip, Elhoushi et al. 2024): with random weights no smaller trained model
+     exists that could agree with the target. With real checkpoints, --draft=DIR takes a smaller
+     model with the same tokenizer (Llama-3.2-1B for Llama-3.1-8B). The speedup is tokens per round
+     over a round's cost in target steps: gamma + 1 draft steps, each far dearer than its share of
+     the bytes, plus a verification that costs more than one step.
   7. Where a batch-1 step's time goes, from the device's own kernel timings: the weight
      products against the bytes they read and against the same bytes streamed by one product
      (each product kernel pays a few microseconds to ramp up and drain, which costs an int8
-     step more than a bf16 one), and the ten or so small kernels per layer around
+     step more than a bf16 one), and the eight or so small kernels per layer around
      them (norms, rope, cache writes, residual adds), each costing a microsecond or more
      whatever it reads. An int8 step has two more per layer: XLA splits the int8 products of
      wo and w_down over K, and their partial sums meet the residual in a kernel of their own.
@@ -185,7 +184,7 @@ CONTRACTED = {"wqkv": (0,), "wo": (0, 1), "w_gate_up": (0,), "w_down": (0,)}
 # A product with one row is a matrix-vector product: each output is the dot of the row with one
 # row of an output-major [N, K] matrix, contiguous bytes, and the fastest way to stream such a
 # bf16 weight is to write the product so, as an elementwise multiply and a sum along those rows.
-# On an H200 at the four Llama-3-8B layer shapes the sum reads the weight at 95-108% of copy
+# On an H200 at the four Llama-3-8B layer shapes the sum reads the weight at 95-110% of copy
 # bandwidth, against 81-103% for XLA's matrix multiply kernel fed the row and a zero second
 # row (and a one-row matmul is slower still). XLA's GPU compiler itself rewrites a one-row
 # product with a matrix of fewer values than ROW_SUM_MAX into such a multiply and sum
@@ -329,8 +328,8 @@ def _linear(eq, x, w, out_dtype, pad_rows):
     x2, wt = x.reshape(-1, K), wt.reshape(-1, K)                          # [M, K], [N, K]
     M = x2.shape[0]
     # Decode's few rows take 08's kernel; from 64 rows XLA's widening matmul is faster (08's
-    # sweep on an H200: 46 us against 38 per 8192 x 8192 weight at M = 64; the kernel wins
-    # up to 32).
+    # sweep on an H200: 46 us against 38 per 8192 x 8192 weight at M = 64; the kernel beats
+    # bf16 up to 32 rows, and XLA's int8 product at 1, 8 and 16).
     if "qt_pallas" in w and M <= 32:
         y = _kernels().int8_matmul(x2, wt, w["scale"].reshape(-1), interpret=_interpret())
         return y.reshape(lead + out_dims).astype(out_dtype)
@@ -458,12 +457,12 @@ def pallas_decode_attention(q, k, v, lengths, k_scale=None, v_scale=None):
 
 
 def default_decode_attention(cfg):
-    """What generate, the serving loops and speculative_generate use when given no
-    decode_attention: on a GPU, lesson 08's flash-decoding kernel for a bf16 model whose head
-    size it tiles (a power of two, 16..256), which reads each row's cache only up to its length
-    where the reference reads all of it: a decode step 1.03-1.45x faster at batch 1 and 1.06-1.14x
-    at batch 64 (an H200, Llama-3 8B and 3.2 1B shapes, 256-token contexts), more as the cache
-    grows. Otherwise the reference (on a CPU the kernel would run interpreted)."""
+    """What generate, the serving loops and speculative_generate use when given no decode_attention:
+    on a GPU, lesson 08's flash-decoding kernel for a bf16 model whose head size it tiles (a power
+    of two, 16..256), which reads each row's cache only up to its length where the reference reads
+    all of it: a decode step 1.03-1.06x faster at batch 1 (Llama-3 8B and 3.2 1B shapes, H100 and
+    H200; 1.45x in one 1B run) and 1.06x at batch 64 (8B, H200), 256-token contexts, more as the
+    cache grows. Otherwise the reference (on a CPU the kernel would run interpreted)."""
     D = cfg.head_dim
     if _interpret() or jnp.dtype(cfg.dtype) != jnp.bfloat16 or D & (D - 1) or not 16 <= D <= 256:
         return decode_attention_reference
@@ -682,8 +681,8 @@ def _prefill_jit(params, cache, tokens, lengths, slots, row_ids, seed, *, cfg, s
 # In a loop of steps (decode_steps, decode_loop, the speculative rounds) the weights do not
 # change, so XLA's CPU compiler moves each int8 weight's widening out of the loop: the loop
 # then reads 4-byte copies every step instead of the 1-byte weights, and on a CPU the int8
-# steps ran 2-3x slower in a loop than one per call (the `small` model, 2 cores: 10.0 against
-# 3.2 ms per step). The pass is turned off for these calls; XLA's GPU compiler widens inside
+# steps ran about 3x slower in a loop than one per call (the `small` model, 2 cores: 9.5
+# against 2.9 ms per step). The pass is turned off for these calls; XLA's GPU compiler widens inside
 # the product either way (1B and 8B shapes on an H100: the same step time to 0.2%).
 DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
                            "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
@@ -2350,7 +2349,7 @@ def main():
     for r in rows:
         print(f"{r[0]:14s} {r[1]:{w}s} {r[2]:>15s} {r[3]:>15s}  {r[4]}")
     if on_gpu:
-        print("peer, from another run (GPU.md): gpt-fast, Llama-3-8B shape, batch 1, on an H200: "
+        print("peer, from another run: gpt-fast (torch.compile), Llama-3-8B shape, batch 1, H200: "
               "bf16 193.5 tok/s = 70% of its 4.14 TB/s copy bandwidth; int8 weights 197.2 tok/s")
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -56,7 +56,7 @@ class NumericsConfig:
     dim: int = 0                  # K = N of the weight data; 0: 4096 (512 on CPU)
     block: int = 128              # per-block scaling: elements per block along the contraction dim
     outlier_frac: float = 0.01    # fraction of activation channels that carry outliers
-    outlier_scale: float = 50.0   # their magnitude relative to the rest (LLM.int8, section 3)
+    outlier_scale: float = 50.0   # their magnitude relative to the rest (LLM.int8, section 4)
     mm_size: int = 0              # n of the bf16 / fp8 / int8 speed test; 0: 8192 (512 on CPU)
     steps: int = 0                # training steps per precision mode; 0: 300 (200 on CPU)
     batch_size: int = 0           # sequences per step; 0: 16 (8 on CPU)
@@ -313,8 +313,9 @@ def int8_matmul(x, w):
 
 
 def fp8_matmul(x, w, fmt="e4m3", per_channel=False):
-    """x @ w on fp8 inputs with bf16 output (what the fp8 tensor cores produce); per-tensor or
-    per-row / per-column scales, applied after the sum."""
+    """x @ w on fp8 inputs with bf16 output (an fp8 matmul's usual output type; the tensor cores
+    accumulate in a wider type); per-tensor or per-row / per-column scales, applied after the
+    sum."""
     axes = (1, 0) if per_channel else (None, None)
     qx, sx = quantize(x, fmt, axis=axes[0])
     qw, sw = quantize(w, fmt, axis=axes[1])
@@ -347,10 +348,11 @@ def bf16_matmul(x, w):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fp8_einsum(spec, x, w):
-    """jnp.einsum(spec, x, w) for two operands, each quantized to e4m3 with a per-tensor scale;
-    its gradient quantizes the incoming gradient to e5m2 and runs both backward products in fp8
-    too. The products' outputs come back in x's dtype (the fp8 units accumulate in float32
-    inside); the scales multiply afterwards, outside the sum. x and w share one dtype."""
+    """jnp.einsum(spec, x, w) for two operands, each quantized to e4m3 with a per-tensor scale; its
+    gradient quantizes the incoming gradient to e5m2 and runs both backward products in fp8 too. The
+    products' outputs come back in x's dtype (the tensor cores accumulate fp8 products in a wider
+    type, nominally float32, though DeepSeek-V3, section 3.3.2, measures only about 14 bits kept on
+    Hopper); the scales multiply afterwards, outside the sum. x and w share one dtype."""
     return _fp8_einsum_fwd(spec, x, w)[0]
 
 
@@ -493,7 +495,7 @@ def weight_like(rng, K, N):
 
 def activation_like(rng, M, K, outlier_frac, outlier_scale):
     """[M, K]: unit normal, except a few feature channels that are `outlier_scale` times larger in
-    every token (the systematic outlier features of LLM.int8, section 3)."""
+    every token (the systematic outlier features of LLM.int8, section 4)."""
     x = rng.standard_normal((M, K))
     cols = rng.choice(K, max(1, int(outlier_frac * K)), replace=False) if outlier_frac else []
     x[:, cols] *= outlier_scale

@@ -30,7 +30,7 @@ into code. Four kernels, each with its reference beside it:
      own product with int8 weights the layout decides: with the weights input-major ([K, N])
      lesson 06's decode step ran at 1.14x its bf16 speed through XLA and 1.48x through this
      kernel (Llama-3-8B shape, H200); with them output-major ([N, K]) XLA's product ran at
-     0.91-0.95x this kernel's time per step, and at 61-95% of the copy bandwidth per weight shape
+     0.91-0.92x this kernel's time per step, and at 60-98% of the copy bandwidth per weight shape
      where this kernel reached 46-95%. Lesson 06 now uses XLA's and keeps this one as its peer.
 
 The portable kernels use only a grid, BlockSpecs and `jnp` inside the body, so they run
@@ -1294,7 +1294,7 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
     blocks, so its loads pipeline). M <= vector_rows takes the vector-unit kernel
     (int8_gemv_kernel), larger M the matrix unit. The defaults won a sweep over the four weight
     shapes of a Llama-3-8B layer at M = 1 on an H200 (the vector kernel was slower even at
-    M = 1); 256-wide K blocks with 4 warps beat 512 with 8 on every shape.
+    M = 1); 256-wide K blocks with 4 warps beat 512 with 8 on three shapes and tied on the fourth.
     Keep N a multiple of block_n and K of block_k: otherwise every call pads (copies) the
     weight."""
     scale = jnp.asarray(scale)

@@ -82,7 +82,7 @@ class TrainConfig:
     fp8_scaling: str = "current"  # with fp8: current (each tensor's own max) or delayed (the max
                                  # the step before saw, kept with the optimizer state)
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
-    attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU)
+    attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16)
     seed: int = 0                # of the init and of the batches' order
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
     out_dir: str = "out"         # checkpoints and metrics.jsonl; rerun to resume
