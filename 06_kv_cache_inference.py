@@ -83,8 +83,8 @@ What the lesson shows, in the order main() prints it:
      streams it faster than a matrix multiply kernel does (ROW_SUM_MAX; XLA's GPU compiler
      makes the same rewrite for small matrices; down the columns of an input-major matrix the
      same sum is up to 4x slower).
-     The host pays for every call: dispatching a step's few hundred arrays takes 0.4-1 ms,
-     longer than a small model's step on a GPU. decode_steps runs several steps in one call,
+     The host pays for every call: dispatching a step's few hundred arrays took 0.4-1.1 ms
+     (H200 host), as long as a small model's step on a GPU. decode_steps runs several steps in one call,
      and the lesson times it beside one step per call; generate and the serving loops run
      every step up to the next change of their batch in one call (decode_loop, a
      lax.while_loop that decides on the device when to stop).
@@ -1958,7 +1958,8 @@ def measure_step_kernels(run):
         busy = mm_t + at_t + rest_t
         if t_step > 1.1 * busy:
             print(f"{'':>22s} the timed step is {(t_step - busy) * 1e3:.2f} ms longer than its "
-                  f"kernels: the host, dispatching one call per step, sets the pace here")
+                  f"kernels: likely the host, dispatching one call per step (the row "
+                  f"'{PER_CALL} steps/call' is the check)")
         mm_n = kinds["matmul"][1]
         one = one_stream_time(W, cfg, int8=what == "int8")
         streams[what] = (mm_t, one)
