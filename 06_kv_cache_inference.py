@@ -83,11 +83,11 @@ What the lesson shows, in the order main() prints it:
      streams it faster than a matrix multiply kernel does (ROW_SUM_MAX; XLA's GPU compiler
      makes the same rewrite for small matrices; down the columns of an input-major matrix the
      same sum is up to 4x slower).
-     The host pays for every call: dispatching a step's few hundred arrays took 0.4-1.1 ms
-     (H200 host), as long as a small model's step on a GPU. decode_steps runs several steps in one call,
-     and the lesson times it beside one step per call; generate and the serving loops run
-     every step up to the next change of their batch in one call (decode_loop, a
-     lax.while_loop that decides on the device when to stop).
+     The host pays for every call: dispatching a step's few hundred arrays took 0.4-1.1 ms (H200
+     host), as long as a small model's step on a GPU. decode_steps runs several steps in one call,
+     and the lesson times it beside one step per call; generate and the serving loops run every step
+     up to the next change of their batch in one call (decode_loop, a lax.while_loop that decides on
+     the device when to stop).
 
 Lesson 08's Pallas kernels plug in at two seams: its flash-decoding kernel as the
 `decode_attention` argument of forward_cached / generate / the serving loops
@@ -2320,6 +2320,14 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, d
     return run.rows
 
 
+# gpt-fast's decode (pytorch-labs/gpt-fast at 32971d3: generate.py's loop, decode_one_token
+# compiled with mode="reduce-overhead", its default sampling, 200 tokens after a 6-token prompt,
+# random bf16 weights; int8: its WeightOnlyInt8QuantHandler), tok/s as it counts them; the
+# command and the run are in BENCHMARKS.md.
+GPT_FAST = {"H100 SXM": (159.3, 185.9, "torch 2.11, 2026-11-23"),
+            "H200 SXM": (193.5, 197.2, "an earlier run")}
+
+
 def main():
     ic = common.parse_flags(InferConfig())
     t0 = time.perf_counter()
@@ -2349,9 +2357,12 @@ def main():
     print(f"\n{'model':14s} {'measurement':{w}s} {'measured':>15s} {'bound / peer':>15s}  ratio")
     for r in rows:
         print(f"{r[0]:14s} {r[1]:{w}s} {r[2]:>15s} {r[3]:>15s}  {r[4]}")
-    if on_gpu:
-        print("peer, from another run: gpt-fast (torch.compile), Llama-3-8B shape, batch 1, H200: "
-              "bf16 193.5 tok/s = 70% of its 4.14 TB/s copy bandwidth; int8 weights 197.2 tok/s")
+    chip = common.device_chip()
+    for name, (bf16, int8, how) in GPT_FAST.items():
+        if on_gpu and (chip is None or chip.name == name):
+            print(f"peer, from another run on an {name}: gpt-fast (its generate.py, "
+                  f"torch.compile), Llama-3-8B shape, batch 1: bf16 {bf16} tok/s, int8 weights "
+                  f"{int8} tok/s ({how})")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

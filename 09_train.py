@@ -132,7 +132,8 @@ class TrainConfig:
                    "fp8_scaling": ("current", "delayed")}
         for f, ok in choices.items():
             if getattr(self, f) not in ok:
-                raise common.UserError(f"{f} must be one of {', '.join(ok)}; got {getattr(self, f)!r}")
+                raise common.UserError(f"{f} must be one of {', '.join(ok)}; got "
+                                       f"{getattr(self, f)!r}")
         if self.fp8_scaling != "current" and not self.fp8:
             raise common.UserError(f"fp8_scaling={self.fp8_scaling} applies to fp8 matmuls: add "
                                    f"--fp8=true")
@@ -265,8 +266,8 @@ def sp_text(tc, mesh):
         return ""
     rules = common.sequence_parallel_rules(tc.sequence_parallel_rows(), mesh.shape["tp"],
                                            mesh.shape["fsdp"])
-    return f" with sequence parallelism (the {'positions' if 'residual_seq' in rules else 'rows'} " \
-           f"split over tp)"
+    split = "positions" if "residual_seq" in rules else "rows"
+    return f" with sequence parallelism (the {split} split over tp)"
 
 
 def make_loss_fn(cfg, tc, mesh, attention, record=False):

@@ -1083,12 +1083,12 @@ class Timing:
 
 
 def bench(fn, *args, iters=10, warmup=2, arg_sets=None, calls=None, min_sample_s=0.02):
-    """Time fn(*args): compile first (reported apart), warm up, then the median of `iters`
-    samples. A sample dispatches `calls` runs back to back and waits once (block_until_ready on
-    the last: one device stream runs them in order), so the host's dispatch and wake-up after a
-    wait, 0.1-0.2 ms a call on an H200 host (BENCHMARKS.md), is spread over many runs instead of
-    added to each; calls=None picks enough runs to fill min_sample_s. arg_sets: a list of argument tuples
-    to rotate through, so repeated runs do not just measure the cache."""
+    """Time fn(*args): compile first (reported apart), warm up, then the median of `iters` samples.
+    A sample dispatches `calls` runs back to back and waits once (block_until_ready on the last: one
+    device stream runs them in order), so the host's dispatch and wake-up after a wait, 0.1-0.2 ms a
+    call on an H200 host (BENCHMARKS.md), is spread over many runs instead of added to each;
+    calls=None picks enough runs to fill min_sample_s. arg_sets: a list of argument tuples to rotate
+    through, so repeated runs do not just measure the cache."""
     if iters < 1 or calls is not None and calls < 1:
         raise UserError(f"bench needs iters >= 1 and calls >= 1, got {iters} and {calls}")
     arg_sets = arg_sets or [args]
