@@ -51,6 +51,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -82,7 +83,8 @@ class TrainConfig:
     fp8_scaling: str = "current"  # with fp8: current (each tensor's own max) or delayed (the max
                                  # the step before saw, kept with the optimizer state)
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
-    attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16)
+    attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16;
+                                 # pallas with --xla_gpu_deterministic_ops)
     seed: int = 0                # of the init and of the batches' order
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
     out_dir: str = "out"         # checkpoints and metrics.jsonl; rerun to resume
@@ -556,6 +558,30 @@ def model_config(tc):
     return cfg
 
 
+def deterministic(xla_flags):
+    """Whether XLA_FLAGS asks for GPU kernels that repeat bit for bit (no atomic adds, whose
+    order varies: two runs of the 1B command otherwise part after step 1, BENCHMARKS.md)."""
+    return re.search(r"--xla_gpu_deterministic_ops(=(true|1))?(\s|$)", xla_flags) is not None
+
+
+def pick_attention(attention, dtype, platform, xla_flags=""):
+    """--attention resolved: auto is cuDNN's fused kernel on a GPU in bf16 (it takes 16-bit
+    inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels
+    instead of cuDNN's, which fails under --xla_gpu_deterministic_ops (an XLA error when the
+    step runs, jax 0.11.2)."""
+    det = platform == "gpu" and deterministic(xla_flags)
+    if attention == "auto":
+        attention = ("pallas" if det else "cudnn") if platform == "gpu" and dtype == "bfloat16" \
+            else "naive"
+    if attention == "cudnn" and dtype != "bfloat16":
+        raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {dtype}: use "
+                               f"--dtype=bfloat16 or --attention=naive or flash")
+    if attention == "cudnn" and det:
+        raise common.UserError("attention=cudnn fails under --xla_gpu_deterministic_ops=true: use "
+                               "--attention=pallas (repeatable, 1.23x cuDNN's step at 1B) or flash")
+    return attention
+
+
 def train(tc, stop_after=None, log=print, devices=None):
     """Train per `tc` on `devices` (default: all); stop_after ends the run early at that step (as
     a kill would), after its checkpoint. Returns (logged metrics, params, model config)."""
@@ -571,13 +597,8 @@ def _train(tc, stop_after, log, devices, held):
     if tc.batch_size % (data_ways * tc.grad_accum):
         raise common.UserError(f"batch_size={tc.batch_size} must split over dp x fsdp = "
                                f"{data_ways} devices and grad_accum={tc.grad_accum} micro-batches")
-    attn = tc.attention
-    if attn == "auto":  # cuDNN's fused attention takes 16-bit inputs only
-        gpu = jax.devices()[0].platform == "gpu"
-        attn = "cudnn" if gpu and cfg.dtype == "bfloat16" else "naive"
-    if attn == "cudnn" and cfg.dtype != "bfloat16":
-        raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {cfg.dtype}: use "
-                               f"--dtype=bfloat16 or --attention=naive or flash")
+    attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
+                          os.environ.get("XLA_FLAGS", ""))
     shardings = common.param_shardings(cfg, mesh)
     data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:

@@ -222,6 +222,19 @@ def test_clipping_scales_the_global_norm_down_to_the_threshold():
                      clipped, grads)
 
 
+def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
+    pick, det = train_mod.pick_attention, " --xla_gpu_deterministic_ops=true"
+    assert pick("auto", "bfloat16", "gpu") == "cudnn"
+    assert pick("auto", "float32", "gpu") == pick("auto", "bfloat16", "cpu") == "naive"
+    assert pick("auto", "bfloat16", "gpu", "--xla_foo=1" + det) == "pallas"
+    assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops") == "pallas"
+    assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=false") == "cudnn"
+    assert pick("auto", "bfloat16", "cpu", det) == "naive"
+    assert pick("flash", "bfloat16", "gpu", det) == "flash"
+    with pytest.raises(common.UserError, match="fails under --xla_gpu_deterministic_ops"):
+        pick("cudnn", "bfloat16", "gpu", det)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(mesh="dp:3"), "uses 3 devices"),
     (dict(mesh="tp:8"), "does not divide"),
