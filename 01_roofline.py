@@ -328,12 +328,17 @@ class Ceilings:
     bandwidth: float       # measured copy bytes/s, in place
     ds_flops: dict         # dtype label -> datasheet FLOP/s (only the dtypes the table lists)
     ds_bandwidth: float    # datasheet HBM bytes/s, or None
+    on_cpu: bool = False   # 16-bit matmuls emulated: held to float32's rate where it is faster
 
     def peak(self, dtype, datasheet=False):
         """The FLOP/s a kernel in `dtype` is held to. float32 kernels meet the default-precision
-        matmul rate; where the datasheet has no figure for a dtype, the measured one stands in."""
+        matmul rate; where the datasheet has no figure for a dtype, the measured one stands in.
+        On a CPU, XLA runs a 16-bit matmul through float32, so its kernels are held to the faster
+        of the two measured rates (as common.ceilings holds lessons 02-05's)."""
         if datasheet and self.has_datasheet(dtype):
             return self.ds_flops[_label(dtype)]
+        if self.on_cpu and dtype in ("bfloat16", "float16"):
+            return max(self.flops[dtype], self.flops["float32 default"])
         return self.flops[_label(dtype)]
 
     def has_datasheet(self, dtype):
@@ -358,8 +363,9 @@ CEILING_DTYPES = [("float64", "float64", None),
 def datasheet_flops(chip):
     if chip is None:
         return {}
-    return {"float32 highest": chip.f32_flops, "float32 default": chip.tf32_flops,
-            "bfloat16": chip.bf16_flops,
+    # A TPU's table has no TF32 figure (0): its float32 default runs as bf16 passes.
+    return {"float32 highest": chip.f32_flops,
+            "float32 default": chip.tf32_flops or chip.bf16_flops, "bfloat16": chip.bf16_flops,
             "float16": chip.bf16_flops, "float8_e4m3fn": chip.fp8_flops, "int8": chip.int8_ops}
 
 
@@ -396,7 +402,7 @@ def measure_ceilings(cfg, on_cpu):
               f"write to each new page faults and the OS zeroes it (common.copy_bandwidth). "
               f"Kernels that write new arrays (A+B+C, attention) pay that cost too; axpy "
               f"updates y in place")
-    return Ceilings(flops, bw, {k: v for k, v in ds.items() if v}, ds_bw)
+    return Ceilings(flops, bw, {k: v for k, v in ds.items() if v}, ds_bw, on_cpu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +517,20 @@ def run_skinny(cfg, ceil):
                      time_per_call(_matmul, xs, cfg.iters, calls_for(t_roof))))
         M *= 2
     return rows
+
+
+def skinny_summary(times, t_bytes, m_star, W):
+    """(the largest M whose time stays within 20% of M = 1's, why): times [s] for M = 1, 2, 4,
+    ...; t_bytes: M = 1's weight read at the copy bandwidth; m_star: where the roofline turns
+    compute-bound (None: never)."""
+    flat = 2 ** next((i for i, t in enumerate(times) if t > 1.2 * times[0]), len(times)) // 2
+    if t_bytes < 0.5 * times[0]:
+        return flat, (f"the weight's bytes need only {t_bytes * 1e6:.1f} us at the copy "
+                      f"bandwidth: a call's fixed cost holds the time, not the bytes or the FLOPs")
+    if m_star is None or m_star > flat:
+        return flat, f"below the ridge, reading the {W}x{W} weight is the cost, not the FLOPs"
+    return flat, (f"a {W}x{W} weight is compute-bound from M = {m_star} on by the roofline, so "
+                  f"what holds the time is a call's fixed cost, not the bytes")
 
 
 def run_attention(cfg, ceil, on_gpu):
@@ -628,11 +648,7 @@ def main():
     rows += run_square(cfg, ceil)
     skinny = run_skinny(cfg, ceil)
     times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
-    flat = 2 ** next((i for i, t in enumerate(times) if t > 1.2 * times[0]), len(times)) // 2
-    why = (f"below the ridge, reading the {W}x{W} weight is the cost, not the FLOPs"
-           if m_star_measured is None or m_star_measured > flat else
-           f"a {W}x{W} weight is compute-bound from M = {m_star_measured} on by the roofline, "
-           f"so what holds the time is a call's fixed cost, not the bytes")
+    flat, why = skinny_summary(times, skinny[0][2].bytes / ceil.bandwidth, m_star_measured, W)
     print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
           f"up to M = {flat}:\n  {why}")
     rows += skinny

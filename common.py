@@ -1340,7 +1340,8 @@ def ceilings(dtype="bfloat16"):
         return flops or chip.bf16_flops, chip.hbm_bw, f"{chip.name} datasheet"
     on_cpu = jax.devices()[0].platform == "cpu"
     m = measure_peaks(dtype="float32" if on_cpu else dtype)
-    return m["matmul_flops"], m["copy_bw"], f"measured on {jax.devices()[0].device_kind}"
+    what = "float32 matmul " if on_cpu else ""
+    return m["matmul_flops"], m["copy_bw"], f"{what}measured on {jax.devices()[0].device_kind}"
 
 
 # ----------------------------------------------------------------------------------------------

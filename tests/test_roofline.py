@@ -119,6 +119,26 @@ def test_compute_bound_batch_none_when_the_weight_is_too_small():
     assert rl.compute_bound_batch(64, 64, 2, 20.0) is not None
 
 
+def test_skinny_summary_names_what_holds_the_time():
+    us = 1e-6
+    flat, why = rl.skinny_summary([100 * us, 105 * us, 110 * us, 200 * us], 90 * us, None, 4096)
+    assert flat == 4 and "reading the 4096x4096 weight" in why
+    flat, why = rl.skinny_summary([100 * us, 130 * us], 90 * us, 1, 64)
+    assert flat == 1 and "compute-bound from M = 1" in why
+    # A call 5x longer than its bytes need: the bytes do not explain it, whatever M* says.
+    flat, why = rl.skinny_summary([178 * us, 281 * us], 33 * us, 4, 1024)
+    assert flat == 1 and "fixed cost" in why and "33.0 us" in why
+
+
+def test_ceilings_hold_16_bit_kernels_to_float32_on_a_cpu_and_fill_a_tpus_tf32():
+    flops = {"float32 default": 2.0, "bfloat16": 1.0, "float16": 3.0}
+    cpu, gpu = rl.Ceilings(flops, 1.0, {}, None, True), rl.Ceilings(flops, 1.0, {}, None, False)
+    assert cpu.peak("bfloat16") == 2.0 and cpu.peak("float16") == 3.0
+    assert gpu.peak("bfloat16") == 1.0
+    tpu = rl.datasheet_flops(common.CHIPS["TPU v5p"])
+    assert tpu["float32 default"] == common.CHIPS["TPU v5p"].bf16_flops
+
+
 def test_fused_and_unfused_kernels_agree():
     a, b, c = (randn((1000,), seed) for seed in range(3))
     np.testing.assert_array_equal(jax.jit(rl.add3)(a, b, c), rl.add3_eager(a, b, c))
