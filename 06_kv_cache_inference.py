@@ -14,16 +14,16 @@ measured against the memory-bandwidth bound that rules decode.
                                                         # decoding with a smaller model as draft
 
 What the lesson shows, in the order main() prints it:
-  1. The arithmetic. A decode step makes one token per sequence, so it multiplies each weight
-     once per sequence: 2 FLOPs per 2 bytes read at batch 1. On a GPU that does ~300 FLOPs in the
-     time it reads one byte, decode is bound by memory bandwidth, and the shortest step is
-     (weight bytes + batch x KV bytes) / bandwidth. Decode turns compute-bound only near the
-     batch where 2N x B FLOPs take as long as reading the weights; prefill, which multiplies each
-     weight by S prompt tokens, is compute-bound: time ~ S x 2N / FLOPS + G x 2N / BW. The
-     third limit is capacity: the weights and every sequence's KV cache must fit in memory, and
-     at long contexts that caps the batch below the compute-bound one. Per layer, the lecture's
-     [prefill, decode] x [attention, FFN]: batching lifts decode's FFN toward the ridge point,
-     never its attention, whose KV bytes grow with the batch as its FLOPs do.
+  1. The arithmetic. A decode step makes one token per sequence, so it multiplies each weight once
+     per sequence: 2 FLOPs per 2 bytes read at batch 1. On a GPU that does ~300 FLOPs in the time it
+     reads one byte, decode is bound by memory bandwidth, and the shortest step is (weight bytes +
+     batch x KV bytes) / bandwidth. Decode turns compute-bound only near the batch where 2N x B
+     FLOPs take as long as reading the weights; prefill, which multiplies each weight by S prompt
+     tokens, is compute-bound: time ~ S x 2N / FLOPS + G x W / BW (W = 2N bytes in bf16). The third
+     limit is capacity: the weights and every sequence's KV cache must fit in memory, and at long
+     contexts that caps the batch below the compute-bound one. Per layer, the lecture's [prefill,
+     decode] x [attention, FFN]: batching lifts decode's FFN toward the ridge point, never its
+     attention, whose KV bytes grow with the batch as its FLOPs do.
   2. The KV cache (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2):
      the keys and values of past tokens are kept, so a step computes one token's projections
      instead of the whole prefix's. It costs 2 x layers x kv_heads x head_dim x bytes per token
@@ -1617,7 +1617,7 @@ def show_arithmetic(run):
         print(f"(on a CPU the bounds are loose: part of the {_si(W, 'B')} of weights stays in its "
               f"caches from step to step)")
     print(f"decode turns compute-bound at batch ~{weights_only:,.0f} counting the weights only "
-          f"(2N x B FLOPs = W bytes: B = FLOPS / BW x bytes per weight / 2), at batch "
+          f"(B x 2N / FLOPS = W / BW: B = FLOPS / BW x bytes per weight / 2), at batch "
           f"{with_kv:,.0f} counting each sequence's {P}-token KV reads too")
     arrays = {id(x): x for x in jax.tree.leaves(run.params)}  # a tied head is the embedding
     held = sum(x.size * x.dtype.itemsize for x in arrays.values())  # with the embedding
@@ -1794,10 +1794,11 @@ def measure_batch_1(run):
         run.ref_tokens = ref(ip, cfg, [run.prompt], G, cache_len=S)[0]
         times.append(time.perf_counter() - t0)
     t_e2e = float(np.median(times))
-    pred = pred_prefill + G * W / run.bw
+    # The prefill makes the first token: G tokens take G - 1 decode steps.
+    pred = pred_prefill + (G - 1) * W / run.bw
     parts = run.t_prefill + (G - 1) * min(run.t_step, t_steps)
     print(f"end to end, {P} + {G} tokens (generate: a prefill call, then every step in one "
-          f"decode_loop call): {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + G x W / BW = "
+          f"decode_loop call): {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + (G - 1) x W / BW = "
           f"{pred * 1e3:.1f} ms ({100 * pred / t_e2e:.0f}%); measured prefill + {G - 1} x the "
           f"faster step above = {parts * 1e3:.1f} ms ({100 * parts / t_e2e:.0f}%)")
     run.row(f"decode B=1 {cfg.dtype}", f"{1 / run.t_step:,.1f} tok/s",
@@ -1917,7 +1918,8 @@ def measure_step_kernels(run):
     run.section("where a batch-1 decode step's time goes (kernels as the device timed them)")
     print(f"{'weights':>22s} {'step':>8s} {'kernels':>8s} {'matmul':>17s} {'attention':>9s} "
           f"{'the rest':>24s}")
-    streams = {}   # weights -> (the step's products, the same bytes as one product), seconds
+    streams = {}   # weights -> (the step's products, the same bytes as one product [s], the
+                   # number of its other kernels)
     for what in (f"{cfg.dtype}", "int8"):
         params = run.params if what == cfg.dtype else \
             jax.block_until_ready(quantize_params(run.params, cfg))
@@ -1962,19 +1964,20 @@ def measure_step_kernels(run):
                   f"'{PER_CALL} steps/call' is the check)")
         mm_n = kinds["matmul"][1]
         one = one_stream_time(W, cfg, int8=what == "int8")
-        streams[what] = (mm_t, one)
+        streams[what] = (mm_t, one, rest_n)
         print(f"{'':>22s} the same bytes as one product: {one * 1e3:.2f} ms = "
               f"{100 * W / one / run.bw:.0f}% BW; in {mm_n:.0f} products they take "
               f"{(mm_t - one) * 1e3:.2f} ms more, {(mm_t - one) / mm_n * 1e6:.1f} us a kernel")
         run.row(f"B=1 {what.split()[0]} weights as one stream", f"{one * 1e3:.2f} ms",
                 f"{W / run.bw * 1e3:.2f} ms (W / BW)",
                 f"{100 * W / one / run.bw:.0f}% of BW; products {mm_t / one:.2f}x it")
-    (mm_b, one_b), (mm_q, one_q) = streams[f"{cfg.dtype}"], streams["int8"]
+    (mm_b, one_b, rest_b), (mm_q, one_q, rest_q) = streams[f"{cfg.dtype}"], streams["int8"]
     print(f"A step at 90% of the bandwidth bound leaves 10% of it for everything that is not "
           f"a weight matmul; each small kernel costs a microsecond or more however little it "
-          f"reads, and a layer has {rest_n / cfg.n_layers:.0f} of them here. (Independent kernels "
-          f"overlap in the step's graph, DECODE_COMPILER_OPTIONS, so the columns can add up to "
-          f"more than the step.) A product kernel pays a fixed cost too, to ramp up and drain: "
+          f"reads, and the {cfg.dtype} step has {rest_b / cfg.n_layers:.1f} of them per layer "
+          f"here (int8's {rest_q / cfg.n_layers:.1f}). (Independent kernels overlap in the "
+          f"step's graph, DECODE_COMPILER_OPTIONS, so the columns can add up to more than the "
+          f"step.) A product kernel pays a fixed cost too, to ramp up and drain: "
           f"int8 products take {mm_b / mm_q:.2f}x less time than {cfg.dtype}'s, where as one "
           f"stream each they would take {one_b / one_q:.2f}x less. A kernel per matrix costs "
           f"int8 more, its bytes streaming half as long.")
@@ -1986,7 +1989,8 @@ def measure_batch(run):
     lesson 08's flash-decoding kernel (which reads an int8 cache as int8, up to each length)."""
     cfg, B, P = run.cfg, run.batch, run.P
     W = weight_bytes(run.params)
-    run.section(f"decode at batch {B}, every row at context {P}")
+    run.section(f"decode at batch {B}, every row from context {P} (the bounds at the timed "
+                f"steps' mean context, {P + 1 + 3 * run.steps // 2})")
     t = {}
     for kv8 in (False, True):
         b_bytes = W + B * (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg, kv8)
@@ -2118,7 +2122,7 @@ def measure_speculative(run, draft=None):
     # is c and verifying ~1 (the weights are read once for all gamma + 1 tokens); measured,
     # they are what they take, over the rounds that ran (the last can make up to gamma tokens
     # past the G - 1 asked for: at G = 32 and 5 tokens a round, 7 rounds for 31 tokens).
-    pred = per_round / ((g + 1) * c + 1)
+    pred = (G - 1) / st["rounds"] / ((g + 1) * c + 1)     # the tokens delivered, as measured
     pred_t = (G - 1) * t_step / (st["rounds"] * ((g + 1) * t_draft + t_verify))
     same = next((i for i, (x, y) in enumerate(zip(tokens[0], run.ref_tokens)) if x != y), G)
     run.section(f"speculative decoding, gamma {g}; draft: {what}, {100 * c:.0f}% of the "

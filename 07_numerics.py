@@ -590,9 +590,10 @@ def run_matmul_speed(cfg):
             print(f"   {dtype:14s} {'unsupported':>14s} ({str(e).splitlines()[0][:60]})")
             continue
         d = ds.get(dtype) or 0
-        ds_text = (f"{d / 1e12:8.1f} TFLOP/s {rates[dtype] / d:8.0%}" if d
+        unit = "TOP/s  " if dtype == "int8" else "TFLOP/s"    # integer multiply-adds
+        ds_text = (f"{d / 1e12:8.1f} {unit} {rates[dtype] / d:8.0%}" if d
                    else f"{'-':>14s} {'-':>8s}")
-        print(f"   {dtype:14s} {rates[dtype] / 1e12:8.2f} TFLOP/s {ds_text}"
+        print(f"   {dtype:14s} {rates[dtype] / 1e12:8.2f} {unit} {ds_text}"
               + f" {rates[dtype] / rates.get('bfloat16', math.nan):7.2f}x")
     return rates
 
@@ -845,7 +846,8 @@ def main():
     for dtype in ("float8_e4m3fn", "int8"):
         if dtype in rates and "bfloat16" in rates:
             name = f"{dtype} matmul {cfg.mm_size}^3"
-            print(f"{name:39s} {rates[dtype] / 1e12:12.3g}   TFLOP/s; bf16 "
+            unit = "TOP/s" if dtype == "int8" else "TFLOP/s"
+            print(f"{name:39s} {rates[dtype] / 1e12:12.3g}   {unit}; bf16 "
                   f"{rates['bfloat16'] / 1e12:.3g} ({rates[dtype] / rates['bfloat16']:.2f}x)")
     for mode, h in histories.items():
         tail = max(1, cfg.steps // 10)

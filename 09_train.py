@@ -516,7 +516,7 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
     for name, fn, flops, args in rows:
         t = common.bench(fn, *args, iters=5, warmup=1).median_s
         rate = flops / t
-        log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.1f} {100 * rate / (peak * n_dev):6.1f}% "
+        log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.3g} {100 * rate / (peak * n_dev):6.1f}% "
             f"{100 * rate / matmul:14.1f}%")
     chip = common.device_chip()
     log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} "
