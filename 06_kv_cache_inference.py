@@ -257,8 +257,11 @@ def quantize_params(params, cfg):
     head) becomes {"qt": int8 [N, K], "scale": float32 [output dims]}, output-major (one output
     channel per row, its bytes contiguous), the layout in which XLA's products with int8 weights
     ran fastest at every Llama shape measured, and the one lesson 08's int8 kernel reads. Norms
-    and the embedding table (one row read per token) stay as they are."""
+    and the embedding table (one row read per token) stay as they are. Params quantized already
+    pass through."""
     params = inference_params(params, cfg)
+    if "t" not in params["head"]:   # quantized already
+        return params
 
     def q(w):
         t = w["t"]
@@ -884,7 +887,8 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     """Generate max_new_tokens after each prompt (a list of token lists of any lengths, run as one
     batch) and return, per prompt, the list of new tokens: one prefill, then one decode step per
     token, all of them in one call (decode_loop). Greedy (temperature 0) output is what argmax
-    decoding by full recompute gives.
+    decoding by full recompute gives: exactly in float32; in bf16 the two paths sum in different
+    orders, so where two tokens' logits tie or nearly tie the argmax can differ.
     stop_tokens: token ids (a tokenizer's end of sequence) that end a prompt's answer; the
     answer keeps its stop token, and the steps end once every prompt has stopped.
     return_logits: also return, per prompt, the logits [tokens, V] each token came from."""
@@ -896,7 +900,9 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
     if max_new_tokens == 0:
-        return ([[] for _ in prompts], [None] * B) if return_logits else [[] for _ in prompts]
+        if return_logits:
+            return [[] for _ in prompts], [np.zeros((0, cfg.vocab_size), np.float32)] * B
+        return [[] for _ in prompts]
     cache = init_cache(cfg, B, S, kv_int8)
     row_ids = jnp.arange(B, dtype=jnp.int32)   # prompt b: cache row b, and sampling stream b
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
@@ -920,12 +926,12 @@ def generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     return toks
 
 
-def teacher_forced_logits(params, cfg, prompt, continuation, cache_len, kv_int8=False):
+def teacher_forced_logits(params, cfg, prompt, continuation, cache_len=None, kv_int8=False):
     """Logits [len(continuation) + 1, V] after the prompt and after each continuation token, fed
     through the same prefill and decode steps as generation (so int8 weights and int8 caches are
-    compared on the same tokens, not on diverging outputs)."""
+    compared on the same tokens, not on diverging outputs). cache_len None: as generate sizes it."""
     # Every continuation token is fed back, its last too: one position more than generate's.
-    check_prompts([prompt], cfg, len(continuation) + 1, cache_len)
+    _, cache_len = check_prompts([prompt], cfg, len(continuation) + 1, cache_len)
     c = np.asarray(continuation)
     if c.size and (c.ndim != 1 or not np.issubdtype(c.dtype, np.integer) or c.min() < 0
                    or c.max() >= cfg.vocab_size):
@@ -975,7 +981,12 @@ def _check_stream(requests, cfg, n_slots, cache_len, prompt_pad):
         if not isinstance(r, Request):
             raise common.UserError(f"request {i} must be a Request(prompt, max_new_tokens), got "
                                    f"{type(r).__name__}")
-        check_prompts([r.prompt], cfg, r.max_new_tokens, cache_len)
+        try:
+            check_prompts([r.prompt], cfg, r.max_new_tokens, cache_len)
+        except common.UserError as e:   # checked alone, the prompt is "prompt 0"
+            msg = str(e)
+            msg = "its prompt " + msg[len("prompt 0 "):] if msg.startswith("prompt 0 ") else msg
+            raise common.UserError(f"request {i}: {msg}") from None
     pad = prompt_pad or min(bucket(max(len(r.prompt) for r in requests)), cache_len)
     if pad > cache_len or pad < max(len(r.prompt) for r in requests):
         raise common.UserError(f"prompt_pad={pad} must hold every prompt and fit the cache "
@@ -1260,8 +1271,8 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     B = len(prompts)
     if max_new_tokens == 0:
         return [[] for _ in prompts], {"rounds": 0, "proposed": 0, "accepted": 0,
-                                       "acceptance": math.nan, "alpha": math.nan,
-                                       "tokens_per_round": math.nan}
+                                       "decode_s": 0.0, "acceptance": math.nan,
+                                       "alpha": math.nan, "tokens_per_round": math.nan}
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     ids = jnp.arange(B, dtype=jnp.int32)
     last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, seed,

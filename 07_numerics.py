@@ -279,6 +279,8 @@ def quantize(x, fmt, axis=None, block=None):
     the largest element of each group lands on the format's largest value. int8 rounds to the
     nearest integer (error <= scale / 2); fp8 rounds to the nearest fp8 value (relative error
     <= 2^-4 for e4m3, 2^-3 for e5m2, down to the subnormals)."""
+    if fmt not in FORMATS:
+        raise common.UserError(f"quantize: fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     dtype, qmax = FORMATS[fmt]
     xg, red = _grouped(x.astype(jnp.float32), axis, block)
     amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
@@ -313,9 +315,9 @@ def int8_matmul(x, w):
 
 
 def fp8_matmul(x, w, fmt="e4m3", per_channel=False):
-    """x @ w on fp8 inputs with bf16 output (an fp8 matmul's usual output type; the tensor cores
-    accumulate in a wider type); per-tensor or per-row / per-column scales, applied after the
-    sum."""
+    """x @ w on fp8 inputs, the product rounded to bf16 (an fp8 matmul's usual output type; the
+    tensor cores accumulate in a wider type), then scaled in float32: per-tensor or per-row /
+    per-column scales, applied after the sum. Returns float32."""
     axes = (1, 0) if per_channel else (None, None)
     qx, sx = quantize(x, fmt, axis=axes[0])
     qw, sw = quantize(w, fmt, axis=axes[1])
@@ -372,7 +374,7 @@ def _check_fp8_inputs(name, spec, x, w):
     448^2, past float16's largest (65504), where the output is summed in the inputs' dtype."""
     _operands(spec)
     if x.dtype != w.dtype:
-        raise ValueError(f"{name}: x is {x.dtype}, w is {w.dtype}; give both one dtype")
+        raise common.UserError(f"{name}: x is {x.dtype}, w is {w.dtype}; give both one dtype")
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float16:
         raise common.UserError(f"{name} takes bfloat16 or float32 inputs, got {x.dtype}")
 

@@ -111,7 +111,8 @@ class Config:
 
     # Derived figures every lesson prints.
     def param_count(self, embedding=True):
-        """All weights; embedding=False leaves out the input table (a lookup, not a matmul)."""
+        """All weights; embedding=False leaves out the input table (a lookup, not a matmul),
+        unless it is tied: then it is the output head too, a matmul, and counts."""
         n = sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(self), is_leaf=_is_spec))
         if not embedding and not self.tie_embeddings:
             n -= self.vocab_size * self.d_model
@@ -686,8 +687,11 @@ def config_from_hf(hf, dtype=None):
     elif rope_type != "default":
         raise UserError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
     D, H = number("hidden_size"), number("num_attention_heads")
-    dtype = dtype or str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.",
-                                                                                        "")
+    stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    if dtype is None and stored not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"config.json: torch_dtype {stored!r} is not float32, bfloat16 or float16 "
+                        f"(load_hf_llama's dtype= picks one)")
+    dtype = dtype or stored
     if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise UserError(f"config.json: rope_theta={theta!r} is not a number")
     try:

@@ -541,7 +541,16 @@ def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
     assert inf.speculative_generate(p, TINY, p, TINY, prompts, np.int64(6), gamma=np.int64(2),
                                     cache_len=CACHE)[0] == greedy
     # no round runs for no tokens: a prompt that fills the model gets its empty answer
-    assert inf.speculative_generate(p, TINY, p, TINY, [[1] * TINY.max_seq_len], 0)[0] == [[]]
+    got, st = inf.speculative_generate(p, TINY, p, TINY, [[1] * TINY.max_seq_len], 0)
+    assert got == [[]] and st["decode_s"] == 0.0
+    toks, logits = inf.generate(p, TINY, prompts, 0, return_logits=True)
+    assert toks == [[], []] and [x.shape for x in logits] == [(0, TINY.vocab_size)] * 2
+    # teacher forcing sizes its cache as generate does; int8 params quantize once
+    np.testing.assert_allclose(inf.teacher_forced_logits(p, TINY, [1, 2], [3, 4]),  # other S:
+                               inf.teacher_forced_logits(p, TINY, [1, 2], [3, 4], CACHE),
+                               rtol=1e-5, atol=1e-6)                   # summed in another order
+    q = inf.quantize_params(p, TINY)
+    assert inf.quantize_params(q, TINY) is q
 
 
 def test_sampling_restrictions():
@@ -590,6 +599,8 @@ def test_sampling_restrictions():
     (lambda p: inf.serve_static(p, TINY, [inf.Request([1], 4)], 2, CACHE,
                                 sampling=(1.0, 0, 1.0)), "sampling must be a Sampling"),
     (lambda p: inf.serve_continuous(p, TINY, [([1], 4)], 2, CACHE), "request 0 must be"),
+    (lambda p: inf.serve_static(p, TINY, [inf.Request([1], 4), inf.Request([1, 999], 4)], 2,
+                                CACHE), "request 1: its prompt has token ids outside"),
     (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1], 4)], 2, None), "cache_len"),
     (lambda p: inf.teacher_forced_logits(p, TINY, [1, 2], [3] * 8, 8), "needs 10 cache"),
     (lambda p: inf.teacher_forced_logits(p, TINY, [], [3], 8), "non-empty"),

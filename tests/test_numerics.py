@@ -289,7 +289,10 @@ def test_numerics_helpers_refuse_what_they_cannot_do():
                         (lambda: nm.fp8_einsum("ab,bc->ac", x.astype(jnp.float16),
                                                x.T.astype(jnp.float16)), "bfloat16 or float32"),
                         (lambda: nm.fp8_einsum("ab,bc->ac", x.astype(jnp.int32),
-                                               x.T.astype(jnp.int32)), "bfloat16 or float32")):
+                                               x.T.astype(jnp.int32)), "bfloat16 or float32"),
+                        (lambda: nm.fp8_einsum("ab,bc->ac", x, x.T.astype(jnp.bfloat16)),
+                         "give both one dtype"),
+                        (lambda: nm.quantize(x, "fp4"), "fmt must be one of")):
         with pytest.raises(common.UserError, match=match):
             call()
     # The sums run along the first axis of any array; a sum that cancels to 0 is measured.
