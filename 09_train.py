@@ -560,7 +560,7 @@ def model_config(tc):
 
 def deterministic(xla_flags):
     """Whether XLA_FLAGS asks for GPU kernels that repeat bit for bit (no atomic adds, whose
-    order varies: two runs of the 1B command otherwise part after step 1, BENCHMARKS.md)."""
+    order varies from run to run; BENCHMARKS.md, "Repeatable runs")."""
     return re.search(r"--xla_gpu_deterministic_ops(=(true|1))?(\s|$)", xla_flags) is not None
 
 
@@ -570,9 +570,10 @@ def pick_attention(attention, dtype, platform, xla_flags=""):
     instead of cuDNN's, which fails under --xla_gpu_deterministic_ops (an XLA error when the
     step runs, jax 0.11.2)."""
     det = platform == "gpu" and deterministic(xla_flags)
-    if attention == "auto":
-        attention = ("pallas" if det else "cudnn") if platform == "gpu" and dtype == "bfloat16" \
-            else "naive"
+    if attention == "auto" and (platform != "gpu" or dtype != "bfloat16"):
+        attention = "naive"
+    elif attention == "auto":
+        attention = "pallas" if det else "cudnn"
     if attention == "cudnn" and dtype != "bfloat16":
         raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {dtype}: use "
                                f"--dtype=bfloat16 or --attention=naive or flash")
