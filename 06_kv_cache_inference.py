@@ -1499,6 +1499,12 @@ PER_CALL = 8
 LONG_CONTEXT = (4096, 3072)   # (cache, context) of the long-context rows at batch 64
 
 
+def timed_context(P, steps):
+    """The mean context of time_decode's timed steps from a cache filled to P: one step to
+    compile, then three runs of `steps` (the bounds beside its times read this many positions)."""
+    return P + 1 + 3 * steps // 2
+
+
 def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None, per_call=1):
     """Seconds per decode step: the median over `repeats` runs of `steps` steps (the cache and the
     tokens fed from step to step, never synced in between), and the first call's time (compile
@@ -1764,7 +1770,7 @@ def measure_batch_1(run):
     t_steps = run.t_steps = time_decode(ip, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
                                         per_call=PER_CALL)[0]
     W, kv, N = weight_bytes(ip), kv_bytes_per_token(cfg), cfg.param_count(embedding=False)
-    step_bytes = W + (P + 1 + 3 * run.steps // 2) * kv    # at the mean context of the timed steps
+    step_bytes = W + timed_context(P, run.steps) * kv
     pred_prefill = P * 2 * N / run.flops
     achieved = step_bytes / run.t_step
     run.section("prefill and decode at batch 1")
@@ -1844,7 +1850,7 @@ def measure_int8(run, quality=True):
         print(f"{what:13s}: rms logit error {errors[-1][0]:.4f} x std(logits); greedy token "
               f"agrees at {100 * errors[-1][1]:.1f}% of positions")
     t_q, c_q = time_decode(qp, cfg, filled_cache(cfg, 1, S, P, False), run.steps)
-    ctx_bytes = (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg)
+    ctx_bytes = timed_context(P, run.steps) * kv_bytes_per_token(cfg)
     q_bytes, f_bytes = weight_bytes(qp) + ctx_bytes, weight_bytes(ip) + ctx_bytes
     print(f"decode, batch 1, int8 weights: {t_q * 1e3:.3f} ms/step = {1 / t_q:.1f} tok/s (compile "
           f"{c_q:.1f} s) = {run.t_step / t_q:.2f}x {cfg.dtype} (the bytes predict "
@@ -1870,7 +1876,7 @@ def measure_kernels(run):
     widening of int8 weights."""
     cfg, P, S, B = run.cfg, run.P, run.S, run.batch
     run.section("lesson 08's Pallas kernels in the decode step, batch 1")
-    ctx = P + 1 + 3 * run.steps // 2
+    ctx = timed_context(P, run.steps)
     W = weight_bytes(run.params)
     t_ref, _ = time_decode(run.params, cfg, filled_cache(cfg, 1, S, P, False), run.steps)
     t_k, c_k = time_decode(run.params, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
@@ -2001,10 +2007,10 @@ def measure_batch(run):
     cfg, B, P = run.cfg, run.batch, run.P
     W = weight_bytes(run.params)
     run.section(f"decode at batch {B}, every row from context {P} (the bounds at the timed "
-                f"steps' mean context, {P + 1 + 3 * run.steps // 2})")
+                f"steps' mean context, {timed_context(P, run.steps)})")
     t = {}
     for kv8 in (False, True):
-        b_bytes = W + B * (P + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg, kv8)
+        b_bytes = W + B * timed_context(P, run.steps) * kv_bytes_per_token(cfg, kv8)
         kv_name = "int8 KV" if kv8 else f"{cfg.dtype} KV"
         for kernel in (False,) if _interpret() else (False, True):  # a CPU: interpreted, slow
             cache = filled_cache(cfg, B, run.S, P, kv8)
@@ -2034,7 +2040,7 @@ def measure_batch(run):
         t_long[kv8], _ = time_decode(run.params, cfg, cache, run.steps,
                                      decode_attention=pallas_decode_attention)
         del cache
-        b_long[kv8] = W + B * (P_long + 1 + 3 * run.steps // 2) * kv_bytes_per_token(cfg, kv8)
+        b_long[kv8] = W + B * timed_context(P_long, run.steps) * kv_bytes_per_token(cfg, kv8)
         print(f"  {'int8' if kv8 else cfg.dtype} KV: {t_long[kv8] * 1e3:.3f} ms/step = "
               f"{B / t_long[kv8]:,.0f} tok/s, {_si(b_long[kv8], 'B')} per step = "
               f"{100 * b_long[kv8] / t_long[kv8] / run.bw:.0f}% of the copy bandwidth")
@@ -2169,11 +2175,14 @@ def measure_speculative_sampling(run, dp, dcfg):
     kw = dict(temperature=ic.temperature, top_k=ic.top_k, top_p=ic.top_p, seed=ic.seed,
               cache_len=run.S, decode_attention=decode_attention_reference)
 
-    def seconds(n):
+    def seconds(n):   # after a first call that compiles, the median of three
         generate(run.params, run.cfg, [run.prompt], n, **kw)
-        t0 = time.perf_counter()
-        generate(run.params, run.cfg, [run.prompt], n, **kw)
-        return time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            generate(run.params, run.cfg, [run.prompt], n, **kw)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
     for _ in range(2):  # the first run compiles
         _, st = speculative_generate(run.params, run.cfg, dp, dcfg, [run.prompt], run.G,
                                      gamma=ic.gamma, **kw)

@@ -62,16 +62,16 @@ def die(msg, code=2):
 class Config:
     vocab_size: int = 256          # byte-level tokens by default
     d_model: int = 64              # width of the residual stream
-    n_layers: int = 2
+    n_layers: int = 2              # transformer blocks
     n_heads: int = 4               # query heads
     n_kv_heads: int = 2            # key/value heads; n_heads % n_kv_heads == 0 (GQA)
-    head_dim: int = 16
+    head_dim: int = 16             # D of each head (even: rope rotates pairs)
     d_ff: int = 192                # hidden width of the SwiGLU MLP
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
+    max_seq_len: int = 128         # positions the model is used at (rope tables, checks)
+    rope_theta: float = 10000.0    # rope's base: wavelengths from 2 pi to about 2 pi theta
     # Llama 3 rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_len), or None
     rope_scaling: typing.Optional[tuple] = None
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5         # added to the mean square inside RMSNorm's square root
     tie_embeddings: bool = False   # the output projection is the embedding table transposed
     param_dtype: str = "float32"   # storage dtype of the weights
     dtype: str = "float32"         # compute dtype of activations and matmuls (logits are float32)
@@ -383,6 +383,8 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
             return dot(spec, a, p[name]) if state is None else dot(spec, a, p[name], state[name])
         with jax.named_scope("attention"):
             # The norm runs where x lives; its output is gathered whole once, for three matmuls.
+            # Letters of the weights' einsums: d the model width, h a head, k the head's dim
+            # (Dh), f the MLP's width.
             h = constrain(rms_norm(x, p["attn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
             q = mm("btd,dhk->bthk", h, "wq")
             k = mm("btd,dhk->bthk", h, "wk")
@@ -876,7 +878,7 @@ def hold_dir(path, flag="--out_dir"):
             raise UserError(f"{flag}={path} is in use by another run ({owner}): wait for it to "
                             f"end, or use another {flag}") from None
         except (ImportError, OSError):  # no fcntl (Windows), or no locks on this file system
-            pass
+            print(f"note: {flag}={path} cannot be locked here; make sure no other run uses it")
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
