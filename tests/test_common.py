@@ -429,6 +429,16 @@ def test_loader_dtype_override_applies_before_the_check(tmp_path):
     cfg, got = common.load_hf_llama(str(tmp_path), dtype="float32")
     assert cfg == TINY
     jax.tree.map(np.testing.assert_array_equal, got, params)
+    # transformers' newer "dtype" key comes before the older "torch_dtype"
+    hf = dict(hf_config(TINY), dtype="bfloat16", torch_dtype="float64")
+    assert common.config_from_hf(hf).param_dtype == "bfloat16"
+
+
+def test_a_cpu_peak_says_it_is_float32s(monkeypatch):
+    monkeypatch.setattr(common, "device_chip", lambda: None)
+    monkeypatch.setattr(common, "measure_peaks", lambda dtype: {"matmul_flops": float(
+        dtype == "float32"), "copy_bw": 2.0})
+    assert common.ceilings("bfloat16") == (1.0, 2.0, "float32 matmul measured on cpu")
 
 
 def test_config_and_forward_refuse_what_would_fail_deep_inside():

@@ -4,6 +4,7 @@ plain generation, with tolerances measured on the tiny model."""
 import dataclasses
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -404,6 +405,10 @@ def test_speculative_alpha_counts_the_judged_draft_tokens():
                                      cache_len=CACHE)
     assert 0 < st["accepted"] < st["proposed"]
     assert st["alpha"] == st["acceptance"]
+    # gamma 3: some rounds refuse early, leaving proposed tokens unjudged
+    _, st = inf.speculative_generate(params, TINY, first_layer, dcfg, PROMPTS, 13, gamma=3,
+                                     cache_len=CACHE)
+    assert st["acceptance"] < st["alpha"] < 1
 
 
 def test_speculative_sampling_draws_from_the_target():
@@ -542,9 +547,11 @@ def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
                                     cache_len=CACHE)[0] == greedy
     # no round runs for no tokens: a prompt that fills the model gets its empty answer
     got, st = inf.speculative_generate(p, TINY, p, TINY, [[1] * TINY.max_seq_len], 0)
-    assert got == [[]] and st["decode_s"] == 0.0
+    assert got == [[]] and st["decode_s"] == 0.0 and math.isnan(st["alpha"])
     toks, logits = inf.generate(p, TINY, prompts, 0, return_logits=True)
     assert toks == [[], []] and [x.shape for x in logits] == [(0, TINY.vocab_size)] * 2
+    one = inf.generate(p, TINY, prompts, 1, return_logits=True)[1]
+    assert [x.dtype for x in logits] == [np.asarray(x).dtype for x in one]
     # teacher forcing sizes its cache as generate does; int8 params quantize once
     np.testing.assert_allclose(inf.teacher_forced_logits(p, TINY, [1, 2], [3, 4]),  # other S:
                                inf.teacher_forced_logits(p, TINY, [1, 2], [3, 4], CACHE),

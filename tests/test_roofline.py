@@ -128,15 +128,20 @@ def test_skinny_summary_names_what_holds_the_time():
     # A call 5x longer than its bytes need: the bytes do not explain it, whatever M* says.
     flat, why = rl.skinny_summary([178 * us, 281 * us], 33 * us, 4, 1024)
     assert flat == 1 and "fixed cost" in why and "33.0 us" in why
+    assert rl.skinny_summary([100 * us, 101 * us, 102 * us], 90 * us, None, 64)[0] == 4  # all flat
 
 
 def test_ceilings_hold_16_bit_kernels_to_float32_on_a_cpu_and_fill_a_tpus_tf32():
     flops = {"float32 default": 2.0, "bfloat16": 1.0, "float16": 3.0}
     cpu, gpu = rl.Ceilings(flops, 1.0, {}, None, True), rl.Ceilings(flops, 1.0, {}, None, False)
     assert cpu.peak("bfloat16") == 2.0 and cpu.peak("float16") == 3.0
+    assert rl.Ceilings({**flops, "float16": 0.5}, 1.0, {}, None, True).peak("float16") == 2.0
     assert gpu.peak("bfloat16") == 1.0
-    tpu = rl.datasheet_flops(common.CHIPS["TPU v5p"])
+    with_ds = rl.Ceilings(flops, 1.0, {"bfloat16": 9.0}, 5.0, True)
+    assert with_ds.peak("bfloat16", datasheet=True) == 9.0     # a datasheet figure comes first
+    tpu, h100 = (rl.datasheet_flops(common.CHIPS[k]) for k in ("TPU v5p", "H100"))
     assert tpu["float32 default"] == common.CHIPS["TPU v5p"].bf16_flops
+    assert h100["float32 default"] == common.CHIPS["H100"].tf32_flops
 
 
 def test_fused_and_unfused_kernels_agree():

@@ -228,6 +228,8 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     assert pick("auto", "float32", "gpu") == pick("auto", "bfloat16", "cpu") == "naive"
     assert pick("auto", "bfloat16", "gpu", "--xla_foo=1" + det) == "pallas"
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops") == "pallas"
+    assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=1") == "pallas"
+    assert pick("cudnn", "bfloat16", "cpu", det) == "cudnn"     # the flag is a GPU's
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=false") == "cudnn"
     assert pick("auto", "bfloat16", "cpu", det) == "naive"
     assert pick("flash", "bfloat16", "gpu", det) == "flash"
