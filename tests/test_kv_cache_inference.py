@@ -406,9 +406,17 @@ def test_speculative_alpha_counts_the_judged_draft_tokens():
     assert 0 < st["accepted"] < st["proposed"]
     assert st["alpha"] == st["acceptance"]
     # gamma 3: some rounds refuse early, leaving proposed tokens unjudged
-    _, st = inf.speculative_generate(params, TINY, first_layer, dcfg, PROMPTS, 13, gamma=3,
-                                     cache_len=CACHE)
+    run = lambda prompts, stops=None: inf.speculative_generate(
+        params, TINY, first_layer, dcfg, prompts, 13, gamma=3, cache_len=CACHE,
+        stop_tokens=stops)
+    got, st = run(PROMPTS)
     assert st["acceptance"] < st["alpha"] < 1
+    # A row that has stopped judges nothing more: the batch's alpha pools each prompt's own.
+    stops = [got[0][1]]
+    batch, alone = run(PROMPTS[:2], stops)[1], [run([p], stops)[1] for p in PROMPTS[:2]]
+    judged = sum(s["accepted"] / s["alpha"] for s in alone)
+    assert batch["accepted"] == sum(s["accepted"] for s in alone)
+    assert batch["alpha"] == pytest.approx(batch["accepted"] / judged, rel=1e-9)
 
 
 def test_speculative_sampling_draws_from_the_target():
