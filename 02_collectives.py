@@ -135,7 +135,8 @@ def _all_gather_local(b, axis_name, n, pieces=1, bidirectional=False):
     """N-1 steps; at step s device i receives block (i - d*s) mod N of each lane (d: its
     direction) and passes it on at step s+1. The output starts as N copies of the local block
     (right at place i, and written while the first transfer is in flight); each piece received
-    is written over its place."""
+    is written over its place. Assembling the output once after the last transfer writes fewer
+    bytes but none of them beside a transfer, and was slower on 2 GPUs (BENCHMARKS.md)."""
     index = jax.lax.axis_index(axis_name)
     S = b.shape[0]
     lanes = _lanes(S, pieces, bidirectional)
