@@ -356,8 +356,9 @@ def global_batch(local, mesh):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def save(tc, step, params, opt, cfg):
-    """Every process takes part in the gather; process 0 writes."""
+def save(tc, step, params, opt, cfg, data_id):
+    """Every process takes part in the gather; process 0 writes. data_id: common.corpus_id of
+    the data the steps read."""
     state = {"params": params, "opt": opt}
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -365,14 +366,15 @@ def save(tc, step, params, opt, cfg):
     if jax.process_index() == 0:
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
-                "batch_size": tc.batch_size, "seq_len": tc.seq_len}
+                "batch_size": tc.batch_size, "seq_len": tc.seq_len, "data": data_id}
         common.save_checkpoint(tc.out_dir, step, jax.device_get(state), meta)
 
 
-def restore(tc, cfg, params, opt):
+def restore(tc, cfg, params, opt, data_id):
     """(params, opt, step) from the newest readable checkpoint in out_dir, or the inputs and 0.
     A damaged one (its files cut short by a power loss, or edited) is passed over with a line
-    saying so, and the one before it read instead."""
+    saying so, and the one before it read instead. Resuming with another batch shape or on other
+    data is allowed (a smaller batch after running out of memory, more data), but said."""
     like = {"params": params, "opt": opt}
     model = json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -404,7 +406,9 @@ def restore(tc, cfg, params, opt):
     print(f"resumed from {path} at step {meta['step']}")
     changed = [f"{k}={getattr(tc, k)} (the checkpoint's steps ran at {meta[k]})"
                for k in ("batch_size", "seq_len") if meta.get(k, getattr(tc, k)) != getattr(tc, k)]
-    if changed:  # allowed (a smaller batch after running out of memory), but said
+    if meta.get("data", data_id) != data_id:
+        changed.append(f"data of {data_id} (the checkpoint's steps read {meta['data']})")
+    if changed:
         print(f"note: resuming with {', '.join(changed)}: the steps from here read other batches "
               f"than an uninterrupted run would")
     return state["params"], state["opt"], meta["step"]
@@ -621,7 +625,8 @@ def _train(tc, stop_after, log, devices, held):
     if tc.fp8_scaling == "delayed":  # no maximum recorded yet: calibrate_fp8 records them
         opt["fp8"] = jax.device_put(common.import_script("07_numerics").delayed_amax(
             cfg.n_layers), NamedSharding(mesh, common.P()))
-    params, opt, start = restore(tc, cfg, params, opt)
+    data_id = common.corpus_id(train_tokens, val_tokens)
+    params, opt, start = restore(tc, cfg, params, opt, data_id)
     if jax.process_count() > 1:  # each process read its own out_dir
         from jax.experimental import multihost_utils
         check_same_start(multihost_utils.process_allgather(np.int32(start)), tc.out_dir)
@@ -706,7 +711,7 @@ def _train(tc, stop_after, log, devices, held):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if saving:
-            save(tc, done, params, opt, cfg)
+            save(tc, done, params, opt, cfg, data_id)
         if row is not None or saving:  # eval and saving stay out of the next ms/step
             t_last, steps_since = time.perf_counter(), 0
         if done == stop_after:

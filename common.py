@@ -1356,12 +1356,15 @@ def ceilings(dtype="bfloat16"):
 
 def load_corpus(path=None, max_bytes=64 * 2**20):
     """(train, val) uint8 token arrays. Default corpus: the .py files of the installed Python
-    standard library (real text on every machine). A file is used whole; a directory is read
-    file by file (sorted). Every 20th file by a name hash goes to validation; a single file is
-    split 95/5 instead."""
+    standard library (real text on every machine, the same for one Python version); the packages
+    installed beside it (site-packages) are left out, so installing one changes nothing. A file
+    is used whole; a directory is read file by file (sorted). Every 20th file by a name hash
+    goes to validation; a single file is split 95/5 instead."""
     if path is None:
         path = sysconfig.get_paths()["stdlib"]
-        files = sorted(glob.glob(os.path.join(path, "**", "*.py"), recursive=True))
+        installed = {"site-packages", "dist-packages"}
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*.py"), recursive=True)
+                       if not installed & set(os.path.relpath(f, path).split(os.sep)))
     elif os.path.isdir(path):
         files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                        if os.path.isfile(f))
@@ -1387,6 +1390,12 @@ def load_corpus(path=None, max_bytes=64 * 2**20):
         cut = int(len(joined) * 0.95)
         train, val = joined[:cut], joined[cut:]
     return np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8)
+
+
+def corpus_id(train, val):
+    """A short fingerprint of a corpus's two splits: a checkpoint records it, so that a run
+    resumed on other data (another file, another Python's standard library) says so."""
+    return f"{len(train)}+{len(val)} bytes, crc32 {zlib.crc32(val, zlib.crc32(train)):08x}"
 
 
 def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, process_count=1):

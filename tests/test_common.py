@@ -705,6 +705,22 @@ def test_default_corpus_is_python_source():
     assert b"def " in train.tobytes() and b"import" in train.tobytes()
 
 
+def test_default_corpus_leaves_installed_packages_out(tmp_path, monkeypatch):
+    """The standard library's folder often holds site-packages: installing a package must not
+    change the data a run trains on (a resumed run would read other batches)."""
+    for rel, text in (("os.py", "import sys\n"), ("json/decoder.py", "def decode(): pass\n"),
+                      ("site-packages/numpy/core.py", "import numpy\n"),
+                      ("dist-packages/six.py", "import six\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setattr(common.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    train, val = common.load_corpus()
+    text = train.tobytes() + val.tobytes()
+    assert b"import sys" in text and b"def decode" in text
+    assert b"numpy" not in text and b"six" not in text
+    assert common.corpus_id(train, val) != common.corpus_id(train[:-1], val)
+
+
 def test_import_script_and_chip_table():
     mod = common.import_script("09_train")
     assert mod is common.import_script("09_train") and hasattr(mod, "TrainConfig")

@@ -125,6 +125,22 @@ def test_resuming_with_another_batch_says_so(tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_resuming_on_other_data_says_so(tmp_path, capsys):
+    """The checkpoint records a fingerprint of the data its steps read; a resume on other data
+    (an edited file, another Python's standard library) is said, naming both."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(open(os.path.join(ROOT, "common.py"), "rb").read())
+    tc = tiny_run(tmp_path, steps=1, ckpt_every=1, data=str(data))
+    train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    before = common.corpus_id(*common.load_corpus(str(data)))
+    data.write_bytes(data.read_bytes()[:-1000])
+    after = common.corpus_id(*common.load_corpus(str(data)))
+    train_mod.train(dataclasses.replace(tc, steps=2), log=lambda s: None,
+                    devices=jax.devices()[:1])
+    assert (f"note: resuming with data of {after} (the checkpoint's steps read {before})"
+            in capsys.readouterr().out)
+
+
 def test_resume_on_another_mesh(tmp_path, one_device_run):
     """A checkpoint holds whole arrays, so a run saved on one device resumes on 8 (each array
     placed as that mesh's rules say) and goes back to one, taking the same steps throughout."""
