@@ -213,7 +213,7 @@ def main():
                       "the float32 [B, H, T, S] scores and probabilities")
     # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
     peak, bw, basis = common.ceilings(cfg.dtype if platform != "cpu" else "float32")
-    print(f"device: {jax.devices()[0].device_kind}; ceilings {peak / 1e12:.1f} TFLOP/s, "
+    print(f"device: {jax.devices()[0].device_kind}; ceilings {peak / 1e12:.4g} TFLOP/s, "
           f"{bw / 1e9:.0f} GB/s ({basis}); ridge point {peak / bw:.0f} FLOP/byte")
 
     print("\nproperties (float32, T=8):")

@@ -571,7 +571,7 @@ def main():
     # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
     peak, _, basis = common.ceilings(cfg.dtype if dev.platform != "cpu" else "float32")
     limit, where = common.memory_limit(dev)
-    print(f"device: {dev.device_kind}; peak {peak / 1e12:.2f} TFLOP/s ({basis}); memory limit "
+    print(f"device: {dev.device_kind}; peak {peak / 1e12:.4g} TFLOP/s ({basis}); memory limit "
           f"{f'{gb(limit)} ({where})' if limit else 'none known'}")
     common.check_fits(f"batch={cfg.batch} n_heads={cfg.n_heads} head_dim={cfg.head_dim} at "
                       f"S={lengths[0]}", input_bytes(cfg, lengths[0]),
@@ -605,7 +605,7 @@ def main():
     shape_txt = (f"B={cfg.batch} H={cfg.n_heads} KH={cfg.n_kv_heads} D={cfg.head_dim} "
                  f"{cfg.dtype}{' causal' if cfg.causal else ''}")
     print(f"\nbenchmark, {shape_txt}, blocks {bq}x{bk}; FLOPs: forward 4*B*S^2*H*D"
-          f"{'/2' if cfg.causal else ''}, backward 2.5x forward; peak {peak / 1e12:.2f} TFLOP/s")
+          f"{'/2' if cfg.causal else ''}, backward 2.5x forward; peak {peak / 1e12:.4g} TFLOP/s")
     cells, timed = {}, []
     for S in lengths:
         if timed and time.perf_counter() - t_start > cfg.time_budget_s:  # the first is timed

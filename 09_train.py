@@ -523,8 +523,8 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
         log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.3g} {100 * rate / (peak * n_dev):6.1f}% "
             f"{100 * rate / matmul:14.1f}%")
     chip = common.device_chip()
-    log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.1f} TFLOP/s over {n_dev} "
-        f"device(s); " + (f"datasheet {peak * n_dev / 1e12:.1f}" if chip else
+    log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.4g} TFLOP/s over {n_dev} "
+        f"device(s); " + (f"datasheet {peak * n_dev / 1e12:.4g}" if chip else
                           "no datasheet entry for this device (MFU is over a measured rate)"))
     # Memory as XLA's buffer assignment plans it for one device's share of the step.
     mem = step_fn.memory_analysis()
@@ -545,7 +545,7 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
         f"; busy {busy * 1e3:.1f} ms")
     if "matmul" in kinds:
         mm = 6 * cfg.param_count(embedding=False) * tokens / n_dev / kinds["matmul"][0]
-        log(f"the matmul kernels run the 6N FLOPs at {mm / 1e12:.1f} TFLOP/s = "
+        log(f"the matmul kernels run the 6N FLOPs at {mm / 1e12:.4g} TFLOP/s = "
             f"{100 * mm / (matmul / n_dev):.0f}% of the measured matmul peak; the rest of the "
             f"step is attention, elementwise work and reductions")
 
@@ -646,7 +646,7 @@ def _train(tc, stop_after, log, devices, held):
         f"{sp_text(tc, mesh)} over {n_dev} devices in "
         f"{jax.process_count()} processes")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
-        f"{n_dev} x {peak / 1e12:.1f} TFLOP/s ({basis})")
+        f"{n_dev} x {peak / 1e12:.4g} TFLOP/s ({basis})")
 
     step_fn = make_train_step(cfg, tc, mesh, attention_fn(attn, mesh))
     eval_fn = jax.jit(lambda p, x, y: common.cross_entropy(common.forward(p, x, cfg), y))

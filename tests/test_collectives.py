@@ -146,3 +146,18 @@ def test_timing_many_runs_of_a_collective_on_simulated_devices():
     x = sharded_input(8, 64, (256,), jnp.float32)
     f = functools.partial(coll.ring_all_gather, mesh=ring_mesh(8), axis_name="x")
     assert common.bench(f, x, iters=2, warmup=0, calls=100).runs == 200
+
+
+def test_lesson_predicts_from_a_measured_link_where_no_datasheet_has_one(monkeypatch, capsys):
+    """A CPU has no link figure: the lesson still prints a prediction for every collective, from
+    the bandwidth of one ppermute it measured, and says so."""
+    monkeypatch.setattr("sys.argv", ["02_collectives.py", "--sizes_mib=0.0625", "--iters=1",
+                                     "--mm_m=64", "--mm_k=32", "--mm_f=64"])
+    coll.main()
+    out = capsys.readouterr().out
+    assert "predicted = sent / the bandwidth of one ppermute of the same block, measured" in out
+    for kind in ("all-gather", "reduce-scatter", "all-reduce"):
+        row = next(line for line in out.splitlines() if line.startswith(kind))
+        pred = float(row.split()[3])  # collective, MiB/dev, sent MiB, pred ms
+        assert pred > 0
+    assert re.search(r"collective matmul \(ring\)\s+\d+\.\d+", out)  # predicted, not n/a
