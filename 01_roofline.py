@@ -519,14 +519,27 @@ def run_skinny(cfg, ceil):
     return rows
 
 
-def skinny_summary(times, t_bytes, m_star, W):
+def skinny_summary(times, t_bytes, t_flops, m_star, W, t_call=None):
     """(the largest M whose time stays within 20% of M = 1's, why): times [s] for M = 1, 2, 4,
-    ...; t_bytes: M = 1's weight read at the copy bandwidth; m_star: where the roofline turns
-    compute-bound (None: never)."""
+    ...; t_bytes and t_flops: M = 1's weight read at the copy bandwidth and its FLOPs at the
+    matmul peak; m_star: where the roofline turns compute-bound (None: never); t_call: a call
+    that does nothing, on the same clock as times (None where it is not: a device's clock)."""
     flat = 2 ** next((i for i, t in enumerate(times) if t > 1.2 * times[0]), len(times)) // 2
-    if t_bytes < 0.5 * times[0]:
+    t0 = times[0]
+    if max(t_bytes, t_flops) < 0.5 * t0:
+        if t_call is not None and t_call < 0.5 * t0:
+            return flat, (f"no bound explains M = 1's {t0 * 1e6:.1f} us: the weight's bytes need "
+                          f"{t_bytes * 1e6:.1f} us at the copy bandwidth, its FLOPs "
+                          f"{t_flops * 1e6:.1f} us at the peak, and a call that does nothing "
+                          f"takes {t_call * 1e6:.1f} us; the kernel runs below both ceilings at "
+                          f"this shape")
         return flat, (f"the weight's bytes need only {t_bytes * 1e6:.1f} us at the copy "
                       f"bandwidth: a call's fixed cost holds the time, not the bytes or the FLOPs")
+    if flat == 1 and (m_star is None or m_star > 2):
+        return flat, (f"M = 1 reads the {W}x{W} weight near the copy bandwidth ({t_bytes * 1e6:.1f}"
+                      f" us of its {t0 * 1e6:.1f} us), and M = 2, also below the ridge, reads "
+                      f"the same bytes, yet takes {times[1] / t0:.2f}x as long: the product "
+                      f"kernel for M > 1 streams the weight more slowly than M = 1's")
     if m_star is None or m_star > flat:
         return flat, f"below the ridge, reading the {W}x{W} weight is the cost, not the FLOPs"
     return flat, (f"a {W}x{W} weight is compute-bound from M = {m_star} on by the roofline, so "
@@ -648,9 +661,13 @@ def main():
     rows += run_square(cfg, ceil)
     skinny = run_skinny(cfg, ceil)
     times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
-    flat, why = skinny_summary(times, skinny[0][2].bytes / ceil.bandwidth, m_star_measured, W)
+    on_device = skinny[0][3].device_s is not None  # else the wall clock, as the empty call's
+    flat, why = skinny_summary(times, skinny[0][2].bytes / ceil.bandwidth,
+                               skinny[0][2].flops / ceil.peak(cfg.dtype), m_star_measured, W,
+                               None if on_device else dispatch_floor(cfg.iters))
+    grows = (f"up to M = {flat}" if flat > 1 else "only at M = 1: M = 2 takes longer already")
     print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
-          f"up to M = {flat}:\n  {why}")
+          f"{grows}:\n  {why}")
     rows += skinny
     rows += run_attention(cfg, ceil, dev.platform == "gpu")
 

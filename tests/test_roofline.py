@@ -121,14 +121,27 @@ def test_compute_bound_batch_none_when_the_weight_is_too_small():
 
 def test_skinny_summary_names_what_holds_the_time():
     us = 1e-6
-    flat, why = rl.skinny_summary([100 * us, 105 * us, 110 * us, 200 * us], 90 * us, None, 4096)
+    flat, why = rl.skinny_summary([100 * us, 105 * us, 110 * us, 200 * us], 90 * us, 1 * us,
+                                  None, 4096)
     assert flat == 4 and "reading the 4096x4096 weight" in why
-    flat, why = rl.skinny_summary([100 * us, 130 * us], 90 * us, 1, 64)
+    flat, why = rl.skinny_summary([100 * us, 130 * us], 90 * us, 1 * us, 1, 64)
     assert flat == 1 and "compute-bound from M = 1" in why
     # A call 5x longer than its bytes need: the bytes do not explain it, whatever M* says.
-    flat, why = rl.skinny_summary([178 * us, 281 * us], 33 * us, 4, 1024)
+    flat, why = rl.skinny_summary([178 * us, 281 * us], 33 * us, 1 * us, 4, 1024)
     assert flat == 1 and "fixed cost" in why and "33.0 us" in why
-    assert rl.skinny_summary([100 * us, 101 * us, 102 * us], 90 * us, None, 64)[0] == 4  # all flat
+    # ...nor, on the same clock, does an empty call: then nothing printed explains it, and the
+    # lesson says so instead of blaming a fixed cost it measured to be small.
+    flat, why = rl.skinny_summary([269 * us, 281 * us], 33 * us, 8 * us, 4, 1024, t_call=4 * us)
+    assert "no bound explains" in why and "fixed cost" not in why and "4.0 us" in why
+    flat, why = rl.skinny_summary([178 * us, 281 * us], 33 * us, 1 * us, 4, 1024, t_call=120 * us)
+    assert "fixed cost" in why
+    # FLOPs that explain the time are not called a fixed cost, even with few bytes.
+    flat, why = rl.skinny_summary([100 * us, 200 * us], 10 * us, 90 * us, 1, 64, t_call=4 * us)
+    assert "compute-bound" in why
+    assert rl.skinny_summary([100 * us, 101 * us, 102 * us], 90 * us, 1 * us, None, 64)[0] == 4
+    # Below the ridge the bytes do not grow with M: a time that does is said, not blamed on them.
+    flat, why = rl.skinny_summary([140 * us, 200 * us], 100 * us, 1 * us, None, 1024)
+    assert flat == 1 and "1.43x as long" in why and "is the cost" not in why
 
 
 def test_ceilings_hold_16_bit_kernels_to_float32_on_a_cpu_and_fill_a_tpus_tf32():
