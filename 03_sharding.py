@@ -748,8 +748,9 @@ def main():
           f"remat={run.bench_remat}; MFU = "
           f"{flops_tok / 1e9:.3g} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
           f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters and TP's "
-          f"activation reductions at "
-          + (f"{chip.link_bw / 1e9:.0f} GB/s ({chip.name} datasheet)" if chip else "n/a"))
+          f"activation reductions "
+          + (f"at {chip.link_bw / 1e9:.0f} GB/s ({chip.name} datasheet)" if chip else
+             f"(not predicted: no link figure for {jax.devices()[0].device_kind})"))
     print(f"{'mesh':<16}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}"
           f"{'peak ms':>9}{'comm ms':>9}{'tok/s':>12}{'MFU':>7}{'vs 1 device':>13}{'loss':>9}")
     base = None
