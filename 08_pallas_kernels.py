@@ -1454,7 +1454,8 @@ def bench_matmul(cfg, env, rows):
     print(f"  matmul + bias + GELU: fused epilogue {t_f * 1e3:.3f} ms, XLA {t_r * 1e3:.3f} ms "
           f"({t_r / t_f:.2f}x); error vs float32 {err:.1e}")
     rows.append(("matmul+bias+gelu", f"{n}^3", _rate(flops / t_f, "FLOP/s"),
-                 "XLA " + _rate(flops / t_r, "FLOP/s"), t_r / t_f, ""))
+                 "XLA " + _rate(flops / t_r, "FLOP/s"), t_r / t_f,
+                 f"{flops / t_f / env['peak']:.0%} of {_rate(env['peak'], 'FLOP/s')}"))
 
 
 def bench_flash(cfg, env, rows):
@@ -1724,6 +1725,13 @@ def main():
     print(f"device: {dev.device_kind}; jax {jax.__version__}; kernels "
           f"{'interpreted' if env['interpret'] else 'compiled'}; peak {_rate(peak, 'FLOP/s')} "
           f"({basis}); copy bandwidth {_rate(env['copy_bw'], 'B/s')} (measured)")
+    B, H, KH, L = env["decode_shape"]
+    print(f"resolved: matmul_n={env['matmul_n']}; flash lengths "
+          f"{','.join(map(str, env['flash_lengths']))} (batch {cfg.flash_tokens} tokens // "
+          f"length), n_heads={cfg.n_heads} head_dim={cfg.head_dim}; decode B={B} heads={H} "
+          f"kv_heads={KH} "
+          f"len={L}; int8 [{env['int8_n']}, {env['int8_n']}] weights at M="
+          f"{','.join(map(str, env['int8_rows']))}; dtype {jnp.dtype(env['dtype']).name}")
     if env["interpret"]:
         print("interpreted: each grid point's body runs as ordinary XLA ops on this device, so the "
               "errors below are the kernels' own,\nbut the speeds measure the interpreter; the "
