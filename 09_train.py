@@ -35,7 +35,8 @@ What it puts together, lesson by lesson:
 - checkpoints written atomically to --out_dir (params, optimizer state, step; the data position
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
   --out_dir resumes and reaches exactly the loss an uninterrupted run reaches; a second run
-  started on an --out_dir that a run still holds is refused;
+  started on an --out_dir that a run still holds is refused; Ctrl-C lets the step in flight end
+  and saves it before stopping (a second Ctrl-C stops at once);
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -52,6 +53,8 @@ import json
 import math
 import os
 import re
+import signal
+import sys
 import time
 
 import jax
@@ -587,6 +590,31 @@ def pick_attention(attention, dtype, platform, xla_flags=""):
     return attention
 
 
+@contextlib.contextmanager
+def stop_after_the_step():
+    """A flag that the first Ctrl-C sets instead of interrupting: the loop then ends its step,
+    saves it and stops, so a run interrupted before its first checkpoint keeps its steps. A
+    second Ctrl-C interrupts at once. Single process only: a process that stops at a step its
+    peers do not would leave them waiting in a collective."""
+    asked = [False]
+
+    def handler(signum, frame):
+        if asked[0]:
+            raise KeyboardInterrupt
+        asked[0] = True
+        print("\nstopping when the step in flight ends, and saving it (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C interrupts as usual
+        previous = None
+    try:
+        yield asked
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def train(tc, stop_after=None, log=print, devices=None):
     """Train per `tc` on `devices` (default: all); stop_after ends the run early at that step (as
     a kill would), after its checkpoint. Returns (logged metrics, params, model config)."""
@@ -678,12 +706,16 @@ def _train(tc, stop_after, log, devices, held):
     if jax.process_index() == 0:
         drop_metrics_after(metrics_path, start)
     t_last, steps_since = time.perf_counter(), 0
+    interrupted = (held.enter_context(stop_after_the_step()) if jax.process_count() == 1
+                   else [False])
     for step in range(start, tc.steps):
         params, opt, m = step_fn(params, opt, *batch(train_tokens, step, tc.seed))
+        stopping = interrupted[0]  # read once: a Ctrl-C from here on stops after the next step
         steps_since += 1
         done = step + 1
         row = None
-        saving = tc.ckpt_every and (done % tc.ckpt_every == 0 or done in (tc.steps, stop_after))
+        saving = tc.ckpt_every and (done % tc.ckpt_every == 0 or done in (tc.steps, stop_after)
+                                    or stopping)
         if saving or done % tc.log_every == 0 or done == tc.steps or done == start + 1:
             m = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for the step
             if not m["finite"]:  # never checkpoint what would not resume
@@ -714,8 +746,10 @@ def _train(tc, stop_after, log, devices, held):
             save(tc, done, params, opt, cfg, data_id)
         if row is not None or saving:  # eval and saving stay out of the next ms/step
             t_last, steps_since = time.perf_counter(), 0
-        if done == stop_after:
+        if done == stop_after or stopping:
             break
+    if interrupted[0]:
+        raise KeyboardInterrupt
     return history, params, cfg
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +178,24 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000002"]
     rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     assert [r["step"] for r in rest] == [3, 4]
+
+
+def test_ctrl_c_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, one_device_run):
+    """The first Ctrl-C lets the step in flight end and saves it, though no checkpoint was due
+    for 100 steps; the rerun then takes the uninterrupted run's steps from there. (Here it comes
+    while step 2 is logged, so step 3 is the one in flight.)"""
+    tc = tiny_run(tmp_path, batch_size=16, ckpt_every=100)
+
+    def ctrl_c_at_step_2(line):
+        if line.startswith("step     2 |"):
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(tc, log=ctrl_c_at_step_2, devices=jax.devices()[:1])
+    assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000003"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert [r["step"] for r in rest] == [4]
+    np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
