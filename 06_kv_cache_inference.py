@@ -2078,6 +2078,10 @@ def measure_stream(run):
         s, c = results["static"][0][i], results["continuous"][0][i]
         print(f"{i:4d} {len(r.prompt):6d} {r.max_new_tokens:4d} | {s.ttft_s * 1e3:9.1f} ms "
               f"{s.tpot_s * 1e3:6.2f} ms | {c.ttft_s * 1e3:12.1f} ms {c.tpot_s * 1e3:6.2f} ms")
+    print("(times by the host's clock, when it received each token: TPOT = (last - first) / "
+          "(tokens - 1)" + ("; on a CPU the host shares its cores with the computation and can "
+                            "take a first token late, so a short answer's TPOT may read below "
+                            "one decode step)" if jax.devices()[0].platform == "cpu" else ")"))
     for policy, (_, st, compile_s) in results.items():
         print(f"{policy:10s}: {st['tokens']:,} tokens in {st['seconds']:.2f} s = "
               f"{st['tok_s']:,.0f} tok/s; TTFT mean {st['ttft_mean'] * 1e3:.0f} ms, p90 "
