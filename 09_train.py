@@ -577,11 +577,13 @@ def deterministic(xla_flags):
     return re.search(r"--xla_gpu_deterministic_ops(=(true|1))?(\s|$)", xla_flags) is not None
 
 
-def pick_attention(attention, dtype, platform, xla_flags=""):
+def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False):
     """--attention resolved: auto is cuDNN's fused kernel on a GPU in bf16 (it takes 16-bit
-    inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels
-    instead of cuDNN's, which fails under --xla_gpu_deterministic_ops (an XLA error when the
-    step runs, jax 0.11.2)."""
+    inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels.
+    Under --xla_gpu_deterministic_ops a program holding two or more of cuDNN's attention
+    backward passes fails when it runs (an XLA IndexError, jax 0.11.2), so the unrolled layers
+    cannot use it there; one compiled layer in a loop (--scan_layers=true) can, and repeats bit
+    for bit (BENCHMARKS.md)."""
     det = platform == "gpu" and deterministic(xla_flags)
     if attention == "auto" and (platform != "gpu" or dtype != "bfloat16"):
         attention = "naive"
@@ -590,8 +592,9 @@ def pick_attention(attention, dtype, platform, xla_flags=""):
     if attention == "cudnn" and dtype != "bfloat16":
         raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {dtype}: use "
                                f"--dtype=bfloat16 or --attention=naive or flash")
-    if attention == "cudnn" and det:
-        raise common.UserError("attention=cudnn fails under --xla_gpu_deterministic_ops=true: use "
+    if attention == "cudnn" and det and not scan_layers:
+        raise common.UserError("attention=cudnn fails under --xla_gpu_deterministic_ops=true with "
+                               "the layers unrolled: add --scan_layers=true, or use "
                                "--attention=pallas (repeatable, 1.23x cuDNN's step at 1B) or flash")
     return attention
 
@@ -637,7 +640,7 @@ def _train(tc, stop_after, log, devices, held):
         raise common.UserError(f"batch_size={tc.batch_size} must split over dp x fsdp = "
                                f"{data_ways} devices and grad_accum={tc.grad_accum} micro-batches")
     attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
-                          os.environ.get("XLA_FLAGS", ""))
+                          os.environ.get("XLA_FLAGS", ""), tc.scan_layers)
     shardings = common.param_shardings(cfg, mesh)
     data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:

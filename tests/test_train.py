@@ -270,6 +270,9 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     assert pick("flash", "bfloat16", "gpu", det) == "flash"
     with pytest.raises(common.UserError, match="fails under --xla_gpu_deterministic_ops"):
         pick("cudnn", "bfloat16", "gpu", det)
+    # one compiled layer holds one attention backward: cuDNN's works there, when asked for
+    assert pick("cudnn", "bfloat16", "gpu", det, scan_layers=True) == "cudnn"
+    assert pick("auto", "bfloat16", "gpu", det, scan_layers=True) == "pallas"
 
 
 @pytest.mark.parametrize("kw,match", [
