@@ -2226,6 +2226,16 @@ def show_sample(run):
     note = "" if run.trained else " (random weights: expect noise; 09_train.py makes a model)"
     run.section(f"sample: temperature {ic.temperature}, top_k {ic.top_k}, top_p {ic.top_p}{note}")
     print(readable(ic.prompt) + tok.decode(out))
+    blank_answer_hint(tok.decode(out), ic)
+
+
+def blank_answer_hint(text, ic):
+    """A briefly trained byte model's likeliest next byte is often a space or a newline, again
+    and again: greedy decoding then prints nothing to read. Said, with the way out."""
+    if ic.temperature == 0 and text and not text.strip():
+        print(f"(the greedy answer is {len(text)} characters of whitespace: this model's likeliest "
+              f"next character is a space or a newline each time; --temperature=0.8 --top_p=0.9 "
+              f"samples instead)")
 
 
 def sample_only(models, ic, draft=None):
@@ -2246,6 +2256,7 @@ def sample_only(models, ic, draft=None):
                     f"the draft's tokens accepted")
         t2 = time.perf_counter()
         print(readable(ic.prompt) + tok.decode(out))
+        blank_answer_hint(tok.decode(out), ic)
         print(f"({name}: {len(out)} tokens in {t2 - t1:.1f} s, compilation included; weights "
               f"ready in {t1 - t0:.1f} s{note})")
 

@@ -718,6 +718,15 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys):
         inf.sample_only(inf.load_model(random, False)[0], random)
 
 
+def test_a_whitespace_greedy_answer_says_how_to_sample(capsys):
+    greedy, sampled = inf.InferConfig(), inf.InferConfig(temperature=0.8)
+    inf.blank_answer_hint(" \n   ", greedy)
+    assert "5 characters of whitespace" in capsys.readouterr().out
+    for text, ic in (("  x ", greedy), ("", greedy), ("   ", sampled)):
+        inf.blank_answer_hint(text, ic)
+        assert capsys.readouterr().out == ""
+
+
 def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
     """Checkpoints as 09_train.py writes them, through common.save_checkpoint."""
     old, new = numpy_params(TIED, 1), numpy_params(TIED, 2)
