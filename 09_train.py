@@ -370,7 +370,14 @@ def save(tc, step, params, opt, cfg, data_id):
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
                 "batch_size": tc.batch_size, "seq_len": tc.seq_len, "data": data_id}
-        common.save_checkpoint(tc.out_dir, step, jax.device_get(state), meta)
+        try:
+            common.save_checkpoint(tc.out_dir, step, jax.device_get(state), meta)
+        except OSError as e:  # a full disk: the checkpoints already written stay as they were
+            kept = common.list_checkpoints(tc.out_dir)
+            raise common.UserError(
+                f"could not write the checkpoint of step {step} to {tc.out_dir} ({e.strerror}); "
+                + (f"it keeps {os.path.basename(kept[-1])}, which the same command resumes from"
+                   if kept else "it holds no checkpoint yet")) from None
 
 
 def restore(tc, cfg, params, opt, data_id):
@@ -444,9 +451,9 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
 
 def read_metrics(path):
     """The rows of metrics.jsonl, each a dict with its step; a line cut short by a kill
-    mid-write is passed over."""
+    mid-write (or its bytes damaged) is passed over."""
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)

@@ -834,8 +834,14 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2):
 
 def _remove(path):
     """An old checkpoint deleted, or where that fails (made read-only), left with a warning:
-    the new one is already in place."""
+    the new one is already in place. A checkpoint is renamed out of the list first, so that a
+    crash halfway through the deletion leaves a temporary directory (removed by the next save),
+    not a checkpoint with half its files."""
     try:
+        if os.path.basename(path).startswith("ckpt_"):
+            gone = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}.del")
+            os.rename(path, gone)
+            path = gone
         shutil.rmtree(path)
     except OSError as e:
         print(f"warning: could not remove the old checkpoint {path} ({e.strerror})",
@@ -1050,7 +1056,7 @@ def run(main, smaller="try smaller sizes"):
     """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
     the device or the host (numpy) running out of memory one line and exit 1, Ctrl-C one line
     (with what the lesson says is kept) and exit 130, a closed output pipe nothing and exit 141,
-    as a shell's tools. `smaller` is the lesson's advice on memory: the flags that shrink it."""
+    as a shell's tools, and a file system's error (a full disk) its one line and exit 1. `smaller` is the lesson's advice on memory: the flags that shrink it."""
     try:
         try:
             main()
@@ -1074,6 +1080,10 @@ def run(main, smaller="try smaller sizes"):
     except BrokenPipeError:  # what read the output went away (`| head`): stop without a word
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except OSError as e:  # the file system's answer (a full disk, a directory where a file goes)
+        if e.strerror is None:
+            raise
+        die(f"{e.strerror}: {e.filename}" if e.filename else e.strerror, code=1)
 
 
 # ----------------------------------------------------------------------------------------------

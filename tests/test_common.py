@@ -479,8 +479,14 @@ def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypa
     monkeypatch.setattr(common.shutil, "rmtree", refuse)
     common.save_checkpoint(str(tmp_path), 4, tree, {"model": {}})
     assert "could not remove the old checkpoint" in capsys.readouterr().err
-    assert len(common.list_checkpoints(str(tmp_path))) == 3
+    # renamed out of the list before its deletion began: never a checkpoint with half its files
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_00000003", "ckpt_00000004"]
+    assert (tmp_path / ".tmp_ckpt_00000002.del" / "state.npz").exists()
     assert (tmp_path / "ckpt_00000001").read_text() == "notes"
+    monkeypatch.undo()
+    common.save_checkpoint(str(tmp_path), 5, tree, {"model": {}})  # the next save clears it
+    assert not (tmp_path / ".tmp_ckpt_00000002.del").exists()
 
 
 def test_bench_refuses_no_runs():
@@ -635,7 +641,11 @@ def test_parse_flags_errors(capsys, argv, match):
                                                 "smaller --n"),
                                                (MemoryError("Unable to allocate 4.69 TiB"), 1,
                                                 "error: the host ran out of memory (Unable to "
-                                                "allocate 4.69 TiB): try a smaller --n")])
+                                                "allocate 4.69 TiB): try a smaller --n"),
+                                               (OSError(28, "No space left on device", "out/m"),
+                                                1, "error: No space left on device: out/m"),
+                                               (IsADirectoryError(21, "Is a directory"), 1,
+                                                "error: Is a directory")])
 def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, line):
     def main():
         raise raised

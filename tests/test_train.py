@@ -198,6 +198,24 @@ def test_ctrl_c_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, o
     np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
 
 
+def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
+    tc = tiny_run(tmp_path, steps=4, ckpt_every=2)
+    train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(common.np, "savez", full)
+    with pytest.raises(common.UserError, match=r"could not write the checkpoint of step 4 to .* "
+                       r"\(No space left on device\); it keeps ckpt_00000002, which the same"):
+        train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+
+
+def test_damaged_metrics_lines_are_passed_over(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe{"st\n{"step": 2, "loss": 1.5}\n')
+    assert [r["step"] for r in train_mod.read_metrics(str(path))] == [1, 2]
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     tc = tiny_run(tmp_path, steps=30, lr=1e5, warmup=0, grad_clip=0.0, ckpt_every=1)
     with pytest.raises(common.UserError, match="not finite"):
