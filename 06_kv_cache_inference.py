@@ -1318,9 +1318,9 @@ def load_train_checkpoint(path):
     known = {f.name for f in dataclasses.fields(common.Config)}
     if not isinstance(fields, dict) or set(fields) - known:
         raise common.UserError(f"{path}/meta.json holds no model config of this course")
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = tuple(fields["rope_scaling"])
     try:
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = tuple(fields["rope_scaling"])
         cfg = common.Config(**fields)
     except (common.UserError, TypeError) as e:
         raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json model "

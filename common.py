@@ -100,6 +100,11 @@ class Config:
             if len(values) != 4:
                 raise UserError(f"rope_scaling takes 4 numbers: factor,low_freq_factor,"
                                 f"high_freq_factor,original_max_len; got {self.rope_scaling!r}")
+            factor, low, high, old_len = values
+            # rope_frequencies divides by each: a zero or an inverted band gives NaN angles
+            if not (factor > 0 and 0 < low < high and old_len > 0):
+                raise UserError(f"rope_scaling needs factor > 0, 0 < low_freq_factor < "
+                                f"high_freq_factor and original_max_len > 0; got {values}")
             # a tuple, so that the config stays hashable (jit takes it as a static argument)
             object.__setattr__(self, "rope_scaling", values)
 
@@ -932,6 +937,10 @@ def load_checkpoint(path, like):
     if not isinstance(meta.get("dtypes"), dict) or not isinstance(meta.get("step"), int):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json lacks the step "
                                 f"and dtypes save_checkpoint writes")
+    named = re.fullmatch(r"ckpt_(\d+)", os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != meta["step"]:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json says step "
+                                f"{meta['step']}")
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     names = [jax.tree_util.keystr(k) for k, _ in paths]
     try:
@@ -950,7 +959,13 @@ def load_checkpoint(path, like):
         if a.shape != np.shape(ref):  # the config in meta.json matched: the array was edited
             raise DamagedCheckpoint(f"checkpoint {path} is damaged: {name} has shape {a.shape}, "
                                     f"the model's is {np.shape(ref)}")
-        leaves.append(a.view(ml_dtypes.bfloat16) if meta["dtypes"][name] == "bfloat16" else a)
+        if meta["dtypes"][name] == "bfloat16" and a.dtype == np.uint16:
+            a = a.view(ml_dtypes.bfloat16)  # stored as its bits: numpy has no bfloat16
+        if a.dtype != np.dtype(ref.dtype) or str(a.dtype) != meta["dtypes"][name]:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {name} is {a.dtype} (meta.json "
+                                    f"says {meta['dtypes'][name]}), the model's is "
+                                    f"{np.dtype(ref.dtype)}")
+        leaves.append(a)
     return jax.tree.unflatten(treedef, leaves), meta
 
 

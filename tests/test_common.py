@@ -399,6 +399,9 @@ def damage_config(path, edit):
      "tie_word_embeddings='false' is not true or false"),
     (lambda p: damage_config(p, lambda c: dict(c, rope_scaling="llama3")),
      "rope scaling 'llama3' is not an object"),
+    (lambda p: damage_config(p, lambda c: dict(c, rope_scaling={  # a zero would give NaN angles
+        "rope_type": "llama3", "factor": 0, "low_freq_factor": 1, "high_freq_factor": 4,
+        "original_max_position_embeddings": 0})), "rope_scaling needs factor > 0"),
     (lambda p: damage_config(p, lambda c: dict(c, head_dim=3, hidden_size=12)),
      "^config.json: head_dim must be even"),
     (lambda p: damage_config(p, lambda c: {k: v for k, v in c.items() if k != "vocab_size"}),
@@ -462,6 +465,27 @@ def test_config_and_forward_refuse_what_would_fail_deep_inside():
             call()
     np.testing.assert_array_equal(common.forward(params, tok, TINY, positions=tok[:1] + 3),
                                   common.forward(params, tok, TINY, positions=tok + 3))
+
+
+def test_an_edited_step_or_dtype_is_a_damaged_checkpoint(tmp_path):
+    """Edits that keep the files readable but the contents wrong are damage too, so a resume
+    passes over them for the checkpoint before (as 09 does with DamagedCheckpoint)."""
+    tree = {"w": np.arange(3, dtype=np.float32), "n": np.int32(2)}
+    like = {"w": jax.ShapeDtypeStruct((3,), jnp.float32), "n": jax.ShapeDtypeStruct((), jnp.int32)}
+    path = common.save_checkpoint(str(tmp_path), 6, tree, {"model": {}})
+    assert common.load_checkpoint(path, like)[1]["step"] == 6
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    for edit, match in ((dict(step=-5), "says step -5"), (dict(step=10**30), "says step 1000"),
+                        (dict(dtypes={"['w']": "bfloat16", "['n']": "int32"}),
+                         r"\['w'\] is float32 \(meta.json says bfloat16\)")):
+        json.dump(dict(meta, **edit), open(os.path.join(path, "meta.json"), "w"))
+        with pytest.raises(common.DamagedCheckpoint, match=match):
+            common.load_checkpoint(path, like)
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    np.savez(os.path.join(path, "state.npz"), **{"['w']": np.arange(3, dtype=np.int32),
+                                                 "['n']": np.int32(2)})
+    with pytest.raises(common.DamagedCheckpoint, match=r"\['w'\] is int32"):
+        common.load_checkpoint(path, like)
 
 
 def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypatch, capsys):
