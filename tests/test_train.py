@@ -401,8 +401,7 @@ def test_fp8_delayed_scaling_follows_the_plain_run_and_resumes_exactly(tmp_path,
                                  log=logged.append, devices=jax.devices()[:1])
     assert any(s.startswith("fp8: recorded the first maxima") for s in logged)  # calibrate_fp8
     # e4m3 rounds each element by up to 2^-4 of itself, and delayed scales lag a step: the loss
-    # stays within a few percent (2.2% at step 3 on one version of the data, common.py's own
-    # text), where a wrong or missing scale sends it far off
+    # stays within a few percent (2.2% at step 3 on one version of the data, common.py's text)
     np.testing.assert_allclose(losses(full), losses(one_device_run), rtol=4e-2)
     first, _, _ = train_mod.train(tc, stop_after=2, **one)
     rest, _, _ = train_mod.train(tc, **one)
