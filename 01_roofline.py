@@ -92,6 +92,9 @@ def check_sizes(cfg, on_gpu):
                       f"matrices")
     common.check_fits(f"weight={W}", 2 * W * W * item, f"a [{W}, {W}] weight and relu(A @ B)'s "
                       f"[{W}, {W}] output")
+    common.check_fits(f"max_batch={cfg.max_batch} weight={W}", 8 * cfg.max_batch * W * item,
+                      f"the skinny sweep's largest inputs, [{cfg.max_batch}, {W}], and their "
+                      f"copies")
     common.check_fits(f"vector_mib={mib}", 5 * mib * 2**20, "A + B + C unfused: 3 operands, a "
                       "partial sum and the result")
     common.check_fits(f"attn_seq={T}", 2 * B * H * T * T * 4, f"attention's float32 [T, S] "

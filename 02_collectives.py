@@ -341,10 +341,23 @@ def main():
     iters = cfg.iters or (10 if on_gpu else 3)
     variants = (("ring", {}), (f"ring x{k}", {"pieces": k}),
                 (f"bidir x{k}", {"pieces": k, "bidirectional": True}))
+    def block_rows(mib):  # a block of about mib MiB: rows of `width`, a multiple of N of them
+        r = max(1, int(mib * 2**20 / (cfg.width * dtype.itemsize)))
+        return max(n, r - r % n)  # reduce-scatter splits each block into N chunks
+
+    # Per device: its block, two gathered outputs of N blocks (ring and built-in) and the ring's
+    # copies; a CPU's simulated devices all live in the host's memory. Refused before any is built.
+    on_host = 1 if on_gpu or jax.devices()[0].platform == "tpu" else n
+    for mib in sizes:
+        common.check_fits(f"sizes_mib={mib:g} width={cfg.width}",
+                          on_host * (2 * n + 3) * block_rows(mib) * cfg.width * dtype.itemsize,
+                          f"a block, the gathered outputs and the ring's copies on {n} devices")
+    common.check_fits(f"mm_m={M} mm_k={K} mm_f={F}",
+                      dtype.itemsize * (2 * M * K + K * F + 2 * M * F),
+                      "the collective matmul's x (and its gathered copy), w and two products")
     rows = []  # (collective, MiB, bytes sent, predicted s, {variant: s}, built-in s, max err)
     for mib in sizes:
-        r = max(1, int(mib * 2**20 / (cfg.width * dtype.itemsize)))
-        r = max(n, r - r % n)  # reduce-scatter splits each block into N chunks
+        r = block_rows(mib)
         block_bytes = r * cfg.width * dtype.itemsize
         shape = (n * r, cfg.width)  # the global array: N blocks [r, width]
         x = jax.jit(lambda key: jax.random.normal(key, shape, dtype),

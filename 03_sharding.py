@@ -682,6 +682,9 @@ def main():
     for _, _, sp, mesh in meshes:
         check_batch(B, T, mesh, sp)
     bench_preset, bcfg, bb, bt, bench_meshes = bench_plan(run, devices, on_gpu)
+    common.check_model_fits(f"preset={preset}", cfg, 4, "its float32 weights on one device")
+    common.check_model_fits(f"bench_preset={bench_preset}", bcfg, 16, "float32 weights, their "
+                            "gradients and Adam's two moments on one device (the 1-device row)")
     show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
 
     params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))

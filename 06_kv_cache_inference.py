@@ -2316,7 +2316,13 @@ def check_before_the_run(models, ic, on_gpu, draft):
             room = 2 * ic.gamma + 1 if draft is not None and ic.sample_only else 0
             check_prompts([ids], cfg, ic.max_new_tokens, extra=room)
         if not ic.sample_only:
-            lesson_lengths(cfg, ic, on_gpu)
+            _, _, S = lesson_lengths(cfg, ic, on_gpu)
+            slots, batch = ic.slots or (16 if on_gpu else 4), ic.batch or (64 if on_gpu else 16)
+            common.check_fits(f"models={name} batch={batch} slots={slots}",
+                              2 * cfg.param_count() * jnp.dtype(cfg.dtype).itemsize
+                              + (batch + slots) * S * kv_bytes_per_token(cfg),
+                              "two copies of its weights (as built, and in the inference "
+                              "layout) and the KV caches of the batch and of the slots")
     if not ic.sample_only and ic.draft_layers > models[0][1].n_layers:
         raise common.UserError(f"draft_layers={ic.draft_layers} exceeds the model's "
                                f"{models[0][1].n_layers} layers")

@@ -100,6 +100,8 @@ def resolve(cfg, on_cpu):
     # Sizes that cannot fit are refused before the first array (XLA aborts the process on a
     # shape past 2^63 elements): float64 references on the host, quantized copies beside them.
     common.check_fits(f"n={cfg.n}", 4 * 8 * cfg.n, "the summed vector in float64 and its copies")
+    common.check_fits(f"shuffles={cfg.shuffles} n={cfg.n}", 8 * cfg.shuffles * cfg.n,
+                      "the order experiment's permutations of the vector")
     common.check_fits(f"rows={cfg.rows} dim={cfg.dim}",
                       8 * (6 * cfg.rows * cfg.dim + 3 * cfg.dim * cfg.dim),
                       "the quantization test's float64 activations, weight and their copies")

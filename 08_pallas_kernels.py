@@ -1704,8 +1704,10 @@ def resolve(cfg):
     n, (B, _, KH, L), n8 = env["matmul_n"], env["decode_shape"], env["int8_n"]
     common.check_fits(f"matmul_n={n}", 4 * 4 * n * n, "the matmul's operands, product and "
                       "reference")
-    common.check_fits(f"flash_tokens={cfg.flash_tokens} n_heads={cfg.n_heads} head_dim="
-                      f"{cfg.head_dim}", 8 * 4 * cfg.flash_tokens * cfg.n_heads * cfg.head_dim,
+    tokens = max([cfg.flash_tokens] + list(env["flash_lengths"]))  # batch 1 past flash_tokens
+    common.check_fits(f"flash_tokens={cfg.flash_tokens} flash_lengths={max(env['flash_lengths'])}"
+                      f" n_heads={cfg.n_heads} head_dim={cfg.head_dim}",
+                      8 * 4 * tokens * cfg.n_heads * cfg.head_dim,
                       "flash attention's q, k, v, output and their gradients")
     common.check_fits(f"decode_batch={B} decode_kv_heads={KH} decode_len={L} head_dim="
                       f"{cfg.head_dim}", 3 * 2 * 2 * B * KH * L * cfg.head_dim,
@@ -1757,5 +1759,6 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main, smaller="try a smaller --matmul_n, --flash_tokens, --decode_batch, "
-                             "--decode_len, --int8_n or --int8_rows, or --only one kernel")
+    common.run(main, smaller="try a smaller --matmul_n, --flash_tokens, --flash_lengths, "
+                             "--decode_batch, --decode_len, --int8_n or --int8_rows, or --only "
+                             "one kernel")

@@ -649,6 +649,8 @@ def _train(tc, stop_after, log, devices, held):
     attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
                           os.environ.get("XLA_FLAGS", ""), tc.scan_layers)
     shardings = common.param_shardings(cfg, mesh)
+    common.check_model_fits(f"preset={tc.preset}", cfg, 16, "float32 weights, their gradients "
+                            "and AdamW's two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
     data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
         raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "

@@ -1068,10 +1068,11 @@ def _shown(value):
 
 
 def run(main, smaller="try smaller sizes"):
-    """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2,
-    the device or the host (numpy) running out of memory one line and exit 1, Ctrl-C one line
-    (with what the lesson says is kept) and exit 130, a closed output pipe nothing and exit 141,
-    as a shell's tools, and a file system's error (a full disk) its one line and exit 1. `smaller` is the lesson's advice on memory: the flags that shrink it."""
+    """Run a lesson's main(); a UserError raised anywhere inside becomes one line and exit 2, the
+    device or the host (numpy) running out of memory one line and exit 1, Ctrl-C one line (with what
+    the lesson says is kept) and exit 130, a closed output pipe nothing and exit 141, as a shell's
+    tools, and a file system's error (a full disk) its one line and exit 1. `smaller` is the
+    lesson's advice on memory: the flags that shrink it."""
     try:
         try:
             main()
@@ -1306,6 +1307,16 @@ def check_fits(flag, nbytes, what):
     if limit and nbytes > limit:
         raise UserError(f"{flag} needs {nbytes / 1e9:,.3g} GB for {what}, more than the "
                         f"{limit / 1e9:,.3g} GB of {where}: use a smaller size")
+
+
+def check_model_fits(flag, cfg, bytes_per_param, what, shards=1):
+    """check_fits for a model: bytes_per_param for each of its parameters (4 for float32
+    weights; 16 with their gradients and AdamW's two moments), split over `shards` devices on an
+    accelerator. A CPU's simulated devices all live in the host's memory: no split there. A
+    lower bound (no activations), enough to refuse a model that cannot load before the host's
+    out-of-memory killer ends the process without a word."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    check_fits(flag, bytes_per_param * cfg.param_count() / (1 if on_cpu else shards), what)
 
 
 _MEASURED = {}

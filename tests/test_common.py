@@ -788,3 +788,14 @@ def test_kernel_kinds_and_summary():
     # ... so device_seconds answers None there, without profiling (or calling) anything.
     ran = []
     assert common.device_seconds(lambda: ran.append(1)) is None and not ran
+
+
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(monkeypatch):
+    monkeypatch.setattr(common, "memory_limit", lambda device=None: (10e9, "the host's memory"))
+    cfg = common.Config.preset("llama-3.2-1b")  # 1.24e9 parameters
+    common.check_model_fits("preset=llama-3.2-1b", cfg, 4, "its float32 weights")  # 4.9 GB
+    with pytest.raises(common.UserError, match=r"preset=llama-3.2-1b needs 19.\d GB for float32 "
+                                               r"weights and the rest, more than the 10 GB"):
+        common.check_model_fits("preset=llama-3.2-1b", cfg, 16, "float32 weights and the rest")
+    with pytest.raises(common.UserError):  # a CPU's simulated devices share the host's memory
+        common.check_model_fits("preset=llama-3.2-1b", cfg, 16, "...", shards=8)
