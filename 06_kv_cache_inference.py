@@ -226,7 +226,14 @@ def inference_params(params, cfg):
     (ROW_SUM_MAX); `head` is {"t": [V, D]} (the embedding table itself when tied). Params
     already in this layout pass through."""
     if "head" in params:
+        if (len(params["layers"]) != cfg.n_layers
+                or np.shape(params["embed"]) != (cfg.vocab_size, cfg.d_model)):
+            raise common.UserError(f"the params do not match the config: {len(params['layers'])} "
+                                   f"layers and an embedding of {np.shape(params['embed'])}, "
+                                   f"the config's are {cfg.n_layers} and "
+                                   f"{(cfg.vocab_size, cfg.d_model)}")
         return params
+    common.check_params(params, cfg)
 
     def layer(i):
         p = jax.tree.map(lambda w: w[i], params["layers"])
@@ -786,6 +793,8 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
         raise common.UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cache_len is not None and check_count("cache_len", cache_len) < 1:
         raise common.UserError(f"cache_len must be >= 1, got {cache_len}")
+    if isinstance(prompts, (np.ndarray, jax.Array)) and prompts.ndim == 2:
+        prompts = list(np.asarray(prompts))  # [B, T] of equal lengths: B prompts
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise common.UserError("prompts must be a non-empty list of token lists")
     lengths = []
@@ -793,7 +802,9 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
         p = np.asarray(p)
         if p.ndim != 1 or p.size == 0:
             raise common.UserError(f"prompt {i} must be a non-empty list of token ids")
-        if not np.issubdtype(p.dtype, np.integer) or p.min() < 0 or p.max() >= cfg.vocab_size:
+        if not np.issubdtype(p.dtype, np.integer):
+            raise common.UserError(f"prompt {i} holds {p.dtype} values, not integer token ids")
+        if p.min() < 0 or p.max() >= cfg.vocab_size:
             raise common.UserError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
         lengths.append(len(p))
     # The last new token is returned, never fed back: its key and value are never cached.
@@ -1259,6 +1270,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                                f"the target's ({cfg.vocab_size}): they must share a tokenizer")
     if check_count("gamma", gamma) < 1:
         raise common.UserError(f"gamma must be >= 1, got {gamma}")
+    if not isinstance(draft, dict):
+        raise common.UserError(f"the draft must be a model's params (a dict), got "
+                               f"{type(draft).__name__}")
     params, draft = inference_params(params, cfg), inference_params(draft, draft_cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
     # A round writes gamma + 1 positions past a row's length, also past its last token; with no

@@ -775,6 +775,11 @@ def main():
     tc = common.parse_flags(TrainConfig())
     if not (tc.num_processes > 1 or tc.coordinator):
         return train_and_sample(tc)
+    # Said first: until every process has joined, JAX waits in silence (5 minutes by default,
+    # then it ends the process from C++, with no Python error to turn into one line).
+    print(f"process {tc.process_id} of {tc.num_processes}: joining the coordinator at "
+          f"{tc.coordinator or '(found by the cluster)'}; every process must start within "
+          f"5 minutes", flush=True)
     jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
     train_and_sample(tc)
     # Every process leaves together: process 0 hosts the coordinator, and a process that outlives

@@ -340,12 +340,29 @@ def save_dots_and_attention(prim, *args, **params):
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
 
+def check_params(params, cfg):
+    """A one-line error where `params` were not built for `cfg` (another preset, another
+    checkpoint's weights), instead of a shape error deep inside the model."""
+    want = jax.tree_util.tree_flatten_with_path(
+        param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))[0]
+    got = {jax.tree_util.keystr(k): np.shape(a)
+           for k, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, spec in want:
+        name = jax.tree_util.keystr(path)
+        if name not in got:
+            raise UserError(f"the params have no {name}: they were not built for this config")
+        if tuple(got[name]) != tuple(spec.shape):
+            raise UserError(f"the params do not match the config: {name} is {tuple(got[name])}, "
+                            f"the config's is {tuple(spec.shape)}")
+
+
 def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=None, remat="none",
             constrain=None, scan_layers=True, logits_dtype=jnp.float32, dot=None,
             dot_state=None):
     """Logits [B, T, V] (float32 unless logits_dtype says otherwise) for int tokens [B, T].
-    Token values are not checked (they may be traced): one past the table gives NaN logits, a
-    negative one counts from the end, as jnp indexing does; callers check what users give.
+    Tokens given as a list or a numpy array are checked against the vocabulary; a jax array's
+    are not (it may be traced, and reading its values would wait for the device): there one past
+    the table gives NaN logits and a negative one counts from the end, as jnp indexing does.
 
     attention: (q, k, v, causal, segment_ids) -> out, all [B, T, H, D] (k, v with KH heads);
     remat: "none", "full" (recompute each layer in the backward pass) or "dots" (save only the
@@ -365,6 +382,12 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     attention = attention or attention_reference
     dot = dot or jnp.einsum
     constrain = constrain or (lambda x, axes: x)
+    if isinstance(tokens, (list, tuple, np.ndarray)):
+        host = np.asarray(tokens)
+        if not np.issubdtype(host.dtype, np.integer) or host.size and (
+                host.min() < 0 or host.max() >= cfg.vocab_size):
+            raise UserError(f"tokens must be integer ids in [0, {cfg.vocab_size}), got "
+                            f"{host.dtype} values in [{host.min()}, {host.max()}]")
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise UserError(f"tokens must be integers [B, T], got {tokens.dtype} {list(tokens.shape)}")

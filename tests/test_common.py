@@ -799,3 +799,13 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(monkeypatch):
         common.check_model_fits("preset=llama-3.2-1b", cfg, 16, "float32 weights and the rest")
     with pytest.raises(common.UserError):  # a CPU's simulated devices share the host's memory
         common.check_model_fits("preset=llama-3.2-1b", cfg, 16, "...", shards=8)
+
+
+def test_forward_checks_tokens_given_from_the_host():
+    params = common.init_params(TINY, jax.random.key(0))
+    for tokens in ([[TINY.vocab_size, 2]], np.array([[-3, 2]]), [[1.5, 2.0]]):
+        with pytest.raises(common.UserError, match=r"tokens must be integer ids in \[0, "):
+            common.forward(params, tokens, TINY)
+    assert common.forward(params, np.array([[1, 2]]), TINY).shape == (1, 2, TINY.vocab_size)
+    with pytest.raises(common.UserError, match="do not match the config"):
+        common.check_params(params, dataclasses.replace(TINY, d_model=2 * TINY.d_model))

@@ -845,3 +845,21 @@ def test_default_decode_attention_takes_the_kernel_only_where_it_applies(monkeyp
     assert inf.default_decode_attention(TINY) is inf.decode_attention_reference  # float32
     odd = dataclasses.replace(bf16, head_dim=24)
     assert inf.default_decode_attention(odd) is inf.decode_attention_reference
+
+
+def test_params_of_another_config_or_no_draft_are_one_line_errors():
+    cfg = common.Config.preset("tiny")
+    params = common.init_params(cfg, jax.random.key(0))
+    other = common.Config.preset("small")
+    with pytest.raises(common.UserError, match=r"\['embed'\] is \(256, 64\), the config's is "
+                                               r"\(256, 384\)"):
+        inf.generate(params, other, [[100]], 2)
+    with pytest.raises(common.UserError, match="2 layers and an embedding of"):
+        inf.generate(inf.inference_params(params, cfg), other, [[100]], 2)
+    with pytest.raises(common.UserError, match="the draft must be a model's params"):
+        inf.speculative_generate(params, cfg, None, cfg, [[1]], 2)
+    # a [B, T] array of equal-length prompts is B prompts
+    assert inf.generate(params, cfg, np.array([[1, 2], [3, 4]]), 2) == \
+        inf.generate(params, cfg, [[1, 2], [3, 4]], 2)
+    with pytest.raises(common.UserError, match="prompt 0 holds float64 values"):
+        inf.generate(params, cfg, [[1.5, 2.0]], 2)
