@@ -976,8 +976,11 @@ def load_checkpoint(path, like):
                                 f"({why})") from None
     leaves = []
     for name, (_, ref) in zip(names, paths):
-        if name not in stored or name not in meta["dtypes"]:
+        if name not in meta["dtypes"]:
             raise UserError(f"checkpoint {path} has no {name}: it was written for another model")
+        if name not in stored:  # meta.json lists it: the archive lost it
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: state.npz lacks {name}, "
+                                    f"which its meta.json lists")
         a = stored[name]
         if a.shape != np.shape(ref):  # the config in meta.json matched: the array was edited
             raise DamagedCheckpoint(f"checkpoint {path} is damaged: {name} has shape {a.shape}, "
@@ -1309,7 +1312,7 @@ def memory_limit(device=None):
     """(bytes, what they are): on a GPU what the allocator lets this process take (75% of the
     memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), else the chip table's HBM or
     a CPU's physical memory; (None, "") where none of these is known."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # (another process's device has no stats here)
     limit, chip = (device.memory_stats() or {}).get("bytes_limit"), device_chip(device)
     if limit:
         return limit, "what this process may allocate"

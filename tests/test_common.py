@@ -486,6 +486,11 @@ def test_an_edited_step_or_dtype_is_a_damaged_checkpoint(tmp_path):
                                                  "['n']": np.int32(2)})
     with pytest.raises(common.DamagedCheckpoint, match=r"\['w'\] is int32"):
         common.load_checkpoint(path, like)
+    np.savez(os.path.join(path, "state.npz"), **{"['n']": np.int32(2)})  # an array lost
+    with pytest.raises(common.DamagedCheckpoint, match=r"state.npz lacks \['w'\]"):
+        common.load_checkpoint(path, like)
+    with pytest.raises(common.UserError, match="written for another model"):  # not listed at all
+        common.load_checkpoint(path, dict(like, extra=like["n"]))
 
 
 def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypatch, capsys):
