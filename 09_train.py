@@ -536,8 +536,9 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
             f"{100 * rate / matmul:14.1f}%")
     if ts[2] < ts[1]:  # the difference would be the optimizer's time, were it positive
         log(f"the whole step took {(ts[1] - ts[2]) * 1e3:.1f} ms less than forward + backward "
-            f"alone, which writes every gradient out as a result: compiled as one program the "
-            f"step need not, so AdamW's own time is not isolated by this difference")
+            f"alone, which returns every gradient as an output (the whole step, one program, "
+            f"may keep them on chip or schedule it otherwise): the difference does not isolate "
+            f"AdamW's time here")
     chip = common.device_chip()
     log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.4g} TFLOP/s over {n_dev} "
         f"device(s); " + (f"datasheet {peak * n_dev / 1e12:.4g}" if chip else
