@@ -208,9 +208,9 @@ def main():
     dtype = jnp.dtype(cfg.dtype)
     # The materialized [B, H, T, S] float32 scores and probabilities beside two sets of inputs:
     # refused now if they cannot fit (past 2^63 elements XLA would abort the process).
-    common.check_fits(f"batch={B} seq_len={T} n_heads={H}",
+    common.check_fits(f"batch={B} seq_len={T} n_heads={H} head_dim={D}",
                       2 * B * H * T * T * 4 + 2 * B * T * (H + 2 * KH) * D * dtype.itemsize,
-                      "the float32 [B, H, T, S] scores and probabilities")
+                      "the float32 [B, H, T, S] scores and probabilities, and q, k, v twice")
     # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
     peak, bw, basis = common.ceilings(cfg.dtype if platform != "cpu" else "float32")
     print(f"device: {jax.devices()[0].device_kind}; ceilings {peak / 1e12:.4g} TFLOP/s, "

@@ -743,6 +743,10 @@ def load_hf_llama(path, dtype=None):
     """(cfg, params) from a local Hugging Face Llama directory: config.json plus one or several
     *.safetensors (sharded checkpoints list their files in model.safetensors.index.json).
     dtype overrides the checkpoint's dtype for both storage and compute."""
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"a checkpoint directory is a path, got {type(path).__name__}")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
