@@ -386,6 +386,7 @@ def test_attention_past_the_memory_is_refused_before_any_array():
                         "--seq_len=10000000000"], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and r.stderr.startswith(
-        "error: batch=1 seq_len=10000000000 n_heads=16 needs 1.28e+13 GB for the float32 "
-        "[B, H, T, S] scores and probabilities, more than the ") and r.stderr.count("\n") == 1
+        "error: batch=1 seq_len=10000000000 n_heads=16 head_dim=128 needs 1.28e+13 GB for the "
+        "float32 [B, H, T, S] scores and probabilities, and q, k, v twice, more than the ") and \
+        r.stderr.count("\n") == 1
     assert "device:" not in r.stdout  # refused before the ceilings are measured
