@@ -276,6 +276,9 @@ def main():
             print(f"  {name}: did not run ({str(e).splitlines()[0][:120]})")
             continue
         rows.append((name, t, err))
+    if not rows:  # each said why above
+        raise common.UserError("no implementation ran at this size: try a smaller --batch, "
+                               "--seq_len or --n_heads")
 
     half = " (causal half)" if cfg.causal else ""
     print(f"\nmeasured, B={B} T=S={T} H={H} KH={KH} D={D} {cfg.dtype}"
