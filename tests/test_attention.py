@@ -390,3 +390,17 @@ def test_attention_past_the_memory_is_refused_before_any_array():
         "float32 [B, H, T, S] scores and probabilities, and q, k, v twice, more than the ") and \
         r.stderr.count("\n") == 1
     assert "device:" not in r.stdout  # refused before the ceilings are measured
+
+
+def test_lesson_04_where_no_implementation_runs_says_so(monkeypatch):
+    real = common.bench
+
+    def out_of_memory(*a, **k):  # every implementation's timing, not the ceilings' before them
+        if "arg_sets" not in k:
+            return real(*a, **k)
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+    monkeypatch.setattr(common, "bench", out_of_memory)
+    monkeypatch.setattr("sys.argv", ["04_attention.py", "--seq_len=64", "--n_heads=2",
+                                     "--n_kv_heads=1", "--head_dim=16", "--iters=1"])
+    with pytest.raises(common.UserError, match="no implementation ran at this size"):
+        a04.main()
