@@ -449,7 +449,12 @@ def test_config_and_forward_refuse_what_would_fail_deep_inside():
                        (dict(rope_theta=0.0), "rope_theta must be"),
                        (dict(norm_eps=-1.0), "norm_eps must be"),
                        (dict(vocab_size=2.5), "vocab_size must be an integer"),
-                       (dict(rope_scaling="llama3"), "rope_scaling takes 4 numbers")):
+                       (dict(rope_scaling="llama3"), "rope_scaling takes 4 numbers"),
+                       # each bound on its own: a zero factor, an inverted band, no old length
+                       (dict(rope_scaling=(0, 1, 4, 32)), "rope_scaling needs"),
+                       (dict(rope_scaling=(8, 4, 4, 32)), "rope_scaling needs"),
+                       (dict(rope_scaling=(8, 0, 4, 32)), "rope_scaling needs"),
+                       (dict(rope_scaling=(8, 1, 4, 0)), "rope_scaling needs")):
         with pytest.raises(common.UserError, match=match):
             dataclasses.replace(TINY, **bad)
     listed = dataclasses.replace(TINY, rope_scaling=[8, 1, 4, 32])   # kept hashable, for jit
@@ -486,6 +491,14 @@ def test_an_edited_step_or_dtype_is_a_damaged_checkpoint(tmp_path):
                                                  "['n']": np.int32(2)})
     with pytest.raises(common.DamagedCheckpoint, match=r"\['w'\] is int32"):
         common.load_checkpoint(path, like)
+    # a dtype meta.json agrees with but the model does not compute in
+    np.savez(os.path.join(path, "state.npz"), **{"['w']": np.arange(3, dtype=np.float64),
+                                                 "['n']": np.int32(2)})
+    json.dump(dict(meta, dtypes={"['w']": "float64", "['n']": "int32"}),
+              open(os.path.join(path, "meta.json"), "w"))
+    with pytest.raises(common.DamagedCheckpoint, match=r"\['w'\] is float64 .* model's is float32"):
+        common.load_checkpoint(path, like)
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
     np.savez(os.path.join(path, "state.npz"), **{"['n']": np.int32(2)})  # an array lost
     with pytest.raises(common.DamagedCheckpoint, match=r"state.npz lacks \['w'\]"):
         common.load_checkpoint(path, like)
@@ -516,6 +529,9 @@ def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypa
     monkeypatch.undo()
     common.save_checkpoint(str(tmp_path), 5, tree, {"model": {}})  # the next save clears it
     assert not (tmp_path / ".tmp_ckpt_00000002.del").exists()
+    assert not glob.glob(str(tmp_path / ".tmp_*")) and "could not" not in capsys.readouterr().err
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_00000004", "ckpt_00000005"]
 
 
 def test_bench_refuses_no_runs():
@@ -683,6 +699,16 @@ def test_run_turns_user_errors_and_ctrl_c_into_one_line(capsys, raised, code, li
     assert e.value.code == code and capsys.readouterr().err == line + "\n"
 
 
+def test_run_passes_on_what_is_not_a_users_mistake():
+    """An OSError with no strerror (a library's own, not the file system's) and a runtime error
+    other than memory are bugs: their traceback stays."""
+    for raised in (OSError("boom"), jax.errors.JaxRuntimeError("INTERNAL: boom")):
+        def main():
+            raise raised
+        with pytest.raises(type(raised), match="boom"):
+            common.run(main)
+
+
 def test_each_lesson_names_its_own_flags_when_memory_runs_out():
     """The advice on running out of memory names flags the lesson has, not another lesson's."""
     for path in sorted(glob.glob(os.path.join(ROOT, "[0-9][0-9]_*.py"))):
@@ -758,6 +784,9 @@ def test_default_corpus_leaves_installed_packages_out(tmp_path, monkeypatch):
     assert b"import sys" in text and b"def decode" in text
     assert b"numpy" not in text and b"six" not in text
     assert common.corpus_id(train, val) != common.corpus_id(train[:-1], val)
+    flipped = val.copy()
+    flipped[0] ^= 1  # the same lengths, one bit of other data
+    assert common.corpus_id(train, val) != common.corpus_id(train, flipped)
 
 
 def test_import_script_and_chip_table():
@@ -814,3 +843,6 @@ def test_forward_checks_tokens_given_from_the_host():
     assert common.forward(params, np.array([[1, 2]]), TINY).shape == (1, 2, TINY.vocab_size)
     with pytest.raises(common.UserError, match="do not match the config"):
         common.check_params(params, dataclasses.replace(TINY, d_model=2 * TINY.d_model))
+    with pytest.raises(common.UserError, match="the params have no .*'final_norm'"):
+        common.check_params({k: v for k, v in params.items() if k != "final_norm"}, TINY)
+    common.check_params(params, TINY)  # and the params it was built from pass
