@@ -142,6 +142,9 @@ def test_skinny_summary_names_what_holds_the_time():
     # Below the ridge the bytes do not grow with M: a time that does is said, not blamed on them.
     flat, why = rl.skinny_summary([140 * us, 200 * us], 100 * us, 1 * us, None, 1024)
     assert flat == 1 and "1.43x as long" in why and "is the cost" not in why
+    # ...but where the ridge is at M = 2, M = 2's longer time is its FLOPs, as the roofline says.
+    flat, why = rl.skinny_summary([140 * us, 200 * us], 100 * us, 1 * us, 2, 1024)
+    assert flat == 1 and "as long" not in why and "reading the 1024x1024 weight is the" in why
 
 
 def test_ceilings_hold_16_bit_kernels_to_float32_on_a_cpu_and_fill_a_tpus_tf32():
@@ -246,6 +249,10 @@ def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
         with pytest.raises(common.UserError, match=f"^{field}={value} needs {what}.*more than "
                            f"the 16 GB of a test's memory: use a smaller size$"):
             rl.check_sizes(cfg, on_gpu=True)
+    cfg = rl.resolve(rl.RooflineConfig(max_batch=2**20), on_cpu=False)
+    with pytest.raises(common.UserError, match=rf"^max_batch=1048576 weight={cfg.weight} needs "
+                       r".* GB for the skinny sweep's largest inputs, \[1048576, "):
+        rl.check_sizes(cfg, on_gpu=True)
 
 
 def test_memory_limit_knows_this_host():
