@@ -161,3 +161,13 @@ def test_lesson_predicts_from_a_measured_link_where_no_datasheet_has_one(monkeyp
         pred = float(row.split()[3])  # collective, MiB/dev, sent MiB, pred ms
         assert pred > 0
     assert re.search(r"collective matmul \(ring\)\s+\d+\.\d+", out)  # predicted, not n/a
+
+
+def test_sizes_past_the_memory_are_refused_before_any_block(monkeypatch):
+    """A CPU's 8 simulated devices share the host's memory: 1 MiB blocks need 8 x 19 MiB there
+    (each device's block, two gathered outputs of 8 blocks and the ring's copies)."""
+    monkeypatch.setattr(common, "memory_limit", lambda *a: (1e8, "a test's memory"))
+    monkeypatch.setattr("sys.argv", ["02_collectives.py", "--sizes_mib=1", "--iters=1"])
+    with pytest.raises(common.UserError, match=r"^sizes_mib=1 width=1024 needs 0.159 GB for a "
+                       r"block, the gathered outputs and the ring's copies on 8 devices"):
+        coll.main()
