@@ -698,17 +698,21 @@ def test_command_line_errors_are_one_line(tmp_path):
         assert out.stderr.strip().count("\n") == 0 and message in out.stderr
 
 
-def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys):
+def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys, monkeypatch):
     common.save_checkpoint(str(tmp_path), 1, {"params": numpy_params(TIED, 1)},
                            {"model": dataclasses.asdict(TIED)})
     ic = inf.InferConfig(ckpt_dir=str(tmp_path), sample_only=True, prompt="ab", max_new_tokens=5)
     models = inf.load_model(ic, True)[0]  # a GPU's lesson would measure random Llama shapes
     assert [m[0] for m in models] == ["ckpt_00000001"]
+    hinted = []   # each answer is looked at for the whitespace hint
+    monkeypatch.setattr(inf, "blank_answer_hint", lambda text, ic: hinted.append(text))
     inf.sample_only(models, ic)
+    monkeypatch.undo()
     (_, cfg, params, tok), = models
     want = inf.generate(inf.inference_params(params, cfg), cfg, [tok.encode("ab")], 5,
                         stop_tokens=tok.stop)[0]
     assert capsys.readouterr().out.startswith("ab" + tok.decode(want) + "\n")
+    assert hinted == [tok.decode(want)]
     # drafted by a model (here the same one, in float32): greedy gives the same tokens
     inf.sample_only(models, ic, inf.load_draft(str(tmp_path), cfg))
     out = capsys.readouterr().out
@@ -765,6 +769,11 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
         json.dump({"model": {"d_model": 8, "n_experts": 4}}, f)
     with pytest.raises(common.UserError, match="no model config"):
         inf.load_train_checkpoint(path)
+    for rope, match in ((5, "not iterable"), ([8, 1, 4, 0], "rope_scaling needs")):
+        with open(os.path.join(path, "meta.json"), "w") as f:  # a model config edited by hand
+            json.dump(dict(meta, model=dict(meta["model"], rope_scaling=rope)), f)
+        with pytest.raises(common.DamagedCheckpoint, match=f"model config is not valid .*{match}"):
+            inf.load_train_checkpoint(path)
 
 
 def test_draft_checkpoint_loads_and_must_share_the_vocabulary(tmp_path):
@@ -856,10 +865,13 @@ def test_params_of_another_config_or_no_draft_are_one_line_errors():
         inf.generate(params, other, [[100]], 2)
     with pytest.raises(common.UserError, match="2 layers and an embedding of"):
         inf.generate(inf.inference_params(params, cfg), other, [[100]], 2)
+    deeper = dataclasses.replace(cfg, n_layers=cfg.n_layers + 1)  # the same embedding
+    with pytest.raises(common.UserError, match="2 layers and an embedding of"):
+        inf.generate(inf.inference_params(params, cfg), deeper, [[100]], 2)
     with pytest.raises(common.UserError, match="the draft must be a model's params"):
         inf.speculative_generate(params, cfg, None, cfg, [[1]], 2)
     # a [B, T] array of equal-length prompts is B prompts
-    assert inf.generate(params, cfg, np.array([[1, 2], [3, 4]]), 2) == \
-        inf.generate(params, cfg, [[1, 2], [3, 4]], 2)
+    for batch in (np.array([[1, 2], [3, 4]]), jnp.array([[1, 2], [3, 4]])):
+        assert inf.generate(params, cfg, batch, 2) == inf.generate(params, cfg, [[1, 2], [3, 4]], 2)
     with pytest.raises(common.UserError, match="prompt 0 holds float64 values"):
         inf.generate(params, cfg, [[1.5, 2.0]], 2)
