@@ -234,3 +234,6 @@ def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
     k08.resolve(k08.KernelsConfig())
     with pytest.raises(common.UserError, match="^matmul_n=65536 needs 68.7 GB for the matmul's"):
         k08.resolve(k08.KernelsConfig(matmul_n=65536))
+    # a sequence past flash_tokens runs at batch 1: the longest one sets the memory
+    with pytest.raises(common.UserError, match="^flash_tokens=512 flash_lengths=16777216 n_heads"):
+        k08.resolve(k08.KernelsConfig(flash_lengths="16777216"))
