@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -140,6 +141,15 @@ def test_resuming_on_other_data_says_so(tmp_path, capsys):
                     devices=jax.devices()[:1])
     assert (f"note: resuming with data of {after} (the checkpoint's steps read {before})"
             in capsys.readouterr().out)
+    # a checkpoint from before fingerprints were recorded resumes without a note
+    path = common.list_checkpoints(tc.out_dir)[-1]
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    del meta["data"]
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    train_mod.train(dataclasses.replace(tc, steps=3), log=lambda s: None,
+                    devices=jax.devices()[:1])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "note:" not in out
 
 
 def test_resume_on_another_mesh(tmp_path, one_device_run):
@@ -193,21 +203,32 @@ def test_ctrl_c_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, o
         train_mod.train(tc, log=ctrl_c_at_step_2, devices=jax.devices()[:1])
     assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000003"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    with train_mod.stop_after_the_step() as asked:  # a second Ctrl-C stops at once
+        os.kill(os.getpid(), signal.SIGINT)
+        assert asked == [True]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     assert [r["step"] for r in rest] == [4]
     np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
 
 
 def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
-    tc = tiny_run(tmp_path, steps=4, ckpt_every=2)
+    """It names the newest checkpoint kept, the one a rerun resumes from."""
+    tc = tiny_run(tmp_path, steps=4, ckpt_every=1)
     train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
+    assert len(common.list_checkpoints(tc.out_dir)) == 2
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(common.np, "savez", full)
-    with pytest.raises(common.UserError, match=r"could not write the checkpoint of step 4 to .* "
+    with pytest.raises(common.UserError, match=r"could not write the checkpoint of step 3 to .* "
                        r"\(No space left on device\); it keeps ckpt_00000002, which the same"):
         train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    with pytest.raises(common.UserError, match="step 1 .* it holds no checkpoint yet"):
+        train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "new")), log=lambda s: None,
+                        devices=jax.devices()[:1])
 
 
 def test_damaged_metrics_lines_are_passed_over(tmp_path):
@@ -273,6 +294,34 @@ def test_clipping_scales_the_global_norm_down_to_the_threshold():
         assert after == pytest.approx(want, rel=1e-5)
         jax.tree.map(lambda c, g: np.testing.assert_allclose(c, g * after / norm, rtol=1e-5),
                      clipped, grads)
+
+
+def test_breakdown_says_when_the_difference_is_not_the_optimizers_time(monkeypatch):
+    """A whole step faster than its forward + backward alone would print a negative AdamW time;
+    the breakdown says why instead."""
+    for times, said in (((0.010, 0.030, 0.025), True), ((0.010, 0.030, 0.032), False)):
+        left = list(times)   # forward, forward + backward, the whole step [s]
+        monkeypatch.setattr(common, "bench", lambda *a, **k: common.Timing(0, left[0], left[0],
+                                                                           left.pop(0) and 1))
+        monkeypatch.setattr(common, "measure_peaks", lambda **k: {"matmul_flops": 1e12})
+        monkeypatch.setattr(common, "kernel_times", lambda *a, **k: None)
+        lines = []
+        step = types.SimpleNamespace(memory_analysis=lambda: None)
+        train_mod.breakdown(step, lambda p, x, y: 0.0, {}, {}, None, None, 6e9, 1e12, 1,
+                            lines.append, common.Config.preset("tiny"), 256)
+        assert any("5.0 ms less than forward + backward" in line for line in lines) == said, lines
+
+
+def test_the_run_passes_scan_layers_to_the_attention_choice(tmp_path, monkeypatch):
+    seen = []
+    real = train_mod.pick_attention
+
+    def spy(*a, **k):
+        seen.append(a[4:] + tuple(k.values()))
+        return real(*a, **k)
+    monkeypatch.setattr(train_mod, "pick_attention", spy)
+    train_mod.train(tiny_run(tmp_path, steps=1), log=lambda s: None, devices=jax.devices()[:1])
+    assert seen == [(True,)]
 
 
 def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
