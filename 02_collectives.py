@@ -91,10 +91,17 @@ def shard_map(f, mesh, in_specs, out_specs):
 
 def jit_static(f):
     """jit, with the mesh, axis name and flags as compile-time constants. Outside jit, shard_map
-    would run op by op, one dispatch per ring step."""
+    would run op by op, one dispatch per ring step. A nested list of numbers is taken as the
+    array it spells, as jnp's functions take it (jit alone would see a list of scalars)."""
     names = [a for a in ("mesh", "axis_name", "pieces", "bidirectional")
              if a in inspect.signature(f).parameters]
-    return jax.jit(f, static_argnames=names)
+    jitted = jax.jit(f, static_argnames=names)
+    as_array = lambda a: jnp.asarray(a) if isinstance(a, list) else a
+
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        return jitted(*map(as_array, args), **{k: as_array(a) for k, a in kwargs.items()})
+    return call
 
 
 def _shift(x, axis_name, n, direction):

@@ -166,6 +166,7 @@ def matmul(x, w, bias=None, activation="none", block_m=128, block_n=128, block_k
            num_warps=4, num_stages=3, interpret=None):
     """act(x @ w + bias): x [M, K], w [K, N], bias [N] or None; any M, N, K (padded to blocks).
     Accumulates in float32, returns x.dtype."""
+    x, w = jnp.asarray(x), jnp.asarray(w)   # (nested lists of numbers too, as jnp takes them)
     interpret = _interpreted(interpret)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise common.UserError(f"matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
@@ -1069,6 +1070,9 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
     implementation: "portable" (grid + BlockSpecs, any backend), "hopper" (the sm90 kernels
     above: forward, and backward where `hopper_backward_available`, else the portable one), or
     None: "hopper" where `hopper_available`, else "portable"."""
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
     common.check_attention_inputs(q, k, v, segment_ids)
     interpret = _interpreted(interpret)
     if causal and q.shape[1] != k.shape[1]:
@@ -1161,6 +1165,8 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     outputs are merged with their logsumexp: out = sum_c exp(lse_c - lse) * out_c.
     block_k None: 64 cache rows per step, or for an int8 cache 8 KB of them (128 rows at
     D = 64), which an H200 sweep found 1.1x faster than 64 there (64 stays best at D = 128)."""
+    q, k, v, lengths = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths)
+    k_scale, v_scale = (None if s is None else jnp.asarray(s) for s in (k_scale, v_scale))
     interpret = _interpreted(interpret)
     if (q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]
             or k.shape[3] != q.shape[2] or q.shape[1] % k.shape[1]):
@@ -1297,7 +1303,7 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
     M = 1); 256-wide K blocks with 4 warps beat 512 with 8 on three shapes and tied on the fourth.
     Keep N a multiple of block_n and K of block_k: otherwise every call pads (copies) the
     weight."""
-    scale = jnp.asarray(scale)
+    x, w_q, scale = jnp.asarray(x), jnp.asarray(w_q), jnp.asarray(scale)
     if (x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != w_q.shape[1]
             or scale.shape != (w_q.shape[0],)):
         raise common.UserError(f"int8_matmul needs x [M, K], w_q [N, K], scale [N]; got "

@@ -171,3 +171,11 @@ def test_sizes_past_the_memory_are_refused_before_any_block(monkeypatch):
     with pytest.raises(common.UserError, match=r"^sizes_mib=1 width=1024 needs 0.159 GB for a "
                        r"block, the gathered outputs and the ring's copies on 8 devices"):
         coll.main()
+
+
+def test_rings_take_nested_lists_as_jnp_does():
+    x = np.arange(16.0).reshape(8, 2)
+    got = coll.ring_all_reduce(x.tolist(), ring_mesh(8), "x")
+    np.testing.assert_allclose(got, x.reshape(8, 1, 2).sum(0))
+    np.testing.assert_allclose(coll.ring_all_gather(x=x.tolist(), mesh=ring_mesh(8),
+                                                    axis_name="x"), x)

@@ -237,3 +237,18 @@ def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
     # a sequence past flash_tokens runs at batch 1: the longest one sets the memory
     with pytest.raises(common.UserError, match="^flash_tokens=512 flash_lengths=16777216 n_heads"):
         k08.resolve(k08.KernelsConfig(flash_lengths="16777216"))
+
+
+def test_kernels_take_nested_lists_as_jnp_does():
+    x, w = [[1.0, 2.0], [3.0, 4.0]], [[1.0], [0.5]]
+    np.testing.assert_allclose(k08.matmul(x, w, interpret=True), [[2.0], [5.0]])
+    q, e = np.ones((1, 2, 1, 4)).tolist(), np.exp(1 / np.sqrt(2))
+    np.testing.assert_allclose(k08.flash_attention(q, q, q, interpret=True), q, rtol=1e-6)
+    np.testing.assert_allclose(k08.decode_attention([[[1.0, 0.0]]], [[[[1.0, 0.0], [0.0, 1.0]]]],
+                                                    [[[[2.0, 0.0], [4.0, 0.0]]]], [2],
+                                                    interpret=True)[0, 0, 0],
+                               (2 * e + 4) / (e + 1), rtol=1e-5)  # scores 1/sqrt(2) and 0
+    with pytest.raises(common.UserError, match="w_q must be int8"):  # a list of ints is int32
+        k08.int8_matmul(x, [[1, 2]], [1.0], interpret=True)
+    np.testing.assert_allclose(k08.int8_matmul(x, np.array([[1, 2]], np.int8), [0.5],
+                                               interpret=True), [[2.5], [5.5]])
