@@ -123,7 +123,8 @@ class InferConfig:
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
                                 # llama-3-8b,llama-3.2-1b (the benchmark), else the newest 09
                                 # checkpoint or `small` (--sample_only: the checkpoint only)
-    prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes)
+    prompt: str = "def fibonacci(n):\n"   # the sample's prompt (models with a tokenizer or bytes);
+                                # on the command line \n, \t and \\ are a newline, tab, backslash
     max_new_tokens: int = 64    # the sample's length, at most (a checkpoint's EOS ends it)
     temperature: float = 0.0    # the sample's; > 0 also times speculative sampling; 0: greedy
     top_k: int = 0              # sample among the k most likely tokens; 0: all
@@ -2387,8 +2388,15 @@ GPT_FAST = {"H100 SXM": (159.3, 185.9, "torch 2.11, 2026-11-23"),
             "H200 SXM": (193.5, 197.2, "an earlier run")}
 
 
+def unescape(text):
+    """A prompt typed in a shell: the two characters \\n are a newline, \\t a tab and \\\\ one
+    backslash, as echo -e and printf read them (a shell passes a typed \\n through as is)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t"}.get(m[1], "\\"), text)
+
+
 def main():
     ic = common.parse_flags(InferConfig())
+    ic = dataclasses.replace(ic, prompt=unescape(ic.prompt))
     t0 = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
     models, which = load_model(ic, on_gpu)

@@ -722,6 +722,18 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys, mo
         inf.sample_only(inf.load_model(random, False)[0], random)
 
 
+def test_a_prompt_typed_in_a_shell_reads_its_escapes(tmp_path, capsys, monkeypatch):
+    assert inf.unescape(r"def f():\n\treturn 1") == "def f():\n\treturn 1"
+    assert inf.unescape(r"a\\nb \x") == r"a\nb \x"  # an escaped backslash; others stay
+    common.save_checkpoint(str(tmp_path), 1, {"params": numpy_params(TIED, 1)},
+                           {"model": dataclasses.asdict(TIED)})
+    monkeypatch.setattr("sys.argv", ["06", f"--ckpt_dir={tmp_path}", "--sample_only=true",
+                                     r"--prompt=a\nb", "--max_new_tokens=2"])
+    inf.main()
+    lines = capsys.readouterr().out.splitlines()   # the flags, the model, then the sample
+    assert lines[2] == "a" and lines[3].startswith("b")
+
+
 def test_a_whitespace_greedy_answer_says_how_to_sample(capsys):
     greedy, sampled = inf.InferConfig(), inf.InferConfig(temperature=0.8)
     inf.blank_answer_hint(" \n   ", greedy)
