@@ -54,6 +54,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import time
 
@@ -772,16 +773,59 @@ def _train(tc, stop_after, log, devices, held):
     return history, params, cfg
 
 
-def main():
-    tc = common.parse_flags(TrainConfig())
-    if not (tc.num_processes > 1 or tc.coordinator):
-        return train_and_sample(tc)
+def resolve_coordinator(coordinator, wait_s=300, sleep=time.sleep):
+    """Wait until the coordinator's host name resolves, or a one-line error: JAX would wait its
+    5 minutes on a name that never resolves (a typo) and then end the process from C++. A
+    cluster may publish process 0's name after the others start, so a miss is retried."""
+    host, _, port = coordinator.rpartition(":")
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            return socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            if time.monotonic() >= deadline:
+                raise common.UserError(f"coordinator={coordinator}: the host {host!r} does not "
+                                       f"resolve ({e.strerror})") from None
+            if not said:
+                print(f"the coordinator's host {host!r} does not resolve yet ({e.strerror}): "
+                      f"trying again for {wait_s / 60:g} minutes (a typo never will: Ctrl-C)",
+                      file=sys.stderr, flush=True)
+                said = True
+            sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
+def join(tc):
+    """jax.distributed.initialize, with one-line errors where a user's setup is at fault."""
+    if tc.coordinator:
+        resolve_coordinator(tc.coordinator)
     # Said first: until every process has joined, JAX waits in silence (5 minutes by default,
     # then it ends the process from C++, with no Python error to turn into one line).
     print(f"process {tc.process_id} of {tc.num_processes}: joining the coordinator at "
           f"{tc.coordinator or '(found by the cluster)'}; every process must start within "
           f"5 minutes", flush=True)
-    jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
+    port = tc.coordinator.rpartition(":")[2]
+    taken = (f"process 0 could not host the coordinator on port {port} ({{}}): another program, "
+             f"or a run still going, holds the port; stop it or pick another port")
+    if tc.coordinator and tc.process_id == 0:  # process 0 serves on every address, as JAX does
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+            try:
+                probe.bind(("", int(port)))
+            except OSError as e:
+                raise common.UserError(taken.format(e.strerror)) from None
+    try:
+        jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
+    except jax.errors.JaxRuntimeError as e:  # taken between the probe and here
+        if tc.process_id != 0 or "RPC server" not in str(e):
+            raise
+        raise common.UserError(taken.format(str(e).splitlines()[0])) from None
+
+
+def main():
+    tc = common.parse_flags(TrainConfig())
+    if not (tc.num_processes > 1 or tc.coordinator):
+        return train_and_sample(tc)
+    join(tc)
     train_and_sample(tc)
     # Every process leaves together: process 0 hosts the coordinator, and a process that outlives
     # it finds the coordinator gone. (JAX still logs one harmless CANCELLED watch on the way out.)

@@ -581,3 +581,30 @@ def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
     assert len(train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0]) == 1
     assert len(train_mod.train(dataclasses.replace(tc, steps=2), log=lambda s: None,
                                devices=jax.devices()[:1])[0]) == 2  # released after each run
+
+
+def test_a_coordinator_that_cannot_work_is_one_line(monkeypatch, capsys):
+    """A host name that does not resolve, or a port already held on process 0's host, would
+    otherwise fail inside JAX's C++ (a 5-minute wait and an abort, or a traceback)."""
+    with pytest.raises(common.UserError, match="the host 'no-such-host.invalid' does not resolve"):
+        train_mod.resolve_coordinator("no-such-host.invalid:1234", wait_s=0)
+    answers = [socket.gaierror(-2, "Name or service not known")] * 2 + [["an address"]]
+
+    def lookup(*a, **k):  # a cluster that publishes the name a little after the process starts
+        got = answers.pop(0)
+        if isinstance(got, Exception):
+            raise got
+        return got
+    monkeypatch.setattr(train_mod.socket, "getaddrinfo", lookup)
+    naps = []
+    assert train_mod.resolve_coordinator("host-0:1234", sleep=naps.append) == ["an address"]
+    assert len(naps) == 2 and capsys.readouterr().err.count("does not resolve yet") == 1
+    monkeypatch.undo()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        tc = train_mod.TrainConfig(coordinator=f"127.0.0.1:{port}", num_processes=2)
+        with pytest.raises(common.UserError, match=f"could not host the coordinator on port "
+                           f"{port} .Address already in use.: another program"):
+            train_mod.join(tc)
