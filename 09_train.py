@@ -773,36 +773,45 @@ def _train(tc, stop_after, log, devices, held):
     return history, params, cfg
 
 
-def resolve_coordinator(coordinator, wait_s=300, sleep=time.sleep):
-    """Wait until the coordinator's host name resolves, or a one-line error: JAX would wait its
-    5 minutes on a name that never resolves (a typo) and then end the process from C++. A
-    cluster may publish process 0's name after the others start, so a miss is retried."""
+def wait_for_coordinator(coordinator, connect, wait_s=300, sleep=time.sleep):
+    """Return once the coordinator's host name resolves and, with `connect`, its port answers;
+    else, after wait_s, a one-line error. JAX would wait in silence on a name that never
+    resolves (a typo) or on a process 0 that never starts (or a closed port), then end the
+    process from C++ with no Python error. A cluster may publish process 0's name, and start
+    it, after the others: a miss is retried."""
     host, _, port = coordinator.rpartition(":")
-    deadline, said = time.monotonic() + wait_s, False
+    address, deadline, said = (host.strip("[]"), int(port)), time.monotonic() + wait_s, set()
     while True:
         try:
-            return socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
-        except socket.gaierror as e:
+            socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
+            if connect:
+                socket.create_connection(address, timeout=5).close()
+            return
+        except OSError as e:
+            resolved = not isinstance(e, socket.gaierror)
+            why = (f"nothing answers at {coordinator}" if resolved else
+                   f"the host {host!r} does not resolve") + f" ({e.strerror or e})"
             if time.monotonic() >= deadline:
-                raise common.UserError(f"coordinator={coordinator}: the host {host!r} does not "
-                                       f"resolve ({e.strerror})") from None
-            if not said:
-                print(f"the coordinator's host {host!r} does not resolve yet ({e.strerror}): "
-                      f"trying again for {wait_s / 60:g} minutes (a typo never will: Ctrl-C)",
+                raise common.UserError(
+                    f"coordinator={coordinator}: {why} after {wait_s / 60:g} minutes"
+                    + (": start process 0 there, with the port open between the hosts"
+                       if resolved else "")) from None
+            if resolved not in said:
+                print(f"{why}: trying again for up to {wait_s / 60:g} minutes (Ctrl-C stops)",
                       file=sys.stderr, flush=True)
-                said = True
-            sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+                said.add(resolved)
+            sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def join(tc):
     """jax.distributed.initialize, with one-line errors where a user's setup is at fault."""
-    if tc.coordinator:
-        resolve_coordinator(tc.coordinator)
     # Said first: until every process has joined, JAX waits in silence (5 minutes by default,
     # then it ends the process from C++, with no Python error to turn into one line).
     print(f"process {tc.process_id} of {tc.num_processes}: joining the coordinator at "
           f"{tc.coordinator or '(found by the cluster)'}; every process must start within "
           f"5 minutes", flush=True)
+    if tc.coordinator:  # process 0 hosts the port; the others wait until it answers
+        wait_for_coordinator(tc.coordinator, connect=tc.process_id != 0)
     port = tc.coordinator.rpartition(":")[2]
     taken = (f"process 0 could not host the coordinator on port {port} ({{}}): another program, "
              f"or a run still going, holds the port; stop it or pick another port")

@@ -584,10 +584,18 @@ def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
 
 
 def test_a_coordinator_that_cannot_work_is_one_line(monkeypatch, capsys):
-    """A host name that does not resolve, or a port already held on process 0's host, would
-    otherwise fail inside JAX's C++ (a 5-minute wait and an abort, or a traceback)."""
+    """A host name that does not resolve, a process 0 that never answers, or a port already held
+    on process 0's host would otherwise fail inside JAX's C++ (a 5-minute wait and an abort, or
+    a traceback)."""
     with pytest.raises(common.UserError, match="the host 'no-such-host.invalid' does not resolve"):
-        train_mod.resolve_coordinator("no-such-host.invalid:1234", wait_s=0)
+        train_mod.wait_for_coordinator("no-such-host.invalid:1234", connect=True, wait_s=0)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        with pytest.raises(common.UserError, match=f"nothing answers at 127.0.0.1:{port} .*"
+                           f"after 0 minutes: start process 0 there"):
+            train_mod.wait_for_coordinator(f"127.0.0.1:{port}", connect=True, wait_s=0)
+        train_mod.wait_for_coordinator(f"127.0.0.1:{port}", connect=False, wait_s=0)  # process 0
     answers = [socket.gaierror(-2, "Name or service not known")] * 2 + [["an address"]]
 
     def lookup(*a, **k):  # a cluster that publishes the name a little after the process starts
@@ -597,13 +605,14 @@ def test_a_coordinator_that_cannot_work_is_one_line(monkeypatch, capsys):
         return got
     monkeypatch.setattr(train_mod.socket, "getaddrinfo", lookup)
     naps = []
-    assert train_mod.resolve_coordinator("host-0:1234", sleep=naps.append) == ["an address"]
-    assert len(naps) == 2 and capsys.readouterr().err.count("does not resolve yet") == 1
+    train_mod.wait_for_coordinator("host-0:1234", connect=False, sleep=naps.append)
+    assert len(naps) == 2 and capsys.readouterr().err.count("does not resolve") == 1
     monkeypatch.undo()
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
+        train_mod.wait_for_coordinator(f"127.0.0.1:{port}", connect=True, wait_s=0)  # answers
         tc = train_mod.TrainConfig(coordinator=f"127.0.0.1:{port}", num_processes=2)
         with pytest.raises(common.UserError, match=f"could not host the coordinator on port "
                            f"{port} .Address already in use.: another program"):
