@@ -56,6 +56,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 
 import jax
@@ -102,10 +103,11 @@ class TrainConfig:
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
     num_processes: int = 1       # hosts (processes) in a multi-host run
     process_id: int = 0          # this process's rank, 0 .. num_processes - 1
+    join_timeout: int = 300      # seconds for every process to join (and for process 0 to answer)
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-                  "eval_batches", "num_processes"):
+                  "eval_batches", "num_processes", "join_timeout"):
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
         for f in ("warmup", "ckpt_every", "sample_len", "process_id", "min_lr", "weight_decay",
@@ -773,6 +775,11 @@ def _train(tc, stop_after, log, devices, held):
     return history, params, cfg
 
 
+def duration(seconds):
+    whole_minutes = seconds >= 120 and seconds % 60 == 0
+    return f"{seconds // 60:g} minutes" if whole_minutes else f"{seconds:g} s"
+
+
 def wait_for_coordinator(coordinator, connect, wait_s=300, sleep=time.sleep):
     """Return once the coordinator's host name resolves and, with `connect`, its port answers;
     else, after wait_s, a one-line error. JAX would wait in silence on a name that never
@@ -793,11 +800,11 @@ def wait_for_coordinator(coordinator, connect, wait_s=300, sleep=time.sleep):
                    f"the host {host!r} does not resolve") + f" ({e.strerror or e})"
             if time.monotonic() >= deadline:
                 raise common.UserError(
-                    f"coordinator={coordinator}: {why} after {wait_s / 60:g} minutes"
+                    f"coordinator={coordinator}: {why} after {duration(wait_s)}"
                     + (": start process 0 there, with the port open between the hosts"
                        if resolved else "")) from None
             if resolved not in said:
-                print(f"{why}: trying again for up to {wait_s / 60:g} minutes (Ctrl-C stops)",
+                print(f"{why}: trying again for up to {duration(wait_s)} (Ctrl-C stops)",
                       file=sys.stderr, flush=True)
                 said.add(resolved)
             sleep(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -805,13 +812,14 @@ def wait_for_coordinator(coordinator, connect, wait_s=300, sleep=time.sleep):
 
 def join(tc):
     """jax.distributed.initialize, with one-line errors where a user's setup is at fault."""
-    # Said first: until every process has joined, JAX waits in silence (5 minutes by default,
-    # then it ends the process from C++, with no Python error to turn into one line).
+    # Said first: until every process has joined, JAX waits in silence.
+    wait = duration(tc.join_timeout)
     print(f"process {tc.process_id} of {tc.num_processes}: joining the coordinator at "
           f"{tc.coordinator or '(found by the cluster)'}; every process must start within "
-          f"5 minutes", flush=True)
+          f"{wait}", flush=True)
     if tc.coordinator:  # process 0 hosts the port; the others wait until it answers
-        wait_for_coordinator(tc.coordinator, connect=tc.process_id != 0)
+        wait_for_coordinator(tc.coordinator, connect=tc.process_id != 0,
+                             wait_s=tc.join_timeout)
     port = tc.coordinator.rpartition(":")[2]
     taken = (f"process 0 could not host the coordinator on port {port} ({{}}): another program, "
              f"or a run still going, holds the port; stop it or pick another port")
@@ -822,12 +830,24 @@ def join(tc):
                 probe.bind(("", int(port)))
             except OSError as e:
                 raise common.UserError(taken.format(e.strerror)) from None
+
+    def give_up():  # JAX ends the process from C++ at its timeout, with a stack dump: say why
+        print(f"error: not all {tc.num_processes} processes joined within {wait}: start each "
+              f"with the same --coordinator and --num_processes and its own --process_id",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    watchdog = threading.Timer(tc.join_timeout - min(3, tc.join_timeout / 4), give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id)
+        jax.distributed.initialize(tc.coordinator or None, tc.num_processes, tc.process_id,
+                                   initialization_timeout=tc.join_timeout)
     except jax.errors.JaxRuntimeError as e:  # taken between the probe and here
         if tc.process_id != 0 or "RPC server" not in str(e):
             raise
         raise common.UserError(taken.format(str(e).splitlines()[0])) from None
+    finally:
+        watchdog.cancel()
 
 
 def main():

@@ -593,7 +593,7 @@ def test_a_coordinator_that_cannot_work_is_one_line(monkeypatch, capsys):
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         with pytest.raises(common.UserError, match=f"nothing answers at 127.0.0.1:{port} .*"
-                           f"after 0 minutes: start process 0 there"):
+                           f"after 0 s: start process 0 there"):
             train_mod.wait_for_coordinator(f"127.0.0.1:{port}", connect=True, wait_s=0)
         train_mod.wait_for_coordinator(f"127.0.0.1:{port}", connect=False, wait_s=0)  # process 0
     answers = [socket.gaierror(-2, "Name or service not known")] * 2 + [["an address"]]
@@ -617,3 +617,19 @@ def test_a_coordinator_that_cannot_work_is_one_line(monkeypatch, capsys):
         with pytest.raises(common.UserError, match=f"could not host the coordinator on port "
                            f"{port} .Address already in use.: another program"):
             train_mod.join(tc)
+
+
+def test_a_process_left_alone_ends_with_one_line(tmp_path):
+    """Process 0 of 2 with no process 1: JAX would abort from C++ with a stack dump at its
+    timeout; the run says what is missing first and exits 1."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = subprocess.run([sys.executable, "09_train.py", f"--coordinator=127.0.0.1:{port}",
+                          "--num_processes=2", "--join_timeout=4", f"--out_dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: not all 2 processes joined within 4 s: start each with the same --coordinator "
+        "and --num_processes and its own --process_id")
