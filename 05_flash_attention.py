@@ -562,6 +562,96 @@ def memory_table(cfg, impls, bq, bk, lengths):
               f"{gb(c['flash', 'fwd+bwd']['need'])} in all at S={lengths[-1]}")
 
 
+def run_blocks(cfg, on_gpu, lengths, limit):
+    """(block_q, block_k): the flags', else on a GPU the fastest that fit (pick_blocks, timed at
+    the longest length whose inputs leave room for the run's temporaries), else 256 x 256."""
+    if cfg.block_q:
+        return cfg.block_q, cfg.block_k or cfg.block_q
+    if not on_gpu:
+        return 256, cfg.block_k or 256
+    S = min(16384, lengths[-1])
+    while S > lengths[0] and input_bytes(cfg, S) > limit / 2:
+        S //= 2
+    return pick_blocks(cfg, S, limit)
+
+
+def check_outputs(impls, q, k, v, causal, S):
+    """Print each implementation's largest distance from a float32 reference on the same
+    inputs (one forward each)."""
+    try:  # waited for here, so that a reference too large is not blamed on the others
+        with jax.default_matmul_precision("float32"):
+            ref = jax.block_until_ready(jax.jit(attention_program(attn04.attention, causal, "fwd"))(
+                *(x.astype(jnp.float32) for x in (q, k, v))))
+    except (RuntimeError, ValueError) as e:
+        print(f"  S={S}: no float32 reference to check against ({short(e)})")
+        return
+    errs = []
+    for name, attn in impls.items():
+        try:
+            o = jax.jit(attention_program(attn, causal, "fwd"))(q, k, v)
+            errs.append(f"{name} {float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref))):.1e}")
+        except common.UserError:
+            raise
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            errs.append(f"{name} n/a ({short(e)})")
+    print(f"  S={S}: max |out - float32 reference|: " + ", ".join(errs))
+
+
+def print_targets(cells, timed, impls):
+    """The issue's targets against the measured cells: flash's time over naive's, naive's
+    temporary memory over flash's, and where naive stops running."""
+    print("\ntargets: flash no slower than naive at S >= 8k; temporary memory at 16k under 1/8 of "
+          "naive's; flash runs where naive cannot")
+    for mode in ("fwd", "fwd+bwd"):
+        no_fit = [S for S in timed if cells[S, "naive", mode]["ms"] is None
+                  and cells[S, "flash", mode]["ms"] is not None]
+        if no_fit:
+            print(f"  naive {mode} cannot run from S={no_fit[0]} "
+                  f"({cells[no_fit[0], 'naive', mode]['note']}); flash runs up to S={timed[-1]}")
+    for S in timed:
+        c = {(n, m): cells[S, n, m] for n in impls for m in ("fwd", "fwd+bwd")}
+        parts = []
+        for m in ("fwd", "fwd+bwd"):
+            if c["flash", m]["ms"] and c["naive", m]["ms"]:
+                ratio = c["flash", m]["ms"] / c["naive", m]["ms"]
+                parts.append(f"{m} time flash/naive {ratio:.2f}")
+            elif c["flash", m]["ms"]:
+                parts.append(f"{m}: naive cannot run, flash can")
+        fl, nv = c["flash", "fwd+bwd"], c["naive", "fwd+bwd"]
+        if fl["temp"] and nv["temp"]:
+            parts.append(f"f+b temp naive/flash {nv['temp'] / fl['temp']:.1f}x")
+        if "cudnn" in impls and fl["ms"] and c["cudnn", "fwd+bwd"]["ms"]:
+            parts.append(f"f+b time flash/cudnn {fl['ms'] / c['cudnn', 'fwd+bwd']['ms']:.1f}")
+        print(f"  S={S:6d}: " + "; ".join(parts))
+
+
+def print_table(cells, timed, impls, cfg, peak):
+    """One row per length and implementation: time, TFLOP/s and % of peak forward and forward +
+    backward, and the temporary memory XLA planned for each."""
+    def tflops(c):  # FlashAttention's count: 4*B*S^2*H*D forward, halved when causal; the
+        # backward 2.5x the forward, so forward + backward is 3.5x
+        f = attn04.attention_flops(cfg.batch, c["S"], c["S"], cfg.n_heads, cfg.head_dim,
+                                   cfg.causal)
+        return f * (1 if c["mode"] == "fwd" else 3.5) / (c["ms"] / 1e3) / 1e12
+
+    print(f"\n{'S':>6} {'impl':<6} {'fwd ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'f+b ms':>9} "
+          f"{'TFLOP/s':>8} {'%peak':>6} {'temp fwd':>10} {'temp f+b':>10}  note")
+    for S in timed:
+        for name in impls:
+            row, notes = f"{S:6d} {name:<6}", []
+            for mode in ("fwd", "fwd+bwd"):
+                c = cells[S, name, mode]
+                if c["ms"] is None:
+                    row += f" {'-':>9} {'-':>8} {'-':>6}"
+                    notes.append(f"{mode}: {c['note']}")
+                else:
+                    row += f" {c['ms']:9.2f} {tflops(c):8.2f} {100 * tflops(c) * 1e12 / peak:5.1f}%"
+            for mode in ("fwd", "fwd+bwd"):
+                t = cells[S, name, mode]["temp"]
+                row += f" {gb(t) if t is not None else '-':>10}"
+            print(row + ("  " + "; ".join(notes) if notes else ""))
+
+
 def main():
     cfg = common.parse_flags(FlashConfig())
     t_start = time.perf_counter()
@@ -580,15 +670,7 @@ def main():
     print("\ncorrectness, float32, against lesson 04 (forward, and gradients of a weighted sum):")
     check_correctness(cfg.seed)
 
-    if cfg.block_q:
-        bq, bk = cfg.block_q, cfg.block_k or cfg.block_q
-    elif on_gpu:
-        S = min(16384, lengths[-1])
-        while S > lengths[0] and input_bytes(cfg, S) > limit / 2:  # room for the run's temps
-            S //= 2
-        bq, bk = pick_blocks(cfg, S, limit)
-    else:
-        bq, bk = 256, cfg.block_k or 256
+    bq, bk = run_blocks(cfg, on_gpu, lengths, limit)
     print(f"flash blocks: block_q={bq}, block_k={bk}")
     show_block_arithmetic(cfg.head_dim, cfg.dtype, (bq, bk))
     show_loop_orders(cfg.head_dim, cfg.dtype, (128, 128))
@@ -621,79 +703,13 @@ def main():
             for mode in ("fwd", "fwd+bwd"):
                 cells[S, name, mode] = measure(attn, name, S, cfg, mode, limit, arg_sets, iters)
         if S == lengths[0]:  # every implementation against a float32 reference, once
-            q, k, v, _ = arg_sets[0]
-            try:  # waited for here, so that a reference too large is not blamed on the others
-                with jax.default_matmul_precision("float32"):
-                    ref = jax.block_until_ready(jax.jit(attention_program(
-                        attn04.attention, cfg.causal, "fwd"))(*(x.astype(jnp.float32)
-                                                               for x in (q, k, v))))
-            except (RuntimeError, ValueError) as e:
-                print(f"  S={S}: no float32 reference to check against ({short(e)})")
-                impls_checked = {}
-            else:
-                impls_checked = impls
-            errs = []
-            for name, attn in impls_checked.items():
-                try:
-                    o = jax.jit(attention_program(attn, cfg.causal, "fwd"))(q, k, v)
-                    err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref)))
-                    errs.append(f"{name} {err:.1e}")
-                except common.UserError:
-                    raise
-                except (RuntimeError, ValueError, NotImplementedError) as e:
-                    errs.append(f"{name} n/a ({short(e)})")
-            if errs:
-                print(f"  S={S}: max |out - float32 reference|: " + ", ".join(errs))
+            check_outputs(impls, *arg_sets[0][:3], cfg.causal, S)
         timed.append(S)
         del arg_sets
         print(f"  S={S} done, {time.perf_counter() - t_start:.0f} s elapsed")
 
-    def tflops(c):  # FlashAttention's count: 4*B*S^2*H*D forward, halved when causal; the
-        # backward 2.5x the forward, so forward + backward is 3.5x
-        f = attn04.attention_flops(cfg.batch, c["S"], c["S"], cfg.n_heads, cfg.head_dim,
-                                   cfg.causal)
-        return f * (1 if c["mode"] == "fwd" else 3.5) / (c["ms"] / 1e3) / 1e12
-
-    print("\ntargets: flash no slower than naive at S >= 8k; temporary memory at 16k under 1/8 of "
-          "naive's; flash runs where naive cannot")
-    for mode in ("fwd", "fwd+bwd"):
-        no_fit = [S for S in timed if cells[S, "naive", mode]["ms"] is None
-                  and cells[S, "flash", mode]["ms"] is not None]
-        if no_fit:
-            print(f"  naive {mode} cannot run from S={no_fit[0]} "
-                  f"({cells[no_fit[0], 'naive', mode]['note']}); flash runs up to S={timed[-1]}")
-    for S in timed:
-        c = {(n, m): cells[S, n, m] for n in impls for m in ("fwd", "fwd+bwd")}
-        parts = []
-        for m in ("fwd", "fwd+bwd"):
-            if c["flash", m]["ms"] and c["naive", m]["ms"]:
-                ratio = c["flash", m]["ms"] / c["naive", m]["ms"]
-                parts.append(f"{m} time flash/naive {ratio:.2f}")
-            elif c["flash", m]["ms"]:
-                parts.append(f"{m}: naive cannot run, flash can")
-        fl, nv = c["flash", "fwd+bwd"], c["naive", "fwd+bwd"]
-        if fl["temp"] and nv["temp"]:
-            parts.append(f"f+b temp naive/flash {nv['temp'] / fl['temp']:.1f}x")
-        if "cudnn" in impls and fl["ms"] and c["cudnn", "fwd+bwd"]["ms"]:
-            parts.append(f"f+b time flash/cudnn {fl['ms'] / c['cudnn', 'fwd+bwd']['ms']:.1f}")
-        print(f"  S={S:6d}: " + "; ".join(parts))
-
-    print(f"\n{'S':>6} {'impl':<6} {'fwd ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'f+b ms':>9} "
-          f"{'TFLOP/s':>8} {'%peak':>6} {'temp fwd':>10} {'temp f+b':>10}  note")
-    for S in timed:
-        for name in impls:
-            row, notes = f"{S:6d} {name:<6}", []
-            for mode in ("fwd", "fwd+bwd"):
-                c = cells[S, name, mode]
-                if c["ms"] is None:
-                    row += f" {'-':>9} {'-':>8} {'-':>6}"
-                    notes.append(f"{mode}: {c['note']}")
-                else:
-                    row += f" {c['ms']:9.2f} {tflops(c):8.2f} {100 * tflops(c) * 1e12 / peak:5.1f}%"
-            for mode in ("fwd", "fwd+bwd"):
-                t = cells[S, name, mode]["temp"]
-                row += f" {gb(t) if t is not None else '-':>10}"
-            print(row + ("  " + "; ".join(notes) if notes else ""))
+    print_targets(cells, timed, impls)
+    print_table(cells, timed, impls, cfg, peak)
 
 
 if __name__ == "__main__":
