@@ -644,58 +644,19 @@ def print_collectives(results, L, on_gpu):
               "all-reduced over tp too.")
 
 
-def main():
-    run = common.parse_flags(ShardingConfig())
-    devices = jax.devices()
-    on_gpu = devices[0].platform == "gpu"
-    n = len(devices)
-    note = check_tp(run.tp, n, schemes=not run.mesh)  # (--mesh replaces the schemes)
+def pick_schemes(run, n):
+    """(name, mesh sizes, sequence parallel) per scheme: the --mesh given, else the default
+    schemes over n devices (none on one device)."""
     sizes = common.parse_mesh(run.mesh)
     if math.prod(sizes.values()) > 1:  # a mesh of one device is the "1 device" row already
         sp = run.sequence_parallel and sizes["tp"] > 1
-        schemes = [(common.mesh_name(sizes) + (" SP" if sp else ""), sizes, sp)]
-    elif run.mesh:
-        schemes = []
-    else:
-        schemes = default_schemes(n, run.tp) if n > 1 else []
-    # (make_mesh refuses a mesh of more devices than exist in one line)
-    meshes = [(name, sizes, sp, common.make_mesh(sizes, devices)) for name, sizes, sp in schemes]
-    preset, cfg, B, passed_over = analysis_model(run, [m for *_, m in meshes], on_gpu)
-    T = run.seq_len
-    if T > cfg.max_seq_len:
-        longer = [p for p in ("tiny", "small") if common.PRESETS[p].max_seq_len >= T]
-        raise common.UserError(f"seq_len={T} exceeds max_seq_len={cfg.max_seq_len} of preset "
-                               f"{preset}: use a shorter --seq_len"
-                               + (f" or --preset={longer[0]}" if longer else ""))
-    print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
-          f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens"
-          f"{passed_over}")
-    if note:
-        print(note)
-    if len(schemes) > 1:  # TP's group is smaller than the others' mesh: say so before the tables
-        print("schemes: " + ", ".join(
-            f"{name} = {common.mesh_name(sizes)} ({math.prod(sizes.values())} devices)"
-            for name, sizes, _ in schemes))
-    if n == 1:
-        print("one device: every scheme is the unsharded model; on a CPU set "
-              "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
-    for _, _, sp, mesh in meshes:
-        check_batch(B, T, mesh, sp)
-    bench_preset, bcfg, bb, bt, bench_meshes = bench_plan(run, devices, on_gpu)
-    common.check_model_fits(f"preset={preset}", cfg, 4, "its float32 weights on one device")
-    common.check_model_fits(f"bench_preset={bench_preset}", bcfg, 16, "float32 weights, their "
-                            "gradients and Adam's two moments on one device (the 1-device row)")
-    show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
+        return [(common.mesh_name(sizes) + (" SP" if sp else ""), sizes, sp)]
+    return default_schemes(n, run.tp) if n > 1 and not run.mesh else []
 
-    params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))
-    tokens = random_tokens(0, B, T + 1, cfg.vocab_size)
-    batch = (tokens[:, :-1], tokens[:, 1:])
-    one = ("1 device", common.parse_mesh(""), False,
-           common.make_mesh(common.parse_mesh(""), devices))
-    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: compare to float32 tolerance
-        results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
-    ref = results[0]
 
+def print_memory(results):
+    """Per-device memory of each scheme: params, grads and Adam's moments by count, activations
+    by estimate, XLA's scratch as the compiled step plans it."""
     print("\nper-device memory, MiB; activations: an estimate of what the backward pass keeps "
           "(no remat); XLA temp: all scratch of the compiled step, from memory_analysis")
     print(f"{'scheme':<21}{'params':>10}{'grads':>10}{'adam':>10}{'activations':>13}"
@@ -712,14 +673,20 @@ def main():
         print(f"TP+SP against TP: {saved:.2f} MiB less activations by the estimate, "
               f"{(tp['temp'] - sp['temp']) / 2**20:.2f} MiB less XLA temp")
 
-    if len(results) > 1:
-        print_collectives(results[1:], cfg.n_layers, on_gpu)
-        print("\nsharded vs unsharded, float32: |loss diff| and max relative gradient diff")
-        for r in results[1:]:
-            dg = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
-                     for a, b in zip(jax.tree.leaves(r["grads"]), jax.tree.leaves(ref["grads"])))
-            print(f"  {r['name']:<21}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
 
+def print_agreement(results, ref):
+    """Each sharded scheme's loss and gradients against the unsharded run's."""
+    print("\nsharded vs unsharded, float32: |loss diff| and max relative gradient diff")
+    for r in results:
+        dg = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+                 for a, b in zip(jax.tree.leaves(r["grads"]), jax.tree.leaves(ref["grads"])))
+        print(f"  {r['name']:<21}{abs(r['loss'] - ref['loss']):>10.2e}{dg:>10.2e}")
+
+
+def bench_training(run, plan, n, on_gpu):
+    """Tokens/s of a training step on bench_plan's meshes, beside its bounds: the FLOPs at peak
+    and the traffic at the link's datasheet bandwidth."""
+    bench_preset, bcfg, bb, bt, bench_meshes = plan
     # Tokens/s of a training step: FSDP on every local device against one device, with the same
     # batch per device (weak scaling: the work per device is constant); then TP in groups of tp
     # devices, which share their sequences (the batch is split over the groups only).
@@ -773,6 +740,61 @@ def main():
               "measures how much of each is exposed)")
     if not on_gpu and n > 1:
         print("(simulated CPU devices share the same cores: this speedup means nothing)")
+
+
+def main():
+    run = common.parse_flags(ShardingConfig())
+    devices = jax.devices()
+    on_gpu = devices[0].platform == "gpu"
+    n = len(devices)
+    note = check_tp(run.tp, n, schemes=not run.mesh)  # (--mesh replaces the schemes)
+    schemes = pick_schemes(run, n)
+    # (make_mesh refuses a mesh of more devices than exist in one line)
+    meshes = [(name, sizes, sp, common.make_mesh(sizes, devices)) for name, sizes, sp in schemes]
+    preset, cfg, B, passed_over = analysis_model(run, [m for *_, m in meshes], on_gpu)
+    T = run.seq_len
+    if T > cfg.max_seq_len:
+        longer = [p for p in ("tiny", "small") if common.PRESETS[p].max_seq_len >= T]
+        raise common.UserError(f"seq_len={T} exceeds max_seq_len={cfg.max_seq_len} of preset "
+                               f"{preset}: use a shorter --seq_len"
+                               + (f" or --preset={longer[0]}" if longer else ""))
+    print(f"{n} x {devices[0].device_kind}, jax {jax.__version__}; model {preset} "
+          f"({cfg.param_count() / 1e6:.1f}M params, {cfg.param_dtype}), batch {B} x {T} tokens"
+          f"{passed_over}")
+    if note:
+        print(note)
+    if len(schemes) > 1:  # TP's group is smaller than the others' mesh: say so before the tables
+        print("schemes: " + ", ".join(
+            f"{name} = {common.mesh_name(sizes)} ({math.prod(sizes.values())} devices)"
+            for name, sizes, _ in schemes))
+    if n == 1:
+        print("one device: every scheme is the unsharded model; on a CPU set "
+              "XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices")
+    for _, _, sp, mesh in meshes:
+        check_batch(B, T, mesh, sp)
+    plan = bench_plan(run, devices, on_gpu)
+    bench_preset, bcfg = plan[:2]
+    common.check_model_fits(f"preset={preset}", cfg, 4, "its float32 weights on one device")
+    common.check_model_fits(f"bench_preset={bench_preset}", bcfg, 16, "float32 weights, their "
+                            "gradients and Adam's two moments on one device (the 1-device row)")
+    show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
+
+    params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))
+    tokens = random_tokens(0, B, T + 1, cfg.vocab_size)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    one = ("1 device", common.parse_mesh(""), False,
+           common.make_mesh(common.parse_mesh(""), devices))
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: compare to float32 tolerance
+        results = [analyse(cfg, *m, B, T, params, batch) for m in [one] + meshes]
+    ref = results[0]
+
+    print_memory(results)
+
+    if len(results) > 1:
+        print_collectives(results[1:], cfg.n_layers, on_gpu)
+        print_agreement(results[1:], ref)
+
+    bench_training(run, plan, n, on_gpu)
 
 
 if __name__ == "__main__":
