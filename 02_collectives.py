@@ -321,6 +321,101 @@ def _rel_err(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
+def measure_collectives(mesh, sizes, block_rows, dtype, width, variants, iters, link_bw):
+    """For each block size: each collective's ring variants and the built-in one timed (checked
+    against the built-in first), beside the prediction sent / link bandwidth; then one ring step
+    alone. Where no datasheet gives the link (a CPU's simulated devices), the prediction's basis
+    is that one ring step, measured. Returns the rows (collective, MiB, bytes sent, predicted s,
+    {variant: s}, built-in s, max error) and the last size's measured link bandwidth [B/s]."""
+    n = mesh.shape["ring"]
+    rows = []
+    for mib in sizes:
+        r = block_rows(mib)
+        block_bytes = r * width * dtype.itemsize
+        shape = (n * r, width)  # the global array: N blocks [r, width]
+        x = jax.jit(lambda key: jax.random.normal(key, shape, dtype),
+                    out_shardings=NamedSharding(mesh, P("ring")))(jax.random.key(len(rows)))
+        # One ring step alone: what the link does with nothing else to do.
+        t_shift = common.bench(functools.partial(ring_shift, mesh=mesh, axis_name="ring"), x,
+                               iters=iters).median_s
+        bw_basis = link_bw or (block_bytes / t_shift if n > 1 else None)
+        for kind, ring, builtin in (("all-gather", ring_all_gather, builtin_all_gather),
+                                    ("reduce-scatter", ring_reduce_scatter, builtin_reduce_scatter),
+                                    ("all-reduce", ring_all_reduce, builtin_all_reduce)):
+            fi = functools.partial(builtin, mesh=mesh, axis_name="ring")
+            want, times, err = fi(x), {}, 0.0
+            for name, kw in variants:
+                fr = functools.partial(ring, mesh=mesh, axis_name="ring", **kw)
+                err = max(err, _rel_err(fr(x), want))  # correct first
+                times[name] = common.bench(fr, x, iters=iters).median_s
+            del want
+            t_builtin = common.bench(fi, x, iters=iters).median_s
+            sent = ring_bytes_sent(kind, block_bytes, n)
+            pred = sent / bw_basis if bw_basis else None
+            rows.append((kind, block_bytes / 2**20, sent, pred, times, t_builtin, err))
+        rows.append(("one ppermute", block_bytes / 2**20, block_bytes if n > 1 else 0,
+                     block_bytes / link_bw if link_bw and n > 1 else None, {"ring": t_shift},
+                     None, 0.0))
+        del x
+    return rows, block_bytes / t_shift
+
+
+def print_collectives_table(rows, names, dtype_name, n, k, link_bw, on_gpu):
+    """measure_collectives' rows: each variant's time beside the prediction and the built-in's,
+    and the bus bandwidth of the best variant against the built-in's."""
+    basis = ("link bandwidth" if link_bw else
+             "the bandwidth of one ppermute of the same block, measured (no datasheet link)")
+    print(f"\nring collectives, {dtype_name}, N={n}: ring = one piece per step, x{k} = {k} pieces "
+          f"pipelined, bidir = {k} pieces each way. GB/s = bytes each device sends / time "
+          f"(bus bandwidth); predicted = sent / {basis}; err = max |ring - built-in| / "
+          f"max |built-in| over the variants")
+    if not on_gpu and jax.devices()[0].platform == "cpu":
+        print("on a CPU the devices are threads of one process and a ppermute is a copy in "
+              "memory: no copy engine runs beside the adds and copies, so pieces add steps and "
+              "hide nothing")
+    print(f"{'collective':<15}{'MiB/dev':>8}{'sent MiB':>9}{'pred ms':>9}"
+          + "".join(f"{name + ' ms':>13}" for name in names)
+          + f"{'built-in ms':>12}{'best GB/s':>10}{'built GB/s':>11}{'best/built':>11}{'err':>9}")
+    for kind, mib, sent, pred, times, t_builtin, err in rows:
+        best = min(times.values())
+        bw = lambda t: f"{sent / t / 1e9:.1f}" if t else "n/a"
+        ratio = f"{t_builtin / best:.2f}x" if t_builtin else ""
+        print(f"{kind:<15}{mib:>8.1f}{sent / 2**20:>9.1f}{_fmt_ms(pred):>9}"
+              + "".join(f"{_fmt_ms(times.get(name)):>13}" for name in names)
+              + f"{_fmt_ms(t_builtin):>12}{bw(best):>10}{bw(t_builtin):>11}{ratio:>11}{err:>9.1e}")
+
+
+def measure_collective_matmul(mesh, M, K, F, dtype_name, iters, link_bw):
+    """M tokens of width K against a [K, F] weight split by columns: the plain all-gather then
+    matmul against the collective matmul, each beside its prediction (link_bw: the datasheet's,
+    else measured; None on one device)."""
+    n, dtype = mesh.shape["ring"], jnp.dtype(dtype_name)
+    kx, kw = jax.random.split(jax.random.key(1))
+    xm = jax.device_put(jax.random.normal(kx, (M, K), dtype), NamedSharding(mesh, P("ring", None)))
+    wm = jax.device_put(jax.random.normal(kw, (K, F), dtype) / math.sqrt(K),
+                        NamedSharding(mesh, P(None, "ring")))
+    f_plain = functools.partial(matmul_all_gather, mesh=mesh, axis_name="ring")
+    f_coll = functools.partial(collective_matmul, mesh=mesh, axis_name="ring")
+    mm_err = _rel_err(f_coll(xm, wm), f_plain(xm, wm))
+    t_plain = common.bench(f_plain, xm, wm, iters=iters).median_s
+    t_coll = common.bench(f_coll, xm, wm, iters=iters).median_s
+    peak, _, peak_src = common.ceilings(dtype_name)
+    t_mm = 2 * M * K * (F // n) / peak  # the matmul alone, per device, at peak
+    t_comm = (n - 1) * (M // n) * K * dtype.itemsize / link_bw if link_bw else None
+    # Plain: transfer, then matmul. Collective: N-1 transfers overlap N-1 of the N matmuls.
+    pred_plain = t_comm + t_mm if t_comm is not None else None
+    pred_coll = max(t_comm, t_mm * (n - 1) / n) + t_mm / n if t_comm is not None else None
+
+    print(f"\ncollective matmul [{M}, {K}] x [{K}, {F}], x split by rows, w by columns, "
+          f"{dtype_name}; peak {peak / 1e12:.3g} TFLOP/s ({peak_src}); relative error {mm_err:.1e}")
+    print(f"{'version':<30}{'pred ms':>9}{'ms':>10}{'TFLOP/s/dev':>13}{'speedup':>9}")
+    flops = 2 * M * K * F / n
+    for name, pred, t in (("all-gather, then matmul (jit)", pred_plain, t_plain),
+                          ("collective matmul (ring)", pred_coll, t_coll)):
+        print(f"{name:<30}{_fmt_ms(pred):>9}{t * 1e3:>10.3f}{flops / t / 1e12:>13.4g}"
+              f"{t_plain / t:>8.2f}x")
+
+
 def main():
     cfg = common.parse_flags(CollectivesConfig())
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -362,85 +457,12 @@ def main():
     common.check_fits(f"mm_m={M} mm_k={K} mm_f={F}",
                       dtype.itemsize * (2 * M * K + K * F + 2 * M * F),
                       "the collective matmul's x (and its gathered copy), w and two products")
-    rows = []  # (collective, MiB, bytes sent, predicted s, {variant: s}, built-in s, max err)
-    for mib in sizes:
-        r = block_rows(mib)
-        block_bytes = r * cfg.width * dtype.itemsize
-        shape = (n * r, cfg.width)  # the global array: N blocks [r, width]
-        x = jax.jit(lambda key: jax.random.normal(key, shape, dtype),
-                    out_shardings=NamedSharding(mesh, P("ring")))(jax.random.key(len(rows)))
-        # One ring step alone: what the link does with nothing else to do. Where no datasheet
-        # gives the link's bandwidth (a CPU's simulated devices), it is the measured basis.
-        t_shift = common.bench(functools.partial(ring_shift, mesh=mesh, axis_name="ring"), x,
-                               iters=iters).median_s
-        bw_basis = link_bw or (block_bytes / t_shift if n > 1 else None)
-        for kind, ring, builtin in (("all-gather", ring_all_gather, builtin_all_gather),
-                                    ("reduce-scatter", ring_reduce_scatter, builtin_reduce_scatter),
-                                    ("all-reduce", ring_all_reduce, builtin_all_reduce)):
-            fi = functools.partial(builtin, mesh=mesh, axis_name="ring")
-            want, times, err = fi(x), {}, 0.0
-            for name, kw in variants:
-                fr = functools.partial(ring, mesh=mesh, axis_name="ring", **kw)
-                err = max(err, _rel_err(fr(x), want))  # correct first
-                times[name] = common.bench(fr, x, iters=iters).median_s
-            del want
-            t_builtin = common.bench(fi, x, iters=iters).median_s
-            sent = ring_bytes_sent(kind, block_bytes, n)
-            pred = sent / bw_basis if bw_basis else None
-            rows.append((kind, block_bytes / 2**20, sent, pred, times, t_builtin, err))
-        rows.append(("one ppermute", block_bytes / 2**20, block_bytes if n > 1 else 0,
-                     block_bytes / link_bw if link_bw and n > 1 else None, {"ring": t_shift},
-                     None, 0.0))
-        link_measured = block_bytes / t_shift  # the last size's is kept for the matmul
-        del x
-
-    # Collective matmul: M tokens of width K against a [K, F] weight split by columns.
-    kx, kw = jax.random.split(jax.random.key(1))
-    xm = jax.device_put(jax.random.normal(kx, (M, K), dtype), NamedSharding(mesh, P("ring", None)))
-    wm = jax.device_put(jax.random.normal(kw, (K, F), dtype) / math.sqrt(K),
-                        NamedSharding(mesh, P(None, "ring")))
-    f_plain = functools.partial(matmul_all_gather, mesh=mesh, axis_name="ring")
-    f_coll = functools.partial(collective_matmul, mesh=mesh, axis_name="ring")
-    mm_err = _rel_err(f_coll(xm, wm), f_plain(xm, wm))
-    t_plain = common.bench(f_plain, xm, wm, iters=iters).median_s
-    t_coll = common.bench(f_coll, xm, wm, iters=iters).median_s
-    peak, _, peak_src = common.ceilings(cfg.dtype)
-    t_mm = 2 * M * K * (F // n) / peak  # the matmul alone, per device, at peak
+    rows, link_measured = measure_collectives(mesh, sizes, block_rows, dtype, cfg.width,
+                                              variants, iters, link_bw)
+    print_collectives_table(rows, [name for name, _ in variants], cfg.dtype, n, k, link_bw,
+                            on_gpu)
     mm_link = link_bw or (link_measured if n > 1 else None)
-    t_comm = (n - 1) * (M // n) * K * dtype.itemsize / mm_link if mm_link else None
-    # Plain: transfer, then matmul. Collective: N-1 transfers overlap N-1 of the N matmuls.
-    pred_plain = t_comm + t_mm if t_comm is not None else None
-    pred_coll = max(t_comm, t_mm * (n - 1) / n) + t_mm / n if t_comm is not None else None
-
-    basis = ("link bandwidth" if link_bw else
-             "the bandwidth of one ppermute of the same block, measured (no datasheet link)")
-    print(f"\nring collectives, {cfg.dtype}, N={n}: ring = one piece per step, x{k} = {k} pieces "
-          f"pipelined, bidir = {k} pieces each way. GB/s = bytes each device sends / time "
-          f"(bus bandwidth); predicted = sent / {basis}; err = max |ring - built-in| / "
-          f"max |built-in| over the variants")
-    if not on_gpu and jax.devices()[0].platform == "cpu":
-        print("on a CPU the devices are threads of one process and a ppermute is a copy in "
-              "memory: no copy engine runs beside the adds and copies, so pieces add steps and "
-              "hide nothing")
-    names = [name for name, _ in variants]
-    print(f"{'collective':<15}{'MiB/dev':>8}{'sent MiB':>9}{'pred ms':>9}"
-          + "".join(f"{name + ' ms':>13}" for name in names)
-          + f"{'built-in ms':>12}{'best GB/s':>10}{'built GB/s':>11}{'best/built':>11}{'err':>9}")
-    for kind, mib, sent, pred, times, t_builtin, err in rows:
-        best = min(times.values())
-        bw = lambda t: f"{sent / t / 1e9:.1f}" if t else "n/a"
-        ratio = f"{t_builtin / best:.2f}x" if t_builtin else ""
-        print(f"{kind:<15}{mib:>8.1f}{sent / 2**20:>9.1f}{_fmt_ms(pred):>9}"
-              + "".join(f"{_fmt_ms(times.get(name)):>13}" for name in names)
-              + f"{_fmt_ms(t_builtin):>12}{bw(best):>10}{bw(t_builtin):>11}{ratio:>11}{err:>9.1e}")
-    print(f"\ncollective matmul [{M}, {K}] x [{K}, {F}], x split by rows, w by columns, "
-          f"{cfg.dtype}; peak {peak / 1e12:.3g} TFLOP/s ({peak_src}); relative error {mm_err:.1e}")
-    print(f"{'version':<30}{'pred ms':>9}{'ms':>10}{'TFLOP/s/dev':>13}{'speedup':>9}")
-    flops = 2 * M * K * F / n
-    for name, pred, t in (("all-gather, then matmul (jit)", pred_plain, t_plain),
-                          ("collective matmul (ring)", pred_coll, t_coll)):
-        print(f"{name:<30}{_fmt_ms(pred):>9}{t * 1e3:>10.3f}{flops / t / 1e12:>13.4g}"
-              f"{t_plain / t:>8.2f}x")
+    measure_collective_matmul(mesh, M, K, F, cfg.dtype, iters, mm_link)
 
 
 if __name__ == "__main__":
