@@ -2388,15 +2388,9 @@ GPT_FAST = {"H100 SXM": (159.3, 185.9, "torch 2.11, 2026-11-23"),
             "H200 SXM": (193.5, 197.2, "an earlier run")}
 
 
-def unescape(text):
-    """A prompt typed in a shell: the two characters \\n are a newline, \\t a tab and \\\\ one
-    backslash, as echo -e and printf read them (a shell passes a typed \\n through as is)."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t"}.get(m[1], "\\"), text)
-
-
 def main():
     ic = common.parse_flags(InferConfig())
-    ic = dataclasses.replace(ic, prompt=unescape(ic.prompt))
+    ic = dataclasses.replace(ic, prompt=common.unescape(ic.prompt))
     t0 = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
     models, which = load_model(ic, on_gpu)

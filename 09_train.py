@@ -98,7 +98,8 @@ class TrainConfig:
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4        # validation batches per evaluation
     sample_len: int = 200        # bytes generated at the end
-    sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster)
+    sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster);
+                                 # on the command line \n, \t and \\ are a newline, tab, backslash
     breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
     num_processes: int = 1       # hosts (processes) in a multi-host run
@@ -852,6 +853,7 @@ def join(tc):
 
 def main():
     tc = common.parse_flags(TrainConfig())
+    tc = dataclasses.replace(tc, sample_prompt=common.unescape(tc.sample_prompt))
     if not (tc.num_processes > 1 or tc.coordinator):
         return train_and_sample(tc)
     join(tc)

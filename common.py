@@ -1056,6 +1056,12 @@ def flag_help(default):
         for r, f in zip(rows, dataclasses.fields(default))])
 
 
+def unescape(text):
+    """A prompt typed in a shell: the two characters \\n are a newline, \\t a tab and \\\\ one
+    backslash, as echo -e and printf read them (a shell passes a typed \\n through as is)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t"}.get(m[1], "\\"), text)
+
+
 def parse_flags(default, argv=None, show=True):
     """A copy of dataclass `default` with --field=value overrides from argv; a bad flag is a
     one-line error and exit code 2. Range checks live in the dataclass's __post_init__."""

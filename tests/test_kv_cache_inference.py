@@ -723,8 +723,8 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys, mo
 
 
 def test_a_prompt_typed_in_a_shell_reads_its_escapes(tmp_path, capsys, monkeypatch):
-    assert inf.unescape(r"def f():\n\treturn 1") == "def f():\n\treturn 1"
-    assert inf.unescape(r"a\\nb \x") == r"a\nb \x"  # an escaped backslash; others stay
+    assert common.unescape(r"def f():\n\treturn 1") == "def f():\n\treturn 1"
+    assert common.unescape(r"a\\nb \x") == r"a\nb \x"  # an escaped backslash; others stay
     common.save_checkpoint(str(tmp_path), 1, {"params": numpy_params(TIED, 1)},
                            {"model": dataclasses.asdict(TIED)})
     monkeypatch.setattr("sys.argv", ["06", f"--ckpt_dir={tmp_path}", "--sample_only=true",

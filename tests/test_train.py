@@ -633,3 +633,11 @@ def test_a_process_left_alone_ends_with_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "error: not all 2 processes joined within 4 s: start each with the same --coordinator "
         "and --num_processes and its own --process_id")
+
+
+def test_the_sample_prompt_reads_what_a_shell_passes(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_mod, "train_and_sample", seen.append)
+    monkeypatch.setattr("sys.argv", ["09_train.py", r"--sample_prompt=def f():\n\treturn"])
+    train_mod.main()
+    assert seen[0].sample_prompt == "def f():\n\treturn"
