@@ -425,3 +425,59 @@ def test_lesson_04_where_no_implementation_runs_says_so(monkeypatch):
                                      "--n_kv_heads=1", "--head_dim=16", "--iters=1"])
     with pytest.raises(common.UserError, match="no implementation ran at this size"):
         a04.main()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_large_scores_do_not_overflow(causal):
+    """Scores of order 100 (past float32's exp limit of 88.7): the row max must be subtracted
+    before exp, else inf / inf gives NaN."""
+    q, k, v, _ = make_qkv(1, 8, 8, 2, 2, 16)
+    q = q * 100.0
+    out = attention(q, k, v, causal)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert max_err(out, reference(q, k, v, causal)) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_flops_are_the_fused_kernels(causal):
+    """The FLOPs every TFLOP/s is printed against: 2 matmuls of 2 T S D each per head, halved
+    when causal, the same count as attention_costs' fused kernel."""
+    B, T, S, H, KH, D = 2, 64, 96, 8, 2, 32
+    want = 4 * B * T * S * H * D // (2 if causal else 1)
+    assert a04.attention_flops(B, T, S, H, D, causal) == want
+    fused = a04.attention_costs(B, T, S, H, KH, D, 2, causal)[-1]
+    assert fused[1] == want
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_kv_heads": 0}, "n_kv_heads must be >= 1"), ({"iters": 0}, "iters must be >= 1"),
+    ({"batch": 0}, "batch must be >= 1"), ({"seq_len": -1}, "seq_len must be >= 1"),
+    ({"dtype": "int8"}, "dtype must be float32, bfloat16 or float16"),
+    ({"n_heads": 6, "n_kv_heads": 4}, "must divide")])
+def test_attn_config_refuses_bad_flags(kwargs, match):
+    with pytest.raises(common.UserError, match=match):
+        a04.AttnConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch": 0}, "batch must be >= 1"), ({"mem_max_len": 2**21}, "mem_max_len must be <= 2"),
+    ({"block_k": -1}, "block_k must be >= 1"), ({"n_heads": 6, "n_kv_heads": 4}, "must divide"),
+    ({"dtype": "int8"}, "dtype must be float32, bfloat16 or float16")])
+def test_flash_config_refuses_bad_flags(kwargs, match):
+    with pytest.raises(common.UserError, match=match):
+        f05.FlashConfig(**kwargs)
+
+
+def test_flash_config_accepts_a_single_length_and_fractional_blocks_are_refused():
+    assert f05.timed_lengths(f05.FlashConfig(min_len=512, max_len=512), on_gpu=False) == [512]
+    q, k, v, _ = make_qkv(1, 8, 8, 2, 2, 16)
+    with pytest.raises(common.UserError, match="block_q must be a positive integer"):
+        f05.flash_attention(q, k, v, block_q=4.5)
+
+
+def test_on_chip_bytes_counts_every_block_of_a_step():
+    """Q_i [B_r, d] and K_j, V_j [B_c, d] in the input dtype; S_ij [B_r, B_c], O_i [B_r, d],
+    m_i and l_i [B_r] in float32."""
+    bq, bk, D, b = 128, 64, 128, 2
+    want = b * (bq * D + bk * D + bk * D) + 4 * (bq * bk + bq * D + bq + bq)
+    assert f05.on_chip_bytes(bq, bk, D, b) == want

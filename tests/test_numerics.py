@@ -445,3 +445,74 @@ def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
             nm.resolve(nm.NumericsConfig(**kw), on_cpu=False)
     with pytest.raises(common.UserError, match=r"^steps must be < 2\*\*31"):
         nm.resolve(nm.NumericsConfig(steps=2**31), on_cpu=False)
+
+
+def test_fixed_point_sum_rounds_each_value_to_the_nearest_step():
+    """Each value goes to the nearest multiple of 2^-frac_bits (truncation would bias the sum
+    down by half a step per value)."""
+    x = uniform(1000, seed=4)
+    want = np.sum(np.round(np.asarray(x, np.float64) * 2.0**20).astype(np.int64)) / 2.0**20
+    assert float(nm.fixed_point_sum(x, 20)) == pytest.approx(want, abs=1e-4)
+    assert float(nm.fixed_point_sum(jnp.array([0.9, 0.8], jnp.float32), 1)) == 2.0
+
+
+def test_fp8_per_channel_matmul_scales_each_output_column():
+    """A weight column 1e-4 times the others: with one scale for the tensor its values fall in
+    e4m3's subnormals (or to 0); with a scale per output column they keep e4m3's 2^-4."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    w[:, 0] *= 1e-4
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    col = lambda y: nm.rms_error(np.asarray(y)[:, 0], want[:, 0])
+    per_channel = col(nm.fp8_matmul(jnp.asarray(x), jnp.asarray(w), "e4m3", per_channel=True))
+    per_tensor = col(nm.fp8_matmul(jnp.asarray(x), jnp.asarray(w), "e4m3", per_channel=False))
+    assert per_channel < 0.05 < per_tensor
+
+
+def test_delayed_scaling_hands_back_this_steps_maxima_not_the_recorded_ones():
+    rng = np.random.default_rng(3)
+    spec = "btd,df->btf"
+    x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
+    w = jnp.asarray(0.1 * rng.standard_normal((32, 16)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
+    stale = {k: jnp.float32(0.5) for k in "xwg"}
+    _, vjp = jax.vjp(lambda a, b, m: nm.fp8_einsum_delayed(spec, a, b, m), x, w, stale)
+    seen = vjp(ct)[2]
+    assert {k: float(v) for k, v in seen.items()} == {
+        k: float(jnp.max(jnp.abs(v))) for k, v in (("x", x), ("w", w), ("g", ct))}
+
+
+def test_lr_schedule_peaks_at_the_end_of_warmup_and_ends_at_a_tenth():
+    cfg = nm.NumericsConfig(steps=100, lr=1e-3)  # warmup: 10 steps
+    lr = [float(nm.lr_at(jnp.int32(s), cfg)) for s in range(101)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)
+    assert lr[10] == pytest.approx(1e-3) and max(lr) == pytest.approx(1e-3)
+    assert lr[100] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_sgd_is_plain_sgd():
+    cfg = nm.NumericsConfig(optimizer="sgd", lr=0.5)
+    g = jnp.asarray([1.0, -2.0, 0.25], jnp.float32)
+    w = jnp.asarray([3.0, 3.0, 3.0], jnp.float32)
+    u, state = nm.opt_updates(g, nm.opt_init(w), w, 0.5, cfg, jnp.ones(3))
+    np.testing.assert_array_equal(u, 0.5 * g)
+    assert int(state["count"]) == 1
+
+
+def test_weight_decay_spares_the_norm_gains(monkeypatch):
+    """train() decays the matrices and not the norms' gains: caught where it builds the update."""
+    class Built(Exception):
+        pass
+
+    def capture(cfg, unravel, decay, dtype):
+        raise Built(unravel(decay))
+    monkeypatch.setattr(nm, "make_update_fn", capture)
+    with pytest.raises(Built) as e:
+        nm.train("float32", nm.NumericsConfig(steps=1, batch_size=1, seq_len=8), None, 1, {})
+    decay = e.value.args[0]
+    for name in ("attn_norm", "mlp_norm"):
+        assert not np.asarray(decay["layers"][name]).any()
+    assert not np.asarray(decay["final_norm"]).any()
+    assert np.asarray(decay["layers"]["wq"]).all() and np.asarray(decay["embed"]).all()

@@ -315,3 +315,88 @@ def test_cli_refuses_the_benchmark_mesh_before_the_analysis():
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: the benchmark's FSDP mesh fsdp:3 (all 3 devices)")
     assert "w_up" not in out.stdout  # the analysis never started
+
+
+def test_config_refuses_zero_sizes_and_unknown_presets():
+    for field in ("seq_len", "tp", "bench_iters"):
+        with pytest.raises(common.UserError, match=f"{field} must be >= 1"):
+            sh.ShardingConfig(**{field: 0})
+    with pytest.raises(common.UserError, match="unknown preset 'nope'"):
+        sh.ShardingConfig(preset="nope")
+    with pytest.raises(common.UserError, match="unknown bench_preset 'nope'"):
+        sh.ShardingConfig(bench_preset="nope")
+
+
+def test_tp_on_all_the_devices_is_allowed_and_gives_tp_schemes_without_fsdp_tp():
+    assert sh.check_tp(8, 8) == "" and sh.check_tp(2, 2) == ""
+    names = [name for name, *_ in sh.default_schemes(2, 2)]
+    assert names == ["DP", "FSDP", "TP", "TP+SP"]  # fsdp:1,tp:2 would only repeat TP
+    names = [name for name, *_ in sh.default_schemes(8, 2)]
+    assert names == ["DP", "FSDP", "TP", "TP+SP", "FSDP+TP"]
+
+
+def test_memory_per_device_tp_splits_heads_mlp_probs_and_logits_sp_the_norms():
+    one, tp = (common.make_mesh(common.parse_mesh(m)) for m in ("", "tp:2"))
+    full = sh.memory_per_device(CFG, one, B, T)["activations"]
+    half = sh.memory_per_device(CFG, tp, B, T)["activations"]
+    sp = sh.memory_per_device(CFG, tp, B, T, sequence_parallel=True)["activations"]
+    c = CFG  # float32: 4 bytes everywhere
+    split = (c.n_layers * B * T * 4 * ((2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim  # q k v o
+                                       + c.n_heads * T + 3 * c.d_ff)  # probs; gate, up, gate*up
+             + 2 * B * T * c.vocab_size * 4)  # logits (vocab splits over tp)
+    assert full - half == split // 2
+    # SP: each layer's input, middle and two normalized float32 inputs on half the tokens
+    assert half - sp == c.n_layers * B * T * 2 * c.d_model * (4 + 4) // 2
+
+
+def test_memory_per_device_grads_are_in_the_param_dtype():
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")  # float32 params, bf16 compute
+    mem = sh.memory_per_device(cfg, common.make_mesh(common.parse_mesh("")), B, T)
+    assert mem["params"] == mem["grads"] == 4 * cfg.param_count()
+
+
+def test_predicted_fsdp_gathers_in_compute_dtype_and_reduces_in_param_dtype():
+    bf = dataclasses.replace(CFG, dtype="bfloat16")
+    sizes = common.parse_mesh("fsdp:8")
+    f32 = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, 1))
+    b16 = sh.summarize(sh.predict_layer_collectives(bf, sizes, B, T, 1))
+    assert 2 * b16["all-gather"][1] == f32["all-gather"][1]
+    assert b16["reduce-scatter"] == f32["reduce-scatter"]
+
+
+def test_block_collectives_match_prediction_dp_with_fsdp():
+    """dp x fsdp: DP all-reduces what FSDP's reduce-scatter left of each gradient (1/fsdp)."""
+    sizes = common.parse_mesh("dp:2,fsdp:4")
+    mesh = common.make_mesh(sizes)
+    compiled = sh.compiled_block(CFG, mesh, B, T)
+    got = sh.summarize(sh.parse_collectives(compiled.as_text(), mesh.size)[1])
+    want = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, 1))
+    assert got["all-gather"] == want["all-gather"]
+    assert reductions(got) == reductions(want)
+
+
+def test_model_collectives_per_layer_match_prediction_fsdp_tp():
+    """At the test's sizes, FSDP+TP's per-layer collectives in the model match the rules too:
+    gathers of each weight's tp slice, activation reductions of each fsdp group's rows."""
+    loops = sharded_run("FSDP+TP")[2]
+    got = {op: (n // CFG.n_layers, b // CFG.n_layers) for op, (n, b) in sh.summarize(loops).items()}
+    want = sh.summarize(sh.predict_layer_collectives(CFG, common.parse_mesh(SCHEMES["FSDP+TP"]),
+                                                     B, T, 2))
+    assert got.get("all-gather") == want.get("all-gather")
+    assert reductions(got) == reductions(want)
+
+
+def test_adam_update_matches_numpy():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    opt = {"mu": {"w": jnp.zeros((3, 4))}, "nu": {"w": jnp.zeros((3, 4))},
+           "count": jnp.zeros((), jnp.int32)}
+    want, m, v = w.astype(np.float64), 0.0, 0.0
+    for t in (1, 2, 3):
+        g = rng.standard_normal((3, 4)).astype(np.float32)
+        params, opt = sh.adam_update(params, {"w": jnp.asarray(g)}, opt, lr=0.1)
+        m, v = 0.9 * m + 0.1 * g, 0.95 * v + 0.05 * g.astype(np.float64) ** 2
+        want = want - 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.95 ** t)) + 1e-8)
+    np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=1e-5, atol=1e-6)
+    assert int(opt["count"]) == 3
