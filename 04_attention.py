@@ -200,25 +200,11 @@ def fmt_bytes(n):
     return f"{n:.0f} B"
 
 
-def main():
-    cfg = common.parse_flags(AttnConfig())
-    platform = jax.devices()[0].platform
-    T = cfg.seq_len or (1024 if platform == "cpu" else 8192)
+def print_arithmetic(cfg, T, dtype, peak, bw):
+    """Each stage's FLOPs and bytes against the roofline, then where the ridge point falls for
+    the [T, S] matmuls and for the fused kernel, and the lecture's per-head count. Returns the
+    stages (attention_costs)."""
     B, H, KH, D = cfg.batch, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dtype = jnp.dtype(cfg.dtype)
-    # The materialized [B, H, T, S] float32 scores and probabilities beside two sets of inputs:
-    # refused now if they cannot fit (past 2^63 elements XLA would abort the process).
-    common.check_fits(f"batch={B} seq_len={T} n_heads={H} head_dim={D}",
-                      2 * B * H * T * T * 4 + 2 * B * T * (H + 2 * KH) * D * dtype.itemsize,
-                      "the float32 [B, H, T, S] scores and probabilities, and q, k, v twice")
-    # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
-    peak, bw, basis = common.ceilings(cfg.dtype if platform != "cpu" else "float32")
-    print(f"device: {jax.devices()[0].device_kind}; ceilings {peak / 1e12:.4g} TFLOP/s, "
-          f"{bw / 1e9:.0f} GB/s ({basis}); ridge point {peak / bw:.0f} FLOP/byte")
-
-    print("\nproperties (float32, T=8):")
-    show_properties(cfg.seed)
-
     print(f"\narithmetic for B={B} T=S={T} H={H} KH={KH} D={D} {cfg.dtype}"
           f"{' causal' if cfg.causal else ''}:")
     print(f"  {'stage':<28} {'GFLOP':>9} {'bytes':>9} {'FLOP/byte':>9} {'roofline':>10}  bound")
@@ -243,6 +229,48 @@ def main():
     print(f"  the lecture's count (2-byte scores and probabilities, full mask, one head): "
           f"(4D + 3) S^2 / (8 S^2 + 8 S D) = {lecture:.1f} FLOP/byte; float32 scores move "
           f"{8 + 2 * n} bytes per entry, not 8")
+    return costs
+
+
+def time_implementations(impls, arg_sets, ref, iters):
+    """(name, Timing, max |out - ref|) of each implementation that runs here; one that cannot
+    (no cuDNN, too large) is said and passed over."""
+    rows = []
+    for name, fn in impls.items():
+        try:
+            fn = jax.jit(fn)
+            t = common.bench(fn, arg_sets=arg_sets, iters=iters)  # compiles first
+            err = float(jnp.max(jnp.abs(fn(*arg_sets[0]).astype(jnp.float32) -
+                                        ref.astype(jnp.float32))))
+        except common.UserError:
+            raise
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. no cuDNN here
+            print(f"  {name}: did not run ({str(e).splitlines()[0][:120]})")
+            continue
+        rows.append((name, t, err))
+    return rows
+
+
+def main():
+    cfg = common.parse_flags(AttnConfig())
+    platform = jax.devices()[0].platform
+    T = cfg.seq_len or (1024 if platform == "cpu" else 8192)
+    B, H, KH, D = cfg.batch, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    dtype = jnp.dtype(cfg.dtype)
+    # The materialized [B, H, T, S] float32 scores and probabilities beside two sets of inputs:
+    # refused now if they cannot fit (past 2^63 elements XLA would abort the process).
+    common.check_fits(f"batch={B} seq_len={T} n_heads={H} head_dim={D}",
+                      2 * B * H * T * T * 4 + 2 * B * T * (H + 2 * KH) * D * dtype.itemsize,
+                      "the float32 [B, H, T, S] scores and probabilities, and q, k, v twice")
+    # XLA:CPU runs bf16 matmuls at no more than its float32 rate: that is the CPU's ceiling.
+    peak, bw, basis = common.ceilings(cfg.dtype if platform != "cpu" else "float32")
+    print(f"device: {jax.devices()[0].device_kind}; ceilings {peak / 1e12:.4g} TFLOP/s, "
+          f"{bw / 1e9:.0f} GB/s ({basis}); ridge point {peak / bw:.0f} FLOP/byte")
+
+    print("\nproperties (float32, T=8):")
+    show_properties(cfg.seed)
+
+    costs = print_arithmetic(cfg, T, dtype, peak, bw)
 
     ks = jax.random.split(jax.random.key(cfg.seed), 6)
     def inputs(a, b, c):
@@ -263,19 +291,7 @@ def main():
     materialized, fused = costs[3], costs[4]
     t_mat = max(materialized[1] / peak, materialized[2] / bw)
     t_fused = max(fused[1] / peak, fused[2] / bw)
-    rows = []
-    for name, fn in impls.items():
-        try:
-            fn = jax.jit(fn)
-            t = common.bench(fn, arg_sets=arg_sets, iters=cfg.iters)  # compiles first
-            err = float(jnp.max(jnp.abs(fn(*arg_sets[0]).astype(jnp.float32) -
-                                        ref.astype(jnp.float32))))
-        except common.UserError:
-            raise
-        except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. no cuDNN here
-            print(f"  {name}: did not run ({str(e).splitlines()[0][:120]})")
-            continue
-        rows.append((name, t, err))
+    rows = time_implementations(impls, arg_sets, ref, cfg.iters)
     if not rows:  # each said why above
         raise common.UserError("no implementation ran at this size: try a smaller --batch, "
                                "--seq_len or --n_heads")
