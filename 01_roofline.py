@@ -625,20 +625,9 @@ def plot_roofline(points, ceil, path, title):
 
 # ----------------------------------------------------------------------------------------------
 
-def main():
-    cfg = common.parse_flags(RooflineConfig())
-    common.make_out_dir(cfg.out)  # before the run: a bad --out fails now
-    dev = jax.devices()[0]
-    on_cpu = dev.platform == "cpu"
-    cfg = resolve(cfg, on_cpu)
-    check_sizes(cfg, dev.platform == "gpu")
-    chip = common.device_chip()
-    print(f"device: {dev.device_kind} ({dev.platform}); datasheet: "
-          f"{f'{chip.name} ({chip.source})' if chip else 'none in common.CHIPS, measured only'}")
-    print(f"resolved: max_square={cfg.max_square} weight={cfg.weight} max_batch={cfg.max_batch} "
-          f"vector_mib={cfg.vector_mib} attn_seq={cfg.attn_seq} iters={cfg.iters}")
-
-    ceil = measure_ceilings(cfg, on_cpu)
+def print_ridge(cfg, ceil):
+    """The ridge point, measured (and datasheet), and the batch M at which a [M, W] @ [W, W]
+    product turns compute-bound by each. Returns the measured one (None: never)."""
     itemsize = jnp.dtype(cfg.dtype).itemsize
     print(f"\nridge point ({cfg.dtype} peak / copy bandwidth): "
           f"{ridge_point(ceil.peak(cfg.dtype), ceil.bandwidth):.3g} FLOP/B measured", end="")
@@ -646,8 +635,7 @@ def main():
         print(f", {ridge_point(ceil.peak(cfg.dtype, True), ceil.ds_bandwidth):.3g} FLOP/B "
               f"datasheet", end="")
     print()
-    W = cfg.weight
-    m_star_measured = None
+    W, m_star_measured = cfg.weight, None
     for basis, datasheet in (("measured", False), ("datasheet", True)):
         if datasheet and not ceil.has_datasheet(cfg.dtype):
             continue
@@ -659,24 +647,15 @@ def main():
         print(f"  [M, {W}] @ [{W}, {W}] {cfg.dtype} turns compute-bound at M = "
               f"{m_star if m_star else 'never (W too small)'} ({basis} ceilings; intensity is "
               f"about 2M/{itemsize} FLOP/B while M << {W})")
+    return m_star_measured
 
-    rows = run_axpy(cfg) + run_fusion(cfg, ceil)
-    rows += run_square(cfg, ceil)
-    skinny = run_skinny(cfg, ceil)
-    times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
-    on_device = skinny[0][3].device_s is not None  # else the wall clock, as the empty call's
-    flat, why = skinny_summary(times, skinny[0][2].bytes / ceil.bandwidth,
-                               skinny[0][2].flops / ceil.peak(cfg.dtype), m_star_measured, W,
-                               None if on_device else dispatch_floor(cfg.iters))
-    grows = (f"up to M = {flat}" if flat > 1 else "only at M = 1: M = 2 takes longer already")
-    print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
-          f"{grows}:\n  {why}")
-    rows += skinny
-    rows += run_attention(cfg, ceil, dev.platform == "gpu")
 
+def print_table(rows, ceil, iters):
+    """Every kernel's FLOPs, bytes and intensity, its roofline time and bound, beside its
+    measured time and the fraction of the roofline it reaches."""
     has_ds = ceil.ds_bandwidth is not None
     on_device = rows[0][3].device_s is not None
-    floor = dispatch_floor(cfg.iters)
+    floor = dispatch_floor(iters)
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
           f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype); roof% = "
           f"roofline / measured time, above 100% where a kernel beats a ceiling measured with "
@@ -707,6 +686,40 @@ def main():
             t_ds = roofline_time(c, ceil.peak(dtype, datasheet=True), ceil.ds_bandwidth)
             line += f" {t_ds / t.s:5.0%}"
         print(line)
+
+
+def main():
+    cfg = common.parse_flags(RooflineConfig())
+    common.make_out_dir(cfg.out)  # before the run: a bad --out fails now
+    dev = jax.devices()[0]
+    on_cpu = dev.platform == "cpu"
+    cfg = resolve(cfg, on_cpu)
+    check_sizes(cfg, dev.platform == "gpu")
+    chip = common.device_chip()
+    print(f"device: {dev.device_kind} ({dev.platform}); datasheet: "
+          f"{f'{chip.name} ({chip.source})' if chip else 'none in common.CHIPS, measured only'}")
+    print(f"resolved: max_square={cfg.max_square} weight={cfg.weight} max_batch={cfg.max_batch} "
+          f"vector_mib={cfg.vector_mib} attn_seq={cfg.attn_seq} iters={cfg.iters}")
+
+    ceil = measure_ceilings(cfg, on_cpu)
+    m_star_measured = print_ridge(cfg, ceil)
+
+    rows = run_axpy(cfg) + run_fusion(cfg, ceil)
+    rows += run_square(cfg, ceil)
+    skinny = run_skinny(cfg, ceil)
+    times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
+    on_device = skinny[0][3].device_s is not None  # else the wall clock, as the empty call's
+    flat, why = skinny_summary(times, skinny[0][2].bytes / ceil.bandwidth,
+                               skinny[0][2].flops / ceil.peak(cfg.dtype), m_star_measured,
+                               cfg.weight,
+                               None if on_device else dispatch_floor(cfg.iters))
+    grows = (f"up to M = {flat}" if flat > 1 else "only at M = 1: M = 2 takes longer already")
+    print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
+          f"{grows}:\n  {why}")
+    rows += skinny
+    rows += run_attention(cfg, ceil, dev.platform == "gpu")
+
+    print_table(rows, ceil, cfg.iters)
 
     # The plot comes last: whatever happens while drawing it, the table above is printed.
     points = [(name, c.intensity, c.flops / t.s) for name, _, c, t in rows]
