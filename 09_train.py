@@ -643,6 +643,23 @@ def train(tc, stop_after=None, log=print, devices=None):
         return _train(tc, stop_after, log, devices, held)
 
 
+def load_data(tc):
+    """(train, validation) byte tokens of --data (default: the standard library's source), with
+    one-line errors for what would fail later: a split shorter than a window, an out_dir inside
+    the data (a resume would read the checkpoints as text)."""
+    data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
+    if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
+        raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
+                               f"run would read the checkpoints as text; put it elsewhere")
+    train_tokens, val_tokens = common.load_corpus(tc.data or None)
+    for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
+        if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
+            raise common.UserError(f"the {name} split of the data holds {len(tokens)} bytes, "
+                                   f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
+                                   f"single file gives 5% to validation) or a smaller seq_len")
+    return train_tokens, val_tokens
+
+
 def _train(tc, stop_after, log, devices, held):
     cfg = model_config(tc)
     devices = devices or jax.devices()
@@ -656,16 +673,7 @@ def _train(tc, stop_after, log, devices, held):
     shardings = common.param_shardings(cfg, mesh)
     common.check_model_fits(f"preset={tc.preset}", cfg, 16, "float32 weights, their gradients "
                             "and AdamW's two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
-    data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
-    if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
-        raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
-                               f"run would read the checkpoints as text; put it elsewhere")
-    train_tokens, val_tokens = common.load_corpus(tc.data or None)
-    for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
-        if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
-            raise common.UserError(f"the {name} split of the data holds {len(tokens)} bytes, "
-                                   f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
-                                   f"single file gives 5% to validation) or a smaller seq_len")
+    train_tokens, val_tokens = load_data(tc)
     if jax.process_index() == 0:
         held.enter_context(common.hold_dir(tc.out_dir, "--out_dir"))
 
