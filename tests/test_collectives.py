@@ -1,6 +1,7 @@
 """Ring collectives against XLA's built-ins and numpy, on 8 simulated CPU devices."""
 import functools
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,41 @@ def test_rings_take_nested_lists_as_jnp_does():
     np.testing.assert_allclose(got, x.reshape(8, 1, 2).sum(0))
     np.testing.assert_allclose(coll.ring_all_gather(x=x.tolist(), mesh=ring_mesh(8),
                                                     axis_name="x"), x)
+
+
+def test_lesson_predictions_follow_the_ring_formulas(monkeypatch, capsys):
+    """Every timing at 1 ms and a matmul peak of 1e8 FLOP/s: the link measured by one ppermute
+    is a block per ms (a block is rounded down to a multiple of N rows), so a ring collective
+    is predicted at sent / block ms (all-gather N - 1, reduce-scatter (N - 1) / N, all-reduce
+    twice that), and the collective matmul at the formulas of measure_collective_matmul's
+    comments."""
+    t, peak = 1e-3, 1e8
+    monkeypatch.setattr(common, "bench", lambda *a, **k: types.SimpleNamespace(median_s=t))
+    monkeypatch.setattr(common, "ceilings", lambda *a, **k: (peak, 1e9, "a test's peak"))
+    monkeypatch.setattr("sys.argv", ["02_collectives.py", "--sizes_mib=0.07", "--iters=1",
+                                     "--mm_m=64", "--mm_k=32", "--mm_f=64"])
+    coll.main()
+    out = capsys.readouterr().out
+    n = 8
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("all-gather", "reduce-scatter", "all-reduce")}
+    for kind, blocks in (("all-gather", n - 1), ("reduce-scatter", (n - 1) / n),
+                         ("all-reduce", 2 * (n - 1) / n)):
+        assert float(rows[kind][3]) == pytest.approx(blocks * t * 1e3, abs=6e-4), kind
+    block = 32 * 1024 * 2     # 0.07 MiB of bf16 rows of 1024: 35 rows, 32 to split into 8
+    link = block / t
+    M, K, F = 64, 32, 64
+    t_mm = 2 * M * K * (F // n) / peak
+    t_comm = (n - 1) * (M // n) * K * 2 / link
+    preds = {"all-gather, then matmul (jit)": t_comm + t_mm,
+             "collective matmul (ring)": max(t_comm, t_mm * (n - 1) / n) + t_mm / n}
+    for name, pred in preds.items():
+        row = next(line for line in out.splitlines() if line.startswith(name))
+        cells = row[len(name):].split()
+        assert float(cells[0]) == pytest.approx(pred * 1e3, abs=6e-4), name
+        assert float(cells[2]) == pytest.approx(2 * M * K * F / n / t / 1e12, rel=1e-3)
+
+
+def test_collective_matmul_refuses_shapes_that_do_not_multiply():
+    with pytest.raises(common.UserError, match="do not multiply"):
+        coll.collective_matmul(jnp.ones((8, 4)), jnp.ones((5, 8)), ring_mesh(8), "x")

@@ -887,3 +887,158 @@ def test_params_of_another_config_or_no_draft_are_one_line_errors():
         assert inf.generate(params, cfg, batch, 2) == inf.generate(params, cfg, [[1, 2], [3, 4]], 2)
     with pytest.raises(common.UserError, match="prompt 0 holds float64 values"):
         inf.generate(params, cfg, [[1.5, 2.0]], 2)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
+    """Probabilities that are powers of two (exact in float32): the best token alone holds 0.5,
+    which reaches top_p=0.5, so it is the whole nucleus; 0.75 takes the best two."""
+    logits = np.log(np.array([[0.125, 0.5, 0.125, 0.25]], np.float32))
+    for top_p, kept in ((0.5, [1]), (0.75, [1, 3]), (0.8, [0, 1, 2, 3])):
+        got = np.asarray(inf.filter_logits(logits, inf.Sampling(1.0, 0, top_p)))[0]
+        assert np.flatnonzero(np.isfinite(got)).tolist() == sorted(kept), (top_p, got)
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    logits = np.random.default_rng(0).standard_normal((4, TINY.vocab_size)).astype(np.float32)
+    got = np.asarray(inf.filter_logits(logits, inf.Sampling(1.0, TINY.vocab_size + 10, 1.0)))
+    np.testing.assert_allclose(got, logits - logits.max(-1, keepdims=True), rtol=1e-6)
+
+
+def test_negative_stop_tokens_are_refused():
+    with pytest.raises(common.UserError, match="stop_tokens must be ids in"):
+        inf.generate(params_for(TINY), TINY, [[1]], 4, stop_tokens=[-1])
+
+
+def test_decode_attention_intensity_grows_with_kv_sharing():
+    """Decode attention reads K and V of the kv heads only: grouped-query attention (fewer kv
+    heads for the same query heads) reads fewer bytes for the same FLOPs, so its intensity is
+    higher, and by the lecture's count exactly so."""
+    mha = dataclasses.replace(common.Config.preset("llama-3-8b"), n_kv_heads=32,
+                              dtype="bfloat16")
+    gqa = dataclasses.replace(mha, n_kv_heads=8)
+    ctx, h, hd = 4096, 32, 128
+    for cfg in (mha, gqa):
+        scores = h * ctx
+        want = (4 * hd + 3) * scores / (8 * scores + 2 * (2 * h * hd
+                                                          + 2 * ctx * cfg.n_kv_heads * hd))
+        assert inf.layer_intensity(cfg, "attention", 1, ctx) == pytest.approx(want)
+    assert (inf.layer_intensity(gqa, "attention", 1, ctx)
+            > 1.5 * inf.layer_intensity(mha, "attention", 1, ctx))
+
+
+def test_compute_bound_batch_balances_flops_against_bytes():
+    """At the batch returned, B x decode FLOPs at peak take exactly as long as reading the weights
+    and B sequences' KV caches at the bandwidth; where the KV reads outgrow the FLOPs, never."""
+    cfg, flops, bw, W, kv = TINY, 4e9, 1e9, 4e5, inf.kv_bytes_per_token(TINY)
+    for ctx in (0, 16, 64):
+        B = inf.compute_bound_batch(cfg, W, kv, ctx, flops, bw)
+        assert 1 < B < math.inf
+        assert B * cfg.decode_flops_per_token(ctx) / flops == pytest.approx(
+            (W + B * ctx * kv) / bw, rel=1e-9)
+    assert inf.compute_bound_batch(cfg, W, kv, 64, 1e15, bw) == math.inf
+    assert inf.compute_bound_batch(cfg, W, 0, 0, flops, bw) == pytest.approx(
+        W / bw * flops / (2 * cfg.param_count(embedding=False)))
+
+
+def test_weight_bytes_counts_every_matrix_a_step_reads():
+    """Every layer's matrices, the final norm and the output head; not the embedding table (one
+    row a token), nor the norms folded into the matrices after them (fold_norm)."""
+    for cfg in (TINY, dataclasses.replace(TINY, tie_embeddings=True)):
+        ip = inference_params_for(cfg)
+        folded = 2 * cfg.n_layers * cfg.d_model
+        assert inf.weight_bytes(ip) == 4 * (cfg.param_count(embedding=False) - folded)
+
+
+def test_served_time_per_output_token_is_the_gaps_between_tokens():
+    """Four tokens, the first at 1 s and the last at 4 s: three gaps of a second each."""
+    s, = inf._served([[5, 6, 7, 8]], [1.0], [4.0])
+    assert s.ttft_s == 1.0 and s.tpot_s == pytest.approx(1.0)
+    assert math.isnan(inf._served([[5]], [1.0], [1.0])[0].tpot_s)
+
+
+def test_the_lessons_arithmetic_prints_the_bounds_of_its_formulas(capsys, monkeypatch):
+    """show_arithmetic's minimum step (W + B x P x KV) / BW at batch 1 and B, and the batches
+    where decode turns compute-bound, against the same formulas written out here."""
+    monkeypatch.setattr(common, "memory_limit", lambda *a: (None, "unknown"))
+    ip = inference_params_for(TINY)
+    P, B, flops, bw = 64, 16, 4e9, 1e9   # a ridge of 4 FLOP/B: the KV reads leave a finite batch
+    run = inf.Run("tiny", TINY, ip, None, inf.InferConfig(), flops, bw, P, 32, 128, steps=8,
+                  batch=B, slots=4, requests=12, rng=np.random.default_rng(0), corpus=None,
+                  trained=False)
+    inf.show_arithmetic(run)
+    out = capsys.readouterr().out
+    W, kv = inf.weight_bytes(ip), inf.kv_bytes_per_token(TINY)
+    for b in (1, B):
+        t = (W + b * P * kv) / bw
+        assert f"minimum decode step, batch {b:3d}, context {P}: (W + {b} x {P} x KV) / BW = " \
+               f"{t * 1e3:.3f} ms, at most {b / t:,.0f} tok/s" in out
+    n2 = 2 * TINY.param_count(embedding=False)
+    weights_only = W / bw / (n2 / flops)
+    with_kv = (W / bw) / (TINY.decode_flops_per_token(P) / flops - P * kv / bw)
+    assert f"compute-bound at batch ~{weights_only:,.0f} counting the weights only" in out
+    assert f"at batch {with_kv:,.0f} counting each sequence's {P}-token KV reads too" in out
+    assert f"= {kv:,} B per token" in out
+
+
+def test_speculative_sampling_after_a_fully_accepted_round_draws_from_the_target():
+    """gamma 1: a round that keeps its draft token draws the next one from the target's p_1
+    alone (no draft proposed it, so nothing is subtracted). 256 answers; token 2 comes from that
+    draw in the rounds that kept token 1. As test_speculative_sampling_draws_from_the_target,
+    the answers' sum of f(token) for f = p_j, q_j must match its expectation under p_j."""
+    params, n, new = params_for(TINY), 256, 3
+    draft, dcfg = inf.draft_params(params, TINY, 1)
+    sampling = dict(temperature=0.8, top_k=6)
+    prompt = [3, 1, 4, 1, 5]
+    got, st = inf.speculative_generate(params, TINY, draft, dcfg, [prompt] * n, new, gamma=1,
+                                       cache_len=CACHE, seed=2, **sampling)
+    assert 0.2 < st["acceptance"] < 0.9
+    toks = jnp.array([prompt + g for g in got])
+
+    def next_token_probs(p, cfg):
+        logits, _ = jax.jit(inf.forward_cached, static_argnums=3)(
+            p, inf.init_cache(cfg, n, CACHE), toks, cfg)
+        probs = jax.nn.softmax(inf.filter_logits(logits, inf.make_sampling(**sampling)), -1)
+        return np.asarray(probs[:, len(prompt) - 1:-1], np.float64)
+    p, q = next_token_probs(params, TINY), next_token_probs(draft, dcfg)
+    for j in (1, 2):
+        pj, qj, x = p[:, j], q[:, j], np.array([g[j] for g in got])
+        for f in (pj, qj):
+            mean, mean_sq = (pj * f).sum(1), (pj * f**2).sum(1)
+            sd = np.sqrt((mean_sq - mean**2).sum())
+            z = (f[np.arange(n), x].sum() - mean.sum()) / sd
+            assert abs(z) < 4, (j, z)
+
+
+def test_speculative_stops_only_at_a_stop_token_it_keeps():
+    """Every token the answers never make is a stop token. A round's target predictions past
+    its first refused draft token are thrown away, so one of them being a stop token must not
+    end the row: the answers are the target's whole."""
+    params = params_for(TINY)
+    want = inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE)
+    stops = sorted(set(range(TINY.vocab_size)) - {t for row in want for t in row})
+    other = dataclasses.replace(TINY, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    got, st = inf.speculative_generate(params, TINY, params_for(other, seed=5), other, PROMPTS,
+                                       13, gamma=3, cache_len=CACHE, stop_tokens=stops)
+    assert st["acceptance"] < 0.5     # refusals, whose discarded predictions are mostly stops
+    assert got == want
+
+
+def test_speculative_greedy_keeps_only_the_leading_agreement():
+    """A draft that is often refused mid-round (the target's first layer of two, int8): a draft
+    token that agrees after a refused one follows a token the target did not choose, so a round
+    keeps only the agreeing prefix, and the answers are the target's."""
+    params = params_for(TINY)
+    first_layer, dcfg = inf.draft_params(params, TINY, 1)
+    got, st = inf.speculative_generate(params, TINY, first_layer, dcfg, PROMPTS, 13, gamma=3,
+                                       cache_len=CACHE)
+    assert 0 < st["acceptance"] < st["alpha"] < 1
+    assert got == inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE)
+
+
+def test_lesson_lengths_refuse_a_cache_past_the_model_and_take_every_layer_as_draft():
+    """--cache_len past max_seq_len is refused (positions the model was not built for); a draft
+    of all the target's layers (draft_layers = n_layers) is allowed."""
+    with pytest.raises(common.UserError, match="fit the model's max_seq_len=128"):
+        inf.lesson_lengths(TINY, inf.InferConfig(cache_len=256), False)
+    models = inf.load_model(inf.InferConfig(models="tiny"), False)[0]
+    inf.check_before_the_run(models, inf.InferConfig(models="tiny", draft_layers=2), False, None)

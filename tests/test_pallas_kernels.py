@@ -252,3 +252,33 @@ def test_kernels_take_nested_lists_as_jnp_does():
         k08.int8_matmul(x, [[1, 2]], [1.0], interpret=True)
     np.testing.assert_allclose(k08.int8_matmul(x, np.array([[1, 2]], np.int8), [0.5],
                                                interpret=True), [[2.5], [5.5]])
+
+
+def test_kernels_config_refuses_shapes_the_benchmarks_cannot_run():
+    for kw, match in ((dict(decode_heads=32, decode_kv_heads=5), "multiple of"),
+                      (dict(head_dim=0), "head_dim must be positive"),
+                      (dict(decode_len=0), "decode_len must be positive"),
+                      (dict(matmul_n=-1), "matmul_n must be positive")):
+        with pytest.raises(common.UserError, match=match):
+            k08.KernelsConfig(**kw)
+    k08.KernelsConfig(matmul_n=0)   # 0: the size is picked for the device
+
+
+def test_hopper_shared_memory_count_matches_the_compilers_request():
+    """The comments' numbers: a third K/V stage at D = 128 asked Mosaic GPU for 232,568 bytes,
+    120 more than a CTA may have; two stages fit at D = 64 and 128, not at 192."""
+    need = k08.hopper_smem_bytes(k08.HOPPER_BLOCK_Q, k08.HOPPER_BLOCK_KV, 3, 128)
+    assert need == 230_008 and need + k08.MOSAIC_SCRATCH == 232_568 > k08.SM90_SMEM_PER_CTA
+    for D, fits in ((64, True), (128, True), (192, False)):
+        need = k08.hopper_smem_bytes(k08.HOPPER_BLOCK_Q, k08.HOPPER_BLOCK_KV, k08.HOPPER_STAGES,
+                                     D)
+        assert (need + k08.MOSAIC_SCRATCH <= k08.SM90_SMEM_PER_CTA) == fits, D
+
+
+def test_kernels_refuse_a_scale_or_head_count_that_does_not_fit():
+    w_q = jnp.ones((16, 16), jnp.int8)
+    with pytest.raises(common.UserError, match="int8_matmul needs"):   # one scale per row of w_q
+        k08.int8_matmul(jnp.ones((1, 16)), w_q, jnp.ones(32), interpret=True)
+    with pytest.raises(common.UserError, match="do not fit"):          # 3 query heads on 2 kv
+        k08.decode_attention(jnp.ones((1, 3, 16)), jnp.ones((1, 2, 8, 16)),
+                             jnp.ones((1, 2, 8, 16)), jnp.array([8]), interpret=True)

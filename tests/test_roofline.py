@@ -258,3 +258,62 @@ def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
 def test_memory_limit_knows_this_host():
     limit, where = common.memory_limit()  # a CPU: its physical memory
     assert limit > 2**30 and where == "the host's memory"
+
+
+def test_compute_bound_batch_none_where_the_intensity_only_approaches_the_ridge():
+    # [M, 64] @ [64, 64] in bf16 tends to 2*64*64 / (2 * 128) = 32 FLOP/B and never reaches it
+    assert rl.compute_bound_batch(64, 64, 2, 32.0) is None
+
+
+def test_config_rejects_sizes_the_sweeps_cannot_take():
+    for kw in (dict(max_square=64), dict(attn_seq=100), dict(iters=-1), dict(weight=-1)):
+        with pytest.raises(common.UserError):
+            rl.RooflineConfig(**kw)
+    rl.RooflineConfig(max_square=128, attn_seq=256)
+
+
+def test_a_datasheet_peak_needs_the_datasheet_bandwidth_too():
+    """Without the datasheet's bandwidth there is no datasheet roofline: the measured peak."""
+    flops = {"float32 default": 2.0, "bfloat16": 1.0}
+    no_bw = rl.Ceilings(flops, 1.0, {"bfloat16": 9.0}, None, False)
+    assert not no_bw.has_datasheet("bfloat16")
+    assert no_bw.peak("bfloat16", datasheet=True) == 1.0
+    h100 = rl.datasheet_flops(common.CHIPS["H100"])
+    assert h100["float16"] == h100["bfloat16"] == common.CHIPS["H100"].bf16_flops
+
+
+def test_skinny_sweep_memory_counts_eight_copies_of_its_largest_input(monkeypatch):
+    """[max_batch, W] inputs rotate through up to 8 sets (arg_rotation's most): at 16 GB,
+    max_batch 2^17 of a bf16 8192-wide weight needs 8 x 2^17 x 8192 x 2 B = 17.2 GB."""
+    monkeypatch.setattr(common, "memory_limit", lambda: (16e9, "a test's memory"))
+    cfg = rl.resolve(rl.RooflineConfig(max_batch=2**17), on_cpu=False)
+    with pytest.raises(common.UserError, match=r"^max_batch=131072 weight=8192 needs 17.2 GB "):
+        rl.check_sizes(cfg, on_gpu=True)
+
+
+def test_skinny_summary_counts_a_time_of_exactly_1_2x_as_within_20_percent():
+    flat, _ = rl.skinny_summary([1.0, 1.2, 2.0], 0.9, 0.01, None, 64)
+    assert flat == 2
+
+
+def test_ridge_and_table_print_the_roofline_of_the_ceilings(capsys, monkeypatch):
+    """print_ridge: peak / bandwidth, measured and datasheet, and the compute-bound M of each;
+    print_table: each row's bound, roofline time and fraction of it, against both ceilings."""
+    monkeypatch.setattr(rl, "dispatch_floor", lambda iters: 1e-6)
+    ceil = rl.Ceilings({"float32 default": 2e12, "bfloat16": 4e12}, 1e10, {"bfloat16": 1e13},
+                       2e10, False)
+    cfg = rl.resolve(rl.RooflineConfig(), on_cpu=True)          # bfloat16, weight 1024
+    m_star = rl.print_ridge(cfg, ceil)
+    out = capsys.readouterr().out
+    assert "400 FLOP/B measured, 500 FLOP/B datasheet" in out
+    assert m_star == rl.compute_bound_batch(1024, 1024, 2, 400.0) == 1829
+    assert f"compute-bound at M = 1829 (measured" in out
+    assert f"compute-bound at M = {rl.compute_bound_batch(1024, 1024, 2, 500.0)} (datasheet" in out
+    rows = [("slow", "bfloat16", rl.Cost(1e9, 1e8), rl.Measured(wall_s=2e-2)),
+            ("dense", "bfloat16", rl.Cost(1e12, 1e8), rl.Measured(wall_s=0.5))]
+    rl.print_table(rows, ceil, 1)
+    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines()
+             if ln.split() and ln.split()[0] in ("slow", "dense")}
+    #        bound      roof us    roof%  ds%
+    assert [lines["slow"][i] for i in (5, 6, 8, 11)] == ["memory", "10000.0", "50%", "25%"]
+    assert [lines["dense"][i] for i in (5, 6, 8, 11)] == ["compute", "250000.0", "50%", "20%"]
