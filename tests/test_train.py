@@ -486,7 +486,7 @@ def test_fp8_delayed_scaling_records_its_first_maxima_before_the_first_step():
 
     def grads(tc, *amax):
         loss_fn = train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)
-        g = jax.grad(loss_fn)(params, x[::2], y[::2], *amax)["layers"]
+        g = jax.jit(jax.grad(loss_fn))(params, x[::2], y[::2], *amax)["layers"]
         return np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
     plain, current = (grads(dataclasses.replace(tc, fp8=f, fp8_scaling="current"))
                       for f in (False, True))
