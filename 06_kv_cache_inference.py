@@ -1754,10 +1754,10 @@ def check_full_recompute(run, params):
           f"{err:.1e} x std(logits) ({cfg.dtype} rounding: the same math in another order)")
 
 
-def measure_batch_1(run):
-    """Prefill and batch-1 decode against their bounds, and the end-to-end model."""
-    cfg, ip, P, G, S = run.cfg, run.params, run.P, run.G, run.S
-    run.prompt = run.prompts([P])[0]
+def time_prefill(run):
+    """Prefill of run.prompt (P tokens) at batch 1. Returns (median seconds per call, compile
+    seconds, its kernels' summed device time or None where no profile is had, the cache)."""
+    cfg, P, S = run.cfg, run.P, run.S
     tokens, lengths, zero = (jnp.asarray(a) for a in (
         pad_prompts([run.prompt], min(bucket(P), S)), np.array([P], np.int32),
         np.zeros(1, np.int32)))
@@ -1765,8 +1765,8 @@ def measure_batch_1(run):
 
     def prefill(calls=1):  # each call writes the same rows again, the cache passed along
         for _ in range(calls):
-            tok, _, state["cache"] = prefill_step(ip, state["cache"], tokens, lengths, zero,
-                                                  zero, 0, cfg)
+            tok, _, state["cache"] = prefill_step(run.params, state["cache"], tokens, lengths,
+                                                  zero, zero, 0, cfg)
         return tok
 
     def seconds(calls):
@@ -1776,10 +1776,50 @@ def measure_batch_1(run):
     t_compile = seconds(1)
     # Four calls per timing, queued without waiting, as the decode steps are: the host's
     # dispatch of one call (a few hundred arrays) then hides under the device's work.
-    run.t_prefill = float(np.median([seconds(4) / 4 for _ in range(3)]))
+    t_prefill = float(np.median([seconds(4) / 4 for _ in range(3)]))
     kernels = common.kernel_times(prefill, calls=2)
     t_device = sum(t for t, _ in kernels.values()) if kernels else None
-    cache = state.pop("cache")
+    return t_prefill, t_compile, t_device, state.pop("cache")
+
+
+def print_no_cache(run, W, N):
+    """The step without a cache (run.t_no_cache, a forward over L tokens) against the cached one.
+    Recomputing L tokens reads the weights once too, so it costs max(L x 2N / FLOPS, W / BW):
+    about one cached step until L reaches the ridge point, then it grows with L."""
+    L = run.no_cache_len
+    pred = max(L * 2 * N / run.flops, W / run.bw)
+    ridge = W / run.bw * run.flops / (2 * N)
+    print(f"without a cache, a token costs a forward over the whole sequence: "
+          f"{run.t_no_cache * 1e3:.2f} ms at {L} tokens = "
+          f"{run.t_no_cache / run.t_step:.1f}x the cached step; predicted max(L x 2N / "
+          f"FLOPS, W / BW) = {pred * 1e3:.2f} ms ({pred / run.t_no_cache:.0%} of the measured "
+          f"time): no dearer than a cached step up to L = {ridge:,.0f} tokens, then "
+          f"growing with L")
+    run.row(f"no-cache step, {L} tok", f"{run.t_no_cache * 1e3:.2f} ms",
+            f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower; "
+            f"predicted {pred * 1e3:.2f} ms")
+
+
+def time_generate(run):
+    """generate() on run.prompt, end to end (median of 3, compiled first): seconds. Its tokens
+    become run.ref_tokens, the answer later sections must reproduce. The reference attention,
+    as in the steps timed before it (generate's default on a GPU is 08's kernel: section
+    "lesson 08's Pallas kernels")."""
+    ref = functools.partial(generate, decode_attention=decode_attention_reference)
+    ref(run.params, run.cfg, [run.prompt], run.G, cache_len=run.S)  # what the steps did not
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run.ref_tokens = ref(run.params, run.cfg, [run.prompt], run.G, cache_len=run.S)[0]
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure_batch_1(run):
+    """Prefill and batch-1 decode against their bounds, and the end-to-end model."""
+    cfg, ip, P, G, S = run.cfg, run.params, run.P, run.G, run.S
+    run.prompt = run.prompts([P])[0]
+    run.t_prefill, t_compile, t_device, cache = time_prefill(run)
     run.t_step, c_step = time_decode(ip, cfg, cache, run.steps)
     # The same steps, PER_CALL to a call: the host's dispatch of a call divided among them.
     t_steps = run.t_steps = time_decode(ip, cfg, filled_cache(cfg, 1, S, P, False), run.steps,
@@ -1802,30 +1842,8 @@ def measure_batch_1(run):
           ("; the host's dispatch of a call was setting the pace" if t_steps < 0.95 * run.t_step
            else ""))
     if run.t_no_cache:
-        # Recomputing L tokens reads the weights once too, so it costs max(L x 2N / FLOPS,
-        # W / BW): about one cached step until L reaches the ridge point, then it grows with L.
-        L = run.no_cache_len
-        pred = max(L * 2 * N / run.flops, W / run.bw)
-        ridge = W / run.bw * run.flops / (2 * N)
-        print(f"without a cache, a token costs a forward over the whole sequence: "
-              f"{run.t_no_cache * 1e3:.2f} ms at {L} tokens = "
-              f"{run.t_no_cache / run.t_step:.1f}x the cached step; predicted max(L x 2N / "
-              f"FLOPS, W / BW) = {pred * 1e3:.2f} ms ({pred / run.t_no_cache:.0%} of the measured "
-              f"time): no dearer than a cached step up to L = {ridge:,.0f} tokens, then "
-              f"growing with L")
-        run.row(f"no-cache step, {L} tok", f"{run.t_no_cache * 1e3:.2f} ms",
-                f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower; "
-                f"predicted {pred * 1e3:.2f} ms")
-    # The reference attention, as in the steps timed above (generate's default on a GPU is 08's
-    # kernel: section "lesson 08's Pallas kernels").
-    ref = functools.partial(generate, decode_attention=decode_attention_reference)
-    ref(ip, cfg, [run.prompt], G, cache_len=S)  # compiles what the steps above did not
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run.ref_tokens = ref(ip, cfg, [run.prompt], G, cache_len=S)[0]
-        times.append(time.perf_counter() - t0)
-    t_e2e = float(np.median(times))
+        print_no_cache(run, W, N)
+    t_e2e = time_generate(run)
     # The prefill makes the first token: G tokens take G - 1 decode steps.
     pred = pred_prefill + (G - 1) * W / run.bw
     parts = run.t_prefill + (G - 1) * min(run.t_step, t_steps)
