@@ -1734,7 +1734,11 @@ def check_full_recompute(run, params):
     prompts = run.prompts(lengths)
     got, got_logits = generate(run.params, cfg, prompts, n, cache_len=run.S, return_logits=True,
                                decode_attention=decode_attention_reference)
-    full = jax.jit(lambda p, t: common.forward(p, t, cfg))
+    # The faster program where it runs. On a GPU the layers unrolled, as the prefill's are:
+    # scanned over the stacked weights, XLA copied each layer's weights out of the stack first,
+    # which doubled the step's time at 8B. On a CPU the scanned program ran 1.5-1.8x faster.
+    scan = jax.default_backend() == "cpu"
+    full = jax.jit(lambda p, t: common.forward(p, t, cfg, scan_layers=scan))
     L = bucket(hi + n)
     agree, err = 0, 0.0
     for p, toks, lg in list(zip(prompts, got, got_logits))[:2]:  # the longest and the shortest
@@ -1742,16 +1746,26 @@ def check_full_recompute(run, params):
         ref = np.asarray(full(params, pad_prompts([seq], L)))[0, len(p) - 1:len(seq)]
         agree += int(np.sum(ref.argmax(-1) == np.array(toks)))
         err = max(err, float(np.max(np.abs(ref - lg)) / np.std(ref)))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        full(params, pad_prompts([seq], L)).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    run.t_no_cache, run.no_cache_len = float(np.median(times)), L
+    tokens = jnp.asarray(pad_prompts([seq], L))
+    run.t_no_cache = queued_seconds(lambda: full(params, tokens))
+    run.no_cache_len = L
     run.section(f"cached greedy vs full recompute (common.forward): a batch of {len(prompts)} "
                 f"prompts of {lo}..{hi} tokens")
     print(f"the longest and the shortest: {agree}/{2 * n} tokens agree; max |logit difference| "
           f"{err:.1e} x std(logits) ({cfg.dtype} rounding: the same math in another order)")
+
+
+def queued_seconds(call, calls=4, repeats=3):
+    """Seconds per call of call() (which returns arrays): the median over `repeats` timings of
+    `calls` calls queued without waiting, as the decode steps are, so the host's dispatch of one
+    call (a few hundred arrays) hides under the device's work on the one before."""
+    def once():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / calls
+    return float(np.median([once() for _ in range(repeats)]))
 
 
 def time_prefill(run):
@@ -1769,14 +1783,8 @@ def time_prefill(run):
                                                   zero, zero, 0, cfg)
         return tok
 
-    def seconds(calls):
-        t0 = time.perf_counter()
-        prefill(calls).block_until_ready()
-        return time.perf_counter() - t0
-    t_compile = seconds(1)
-    # Four calls per timing, queued without waiting, as the decode steps are: the host's
-    # dispatch of one call (a few hundred arrays) then hides under the device's work.
-    t_prefill = float(np.median([seconds(4) / 4 for _ in range(3)]))
+    t_compile = queued_seconds(prefill, calls=1, repeats=1)
+    t_prefill = queued_seconds(prefill)
     kernels = common.kernel_times(prefill, calls=2)
     t_device = sum(t for t, _ in kernels.values()) if kernels else None
     return t_prefill, t_compile, t_device, state.pop("cache")
@@ -1795,6 +1803,11 @@ def print_no_cache(run, W, N):
           f"FLOPS, W / BW) = {pred * 1e3:.2f} ms ({pred / run.t_no_cache:.0%} of the measured "
           f"time): no dearer than a cached step up to L = {ridge:,.0f} tokens, then "
           f"growing with L")
+    if L == min(bucket(run.P), run.S):   # the prefill above ran a forward of the same shape
+        print(f"  the cached path's prefill, a forward over the same {L} positions: "
+              f"{run.t_prefill * 1e3:.2f} ms; the step without a cache takes "
+              f"{run.t_no_cache / run.t_prefill:.2f}x it (common.forward makes logits at every "
+              f"position, the prefill at the last)")
     run.row(f"no-cache step, {L} tok", f"{run.t_no_cache * 1e3:.2f} ms",
             f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower; "
             f"predicted {pred * 1e3:.2f} ms")
