@@ -1807,7 +1807,8 @@ def print_no_cache(run, W, N):
         print(f"  the cached path's prefill, a forward over the same {L} positions: "
               f"{run.t_prefill * 1e3:.2f} ms; the step without a cache takes "
               f"{run.t_no_cache / run.t_prefill:.2f}x it (common.forward makes logits at every "
-              f"position, the prefill at the last)")
+              f"position and reads training's weights, stacked and unfused; the prefill makes the "
+              f"last position's and reads this lesson's fused per-layer matrices)")
     run.row(f"no-cache step, {L} tok", f"{run.t_no_cache * 1e3:.2f} ms",
             f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower; "
             f"predicted {pred * 1e3:.2f} ms")

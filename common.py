@@ -369,16 +369,17 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     matmul outputs); constrain: (x, logical_axes) -> x, lets a caller pin activation shardings
     (the residual stream's axes are "residual_batch" and "residual_seq", which
     sequence_parallel_rules splits further than the batch).
-    scan_layers: one compiled layer body looped over the stacked weights (compiles in the time
-    of one layer), or False for the layers unrolled (compiles each; on a GPU XLA's loop copies
-    buffers between iterations that the unrolled program does not). logits_dtype: pass the
-    compute dtype to skip the widening when the loss widens inside its own reductions
-    (cross_entropy does). dot: (spec, x, w) -> jnp.einsum(spec, x, w) for the layers' weight
-    matmuls, such as lesson 07's fp8_einsum (the output head keeps jnp.einsum). dot_state: state
-    that such a dot keeps per matmul, {weight name ("wq", ... "w_down"): pytree whose leaves have
-    a leading [n_layers] axis}; given, each matmul calls dot(spec, x, w, its layer's slice) (lesson
-    07's delayed fp8 scaling keeps each matmul's recorded maxima so). It enters each layer as an
-    argument, as the weights do: a remat'd layer is traced once for all of them."""
+    scan_layers: one compiled layer body looped over the stacked weights (compiles in the time of
+    one layer), or False for the layers unrolled (compiles each; on a GPU XLA's loop copied every
+    layer's weights out of the stack, 15 GB a call at 8B, where the unrolled program copied one
+    matrix a layer). logits_dtype: pass the compute dtype to skip the widening when the loss widens
+    inside its own reductions (cross_entropy does). dot: (spec, x, w) -> jnp.einsum(spec, x, w) for
+    the layers' weight matmuls, such as lesson 07's fp8_einsum (the output head keeps jnp.einsum).
+    dot_state: state that such a dot keeps per matmul, {weight name ("wq", ... "w_down"): pytree
+    whose leaves have a leading [n_layers] axis}; given, each matmul calls dot(spec, x, w, its
+    layer's slice) (lesson 07's delayed fp8 scaling keeps each matmul's recorded maxima so). It
+    enters each layer as an argument, as the weights do: a remat'd layer is traced once for all of
+    them."""
     attention = attention or attention_reference
     dot = dot or jnp.einsum
     constrain = constrain or (lambda x, axes: x)
