@@ -707,13 +707,14 @@ def _train(tc, stop_after, log, devices, held):
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
         f"{n_dev} x {peak / 1e12:.4g} TFLOP/s ({basis})")
 
-    step_fn = make_train_step(cfg, tc, mesh, attention_fn(attn, mesh))
+    attention = attention_fn(attn, mesh)
+    step_fn = make_train_step(cfg, tc, mesh, attention)
     # Validation runs the model as the step does, its attention and shardings included: the
     # naive attention writes float32 scores, 32 GiB a layer for 4 x 8192 tokens of the 1B model,
     # which the step's kernel never holds. Unquantized, so that runs in any precision are compared
     # alike; one compiled layer in a loop, which compiles fast and is the faster forward on a CPU.
     plain = dataclasses.replace(tc, fp8=False, fp8_scaling="current", scan_layers=True)
-    eval_fn = jax.jit(make_loss_fn(cfg, plain, mesh, attention_fn(attn, mesh)))
+    eval_fn = jax.jit(make_loss_fn(cfg, plain, mesh, attention))
 
     def batch(tokens, step, seed):
         local = common.get_batch(tokens, step, tc.batch_size, tc.seq_len, seed,
@@ -722,7 +723,7 @@ def _train(tc, stop_after, log, devices, held):
 
     if "fp8" in opt and start == 0:
         t0 = time.perf_counter()
-        opt["fp8"] = calibrate_fp8(cfg, tc, mesh, attention_fn(attn, mesh), params, opt["fp8"],
+        opt["fp8"] = calibrate_fp8(cfg, tc, mesh, attention, params, opt["fp8"],
                                    *batch(train_tokens, start, tc.seed))
         log(f"fp8: recorded the first maxima in one unquantized pass over step 1's first "
             f"micro-batch, {time.perf_counter() - t0:.1f} s")
@@ -730,7 +731,7 @@ def _train(tc, stop_after, log, devices, held):
     step_fn = step_fn.lower(params, opt, *batch(train_tokens, start, tc.seed)).compile()
     log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
     if tc.breakdown:
-        loss_fn = make_loss_fn(cfg, tc, mesh, attention_fn(attn, mesh))
+        loss_fn = make_loss_fn(cfg, tc, mesh, attention)
         if "fp8" in opt:  # forward and backward timed apart with the step's recorded maxima
             loss_fn = functools.partial(loss_fn, amax=opt["fp8"])
         breakdown(step_fn, loss_fn, params, opt, *batch(train_tokens, start, tc.seed),
