@@ -625,10 +625,12 @@ def stop_after_the_step():
         asked[0] = True
         print("\nstopping when the step in flight ends, and saving it (Ctrl-C again stops at once)",
               file=sys.stderr, flush=True)
+    previous = None
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a script's background job
+            previous = signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread: Ctrl-C interrupts as usual
-        previous = None
+        pass
     try:
         yield asked
     finally:

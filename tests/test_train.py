@@ -195,7 +195,19 @@ def test_ctrl_c_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, o
     for 100 steps; the rerun then takes the uninterrupted run's steps from there. (Here it comes
     while step 2 is logged, so step 3 is the one in flight.)"""
     tc = tiny_run(tmp_path, batch_size=16, ckpt_every=100)
+    # A shell's background job starts with SIGINT ignored; Python's own handler is what a
+    # terminal gives, and what the run must hand back.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_saves_and_resumes(tc, one_device_run)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with train_mod.stop_after_the_step():      # a job that ignores Ctrl-C goes on ignoring it
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
+
+def _ctrl_c_saves_and_resumes(tc, one_device_run):
     def ctrl_c_at_step_2(line):
         if line.startswith("step     2 |"):
             os.kill(os.getpid(), signal.SIGINT)
