@@ -35,8 +35,8 @@ What it puts together, lesson by lesson:
 - checkpoints written atomically to --out_dir (params, optimizer state, step; the data position
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
   --out_dir resumes and reaches exactly the loss an uninterrupted run reaches; a second run
-  started on an --out_dir that a run still holds is refused; Ctrl-C lets the step in flight end
-  and saves it before stopping (a second Ctrl-C stops at once);
+  started on an --out_dir that a run still holds is refused; Ctrl-C or SIGTERM lets the step in
+  flight end and saves it before stopping (a second stops at once);
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -613,29 +613,33 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False):
 
 @contextlib.contextmanager
 def stop_after_the_step():
-    """A flag that the first Ctrl-C sets instead of interrupting: the loop then ends its step,
-    saves it and stops, so a run interrupted before its first checkpoint keeps its steps. A
-    second Ctrl-C interrupts at once. Single process only: a process that stops at a step its
-    peers do not would leave them waiting in a collective."""
+    """A flag that the first Ctrl-C, or SIGTERM (what a scheduler or a cloud sends before it
+    takes the machine away), sets instead of interrupting: the loop then ends its step, saves it
+    and stops, so a run interrupted before its first checkpoint keeps its steps. A second signal
+    interrupts at once. A signal the run was started ignoring (a script's background job ignores
+    Ctrl-C) stays ignored. Single process only: a process that stops at a step its peers do not
+    would leave them waiting in a collective."""
     asked = [False]
 
     def handler(signum, frame):
         if asked[0]:
             raise KeyboardInterrupt
         asked[0] = True
-        print("\nstopping when the step in flight ends, and saving it (Ctrl-C again stops at once)",
-              file=sys.stderr, flush=True)
-    previous = None
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping when the step in flight ends, and saving it (Ctrl-C again "
+              "stops at once)", file=sys.stderr, flush=True)
+    previous = {}
     try:
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a script's background job
-            previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C interrupts as usual
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals interrupt as usual
         pass
     try:
         yield asked
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, was in previous.items():
+            signal.signal(sig, was)
 
 
 def train(tc, stop_after=None, log=print, devices=None):

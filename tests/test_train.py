@@ -190,37 +190,44 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [r["step"] for r in rest] == [3, 4]
 
 
-def test_ctrl_c_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, one_device_run):
-    """The first Ctrl-C lets the step in flight end and saves it, though no checkpoint was due
-    for 100 steps; the rerun then takes the uninterrupted run's steps from there. (Here it comes
-    while step 2 is logged, so step 3 is the one in flight.)"""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, one_device_run,
+                                                                      sig, capfd):
+    """The first Ctrl-C or SIGTERM (a scheduler's notice) lets the step in flight end and saves
+    it, though no checkpoint was due for 100 steps; the rerun then takes the uninterrupted run's
+    steps from there. (Here it comes while step 2 is logged, so step 3 is the one in flight.)"""
     tc = tiny_run(tmp_path, batch_size=16, ckpt_every=100)
-    # A shell's background job starts with SIGINT ignored; Python's own handler is what a
+    # A shell's background job starts with SIGINT ignored; Python's own handlers are what a
     # terminal gives, and what the run must hand back.
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    before = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
-        _ctrl_c_saves_and_resumes(tc, one_device_run)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with train_mod.stop_after_the_step():      # a job that ignores Ctrl-C goes on ignoring it
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        _signal_saves_and_resumes(tc, one_device_run, sig, handlers)
+        name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+        assert f"{name}: stopping when the step in flight ends, and saving it" in \
+            capfd.readouterr().err
+        signal.signal(sig, signal.SIG_IGN)
+        with train_mod.stop_after_the_step():      # a job that ignores the signal goes on so
+            assert signal.getsignal(sig) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
-def _ctrl_c_saves_and_resumes(tc, one_device_run):
-    def ctrl_c_at_step_2(line):
+def _signal_saves_and_resumes(tc, one_device_run, sig, handlers):
+    def signal_at_step_2(line):
         if line.startswith("step     2 |"):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(tc, log=ctrl_c_at_step_2, devices=jax.devices()[:1])
+        train_mod.train(tc, log=signal_at_step_2, devices=jax.devices()[:1])
     assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000003"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
-    with train_mod.stop_after_the_step() as asked:  # a second Ctrl-C stops at once
-        os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # given back
+    with train_mod.stop_after_the_step() as asked:  # a second signal stops at once
+        os.kill(os.getpid(), sig)
         assert asked == [True]
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.kill(os.getpid(), sig)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     assert [r["step"] for r in rest] == [4]
     np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
