@@ -36,7 +36,8 @@ What it puts together, lesson by lesson:
   is the step, since batches are a pure function of (seed, step)); rerunning with the same
   --out_dir resumes and reaches exactly the loss an uninterrupted run reaches; a second run
   started on an --out_dir that a run still holds is refused; Ctrl-C or SIGTERM lets the step in
-  flight end and saves it before stopping (a second stops at once);
+  flight end and saves it before stopping (a second stops at once), and with several processes
+  a SIGTERM to any one of them stops all at one step, saved;
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -62,6 +63,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 import common
@@ -368,7 +370,6 @@ def save(tc, step, params, opt, cfg, data_id):
     the data the steps read."""
     state = {"params": params, "opt": opt}
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         state = multihost_utils.process_allgather(state, tiled=True)
     if jax.process_index() == 0:
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
@@ -618,7 +619,8 @@ def stop_after_the_step():
     and stops, so a run interrupted before its first checkpoint keeps its steps. A second signal
     interrupts at once. A signal the run was started ignoring (a script's background job ignores
     Ctrl-C) stays ignored. Single process only: a process that stops at a step its peers do not
-    would leave them waiting in a collective."""
+    would leave them waiting in a collective (several agree on the step through JAX's
+    preemption service instead, in the training loop)."""
     asked = [False]
 
     def handler(signum, frame):
@@ -693,7 +695,6 @@ def _train(tc, stop_after, log, devices, held):
     data_id = common.corpus_id(train_tokens, val_tokens)
     params, opt, start = restore(tc, cfg, params, opt, data_id)
     if jax.process_count() > 1:  # each process read its own out_dir
-        from jax.experimental import multihost_utils
         check_same_start(multihost_utils.process_allgather(np.int32(start)), tc.out_dir)
     if start >= tc.steps:
         log(f"{tc.out_dir} is at step {start}, at or past steps={tc.steps}: nothing to train "
@@ -753,9 +754,15 @@ def _train(tc, stop_after, log, devices, held):
                    else [False])
     for step in range(start, tc.steps):
         params, opt, m = step_fn(params, opt, *batch(train_tokens, step, tc.seed))
+        done = step + 1
+        if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(done):
+            # A SIGTERM to any process (JAX's preemption service takes it) tells all of them;
+            # they agree on a step past the one each is at, and all save it and stop there.
+            log(f"step {done:5d} | a process was sent SIGTERM: every process saves this step "
+                f"and stops")
+            interrupted[0] = True
         stopping = interrupted[0]  # read once: a Ctrl-C from here on stops after the next step
         steps_since += 1
-        done = step + 1
         row = None
         saving = tc.ckpt_every and (done % tc.ckpt_every == 0 or done in (tc.steps, stop_after)
                                     or stopping)
@@ -792,6 +799,8 @@ def _train(tc, stop_after, log, devices, held):
         if done == stop_after or stopping:
             break
     if interrupted[0]:
+        if jax.process_count() > 1:  # process 0's checkpoint is written before any names it
+            multihost_utils.sync_global_devices("checkpoint written")
         raise KeyboardInterrupt
     return history, params, cfg
 
@@ -898,7 +907,6 @@ def train_and_sample(tc):
         if path:
             print(f"loss curve: {path}")
     if tc.sample_len and jax.process_count() > 1:  # every process joins the gather
-        from jax.experimental import multihost_utils
         params = multihost_utils.process_allgather(params, tiled=True)
     if tc.sample_len and jax.process_index() == 0:
         # surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes

@@ -548,6 +548,32 @@ def test_two_processes_equal_one(tmp_path, one_device_run):
     np.testing.assert_allclose(two, losses(one_device_run), rtol=2e-5)
 
 
+def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
+    """A scheduler's SIGTERM reaches one process of two: both hear of it through JAX's
+    preemption service, agree on a step, save it and stop with one line naming it."""
+    args = [f"--{f.name}={getattr(tiny_run(tmp_path), f.name)}"
+            for f in dataclasses.fields(train_mod.TrainConfig)
+            if f.name in ("preset", "seq_len", "batch_size", "sample_len", "data", "scan_layers")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [run_script(args + ["--steps=100000", "--log_every=1", "--eval_every=100000",
+                                f"--out_dir={tmp_path / 'out'}", "--mesh=dp:2,fsdp:2,tp:2",
+                                f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                f"--process_id={i}"], 4) for i in range(2)]
+    for line in procs[1].stdout:                    # training has begun
+        if line.startswith("step     1 |"):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240) for p in procs]
+    kept = [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path / "out"))]
+    assert len(kept) == 1, (kept, [err[-2000:] for _, err in outs])
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 130, err[-2000:]
+        assert f"step {int(kept[0][5:]):5d} | a process was sent SIGTERM" in out
+        assert f"keeps {kept[0]}: the same command resumes from it" in err.splitlines()[-1]
+
+
 def test_cli_error_is_one_line():
     p = run_script(["--mesh=dp:2,fsdp:2,tp:3", "--steps=1"], 8)
     out, err = p.communicate(timeout=120)
