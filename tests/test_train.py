@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import types
 
 import jax
@@ -231,6 +232,24 @@ def _signal_saves_and_resumes(tc, one_device_run, sig, handlers):
     rest, _, _ = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     assert [r["step"] for r in rest] == [4]
     np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
+
+
+def test_a_checkpoint_is_written_while_the_next_steps_train(tmp_path, monkeypatch):
+    """Step 2's checkpoint waits, inside its write, until step 3 is logged: written in line, it
+    would wait in vain. The run still ends with both checkpoints in place."""
+    tc = tiny_run(tmp_path, steps=4, ckpt_every=2)
+    step_3, real_save, waited = threading.Event(), common.save_checkpoint, []
+
+    def slow_save(out_dir, step, *a, **k):
+        if step == 2:
+            waited.append(step_3.wait(timeout=60))
+        return real_save(out_dir, step, *a, **k)
+    monkeypatch.setattr(common, "save_checkpoint", slow_save)
+    train_mod.train(tc, log=lambda line: line.startswith("step     3 |") and step_3.set(),
+                    devices=jax.devices()[:1])
+    assert waited == [True]
+    assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == [
+        "ckpt_00000002", "ckpt_00000004"]
 
 
 def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
