@@ -1326,7 +1326,7 @@ def newest_train_checkpoint(ckpt_dir):
 
 def load_train_checkpoint(path):
     """(cfg, params) from a checkpoint of 09_train.py (common.save_checkpoint): meta.json holds the
-    model's Config under "model", state.npz the params (and the optimizer state, not read).
+    model's Config under "model", state.safetensors the params (the optimizer state not read).
     09 keeps float32 master weights and computes in bf16 on a GPU; inference reads the weights
     in the compute dtype, as a released checkpoint stores them (half the bytes per step)."""
     fields = common.load_checkpoint_meta(path).get("model")
@@ -1406,8 +1406,8 @@ def eos_token_ids(path):
 def load_checkpoint_dir(path, tokenizer=True):
     """(name, cfg, params, tokenizer, a line saying which) from a Hugging Face Llama directory,
     a checkpoint of 09_train.py, or 09's out_dir (its newest checkpoint)."""
-    if (os.path.isfile(os.path.join(path, "meta.json"))
-            or os.path.isfile(os.path.join(path, "state.npz"))):
+    if any(os.path.isfile(os.path.join(path, f))
+           for f in ("meta.json", common.STATE_FILE, "state.npz")):
         cfg, params = load_train_checkpoint(path)   # one checkpoint of 09_train.py
         name = os.path.basename(path.rstrip("/"))
         return name, cfg, params, BYTES, f"09_train.py checkpoint {path}"

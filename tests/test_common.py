@@ -487,23 +487,68 @@ def test_an_edited_step_or_dtype_is_a_damaged_checkpoint(tmp_path):
         with pytest.raises(common.DamagedCheckpoint, match=match):
             common.load_checkpoint(path, like)
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
-    np.savez(os.path.join(path, "state.npz"), **{"['w']": np.arange(3, dtype=np.int32),
-                                                 "['n']": np.int32(2)})
+    state = os.path.join(path, common.STATE_FILE)
+    common.write_safetensors(state, {"['w']": np.arange(3, dtype=np.int32), "['n']": np.int32(2)})
     with pytest.raises(common.DamagedCheckpoint, match=r"\['w'\] is int32"):
         common.load_checkpoint(path, like)
     # a dtype meta.json agrees with but the model does not compute in
-    np.savez(os.path.join(path, "state.npz"), **{"['w']": np.arange(3, dtype=np.float64),
-                                                 "['n']": np.int32(2)})
+    common.write_safetensors(state, {"['w']": np.arange(3, dtype=np.float64), "['n']": np.int32(2)})
     json.dump(dict(meta, dtypes={"['w']": "float64", "['n']": "int32"}),
               open(os.path.join(path, "meta.json"), "w"))
     with pytest.raises(common.DamagedCheckpoint, match=r"\['w'\] is float64 .* model's is float32"):
         common.load_checkpoint(path, like)
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
-    np.savez(os.path.join(path, "state.npz"), **{"['n']": np.int32(2)})  # an array lost
-    with pytest.raises(common.DamagedCheckpoint, match=r"state.npz lacks \['w'\]"):
+    common.write_safetensors(state, {"['n']": np.int32(2)})  # an array lost
+    with pytest.raises(common.DamagedCheckpoint, match=r"state.safetensors lacks \['w'\]"):
         common.load_checkpoint(path, like)
     with pytest.raises(common.UserError, match="written for another model"):  # not listed at all
         common.load_checkpoint(path, dict(like, extra=like["n"]))
+
+
+def test_checkpoint_state_is_a_safetensors_file_any_reader_takes(tmp_path, monkeypatch):
+    """Each array's bytes where the header says, the data 8-aligned and the file no longer than
+    they need, whatever order the threads wrote in, and however little each write took."""
+    arrays = {"['a']": np.arange(12, dtype=np.float32).reshape(3, 4),
+              "['b']": np.float32(np.pi) * np.ones((2, 5), ml_dtypes.bfloat16),
+              "['n']": np.int32(7), "['e']": np.zeros((0, 3), np.float16),
+              "['m']": np.array([True, False]), "['s']": np.arange(5, dtype=np.int8)[::2]}
+    write = os.pwrite
+    monkeypatch.setattr(common.os, "pwrite", lambda fd, data, at: write(fd, data[:5], at))
+    path = str(tmp_path / "state.safetensors")
+    common.write_safetensors(path, arrays, threads=3)
+    blob = open(path, "rb").read()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
+    assert (8 + n) % 8 == 0 and sorted(header) == sorted(arrays)
+    assert len(data) == max(h["data_offsets"][1] for h in header.values())
+    for name, a in arrays.items():
+        begin, end = header[name]["data_offsets"]
+        assert header[name]["shape"] == list(np.shape(a)) and data[begin:end] == a.tobytes()
+    for name, got in common.read_safetensors(path).items():
+        assert got.dtype == arrays[name].dtype
+        np.testing.assert_array_equal(got, arrays[name])
+    try:
+        import safetensors.numpy
+    except ImportError:
+        return
+    assert sorted(safetensors.numpy.load_file(path)) == sorted(arrays)
+
+
+def test_checkpoints_written_as_npz_still_load(tmp_path):
+    """Checkpoints once held state.npz, bfloat16 stored as its bits: they still resume."""
+    tree = {"w": np.arange(3, dtype=ml_dtypes.bfloat16), "n": np.int32(2)}
+    path = tmp_path / "ckpt_00000004"
+    path.mkdir()
+    np.savez(path / "state.npz", **{"['w']": tree["w"].view(np.uint16), "['n']": tree["n"]})
+    (path / "meta.json").write_text(json.dumps({"step": 4, "dtypes": {"['w']": "bfloat16",
+                                                                      "['n']": "int32"}}))
+    got, meta = common.load_checkpoint(str(path), tree)
+    assert meta["step"] == 4 and got["w"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got["w"], tree["w"])
+    assert got["n"] == 2
+    (path / "state.npz").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(common.DamagedCheckpoint, match="state.npz cannot be read"):
+        common.load_checkpoint(str(path), tree)
 
 
 def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypatch, capsys):
@@ -524,7 +569,7 @@ def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypa
     # renamed out of the list before its deletion began: never a checkpoint with half its files
     assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
         ["ckpt_00000003", "ckpt_00000004"]
-    assert (tmp_path / ".tmp_ckpt_00000002.del" / "state.npz").exists()
+    assert (tmp_path / ".tmp_ckpt_00000002.del" / common.STATE_FILE).exists()
     assert (tmp_path / "ckpt_00000001").read_text() == "notes"
     monkeypatch.undo()
     common.save_checkpoint(str(tmp_path), 5, tree, {"model": {}})  # the next save clears it
@@ -548,13 +593,13 @@ def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):
     with pytest.raises(common.UserError, match="has no \\['b'\\]: it was written for another") as e:
         common.load_checkpoint(path, dict(tree, b=tree["w"]))
     assert not isinstance(e.value, common.DamagedCheckpoint)  # 09 would pass over a damaged one
-    state = os.path.join(path, "state.npz")
+    state = os.path.join(path, common.STATE_FILE)
     blob = open(state, "rb").read()
     for damage in (lambda: open(state, "wb").write(blob[:len(blob) // 2]),
                    lambda: open(state, "wb").close(), lambda: os.remove(state),
                    lambda: open(os.path.join(path, "meta.json"), "w").write("{"),
                    lambda: open(os.path.join(path, "meta.json"), "w").write("[]"),
-                   lambda: np.savez(state, **{"['w']": tree["w"][:4]})):  # an edited array
+                   lambda: common.write_safetensors(state, {"['w']": tree["w"][:4]})):  # edited
         damage()
         with pytest.raises(common.DamagedCheckpoint, match="ckpt_00000003 is damaged"):
             common.load_checkpoint(path, tree)

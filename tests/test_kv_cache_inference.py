@@ -673,8 +673,8 @@ def test_damaged_train_checkpoints_are_named_or_passed_over(tmp_path, capsys):
         common.save_checkpoint(str(tmp_path), step, {"params": numpy_params(TIED, seed)},
                                {"model": dataclasses.asdict(TIED)})
     old, new = common.list_checkpoints(str(tmp_path))
-    open(os.path.join(new, "state.npz"), "wb").write(b"PK\x03\x04 cut")
-    with pytest.raises(common.UserError, match="ckpt_00000002 is damaged: state.npz"):
+    open(os.path.join(new, common.STATE_FILE), "wb").write(b"\x10\0\0\0\0\0\0\0{cut")
+    with pytest.raises(common.UserError, match="ckpt_00000002 is damaged: state.safetensors"):
         inf.load_model(inf.InferConfig(checkpoint=new), False)
     (name, cfg, params, _), = inf.load_model(inf.InferConfig(checkpoint=str(tmp_path)), False)[0]
     assert name == "ckpt_00000001" and "passing over it" in capsys.readouterr().err

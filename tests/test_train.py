@@ -179,9 +179,12 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     tc = tiny_run(tmp_path, steps=4, ckpt_every=2)
     train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(common.np, "savez", crash)  # dies halfway through writing step 4
+    def crash(fd, data, at):
+        if at > 0:  # the header written, the arrays not
+            raise KeyboardInterrupt
+        return write(fd, data, at)
+    write = os.pwrite
+    monkeypatch.setattr(common.os, "pwrite", crash)  # dies halfway through writing step 4
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     # From the command line, the interrupt names what is kept (common.run prints it as one line)
@@ -266,7 +269,7 @@ def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(common.np, "savez", full)
+    monkeypatch.setattr(common.os, "pwrite", full)
     with pytest.raises(common.UserError, match=r"could not write the checkpoint of step 3 to .* "
                        r"\(No space left on device\); it keeps ckpt_00000002, which the same"):
         train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
@@ -447,7 +450,7 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
                                  log=lambda s: None, devices=jax.devices()[:1])
     train_mod.train(tc, stop_after=2, log=lambda s: None, devices=jax.devices()[:1])
     newest = common.list_checkpoints(tc.out_dir)[-1]
-    open(os.path.join(newest, "state.npz"), "wb").close()
+    open(os.path.join(newest, common.STATE_FILE), "wb").close()
     metrics = os.path.join(tc.out_dir, "metrics.jsonl")
     with open(metrics, "a") as f:
         f.write('{"step": 9, "lo')  # a line cut short by a kill
@@ -576,14 +579,14 @@ def test_two_processes_equal_one(tmp_path, one_device_run, one_device_dir):
     np.testing.assert_allclose(two, losses(one_device_run), rtol=2e-5)
     (ckpt_two,), (ckpt_one,) = (common.list_checkpoints(str(d)) for d in
                                 (tmp_path / "two", one_device_dir / "out"))
-    with np.load(os.path.join(ckpt_two, "state.npz")) as a, \
-            np.load(os.path.join(ckpt_one, "state.npz")) as b:
-        assert sorted(a.files) == sorted(b.files)
-        for k in a.files:
-            # AdamW's m / sqrt(v) magnifies the last bits where gradients are tiny: measured, at
-            # most 1.6e-4 of a leaf's largest value. A shard put in the wrong place fails it.
-            scale = np.max(np.abs(b[k]))
-            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-3 * scale, err_msg=k)
+    a, b = (common.read_safetensors(os.path.join(c, common.STATE_FILE))
+            for c in (ckpt_two, ckpt_one))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        # AdamW's m / sqrt(v) magnifies the last bits where gradients are tiny: measured, at
+        # most 1.6e-4 of a leaf's largest value. A shard put in the wrong place fails it.
+        scale = np.max(np.abs(b[k]))
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-3 * scale, err_msg=k)
 
 
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
