@@ -97,6 +97,7 @@ class TrainConfig:
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
     out_dir: str = "out"         # checkpoints and metrics.jsonl; rerun to resume
     ckpt_every: int = 100        # steps between checkpoints (and one at the end); 0: none
+    ckpt_keep: int = 2           # the newest checkpoints kept; older ones are deleted
     log_every: int = 10          # steps between log lines (each waits for its step)
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4        # validation batches per evaluation
@@ -111,7 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-                  "eval_batches", "num_processes", "join_timeout"):
+                  "eval_batches", "num_processes", "join_timeout", "ckpt_keep"):
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
         for f in ("warmup", "ckpt_every", "sample_len", "process_id", "min_lr", "weight_decay",
@@ -415,7 +416,7 @@ def save(tc, step, params, opt, cfg, data_id, writer):
                 "data_position": step, "fp8_maxima": "fp8" in opt,
                 "batch_size": tc.batch_size, "seq_len": tc.seq_len, "data": data_id}
         writer.wait()  # one checkpoint at a time, so one copy of the state on the host
-        writer.start(write_checkpoint, tc.out_dir, step,
+        writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep,
                      state if jax.process_count() > 1 else to_host(state), meta)
 
 
@@ -446,9 +447,9 @@ def to_host(state):
         return jax.device_get(state)
 
 
-def write_checkpoint(out_dir, step, state, meta):
+def write_checkpoint(out_dir, step, keep, state, meta):
     try:
-        common.save_checkpoint(out_dir, step, state, meta)
+        common.save_checkpoint(out_dir, step, state, meta, keep)
     except OSError as e:  # a full disk: the checkpoints already written stay as they were
         kept = common.list_checkpoints(out_dir)
         raise common.UserError(

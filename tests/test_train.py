@@ -261,6 +261,13 @@ def test_a_checkpoint_is_written_while_the_next_steps_train(tmp_path, monkeypatc
         "ckpt_00000002", "ckpt_00000004"]
 
 
+def test_ckpt_keep_keeps_the_newest(tmp_path):
+    tc = tiny_run(tmp_path, steps=5, ckpt_every=1, ckpt_keep=3)
+    train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == [
+        "ckpt_00000003", "ckpt_00000004", "ckpt_00000005"]
+
+
 def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
     """It names the newest checkpoint kept, the one a rerun resumes from."""
     tc = tiny_run(tmp_path, steps=4, ckpt_every=1)
@@ -409,6 +416,7 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     (dict(fp8=True, fp8_scaling="late"), "fp8_scaling must be one of"),
     (dict(steps=2**31), "steps must be below 2\\*\\*31"),
     (dict(seed=-1), "seed must be >= 0"),
+    (dict(ckpt_keep=0), "ckpt_keep must be >= 1"),
     (dict(lr=float("nan")), "lr must be > 0"),
     (dict(lr=1e-40, min_lr=0.0), "lr must be"),   # subnormal: XLA trains at lr 0
     (dict(grad_clip=float("nan")), "grad_clip must be >= 0"),
