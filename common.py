@@ -20,6 +20,7 @@ import inspect
 import itertools
 import json
 import math
+import operator
 import os
 import re
 import shutil
@@ -670,17 +671,19 @@ def read_safetensors(path):
 def write_safetensors(path, arrays, threads=4):
     """Write {name: array} as one .safetensors file, the layout read_safetensors reads, and flush
     it to disk. Threads write the arrays' bytes at their offsets (os.pwrite lets go of the GIL);
-    jax arrays in host memory are read in place. This goes at the disk's pace, where np.savez
-    (a .npz, which checksums each array and copies it in 16 MiB pieces, on one thread) does not:
-    1B's weights and AdamW moments, 14.8 GB, took 8.6-10.5 s on an H100 machine with 1, 4 or 8
+    a jax array is read in place in host memory, or copied from its device by the thread that
+    writes it, while the others write. This goes at the disk's pace, where np.savez (a .npz,
+    which checksums each array and copies it in 16 MiB pieces, on one thread) does not: 1B's
+    weights and AdamW moments, 14.8 GB, took 8.6-10.5 s on an H100 machine with 1, 4 or 8
     threads alike, np.savez 17.7-22.8 s."""
     names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
     header, end = {}, 0
     for name, a in arrays.items():
-        if np.dtype(a.dtype) not in names:
-            raise ValueError(f"{name}: safetensors has no {a.dtype}")
-        size = math.prod(np.shape(a)) * np.dtype(a.dtype).itemsize
-        header[name] = {"dtype": names[np.dtype(a.dtype)], "shape": list(np.shape(a)),
+        dtype = np.dtype(a.dtype)
+        if dtype not in names:
+            raise ValueError(f"{name}: safetensors has no {dtype}")
+        size = math.prod(np.shape(a)) * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": list(np.shape(a)),
                         "data_offsets": [end, end + size]}
         end += size
     head = json.dumps(header).encode()
@@ -701,8 +704,7 @@ def write_safetensors(path, arrays, threads=4):
     try:
         write_at(struct.pack("<Q", len(head)) + head, 0)
         os.ftruncate(fd, start + end)
-        largest_first = sorted(arrays, key=lambda k: -math.prod(np.shape(arrays[k])) *
-                               np.dtype(arrays[k].dtype).itemsize)
+        largest_first = sorted(header, key=lambda k: operator.sub(*header[k]["data_offsets"]))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(pool.map(write, largest_first))  # list(): raises the first write's error
         os.fsync(fd)
