@@ -789,7 +789,9 @@ def config_from_hf(hf, dtype=None):
 def load_hf_llama(path, dtype=None):
     """(cfg, params) from a local Hugging Face Llama directory: config.json plus one or several
     *.safetensors (sharded checkpoints list their files in model.safetensors.index.json).
-    dtype overrides the checkpoint's dtype for both storage and compute."""
+    dtype overrides the checkpoint's dtype for both storage and compute. Each tensor goes
+    straight to that dtype: Llama-3-8B's shape in bf16 loaded in 9.5-19.4 s on an H100 machine,
+    44-51 s when every tensor passed through float32."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if not isinstance(path, (str, os.PathLike)):
@@ -819,8 +821,10 @@ def load_hf_llama(path, dtype=None):
     for file in files:
         tensors.update(read_safetensors(file))
 
+    pd = jnp.dtype(cfg.param_dtype)
+
     def get(name, *shape):
-        """A tensor in float32, checked against the shape config.json implies."""
+        """A tensor in the params' dtype, checked against the shape config.json implies."""
         if name not in tensors:
             raise UserError(f"{path}: tensor {name} is missing")
         if tensors[name].shape != shape:
@@ -829,7 +833,7 @@ def load_hf_llama(path, dtype=None):
         if not jnp.issubdtype(tensors[name].dtype, jnp.floating):  # bf16 and fp8 count too
             raise UserError(f"{path}: tensor {name} is {tensors[name].dtype}, not a float: a "
                             f"quantized checkpoint needs its scales; load an unquantized one")
-        return np.asarray(tensors[name], np.float32)
+        return np.asarray(tensors[name], pd)
 
     D, H, KH, Dh, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                           cfg.vocab_size)
@@ -849,7 +853,6 @@ def load_hf_llama(path, dtype=None):
         "w_up": lambda i: get(f"model.layers.{i}.mlp.up_proj.weight", F, D).T,
         "w_down": lambda i: get(f"model.layers.{i}.mlp.down_proj.weight", D, F).T,
     }
-    pd = jnp.dtype(cfg.param_dtype)
     params = {"embed": get("model.embed_tokens.weight", V, D),
               "final_norm": get("model.norm.weight", D),
               "layers": {k: np.stack([fn(i) for i in range(cfg.n_layers)])
@@ -861,6 +864,146 @@ def load_hf_llama(path, dtype=None):
     if expected != got:
         raise UserError(f"{path}: tensor shapes do not match config.json")
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, pd), params)
+
+
+def config_to_hf(cfg):
+    """The Hugging Face LlamaConfig dict of `cfg`: config_from_hf's inverse. No end-of-sequence
+    id: the course's byte-level models have none (transformers would otherwise assume 2)."""
+    rope = {"rope_type": "default"}
+    if cfg.rope_scaling:
+        factor, low, high, original = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": int(original)}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "rope_theta": cfg.rope_theta, "rope_scaling": rope if cfg.rope_scaling else None,
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": cfg.param_dtype,
+            "bos_token_id": None, "eos_token_id": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """An array's shape and dtype now, its values when numpy asks for them (np.asarray)."""
+    shape: tuple
+    dtype: np.dtype
+    make: typing.Callable
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.make(), dtype)
+
+
+def hf_tensors(cfg, params, dtype=None):
+    """{Hugging Face name: Deferred array} of `params` in `dtype` (default: their own), in
+    torch's [out, in] layout: the names and layouts load_hf_llama reads. Each tensor is cut
+    from its stacked layer array, transposed and cast when it is asked for, on the device for
+    jax arrays, so that write_safetensors's threads copy and write a few at a time: no second
+    copy of the model, on the device or the host."""
+    D = cfg.d_model
+
+    def tensor(a, i=None, torch_layout=lambda x: x):
+        xp = jnp if isinstance(a, jax.Array) else np
+        out_dtype = jnp.dtype(dtype or a.dtype)
+        like = jax.ShapeDtypeStruct(a.shape if i is None else a.shape[1:], out_dtype)
+        return Deferred(jax.eval_shape(torch_layout, like).shape, out_dtype,
+                        lambda: torch_layout(xp.asarray(a if i is None else a[i])).astype(
+                            out_dtype))
+
+    def heads_out(x):  # torch Linear weights are [out, in]; ours are [in, out...] (x @ w)
+        return x.reshape(D, -1).T
+
+    def heads_in(x):  # wo is [heads, head_dim, D]: its input dims come first
+        return x.reshape(-1, D).T
+
+    def matrix(x):
+        return x.T
+
+    layers, out = params["layers"], {"model.embed_tokens.weight": tensor(params["embed"])}
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}."
+        out |= {pre + "input_layernorm.weight": tensor(layers["attn_norm"], i),
+                pre + "self_attn.q_proj.weight": tensor(layers["wq"], i, heads_out),
+                pre + "self_attn.k_proj.weight": tensor(layers["wk"], i, heads_out),
+                pre + "self_attn.v_proj.weight": tensor(layers["wv"], i, heads_out),
+                pre + "self_attn.o_proj.weight": tensor(layers["wo"], i, heads_in),
+                pre + "post_attention_layernorm.weight": tensor(layers["mlp_norm"], i),
+                pre + "mlp.gate_proj.weight": tensor(layers["w_gate"], i, matrix),
+                pre + "mlp.up_proj.weight": tensor(layers["w_up"], i, matrix),
+                pre + "mlp.down_proj.weight": tensor(layers["w_down"], i, matrix)}
+    out["model.norm.weight"] = tensor(params["final_norm"])
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = tensor(params["lm_head"], None, matrix)
+    return out
+
+
+def check_new_dir(path, flag):
+    """Refuse, in one line, a path that save_hf_llama would not write: one that exists and is
+    not an empty directory (nothing a user saved is overwritten), or whose parent is missing."""
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise UserError(f"{flag}={path} already exists: name a new directory (nothing is "
+                        f"overwritten)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}={path}: its parent directory does not exist or cannot be "
+                        f"written")
+
+
+def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
+    """Write a model as a Hugging Face Llama directory, which load_hf_llama and transformers
+    read: config.json, the tensors in cfg.param_dtype in safetensors files of at most
+    shard_bytes each (several are listed in model.safetensors.index.json, as transformers'
+    save_pretrained does), and `files` ({name: JSON object}, e.g. a tokenizer.json). It is
+    written to a temporary directory, then renamed: a failure leaves nothing at `path`.
+    Llama-3-8B's shape in bf16 (16.1 GB, four files) took 14.6-16.2 s on an H100 machine, where
+    making the tensors and copying them to the host alone took 11.6 s, and writing the same
+    bytes from host memory 11.0-11.4 s (one file after another: 18.4-20.5 s)."""
+    check_new_dir(path, "the export directory")
+    tensors = hf_tensors(cfg, params, cfg.param_dtype)
+    shards, size = [{}], 0
+    for name, a in tensors.items():  # in order, a new file where the next would pass the limit
+        if shards[-1] and size + a.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name], size = a, size + a.nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    files = dict(files or {}, **{"config.json": config_to_hf(cfg)})
+    if len(shards) > 1:
+        files["model.safetensors.index.json"] = {
+            "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+            "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}_{os.getpid()}")
+    try:
+        os.makedirs(tmp)
+        # Four files at a time: one's flush to disk overlaps the others' copies
+        at_once = min(4, len(shards))
+        with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+            list(pool.map(lambda name, shard: write_safetensors(
+                os.path.join(tmp, name), shard, threads=8 // at_once), names, shards))
+        for name, value in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(value, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, path)  # onto an empty directory, or none
+        _fsync_dir(os.path.dirname(path))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write {path} ({e.strerror or e}); nothing was left "
+                        f"there") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1548,6 +1691,26 @@ def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, proces
     idx = starts[:, None] + np.arange(seq_len + 1)
     win = tokens[idx].astype(np.int32)
     return win[:, :-1], win[:, 1:]
+
+
+def byte_tokenizer_json():
+    """The byte-level tokenization these models train on (token id = byte value) as a Hugging
+    Face tokenizer.json, for models exported with save_hf_llama. The `tokenizers` package's
+    ByteLevel step maps each byte to a printable character (GPT-2's table: the printable bytes
+    stand for themselves, the rest take the characters from U+0100 on); a BPE vocabulary of
+    those 256 characters with no merges then gives each byte its own id."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = (b for b in range(256) if b not in printable)
+    char = {b: chr(b) for b in printable} | {b: chr(0x100 + i) for i, b in enumerate(others)}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": False}  # the text as one piece: no splitting at spaces
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {char[b]: b for b in range(256)}, "merges": []}}
 
 
 # ----------------------------------------------------------------------------------------------

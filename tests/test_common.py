@@ -251,46 +251,12 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
-def hf_tensors(params, cfg):
-    """Our params in Hugging Face's naming and [out, in] layout."""
-    p = jax.tree.map(np.asarray, params)
-    D = cfg.d_model
-    t = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
-    for i in range(cfg.n_layers):
-        L = {k: v[i] for k, v in p["layers"].items()}
-        pre = f"model.layers.{i}."
-        t[pre + "input_layernorm.weight"] = L["attn_norm"]
-        t[pre + "post_attention_layernorm.weight"] = L["mlp_norm"]
-        t[pre + "self_attn.q_proj.weight"] = L["wq"].reshape(D, -1).T
-        t[pre + "self_attn.k_proj.weight"] = L["wk"].reshape(D, -1).T
-        t[pre + "self_attn.v_proj.weight"] = L["wv"].reshape(D, -1).T
-        t[pre + "self_attn.o_proj.weight"] = L["wo"].reshape(-1, D).T
-        t[pre + "mlp.gate_proj.weight"] = L["w_gate"].T
-        t[pre + "mlp.up_proj.weight"] = L["w_up"].T
-        t[pre + "mlp.down_proj.weight"] = L["w_down"].T
-    if not cfg.tie_embeddings:
-        t["lm_head.weight"] = p["lm_head"].T
-    return t
-
-
 def hf_config(cfg, new_style=False):
-    c = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-         "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
-         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
-    rope = {"rope_type": "default"}
-    if cfg.rope_scaling:
-        f, lo, hi, old = cfg.rope_scaling
-        rope = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
-                "high_freq_factor": hi, "original_max_position_embeddings": old}
+    """common.config_to_hf, or with the newer transformers spelling of the rope fields."""
+    c = common.config_to_hf(cfg)
     if new_style:
-        c["rope_parameters"] = dict(rope, rope_theta=cfg.rope_theta)
-    else:
-        c["rope_theta"] = cfg.rope_theta
-        c["rope_scaling"] = rope if cfg.rope_scaling else None
+        rope = c.pop("rope_scaling") or {"rope_type": "default"}
+        c["rope_parameters"] = dict(rope, rope_theta=c.pop("rope_theta"))
     return c
 
 
@@ -298,7 +264,7 @@ def save_checkpoint(path, params, cfg, shards=1, new_style=False, **overrides):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(dict(hf_config(cfg, new_style), **overrides), f)
-    names = list(hf_tensors(params, cfg).items())
+    names = list(common.hf_tensors(cfg, params).items())
     weight_map = {}
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
@@ -407,7 +373,7 @@ def damage_config(path, edit):
     (lambda p: damage_config(p, lambda c: {k: v for k, v in c.items() if k != "vocab_size"}),
      "^config.json: vocab_size is missing$"),   # named once, not "config.json: config.json:"
     (lambda p: write_safetensors(p / "model-00001-of-00001.safetensors", dict(
-        hf_tensors(common.init_params(TINY, jax.random.key(0)), TINY),
+        common.hf_tensors(TINY, common.init_params(TINY, jax.random.key(0))),
         **{"model.norm.weight": np.ones(TINY.d_model, np.int8)})), "is int8, not a float"),
     (lambda p: damage_header(p, lambda h: dict(h["model.norm.weight"], shape=["64"])),
      "unreadable entry"),
@@ -630,6 +596,87 @@ def test_logits_match_transformers(tmp_path, cfg):
         ref = model(torch.tensor(tokens)).logits.numpy()
     got = np.asarray(common.forward(params, tokens, got_cfg))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+# ---------------------------------------------------------------- exporting to Hugging Face
+
+@pytest.mark.parametrize("cfg,dtype,shard_bytes", [(TINY, "float32", 5 * 10**9),
+                                                   (GQA_SCALED, "bfloat16", 40_000)],
+                         ids=["one-file", "sharded-bf16"])
+def test_save_hf_llama_is_what_load_hf_llama_reads(tmp_path, cfg, dtype, shard_bytes):
+    cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+    params = jax.tree.map(lambda a: a.astype(dtype), common.init_params(cfg, jax.random.key(3)))
+    path = common.save_hf_llama(str(tmp_path / "hf"), cfg, params, shard_bytes=shard_bytes)
+    got_cfg, got = common.load_hf_llama(path)
+    assert got_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+    files = sorted(os.listdir(path))
+    if shard_bytes > 10**6:
+        assert files == ["config.json", "model.safetensors"]
+    else:  # each file within the limit, and the index names every tensor's file
+        shards = [f for f in files if f.startswith("model-")]
+        assert len(shards) > 2 and all(os.path.getsize(os.path.join(path, f)) < shard_bytes + 4096
+                                       for f in shards)
+        index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+        tensors = {n: f for f in shards for n in common.read_safetensors(os.path.join(path, f))}
+        assert index["weight_map"] == tensors
+        assert index["metadata"]["total_size"] == sum(
+            a.nbytes for a in common.hf_tensors(cfg, params).values())
+
+
+def test_save_hf_llama_overwrites_nothing_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    params = common.init_params(TINY, jax.random.key(0))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    for path in (tmp_path / "taken", tmp_path / "taken" / "notes.txt"):
+        with pytest.raises(common.UserError, match="already exists: name a new directory"):
+            common.save_hf_llama(str(path), TINY, params)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    with pytest.raises(common.UserError, match="parent directory does not exist"):
+        common.save_hf_llama(str(tmp_path / "no" / "such"), TINY, params)
+    (tmp_path / "empty").mkdir()  # an empty directory is taken, as made for it
+    common.save_hf_llama(str(tmp_path / "empty"), TINY, params)
+    assert common.load_hf_llama(str(tmp_path / "empty"))[0] == TINY
+
+    def full_disk(path, arrays, threads=4):
+        open(path, "wb").write(b"part")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(common, "write_safetensors", full_disk)
+    with pytest.raises(common.UserError, match="No space left on device.*nothing was left"):
+        common.save_hf_llama(str(tmp_path / "out"), TINY, params)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "taken"]
+
+
+def test_byte_tokenizer_gives_each_byte_its_own_id():
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_str(json.dumps(common.byte_tokenizer_json()))
+    assert tok.get_vocab_size() == 256
+    text = "def f(x):\n\treturn x  # caf\u00e9 \u2713 \u65e5\u672c\r\n\x00\x7f\xa0\xad "
+    assert tok.encode(text).ids == list(text.encode())
+    assert tok.decode(list(text.encode())) == text
+
+
+def test_transformers_reads_an_exported_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    cfg = GQA_SCALED
+    rng = np.random.default_rng(0)  # norms away from 1, so that a norm put in the wrong place shows
+    params = common.init_params(cfg, jax.random.key(1))
+    params = jax.tree_util.tree_map_with_path(
+        lambda k, a: a + 0.1 * rng.standard_normal(a.shape, np.float32)
+        if "norm" in jax.tree_util.keystr(k) else a, params)
+    files = {"tokenizer.json": common.byte_tokenizer_json(),
+             "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"}}
+    path = common.save_hf_llama(str(tmp_path / "hf"), cfg, params, files, shard_bytes=40_000)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    tokens = rng.integers(0, cfg.vocab_size, (2, 48))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(common.forward(params, tokens, cfg))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    assert tok("caf\u00e9 \u2713")["input_ids"] == list("caf\u00e9 \u2713".encode())
 
 
 # ---------------------------------------------------------------- sharding rules
