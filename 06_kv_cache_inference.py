@@ -1362,15 +1362,18 @@ BYTES = Tokenizer(lambda s: list(s.encode("utf-8", "surrogateescape")),
 
 
 def load_tokenizer(path):
-    """The checkpoint's tokenizer.json through the `tokenizers` package."""
+    """The checkpoint's tokenizer.json through the `tokenizers` package; the byte-level one of a
+    model 09_train.py exported (common.byte_tokenizer_json) needs no package."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise common.UserError(f"{path} has no tokenizer.json")
+    if os.path.getsize(file) < 2**16 and common.read_json(file) == common.byte_tokenizer_json():
+        return BYTES
     try:
         import tokenizers
     except ImportError:
         raise common.UserError("reading a Hugging Face tokenizer needs the `tokenizers` package: "
                                "pip install tokenizers") from None
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        raise common.UserError(f"{path} has no tokenizer.json")
     try:
         tok = tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # the package raises its own errors, of no common base class

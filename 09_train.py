@@ -39,6 +39,10 @@ What it puts together, lesson by lesson:
   refused; Ctrl-C or SIGTERM lets the step in flight end and saves it before stopping (a second
   stops at once), and with several processes a SIGTERM to any one of them stops all at one
   step, saved;
+- --export_hf=DIR: at the end, the trained model as a Hugging Face Llama directory
+  (common.save_hf_llama): config.json, the weights in the compute dtype as safetensors, and a
+  tokenizer.json of the byte-level tokens it trained on; 06, transformers and other tools that
+  read Llama checkpoints load it;
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -104,6 +108,9 @@ class TrainConfig:
     sample_len: int = 200        # bytes generated at the end
     sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster);
                                  # on the command line \n, \t and \\ are a newline, tab, backslash
+    export_hf: str = ""          # at the end, also write the model here as a Hugging Face Llama
+                                 # directory (a new one), in the compute dtype with a byte-level
+                                 # tokenizer.json; rerun a finished run with it to export it alone
     breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
     num_processes: int = 1       # hosts (processes) in a multi-host run
@@ -974,6 +981,8 @@ def main():
 
 
 def train_and_sample(tc):
+    if tc.export_hf and not tc.breakdown and jax.process_index() == 0:
+        common.check_new_dir(tc.export_hf, "--export_hf")  # said now, not after the training
     try:
         history, params, cfg = train(tc)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept; common.run prints it without a traceback
@@ -987,12 +996,31 @@ def train_and_sample(tc):
         path = plot_metrics(tc.out_dir)
         if path:
             print(f"loss curve: {path}")
-    if tc.sample_len and jax.process_count() > 1:  # every process joins the gather
+    if (tc.sample_len or tc.export_hf) and jax.process_count() > 1:  # every process gathers
         params = gather_to_process_0(params)
-    if tc.sample_len and jax.process_index() == 0:
+    if jax.process_index() != 0:
+        return
+    if tc.export_hf:
+        export_hf(tc.export_hf, cfg, params)
+    if tc.sample_len:
         # surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes
         prompt = tc.sample_prompt.encode("utf-8", "surrogateescape")
         print("sample:\n" + sample(params, cfg, prompt, tc.sample_len, tc.seed))
+
+
+def export_hf(path, cfg, params):
+    """The trained model as a Hugging Face Llama directory: its weights in the compute dtype
+    (what inference reads; the float32 master weights stay in the checkpoints), and the
+    byte-level tokenizer it was trained with. 06_kv_cache_inference.py, transformers and other
+    tools that read Llama checkpoints load it."""
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
+    files = {"tokenizer.json": common.byte_tokenizer_json(),
+             "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
+                                       "model_max_length": cfg.max_seq_len}}
+    common.save_hf_llama(path, cfg, params, files)
+    print(f"exported the model to {path} as a Hugging Face Llama directory in {cfg.dtype}, "
+          f"{time.perf_counter() - t0:.1f} s (python 06_kv_cache_inference.py --checkpoint={path})")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,34 @@ def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
                         devices=jax.devices()[:1])
 
 
+def test_export_hf_writes_the_trained_weights_for_06_and_other_tools(tmp_path, monkeypatch,
+                                                                      capsys):
+    """--export_hf writes the last step's weights as a Hugging Face Llama directory (load_hf_llama
+    reads the checkpoint's params back exactly), which 06 serves with its byte tokenizer and no
+    `tokenizers` package; a finished run exports alone when rerun; nothing is overwritten."""
+    tc = tiny_run(tmp_path, ckpt_every=4, export_hf=str(tmp_path / "hf"))
+    train_mod.train_and_sample(tc)
+    assert "exported the model to" in capsys.readouterr().out
+    (ckpt,) = common.list_checkpoints(tc.out_dir)
+    stored = common.read_safetensors(os.path.join(ckpt, common.STATE_FILE))
+    cfg, params = common.load_hf_llama(tc.export_hf)
+    assert cfg == train_mod.model_config(tc)
+    for k, v in jax.tree_util.tree_flatten_with_path(params)[0]:
+        np.testing.assert_array_equal(v, stored["['params']" + jax.tree_util.keystr(k)])
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    *_, tokenizer, which = common.import_script("06_kv_cache_inference").load_checkpoint_dir(
+        tc.export_hf)
+    assert tokenizer.encode("caf\u00e9") == list("caf\u00e9".encode()) and "Hugging Face" in which
+    again = dataclasses.replace(tc, export_hf=str(tmp_path / "hf2"))
+    train_mod.train_and_sample(again)  # at steps already: nothing trained, the export written
+    assert "nothing to train" in capsys.readouterr().out
+    assert open(os.path.join(again.export_hf, "model.safetensors"), "rb").read() == \
+        open(os.path.join(tc.export_hf, "model.safetensors"), "rb").read()
+    with pytest.raises(common.UserError, match="--export_hf=.*already exists"):
+        train_mod.train_and_sample(dataclasses.replace(tc, steps=8))
+    assert len(common.list_checkpoints(tc.out_dir)) == 1  # refused before any step
+
+
 def test_damaged_metrics_lines_are_passed_over(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe{"st\n{"step": 2, "loss": 1.5}\n')
@@ -568,15 +596,17 @@ def test_fp8_training_follows_the_plain_run(tmp_path, one_device_run):
 def test_two_processes_equal_one(tmp_path, one_device_run, one_device_dir):
     """Two processes of 4 devices each, one program over a dp x fsdp x tp mesh of all 8: the
     losses of the one-device run with the same settings (tiny_run, batch 16), and its last
-    checkpoint, written by process 0 from the shards of both. Both processes sample, process 0
-    prints it."""
+    checkpoint, written by process 0 from the shards of both, as is the export (--export_hf).
+    Both processes sample, process 0 prints it."""
     same = tiny_run(tmp_path, batch_size=16, ckpt_every=4, sample_len=8)
     args = [f"--{f.name}={getattr(same, f.name)}" for f in dataclasses.fields(same)
-            if f.name not in ("out_dir", "mesh", "coordinator", "num_processes", "process_id")]
+            if f.name not in ("out_dir", "mesh", "coordinator", "num_processes", "process_id",
+                              "export_hf")]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [run_script(args + [f"--out_dir={tmp_path / 'two'}", "--mesh=dp:2,fsdp:2,tp:2",
+                                f"--export_hf={tmp_path / 'hf'}",
                                 f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
                                 f"--process_id={i}"], 4) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
@@ -595,6 +625,9 @@ def test_two_processes_equal_one(tmp_path, one_device_run, one_device_dir):
         # most 1.6e-4 of a leaf's largest value. A shard put in the wrong place fails it.
         scale = np.max(np.abs(b[k]))
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-3 * scale, err_msg=k)
+    _, exported = common.load_hf_llama(str(tmp_path / "hf"))  # process 0's, from both's shards
+    for k, v in jax.tree_util.tree_flatten_with_path(exported)[0]:
+        np.testing.assert_array_equal(v, a["['params']" + jax.tree_util.keystr(k)])
 
 
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
