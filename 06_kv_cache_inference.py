@@ -8,6 +8,7 @@ measured against the memory-bandwidth bound that rules decode.
                                                         # 09_train.py under out/, else `small`
     python 06_kv_cache_inference.py --checkpoint=DIR    # a Hugging Face Llama directory (with
                                                         # its tokenizer.json), or 09's out_dir
+                                                        # (bytes, or the tokenizer it carries)
     python 06_kv_cache_inference.py --prompt="def " --temperature=0.8 --top_p=0.95
     python 06_kv_cache_inference.py --checkpoint=DIR --sample_only=true --prompt="Once upon"
     python 06_kv_cache_inference.py --checkpoint=DIR --draft=SMALLER_DIR   # speculative
@@ -1350,60 +1351,12 @@ def load_train_checkpoint(path):
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), state["params"])
 
 
-class Tokenizer(typing.NamedTuple):
-    encode: typing.Callable
-    decode: typing.Callable
-    stop: tuple = ()          # the ids that end an answer (the checkpoint's end of sequence)
-
-
-# surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes
-BYTES = Tokenizer(lambda s: list(s.encode("utf-8", "surrogateescape")),
-                  lambda ids: bytes(int(i) for i in ids if i < 256).decode("utf-8", "replace"))
-
-
-def load_tokenizer(path):
-    """The checkpoint's tokenizer.json through the `tokenizers` package; the byte-level one of a
-    model 09_train.py exported (common.byte_tokenizer_json) needs no package."""
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        raise common.UserError(f"{path} has no tokenizer.json")
-    if os.path.getsize(file) < 2**16 and common.read_json(file) == common.byte_tokenizer_json():
-        return BYTES
-    try:
-        import tokenizers
-    except ImportError:
-        raise common.UserError("reading a Hugging Face tokenizer needs the `tokenizers` package: "
-                               "pip install tokenizers") from None
-    try:
-        tok = tokenizers.Tokenizer.from_file(file)
-    except Exception as e:  # the package raises its own errors, of no common base class
-        raise common.UserError(f"{file} cannot be read by tokenizers ({e})") from None
-
-    def encode(text):
-        try:
-            return tok.encode(text).ids
-        except Exception as e:
-            raise common.UserError(f"the tokenizer cannot encode {text[:40]!r} ({e})") from None
-    return Tokenizer(encode, lambda ids: tok.decode(list(ids)), eos_token_ids(path))
-
-
-def eos_token_ids(path):
-    """A Hugging Face checkpoint's end-of-sequence ids: generation_config.json's eos_token_id
-    (an id or a list; instruction-tuned Llamas end a turn with one and a text with another),
-    else config.json's."""
-    for name in ("generation_config.json", "config.json"):
-        try:
-            with open(os.path.join(path, name)) as f:
-                eos = json.load(f).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if eos is not None:
-            ids = eos if isinstance(eos, list) else [eos]
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise common.UserError(f"{os.path.join(path, name)}: eos_token_id={eos!r} is "
-                                       f"not a token id or a list of them")
-            return tuple(ids)
-    return ()
+def train_tokenizer(path):
+    """The tokenizer of a 09_train.py checkpoint: the tokenizer.json it carries (a model
+    fine-tuned from a Hugging Face one, 09's --init_from), else bytes."""
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return common.load_tokenizer(path)
+    return common.BYTES
 
 
 def load_checkpoint_dir(path, tokenizer=True):
@@ -1413,16 +1366,17 @@ def load_checkpoint_dir(path, tokenizer=True):
            for f in ("meta.json", common.STATE_FILE, "state.npz")):
         cfg, params = load_train_checkpoint(path)   # one checkpoint of 09_train.py
         name = os.path.basename(path.rstrip("/"))
-        return name, cfg, params, BYTES, f"09_train.py checkpoint {path}"
+        return name, cfg, params, train_tokenizer(path), f"09_train.py checkpoint {path}"
     if os.path.isdir(path) and common.list_checkpoints(path):  # 09's out_dir: its newest
         found, cfg, params = newest_train_checkpoint(path)
-        return os.path.basename(found), cfg, params, BYTES, f"09_train.py checkpoint {found}"
+        return (os.path.basename(found), cfg, params, train_tokenizer(found),
+                f"09_train.py checkpoint {found}")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise common.UserError(f"{path} holds no checkpoint: neither a Hugging Face one "
                                f"(config.json) nor 09_train.py's (meta.json, or ckpt_<step>/)")
     name = os.path.basename(path.rstrip("/"))
     cfg, params = common.load_hf_llama(path)
-    return (name, cfg, params, load_tokenizer(path) if tokenizer else None,
+    return (name, cfg, params, common.load_tokenizer(path) if tokenizer else None,
             f"Hugging Face checkpoint {path}")
 
 
@@ -1453,12 +1407,13 @@ def load_model(ic, on_gpu):
     if ic.models == "auto" and not benchmark:
         if os.path.isfile(os.path.join(ckpt_dir, "meta.json")):  # one checkpoint itself
             cfg, params = load_train_checkpoint(ckpt_dir)
-            return [(os.path.basename(ckpt_dir.rstrip("/")), cfg, params, BYTES)], \
+            return [(os.path.basename(ckpt_dir.rstrip("/")), cfg, params,
+                     train_tokenizer(ckpt_dir))], \
                 f"model: the 09_train.py checkpoint {ckpt_dir}"
         found = newest_train_checkpoint(ckpt_dir)
         if found:
             path, cfg, params = found
-            return [(os.path.basename(path), cfg, params, BYTES)], \
+            return [(os.path.basename(path), cfg, params, train_tokenizer(path))], \
                 f"model: the newest 09_train.py checkpoint, {path}"
         if chosen:  # a mistyped directory is said, not replaced by random weights
             what = "does not exist" if not os.path.exists(ckpt_dir) else \
@@ -1469,7 +1424,7 @@ def load_model(ic, on_gpu):
     models = []
     for name in names:
         cfg = common.Config.preset(name)
-        models.append((name, cfg, None, BYTES if cfg.vocab_size == 256 else None))
+        models.append((name, cfg, None, common.BYTES if cfg.vocab_size == 256 else None))
     why = "" if ic.models != "auto" or benchmark else " (no checkpoint under out/)"
     return models, f"model: random weights, {', '.join(names)}{why}"
 
@@ -2356,7 +2311,7 @@ def check_before_the_run(models, ic, on_gpu, draft):
     try:
         ic.prompt.encode("utf-8")
     except UnicodeEncodeError:
-        if any(tok is not BYTES for *_, tok in models):
+        if any(tok is not common.BYTES for *_, tok in models):
             raise common.UserError("--prompt is not valid UTF-8 text") from None
     for name, cfg, _, tok in models:
         if tok is not None and ic.max_new_tokens:

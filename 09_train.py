@@ -4,6 +4,7 @@
     python 09_train.py --preset=tiny --seq_len=128 --steps=50 --data=input.txt --out_dir=out/tiny
     python 09_train.py --mesh=dp:2,fsdp:2,tp:2 --remat=dots --attention=flash
     python 09_train.py --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0   # per host
+    python 09_train.py --init_from=Llama-3.2-1B --data=my_texts/ --lr=3e-5 --export_hf=tuned
 
 What it puts together, lesson by lesson:
 - the model of common.py, its parameters born sharded: init_params is jit'd with out_shardings
@@ -39,10 +40,13 @@ What it puts together, lesson by lesson:
   refused; Ctrl-C or SIGTERM lets the step in flight end and saves it before stopping (a second
   stops at once), and with several processes a SIGTERM to any one of them stops all at one
   step, saved;
+- fine-tuning (--init_from=DIR, a Hugging Face Llama directory): the model's shape from its
+  config.json, the first step from its weights, and the data read as its tokenizer.json's tokens
+  (through the `tokenizers` package) rather than bytes; the checkpoints carry that tokenizer.json;
 - --export_hf=DIR: at the end, the trained model as a Hugging Face Llama directory
-  (common.save_hf_llama): config.json, the weights in the compute dtype as safetensors, and a
-  tokenizer.json of the byte-level tokens it trained on; 06, transformers and other tools that
-  read Llama checkpoints load it;
+  (common.save_hf_llama): config.json, the weights in the compute dtype as safetensors, and the
+  tokenizer.json of the tokens it trained on (bytes, or --init_from's); 06, transformers and
+  other tools that read Llama checkpoints load it;
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -76,6 +80,9 @@ import common
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     preset: str = "small"        # a common.PRESETS name
+    init_from: str = ""          # a Hugging Face Llama directory to fine-tune: its config.json
+                                 # replaces --preset, its weights the random init, and the data
+                                 # are read as its tokenizer.json's tokens (not bytes)
     steps: int = 150             # total optimizer steps (also the length of the cosine)
     batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
@@ -411,23 +418,24 @@ class Writer:
             raise error
 
 
-def save(tc, step, params, opt, cfg, data_id, writer, last=False):
+def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
     """Every process takes part in the gather; process 0 copies the state to the host, before the
     next step reuses its buffers, and `writer` writes it to disk while training goes on. After
     the `last` step no step follows: the writer's threads copy each array from the device as
     they write the one before, rather than pinning host memory first (the first pinning takes
     about 11 s at 1B, the time a scheduler's SIGTERM leaves runs short of). data_id:
-    common.corpus_id of the data the steps read."""
+    common.corpus_id of the data the steps read; files: written beside (a tokenizer.json)."""
     state = {"params": params, "opt": opt}
     if jax.process_count() > 1:
         state = gather_to_process_0(state)
     if jax.process_index() == 0:
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
+                "init_from": tc.init_from,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
                 "batch_size": tc.batch_size, "seq_len": tc.seq_len, "data": data_id}
         writer.wait()  # one checkpoint at a time, so one copy of the state on the host
         writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep,
-                     state if jax.process_count() > 1 or last else to_host(state), meta)
+                     state if jax.process_count() > 1 or last else to_host(state), meta, files)
 
 
 def _same(x):
@@ -457,9 +465,9 @@ def to_host(state):
         return jax.device_get(state)
 
 
-def write_checkpoint(out_dir, step, keep, state, meta):
+def write_checkpoint(out_dir, step, keep, state, meta, files):
     try:
-        common.save_checkpoint(out_dir, step, state, meta, keep)
+        common.save_checkpoint(out_dir, step, state, meta, keep, files)
     except OSError as e:  # a full disk: the checkpoints already written stay as they were
         kept = common.list_checkpoints(out_dir)
         raise common.UserError(
@@ -516,15 +524,16 @@ def restore(tc, cfg, params, opt, data_id):
 # Sampling and plotting
 # ----------------------------------------------------------------------------------------------
 
-def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
-    """n bytes after `prompt`, by full recompute over a fixed window (the KV-cached way is
-    lesson 06)."""
+def sample(params, cfg, prompt, n, seed=0, temperature=0.8, tokenizer=common.BYTES):
+    """The text of `prompt` (token ids) and n tokens after it, by full recompute over a fixed
+    window (the KV-cached way is lesson 06)."""
     window = min(cfg.max_seq_len, 256)
+    # Byte-level data: a larger vocabulary (a Llama preset's) samples among its first 256.
+    vocab = 256 if tokenizer is common.BYTES else cfg.vocab_size
 
     @jax.jit
     def next_token(tokens, length, key):
-        # The data are bytes: a larger vocabulary (a Llama preset's) samples among its first 256.
-        logits = common.forward(params, tokens[None], cfg)[0, length - 1, :256]
+        logits = common.forward(params, tokens[None], cfg)[0, length - 1, :vocab]
         return jax.random.categorical(key, logits / temperature)
 
     toks, key = list(prompt), jax.random.key(seed)
@@ -534,7 +543,7 @@ def sample(params, cfg, prompt, n, seed=0, temperature=0.8):
         buf[:len(ctx)] = ctx
         key, sub = jax.random.split(key)
         toks.append(int(next_token(buf, len(ctx), sub)))
-    return bytes(toks).decode("utf-8", errors="replace")
+    return tokenizer.decode(toks)
 
 
 def read_metrics(path):
@@ -658,13 +667,26 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
 def model_config(tc):
     platform = jax.devices()[0].platform
     dtype = tc.dtype if tc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-    cfg = dataclasses.replace(common.Config.preset(tc.preset), param_dtype="float32", dtype=dtype)
+    try:
+        cfg = common.read_hf_config(tc.init_from) if tc.init_from else \
+            common.Config.preset(tc.preset)
+    except common.UserError as e:
+        raise common.UserError(f"--init_from: {e}") from None
+    cfg = dataclasses.replace(cfg, param_dtype="float32", dtype=dtype)
     if tc.seq_len > cfg.max_seq_len:
-        raise common.UserError(f"seq_len={tc.seq_len} exceeds the preset's max_seq_len "
+        raise common.UserError(f"seq_len={tc.seq_len} exceeds the model's max_seq_len "
                                f"{cfg.max_seq_len}: pass --seq_len={cfg.max_seq_len} or less")
-    if cfg.vocab_size < 256:
-        raise common.UserError("byte-level data needs vocab_size >= 256")
     return cfg
+
+
+def data_tokenizer(tc):
+    """What the data are read as: bytes, or with --init_from its tokenizer's tokens."""
+    if not tc.init_from:
+        return common.BYTES
+    try:
+        return common.load_tokenizer(tc.init_from)
+    except common.UserError as e:
+        raise common.UserError(f"--init_from: {e}") from None
 
 
 def deterministic(xla_flags):
@@ -734,21 +756,33 @@ def train(tc, stop_after=None, log=print, devices=None):
         return _train(tc, stop_after, log, devices, held)
 
 
-def load_data(tc):
-    """(train, validation) byte tokens of --data (default: the standard library's source), with
-    one-line errors for what would fail later: a split shorter than a window, an out_dir inside
-    the data (a resume would read the checkpoints as text)."""
+def load_data(tc, cfg, tokenizer, log=print):
+    """(train, validation) tokens of --data (default: the standard library's source) through
+    `tokenizer`, with one-line errors for what would fail later: a split shorter than a window,
+    an out_dir inside the data (a resume would read the checkpoints as text), a token the
+    model's vocabulary lacks."""
     data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
         raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
                                f"run would read the checkpoints as text; put it elsewhere")
-    train_tokens, val_tokens = common.load_corpus(tc.data or None)
-    for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
+    splits = common.load_corpus(tc.data or None)
+    if tokenizer is not common.BYTES:
+        t0 = time.perf_counter()
+        splits = [common.tokenize(tokenizer, s) for s in splits]
+        log(f"tokenized the data with {tc.init_from}/tokenizer.json in "
+            f"{time.perf_counter() - t0:.1f} s")
+    unit = "bytes" if tokenizer is common.BYTES else "tokens"
+    for name, tokens in zip(("training", "validation"), splits):
         if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
-            raise common.UserError(f"the {name} split of the data holds {len(tokens)} bytes, "
+            raise common.UserError(f"the {name} split of the data holds {len(tokens)} {unit}, "
                                    f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
                                    f"single file gives 5% to validation) or a smaller seq_len")
-    return train_tokens, val_tokens
+        if tokens.max() >= cfg.vocab_size:
+            raise common.UserError(f"the data hold token {tokens.max()}, past the model's "
+                                   f"vocabulary of {cfg.vocab_size}" + (
+                                       ": byte-level data need vocab_size >= 256"
+                                       if unit == "bytes" else ""))
+    return splits
 
 
 def _train(tc, stop_after, log, devices, held):
@@ -762,9 +796,13 @@ def _train(tc, stop_after, log, devices, held):
     attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
                           os.environ.get("XLA_FLAGS", ""), tc.scan_layers)
     shardings = common.param_shardings(cfg, mesh)
-    common.check_model_fits(f"preset={tc.preset}", cfg, 16, "float32 weights, their gradients "
-                            "and AdamW's two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
-    train_tokens, val_tokens = load_data(tc)
+    model_flag = f"--init_from={tc.init_from}" if tc.init_from else f"--preset={tc.preset}"
+    common.check_model_fits(model_flag, cfg, 16, "float32 weights, their gradients and AdamW's "
+                            "two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
+    tokenizer = data_tokenizer(tc)
+    train_tokens, val_tokens = load_data(tc, cfg, tokenizer, log)
+    # A checkpoint carries the tokenizer its data were read with, for 06 and --export_hf
+    files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
     if jax.process_index() == 0:
         held.enter_context(common.hold_dir(tc.out_dir, "--out_dir"))
     writer = Writer()
@@ -779,6 +817,10 @@ def _train(tc, stop_after, log, devices, held):
             cfg.n_layers), NamedSharding(mesh, common.P()))
     data_id = common.corpus_id(train_tokens, val_tokens)
     params, opt, start = restore(tc, cfg, params, opt, data_id)
+    if tc.init_from and start == 0:
+        t0 = time.perf_counter()
+        params = common.load_hf_llama(tc.init_from, "float32", shardings)[1]
+        log(f"initialized from {tc.init_from} in {time.perf_counter() - t0:.1f} s")
     if jax.process_count() > 1:  # each process read its own out_dir
         check_same_start(multihost_utils.process_allgather(np.int32(start)), tc.out_dir)
     if start >= tc.steps:
@@ -790,12 +832,12 @@ def _train(tc, stop_after, log, devices, held):
     n_dev = len(devices)
     flops_per_step = cfg.train_flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
     peak, _, basis = common.ceilings(cfg.dtype)
+    unit = "bytes" if tokenizer is common.BYTES else "tokens"
     log(f"data: {tc.data or 'Python standard library source'}: {len(train_tokens):,} train "
-        f"bytes, {len(val_tokens):,} val bytes")
-    log(f"model: {tc.preset}, {cfg.param_count() / 1e6:.2f}M params, {cfg.dtype} compute, "
-        f"attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
-        f"{sp_text(tc, mesh)} over {n_dev} devices in "
-        f"{jax.process_count()} processes")
+        f"{unit}, {len(val_tokens):,} val {unit}")
+    log(f"model: {tc.init_from or tc.preset}, {cfg.param_count() / 1e6:.2f}M params, "
+        f"{cfg.dtype} compute, attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
+        f"{sp_text(tc, mesh)} over {n_dev} devices in {jax.process_count()} processes")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
         f"{n_dev} x {peak / 1e12:.4g} TFLOP/s ({basis})")
 
@@ -878,7 +920,7 @@ def _train(tc, stop_after, log, devices, held):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if saving:
-            save(tc, done, params, opt, cfg, data_id, writer,
+            save(tc, done, params, opt, cfg, data_id, writer, files,
                  last=stopping or done in (tc.steps, stop_after))
         writer.poll()
         if row is not None or saving:  # eval and saving stay out of the next ms/step
@@ -1000,24 +1042,33 @@ def train_and_sample(tc):
         params = gather_to_process_0(params)
     if jax.process_index() != 0:
         return
+    tokenizer = data_tokenizer(tc)
     if tc.export_hf:
-        export_hf(tc.export_hf, cfg, params)
+        export_hf(tc, cfg, params, tokenizer)
     if tc.sample_len:
-        # surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes
-        prompt = tc.sample_prompt.encode("utf-8", "surrogateescape")
-        print("sample:\n" + sample(params, cfg, prompt, tc.sample_len, tc.seed))
+        print("sample:\n" + sample(params, cfg, tokenizer.encode(tc.sample_prompt),
+                                    tc.sample_len, tc.seed, tokenizer=tokenizer))
 
 
-def export_hf(path, cfg, params):
+def export_hf(tc, cfg, params, tokenizer):
     """The trained model as a Hugging Face Llama directory: its weights in the compute dtype
-    (what inference reads; the float32 master weights stay in the checkpoints), and the
-    byte-level tokenizer it was trained with. 06_kv_cache_inference.py, transformers and other
-    tools that read Llama checkpoints load it."""
+    (what inference reads; the float32 master weights stay in the checkpoints) and the tokenizer
+    its data were read with (bytes, or --init_from's, with that model's token ids and tokenizer
+    settings). 06_kv_cache_inference.py, transformers and other tools that read Llama checkpoints
+    load it."""
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
-    files = {"tokenizer.json": common.byte_tokenizer_json(),
+    path, cfg = tc.export_hf, dataclasses.replace(cfg, param_dtype=cfg.dtype)
+    files = {"tokenizer.json": tokenizer.spec,
              "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
                                        "model_max_length": cfg.max_seq_len}}
+    if tc.init_from:  # the source's own settings, where it has them
+        source = common.read_json(os.path.join(tc.init_from, "config.json"))
+        files["config.json"] = {k: source[k] for k in ("bos_token_id", "eos_token_id",
+                                                       "pad_token_id") if k in source}
+        for name in ("tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json"):
+            if os.path.isfile(os.path.join(tc.init_from, name)):
+                files[name] = common.read_json(os.path.join(tc.init_from, name))
     common.save_hf_llama(path, cfg, params, files)
     print(f"exported the model to {path} as a Hugging Face Llama directory in {cfg.dtype}, "
           f"{time.perf_counter() - t0:.1f} s (python 06_kv_cache_inference.py --checkpoint={path})")

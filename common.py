@@ -786,23 +786,29 @@ def config_from_hf(hf, dtype=None):
         raise UserError(e if str(e).startswith("config.json: ") else f"config.json: {e}") from None
 
 
-def load_hf_llama(path, dtype=None):
-    """(cfg, params) from a local Hugging Face Llama directory: config.json plus one or several
-    *.safetensors (sharded checkpoints list their files in model.safetensors.index.json).
-    dtype overrides the checkpoint's dtype for both storage and compute. Each tensor goes
-    straight to that dtype: Llama-3-8B's shape in bf16 loaded in 9.5-19.4 s on an H100 machine,
-    44-51 s when every tensor passed through float32."""
+def read_hf_config(path, dtype=None):
+    """The Config of a local Hugging Face Llama directory (its config.json), or a one-line error
+    saying why the directory is not one."""
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"a checkpoint directory is a path, got {type(path).__name__}")
-    cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise UserError(f"checkpoint directory {path} {what}")
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    cfg = config_from_hf(read_json(cfg_path), dtype)
+    return config_from_hf(read_json(os.path.join(path, "config.json")), dtype)
+
+
+def load_hf_llama(path, dtype=None, shardings=None):
+    """(cfg, params) from a local Hugging Face Llama directory: config.json plus one or several
+    *.safetensors (sharded checkpoints list their files in model.safetensors.index.json).
+    dtype overrides the checkpoint's dtype for both storage and compute. Each tensor goes
+    straight to that dtype: Llama-3-8B's shape in bf16 loaded in 9.5-19.4 s on an H100 machine,
+    44-51 s when every tensor passed through float32. With `shardings` (param_shardings'),
+    each device receives only its slices; else the params go to the default device."""
+    cfg = read_hf_config(path, dtype)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):  # a sharded checkpoint names its files; others may lie beside them
         weight_map = read_json(index).get("weight_map")
@@ -863,7 +869,10 @@ def load_hf_llama(path, dtype=None):
     got = jax.tree.map(np.shape, params)
     if expected != got:
         raise UserError(f"{path}: tensor shapes do not match config.json")
-    return cfg, jax.tree.map(lambda a: jnp.asarray(a, pd), params)
+    if shardings is None:
+        return cfg, jax.tree.map(lambda a: jnp.asarray(a, pd), params)
+    return cfg, jax.tree.map(lambda a, sh: jax.make_array_from_callback(
+        a.shape, sh, lambda idx: a[idx]), params, shardings)
 
 
 def config_to_hf(cfg):
@@ -959,7 +968,8 @@ def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
     """Write a model as a Hugging Face Llama directory, which load_hf_llama and transformers
     read: config.json, the tensors in cfg.param_dtype in safetensors files of at most
     shard_bytes each (several are listed in model.safetensors.index.json, as transformers'
-    save_pretrained does), and `files` ({name: JSON object}, e.g. a tokenizer.json). It is
+    save_pretrained does), and `files` ({name: JSON object}, e.g. a tokenizer.json; a
+    config.json there adds its fields, such as token ids, to the model's). It is
     written to a temporary directory, then renamed: a failure leaves nothing at `path`.
     Llama-3-8B's shape in bf16 (16.1 GB, four files) took 14.6-16.2 s on an H100 machine, where
     making the tensors and copying them to the host alone took 11.6 s, and writing the same
@@ -974,7 +984,8 @@ def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
         shards[-1][name], size = a, size + a.nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    files = dict(files or {}, **{"config.json": config_to_hf(cfg)})
+    files = dict(files or {})
+    files["config.json"] = config_to_hf(cfg) | files.get("config.json", {})
     if len(shards) > 1:
         files["model.safetensors.index.json"] = {
             "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
@@ -1022,11 +1033,12 @@ def _fsync_dir(path):
 STATE_FILE = "state.safetensors"  # checkpoints written before it held state.npz: still read
 
 
-def save_checkpoint(out_dir, step, tree, meta, keep=2):
+def save_checkpoint(out_dir, step, tree, meta, keep=2, files=None):
     """Write {tree: array leaves, meta: json} as out_dir/ckpt_<step>: STATE_FILE the leaves, named
-    by their tree paths, meta.json the rest. The files go to a temporary directory first, flushed
-    to disk, then renamed into place: a crash or a power loss mid-save leaves the previous
-    checkpoints as they were. Keeps the newest `keep` checkpoints."""
+    by their tree paths, meta.json the rest, and `files` ({name: JSON object}: a tokenizer.json)
+    beside them. The files go to a temporary directory first, flushed to disk, then renamed into
+    place: a crash or a power loss mid-save leaves the previous checkpoints as they were. Keeps
+    the newest `keep` checkpoints."""
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):  # left by a crashed save
         if stale.endswith(".old"):  # a rerun's previous copy, set aside before its rename
@@ -1041,10 +1053,12 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2):
     flat = {jax.tree_util.keystr(k): v if hasattr(v, "dtype") else np.asarray(v)  # a Python int
             for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     write_safetensors(os.path.join(tmp, STATE_FILE), flat)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(meta, step=step, dtypes={k: str(v.dtype) for k, v in flat.items()}), f)
-        f.flush()
-        os.fsync(f.fileno())
+    meta = dict(meta, step=step, dtypes={k: str(v.dtype) for k, v in flat.items()})
+    for name, value in dict(files or {}, **{"meta.json": meta}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(value, f)
+            f.flush()
+            os.fsync(f.fileno())
     _fsync_dir(tmp)
     if os.path.exists(final):  # the same step saved again (a rerun): replace it
         os.rename(final, tmp + ".old")
@@ -1630,7 +1644,7 @@ def ceilings(dtype="bfloat16"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: byte-level tokens from a text corpus
+# Data: a text corpus, as bytes or a Hugging Face tokenizer's tokens
 # ----------------------------------------------------------------------------------------------
 
 def load_corpus(path=None, max_bytes=64 * 2**20):
@@ -1711,6 +1725,89 @@ def byte_tokenizer_json():
                       "continuing_subword_prefix": None, "end_of_word_suffix": None,
                       "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                       "vocab": {char[b]: b for b in range(256)}, "merges": []}}
+
+
+class Tokenizer(typing.NamedTuple):
+    encode: typing.Callable   # text -> ids, with the tokenizer's special tokens (a BOS)
+    decode: typing.Callable   # ids -> text
+    stop: tuple = ()          # the ids that end an answer (the checkpoint's end of sequence)
+    spec: typing.Any = None   # its tokenizer.json, as a dict: what checkpoints and exports carry
+    encode_text: typing.Callable = None   # [text] -> [ids], no special tokens: training data
+
+
+def _bytes_of(text):
+    # surrogateescape: a prompt given as bytes that are not UTF-8 is read as those bytes
+    return list(text.encode("utf-8", "surrogateescape"))
+
+
+BYTES = Tokenizer(_bytes_of, lambda ids: bytes(int(i) for i in ids if i < 256).decode(
+    "utf-8", "replace"), spec=byte_tokenizer_json(),
+    encode_text=lambda texts: [_bytes_of(t) for t in texts])
+
+
+def load_tokenizer(path):
+    """The tokenizer.json of a directory (a Hugging Face checkpoint, or one of 09's) through the
+    `tokenizers` package; the byte-level one (byte_tokenizer_json) needs no package."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise UserError(f"{path} has no tokenizer.json")
+    spec = read_json(file)
+    if spec == BYTES.spec:
+        return BYTES
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("reading a Hugging Face tokenizer needs the `tokenizers` package: "
+                        "pip install tokenizers") from None
+    try:
+        tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # the package raises its own errors, of no common base class
+        raise UserError(f"{file} cannot be read by tokenizers ({e})") from None
+
+    def encode(text):
+        try:
+            return tok.encode(text).ids
+        except Exception as e:
+            raise UserError(f"the tokenizer cannot encode {text[:40]!r} ({e})") from None
+
+    def encode_text(texts):  # in parallel, in the package's threads
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    return Tokenizer(encode, lambda ids: tok.decode(list(ids)), eos_token_ids(path), spec,
+                     encode_text)
+
+
+def eos_token_ids(path):
+    """A Hugging Face checkpoint's end-of-sequence ids: generation_config.json's eos_token_id
+    (an id or a list; instruction-tuned Llamas end a turn with one and a text with another),
+    else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise UserError(f"{os.path.join(path, name)}: eos_token_id={eos!r} is "
+                                f"not a token id or a list of them")
+            return tuple(ids)
+    return ()
+
+
+def tokenize(tokenizer, data, piece_bytes=2**20):
+    """int32 token ids of `data` (uint8 bytes, load_corpus's) through `tokenizer`: bytes as they
+    are, or the text in pieces of about piece_bytes, cut after a newline, encoded in parallel."""
+    if tokenizer is BYTES:
+        return np.asarray(data, np.int32)
+    text, pieces, at = bytes(data).decode("utf-8", "replace"), [], 0
+    while at < len(text):
+        cut = text.find("\n", at + piece_bytes)
+        cut = len(text) if cut < 0 else cut + 1
+        pieces.append(text[at:cut])
+        at = cut
+    ids = tokenizer.encode_text(pieces)
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, sum(map(len, ids)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -518,10 +518,10 @@ def test_decode_loop_and_decode_steps_give_one_steps_tokens_and_logits():
 
 def test_eos_ids_come_from_the_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
-    assert inf.eos_token_ids(str(tmp_path)) == (2,)
+    assert common.eos_token_ids(str(tmp_path)) == (2,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
-    assert inf.eos_token_ids(str(tmp_path)) == (7, 9)
-    assert inf.eos_token_ids(str(tmp_path / "missing")) == ()
+    assert common.eos_token_ids(str(tmp_path)) == (7, 9)
+    assert common.eos_token_ids(str(tmp_path / "missing")) == ()
 
 
 def test_sampling_with_a_seed_is_reproducible():
@@ -754,7 +754,7 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
     for ic in (inf.InferConfig(ckpt_dir=str(tmp_path)), inf.InferConfig(checkpoint=str(tmp_path)),
                inf.InferConfig(checkpoint=path), inf.InferConfig(ckpt_dir=path)):
         (name, cfg, params, tok), = inf.load_model(ic, False)[0]
-        assert cfg == TIED and name == "ckpt_00000012" and tok is inf.BYTES
+        assert cfg == TIED and name == "ckpt_00000012" and tok is common.BYTES
         jax.tree.map(np.testing.assert_array_equal, params, new)
     assert inf.newest_train_checkpoint(str(tmp_path / "empty")) is None
     # on a GPU the lesson measures the Llama shapes, unless a --ckpt_dir is named
@@ -812,13 +812,13 @@ def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
-    loaded = inf.load_tokenizer(str(tmp_path))
+    loaded = common.load_tokenizer(str(tmp_path))
     assert loaded.encode("hello world") == [1, 2]
     assert loaded.decode([1, 2]) == "hello world"
     assert loaded.stop == (2,)                        # the sample's answer ends there
     monkeypatch.setitem(sys.modules, "tokenizers", None)   # as if not installed
     with pytest.raises(common.UserError, match="pip install tokenizers"):
-        inf.load_tokenizer(str(tmp_path))
+        common.load_tokenizer(str(tmp_path))
 
 
 def test_weight_kernels_finds_the_products_in_a_compiled_step():

@@ -313,6 +313,73 @@ def test_export_hf_writes_the_trained_weights_for_06_and_other_tools(tmp_path, m
     assert len(common.list_checkpoints(tc.out_dir)) == 1  # refused before any step
 
 
+def first_loss(path, tc, tokenizer):
+    """The loss of the Hugging Face model at `path` on the first batch `tc` trains on."""
+    cfg, params = common.load_hf_llama(str(path), "float32")
+    tokens, _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
+    x, y = common.get_batch(tokens, 0, tc.batch_size, tc.seq_len, tc.seed)
+    logp = jax.nn.log_softmax(common.forward(params, x, cfg), axis=-1)
+    return -float(np.mean(np.take_along_axis(np.asarray(logp), y[..., None], -1)))
+
+
+def test_init_from_fine_tunes_a_hugging_face_model(tmp_path):
+    """--init_from starts from the directory's weights: the first step's loss is theirs on that
+    batch. An exported byte-level model goes round: 09 -> Hugging Face -> 09."""
+    first = tiny_run(tmp_path / "a", export_hf=str(tmp_path / "hf"), sample_len=4)
+    train_mod.train_and_sample(first)
+    history = [json.loads(line)["loss"] for line in open(os.path.join(first.out_dir,
+                                                                      "metrics.jsonl"))]
+    tc = tiny_run(tmp_path / "b", init_from=str(tmp_path / "hf"), ckpt_every=4)
+    got = losses(train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0])
+    want = first_loss(tmp_path / "hf", tc, common.BYTES)
+    assert got[0] == pytest.approx(want, rel=1e-5) and want < history[0] - 0.5
+    (ckpt,) = common.list_checkpoints(tc.out_dir)
+    assert not os.path.exists(os.path.join(ckpt, "tokenizer.json"))  # bytes: none needed
+    for bad, match in ((tmp_path / "none", "--init_from: checkpoint directory .* does not exist"),
+                       (tmp_path / "a", "--init_from: .* has no config.json")):
+        with pytest.raises(common.UserError, match=match):
+            train_mod.train(dataclasses.replace(tc, init_from=str(bad)), log=lambda s: None)
+
+
+def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
+    """A model with a BPE tokenizer: the data are read as its tokens (ids past 255), the first
+    loss is the model's on them, the checkpoints carry the tokenizer.json, 06 decodes with it,
+    and the export passes it on with the model's token ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train([os.path.join(ROOT, "common.py")], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())
+    cfg = dataclasses.replace(common.Config.preset("tiny"), vocab_size=320)
+    common.save_hf_llama(str(tmp_path / "hf"), cfg, common.init_params(cfg, jax.random.key(2)),
+                         {"tokenizer.json": spec, "config.json": {"eos_token_id": 299},
+                          "generation_config.json": {"eos_token_id": 299}})
+    tc = tiny_run(tmp_path, init_from=str(tmp_path / "hf"), ckpt_every=4, sample_len=4,
+                  export_hf=str(tmp_path / "export"))
+    tokenizer = train_mod.data_tokenizer(tc)
+    tokens, _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
+    assert tokens.max() >= 256 and tokens.max() < 300
+    train_mod.train_and_sample(tc)
+    got = [json.loads(line)["loss"] for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
+    assert got[0] == pytest.approx(first_loss(tmp_path / "hf", tc, tokenizer), rel=1e-5)
+    (ckpt,) = common.list_checkpoints(tc.out_dir)
+    assert common.read_json(os.path.join(ckpt, "tokenizer.json")) == spec
+    served = common.import_script("06_kv_cache_inference").load_checkpoint_dir(tc.out_dir)[3]
+    assert served.encode("def forward(") == tok.encode("def forward(").ids
+    exported = str(tmp_path / "export")
+    assert common.read_json(os.path.join(exported, "tokenizer.json")) == spec
+    assert common.read_json(os.path.join(exported, "config.json"))["eos_token_id"] == 299
+    assert common.load_tokenizer(exported).stop == (299,)
+    small = dataclasses.replace(cfg, vocab_size=280)  # the tokenizer's ids reach 299
+    common.save_hf_llama(str(tmp_path / "small"), small,
+                         common.init_params(small, jax.random.key(2)), {"tokenizer.json": spec})
+    with pytest.raises(common.UserError, match="token 29[0-9], past the model's vocabulary of 280"):
+        train_mod.train(tiny_run(tmp_path / "s", init_from=str(tmp_path / "small")),
+                        log=lambda s: None)
+
+
 def test_damaged_metrics_lines_are_passed_over(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe{"st\n{"step": 2, "loss": 1.5}\n')
