@@ -106,6 +106,7 @@ class TrainConfig:
                                  # pallas with --xla_gpu_deterministic_ops)
     seed: int = 0                # of the init and of the batches' order
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
+    max_data_mb: int = 64        # read at most this many MiB of it (held in host memory)
     out_dir: str = "out"         # checkpoints and metrics.jsonl; rerun to resume
     ckpt_every: int = 100        # steps between checkpoints (and one at the end); 0: none
     ckpt_keep: int = 2           # the newest checkpoints kept; older ones are deleted
@@ -126,7 +127,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-                  "eval_batches", "num_processes", "join_timeout", "ckpt_keep"):
+                  "eval_batches", "num_processes", "join_timeout", "ckpt_keep", "max_data_mb"):
             if getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
         for f in ("warmup", "ckpt_every", "sample_len", "process_id", "min_lr", "weight_decay",
@@ -765,7 +766,12 @@ def load_data(tc, cfg, tokenizer, log=print):
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
         raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
                                f"run would read the checkpoints as text; put it elsewhere")
-    splits = common.load_corpus(tc.data or None)
+    limit = tc.max_data_mb * 2**20
+    splits = common.load_corpus(tc.data or None, limit)
+    size = sum(os.path.getsize(f) for f in common.corpus_files(tc.data or None))
+    if size > limit:
+        log(f"note: reading the first {tc.max_data_mb} MiB of the data's {size / 2**20:,.0f} "
+            f"MiB (--max_data_mb reads more)")
     if tokenizer is not common.BYTES:
         t0 = time.perf_counter()
         splits = [common.tokenize(tokenizer, s) for s in splits]

@@ -1647,26 +1647,33 @@ def ceilings(dtype="bfloat16"):
 # Data: a text corpus, as bytes or a Hugging Face tokenizer's tokens
 # ----------------------------------------------------------------------------------------------
 
-def load_corpus(path=None, max_bytes=64 * 2**20):
-    """(train, val) uint8 token arrays. Default corpus: the .py files of the installed Python
-    standard library (real text on every machine, the same for one Python version); the packages
-    installed beside it (site-packages) are left out, so installing one changes nothing. A file
-    is used whole; a directory is read file by file (sorted). Every 20th file by a name hash
-    goes to validation; a single file is split 95/5 instead."""
+def corpus_files(path=None):
+    """The files load_corpus reads, in its order: `path` itself, the files under it (sorted), or
+    with no path the .py files of the installed Python standard library."""
     if path is None:
         path = sysconfig.get_paths()["stdlib"]
         installed = {"site-packages", "dist-packages"}
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*.py"), recursive=True)
-                       if not installed & set(os.path.relpath(f, path).split(os.sep)))
-    elif os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if os.path.isfile(f))
-    elif os.path.isfile(path):
-        files = [path]
-    elif os.path.exists(path):
+        return sorted(f for f in glob.glob(os.path.join(path, "**", "*.py"), recursive=True)
+                      if not installed & set(os.path.relpath(f, path).split(os.sep)))
+    if os.path.isdir(path):
+        return sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                      if os.path.isfile(f))
+    if os.path.isfile(path):
+        return [path]
+    if os.path.exists(path):
         raise UserError(f"data path {path} is neither a file nor a directory")
-    else:
-        raise UserError(f"data path {path} does not exist")
+    raise UserError(f"data path {path} does not exist")
+
+
+def load_corpus(path=None, max_bytes=64 * 2**20):
+    """(train, val) uint8 token arrays of the first max_bytes of corpus_files(path). Default
+    corpus: the .py files of the installed Python standard library (real text on every machine,
+    the same for one Python version); the packages installed beside it (site-packages) are left
+    out, so installing one changes nothing. A file is used whole; a directory is read file by
+    file (sorted). Every 20th file by a name hash goes to validation; a single file is split
+    95/5 instead."""
+    files = corpus_files(path)
+    path = path or sysconfig.get_paths()["stdlib"]
     train, val, total = [], [], 0
     for f in files:
         with open(f, "rb") as fh:

@@ -538,6 +538,22 @@ def test_processes_that_found_different_checkpoints_stop():
         train_mod.check_same_start(np.array([4, 0]), "out")
 
 
+def test_data_past_max_data_mb_is_cut_and_said(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"{i}.txt").write_bytes(bytes([97 + i]) * 2**20)
+    tc = tiny_run(tmp_path, data=str(tmp_path / "corpus"), max_data_mb=2)
+    logged = []
+    train, val = train_mod.load_data(tc, train_mod.model_config(tc), common.BYTES, logged.append)
+    assert len(train) + len(val) == 2 * 2**20 and set(np.unique(np.concatenate([train, val]))) \
+        == {97, 98}
+    assert logged == ["note: reading the first 2 MiB of the data's 3 MiB (--max_data_mb reads "
+                      "more)"]
+    train_mod.load_data(dataclasses.replace(tc, max_data_mb=3), train_mod.model_config(tc),
+                        common.BYTES, logged.append)
+    assert len(logged) == 1
+
+
 def test_short_validation_split_is_refused_before_training(tmp_path):
     (tmp_path / "small.txt").write_bytes(b"x" * 1000)  # 950 bytes to train on, 50 to validate
     with pytest.raises(common.UserError, match="validation split of the data holds 50 bytes"):
