@@ -807,8 +807,11 @@ def _train(tc, stop_after, log, devices, held):
                             "two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
     tokenizer = data_tokenizer(tc)
     train_tokens, val_tokens = load_data(tc, cfg, tokenizer, log)
-    # A checkpoint carries the tokenizer its data were read with, for 06 and --export_hf
+    # A checkpoint carries the tokenizer its data were read with, and its end-of-sequence ids,
+    # for 06 and --export_hf
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
+    if tokenizer.stop:
+        files["generation_config.json"] = {"eos_token_id": list(tokenizer.stop)}
     if jax.process_index() == 0:
         held.enter_context(common.hold_dir(tc.out_dir, "--out_dir"))
     writer = Writer()

@@ -368,6 +368,7 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
     assert common.read_json(os.path.join(ckpt, "tokenizer.json")) == spec
     served = common.import_script("06_kv_cache_inference").load_checkpoint_dir(tc.out_dir)[3]
     assert served.encode("def forward(") == tok.encode("def forward(").ids
+    assert served.stop == (299,)  # the source's end of sequence ends 06's answers
     exported = str(tmp_path / "export")
     assert common.read_json(os.path.join(exported, "tokenizer.json")) == spec
     assert common.read_json(os.path.join(exported, "config.json"))["eos_token_id"] == 299
