@@ -113,11 +113,11 @@ class TrainConfig:
     log_every: int = 10          # steps between log lines (each waits for its step)
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4        # validation batches per evaluation
-    sample_len: int = 200        # bytes generated at the end
+    sample_len: int = 200        # tokens generated at the end (bytes, or --init_from's tokens)
     sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster);
                                  # on the command line \n, \t and \\ are a newline, tab, backslash
     export_hf: str = ""          # at the end, also write the model here as a Hugging Face Llama
-                                 # directory (a new one), in the compute dtype with a byte-level
+                                 # directory (a new one), in the compute dtype with its data's
                                  # tokenizer.json; rerun a finished run with it to export it alone
     breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
