@@ -656,6 +656,21 @@ def test_byte_tokenizer_gives_each_byte_its_own_id():
     assert tok.decode(list(text.encode())) == text
 
 
+def test_tokenize_in_pieces_gives_the_ids_of_the_whole_text(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    text = open(common.__file__, "rb").read()[:60_000]
+    data = np.frombuffer(text, np.uint8)
+    np.testing.assert_array_equal(common.tokenize(common.BYTES, data), data)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text.decode()], tokenizers.trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = common.load_tokenizer(str(tmp_path))
+    ids = common.tokenize(loaded, data, piece_chars=1000)  # in 10 pieces
+    assert ids.dtype == np.int32 and ids.tolist() == tok.encode(text.decode()).ids
+
+
 def test_transformers_reads_an_exported_model(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
