@@ -1000,10 +1000,7 @@ def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
             list(pool.map(lambda name, shard: write_safetensors(
                 os.path.join(tmp, name), shard, threads=8 // at_once), names, shards))
         for name, value in files.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(value, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_json(os.path.join(tmp, name), value, indent=2)
         _fsync_dir(tmp)
         os.rename(tmp, path)  # onto an empty directory, or none
         _fsync_dir(os.path.dirname(path))
@@ -1020,6 +1017,14 @@ def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
 # ----------------------------------------------------------------------------------------------
 # Training checkpoints (09 writes them, 06 serves them): a directory per step, written atomically
 # ----------------------------------------------------------------------------------------------
+
+def _write_json(path, value, indent=None):
+    """A JSON file, flushed to disk before the rename that puts its directory in place."""
+    with open(path, "w") as f:
+        json.dump(value, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+
 
 def _fsync_dir(path):
     """Make a rename inside `path` durable: a power loss after it cannot undo it."""
@@ -1055,10 +1060,7 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2, files=None):
     write_safetensors(os.path.join(tmp, STATE_FILE), flat)
     meta = dict(meta, step=step, dtypes={k: str(v.dtype) for k, v in flat.items()})
     for name, value in dict(files or {}, **{"meta.json": meta}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(value, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_json(os.path.join(tmp, name), value)
     _fsync_dir(tmp)
     if os.path.exists(final):  # the same step saved again (a rerun): replace it
         os.rename(final, tmp + ".old")
