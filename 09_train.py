@@ -1021,6 +1021,9 @@ def join(tc):
 
 def main():
     tc = common.parse_flags(TrainConfig())
+    if tc.init_from and any(a.startswith("--preset=") for a in sys.argv[1:]):
+        raise common.UserError("--preset and --init_from both name the model: --init_from takes "
+                               "its shape from DIR/config.json; drop --preset")
     tc = dataclasses.replace(tc, sample_prompt=common.unescape(tc.sample_prompt))
     if not (tc.num_processes > 1 or tc.coordinator):
         return train_and_sample(tc)

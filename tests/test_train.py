@@ -322,7 +322,7 @@ def first_loss(path, tc, tokenizer):
     return -float(np.mean(np.take_along_axis(np.asarray(logp), y[..., None], -1)))
 
 
-def test_init_from_fine_tunes_a_hugging_face_model(tmp_path):
+def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
     """--init_from starts from the directory's weights: the first step's loss is theirs on that
     batch. An exported byte-level model goes round: 09 -> Hugging Face -> 09."""
     first = tiny_run(tmp_path / "a", export_hf=str(tmp_path / "hf"), sample_len=4)
@@ -335,6 +335,9 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path):
     assert got[0] == pytest.approx(want, rel=1e-5) and want < history[0] - 0.5
     (ckpt,) = common.list_checkpoints(tc.out_dir)
     assert not os.path.exists(os.path.join(ckpt, "tokenizer.json"))  # bytes: none needed
+    monkeypatch.setattr(sys, "argv", ["09_train.py", "--preset=tiny", f"--init_from={tmp_path}"])
+    with pytest.raises(common.UserError, match="--preset and --init_from both name the model"):
+        train_mod.main()
     for bad, match in ((tmp_path / "none", "--init_from: checkpoint directory .* does not exist"),
                        (tmp_path / "a", "--init_from: .* has no config.json")):
         with pytest.raises(common.UserError, match=match):
