@@ -575,7 +575,7 @@ def drop_metrics_after(path, step):
     os.replace(tmp, path)
 
 
-def plot_metrics(out_dir):
+def plot_metrics(out_dir, unit="byte"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -589,7 +589,7 @@ def plot_metrics(out_dir):
         if pts:
             ax.plot(*zip(*pts), marker="." if key == "val_loss" else None, label=key)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per byte)")
+    ax.set_ylabel(f"loss (nats per {unit})")
     ax.legend()
     path = os.path.join(out_dir, "loss.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -883,8 +883,24 @@ def _train(tc, stop_after, log, devices, held):
 
     history = []
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    baseline = tc.init_from and start == 0  # the loaded model's validation loss, before a step
     if jax.process_index() == 0:
-        drop_metrics_after(metrics_path, start)
+        drop_metrics_after(metrics_path, start - 1 if baseline else start)
+
+    def validate(params):
+        return float(np.mean([eval_fn(params, *batch(val_tokens, i, tc.seed + 1))
+                              for i in range(tc.eval_batches)]))
+
+    def record(row):
+        history.append(row)
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if baseline:
+        val = validate(params)
+        log(f"step     0 | val loss {val:.4f} (the model as loaded from {tc.init_from})")
+        record({"step": 0, "val_loss": val})
     t_last, steps_since = time.perf_counter(), 0
     interrupted = (held.enter_context(stop_after_the_step()) if jax.process_count() == 1
                    else [False])
@@ -919,15 +935,11 @@ def _train(tc, stop_after, log, devices, held):
                 f"gnorm {m['grad_norm']:6.2f} | {dt * 1e3:8.1f} ms | {tok_s:10,.0f} tok/s | "
                 f"mfu {100 * mfu:5.1f}%")
         if done % tc.eval_every == 0 or done == tc.steps:
-            val = float(np.mean([eval_fn(params, *batch(val_tokens, i, tc.seed + 1))
-                                 for i in range(tc.eval_batches)]))
+            val = validate(params)
             log(f"step {done:5d} | val loss {val:.4f}")
             row = dict(row or {"step": done}, val_loss=val)
         if row is not None:
-            history.append(row)
-            if jax.process_index() == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            record(row)
         if saving:
             save(tc, done, params, opt, cfg, data_id, writer, files,
                  last=stopping or done in (tc.steps, stop_after))
@@ -1047,7 +1059,7 @@ def train_and_sample(tc):
     if tc.breakdown:
         return
     if jax.process_index() == 0 and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):
-        path = plot_metrics(tc.out_dir)
+        path = plot_metrics(tc.out_dir, "token" if tc.init_from else "byte")
         if path:
             print(f"loss curve: {path}")
     if (tc.sample_len or tc.export_hf) and jax.process_count() > 1:  # every process gathers

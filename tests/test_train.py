@@ -327,12 +327,13 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
     batch. An exported byte-level model goes round: 09 -> Hugging Face -> 09."""
     first = tiny_run(tmp_path / "a", export_hf=str(tmp_path / "hf"), sample_len=4)
     train_mod.train_and_sample(first)
-    history = [json.loads(line)["loss"] for line in open(os.path.join(first.out_dir,
-                                                                      "metrics.jsonl"))]
+    history = [json.loads(line) for line in open(os.path.join(first.out_dir, "metrics.jsonl"))]
     tc = tiny_run(tmp_path / "b", init_from=str(tmp_path / "hf"), ckpt_every=4)
-    got = losses(train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0])
+    rows = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])[0]
     want = first_loss(tmp_path / "hf", tc, common.BYTES)
-    assert got[0] == pytest.approx(want, rel=1e-5) and want < history[0] - 0.5
+    assert losses(rows)[0] == pytest.approx(want, rel=1e-5) and want < history[0]["loss"] - 0.5
+    # Before its first step, the fine-tune measures the loaded model: the export's last loss
+    assert rows[0] == {"step": 0, "val_loss": pytest.approx(history[-1]["val_loss"], rel=1e-5)}
     (ckpt,) = common.list_checkpoints(tc.out_dir)
     assert not os.path.exists(os.path.join(ckpt, "tokenizer.json"))  # bytes: none needed
     monkeypatch.setattr(sys, "argv", ["09_train.py", "--preset=tiny", f"--init_from={tmp_path}"])
@@ -365,8 +366,9 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
     tokens, _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
     assert tokens.max() >= 256 and tokens.max() < 300
     train_mod.train_and_sample(tc)
-    got = [json.loads(line)["loss"] for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
-    assert got[0] == pytest.approx(first_loss(tmp_path / "hf", tc, tokenizer), rel=1e-5)
+    rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]
+    assert losses(rows)[0] == pytest.approx(first_loss(tmp_path / "hf", tc, tokenizer), rel=1e-5)
     (ckpt,) = common.list_checkpoints(tc.out_dir)
     assert common.read_json(os.path.join(ckpt, "tokenizer.json")) == spec
     served = common.import_script("06_kv_cache_inference").load_checkpoint_dir(tc.out_dir)[3]
