@@ -719,6 +719,32 @@ def test_two_processes_equal_one(tmp_path, one_device_run, one_device_dir):
         np.testing.assert_array_equal(v, a["['params']" + jax.tree_util.keystr(k)])
 
 
+def test_two_processes_fine_tune_as_one_device_does(tmp_path):
+    """--init_from over two processes: each device reads its own slices of the Hugging Face
+    weights, and the losses (step 0's validation included) are the one-device run's."""
+    cfg = common.Config.preset("tiny")
+    common.save_hf_llama(str(tmp_path / "hf"), cfg, common.init_params(cfg, jax.random.key(7)),
+                         {"tokenizer.json": common.byte_tokenizer_json()})
+    one = tiny_run(tmp_path / "one", init_from=str(tmp_path / "hf"), steps=2, batch_size=16)
+    want = train_mod.train(one, log=lambda s: None, devices=jax.devices()[:1])[0]
+    args = [f"--{f.name}={getattr(one, f.name)}" for f in dataclasses.fields(one)
+            if f.name not in ("out_dir", "mesh", "preset", "coordinator", "num_processes",
+                              "process_id")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [run_script(args + [f"--out_dir={tmp_path / 'two'}", "--mesh=dp:2,fsdp:2,tp:2",
+                                f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                f"--process_id={i}"], 4) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    got = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["step"] for r in got] == [0, 1, 2]
+    np.testing.assert_allclose([got[0]["val_loss"]] + losses(got),
+                               [want[0]["val_loss"]] + losses(want), rtol=2e-5)
+
+
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
     """A scheduler's SIGTERM reaches one process of two: both hear of it through JAX's
     preemption service, agree on a step, save it and stop with one line naming it."""
