@@ -1838,23 +1838,41 @@ def eos_token_ids(path):
 def tokenize(tokenizer, data, piece_chars=2**20):
     """int32 token ids of `data` (uint8 bytes, load_corpus's) through `tokenizer`: bytes as they
     are, or the text in pieces of about piece_chars characters encoded in parallel (one call on
-    a whole text runs on one thread: 5-7x slower on 16 cores). A piece ends at a line break
-    between two lines' text, where byte-level BPEs (GPT-2's, Llama 3's) split anyway, so the
-    ids are the whole text's; a SentencePiece tokenizer (Llama 2's) marks each piece's first
-    word as a word start, once in about a million characters."""
+    a whole text runs on one thread: 5-7x slower on 16 cores). The ids are the whole text's:
+    pieces are cut where the tokenizer splits anyway, and each cut is checked (the text around
+    it must encode as its two sides do). Byte-level BPEs (GPT-2's, Llama 3's) split before a
+    line's text and before a space. Llama 2's tokenizer prepends a word start to all it encodes,
+    so its pieces are cut at a space, which is left out to be put back. If no way of cutting
+    holds, the whole text is encoded in one call."""
     if tokenizer is BYTES:
         return np.asarray(data, np.int32)
-    text, pieces, at = bytes(data).decode("utf-8", "replace"), [], 0
-    while at < len(text):
-        cut = _LINE_BREAK.search(text, at + piece_chars)
-        cut = cut.start() if cut else len(text)
-        pieces.append(text[at:cut])
-        at = cut
-    ids = tokenizer.encode_text(pieces)
+    text = bytes(data).decode("utf-8", "replace")
+    for where in _CUTS:
+        cuts, at = [], 0  # (end of a piece, start of the next)
+        while (cut := where.search(text, at + piece_chars)) is not None:
+            cuts.append(cut.span())
+            at = cut.end()
+        if _cuts_hold(tokenizer, text, cuts):
+            break
+    else:
+        cuts = []
+    starts, ends = [0] + [b for _, b in cuts], [a for a, _ in cuts] + [len(text)]
+    ids = tokenizer.encode_text([text[a:b] for a, b in zip(starts, ends)])
     return np.fromiter(itertools.chain.from_iterable(ids), np.int32, sum(map(len, ids)))
 
 
-_LINE_BREAK = re.compile(r"(?<=\S\n)(?=\S)")  # after a newline, with text on both sides
+_CUTS = (re.compile(r"(?<=\S\n)(?=\S)"),  # before a line's text, after a line's text
+         re.compile(r"(?<=\S)(?= \S)"),    # before a space between words
+         re.compile(r"(?<=\S) (?=\S)"))    # a space between words, left out
+
+
+def _cuts_hold(tokenizer, text, cuts, w=256):
+    """Whether the text w characters each side of every cut encodes as its two sides do."""
+    ids = tokenizer.encode_text([text[max(a - w, 0):b + w] for a, b in cuts]
+                                + [text[max(a - w, 0):a] for a, _ in cuts]
+                                + [text[b:b + w] for _, b in cuts])
+    n = len(cuts)
+    return all(ids[i] == ids[n + i] + ids[2 * n + i] for i in range(n))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -687,19 +687,47 @@ def test_byte_tokenizer_gives_each_byte_its_own_id():
     assert tok.decode(list(text.encode())) == text
 
 
-def test_tokenize_in_pieces_gives_the_ids_of_the_whole_text(tmp_path):
+def bpe_tokenizer(kind, text):
+    """A small BPE of each family, trained on `text`: byte-level (GPT-2's, Llama 3's), the
+    tokenizers package's SentencePiece, and Llama 2's (a normalizer that prepends the word start
+    and turns spaces into it, no pre-tokenizer)."""
     tokenizers = pytest.importorskip("tokenizers")
+    models, normalizers, pre = tokenizers.models, tokenizers.normalizers, tokenizers.pre_tokenizers
+    if kind == "sentencepiece":
+        tok = tokenizers.SentencePieceBPETokenizer()
+        tok.train_from_iterator([text], vocab_size=400)
+        return tok
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=kind == "llama-2"))
+    tok.pre_tokenizer = (pre.ByteLevel(add_prefix_space=False) if kind == "byte-level"
+                         else pre.Metaspace(prepend_scheme="first"))
+    alphabet = pre.ByteLevel.alphabet() if kind == "byte-level" else []
+    tok.train_from_iterator([text], tokenizers.trainers.BpeTrainer(vocab_size=400,
+                                                                   initial_alphabet=alphabet))
+    if kind == "llama-2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+        tok.pre_tokenizer = None
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece", "llama-2"])
+def test_tokenize_in_pieces_gives_the_ids_of_the_whole_text(tmp_path, kind):
+    """Each family's pieces are cut where its ids stay the whole text's (cutting at lines'
+    starts, right for byte-level BPEs, changes the others' ids: tokenize checks its cuts)."""
     text = open(common.__file__, "rb").read()[:60_000]
     data = np.frombuffer(text, np.uint8)
     np.testing.assert_array_equal(common.tokenize(common.BYTES, data), data)
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator([text.decode()], tokenizers.trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok = bpe_tokenizer(kind, text.decode())
+    lines = sum((tok.encode(s).ids for s in ("x = 1\n", "y = 2\n")), [])
+    assert (lines == tok.encode("x = 1\ny = 2\n").ids) == (kind == "byte-level")
     tok.save(str(tmp_path / "tokenizer.json"))
     loaded = common.load_tokenizer(str(tmp_path))
-    ids = common.tokenize(loaded, data, piece_chars=1000)  # in 10 pieces
+    calls = []
+    spy = loaded._replace(encode_text=lambda texts: calls.append(len(texts)) or
+                          loaded.encode_text(texts))
+    ids = common.tokenize(spy, data, piece_chars=1000)
     assert ids.dtype == np.int32 and ids.tolist() == tok.encode(text.decode()).ids
+    assert calls[-1] > 5  # encoded in pieces, not in one call
 
 
 def test_transformers_reads_an_exported_model(tmp_path):
