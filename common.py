@@ -738,8 +738,10 @@ def config_from_hf(hf, dtype=None):
             raise UserError(f"config.json: {field}={value!r} is not true or false")
         return value
 
-    if hf.get("model_type", "llama") != "llama":
-        refuse("model_type", "this loader reads the Llama architecture")
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        refuse("model_type", "this loader reads the Llama architecture, and Mistral's: Llama's "
+                             "within a sliding window")
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "Llama's MLP is SwiGLU with silu")
     for field in ("attention_bias", "mlp_bias"):
@@ -764,6 +766,11 @@ def config_from_hf(hf, dtype=None):
     elif rope_type != "default":
         raise UserError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
     D, H = number("hidden_size"), number("num_attention_heads")
+    max_len = number("max_position_embeddings", 2048)
+    if model_type == "mistral" and hf.get("sliding_window") is not None:
+        # Each token attends to the last sliding_window positions: up to that many, that is
+        # causal attention, which is what forward computes; past it, forward would see more.
+        max_len = min(max_len, number("sliding_window"))
     stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
     if dtype is None and stored not in ("float32", "bfloat16", "float16"):
         raise UserError(f"config.json: torch_dtype {stored!r} is not float32, bfloat16 or float16 "
@@ -777,7 +784,7 @@ def config_from_hf(hf, dtype=None):
                       n_kv_heads=number("num_key_value_heads", H),
                       head_dim=number("head_dim", D // max(H, 1)),
                       d_ff=number("intermediate_size"),
-                      max_seq_len=number("max_position_embeddings", 2048),
+                      max_seq_len=max_len,
                       rope_theta=float(theta), rope_scaling=scaling,
                       norm_eps=number("rms_norm_eps", 1e-6, float),
                       tie_embeddings=flag("tie_word_embeddings"),

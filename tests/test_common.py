@@ -288,6 +288,18 @@ def test_loader_round_trip(tmp_path, cfg, shards, new_style):
     jax.tree.map(np.testing.assert_array_equal, got, params)
 
 
+def test_loader_reads_mistral_as_llama_within_its_window(tmp_path):
+    """Mistral's checkpoints are Llama's, names included, but attend over a sliding window: the
+    model is read as Llama with its context capped at the window, where the two agree."""
+    params = common.init_params(TINY, jax.random.key(6))
+    for window, max_len in ((None, TINY.max_seq_len), (4096, TINY.max_seq_len), (64, 64)):
+        save_checkpoint(tmp_path, params, TINY, model_type="mistral", sliding_window=window,
+                        architectures=["MistralForCausalLM"])
+        cfg, got = common.load_hf_llama(str(tmp_path))
+        assert cfg == dataclasses.replace(TINY, max_seq_len=max_len)
+        jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
 def test_loader_reads_bf16(tmp_path):
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), common.init_params(TINY, jax.random.key(0)))
     save_checkpoint(tmp_path, params, TINY, torch_dtype="bfloat16")
@@ -330,7 +342,8 @@ def test_loader_sends_each_device_its_slices_one_parameter_at_a_time(tmp_path, s
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": "qwen2"}, "model_type"),
+    ({"model_type": "mistral", "sliding_window": "4k"}, "sliding_window"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
 ])
@@ -608,20 +621,28 @@ def test_training_checkpoints_damaged_or_cut_by_a_crash(tmp_path):
         ["ckpt_00000003", "ckpt_00000004"]
 
 
-@pytest.mark.parametrize("cfg", [TINY, GQA_SCALED], ids=["tiny", "mqa-llama3rope-tied"])
-def test_logits_match_transformers(tmp_path, cfg):
+@pytest.mark.parametrize("cfg,mistral", [(TINY, False), (GQA_SCALED, False), (TINY, True)],
+                         ids=["tiny", "mqa-llama3rope-tied", "mistral-window-48"])
+def test_logits_match_transformers(tmp_path, cfg, mistral):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     hf = hf_config(cfg)
     hf.pop("architectures"), hf.pop("model_type"), hf.pop("torch_dtype")
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).float().eval()
+    if mistral:  # 48 tokens, all within the window: the model's own attention, unmasked
+        hf.pop("rope_scaling")
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**hf,
+                                                                           sliding_window=48))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    model = model.float().eval()
     with torch.no_grad():  # HF initializes norms to 1: perturb them so they are tested too
         for name, w in model.named_parameters():
             if "norm" in name:
                 w.add_(0.1 * torch.randn_like(w))
     model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="200KB")
     got_cfg, params = common.load_hf_llama(str(tmp_path), dtype="float32")
+    assert got_cfg.max_seq_len == (48 if mistral else cfg.max_seq_len)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
         ref = model(torch.tensor(tokens)).logits.numpy()
