@@ -427,30 +427,36 @@ def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
     about 11 s at 1B, the time a scheduler's SIGTERM leaves runs short of). data_id:
     common.corpus_id of the data the steps read; files: written beside (a tokenizer.json)."""
     state = {"params": params, "opt": opt}
+    if jax.process_index() == 0:
+        writer.wait()  # one checkpoint at a time, so one copy of the state on the host
     if jax.process_count() > 1:
-        state = gather_to_process_0(state)
+        state = gather_to_process_0(state, pinned=not last)
+    elif not last:
+        state = to_host(state)
     if jax.process_index() == 0:
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
                 "init_from": tc.init_from,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
                 "batch_size": tc.batch_size, "seq_len": tc.seq_len, "data": data_id}
-        writer.wait()  # one checkpoint at a time, so one copy of the state on the host
-        writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep,
-                     state if jax.process_count() > 1 or last else to_host(state), meta, files)
+        writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep, state, meta, files)
 
 
 def _same(x):
     return x
 
 
-def gather_to_process_0(tree):
-    """The whole of each array, as numpy, on process 0, and None elsewhere. Every process takes
-    part in each array's gather, one array at a time, so a device holds one whole array at most;
-    only process 0 copies it to the host (multihost_utils.process_allgather copies it on every
-    process: at 8B, 96 GB of weights and AdamW moments on each host, for nothing)."""
+def gather_to_process_0(tree, pinned=False):
+    """The whole of each array in process 0's host memory (pinned: to_host's), and None
+    elsewhere. Every process takes part in each array's gather, one array at a time, so a
+    device holds one whole array at most; only process 0 copies it to the host
+    (multihost_utils.process_allgather copies it on every process: at 8B, 96 GB of weights and
+    AdamW moments on each host, for nothing)."""
     def one(x):
         whole = jax.jit(_same, out_shardings=x.sharding.update(spec=common.P()))(x)
-        return np.asarray(whole.addressable_data(0)) if jax.process_index() == 0 else None
+        if jax.process_index() != 0:
+            return None
+        return to_host(whole.addressable_data(0)) if pinned else np.asarray(
+            whole.addressable_data(0))
     return jax.tree.map(one, tree)
 
 
