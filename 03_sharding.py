@@ -245,18 +245,21 @@ def predict_layer_collectives(cfg, sizes, batch_size, seq_len, passes=1,
     sequence_parallel: with tp, the batch rows split over tp between the sub-blocks."""
     d, f, t = sizes["dp"], sizes["fsdp"], sizes["tp"]
     D, H, KH, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    pb, db = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
+    # Everything moves in the compute dtype. A weight is cast before it is gathered, and its
+    # gradient is reduced before the cast back to the params' dtype: the reduce-scatter is the
+    # gather's transpose. (XLA on GPUs does this; XLA:CPU moves bf16 as float32, 2x the bytes.)
+    db = jnp.dtype(cfg.dtype).itemsize
     mats = [D * H * Dh, D * KH * Dh, D * KH * Dh, H * Dh * D, D * F, D * F, F * D]  # wq..w_down
     out = []
     if f > 1:  # FSDP: gather each weight (its tp slice) before use, reduce-scatter its gradient
         out += [Coll("all-gather", m // t * db, f) for m in mats] * passes
-        out += [Coll("reduce-scatter", m // t * pb, f) for m in mats]
+        out += [Coll("reduce-scatter", m // t * db, f) for m in mats]
     if d > 1:  # DP: all-reduce every gradient (what FSDP left of it)
-        out += [Coll("all-reduce", m // (t * f) * pb, d) for m in mats]
+        out += [Coll("all-reduce", m // (t * f) * db, d) for m in mats]
     sp = sequence_parallel and t > 1
     norm_group = d * f * (t if sp else 1)
     if norm_group > 1:  # the norms' gains are replicated: their gradients are all-reduced
-        out += [Coll("all-reduce", D * pb, norm_group)] * 2
+        out += [Coll("all-reduce", D * db, norm_group)] * 2
     act = batch_size // (d * f) * seq_len * D * db
     if t > 1 and not sp:  # TP: XLA reduces each matmul's partial sums alone: 2 forward, 5 back
         out += [Coll("all-reduce", act, t)] * 7
@@ -700,18 +703,18 @@ def bench_training(run, plan, n, on_gpu):
                                                 run.bench_iters, scheme_rules(mesh, batch_size, sp))
         rows.append((name, sizes, sp, batch_size, compile_s, step_s, loss))
     # Bounds per step: the FLOPs at peak, and the traffic at the link's datasheet bandwidth.
-    # FSDP: every weight gathered twice (forward, backward) in the compute dtype, every gradient
-    # reduce-scattered in the param dtype, (N-1)/N of each on a ring (lesson 02). TP: the
-    # layers' activation reductions as predicted above (7 a layer, before any reassociation).
+    # FSDP: every weight gathered twice (forward, backward) and every gradient reduce-scattered,
+    # all in the compute dtype, (N-1)/N of each on a ring (lesson 02). TP: the layers'
+    # activation reductions as predicted above (7 a layer, before any reassociation).
     chip = common.device_chip()
     n_params = bcfg.param_count()
-    pb, db = jnp.dtype(bcfg.param_dtype).itemsize, jnp.dtype(bcfg.dtype).itemsize
+    db = jnp.dtype(bcfg.dtype).itemsize
 
     def comm_bytes(sizes, sp, batch_size):
         f, t = sizes["fsdp"], sizes["tp"]
         tp_only = {"dp": 1, "fsdp": 1, "tp": t}
         acts = predict_layer_collectives(bcfg, tp_only, batch_size // f, bt, 2, sp)
-        return ((2 * db + pb) * n_params / t * (f - 1) / f
+        return (3 * db * n_params / t * (f - 1) / f
                 + (bcfg.n_layers * ring_traffic(acts) if t > 1 else 0))
     print(f"\ntraining step (loss, grads, Adam) of {bench_preset} ({n_params / 1e6:.1f}M params), "
           f"{bb} x {bt} tokens per device (per group of tp devices in the TP rows), "

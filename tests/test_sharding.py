@@ -355,13 +355,16 @@ def test_memory_per_device_grads_are_in_the_param_dtype():
     assert mem["params"] == mem["grads"] == 4 * cfg.param_count()
 
 
-def test_predicted_fsdp_gathers_in_compute_dtype_and_reduces_in_param_dtype():
+def test_predicted_collectives_move_the_compute_dtype():
+    """float32 params, bf16 compute: the weights are gathered and their gradients reduced in
+    bf16, half float32's bytes (what XLA compiles for GPUs)."""
     bf = dataclasses.replace(CFG, dtype="bfloat16")
-    sizes = common.parse_mesh("fsdp:8")
+    sizes = common.parse_mesh("dp:2,fsdp:4")
     f32 = sh.summarize(sh.predict_layer_collectives(CFG, sizes, B, T, 1))
     b16 = sh.summarize(sh.predict_layer_collectives(bf, sizes, B, T, 1))
-    assert 2 * b16["all-gather"][1] == f32["all-gather"][1]
-    assert b16["reduce-scatter"] == f32["reduce-scatter"]
+    assert set(b16) == set(f32) == {"all-gather", "reduce-scatter", "all-reduce"}
+    for op in f32:
+        assert b16[op][0] == f32[op][0] and 2 * b16[op][1] == f32[op][1]
 
 
 def test_block_collectives_match_prediction_dp_with_fsdp():
