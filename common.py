@@ -855,9 +855,9 @@ def load_hf_llama(path, dtype=None, shardings=None):
                             f"quantized checkpoint needs its scales; load an unquantized one")
         return tensors[name]
 
-    # Where each parameter lives in the files: (torch name, layer -> name if stacked, n_in).
-    # torch Linear weights are [out, in]; ours are [in, out] with in or out split further (wq's
-    # out is heads x head_dim); n_in counts our dims that make up in. Norms and embed match.
+    # Each parameter's torch name (a function of the layer, for a stacked one) and n_in. torch
+    # Linear weights are [out, in]; ours are [in, out] with in or out split further (wq's out
+    # is heads x head_dim), and n_in counts our dims that make up in. Norms and embed match.
     torch_names = {"embed": ("model.embed_tokens.weight", None),
                    "final_norm": ("model.norm.weight", None), "lm_head": ("lm_head.weight", 1)}
     for ours, theirs, n_in in (
