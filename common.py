@@ -894,10 +894,14 @@ def load_hf_llama(path, dtype=None, shardings=None):
             file_sharding = NamedSharding(sharding.mesh, P(*lead, group(split[n_in:]),
                                                              group(split[:n_in])))
 
+        read = {}  # devices holding the same slice (replicas over dp) share one read of it
+
         def piece(idx):  # a device's slice of the parameter in the files' layout
-            if not stacked:
-                return np.array(tensors[0][idx])
-            return np.stack([tensors[i][idx[1:]] for i in range(cfg.n_layers)[idx[0]]])
+            key = tuple((s.start, s.stop) for s in idx)
+            if key not in read:
+                read[key] = (np.array(tensors[0][idx]) if not stacked else np.stack(
+                    [tensors[i][idx[1:]] for i in range(cfg.n_layers)[idx[0]]]))
+            return read[key]
 
         raw = jax.make_array_from_callback(((cfg.n_layers,) if stacked else ()) + theirs,
                                            file_sharding, piece)
