@@ -1376,8 +1376,9 @@ def load_checkpoint_dir(path, tokenizer=True):
                                f"(config.json) nor 09_train.py's (meta.json, or ckpt_<step>/)")
     name = os.path.basename(path.rstrip("/"))
     cfg, params = common.load_hf_llama(path)
+    note = common.window_note(path, cfg)
     return (name, cfg, params, common.load_tokenizer(path) if tokenizer else None,
-            f"Hugging Face checkpoint {path}")
+            f"Hugging Face checkpoint {path}" + (f"\n{note}" if note else ""))
 
 
 def load_draft(path, cfg):

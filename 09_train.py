@@ -836,6 +836,9 @@ def _train(tc, stop_after, log, devices, held):
         t0 = time.perf_counter()
         params = common.load_hf_llama(tc.init_from, "float32", shardings)[1]
         log(f"initialized from {tc.init_from} in {time.perf_counter() - t0:.1f} s")
+        note = common.window_note(tc.init_from, cfg)
+        if note:
+            log(note)
     if jax.process_count() > 1:  # each process read its own out_dir
         check_same_start(multihost_utils.process_allgather(np.int32(start)), tc.out_dir)
     if start >= tc.steps:

@@ -793,6 +793,19 @@ def config_from_hf(hf, dtype=None):
         raise UserError(e if str(e).startswith("config.json: ") else f"config.json: {e}") from None
 
 
+def window_note(path, cfg):
+    """A line saying that a Mistral checkpoint's sliding window capped cfg's context below its
+    max_position_embeddings (config_from_hf does so), or "" when it did not."""
+    hf = read_json(os.path.join(path, "config.json"))
+    longest = hf.get("max_position_embeddings")
+    if (hf.get("model_type") != "mistral" or not isinstance(longest, int)
+            or longest <= cfg.max_seq_len):
+        return ""
+    return (f"note: the model attends over a sliding window of {cfg.max_seq_len} tokens; this "
+            f"course's attention is the same model only within it, so the context is "
+            f"{cfg.max_seq_len} tokens, not max_position_embeddings={longest}")
+
+
 def read_hf_config(path, dtype=None):
     """The Config of a local Hugging Face Llama directory (its config.json), or a one-line error
     saying why the directory is not one."""

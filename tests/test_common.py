@@ -298,6 +298,8 @@ def test_loader_reads_mistral_as_llama_within_its_window(tmp_path):
         cfg, got = common.load_hf_llama(str(tmp_path))
         assert cfg == dataclasses.replace(TINY, max_seq_len=max_len)
         jax.tree.map(np.testing.assert_array_equal, got, params)
+        note = common.window_note(str(tmp_path), cfg)  # what 06 and 09 print beside the model
+        assert "sliding window of 64 tokens" in note if window == 64 else note == ""
 
 
 def test_loader_reads_bf16(tmp_path):
