@@ -455,8 +455,8 @@ def gather_to_process_0(tree, pinned=False):
         whole = jax.jit(_same, out_shardings=x.sharding.update(spec=common.P()))(x)
         if jax.process_index() != 0:
             return None
-        return to_host(whole.addressable_data(0)) if pinned else np.asarray(
-            whole.addressable_data(0))
+        local = whole.addressable_data(0)
+        return to_host(local) if pinned else np.asarray(local)
     return jax.tree.map(one, tree)
 
 

@@ -895,8 +895,8 @@ def load_hf_llama(path, dtype=None, shardings=None):
         stacked = key_path[0].key == "layers"
         ours = spec.shape[1:] if stacked else spec.shape  # one layer's
         theirs = ours if n_in is None else (math.prod(ours[n_in:]), math.prod(ours[:n_in]))
-        tensors = ([get(name(i), *theirs) for i in range(cfg.n_layers)] if stacked
-                   else [get(name, *theirs)])
+        stored = ([get(name(i), *theirs) for i in range(cfg.n_layers)] if stacked
+                  else [get(name, *theirs)])
         file_sharding = sharding
         if isinstance(sharding, NamedSharding) and n_in is not None:
             # The same split in torch's layout. A group of our dims merged into one of theirs
@@ -912,8 +912,8 @@ def load_hf_llama(path, dtype=None, shardings=None):
         def piece(idx):  # a device's slice of the parameter in the files' layout
             key = tuple((s.start, s.stop) for s in idx)
             if key not in read:
-                read[key] = (np.array(tensors[0][idx]) if not stacked else np.stack(
-                    [tensors[i][idx[1:]] for i in range(cfg.n_layers)[idx[0]]]))
+                read[key] = (np.array(stored[0][idx]) if not stacked else np.stack(
+                    [stored[i][idx[1:]] for i in range(cfg.n_layers)[idx[0]]]))
             return read[key]
 
         raw = jax.make_array_from_callback(((cfg.n_layers,) if stacked else ()) + theirs,
