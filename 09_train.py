@@ -773,14 +773,16 @@ def load_data(tc, cfg, tokenizer, log=print):
         raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
                                f"run would read the checkpoints as text; put it elsewhere")
     limit = tc.max_data_mb * 2**20
-    splits = common.load_corpus(tc.data or None, limit)
+    splits = common.load_corpus(tc.data or None, limit, edges=True)
     size = sum(os.path.getsize(f) for f in common.corpus_files(tc.data or None))
     if size > limit:
         log(f"note: reading the first {tc.max_data_mb} MiB of the data's {size / 2**20:,.0f} "
             f"MiB (--max_data_mb reads more)")
-    if tokenizer is not common.BYTES:
+    if tokenizer is common.BYTES:
+        splits = [data for data, _ in splits]
+    else:  # each file a document, begun and ended as the model saw documents in pretraining
         t0 = time.perf_counter()
-        splits = [common.tokenize(tokenizer, s) for s in splits]
+        splits = [common.tokenize(tokenizer, data, edges) for data, edges in splits]
         log(f"tokenized the data with {tc.init_from}/tokenizer.json in "
             f"{time.perf_counter() - t0:.1f} s")
     unit = "bytes" if tokenizer is common.BYTES else "tokens"

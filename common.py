@@ -1721,31 +1721,47 @@ def corpus_files(path=None):
     raise UserError(f"data path {path} does not exist")
 
 
-def load_corpus(path=None, max_bytes=64 * 2**20):
+def load_corpus(path=None, max_bytes=64 * 2**20, edges=False):
     """(train, val) uint8 token arrays of the first max_bytes of corpus_files(path). Default
     corpus: the .py files of the installed Python standard library (real text on every machine,
     the same for one Python version); the packages installed beside it (site-packages) are left
     out, so installing one changes nothing. A file is used whole; a directory is read file by
     file (sorted). Every 20th file by a name hash goes to validation; a single file is split
-    95/5 instead."""
+    95/5 instead. With edges=True each split comes as (bytes, edges): the sorted offsets where a
+    document (a file) begins or ends, for `tokenize` to mark; a file cut short by max_bytes, or
+    by the 95/5 split, has no end there, and the part after the cut no beginning."""
     files = corpus_files(path)
     path = path or sysconfig.get_paths()["stdlib"]
-    train, val, total = [], [], 0
+    train, val, total = [], [], 0  # (a file's bytes, whether they are the whole file)
     for f in files:
         with open(f, "rb") as fh:
             data = fh.read(max_bytes - total)
+            whole = not fh.read(1)
         total += len(data)
-        (val if zlib.crc32(os.path.relpath(f, path).encode()) % 20 == 0 else train).append(data)
+        (val if zlib.crc32(os.path.relpath(f, path).encode()) % 20 == 0 else train).append(
+            (data, whole))
         if total >= max_bytes:
             break
     if total == 0:
         raise UserError(f"data path {path} holds no data")
-    train, val = b"".join(train), b"".join(val)
+    (train, train_edges), (val, val_edges) = _joined(train), _joined(val)
     if len(files) == 1 or not val or not train:
-        joined = train + val
-        cut = int(len(joined) * 0.95)
+        joined, cut = train + val, int((len(train) + len(val)) * 0.95)
+        both = train_edges | {e + len(train) for e in val_edges}
         train, val = joined[:cut], joined[cut:]
-    return np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8)
+        train_edges = {e for e in both if e <= cut}
+        val_edges = {e - cut for e in both if e >= cut}
+    train, val = np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8)
+    if edges:
+        return (train, sorted(train_edges)), (val, sorted(val_edges))
+    return train, val
+
+
+def _joined(files):
+    """One split's bytes, and the offsets where its files begin and (read whole) end."""
+    ends = itertools.accumulate(len(data) for data, _ in files)
+    edges = {0} | {end for end, (_, whole) in zip(ends, files) if whole}
+    return b"".join(data for data, _ in files), edges
 
 
 def corpus_id(train, val):
@@ -1859,19 +1875,38 @@ def eos_token_ids(path):
     return ()
 
 
-def tokenize(tokenizer, data, piece_chars=2**20):
-    """int32 token ids of `data` (uint8 bytes, load_corpus's) through `tokenizer`: bytes as they
-    are, or the text in pieces of about piece_chars characters encoded in parallel (one call on
-    a whole text runs on one thread: 5-7x slower on 16 cores). The ids are the whole text's:
+def tokenize(tokenizer, data, edges=(), piece_chars=2**20):
+    """int32 token ids of `data` (uint8 bytes, load_corpus's) through `tokenizer`. Bytes stay as
+    they are. Through a checkpoint's tokenizer, each document that begins or ends at one of
+    `edges` (byte offsets, load_corpus's) is marked as the model saw documents in pretraining:
+    it begins with the ids the tokenizer puts before any text (Llama's BOS) and ends with the
+    checkpoint's first end-of-sequence id; a model fine-tuned on files run together would learn
+    to go on from one into the next instead of ending.
+
+    The text is encoded in pieces of about piece_chars characters, in parallel (one call on a
+    whole text runs on one thread: 5-7x slower on 16 cores). The ids are the whole text's:
     pieces are cut where the tokenizer splits anyway, and each cut is checked (the text around
     it must encode as its two sides do). Byte-level BPEs (GPT-2's, Llama 3's) split before a
     line's text and before a space. Llama 2's tokenizer prepends a word start to all it encodes,
     so its pieces are cut at a space, which is left out to be put back. If no way of cutting
-    holds, the whole text is encoded in one call."""
+    holds, the document is encoded in one call."""
     if tokenizer is BYTES:
         return np.asarray(data, np.int32)
-    text = bytes(data).decode("utf-8", "replace")
-    for where in _CUTS:
+    data, edges = bytes(data), set(edges)
+    begin, end = tokenizer.encode(""), list(tokenizer.stop[:1])
+    bounds = sorted(edges | {0, len(data)})
+    texts = [data[a:b].decode("utf-8", "replace") for a, b in zip(bounds, bounds[1:])]
+    spans = [_pieces(tokenizer, text, piece_chars) for text in texts]
+    ids = iter(tokenizer.encode_text([t[a:b] for t, s in zip(texts, spans) for a, b in s]))
+    out = []
+    for a, b, pieces in zip(bounds, bounds[1:], spans):
+        out += [begin] * (a in edges) + [next(ids) for _ in pieces] + [end] * (b in edges)
+    return np.fromiter(itertools.chain.from_iterable(out), np.int32, sum(map(len, out)))
+
+
+def _pieces(tokenizer, text, piece_chars):
+    """(start, end) of the pieces `text` is encoded in: cut by the first of _CUTS that holds."""
+    for where in _CUTS if len(text) > piece_chars else ():
         cuts, at = [], 0  # (end of a piece, start of the next)
         while (cut := where.search(text, at + piece_chars)) is not None:
             cuts.append(cut.span())
@@ -1880,9 +1915,7 @@ def tokenize(tokenizer, data, piece_chars=2**20):
             break
     else:
         cuts = []
-    starts, ends = [0] + [b for _, b in cuts], [a for a, _ in cuts] + [len(text)]
-    ids = tokenizer.encode_text([text[a:b] for a, b in zip(starts, ends)])
-    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, sum(map(len, ids)))
+    return list(zip([0] + [b for _, b in cuts], [a for a, _ in cuts] + [len(text)]))
 
 
 _CUTS = (re.compile(r"(?<=\S\n)(?=\S)"),  # before a line's text, after a line's text

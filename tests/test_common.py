@@ -753,6 +753,30 @@ def test_tokenize_in_pieces_gives_the_ids_of_the_whole_text(tmp_path, kind):
     assert calls[-1] > 5  # encoded in pieces, not in one call
 
 
+def test_tokenize_begins_and_ends_each_document_as_the_tokenizer_does(tmp_path):
+    """Files run together would teach a fine-tuned model to go on from one into the next: each
+    document gets the tokenizer's own start (a BOS here) and the checkpoint's end of sequence."""
+    tokenizers = pytest.importorskip("tokenizers")
+    text = open(common.__file__).read()[:20_000]
+    tok = bpe_tokenizer("byte-level", text)
+    tok.add_special_tokens(["<s>", "</s>"])
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 7]}))
+    loaded = common.load_tokenizer(str(tmp_path))
+    docs = [text[:9000], text[9000:9100], text[9100:]]
+    data = np.frombuffer("".join(docs).encode(), np.uint8)
+    edges = [0, 9000, 9100, len(data)]
+    ids = common.tokenize(loaded, data, edges, piece_chars=1000)
+    assert ids.tolist() == sum((tok.encode(d).ids + [eos] for d in docs), [])
+    assert ids.tolist().count(bos) == 3 and ids.tolist().count(eos) == 3
+    middle = common.tokenize(loaded, data, edges[1:-1], piece_chars=1000)  # no first start, no end
+    assert middle.tolist() == (tok.encode(docs[0], add_special_tokens=False).ids + [eos]
+                               + tok.encode(docs[1]).ids + [eos] + tok.encode(docs[2]).ids)
+
+
 def test_transformers_reads_an_exported_model(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -951,6 +975,25 @@ def test_corpus_split_and_batches(tmp_path):
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(common.UserError, match="neither a file nor a directory"):
         common.load_corpus(str(tmp_path / "pipe"))
+
+
+def test_corpus_edges_mark_where_each_file_begins_and_ends(tmp_path):
+    texts = [bytes([65 + i % 26]) * (50 + 7 * i) for i in range(40)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"f{i:02d}.txt").write_bytes(text)
+    plain = common.load_corpus(str(tmp_path))
+    split = common.load_corpus(str(tmp_path), edges=True)
+    for data, (same, edges) in zip(plain, split):
+        np.testing.assert_array_equal(data, same)
+        assert edges[0] == 0 and edges[-1] == len(data)
+        files = [data[a:b].tobytes() for a, b in zip(edges, edges[1:])]
+        assert files == [t for t in texts if t in files] and len(set(files)) == len(files)
+    assert sum(len(e) - 1 for _, e in split) == len(texts)
+    (short, edges), _ = common.load_corpus(str(tmp_path), max_bytes=200, edges=True)
+    assert len(short) < 200 and edges == [0, 50, 107]  # the third file is cut short: no end
+    one = tmp_path / "f00.txt"
+    (train, train_edges), (val, val_edges) = common.load_corpus(str(one), edges=True)
+    assert (train_edges, val_edges) == ([0], [len(val)])  # the 95/5 cut is not an edge
 
 
 def test_default_corpus_is_python_source():
