@@ -823,7 +823,7 @@ def read_hf_config(path, dtype=None):
 
 def _from_torch_layout(x, shape, dtype):
     """A torch Linear weight ([..., out, in]) in our layout (x @ w, reshaped to `shape`) and
-    dtype; shape None keeps the layout. Module level, so a second load reuses the compiled code."""
+    dtype; shape None keeps the layout."""
     return (x if shape is None else jnp.swapaxes(x, -1, -2).reshape(shape)).astype(dtype)
 
 
@@ -887,10 +887,9 @@ def load_hf_llama(path, dtype=None, shardings=None):
         shardings = treedef.flatten_up_to(shardings)
     pd = jnp.dtype(cfg.param_dtype)
 
-    def load(key_path, spec, sharding):
-        """One parameter, read in the files' layout and dtype, each device its own slice (the
-        host holds one parameter's slices at a time), then transposed and cast on the devices:
-        numpy transposed bf16 at 0.3 GB/s on the H100 machine's host."""
+    def plan(key_path, spec, sharding):
+        """How one parameter is read: its stored tensors, their shape and split in the files'
+        layout, and the compiled program's key that gives ours (None: theirs is ours)."""
         name, n_in = torch_names[key_path[-1].key]
         stacked = key_path[0].key == "layers"
         ours = spec.shape[1:] if stacked else spec.shape  # one layer's
@@ -906,7 +905,22 @@ def load_hf_llama(path, dtype=None, shardings=None):
             group = lambda s: s[0] if all(x is None for x in s[1:]) else None
             file_sharding = NamedSharding(sharding.mesh, P(*lead, group(split[n_in:]),
                                                              group(split[:n_in])))
+        raw = jax.ShapeDtypeStruct(((cfg.n_layers,) if stacked else ()) + theirs,
+                                   stored[0].dtype, sharding=file_sharding)
+        to_ours = None
+        if n_in is not None or raw.dtype != pd:
+            to_ours = (raw, spec.shape if n_in else None, sharding)
+        return stored, stacked, raw, to_ours
 
+    def compile_to_ours(key):
+        raw, shape, sharding = key
+        return jax.jit(_from_torch_layout, static_argnums=(1, 2), out_shardings=sharding).lower(
+            raw, shape, pd).compile()
+
+    def load(stored, stacked, raw, to_ours):
+        """One parameter, read in the files' layout and dtype, each device its own slice (the
+        host holds one parameter's slices at a time), then transposed and cast on the devices:
+        numpy transposed bf16 at 0.3 GB/s on the H100 machine's host."""
         read = {}  # devices holding the same slice (replicas over dp) share one read of it
 
         def piece(idx):  # a device's slice of the parameter in the files' layout
@@ -916,17 +930,18 @@ def load_hf_llama(path, dtype=None, shardings=None):
                     [stored[i][idx[1:]] for i in range(cfg.n_layers)[idx[0]]]))
             return read[key]
 
-        raw = jax.make_array_from_callback(((cfg.n_layers,) if stacked else ()) + theirs,
-                                           file_sharding, piece)
-        if n_in is None and raw.dtype == pd:
-            return raw
-        return jax.jit(_from_torch_layout, static_argnums=(1, 2), out_shardings=sharding)(
-            raw, spec.shape if n_in else None, pd)
+        x = jax.make_array_from_callback(raw.shape, raw.sharding, piece)
+        return x if to_ours is None else compiled[to_ours](x)
 
+    plans = [plan(k, s, sh) for (k, s), sh in zip(leaves, shardings)]
+    # The few distinct transforms (one per shape) compile all at once, before the first read:
+    # one after another they took most of a small model's load.
+    keys = list(dict.fromkeys(p[3] for p in plans if p[3] is not None))
+    with concurrent.futures.ThreadPoolExecutor(max(len(keys), 1)) as pool:
+        compiled = dict(zip(keys, pool.map(compile_to_ours, keys)))
     # One parameter at a time, each finished before the next is read: the host holds one
     # parameter's slices at most, and the devices one extra copy, in the files' layout.
-    return cfg, treedef.unflatten([jax.block_until_ready(load(k, s, sh))
-                                   for (k, s), sh in zip(leaves, shardings)])
+    return cfg, treedef.unflatten([jax.block_until_ready(load(*p)) for p in plans])
 
 
 def config_to_hf(cfg):
