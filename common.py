@@ -1865,8 +1865,15 @@ def load_tokenizer(path):
         except Exception as e:
             raise UserError(f"the tokenizer cannot encode {text[:40]!r} ({e})") from None
 
-    def encode_text(texts):  # in parallel, in the package's threads
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_text(texts):
+        """In parallel, in the package's threads. Training data are text: a special token's name
+        in them ("<|end_of_text|>" in a file about tokenizers) is encoded as the characters it
+        is, as Meta's Llama 3 tokenizer encodes text, not as the token (a prompt's is)."""
+        tok.encode_special_tokens = True
+        try:
+            return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            tok.encode_special_tokens = False
     return Tokenizer(encode, lambda ids: tok.decode(list(ids)), eos_token_ids(path), spec,
                      encode_text)
 

@@ -755,7 +755,8 @@ def test_tokenize_in_pieces_gives_the_ids_of_the_whole_text(tmp_path, kind):
 
 def test_tokenize_begins_and_ends_each_document_as_the_tokenizer_does(tmp_path):
     """Files run together would teach a fine-tuned model to go on from one into the next: each
-    document gets the tokenizer's own start (a BOS here) and the checkpoint's end of sequence."""
+    document gets the tokenizer's own start (a BOS here) and the checkpoint's end of sequence.
+    A special token's name inside a document is text."""
     tokenizers = pytest.importorskip("tokenizers")
     text = open(common.__file__).read()[:20_000]
     tok = bpe_tokenizer("byte-level", text)
@@ -766,15 +767,18 @@ def test_tokenize_begins_and_ends_each_document_as_the_tokenizer_does(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 7]}))
     loaded = common.load_tokenizer(str(tmp_path))
-    docs = [text[:9000], text[9000:9100], text[9100:]]
+    docs = [text[:9000], text[9000:9100] + " a literal </s> is text", text[9100:]]
     data = np.frombuffer("".join(docs).encode(), np.uint8)
-    edges = [0, 9000, 9100, len(data)]
+    edges = [0, 9000, 9000 + len(docs[1]), len(data)]
+    assert loaded.encode(docs[1]).count(eos) == 1  # a prompt's special tokens are tokens
+    tok.encode_special_tokens = True  # the data's are text
     ids = common.tokenize(loaded, data, edges, piece_chars=1000)
     assert ids.tolist() == sum((tok.encode(d).ids + [eos] for d in docs), [])
     assert ids.tolist().count(bos) == 3 and ids.tolist().count(eos) == 3
     middle = common.tokenize(loaded, data, edges[1:-1], piece_chars=1000)  # no first start, no end
     assert middle.tolist() == (tok.encode(docs[0], add_special_tokens=False).ids + [eos]
                                + tok.encode(docs[1]).ids + [eos] + tok.encode(docs[2]).ids)
+    assert loaded.encode(docs[1]).count(eos) == 1
 
 
 def test_transformers_reads_an_exported_model(tmp_path):
