@@ -104,6 +104,8 @@ class TrainConfig:
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16;
                                  # pallas with --xla_gpu_deterministic_ops)
+    doc_mask: bool = False       # a token attends only within its document (file), as Llama 3
+                                 # trained; windows still span documents
     seed: int = 0                # of the init and of the batches' order
     data: str = ""               # file or directory of text; empty: the Python stdlib's source
     max_data_mb: int = 64        # read at most this many MiB of it (held in host memory)
@@ -273,18 +275,18 @@ def attention_fn(name, mesh=None):
         kv_spec = common.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), mesh)
 
         def sharded(q, k, v, causal, seg):
-            assert seg is None, "packed sequences are not used in training here"
-            return jax.shard_map(lambda q, k, v: pallas(q, k, v, causal, None), mesh=mesh,
-                                 in_specs=(spec, kv_spec, kv_spec), out_specs=spec,
-                                 check_vma=False)(q, k, v)
+            return jax.shard_map(lambda q, k, v, seg: pallas(q, k, v, causal, seg), mesh=mesh,
+                                 in_specs=(spec, kv_spec, kv_spec, common.P(*spec[:2])),
+                                 out_specs=spec, check_vma=False)(q, k, v, seg)
         return sharded
     if name == "cudnn":
         if jax.devices()[0].platform != "gpu":
             raise common.UserError("attention=cudnn needs an NVIDIA GPU")
 
-        def cudnn(q, k, v, causal, seg):
-            assert seg is None, "packed sequences are not used in training here"
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        def cudnn(q, k, v, causal, seg):  # documents as a mask [B, 1, T, T], read as a bias
+            mask = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                                implementation="cudnn")
         return cudnn
     raise common.UserError(f"unknown attention {name!r}")
 
@@ -309,29 +311,32 @@ def make_loss_fn(cfg, tc, mesh, attention, record=False):
 
     numerics = common.import_script("07_numerics")
 
-    def loss_fn(params, x, y, amax=None):
-        """amax: with fp8_scaling=delayed, every layer matmul's recorded maxima. record: the
-        matmuls unquantized, handing their maxima back as amax's gradient (calibrate_fp8)."""
+    def loss_fn(params, x, y, seg=None, amax=None):
+        """seg: x's segment ids with --doc_mask (documents), else None. amax: with
+        fp8_scaling=delayed, every layer matmul's recorded maxima. record: the matmuls
+        unquantized, handing their maxima back as amax's gradient (calibrate_fp8)."""
         dot = None if not tc.fp8 else (
             numerics.record_amax_einsum if record else
             numerics.fp8_einsum if amax is None else numerics.fp8_einsum_delayed)
         # Logits in the compute dtype: the loss widens them inside its reductions.
-        logits = common.forward(params, x, cfg, attention=attention, remat=tc.remat,
-                                constrain=constrain, scan_layers=tc.scan_layers,
+        logits = common.forward(params, x, cfg, attention=attention, segment_ids=seg,
+                                remat=tc.remat, constrain=constrain, scan_layers=tc.scan_layers,
                                 logits_dtype=cfg.dtype, dot=dot, dot_state=amax)
         return common.cross_entropy(logits, y)
     return loss_fn
 
 
 def make_train_step(cfg, tc, mesh, attention):
-    """A jit'd (params, opt, x, y) -> (params, opt, metrics), sharded by `mesh`."""
+    """A jit'd (params, opt, x, y, seg) -> (params, opt, metrics), sharded by `mesh`; seg:
+    segment ids with --doc_mask, else None."""
     loss_fn = make_loss_fn(cfg, tc, mesh, attention)
     mask = decay_mask(cfg)
 
-    def train_step(params, opt, x, y):
+    def train_step(params, opt, x, y, seg=None):
         # Gradient accumulation: a scan over micro-batches [A, B/A, T] summing the gradients.
         # Micro-batch i takes rows i, i+A, ...: every device holds a share of each one.
-        xs, ys = (a.reshape(-1, tc.grad_accum, a.shape[-1]).swapaxes(0, 1) for a in (x, y))
+        micro_batches = jax.tree.map(
+            lambda a: a.reshape(-1, tc.grad_accum, a.shape[-1]).swapaxes(0, 1), (x, y, seg))
 
         amax = opt.get("fp8")  # fp8_scaling=delayed: the maxima recorded at the step before
 
@@ -340,14 +345,14 @@ def make_train_step(cfg, tc, mesh, attention):
                 loss, g = jax.value_and_grad(loss_fn)(params, *xy)
                 return jax.tree.map(jnp.add, acc, (loss, g)), None
             # The maxima's "gradient" is the maxima this micro-batch saw (lesson 07).
-            loss, (g, seen) = jax.value_and_grad(loss_fn, argnums=(0, 3))(params, *xy, amax)
+            loss, (g, seen) = jax.value_and_grad(loss_fn, argnums=(0, 4))(params, *xy, amax)
             return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g),
                     jax.tree.map(jnp.maximum, acc[2], seen)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         if amax is not None:
             zero += (jax.tree.map(jnp.zeros_like, amax),)
-        (loss, grads, *seen), _ = jax.lax.scan(micro, zero, (xs, ys))
+        (loss, grads, *seen), _ = jax.lax.scan(micro, zero, micro_batches)
         loss, grads = jax.tree.map(lambda a: a / tc.grad_accum, (loss, grads))
         grads, gnorm = clip_by_global_norm(grads, tc.grad_clip)
         lr = lr_schedule(opt["count"], tc)
@@ -361,15 +366,15 @@ def make_train_step(cfg, tc, mesh, attention):
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
-def calibrate_fp8(cfg, tc, mesh, attention, params, amax, x, y):
+def calibrate_fp8(cfg, tc, mesh, attention, params, amax, x, y, seg):
     """Delayed scaling's first maxima, before its first step: one forward and backward pass of
     the first micro-batch with the matmuls unquantized, recording the maxima of their inputs
     and incoming gradients; nothing is updated. Without it the first step's scales are 1
     (lesson 07 measures how far off its gradient is)."""
     loss_fn = make_loss_fn(cfg, tc, mesh, attention, record=True)
     first = lambda a: a[::tc.grad_accum]  # micro-batch 0: rows 0, A, 2A, ... as train_step's
-    return jax.jit(lambda p, m, x, y: jax.grad(loss_fn, argnums=3)(p, first(x), first(y), m))(
-        params, amax, x, y)
+    return jax.jit(lambda p, m, batch: jax.grad(loss_fn, argnums=4)(
+        p, *jax.tree.map(first, batch), m))(params, amax, (x, y, seg))
 
 
 def global_batch(local, mesh):
@@ -616,20 +621,21 @@ def check_same_start(starts, out_dir):
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, log, cfg, tokens):
+def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, n_dev, log, cfg,
+              tokens):
     """Where a step's time goes: forward alone, forward + backward, and the whole step (the
     difference is the optimizer), each against the datasheet peak and against the matmul rate
     this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach."""
     matmul = common.measure_peaks(dtype=cfg.dtype)["matmul_flops"] * n_dev
     state = [params, opt]
 
-    def full(x, y):  # the step donates its inputs: feed each result to the next call
-        state[0], state[1], m = step_fn(state[0], state[1], x, y)
+    def full(*batch):  # the step donates its inputs: feed each result to the next call
+        state[0], state[1], m = step_fn(state[0], state[1], *batch)
         return m
-    rows = [("forward", jax.jit(loss_fn), flops_per_step / 3, (params, x, y)),
+    rows = [("forward", jax.jit(loss_fn), flops_per_step / 3, (params, *batch)),
             ("forward + backward", jax.jit(jax.value_and_grad(loss_fn)), flops_per_step,
-             (params, x, y)),
-            ("whole step (+ AdamW)", full, flops_per_step, (x, y))]
+             (params, *batch)),
+            ("whole step (+ AdamW)", full, flops_per_step, batch)]
     log(f"{'phase':22s} {'ms':>9s} {'TFLOP/s':>9s} {'MFU':>7s} {'of matmul peak':>15s}")
     ts = []
     for name, fn, flops, args in rows:
@@ -653,7 +659,7 @@ def breakdown(step_fn, loss_fn, params, opt, x, y, flops_per_step, peak, n_dev, 
         log(f"the step's memory per device: {mem.argument_size_in_bytes / 2**30:.2f} GiB of "
             f"arguments (weights, optimizer state, batch), {mem.temp_size_in_bytes / 2**30:.2f} "
             f"GiB of temporaries (activations kept for the backward pass, gradients, workspace)")
-    times = common.kernel_times(lambda: full(x, y), calls=2)
+    times = common.kernel_times(lambda: full(*batch), calls=2)
     if times is None:
         log("no kernel list: this device's profile holds no kernel timings (a CPU's does not)")
         return
@@ -765,9 +771,9 @@ def train(tc, stop_after=None, log=print, devices=None):
 
 def load_data(tc, cfg, tokenizer, log=print):
     """(train, validation) tokens of --data (default: the standard library's source) through
-    `tokenizer`, with one-line errors for what would fail later: a split shorter than a window,
-    an out_dir inside the data (a resume would read the checkpoints as text), a token the
-    model's vocabulary lacks."""
+    `tokenizer`, each with the offsets where its documents (files) begin or end, with one-line
+    errors for what would fail later: a split shorter than a window, an out_dir inside the data
+    (a resume would read the checkpoints as text), a token the model's vocabulary lacks."""
     data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
         raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
@@ -778,15 +784,13 @@ def load_data(tc, cfg, tokenizer, log=print):
     if size > limit:
         log(f"note: reading the first {tc.max_data_mb} MiB of the data's {size / 2**20:,.0f} "
             f"MiB (--max_data_mb reads more)")
-    if tokenizer is common.BYTES:
-        splits = [data for data, _ in splits]
-    else:  # each file a document, begun and ended as the model saw documents in pretraining
+    if tokenizer is not common.BYTES:  # each file a document, begun and ended as in pretraining
         t0 = time.perf_counter()
         splits = [common.tokenize(tokenizer, data, edges) for data, edges in splits]
         log(f"tokenized the data with {tc.init_from}/tokenizer.json in "
             f"{time.perf_counter() - t0:.1f} s")
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
-    for name, tokens in zip(("training", "validation"), splits):
+    for name, (tokens, _) in zip(("training", "validation"), splits):
         if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
             raise common.UserError(f"the {name} split of the data holds {len(tokens)} {unit}, "
                                    f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
@@ -814,7 +818,7 @@ def _train(tc, stop_after, log, devices, held):
     common.check_model_fits(model_flag, cfg, 16, "float32 weights, their gradients and AdamW's "
                             "two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
     tokenizer = data_tokenizer(tc)
-    train_tokens, val_tokens = load_data(tc, cfg, tokenizer, log)
+    (train_tokens, train_docs), (val_tokens, val_docs) = load_data(tc, cfg, tokenizer, log)
     # A checkpoint carries the tokenizer its data were read with, and its end-of-sequence ids,
     # for 06 and --export_hf
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
@@ -854,7 +858,10 @@ def _train(tc, stop_after, log, devices, held):
     peak, _, basis = common.ceilings(cfg.dtype)
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
     log(f"data: {tc.data or 'Python standard library source'}: {len(train_tokens):,} train "
-        f"{unit}, {len(val_tokens):,} val {unit}")
+        f"{unit}, {len(val_tokens):,} val {unit}" + (
+            f"; attention kept within each of the "
+            f"{len({0, len(train_tokens), *train_docs}) - 1:,} train documents"
+            if tc.doc_mask else ""))
     log(f"model: {tc.init_from or tc.preset}, {cfg.param_count() / 1e6:.2f}M params, "
         f"{cfg.dtype} compute, attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
         f"{sp_text(tc, mesh)} over {n_dev} devices in {jax.process_count()} processes")
@@ -870,25 +877,31 @@ def _train(tc, stop_after, log, devices, held):
     plain = dataclasses.replace(tc, fp8=False, fp8_scaling="current", scan_layers=True)
     eval_fn = jax.jit(make_loss_fn(cfg, plain, mesh, attention))
 
-    def batch(tokens, step, seed):
+    def batch(split, step, seed):
+        """(x, y, segment ids or None) of one step, as global arrays."""
+        tokens, docs = split
         local = common.get_batch(tokens, step, tc.batch_size, tc.seq_len, seed,
-                                 jax.process_index(), jax.process_count())
-        return [global_batch(a, mesh) for a in local]
+                                 jax.process_index(), jax.process_count(),
+                                 docs if tc.doc_mask else None)
+        x, y, *seg = [global_batch(a, mesh) for a in local]
+        return x, y, (seg[0] if seg else None)
+
+    train_split, val_split = (train_tokens, train_docs), (val_tokens, val_docs)
 
     if "fp8" in opt and start == 0:
         t0 = time.perf_counter()
         opt["fp8"] = calibrate_fp8(cfg, tc, mesh, attention, params, opt["fp8"],
-                                   *batch(train_tokens, start, tc.seed))
+                                   *batch(train_split, start, tc.seed))
         log(f"fp8: recorded the first maxima in one unquantized pass over step 1's first "
             f"micro-batch, {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    step_fn = step_fn.lower(params, opt, *batch(train_tokens, start, tc.seed)).compile()
+    step_fn = step_fn.lower(params, opt, *batch(train_split, start, tc.seed)).compile()
     log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
     if tc.breakdown:
         loss_fn = make_loss_fn(cfg, tc, mesh, attention)
         if "fp8" in opt:  # forward and backward timed apart with the step's recorded maxima
             loss_fn = functools.partial(loss_fn, amax=opt["fp8"])
-        breakdown(step_fn, loss_fn, params, opt, *batch(train_tokens, start, tc.seed),
+        breakdown(step_fn, loss_fn, params, opt, batch(train_split, start, tc.seed),
                   flops_per_step, peak, n_dev, log, cfg, tc.batch_size * tc.seq_len)
         return [], params, cfg
 
@@ -899,7 +912,7 @@ def _train(tc, stop_after, log, devices, held):
         drop_metrics_after(metrics_path, start - 1 if baseline else start)
 
     def validate(params):
-        return float(np.mean([eval_fn(params, *batch(val_tokens, i, tc.seed + 1))
+        return float(np.mean([eval_fn(params, *batch(val_split, i, tc.seed + 1))
                               for i in range(tc.eval_batches)]))
 
     def record(row):
@@ -916,7 +929,7 @@ def _train(tc, stop_after, log, devices, held):
     interrupted = (held.enter_context(stop_after_the_step()) if jax.process_count() == 1
                    else [False])
     for step in range(start, tc.steps):
-        params, opt, m = step_fn(params, opt, *batch(train_tokens, step, tc.seed))
+        params, opt, m = step_fn(params, opt, *batch(train_split, step, tc.seed))
         done = step + 1
         if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(done):
             # A SIGTERM to any process (JAX's preemption service takes it) tells all of them;

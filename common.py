@@ -1785,10 +1785,13 @@ def corpus_id(train, val):
     return f"{len(train)}+{len(val)} bytes, crc32 {zlib.crc32(val, zlib.crc32(train)):08x}"
 
 
-def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, process_count=1):
+def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, process_count=1,
+              doc_starts=None):
     """(x, y) int32 [batch_size / process_count, seq_len]: random windows of `tokens`, y shifted
     by one. The windows are a pure function of (seed, step), so a resumed run sees exactly the
-    data it would have seen, and each process draws only its own rows of the global batch."""
+    data it would have seen, and each process draws only its own rows of the global batch.
+    With doc_starts (sorted offsets where a document begins) also x's segment ids: positions
+    of one document share an id, so attention can be kept within each document (lesson 04)."""
     if len(tokens) < seq_len + 2:
         raise UserError(f"the data holds {len(tokens)} tokens, fewer than seq_len+2={seq_len + 2}")
     if batch_size % process_count:
@@ -1798,7 +1801,10 @@ def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, proces
     starts = starts[process_index * per:(process_index + 1) * per]
     idx = starts[:, None] + np.arange(seq_len + 1)
     win = tokens[idx].astype(np.int32)
-    return win[:, :-1], win[:, 1:]
+    if doc_starts is None:
+        return win[:, :-1], win[:, 1:]
+    seg = np.searchsorted(doc_starts, idx[:, :-1], side="right").astype(np.int32)
+    return win[:, :-1], win[:, 1:], seg
 
 
 def byte_tokenizer_json():
@@ -1897,13 +1903,14 @@ def eos_token_ids(path):
     return ()
 
 
-def tokenize(tokenizer, data, edges=(), piece_chars=2**20):
+def tokenize(tokenizer, data, edges=None, piece_chars=2**20):
     """int32 token ids of `data` (uint8 bytes, load_corpus's) through `tokenizer`. Bytes stay as
     they are. Through a checkpoint's tokenizer, each document that begins or ends at one of
     `edges` (byte offsets, load_corpus's) is marked as the model saw documents in pretraining:
     it begins with the ids the tokenizer puts before any text (Llama's BOS) and ends with the
     checkpoint's first end-of-sequence id; a model fine-tuned on files run together would learn
-    to go on from one into the next instead of ending.
+    to go on from one into the next instead of ending. Given edges, returns (ids, the edges as
+    offsets into the ids).
 
     The text is encoded in pieces of about piece_chars characters, in parallel (one call on a
     whole text runs on one thread: 5-7x slower on 16 cores). The ids are the whole text's:
@@ -1913,17 +1920,23 @@ def tokenize(tokenizer, data, edges=(), piece_chars=2**20):
     so its pieces are cut at a space, which is left out to be put back. If no way of cutting
     holds, the document is encoded in one call."""
     if tokenizer is BYTES:
-        return np.asarray(data, np.int32)
-    data, edges = bytes(data), set(edges)
+        ids = np.asarray(data, np.int32)
+        return ids if edges is None else (ids, sorted(edges))
+    data, marked = bytes(data), set(edges or ())
     begin, end = tokenizer.encode(""), list(tokenizer.stop[:1])
-    bounds = sorted(edges | {0, len(data)})
+    bounds = sorted(marked | {0, len(data)})
     texts = [data[a:b].decode("utf-8", "replace") for a, b in zip(bounds, bounds[1:])]
     spans = [_pieces(tokenizer, text, piece_chars) for text in texts]
     ids = iter(tokenizer.encode_text([t[a:b] for t, s in zip(texts, spans) for a, b in s]))
-    out = []
+    out, n, at = [], 0, {}  # at: each bound's offset into the ids (a document's at its BOS)
     for a, b, pieces in zip(bounds, bounds[1:], spans):
-        out += [begin] * (a in edges) + [next(ids) for _ in pieces] + [end] * (b in edges)
-    return np.fromiter(itertools.chain.from_iterable(out), np.int32, sum(map(len, out)))
+        at[a] = n
+        part = [begin] * (a in marked) + [next(ids) for _ in pieces] + [end] * (b in marked)
+        out += part
+        n += sum(map(len, part))
+    at[len(data)] = n
+    ids = np.fromiter(itertools.chain.from_iterable(out), np.int32, n)
+    return ids if edges is None else (ids, sorted(at[e] for e in marked))
 
 
 def _pieces(tokenizer, text, piece_chars):

@@ -2,6 +2,7 @@
 the checkpoint loader (our own writer, and transformers when installed), the CLI, data."""
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -772,12 +773,15 @@ def test_tokenize_begins_and_ends_each_document_as_the_tokenizer_does(tmp_path):
     edges = [0, 9000, 9000 + len(docs[1]), len(data)]
     assert loaded.encode(docs[1]).count(eos) == 1  # a prompt's special tokens are tokens
     tok.encode_special_tokens = True  # the data's are text
-    ids = common.tokenize(loaded, data, edges, piece_chars=1000)
-    assert ids.tolist() == sum((tok.encode(d).ids + [eos] for d in docs), [])
+    ids, at = common.tokenize(loaded, data, edges, piece_chars=1000)
+    each = [tok.encode(d).ids + [eos] for d in docs]
+    assert ids.tolist() == sum(each, [])
     assert ids.tolist().count(bos) == 3 and ids.tolist().count(eos) == 3
-    middle = common.tokenize(loaded, data, edges[1:-1], piece_chars=1000)  # no first start, no end
-    assert middle.tolist() == (tok.encode(docs[0], add_special_tokens=False).ids + [eos]
-                               + tok.encode(docs[1]).ids + [eos] + tok.encode(docs[2]).ids)
+    assert at == [0, *itertools.accumulate(map(len, each))]  # each document's BOS, and the end
+    middle, at = common.tokenize(loaded, data, edges[1:-1], piece_chars=1000)  # no first BOS...
+    first = tok.encode(docs[0], add_special_tokens=False).ids + [eos]
+    assert middle.tolist() == first + each[1] + tok.encode(docs[2]).ids  # ... no last EOS
+    assert at == [len(first), len(first) + len(each[1])]
     assert loaded.encode(docs[1]).count(eos) == 1
 
 
@@ -973,6 +977,13 @@ def test_corpus_split_and_batches(tmp_path):
               for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(halves), x)
     assert not np.array_equal(common.get_batch(train, 6, 8, 16, 1)[0], x)
+    positions = np.arange(4000)  # tokens that are their own offsets
+    starts = [0, 90, 100, 1234, 3000]
+    x, _, seg = common.get_batch(positions, 5, 64, 16, 1, doc_starts=starts)
+    np.testing.assert_array_equal(x, common.get_batch(positions, 5, 64, 16, 1)[0])
+    same = seg[:, 1:] == seg[:, :-1]  # the next token is of the same document ...
+    np.testing.assert_array_equal(same, ~np.isin(x[:, 1:], starts))  # ... unless one begins
+    assert not same.all()
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.UserError, match="no data"):
         common.load_corpus(str(tmp_path / "empty"))

@@ -95,6 +95,48 @@ def test_pallas_attention_takes_the_same_steps(tmp_path, one_device_run):
     np.testing.assert_allclose(losses(got), losses(one_device_run)[:2], rtol=2e-5)
 
 
+@pytest.mark.parametrize("attention,mesh", [("naive", "dp:1"), ("flash", "dp:1"),
+                                            ("pallas", "dp:2,tp:2")])
+def test_doc_mask_keeps_attention_within_each_document(attention, mesh):
+    """With segment ids a packed row's loss is its documents' losses, each run alone (RoPE sees
+    only offsets, so a document's positions need not restart), and not the row's as one text."""
+    cfg = common.PRESETS["tiny"]
+    devices = jax.devices()[:math.prod(common.parse_mesh(mesh).values())]
+    tc = train_mod.TrainConfig(preset="tiny", seq_len=32, batch_size=4, mesh=mesh)
+    mesh = train_mod.make_mesh(mesh, devices)
+    loss_fn = jax.jit(train_mod.make_loss_fn(cfg, tc, mesh, train_mod.attention_fn(attention,
+                                                                                   mesh)))
+    params = common.init_params(cfg, jax.random.key(0))
+    rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 33), np.int32)
+    x, y = rows[:, :-1], rows[:, 1:]
+    docs = ((0, 7), (7, 22), (22, 32))
+    seg = np.broadcast_to(np.repeat(np.arange(3, dtype=np.int32), [b - a for a, b in docs]),
+                          x.shape)
+    alone = sum((b - a) * common.cross_entropy(common.forward(params, x[:, a:b], cfg), y[:, a:b])
+                for a, b in docs) / 32
+    np.testing.assert_allclose(loss_fn(params, x, y, seg), alone, rtol=2e-6)
+    assert abs(loss_fn(params, x, y) - alone) > 1e-3
+
+
+def test_doc_mask_trains_on_documents(tmp_path):
+    """--doc_mask through a run: each file of the data a document, said in the log, and the
+    first loss is not the unmasked run's (the windows span files)."""
+    text = open(common.__file__).read()
+    (tmp_path / "docs").mkdir()
+    for i in range(40):
+        (tmp_path / "docs" / f"{i:02d}.py").write_text(text[i * 150:(i + 1) * 150])
+    (_, edges), _ = common.load_corpus(str(tmp_path / "docs"), edges=True)
+    first = {}
+    for mask in (False, True):
+        logged = []
+        tc = tiny_run(tmp_path / str(mask), data=str(tmp_path / "docs"), steps=2, doc_mask=mask)
+        first[mask] = losses(train_mod.train(tc, log=logged.append,
+                                             devices=jax.devices()[:1])[0])[0]
+        said = f"attention kept within each of the {len(edges) - 1} train documents"
+        assert any(said in line for line in logged) == mask
+    assert np.isfinite(first[True]) and abs(first[True] - first[False]) > 1e-4, first
+
+
 def test_resume_is_exact(tmp_path):
     tc = tiny_run(tmp_path, steps=6, ckpt_every=2)
     full, _, _ = train_mod.train(dataclasses.replace(tc, out_dir=str(tmp_path / "full")),
@@ -316,7 +358,7 @@ def test_export_hf_writes_the_trained_weights_for_06_and_other_tools(tmp_path, m
 def first_loss(path, tc, tokenizer):
     """The loss of the Hugging Face model at `path` on the first batch `tc` trains on."""
     cfg, params = common.load_hf_llama(str(path), "float32")
-    tokens, _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
+    (tokens, _), _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
     x, y = common.get_batch(tokens, 0, tc.batch_size, tc.seq_len, tc.seed)
     logp = jax.nn.log_softmax(common.forward(params, x, cfg), axis=-1)
     return -float(np.mean(np.take_along_axis(np.asarray(logp), y[..., None], -1)))
@@ -363,7 +405,7 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
     tc = tiny_run(tmp_path, init_from=str(tmp_path / "hf"), ckpt_every=4, sample_len=4,
                   export_hf=str(tmp_path / "export"))
     tokenizer = train_mod.data_tokenizer(tc)
-    tokens, _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
+    (tokens, _), _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
     assert tokens.max() >= 256 and tokens.max() < 300
     train_mod.train_and_sample(tc)
     rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
@@ -462,8 +504,8 @@ def test_breakdown_says_when_the_difference_is_not_the_optimizers_time(monkeypat
         monkeypatch.setattr(common, "kernel_times", lambda *a, **k: None)
         lines = []
         step = types.SimpleNamespace(memory_analysis=lambda: None)
-        train_mod.breakdown(step, lambda p, x, y: 0.0, {}, {}, None, None, 6e9, 1e12, 1,
-                            lines.append, common.Config.preset("tiny"), 256)
+        train_mod.breakdown(step, lambda p, x, y, seg: 0.0, {}, {}, (None, None, None), 6e9,
+                            1e12, 1, lines.append, common.Config.preset("tiny"), 256)
         assert any("5.0 ms less than forward + backward" in line for line in lines) == said, lines
 
 
@@ -550,7 +592,8 @@ def test_data_past_max_data_mb_is_cut_and_said(tmp_path):
         (tmp_path / "corpus" / f"{i}.txt").write_bytes(bytes([97 + i]) * 2**20)
     tc = tiny_run(tmp_path, data=str(tmp_path / "corpus"), max_data_mb=2)
     logged = []
-    train, val = train_mod.load_data(tc, train_mod.model_config(tc), common.BYTES, logged.append)
+    (train, _), (val, _) = train_mod.load_data(tc, train_mod.model_config(tc), common.BYTES,
+                                               logged.append)
     assert len(train) + len(val) == 2 * 2**20 and set(np.unique(np.concatenate([train, val]))) \
         == {97, 98}
     assert logged == ["note: reading the first 2 MiB of the data's 3 MiB (--max_data_mb reads "
@@ -650,7 +693,7 @@ def test_fp8_delayed_scaling_records_its_first_maxima_before_the_first_step():
     y = np.concatenate([x[:, 1:], y], axis=1)
     nothing = common.import_script("07_numerics").delayed_amax(cfg.n_layers)
     amax = train_mod.calibrate_fp8(cfg, tc, mesh, common.attention_reference, params, nothing,
-                                   x, y)
+                                   x, y, None)
     for name, m in amax.items():
         w = np.abs(params["layers"][name])  # [layers, ...]
         np.testing.assert_array_equal(m["w"], w.reshape(len(w), -1).max(axis=1))
@@ -658,7 +701,7 @@ def test_fp8_delayed_scaling_records_its_first_maxima_before_the_first_step():
 
     def grads(tc, *amax):
         loss_fn = train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)
-        g = jax.jit(jax.grad(loss_fn))(params, x[::2], y[::2], *amax)["layers"]
+        g = jax.jit(jax.grad(loss_fn))(params, x[::2], y[::2], None, *amax)["layers"]
         return np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
     plain, current = (grads(dataclasses.replace(tc, fp8=f, fp8_scaling="current"))
                       for f in (False, True))
