@@ -442,7 +442,8 @@ def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
         meta = {"model": dataclasses.asdict(cfg), "preset": tc.preset, "seed": tc.seed,
                 "init_from": tc.init_from,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
-                "batch_size": tc.batch_size, "seq_len": tc.seq_len, "data": data_id}
+                "batch_size": tc.batch_size, "seq_len": tc.seq_len, "doc_mask": tc.doc_mask,
+                "data": data_id}
         writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep, state, meta, files)
 
 
@@ -522,13 +523,15 @@ def restore(tc, cfg, params, opt, data_id):
     state = jax.tree.map(lambda a, ref: jax.make_array_from_callback(
         a.shape, ref.sharding, lambda idx: a[idx]), state, like)
     print(f"resumed from {path} at step {meta['step']}")
-    changed = [f"{k}={getattr(tc, k)} (the checkpoint's steps ran at {meta[k]})"
-               for k in ("batch_size", "seq_len") if meta.get(k, getattr(tc, k)) != getattr(tc, k)]
+    ran = dict(meta, doc_mask=meta.get("doc_mask", False))  # (written before the flag: off)
+    changed = [f"{k}={getattr(tc, k)} (the checkpoint's steps ran at {ran[k]})"
+               for k in ("batch_size", "seq_len", "doc_mask") if ran.get(k, getattr(tc, k))
+               != getattr(tc, k)]
     if meta.get("data", data_id) != data_id:
         changed.append(f"data of {data_id} (the checkpoint's steps read {meta['data']})")
     if changed:
-        print(f"note: resuming with {', '.join(changed)}: the steps from here read other batches "
-              f"than an uninterrupted run would")
+        print(f"note: resuming with {', '.join(changed)}: the steps from here differ from an "
+              f"uninterrupted run's")
     return state["params"], state["opt"], meta["step"]
 
 

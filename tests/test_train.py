@@ -174,6 +174,10 @@ def test_resuming_with_another_batch_says_so(tmp_path, capsys):
                     devices=jax.devices()[:1])
     assert "note: resuming with batch_size=4 (the checkpoint's steps ran at 8)" in \
         capsys.readouterr().out
+    train_mod.train(dataclasses.replace(tc, steps=4, batch_size=4, doc_mask=True),
+                    log=lambda s: None, devices=jax.devices()[:1])
+    assert "note: resuming with doc_mask=True (the checkpoint's steps ran at False)" in \
+        capsys.readouterr().out
 
 
 def test_resuming_on_other_data_says_so(tmp_path, capsys):
