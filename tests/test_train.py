@@ -432,6 +432,37 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
                         log=lambda s: None)
 
 
+def test_fine_tuning_data_are_documents_begun_and_ended(tmp_path):
+    """Through a checkpoint's tokenizer, each file of --data is a document in both splits: it
+    begins at one of the offsets load_data returns, with the tokenizer's BOS, and ends before
+    the next with the end of sequence; --doc_mask's segments come from those offsets."""
+    tokenizers = pytest.importorskip("tokenizers")
+    text = open(os.path.join(ROOT, "common.py")).read()
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<s>", "</s>"]))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    cfg = dataclasses.replace(common.Config.preset("tiny"), vocab_size=320)
+    common.save_hf_llama(str(tmp_path / "hf"), cfg, common.init_params(cfg, jax.random.key(2)),
+                         {"tokenizer.json": json.loads(tok.to_str()),
+                          "generation_config.json": {"eos_token_id": eos}})
+    (tmp_path / "docs").mkdir()
+    for i in range(30):
+        (tmp_path / "docs" / f"{i:02d}.py").write_text(text[i * 400:(i + 1) * 400])
+    tc = tiny_run(tmp_path, data=str(tmp_path / "docs"), init_from=str(tmp_path / "hf"))
+    splits = train_mod.load_data(tc, cfg, train_mod.data_tokenizer(tc), log=lambda s: None)
+    assert sum(len(edges) - 1 for _, edges in splits) == 30
+    for tokens, edges in splits:
+        assert edges[0] == 0 and edges[-1] == len(tokens)
+        np.testing.assert_array_equal(tokens[edges[:-1]], bos)
+        np.testing.assert_array_equal(tokens[np.array(edges[1:]) - 1], eos)
+        assert (tokens == bos).sum() == (tokens == eos).sum() == len(edges) - 1
+
+
 def test_damaged_metrics_lines_are_passed_over(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe{"st\n{"step": 2, "loss": 1.5}\n')
