@@ -283,7 +283,7 @@ def attention_fn(name, mesh=None):
         if jax.devices()[0].platform != "gpu":
             raise common.UserError("attention=cudnn needs an NVIDIA GPU")
 
-        def cudnn(q, k, v, causal, seg):  # documents as a mask [B, 1, T, T], read as a bias
+        def cudnn(q, k, v, causal, seg):  # documents as a dense mask [B, 1, T, T]
             mask = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                                 implementation="cudnn")
