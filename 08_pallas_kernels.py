@@ -114,13 +114,13 @@ def compiler_params(num_warps=4, num_stages=3):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _pad_to(x, axis, multiple):
+def _pad_to(x, axis, multiple, value=0):
     pad = -x.shape[axis] % multiple
     if pad == 0:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def _check_block(name, b, minimum=16):
@@ -256,7 +256,9 @@ def _visible(q_pos, k_pos, causal, seq_len, seg_q, seg_k):
 def _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal, has_segments):
     """The key blocks query block i visits, as (unmasked range, masked range): blocks entirely
     visible need no mask arithmetic; the causal diagonal, the padded tail and any block under
-    segment ids do. Blocks past the diagonal are not visited at all (half the work)."""
+    segment ids do. Blocks past the diagonal are not visited at all (half the work); under
+    segment ids the kernels also start past the blocks before the first key of their queries'
+    segments (`_segment_spans`)."""
     if causal:
         end = lax.div((i + 1) * block_q + block_k - 1, block_k)   # first block wholly above
         end = jnp.minimum(end, n_kv)
@@ -269,7 +271,13 @@ def _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal, has_segments):
     return first_masked, end
 
 
-def flash_fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *,
+def _first_kv_block(first_ref, block_k):
+    """The first key block that a query block can see: 0, or under segment ids the block of the
+    earliest first position of its queries' segments (no key before it shares one)."""
+    return 0 if first_ref is None else lax.div(jnp.min(first_ref[...]), block_k)
+
+
+def flash_fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, first_ref, o_ref, lse_ref, *,
                      sm_scale, causal, block_k, kv_len):
     # q_ref [block_q, D] of one (batch, head); k_ref, v_ref [S_padded, D] of its kv head.
     block_q = q_ref.shape[0]
@@ -300,17 +308,19 @@ def flash_fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *,
     n_kv = k_ref.shape[0] // block_k
     first_masked, end = _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal,
                                    segq_ref is not None)
+    start = _first_kv_block(first_ref, block_k)
     carry = (jnp.zeros(o_ref.shape, jnp.float32),
              jnp.full((block_q,), MASK, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), carry)
-    acc, m_i, l_i = lax.fori_loop(first_masked, end, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(start, first_masked, functools.partial(step, masked=False), carry)
+    acc, m_i, l_i = lax.fori_loop(jnp.maximum(start, first_masked), end,
+                                  functools.partial(step, masked=True), carry)
     l_i = jnp.maximum(l_i, 1e-30)            # only padding rows (discarded) can have l_i == 0
     o_ref[...] = (acc / l_i[:, None]).astype(o_ref.dtype)   # divide once, at the end (FA-2)
     lse_ref[...] = m_i + jnp.log(l_i)        # L_i, all the backward pass needs per row
 
 
-def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
-                     dk_ref, dv_ref, *, sm_scale, causal, block_q, q_len, kv_len):
+def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, last_ref, do_ref, lse_ref,
+                     delta_ref, dk_ref, dv_ref, *, sm_scale, causal, block_q, q_len, kv_len):
     # One key block [block_k, D] of one query head walks the query blocks that see it
     # (Algorithm 2's outer loop): dV_j += P^T dO, dK_j += dS^T Q, with P rebuilt from L_i.
     block_k = k_ref.shape[0]
@@ -342,8 +352,9 @@ def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, d
     # Query blocks before the diagonal cannot see this key block (causal): start at it.
     start = lax.div(j * block_k, block_q) if causal else 0
     # Masked blocks: the diagonal band (causal), the ragged last query/key block, segment ids.
+    # Under segment ids no query past the last position of this block's segments sees it.
     if segq_ref is not None:
-        band_end = n_q
+        band_end = jnp.minimum(lax.div(jnp.max(last_ref[...]), block_q) + 1, n_q)
     elif causal:
         band_end = jnp.minimum(lax.div((j + 1) * block_k + block_q - 1, block_q), n_q)
     else:
@@ -353,9 +364,10 @@ def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, d
     # Past the band, a padded query tail or key tail still needs the mask: keep it on the last.
     ragged = (q_len % block_q != 0) or (kv_len % block_k != 0)
     full_end = n_q - 1 if ragged else n_q
-    carry = lax.fori_loop(band_end, jnp.maximum(band_end, full_end),
-                          functools.partial(step, masked=False), carry)
-    if ragged:
+    if segq_ref is None:  # (under segment ids no query past the band sees this block)
+        carry = lax.fori_loop(band_end, jnp.maximum(band_end, full_end),
+                              functools.partial(step, masked=False), carry)
+    if ragged and segq_ref is None:
         carry = lax.fori_loop(jnp.maximum(band_end, full_end), n_q,
                               functools.partial(step, masked=True), carry)
     dk, dv = carry
@@ -363,8 +375,8 @@ def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, d
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def flash_dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref,
-                    dq_ref, *, sm_scale, causal, block_k, kv_len):
+def flash_dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, first_ref, do_ref, lse_ref,
+                    delta_ref, dq_ref, *, sm_scale, causal, block_k, kv_len):
     # One query block walks the key blocks it sees: dQ_i += dS K (a separate pass, so no two
     # grid points ever add into the same dQ rows).
     block_q = q_ref.shape[0]
@@ -390,9 +402,11 @@ def flash_dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, de
     n_kv = k_ref.shape[0] // block_k
     first_masked, end = _kv_ranges(i, block_q, block_k, n_kv, kv_len, causal,
                                    segq_ref is not None)
-    dq = lax.fori_loop(0, first_masked, functools.partial(step, masked=False),
+    start = _first_kv_block(first_ref, block_k)
+    dq = lax.fori_loop(start, first_masked, functools.partial(step, masked=False),
                        jnp.zeros(dq_ref.shape, jnp.float32))
-    dq = lax.fori_loop(first_masked, end, functools.partial(step, masked=True), dq)
+    dq = lax.fori_loop(jnp.maximum(start, first_masked), end,
+                       functools.partial(step, masked=True), dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -420,23 +434,39 @@ def _attention_specs(B, H, G, Tp, Sp, D, blk, along_q, has_segments):
 
     q_tiled = along_q == "q"
     specs = [rows(Tp, q_tiled, False), rows(Sp, not q_tiled, True), rows(Sp, not q_tiled, True)]
-    if has_segments:
-        specs += [pl.BlockSpec((None, blk), lambda b, h, i: (b, i)) if q_tiled
-                  else pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0)) if q_tiled
-                  else pl.BlockSpec((None, blk), lambda b, h, i: (b, i))]
+    if has_segments:  # segment ids of the queries and of the keys, then the tiled rows' span
+        tile = pl.BlockSpec((None, blk), lambda b, h, i: (b, i))
+        specs += [tile if q_tiled else pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0)),
+                  pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0)) if q_tiled else tile, tile]
     return specs
 
 
 def _with_segments(kernel, has_segments, n_before):
-    """Adapt a kernel whose signature has (segq_ref, segk_ref) after `n_before` refs: without
-    segment ids they are not passed, and the kernel sees None."""
+    """Adapt a kernel whose signature has (segq_ref, segk_ref, span_ref) after `n_before` refs:
+    without segment ids they are not passed, and the kernel sees None."""
     if has_segments:
         return kernel
 
     def wrapped(*refs):
-        return kernel(*refs[:n_before], None, None, *refs[n_before:])
+        return kernel(*refs[:n_before], None, None, None, *refs[n_before:])
     return wrapped
+
+
+def _segment_spans(seg):
+    """(first, last) [B, T] int32: the first and the last position in its row of each position's
+    segment id. Ids may repeat anywhere in a row; packed documents give runs."""
+    B, T = seg.shape
+    order = jnp.argsort(seg, axis=1, stable=True)      # by id, then by position
+    ids = jnp.take_along_axis(seg, order, 1)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), ids[:, 1:] != ids[:, :-1]], 1)
+    ends = jnp.concatenate([starts[:, 1:], jnp.ones((B, 1), bool)], 1)
+    run_start = lax.cummax(jnp.where(starts, pos, 0), axis=1)
+    run_end = lax.cummin(jnp.where(ends, pos, T - 1), axis=1, reverse=True)
+    rows = jnp.arange(B)[:, None]
+    first = jnp.zeros_like(seg).at[rows, order].set(jnp.take_along_axis(order, run_start, 1))
+    last = jnp.zeros_like(seg).at[rows, order].set(jnp.take_along_axis(order, run_end, 1))
+    return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
 def _flash_forward(q, k, v, seg, causal, sm_scale, blocks, interpret):
@@ -446,7 +476,10 @@ def _flash_forward(q, k, v, seg, causal, sm_scale, blocks, interpret):
     qp, kp, vp = _pad_to(q, 1, bq), _pad_to(k, 1, bk), _pad_to(v, 1, bk)
     Tp, Sp = qp.shape[1], kp.shape[1]
     has_seg = seg is not None
-    args = [qp, kp, vp] + ([_pad_to(seg, 1, bq), _pad_to(seg, 1, bk)] if has_seg else [])
+    args = [qp, kp, vp]
+    if has_seg:  # padded queries' first positions lie past every key: they start no earlier
+        first = _pad_to(_segment_spans(seg)[0], 1, bq, Sp)
+        args += [_pad_to(seg, 1, bq), _pad_to(seg, 1, bk), first]
     kernel = functools.partial(flash_fwd_kernel, sm_scale=sm_scale, causal=causal, block_k=bk,
                                kv_len=S)
     out, lse = pl.pallas_call(
@@ -477,7 +510,11 @@ def _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks, int
     delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
     delta = _pad_to(delta, 2, step)
     has_seg = seg is not None
-    segs = [_pad_to(seg, 1, step), _pad_to(seg, 1, bk)] if has_seg else []
+    segs, first, last = [], [], []
+    if has_seg:  # padded rows' spans are ones that leave the real rows' bounds as they are
+        segs = [_pad_to(seg, 1, step), _pad_to(seg, 1, bk)]
+        first, last = _segment_spans(seg)
+        first, last = [_pad_to(first, 1, step, Sp)], [_pad_to(last, 1, bk, -1)]
     params = compiler_params(blocks.num_warps_bwd, blocks.num_stages_bwd)
     row_stats_whole = pl.BlockSpec((None, None, Tp), lambda b, h, i: (b, h, 0))
     row_stats_tile = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
@@ -495,11 +532,10 @@ def _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks, int
         out_specs=[pl.BlockSpec((None, bk, None, D), lambda b, h, j: (b, j, h, 0))] * 2,
         out_shape=[jax.ShapeDtypeStruct((B, Sp, H, D), jnp.float32)] * 2,
         compiler_params=params, interpret=interpret,
-    )(qp, kp, vp, *segs, dop, lse, delta)
+    )(qp, kp, vp, *segs, *last, dop, lse, delta)
     dk = dk[:, :S].reshape(B, S, KH, G, D).sum(3).astype(k.dtype)
     dv = dv[:, :S].reshape(B, S, KH, G, D).sum(3).astype(v.dtype)
 
-    segs = [_pad_to(seg, 1, step), _pad_to(seg, 1, bk)] if has_seg else []
     dq_specs = _attention_specs(B, H, G, Tp, Sp, D, bq, "q", has_seg)
     dq_specs += [pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
                  row_stats_tile, row_stats_tile]
@@ -512,7 +548,7 @@ def _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks, int
         out_specs=pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         compiler_params=params, interpret=interpret,
-    )(qp, kp, vp, *segs, dop, lse, delta)
+    )(qp, kp, vp, *segs, *first, dop, lse, delta)
     return dq[:, :T], dk, dv
 
 

@@ -64,16 +64,30 @@ def test_tile_intensity_matches_the_lecture():
 SMALL = k08.FlashBlocks(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
 
 
+def segment_ids(kind, rng, B, T):
+    """None, a few runs (packed sequences), many short runs (documents that skip blocks), or
+    ids scattered with repeats (no runs: nothing may be skipped that a repeat needs)."""
+    if kind is None:
+        return None
+    ids = {"runs": np.sort(rng.integers(0, 3, (B, T)), axis=1),
+           "documents": np.cumsum(rng.random((B, T)) < 1 / 12, axis=1),
+           "scattered": rng.integers(0, 3, (B, T))}[kind]
+    return jnp.asarray(ids, jnp.int32)
+
+
 @pytest.mark.parametrize("B,T,S,H,KH,D,causal,segments", [
-    (1, 50, 70, 2, 1, 16, False, False),   # T != S, ragged, GQA 2:1
-    (2, 45, 45, 4, 2, 24, True, False),    # causal across a ragged diagonal; D padded to 32
-    (1, 40, 40, 4, 1, 16, True, True),     # packed sequences, MQA, ragged (backward pads to 64)
+    (1, 50, 70, 2, 1, 16, False, None),     # T != S, ragged, GQA 2:1
+    (2, 45, 45, 4, 2, 24, True, None),      # causal across a ragged diagonal; D padded to 32
+    (1, 40, 40, 4, 1, 16, True, "runs"),    # packed sequences, MQA, ragged (backward pads to 64)
+    (2, 150, 150, 4, 2, 16, True, "documents"),  # blocks before a document's start skipped
+    (1, 100, 100, 2, 1, 16, False, "documents"),
+    (1, 90, 90, 2, 2, 16, True, "scattered"),
 ])
 def test_flash_attention_and_gradients(B, T, S, H, KH, D, causal, segments):
     rng = np.random.default_rng(T + S)
     q, k, v, w = (normal(rng, B, T, H, D), normal(rng, B, S, KH, D), normal(rng, B, S, KH, D),
                   normal(rng, B, T, H, D))
-    seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1), jnp.int32) if segments else None
+    seg = segment_ids(segments, rng, B, T)
 
     def kernel(q, k, v):
         return k08.flash_attention(q, k, v, causal, seg, interpret=True, blocks=SMALL)
@@ -93,6 +107,17 @@ def test_flash_attention_and_gradients(B, T, S, H, KH, D, causal, segments):
     assert rel(out, out_ref) < 1e-5
     for g, g_ref in zip(grads, grads_ref):
         assert rel(g, g_ref) < 1e-5
+
+
+def test_segment_spans_are_each_ids_first_and_last_position():
+    rng = np.random.default_rng(0)
+    for kind in ("runs", "documents", "scattered"):
+        seg = np.asarray(segment_ids(kind, rng, 3, 70))
+        first, last = map(np.asarray, k08._segment_spans(jnp.asarray(seg)))
+        same = seg[:, :, None] == seg[:, None, :]      # [B, t, position]
+        pos = np.arange(70)
+        np.testing.assert_array_equal(first, np.where(same, pos, 70).min(-1))
+        np.testing.assert_array_equal(last, np.where(same, pos, -1).max(-1))
 
 
 def test_flash_attention_matches_jax_dot_product_attention():
