@@ -1512,9 +1512,9 @@ def bench_flash(cfg, env, rows):
     def peer(q, k, v, causal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=peer_impl)
 
-    def ours(q, k, v, causal, impl):
-        return flash_attention(q, k, v, causal, interpret=interp, blocks=env["flash_blocks"],
-                               implementation=impl)
+    def ours(q, k, v, causal, impl, segment_ids=None):
+        return flash_attention(q, k, v, causal, segment_ids, interpret=interp,
+                               blocks=env["flash_blocks"], implementation=impl)
 
     def fwd_bwd(attn, causal):
         def loss(q, k, v, do):
@@ -1585,6 +1585,40 @@ def bench_flash(cfg, env, rows):
                                                      "FLOP/s"),
                              tf[best, mode] / tf['peer', mode],
                              f"{tf[best, mode] * env['flop_unit'][1] / env['peak']:.0%} of peak"))
+    bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name)
+
+
+def bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name):
+    """Causal attention over packed documents (segment ids): the key blocks the kernel visits,
+    a fraction of the causal ones that shrinks with the documents, against the peer given the
+    documents as a dense mask."""
+    S = min(max(env["flash_lengths"]), 2048)
+    B, H, D = max(1, cfg.flash_tokens // S), cfg.n_heads, cfg.head_dim
+    bq, bk = env["flash_blocks"].block_q, env["flash_blocks"].block_k
+    q, k, v, do = (_random(kk, (B, S, H, D), env["dtype"])
+                   for kk in jax.random.split(jax.random.key(S + 1), 4))
+
+    def peer(q, k, v, causal, seg):
+        mask = seg[:, None, :, None] == seg[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                            implementation=peer_impl)
+    print(f"\n  packed documents, causal, B={B} S={S}, geometric lengths; forward + backward; "
+          f"blocks: the key blocks visited, of the causal ones")
+    print(f"  {'mean doc':>8s} {'blocks':>7s} {'ours f+b':>10s} {peer_name + ' mask f+b':>14s} "
+          f"{'ratio':>6s}")
+    rng = np.random.default_rng(cfg.seed)
+    for mean in (S // 16, S // 4, S):
+        seg = jnp.asarray(np.cumsum(rng.random((B, S)) < 1 / mean, axis=1), jnp.int32)
+        first = np.asarray(_segment_spans(seg)[0])[:, :S - S % bq].reshape(B, -1, bq)
+        ends = np.minimum((np.arange(first.shape[1]) + 1) * bq + bk - 1, S) // bk
+        visited = (ends - first.min(-1) // bk).sum() / (ends.sum() * B)
+        t = [_time(fwd_bwd(lambda q, k, v, c, f=f: f(q, k, v, c, seg), True), [(q, k, v, do)])
+             for f in (lambda q, k, v, c, s: ours(q, k, v, c, "portable", segment_ids=s), peer)]
+        print(f"  {mean:8d} {visited:7.0%} {t[0] * 1e3:8.2f}ms {t[1] * 1e3:12.2f}ms "
+              f"{t[1] / t[0]:6.2f}", flush=True)
+        rows.append(("flash f+b, packed", f"B{B} S{S} documents ~{mean}",
+                     f"{t[0] * 1e3:.2f} ms", f"{peer_name} mask {t[1] * 1e3:.2f} ms",
+                     t[1] / t[0], f"{visited:.0%} of causal blocks"))
 
 
 def bench_decode(cfg, env, rows):
