@@ -20,7 +20,7 @@ into code. Four kernels, each with its reference beside it:
      the layout and semantics of lesson 05 ([B, T, H, D], GQA, causal, segment ids, any T and S).
      The scores of a block live only in registers; causal blocks above the diagonal are skipped,
      and under segment ids so are the blocks that no query of a block shares a segment with
-     (packed short documents: 2.6x cuDNN's masked attention at 128 tokens a document).
+     (packed short documents: 2.5x cuDNN's masked attention at 128 tokens a document).
   3. `decode_attention`: one new token per sequence against a KV cache with per-sequence lengths
      (lesson 06's decode step). A single query row gives too little work per sequence, so the
      cache is split in chunks processed in parallel and the partial results combined by their
