@@ -711,18 +711,22 @@ def deterministic(xla_flags):
     return re.search(r"--xla_gpu_deterministic_ops(=(true|1))?(\s|$)", xla_flags) is not None
 
 
-def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False):
+def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
+                   short_documents=False):
     """--attention resolved: auto is cuDNN's fused kernel on a GPU in bf16 (it takes 16-bit
-    inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels.
-    Under --xla_gpu_deterministic_ops a program holding two or more of cuDNN's attention
-    backward passes fails when it runs (an XLA IndexError, jax 0.11.2), so the unrolled layers
-    cannot use it there; one compiled layer in a loop (--scan_layers=true) can, and repeats bit
-    for bit (BENCHMARKS.md)."""
+    inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels,
+    and with short_documents too (--doc_mask over documents shorter than half a window on
+    average): 08's kernel skips the blocks the mask empties, where cuDNN computes them all (on an
+    H100, 2.48x cuDNN's masked attention at 128-token documents, 1.38x at 512 and 0.98x at
+    2,048, in windows of 2,048). Under --xla_gpu_deterministic_ops a program holding two or more
+    of cuDNN's attention backward passes fails when it runs (an XLA IndexError, jax 0.11.2), so
+    the unrolled layers cannot use it there; one compiled layer in a loop (--scan_layers=true)
+    can, and repeats bit for bit (BENCHMARKS.md)."""
     det = platform == "gpu" and deterministic(xla_flags)
     if attention == "auto" and (platform != "gpu" or dtype != "bfloat16"):
         attention = "naive"
     elif attention == "auto":
-        attention = "pallas" if det else "cudnn"
+        attention = "pallas" if det or short_documents else "cudnn"
     if attention == "cudnn" and dtype != "bfloat16":
         raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {dtype}: use "
                                f"--dtype=bfloat16 or --attention=naive or flash")
@@ -814,14 +818,16 @@ def _train(tc, stop_after, log, devices, held):
     if tc.batch_size % (data_ways * tc.grad_accum):
         raise common.UserError(f"batch_size={tc.batch_size} must split over dp x fsdp = "
                                f"{data_ways} devices and grad_accum={tc.grad_accum} micro-batches")
-    attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
-                          os.environ.get("XLA_FLAGS", ""), tc.scan_layers)
     shardings = common.param_shardings(cfg, mesh)
     model_flag = f"--init_from={tc.init_from}" if tc.init_from else f"--preset={tc.preset}"
     common.check_model_fits(model_flag, cfg, 16, "float32 weights, their gradients and AdamW's "
                             "two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
     tokenizer = data_tokenizer(tc)
     (train_tokens, train_docs), (val_tokens, val_docs) = load_data(tc, cfg, tokenizer, log)
+    n_docs = len({0, len(train_tokens), *train_docs}) - 1
+    attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
+                          os.environ.get("XLA_FLAGS", ""), tc.scan_layers,
+                          tc.doc_mask and len(train_tokens) / n_docs < tc.seq_len / 2)
     # A checkpoint carries the tokenizer its data were read with, and its end-of-sequence ids,
     # for 06 and --export_hf
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
@@ -862,8 +868,8 @@ def _train(tc, stop_after, log, devices, held):
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
     log(f"data: {tc.data or 'Python standard library source'}: {len(train_tokens):,} train "
         f"{unit}, {len(val_tokens):,} val {unit}" + (
-            f"; attention kept within each of the "
-            f"{len({0, len(train_tokens), *train_docs}) - 1:,} train documents"
+            f"; attention kept within each of the {n_docs:,} train documents (on average "
+            f"{len(train_tokens) / n_docs:,.0f} {unit})"
             if tc.doc_mask else ""))
     log(f"model: {tc.init_from or tc.preset}, {cfg.param_count() / 1e6:.2f}M params, "
         f"{cfg.dtype} compute, attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"

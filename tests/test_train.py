@@ -553,7 +553,7 @@ def test_the_run_passes_scan_layers_to_the_attention_choice(tmp_path, monkeypatc
         return real(*a, **k)
     monkeypatch.setattr(train_mod, "pick_attention", spy)
     train_mod.train(tiny_run(tmp_path, steps=1), log=lambda s: None, devices=jax.devices()[:1])
-    assert seen == [(True,)]
+    assert seen == [(True, False)]
 
 
 def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
@@ -572,6 +572,10 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     # one compiled layer holds one attention backward: cuDNN's works there, when asked for
     assert pick("cudnn", "bfloat16", "gpu", det, scan_layers=True) == "cudnn"
     assert pick("auto", "bfloat16", "gpu", det, scan_layers=True) == "pallas"
+    # --doc_mask over short documents: the kernel that skips the blocks the mask empties
+    assert pick("auto", "bfloat16", "gpu", short_documents=True) == "pallas"
+    assert pick("auto", "bfloat16", "cpu", short_documents=True) == "naive"
+    assert pick("cudnn", "bfloat16", "gpu", short_documents=True) == "cudnn"
 
 
 @pytest.mark.parametrize("kw,match", [
