@@ -103,7 +103,8 @@ class TrainConfig:
                                  # the step before saw, kept with the optimizer state)
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16;
-                                 # pallas with --xla_gpu_deterministic_ops)
+                                 # pallas with --xla_gpu_deterministic_ops, or with --doc_mask
+                                 # over documents shorter than half a window)
     doc_mask: bool = False       # a token attends only within its document (file), as Llama 3
                                  # trained; windows still span documents
     seed: int = 0                # of the init and of the batches' order
