@@ -366,12 +366,12 @@ def flash_dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, last_ref, do_ref, 
     # Past the band, a padded query tail or key tail still needs the mask: keep it on the last.
     ragged = (q_len % block_q != 0) or (kv_len % block_k != 0)
     full_end = n_q - 1 if ragged else n_q
-    if segq_ref is None:  # (under segment ids no query past the band sees this block)
+    if segq_ref is None:  # (under segment ids the band holds every query that sees the block)
         carry = lax.fori_loop(band_end, jnp.maximum(band_end, full_end),
                               functools.partial(step, masked=False), carry)
-    if ragged and segq_ref is None:
-        carry = lax.fori_loop(jnp.maximum(band_end, full_end), n_q,
-                              functools.partial(step, masked=True), carry)
+        if ragged:
+            carry = lax.fori_loop(jnp.maximum(band_end, full_end), n_q,
+                                  functools.partial(step, masked=True), carry)
     dk, dv = carry
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
