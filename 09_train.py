@@ -15,7 +15,8 @@ What it puts together, lesson by lesson:
   each all-reduce becomes a reduce-scatter and an all-gather and the activations kept for the
   backward pass shrink. XLA's partitioner does it from the sharding rules alone
   (common.sequence_parallel_rules); BENCHMARKS.md measures what it saves and what it costs;
-- AdamW (Loshchilov & Hutter 2019) written out below, linear warmup then cosine decay,
+- AdamW (Loshchilov & Hutter 2019) written out below, linear warmup then cosine decay (the
+  peak, unless --lr says otherwise, inversely proportional to the model's width: default_lr),
   global-norm clipping, gradient accumulation over micro-batches, float32 master weights and
   optimizer state with the forward pass in bf16 (Micikevicius et al. 2018), optional
   rematerialization (remat=full recomputes each layer; dots keeps only matmul outputs);
@@ -87,8 +88,9 @@ class TrainConfig:
     batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
     grad_accum: int = 1          # micro-batches per step (gradients averaged before the update)
-    lr: float = 3e-3             # peak learning rate
-    min_lr: float = 3e-4         # end of the cosine
+    lr: float | None = None      # peak learning rate; none: 1e-3 x 384 / d_model (default_lr),
+                                 # or 2e-5 when fine-tuning (--init_from)
+    min_lr: float | None = None  # end of the cosine; none: a tenth of the peak
     warmup: int = 20             # steps of linear warmup
     weight_decay: float = 0.1    # decoupled, on matrices only
     b1: float = 0.9              # AdamW's decay of the gradient's running mean
@@ -135,7 +137,7 @@ class TrainConfig:
                 raise common.UserError(f"{f} must be >= 1, got {getattr(self, f)}")
         for f in ("warmup", "ckpt_every", "sample_len", "process_id", "min_lr", "weight_decay",
                   "grad_clip", "seed"):
-            if not 0 <= getattr(self, f) < math.inf:  # (a NaN fails this too)
+            if getattr(self, f) is not None and not 0 <= getattr(self, f) < math.inf:  # (NaN too)
                 raise common.UserError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.seed >= 2**31:  # a jax.random key's seed and numpy's, as the CLI checks
             raise common.UserError(f"seed must be below 2**31, got {self.seed}")
@@ -143,11 +145,15 @@ class TrainConfig:
             if getattr(self, f) >= 2**31:
                 raise common.UserError(f"{f} must be below 2**31, got {getattr(self, f)}")
         # (the schedule runs in float32, where XLA flushes subnormal numbers to 0)
-        if not np.finfo(np.float32).tiny <= self.lr < math.inf:
+        if self.lr is not None and not np.finfo(np.float32).tiny <= self.lr < math.inf:
             raise common.UserError(f"lr must be > 0 (and above 0 in float32), got {self.lr}")
-        if self.min_lr > self.lr:
-            raise common.UserError(f"min_lr={self.min_lr} is above lr={self.lr}: the cosine "
-                                   f"decays from lr down to min_lr")
+        if self.preset not in common.PRESETS:
+            raise common.UserError(f"unknown preset {self.preset!r} "
+                                   f"(presets: {', '.join(common.PRESETS)})")
+        if self.final_lr() > self.peak_lr():
+            default = "" if self.lr is not None else " (the default here)"
+            raise common.UserError(f"min_lr={self.final_lr():.3g} is above lr={self.peak_lr():.3g}"
+                                   f"{default}: the cosine decays from lr down to min_lr")
         for f in ("b1", "b2"):
             if not 0 <= getattr(self, f) < 1:
                 raise common.UserError(f"{f} must be in [0, 1), got {getattr(self, f)}")
@@ -155,9 +161,6 @@ class TrainConfig:
             raise common.UserError("out_dir must not be empty")
         if self.sample_len and not self.sample_prompt:
             raise common.UserError("sample_prompt must not be empty (or set sample_len=0)")
-        if self.preset not in common.PRESETS:
-            raise common.UserError(f"unknown preset {self.preset!r} "
-                                   f"(presets: {', '.join(common.PRESETS)})")
         choices = {"dtype": ("auto", "float32", "bfloat16"), "remat": ("none", "full", "dots"),
                    "attention": ("auto", "naive", "flash", "pallas", "cudnn"),
                    "fp8_scaling": ("current", "delayed")}
@@ -188,6 +191,17 @@ class TrainConfig:
             common.check_sequence_split(self.sequence_parallel_rows(), self.seq_len, sizes["tp"],
                                         sizes["fsdp"])
 
+    def peak_lr(self):
+        """--lr, else the default: 2e-5 to fine-tune (Llama 2's supervised fine-tuning rate,
+        Touvron et al. 2023), else default_lr of the preset's width."""
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if self.init_from else default_lr(common.PRESETS[self.preset].d_model)
+
+    def final_lr(self):
+        """--min_lr, else a tenth of the peak."""
+        return self.peak_lr() / 10 if self.min_lr is None else self.min_lr
+
     def sequence_parallel_rows(self):
         """Rows of a micro-batch on each dp x fsdp group: what sequence parallelism splits. (With
         no --mesh there is no tp axis, and nothing for it to split.)"""
@@ -209,11 +223,23 @@ def make_mesh(text, devices):
 # The optimizer
 # ----------------------------------------------------------------------------------------------
 
+def default_lr(d_model):
+    """The peak learning rate of a run from scratch without --lr: 1e-3 at the `small` preset's
+    width, 384, and inversely proportional to the width, as muP scales Adam's rate for the hidden
+    matrices (Yang et al. 2022). A sweep of 150-step runs found the best rate at 1e-3 for `small`
+    and between 1e-4 and 2e-4 for the 1B shape (width 2,048), where this gives 1.9e-4 (the sweep
+    is in BENCHMARKS.md). A wider model takes a smaller step because each step moves every one
+    of its outputs by the sum of more weights' changes."""
+    return 1e-3 * 384 / d_model
+
+
 def lr_schedule(step, tc):
-    """Linear warmup to tc.lr over tc.warmup steps, then cosine decay to tc.min_lr at tc.steps."""
-    warm = tc.lr * (step + 1) / max(tc.warmup, 1)
+    """Linear warmup to the peak over tc.warmup steps, then cosine decay to the final rate at
+    tc.steps (TrainConfig.peak_lr and final_lr: --lr and --min_lr, or their defaults)."""
+    peak, final = tc.peak_lr(), tc.final_lr()
+    warm = peak * (step + 1) / max(tc.warmup, 1)
     frac = jnp.clip((step - tc.warmup) / max(tc.steps - tc.warmup, 1), 0.0, 1.0)
-    cos = tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + jnp.cos(math.pi * frac))
+    cos = final + 0.5 * (peak - final) * (1 + jnp.cos(math.pi * frac))
     return jnp.where(step < tc.warmup, warm, cos)
 
 
@@ -444,7 +470,7 @@ def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
                 "init_from": tc.init_from,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
                 "batch_size": tc.batch_size, "seq_len": tc.seq_len, "doc_mask": tc.doc_mask,
-                "data": data_id}
+                "lr": tc.peak_lr(), "min_lr": tc.final_lr(), "data": data_id}
         writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep, state, meta, files)
 
 
@@ -525,9 +551,14 @@ def restore(tc, cfg, params, opt, data_id):
         a.shape, ref.sharding, lambda idx: a[idx]), state, like)
     print(f"resumed from {path} at step {meta['step']}")
     ran = dict(meta, doc_mask=meta.get("doc_mask", False))  # (written before the flag: off)
-    changed = [f"{k}={getattr(tc, k)} (the checkpoint's steps ran at {ran[k]})"
-               for k in ("batch_size", "seq_len", "doc_mask") if ran.get(k, getattr(tc, k))
-               != getattr(tc, k)]
+    here = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "doc_mask": tc.doc_mask,
+            "lr": tc.peak_lr(), "min_lr": tc.final_lr()}
+
+    def show(v):
+        return f"{v:.3g}" if isinstance(v, float) else v
+
+    changed = [f"{k}={show(v)} (the checkpoint's steps ran at {show(ran[k])})"
+               for k, v in here.items() if ran.get(k, v) != v]
     if meta.get("data", data_id) != data_id:
         changed.append(f"data of {data_id} (the checkpoint's steps read {meta['data']})")
     if changed:
@@ -877,6 +908,10 @@ def _train(tc, stop_after, log, devices, held):
         f"{sp_text(tc, mesh)} over {n_dev} devices in {jax.process_count()} processes")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
         f"{n_dev} x {peak / 1e12:.4g} TFLOP/s ({basis})")
+    why = ("--lr" if tc.lr is not None else "the fine-tuning default" if tc.init_from else
+           f"the default for width {cfg.d_model}: 1e-3 x 384 / {cfg.d_model}")
+    log(f"learning rate: {tc.peak_lr():.3g} at the peak ({why}), cosine to {tc.final_lr():.3g} "
+        f"at step {tc.steps}")
 
     attention = attention_fn(attn, mesh)
     step_fn = make_train_step(cfg, tc, mesh, attention)

@@ -178,6 +178,10 @@ def test_resuming_with_another_batch_says_so(tmp_path, capsys):
                     log=lambda s: None, devices=jax.devices()[:1])
     assert "note: resuming with doc_mask=True (the checkpoint's steps ran at False)" in \
         capsys.readouterr().out
+    train_mod.train(dataclasses.replace(tc, steps=5, batch_size=4, doc_mask=True, lr=0.5),
+                    log=lambda s: None, devices=jax.devices()[:1])
+    assert "lr=0.5 (the checkpoint's steps ran at 0.006), min_lr=0.05 (the checkpoint's steps " \
+        "ran at 0.0006)" in capsys.readouterr().out
 
 
 def test_resuming_on_other_data_says_so(tmp_path, capsys):
@@ -513,6 +517,22 @@ def test_lr_schedule_is_linear_warmup_then_cosine():
             for s in range(101)]
     got = [float(train_mod.lr_schedule(s, tc)) for s in range(101)]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_default_learning_rate_follows_the_width_and_fine_tuning():
+    """Without --lr: 1e-3 at `small`'s width, inversely with d_model, 2e-5 to fine-tune; the end
+    of the cosine a tenth of the peak unless --min_lr says otherwise."""
+    small, wide = train_mod.TrainConfig(), train_mod.TrainConfig(preset="llama-3.2-1b")
+    assert (small.peak_lr(), small.final_lr()) == pytest.approx((1e-3, 1e-4))
+    assert wide.peak_lr() == pytest.approx(1e-3 * 384 / 2048)
+    tune = train_mod.TrainConfig(init_from="some/dir")
+    assert (tune.peak_lr(), tune.final_lr()) == pytest.approx((2e-5, 2e-6))
+    # --lr alone brings its own end (the header's fine-tuning line), --min_lr alone keeps the peak
+    assert train_mod.TrainConfig(init_from="d", lr=3e-5).final_lr() == pytest.approx(3e-6)
+    assert train_mod.TrainConfig(min_lr=0.0).peak_lr() == pytest.approx(1e-3)
+    assert float(train_mod.lr_schedule(19, small)) == pytest.approx(1e-3)  # warmup ends
+    with pytest.raises(common.UserError, match="min_lr=0.01 is above lr=0.001 .the default"):
+        train_mod.TrainConfig(min_lr=1e-2)
 
 
 def test_clipping_scales_the_global_norm_down_to_the_threshold():
