@@ -5,6 +5,7 @@
     python 09_train.py --mesh=dp:2,fsdp:2,tp:2 --remat=dots --attention=flash
     python 09_train.py --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0   # per host
     python 09_train.py --init_from=Llama-3.2-1B --data=my_texts/ --lr=3e-5 --export_hf=tuned
+    python 09_train.py --preset=llama-3.2-1b --tokenizer=Llama-3.2-1B --data=my_texts/
 
 What it puts together, lesson by lesson:
 - the model of common.py, its parameters born sharded: init_params is jit'd with out_shardings
@@ -44,10 +45,12 @@ What it puts together, lesson by lesson:
 - fine-tuning (--init_from=DIR, a Hugging Face Llama directory): the model's shape from its
   config.json, the first step from its weights, and the data read as its tokenizer.json's tokens
   (through the `tokenizers` package) rather than bytes; the checkpoints carry that tokenizer.json;
+  --tokenizer=DIR reads the data so for a model trained from scratch, its vocabulary sized to
+  the tokenizer's ids;
 - --export_hf=DIR: at the end, the trained model as a Hugging Face Llama directory
   (common.save_hf_llama): config.json, the weights in the compute dtype as safetensors, and the
-  tokenizer.json of the tokens it trained on (bytes, or --init_from's); 06, transformers and
-  other tools that read Llama checkpoints load it;
+  tokenizer.json of the tokens it trained on (bytes, or --init_from's or --tokenizer's); 06,
+  transformers and other tools that read Llama checkpoints load it;
 - many hosts through JAX's multi-controller runtime: every process runs this same program on its
   own devices and reads only its own rows of each batch. Process 0 writes the checkpoints and
   every process resumes from --out_dir, so it must be a directory all hosts see (shared storage).
@@ -84,6 +87,9 @@ class TrainConfig:
     init_from: str = ""          # a Hugging Face Llama directory to fine-tune: its config.json
                                  # replaces --preset, its weights the random init, and the data
                                  # are read as its tokenizer.json's tokens (not bytes)
+    tokenizer: str = ""          # a directory with a tokenizer.json (a Hugging Face checkpoint's):
+                                 # train --preset from scratch on its tokens, the vocabulary
+                                 # sized to its ids; empty: bytes (vocabulary 256)
     steps: int = 150             # total optimizer steps (also the length of the cosine)
     batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
@@ -118,7 +124,7 @@ class TrainConfig:
     log_every: int = 10          # steps between log lines (each waits for its step)
     eval_every: int = 50         # validation loss every N steps (and at the end)
     eval_batches: int = 4        # validation batches per evaluation
-    sample_len: int = 200        # tokens generated at the end (bytes, or --init_from's tokens)
+    sample_len: int = 200        # tokens generated at the end (bytes, or the tokenizer's)
     sample_prompt: str = "def "  # what they continue (06_kv_cache_inference.py samples faster);
                                  # on the command line \n, \t and \\ are a newline, tab, backslash
     export_hf: str = ""          # at the end, also write the model here as a Hugging Face Llama
@@ -161,6 +167,9 @@ class TrainConfig:
             raise common.UserError("out_dir must not be empty")
         if self.sample_len and not self.sample_prompt:
             raise common.UserError("sample_prompt must not be empty (or set sample_len=0)")
+        if self.tokenizer and self.init_from:
+            raise common.UserError("--tokenizer is for a model trained from scratch: --init_from "
+                                   "reads the data with DIR's own tokenizer.json; drop one")
         choices = {"dtype": ("auto", "float32", "bfloat16"), "remat": ("none", "full", "dots"),
                    "attention": ("auto", "naive", "flash", "pallas", "cudnn"),
                    "fp8_scaling": ("current", "delayed")}
@@ -516,11 +525,12 @@ def write_checkpoint(out_dir, step, keep, state, meta, files):
                if kept else "it holds no checkpoint yet")) from None
 
 
-def restore(tc, cfg, params, opt, data_id):
+def restore(tc, cfg, params, opt, data_id, tokenizer=common.BYTES):
     """(params, opt, step) from the newest readable checkpoint in out_dir, or the inputs and 0.
     A damaged one (its files cut short by a power loss, or edited) is passed over with a line
     saying so, and the one before it read instead. Resuming with another batch shape or on other
-    data is allowed (a smaller batch after running out of memory, more data), but said."""
+    data is allowed (a smaller batch after running out of memory, more data), but said; with
+    another tokenizer, whose ids mean other text, it is refused."""
     like = {"params": params, "opt": opt}
     model = json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -529,6 +539,16 @@ def restore(tc, cfg, params, opt, data_id):
         if not isinstance(meta.get("model"), dict):
             raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json holds "
                                            f"no model config")
+        held = os.path.join(path, "tokenizer.json")  # (none: bytes)
+        try:
+            spec = common.read_json(held) if os.path.isfile(held) else common.BYTES.spec
+        except common.UserError as e:
+            raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
+        if spec != tokenizer.spec:
+            here = f"{tokenizer_dir(tc)}/tokenizer.json" if tokenizer_dir(tc) else "bytes"
+            raise common.UserError(f"{tc.out_dir} holds a checkpoint trained on other tokens "
+                                   f"than {here}: resume with the --tokenizer (or --init_from) "
+                                   f"it was written with, or use another --out_dir")
         if meta["model"] != model or meta.get("seed") != tc.seed:
             stored = dict(meta["model"], seed=meta.get("seed"))
             differ = [f"{k} {stored.get(k)!r} there, {v!r} here"
@@ -727,14 +747,23 @@ def model_config(tc):
     return cfg
 
 
+def tokenizer_dir(tc):
+    """Where the data's tokenizer.json comes from: --init_from, --tokenizer, or nowhere (bytes)."""
+    return tc.init_from or tc.tokenizer
+
+
 def data_tokenizer(tc):
-    """What the data are read as: bytes, or with --init_from its tokenizer's tokens."""
-    if not tc.init_from:
+    """What the data are read as: bytes, or the tokens of --init_from's or --tokenizer's
+    tokenizer.json."""
+    if not tokenizer_dir(tc):
         return common.BYTES
+    flag = "--init_from" if tc.init_from else "--tokenizer"
+    if not os.path.isdir(tokenizer_dir(tc)):
+        raise common.UserError(f"{flag}={tokenizer_dir(tc)}: no such directory")
     try:
-        return common.load_tokenizer(tc.init_from)
+        return common.load_tokenizer(tokenizer_dir(tc))
     except common.UserError as e:
-        raise common.UserError(f"--init_from: {e}") from None
+        raise common.UserError(f"{flag}: {e}") from None
 
 
 def deterministic(xla_flags):
@@ -824,10 +853,12 @@ def load_data(tc, cfg, tokenizer, log=print):
         log(f"note: reading the first {tc.max_data_mb} MiB of the data's {size / 2**20:,.0f} "
             f"MiB (--max_data_mb reads more)")
     if tokenizer is not common.BYTES:  # each file a document, begun and ended as in pretraining
-        t0 = time.perf_counter()
+        t0, raw = time.perf_counter(), [data for data, _ in splits]
         splits = [common.tokenize(tokenizer, data, edges) for data, edges in splits]
-        log(f"tokenized the data with {tc.init_from}/tokenizer.json in "
-            f"{time.perf_counter() - t0:.1f} s")
+        log(f"tokenized the data with {tokenizer_dir(tc)}/tokenizer.json in "
+            f"{time.perf_counter() - t0:.1f} s: " + ", ".join(
+                f"{name} {len(raw) / len(tokens):.2f} bytes a token"
+                for name, raw, (tokens, _) in zip(("training", "validation"), raw, splits)))
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
     for name, (tokens, _) in zip(("training", "validation"), splits):
         if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
@@ -844,6 +875,9 @@ def load_data(tc, cfg, tokenizer, log=print):
 
 def _train(tc, stop_after, log, devices, held):
     cfg = model_config(tc)
+    tokenizer = data_tokenizer(tc)
+    if tc.tokenizer:  # a model from scratch holds exactly the tokenizer's ids
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.size)
     devices = devices or jax.devices()
     mesh = make_mesh(tc.mesh, devices)
     data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
@@ -854,7 +888,6 @@ def _train(tc, stop_after, log, devices, held):
     model_flag = f"--init_from={tc.init_from}" if tc.init_from else f"--preset={tc.preset}"
     common.check_model_fits(model_flag, cfg, 16, "float32 weights, their gradients and AdamW's "
                             "two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
-    tokenizer = data_tokenizer(tc)
     (train_tokens, train_docs), (val_tokens, val_docs) = load_data(tc, cfg, tokenizer, log)
     n_docs = len({0, len(train_tokens), *train_docs}) - 1
     attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
@@ -878,7 +911,7 @@ def _train(tc, stop_after, log, devices, held):
         opt["fp8"] = jax.device_put(common.import_script("07_numerics").delayed_amax(
             cfg.n_layers), NamedSharding(mesh, common.P()))
     data_id = common.corpus_id(train_tokens, val_tokens)
-    params, opt, start = restore(tc, cfg, params, opt, data_id)
+    params, opt, start = restore(tc, cfg, params, opt, data_id, tokenizer)
     if tc.init_from and start == 0:
         t0 = time.perf_counter()
         params = common.load_hf_llama(tc.init_from, "float32", shardings)[1]
@@ -903,7 +936,8 @@ def _train(tc, stop_after, log, devices, held):
             f"; attention kept within each of the {n_docs:,} train documents (on average "
             f"{len(train_tokens) / n_docs:,.0f} {unit})"
             if tc.doc_mask else ""))
-    log(f"model: {tc.init_from or tc.preset}, {cfg.param_count() / 1e6:.2f}M params, "
+    vocab = f" with a vocabulary of {cfg.vocab_size:,} ({tc.tokenizer})" if tc.tokenizer else ""
+    log(f"model: {tc.init_from or tc.preset}{vocab}, {cfg.param_count() / 1e6:.2f}M params, "
         f"{cfg.dtype} compute, attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
         f"{sp_text(tc, mesh)} over {n_dev} devices in {jax.process_count()} processes")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
@@ -1128,7 +1162,7 @@ def train_and_sample(tc):
     if tc.breakdown:
         return
     if jax.process_index() == 0 and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):
-        path = plot_metrics(tc.out_dir, "token" if tc.init_from else "byte")
+        path = plot_metrics(tc.out_dir, "token" if tokenizer_dir(tc) else "byte")
         if path:
             print(f"loss curve: {path}")
     if (tc.sample_len or tc.export_hf) and jax.process_count() > 1:  # every process gathers
@@ -1146,22 +1180,22 @@ def train_and_sample(tc):
 def export_hf(tc, cfg, params, tokenizer):
     """The trained model as a Hugging Face Llama directory: its weights in the compute dtype
     (what inference reads; the float32 master weights stay in the checkpoints) and the tokenizer
-    its data were read with (bytes, or --init_from's, with that model's token ids and tokenizer
-    settings). 06_kv_cache_inference.py, transformers and other tools that read Llama checkpoints
-    load it."""
+    its data were read with (bytes, or --init_from's or --tokenizer's, with that model's token
+    ids and tokenizer settings). 06_kv_cache_inference.py, transformers and other tools that
+    read Llama checkpoints load it."""
     t0 = time.perf_counter()
     path, cfg = tc.export_hf, dataclasses.replace(cfg, param_dtype=cfg.dtype)
     files = {"tokenizer.json": tokenizer.spec,
              "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
                                        "model_max_length": cfg.max_seq_len}}
-    if tc.init_from:  # the source's own settings, where it has them
-        source = common.read_json(os.path.join(tc.init_from, "config.json"))
-        files["config.json"] = {k: source[k] for k in ("bos_token_id", "eos_token_id",
-                                                       "pad_token_id") if k in source}
-        for name in ("tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json"):
-            if os.path.isfile(os.path.join(tc.init_from, name)):
-                files[name] = common.read_json(os.path.join(tc.init_from, name))
+    source = tokenizer_dir(tc)  # the settings of the tokenizer's own model, where it has them
+    if source and os.path.isfile(os.path.join(source, "config.json")):
+        settings = common.read_json(os.path.join(source, "config.json"))
+        files["config.json"] = {k: settings[k] for k in ("bos_token_id", "eos_token_id",
+                                                         "pad_token_id") if k in settings}
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if source and os.path.isfile(os.path.join(source, name)):
+            files[name] = common.read_json(os.path.join(source, name))
     common.save_hf_llama(path, cfg, params, files)
     print(f"exported the model to {path} as a Hugging Face Llama directory in {cfg.dtype}, "
           f"{time.perf_counter() - t0:.1f} s (python 06_kv_cache_inference.py --checkpoint={path})")

@@ -1847,6 +1847,7 @@ class Tokenizer(typing.NamedTuple):
     stop: tuple = ()          # the ids that end an answer (the checkpoint's end of sequence)
     spec: typing.Any = None   # its tokenizer.json, as a dict: what checkpoints and exports carry
     encode_text: typing.Callable = None   # [text] -> [ids], no special tokens: training data
+    size: int = 256           # its ids run from 0 to size - 1: the smallest vocabulary that fits
 
 
 def _bytes_of(text):
@@ -1893,8 +1894,9 @@ def load_tokenizer(path):
             return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         finally:
             tok.encode_special_tokens = False
+    size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     return Tokenizer(encode, lambda ids: tok.decode(list(ids)), eos_token_ids(path), spec,
-                     encode_text)
+                     encode_text, size)
 
 
 def eos_token_ids(path):

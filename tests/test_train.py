@@ -436,6 +436,41 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
                         log=lambda s: None)
 
 
+def test_a_tokenizer_trains_a_model_from_scratch_on_its_tokens(tmp_path, capsys):
+    """--tokenizer=DIR: the preset's shape with a vocabulary of exactly the tokenizer's ids, the
+    data read as its tokens, the checkpoints and the export carrying its tokenizer.json (06
+    encodes with it), and a resume on other tokens refused."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train([os.path.join(ROOT, "common.py")], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(tok.to_str())
+    tc = tiny_run(tmp_path, tokenizer=str(tmp_path / "tok"), ckpt_every=4, sample_len=4,
+                  export_hf=str(tmp_path / "export"))
+    train_mod.train_and_sample(tc)
+    out = capsys.readouterr().out
+    assert "with a vocabulary of 300" in out and "bytes a token" in out
+    exported = common.read_json(str(tmp_path / "export" / "config.json"))
+    assert exported["vocab_size"] == tok.get_vocab_size() == 300
+    assert common.read_json(str(tmp_path / "export" / "tokenizer.json")) == json.loads(tok.to_str())
+    served = common.import_script("06_kv_cache_inference").load_checkpoint_dir(tc.out_dir)[3]
+    assert served.encode("def forward(") == tok.encode("def forward(").ids
+    cfg = train_mod.model_config(tc)
+    tokens = train_mod.load_data(tc, dataclasses.replace(cfg, vocab_size=300),
+                                 train_mod.data_tokenizer(tc), log=lambda s: None)[0][0]
+    assert 256 <= tokens.max() < 300  # merged tokens, read as the tokenizer reads them
+    with pytest.raises(common.UserError, match="trained on other tokens than bytes"):
+        train_mod.train(dataclasses.replace(tc, tokenizer="", steps=8), log=lambda s: None)
+    with pytest.raises(common.UserError, match="--tokenizer=.*no such directory"):
+        train_mod.train(dataclasses.replace(tc, tokenizer=str(tmp_path / "none")),
+                        log=lambda s: None)
+    with pytest.raises(common.UserError, match="--tokenizer is for a model trained from scratch"):
+        dataclasses.replace(tc, init_from=str(tmp_path / "export"))
+
+
 def test_fine_tuning_data_are_documents_begun_and_ended(tmp_path):
     """Through a checkpoint's tokenizer, each file of --data is a document in both splits: it
     begins at one of the offsets load_data returns, with the tokenizer's BOS, and ends before
