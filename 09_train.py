@@ -837,11 +837,12 @@ def train(tc, stop_after=None, log=print, devices=None):
         return _train(tc, stop_after, log, devices, held)
 
 
-def load_data(tc, cfg, tokenizer, log=print):
+def load_data(tc, cfg, tokenizer, log=print, stats=None):
     """(train, validation) tokens of --data (default: the standard library's source) through
     `tokenizer`, each with the offsets where its documents (files) begin or end, with one-line
     errors for what would fail later: a split shorter than a window, an out_dir inside the data
-    (a resume would read the checkpoints as text), a token the model's vocabulary lacks."""
+    (a resume would read the checkpoints as text), a token the model's vocabulary lacks. A dict
+    `stats` gets "val_bytes_per_token": what turns a loss per token into one per byte."""
     data, out = (os.path.realpath(p) for p in (tc.data or "", tc.out_dir))
     if tc.data and os.path.isdir(data) and os.path.commonpath([data, out]) == data:
         raise common.UserError(f"--out_dir={tc.out_dir} lies inside --data={tc.data}: a resumed "
@@ -855,6 +856,8 @@ def load_data(tc, cfg, tokenizer, log=print):
     if tokenizer is not common.BYTES:  # each file a document, begun and ended as in pretraining
         t0, raw = time.perf_counter(), [data for data, _ in splits]
         splits = [common.tokenize(tokenizer, data, edges) for data, edges in splits]
+        if stats is not None:
+            stats["val_bytes_per_token"] = len(raw[1]) / len(splits[1][0])
         log(f"tokenized the data with {tokenizer_dir(tc)}/tokenizer.json in "
             f"{time.perf_counter() - t0:.1f} s: " + ", ".join(
                 f"{name} {len(raw) / len(tokens):.2f} bytes a token"
@@ -888,7 +891,8 @@ def _train(tc, stop_after, log, devices, held):
     model_flag = f"--init_from={tc.init_from}" if tc.init_from else f"--preset={tc.preset}"
     common.check_model_fits(model_flag, cfg, 16, "float32 weights, their gradients and AdamW's "
                             "two moments", mesh.shape["fsdp"] * mesh.shape["tp"])
-    (train_tokens, train_docs), (val_tokens, val_docs) = load_data(tc, cfg, tokenizer, log)
+    stats = {"val_bytes_per_token": 1.0}
+    (train_tokens, train_docs), (val_tokens, val_docs) = load_data(tc, cfg, tokenizer, log, stats)
     n_docs = len({0, len(train_tokens), *train_docs}) - 1
     attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
                           os.environ.get("XLA_FLAGS", ""), tc.scan_layers,
@@ -994,6 +998,15 @@ def _train(tc, stop_after, log, devices, held):
         return float(np.mean([eval_fn(params, *batch(val_split, i, tc.seed + 1))
                               for i in range(tc.eval_batches)]))
 
+    def val_row(val):
+        """The validation loss a token, and a byte where tokens are not bytes: a figure that
+        compares runs with different tokenizers (over the split's mean bytes a token)."""
+        if tokenizer is common.BYTES:
+            return f"val loss {val:.4f}", {"val_loss": val}
+        per_byte = val / stats["val_bytes_per_token"]
+        return (f"val loss {val:.4f} ({per_byte:.4f} a byte)",
+                {"val_loss": val, "val_loss_per_byte": per_byte})
+
     def record(row):
         history.append(row)
         if jax.process_index() == 0:
@@ -1001,9 +1014,9 @@ def _train(tc, stop_after, log, devices, held):
                 f.write(json.dumps(row) + "\n")
 
     if baseline:
-        val = validate(params)
-        log(f"step     0 | val loss {val:.4f} (the model as loaded from {tc.init_from})")
-        record({"step": 0, "val_loss": val})
+        text, fields = val_row(validate(params))
+        log(f"step     0 | {text} (the model as loaded from {tc.init_from})")
+        record({"step": 0, **fields})
     t_last, steps_since = time.perf_counter(), 0
     interrupted = (held.enter_context(stop_after_the_step()) if jax.process_count() == 1
                    else [False])
@@ -1038,9 +1051,9 @@ def _train(tc, stop_after, log, devices, held):
                 f"gnorm {m['grad_norm']:6.2f} | {dt * 1e3:8.1f} ms | {tok_s:10,.0f} tok/s | "
                 f"mfu {100 * mfu:5.1f}%")
         if done % tc.eval_every == 0 or done == tc.steps:
-            val = validate(params)
-            log(f"step {done:5d} | val loss {val:.4f}")
-            row = dict(row or {"step": done}, val_loss=val)
+            text, fields = val_row(validate(params))
+            log(f"step {done:5d} | {text}")
+            row = dict(row or {"step": done}, **fields)
         if row is not None:
             record(row)
         if saving:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -453,6 +454,10 @@ def test_a_tokenizer_trains_a_model_from_scratch_on_its_tokens(tmp_path, capsys)
     train_mod.train_and_sample(tc)
     out = capsys.readouterr().out
     assert "with a vocabulary of 300" in out and "bytes a token" in out
+    (last,) = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))][-1:]
+    per_token = re.search(r"validation (\d+\.\d+) bytes a token", out)[1]  # the loss a byte:
+    assert last["val_loss_per_byte"] == pytest.approx(last["val_loss"] / float(per_token),
+                                                      rel=1e-2)  # over the split's bytes a token
     exported = common.read_json(str(tmp_path / "export" / "config.json"))
     assert exported["vocab_size"] == tok.get_vocab_size() == 300
     assert common.read_json(str(tmp_path / "export" / "tokenizer.json")) == json.loads(tok.to_str())
