@@ -112,7 +112,7 @@ class TrainConfig:
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16;
                                  # pallas with --xla_gpu_deterministic_ops, or with --doc_mask
-                                 # over documents shorter than half a window)
+                                 # over documents shorter than a window on average)
     doc_mask: bool = False       # a token attends only within its document (file), as Llama 3
                                  # trained; windows still span documents
     seed: int = 0                # of the init and of the batches' order
@@ -776,10 +776,11 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
                    short_documents=False):
     """--attention resolved: auto is cuDNN's fused kernel on a GPU in bf16 (it takes 16-bit
     inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels,
-    and with short_documents too (--doc_mask over documents shorter than half a window on
-    average): 08's kernel skips the blocks the mask empties, where cuDNN computes them all (on an
-    H100, 2.48x cuDNN's masked attention at 128-token documents, 1.38x at 512 and 0.98x at
-    2,048, in windows of 2,048). Under --xla_gpu_deterministic_ops a program holding two or more
+    and with short_documents too (--doc_mask over documents shorter than a window on average):
+    08's kernel skips the blocks the mask empties, where cuDNN computes them all (on an H100,
+    2.48x cuDNN's masked attention at 128-token documents, 1.38x at 512 and 0.98x at 2,048, in
+    windows of 2,048; a whole 1B step 1.08x at 512-byte documents, 1.05x at 1,005, 1.02x at
+    1,494, and 0.98x on files of 19 KB). Under --xla_gpu_deterministic_ops a program holding two or more
     of cuDNN's attention backward passes fails when it runs (an XLA IndexError, jax 0.11.2), so
     the unrolled layers cannot use it there; one compiled layer in a loop (--scan_layers=true)
     can, and repeats bit for bit (BENCHMARKS.md)."""
@@ -896,7 +897,7 @@ def _train(tc, stop_after, log, devices, held):
     n_docs = len({0, len(train_tokens), *train_docs}) - 1
     attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
                           os.environ.get("XLA_FLAGS", ""), tc.scan_layers,
-                          tc.doc_mask and len(train_tokens) / n_docs < tc.seq_len / 2)
+                          tc.doc_mask and len(train_tokens) / n_docs < tc.seq_len)
     # A checkpoint carries the tokenizer its data were read with, and its end-of-sequence ids,
     # for 06 and --export_hf
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
