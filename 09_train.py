@@ -87,9 +87,9 @@ class TrainConfig:
     init_from: str = ""          # a Hugging Face Llama directory to fine-tune: its config.json
                                  # replaces --preset, its weights the random init, and the data
                                  # are read as its tokenizer.json's tokens (not bytes)
-    tokenizer: str = ""          # a directory with a tokenizer.json (a Hugging Face checkpoint's):
-                                 # train --preset from scratch on its tokens, the vocabulary
-                                 # sized to its ids; empty: bytes (vocabulary 256)
+    tokenizer: str = ""          # a directory with a tokenizer.json (a Hugging Face checkpoint's),
+                                 # or that file: train --preset from scratch on its tokens, the
+                                 # vocabulary sized to its ids; empty: bytes (vocabulary 256)
     steps: int = 150             # total optimizer steps (also the length of the cosine)
     batch_size: int = 8          # global sequences per step, over all devices and micro-batches
     seq_len: int = 256           # tokens per sequence
@@ -748,7 +748,10 @@ def model_config(tc):
 
 
 def tokenizer_dir(tc):
-    """Where the data's tokenizer.json comes from: --init_from, --tokenizer, or nowhere (bytes)."""
+    """Where the data's tokenizer.json comes from: --init_from, --tokenizer (a directory, or the
+    tokenizer.json in one), or nowhere (bytes)."""
+    if tc.tokenizer and os.path.basename(tc.tokenizer) == "tokenizer.json":
+        return os.path.dirname(tc.tokenizer) or "."
     return tc.init_from or tc.tokenizer
 
 
@@ -759,7 +762,9 @@ def data_tokenizer(tc):
         return common.BYTES
     flag = "--init_from" if tc.init_from else "--tokenizer"
     if not os.path.isdir(tokenizer_dir(tc)):
-        raise common.UserError(f"{flag}={tokenizer_dir(tc)}: no such directory")
+        raise common.UserError(f"{flag}={tc.init_from or tc.tokenizer}: expected a directory "
+                               f"holding a tokenizer.json" + ("" if tc.init_from else
+                                                              " (or that tokenizer.json)"))
     try:
         return common.load_tokenizer(tokenizer_dir(tc))
     except common.UserError as e:

@@ -449,6 +449,7 @@ def test_a_tokenizer_trains_a_model_from_scratch_on_its_tokens(tmp_path, capsys)
         vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text(tok.to_str())
+    (tmp_path / "tok" / "vocab.json").write_text("{}")
     tc = tiny_run(tmp_path, tokenizer=str(tmp_path / "tok"), ckpt_every=4, sample_len=4,
                   export_hf=str(tmp_path / "export"))
     train_mod.train_and_sample(tc)
@@ -469,9 +470,12 @@ def test_a_tokenizer_trains_a_model_from_scratch_on_its_tokens(tmp_path, capsys)
     assert 256 <= tokens.max() < 300  # merged tokens, read as the tokenizer reads them
     with pytest.raises(common.UserError, match="trained on other tokens than bytes"):
         train_mod.train(dataclasses.replace(tc, tokenizer="", steps=8), log=lambda s: None)
-    with pytest.raises(common.UserError, match="--tokenizer=.*no such directory"):
-        train_mod.train(dataclasses.replace(tc, tokenizer=str(tmp_path / "none")),
-                        log=lambda s: None)
+    for wrong in ("none", "tok/vocab.json"):  # missing, or a file not called tokenizer.json
+        with pytest.raises(common.UserError, match="--tokenizer=.*expected a directory holding"):
+            train_mod.train(dataclasses.replace(tc, tokenizer=str(tmp_path / wrong)),
+                            log=lambda s: None)
+    as_file = dataclasses.replace(tc, tokenizer=str(tmp_path / "tok" / "tokenizer.json"))
+    assert train_mod.data_tokenizer(as_file).spec == json.loads(tok.to_str())
     with pytest.raises(common.UserError, match="--tokenizer is for a model trained from scratch"):
         dataclasses.replace(tc, init_from=str(tmp_path / "export"))
 
