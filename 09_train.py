@@ -235,9 +235,10 @@ def make_mesh(text, devices):
 def default_lr(d_model):
     """The peak learning rate of a run from scratch without --lr: 1e-3 at the `small` preset's
     width, 384, and inversely proportional to the width, as muP scales Adam's rate for the hidden
-    matrices (Yang et al. 2022). A sweep of 150-step runs found the best rate at 1e-3 for `small`
-    and between 1e-4 and 2e-4 for the 1B shape (width 2,048), where this gives 1.9e-4 (the sweep
-    is in BENCHMARKS.md). A wider model takes a smaller step because each step moves every one
+    matrices (Yang et al. 2022). A sweep of 150-step runs found the best rate at 1e-3 for `small`,
+    between 1e-4 and 2e-4 for the 1B shape (width 2,048), where this gives 1.9e-4, and about 1e-4
+    at the 8B shape's width of 4,096 (on 4 of its layers), where this gives 9.4e-5 (the sweep is
+    in BENCHMARKS.md). A wider model takes a smaller step because each step moves every one
     of its outputs by the sum of more weights' changes."""
     return 1e-3 * 384 / d_model
 
