@@ -955,8 +955,10 @@ def _train(tc, stop_after, log, devices, held):
         f"{n_dev} x {peak / 1e12:.4g} TFLOP/s ({basis})")
     why = ("--lr" if tc.lr is not None else "the fine-tuning default" if tc.init_from else
            f"the default for width {cfg.d_model}: 1e-3 x 384 / {cfg.d_model}")
-    log(f"learning rate: {tc.peak_lr():.3g} at the peak ({why}), cosine to {tc.final_lr():.3g} "
-        f"at step {tc.steps}")
+    log(f"learning rate: {tc.peak_lr():.3g} at the peak ({why}), " + (
+        f"cosine to {tc.final_lr():.3g} at step {tc.steps}" if tc.warmup < tc.steps else
+        f"warming up for the whole run (--warmup={tc.warmup}, --steps={tc.steps}) to end at "
+        f"{tc.peak_lr() * tc.steps / tc.warmup:.3g}, with no cosine"))
 
     attention = attention_fn(attn, mesh)
     step_fn = make_train_step(cfg, tc, mesh, attention)
