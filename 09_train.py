@@ -861,14 +861,14 @@ def load_data(tc, cfg, tokenizer, log=print, stats=None):
         log(f"note: reading the first {tc.max_data_mb} MiB of the data's {size / 2**20:,.0f} "
             f"MiB (--max_data_mb reads more)")
     if tokenizer is not common.BYTES:  # each file a document, begun and ended as in pretraining
-        t0, raw = time.perf_counter(), [data for data, _ in splits]
+        t0, sizes = time.perf_counter(), [len(data) for data, _ in splits]
         splits = [common.tokenize(tokenizer, data, edges) for data, edges in splits]
+        per_token = [size / len(tokens) for size, (tokens, _) in zip(sizes, splits)]
         if stats is not None:
-            stats["val_bytes_per_token"] = len(raw[1]) / len(splits[1][0])
+            stats["val_bytes_per_token"] = per_token[1]
         log(f"tokenized the data with {tokenizer_dir(tc)}/tokenizer.json in "
-            f"{time.perf_counter() - t0:.1f} s: " + ", ".join(
-                f"{name} {len(raw) / len(tokens):.2f} bytes a token"
-                for name, raw, (tokens, _) in zip(("training", "validation"), raw, splits)))
+            f"{time.perf_counter() - t0:.1f} s: training {per_token[0]:.2f} bytes a token, "
+            f"validation {per_token[1]:.2f} bytes a token")
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
     for name, (tokens, _) in zip(("training", "validation"), splits):
         if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
