@@ -19,8 +19,9 @@ What the lesson shows, in the order main() prints it:
      per sequence: 2 FLOPs per 2 bytes read at batch 1. On a GPU that does ~300 FLOPs in the time it
      reads one byte, decode is bound by memory bandwidth, and the shortest step is (weight bytes +
      batch x KV bytes) / bandwidth. Decode turns compute-bound only near the batch where 2N x B
-     FLOPs take as long as reading the weights; prefill, which multiplies each weight by S prompt
-     tokens, is compute-bound: time ~ S x 2N / FLOPS + G x W / BW (W = 2N bytes in bf16). The third
+     FLOPs take as long as reading the weights; prefill, which multiplies each weight by P prompt
+     tokens, is compute-bound. For P + G tokens, time ~ P x 2N / FLOPS + (G - 1) x W / BW
+     (W = 2N bytes in bf16; the prefill makes the first of the G tokens). The third
      limit is capacity: the weights and every sequence's KV cache must fit in memory, and at long
      contexts that caps the batch below the compute-bound one. Per layer, the lecture's [prefill,
      decode] x [attention, FFN]: batching lifts decode's FFN toward the ridge point, never its
@@ -1282,6 +1283,10 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     rounds = check_count("max_new_tokens", max_new_tokens) > 0
     lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len,
                                extra=(2 * gamma + 1) * rounds)
+    if S > draft_cfg.max_seq_len:  # the draft runs at the target's positions
+        raise common.UserError(f"these prompts and max_new_tokens need {S} cache positions, past "
+                               f"the draft's max_seq_len={draft_cfg.max_seq_len}: use a draft "
+                               f"trained as long, or fewer tokens")
     max_new_tokens, gamma = int(max_new_tokens), int(gamma)
     stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
@@ -1799,11 +1804,14 @@ def measure_batch_1(run):
                                         per_call=PER_CALL)[0]
     W, kv, N = weight_bytes(ip), kv_bytes_per_token(cfg), cfg.param_count(embedding=False)
     step_bytes = W + timed_context(P, run.steps) * kv
-    pred_prefill = P * 2 * N / run.flops
+    # The lecture's P x 2N, and the FLOPs the prefill does: its head runs on the last position
+    # only (1B: 2N x P counts 1.26x those, 8B 1.07x), plus the causal attention.
+    lecture_prefill, pred_prefill = P * 2 * N / run.flops, cfg.prefill_flops(P) / run.flops
     achieved = step_bytes / run.t_step
     run.section("prefill and decode at batch 1")
     print(f"prefill, {P} tokens: {run.t_prefill * 1e3:.2f} ms (compile {t_compile:.1f} s); "
-          f"S x 2N / FLOPS = {pred_prefill * 1e3:.2f} ms; reading the weights takes "
+          f"its FLOPs / FLOPS = {pred_prefill * 1e3:.2f} ms (P x 2N / FLOPS = "
+          f"{lecture_prefill * 1e3:.2f} ms); reading the weights takes "
           f"{W / run.bw * 1e3:.2f} ms" + (f"; its kernels, summed: {t_device * 1e3:.2f} ms"
                                           if t_device else ""))
     print(f"decode: {run.t_step * 1e3:.3f} ms/step = {1 / run.t_step:.1f} tok/s (compile "
@@ -1818,10 +1826,10 @@ def measure_batch_1(run):
         print_no_cache(run, W, N)
     t_e2e = time_generate(run)
     # The prefill makes the first token: G tokens take G - 1 decode steps.
-    pred = pred_prefill + (G - 1) * W / run.bw
+    pred = lecture_prefill + (G - 1) * W / run.bw
     parts = run.t_prefill + (G - 1) * min(run.t_step, t_steps)
     print(f"end to end, {P} + {G} tokens (generate: a prefill call, then every step in one "
-          f"decode_loop call): {t_e2e * 1e3:.1f} ms; S x 2N / FLOPS + (G - 1) x W / BW = "
+          f"decode_loop call): {t_e2e * 1e3:.1f} ms; P x 2N / FLOPS + (G - 1) x W / BW = "
           f"{pred * 1e3:.1f} ms ({100 * pred / t_e2e:.0f}%); measured prefill + {G - 1} x the "
           f"faster step above = {parts * 1e3:.1f} ms ({100 * parts / t_e2e:.0f}%)")
     run.row(f"decode B=1 {cfg.dtype}", f"{1 / run.t_step:,.1f} tok/s",
@@ -2281,29 +2289,30 @@ def lesson_lengths(cfg, ic, on_gpu):
                                f"{cfg.max_seq_len}: use shorter lengths or a smaller gamma")
     # The timed decode steps (time_decode) run on a cache filled to P and write every step into
     # it: a first call of PER_CALL steps (4 more before a profile), or of `steps` for the draft,
-    # then 3 runs of `steps`.
+    # then 3 runs of `steps`, each at least one call of PER_CALL steps when timed that way.
     steps = ic.steps or (32 if on_gpu else 8)
     first = PER_CALL + 4
-    timed = P + max(first, steps) + 3 * steps
+    timed = P + max(first, steps) + 3 * max(steps, PER_CALL)
+    written = f"max({first}, steps) + 3 x max(steps, {PER_CALL})"
     room = min(cfg.max_seq_len - P,  # and on a GPU the rows at a long context, from theirs
                LONG_CONTEXT[0] - LONG_CONTEXT[1] if on_gpu else math.inf)
     if timed - P > room:
-        most = room // 4 if room >= 4 * first else (room - first) // 3
-        if most < 1:
+        if room < first + 3 * PER_CALL:
             raise common.UserError(f"prompt_len={P} leaves no room in the model's max_seq_len="
                                    f"{cfg.max_seq_len} for the timed decode steps: use a "
                                    f"shorter --prompt_len")
+        most = room // 4 if room >= 4 * first else (room - first) // 3
         where = f" or the context-{LONG_CONTEXT[1]} rows' cache" if on_gpu else ""
         raise common.UserError(f"steps={steps}: the timed decode steps write prompt_len + "
-                               f"max({first}, steps) + 3 x steps positions, past what the "
-                               f"model{where} holds: use --steps={most} or fewer")
+                               f"{written} positions, past what the model{where} holds: use "
+                               f"--steps={most} or fewer")
     need = max(need, timed)
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
         raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len + 2 x gamma "
-                               f"+ 1 and prompt_len + max({first}, steps) + 3 x steps, {need}, "
-                               f"and fit the model's max_seq_len={cfg.max_seq_len}")
+                               f"+ 1 and prompt_len + {written}, {need}, and fit the model's "
+                               f"max_seq_len={cfg.max_seq_len}")
     return P, G, S
 
 
@@ -2323,6 +2332,10 @@ def check_before_the_run(models, ic, on_gpu, draft):
             check_prompts([ids], cfg, ic.max_new_tokens, extra=room)
         if not ic.sample_only:
             _, _, S = lesson_lengths(cfg, ic, on_gpu)
+            if draft is not None and S > draft[1].max_seq_len:
+                raise common.UserError(f"the lesson's cache of {S} positions is past the draft's "
+                                       f"max_seq_len={draft[1].max_seq_len}: use shorter "
+                                       f"--prompt_len and --gen_len, or another --draft")
             slots, batch = ic.slots or (16 if on_gpu else 4), ic.batch or (64 if on_gpu else 16)
             common.check_fits(f"models={name} batch={batch} slots={slots}",
                               2 * cfg.param_count() * jnp.dtype(cfg.dtype).itemsize

@@ -138,6 +138,15 @@ class Config:
         attn = 6 * self.n_layers * self.n_heads * self.head_dim * seq_len
         return 6 * self.param_count(embedding=False) + attn
 
+    def prefill_flops(self, prompt_len):
+        """A prompt's forward pass as inference runs it: 2 FLOPs a weight for every token's
+        layers, the head for the last position only (the one whose next token is wanted), and
+        causal attention, 2*T*H*D per token and layer as in train_flops_per_token's forward."""
+        head = self.vocab_size * self.d_model  # param_count(embedding=False) holds it once
+        layers = self.param_count(embedding=False) - head
+        attn = 2 * self.n_layers * self.n_heads * self.head_dim * prompt_len
+        return prompt_len * (2 * layers + attn) + 2 * head
+
     def decode_flops_per_token(self, context_len):
         """One new token: 2N for the matmuls plus QK^T and PV against `context_len` cached keys."""
         attn = 4 * self.n_layers * self.n_heads * self.head_dim * context_len

@@ -605,6 +605,10 @@ def test_sampling_restrictions():
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 21, gamma=4),
      "plus the 9 positions a speculative round needs"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
+    # the draft runs at the target's positions, and would past its own window without a word
+    (lambda p: inf.speculative_generate(p, TINY, p, dataclasses.replace(TINY, max_seq_len=16),
+                                        [[1] * 10], 4, gamma=2),
+     "need 18 cache positions, past the draft's max_seq_len=16"),
     (lambda p: inf.generate(p, TINY, [[1]], 4.0), "max_new_tokens must be an integer"),
     (lambda p: inf.generate(p, TINY, [[1]], 4, temperature=float("nan")), "finite number"),
     (lambda p: inf.generate(p, TINY, [[1]], 4, top_k=2.5), "top_k must be an integer"),
@@ -651,14 +655,18 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
                        r"exceeds the model's max_seq_len=128"),
                       (inf.InferConfig(models="tiny", cache_len=64),
                        r"^cache_len=64 must hold prompt_len \+ gen_len \+ 2 x gamma \+ 1 and "
-                       r"prompt_len \+ max\(12, steps\) \+ 3 x steps, 105,"),
+                       r"prompt_len \+ max\(12, steps\) \+ 3 x max\(steps, 8\), 105,"),
                       # the timed steps wrote past the cache's end without a word: 4 x 16 fit
                       # the 128 - 64 positions left (the draft's first call is `steps` long)
                       (inf.InferConfig(models="tiny", steps=100), "use --steps=16 or fewer$"),
                       (inf.InferConfig(models="tiny", steps=17, cache_len=128),
                        "use --steps=16 or fewer$"),
                       (inf.InferConfig(models="tiny", prompt_len=116, gen_len=2, gamma=1),
-                       "prompt_len=116 leaves no room")):
+                       "prompt_len=116 leaves no room"),
+                      # fewer steps than a call of PER_CALL still write PER_CALL a run: 100 +
+                      # 12 + 3 x 8 is past 128 (counted as 3 x 1, it was let through)
+                      (inf.InferConfig(models="tiny", prompt_len=100, gen_len=2, gamma=1,
+                                       steps=1), "prompt_len=100 leaves no room")):
         with pytest.raises(common.UserError, match=match):
             inf.check_before_the_run(models, ic, False, None)
     inf.lesson_lengths(models[0][1], inf.InferConfig(steps=16), False)
@@ -803,6 +811,10 @@ def test_draft_checkpoint_loads_and_must_share_the_vocabulary(tmp_path):
         inf.load_draft(str(tmp_path / "wrong"), TINY)
     with pytest.raises(common.UserError, match="not both"):
         inf.InferConfig(draft=str(tmp_path / "draft"), draft_layers=1)
+    short = (name, dataclasses.replace(small, max_seq_len=64), dp)  # the lesson's cache is 128
+    with pytest.raises(common.UserError, match="128 positions is past the draft's max_seq_len"):
+        inf.check_before_the_run([("tiny", TINY, None, None)], inf.InferConfig(models="tiny"),
+                                 False, short)
 
 
 def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
@@ -938,6 +950,22 @@ def test_compute_bound_batch_balances_flops_against_bytes():
     assert inf.compute_bound_batch(cfg, W, kv, 64, 1e15, bw) == math.inf
     assert inf.compute_bound_batch(cfg, W, 0, 0, flops, bw) == pytest.approx(
         W / bw * flops / (2 * cfg.param_count(embedding=False)))
+
+
+def test_prefill_flops_count_what_the_compiled_prefill_does():
+    """XLA's count of the prefill's FLOPs (its matmuls, plus the elementwise work the formula
+    leaves out) within 5% of cfg.prefill_flops; the lecture's 2N x P, which runs the head at every
+    position, is 1.5x too many at this shape (a 4,096-row head on a 256-wide model)."""
+    cfg = dataclasses.replace(TINY, vocab_size=4096, d_model=256, n_heads=4, n_kv_heads=2,
+                              head_dim=64, d_ff=1024, n_layers=2)
+    P, ip = 64, inference_params_for(cfg)
+    one = jnp.array([0], jnp.int32)
+    run = jax.jit(lambda p, cache, t: inf.prefill(p, cache, t, one + P, one, cfg)[0])
+    cost = run.lower(ip, inf.init_cache(cfg, 1, 128), jnp.ones((1, P), jnp.int32)).compile()
+    cost = cost.cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert xla == pytest.approx(cfg.prefill_flops(P), rel=0.05)
+    assert 2 * cfg.param_count(embedding=False) * P > 1.4 * xla
 
 
 def test_weight_bytes_counts_every_matrix_a_step_reads():
