@@ -62,8 +62,6 @@ from jax.experimental import pallas as pl
 
 import common
 
-flash05 = common.import_script("05_flash_attention")
-
 
 @dataclasses.dataclass(frozen=True)
 class KernelsConfig:
@@ -95,7 +93,7 @@ class KernelsConfig:
                                    f"decode_kv_heads={self.decode_kv_heads}")
         for name in ("flash_lengths", "int8_rows"):
             text = getattr(self, name)
-            if text and not all(p.isascii() and p.isdigit() and int(p) > 0
+            if (text or name == "int8_rows") and not all(p.isascii() and p.isdigit() and int(p) > 0
                                 for p in text.split(",")):
                 raise common.UserError(f"--{name} takes positive integers, comma-separated; "
                                        f"got {text!r}")
@@ -128,6 +126,12 @@ def _pad_to(x, axis, multiple, value=0):
 def _check_block(name, b, minimum=16):
     if not isinstance(b, (int, np.integer)) or b < minimum or b & (b - 1):
         raise common.UserError(f"{name} must be a power of two >= {minimum}, got {b!r}")
+
+
+def _check_count(where, name, n):
+    """n (an int, or None for the default) as a grid's count of pieces: a whole number >= 1."""
+    if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
+        raise common.UserError(f"{where}: {name} must be an integer >= 1, got {n!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,6 +473,20 @@ def _segment_spans(seg):
     first = jnp.zeros_like(seg).at[rows, order].set(jnp.take_along_axis(order, run_start, 1))
     last = jnp.zeros_like(seg).at[rows, order].set(jnp.take_along_axis(order, run_end, 1))
     return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
+def causal_blocks_visited(seg, block_q, block_k):
+    """The share of the causal key blocks that the forward kernel visits under segment ids
+    seg [B, T] (T == S), with the blocks it runs at (flash_attention shrinks them to short
+    lengths): per query block, from the block of its segments' earliest first position up to
+    the diagonal, as _kv_ranges and _first_kv_block bound its loop."""
+    B, T = seg.shape
+    block_q, block_k = min(block_q, _pow2_at_least(T)), min(block_k, _pow2_at_least(T))
+    n_kv = -(-T // block_k)
+    first = _pad_to(_segment_spans(jnp.asarray(seg))[0], 1, block_q, n_kv * block_k)
+    start = np.asarray(first).reshape(B, -1, block_q).min(-1) // block_k    # [B, query blocks]
+    end = np.minimum(-(-(np.arange(start.shape[1]) + 1) * block_q // block_k), n_kv)
+    return float(np.maximum(end - start, 0).sum() / (B * end.sum()))
 
 
 def _flash_forward(q, k, v, seg, causal, sm_scale, blocks, interpret):
@@ -1211,6 +1229,10 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
         raise common.UserError(f"decode_attention: q [B, H, D] {q.shape} and k, v [B, KH, S, D] "
                                f"{k.shape}, {v.shape} do not fit")
     B, H, D = q.shape
+    if min(*q.shape, *k.shape) < 1:
+        raise common.UserError(f"decode_attention: q {q.shape} and k, v {k.shape} must have "
+                               f"no empty dimension")
+    _check_count("decode_attention", "n_chunks", n_chunks)
     if jnp.ndim(lengths) not in (0, 1) or jnp.ndim(lengths) == 1 and len(lengths) != B:
         raise common.UserError(f"decode_attention: lengths must be [B] = ({B},) or one number, "
                                f"got shape {jnp.shape(lengths)}")
@@ -1229,8 +1251,6 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     block_k = min(block_k, _pow2_at_least(S))
     if n_chunks is None:  # enough grid points to fill a GPU's ~132 SMs a few times over
         n_chunks = max(1, min(S // block_k, -(-512 // (B * KH))))
-    if n_chunks < 1:
-        raise common.UserError(f"decode_attention: n_chunks must be >= 1, got {n_chunks}")
     chunk = -(-S // n_chunks // block_k) * block_k
     if Dp != D:  # Triton's lowering takes power-of-2 tiles: zero columns add nothing to q . k
         # (a copy of the cache at every call: a model of such a D should keep its cache padded)
@@ -1238,7 +1258,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     kp, vp = _pad_to(k, 2, chunk), _pad_to(v, 2, chunk)
     Sp = kp.shape[2]
     n_chunks = Sp // chunk
-    Gp = max(16, G)
+    Gp = max(16, _pow2_at_least(G))  # the query heads of a kv head, as a power-of-2 tile
     qg = q.reshape(B, KH, G, Dp) * scale
     qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(q.dtype if scaled else k.dtype)
     # Positions past S hold the padding above (or nothing): a longer length counts as S.
@@ -1352,9 +1372,9 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
     _check_block("block_k", block_k)
     interpret = _interpreted(interpret)
     (M, K), N = x.shape, w_q.shape[0]
-    if min(M, K, N) < 1 or split_k is not None and split_k < 1:
-        raise common.UserError(f"int8_matmul: M, K, N and split_k must be >= 1, got {M}, {K}, "
-                               f"{N}, {split_k}")
+    if min(M, K, N) < 1:
+        raise common.UserError(f"int8_matmul: M, K and N must be >= 1, got {M}, {K}, {N}")
+    _check_count("int8_matmul", "split_k", split_k)
     block_n, block_k = min(block_n, _pow2_at_least(N)), min(block_k, _pow2_at_least(K))
     vector = M <= vector_rows
     Mp = M if vector else _pow2_at_least(M)
@@ -1383,6 +1403,10 @@ def int8_matmul(x, w_q, scale, block_n=64, block_k=256, split_k=None, num_warps=
 
 def quantize_int8(w):
     """w [N, K] -> (int8 [N, K], float32 scale [N]): symmetric, one scale per output row."""
+    w = jnp.asarray(w)
+    if w.ndim != 2 or 0 in w.shape or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise common.UserError(f"quantize_int8 needs a float weight [N, K], got {w.dtype} "
+                               f"{w.shape}")
     wf = w.astype(jnp.float32)
     scale = jnp.maximum(jnp.abs(wf).max(axis=1), 1e-8) / 127.0
     return jnp.clip(jnp.round(wf / scale[:, None]), -127, 127).astype(jnp.int8), scale
@@ -1522,12 +1546,15 @@ def bench_flash(cfg, env, rows):
         return jax.grad(loss, argnums=(0, 1, 2))
 
     key = jax.random.key(cfg.seed)
-    # Correct first: a small ragged GQA case against float32 XLA attention.
-    q, k, v = (_random(kk, (2, 300, H, D), dtype) for kk in jax.random.split(key, 3))
+    # Correct first: a small ragged GQA case (H query heads over gcd(H, 4) kv heads) against
+    # float32 XLA attention.
+    shapes = [(2, 300, H, D)] + [(2, 300, math.gcd(H, 4), D)] * 2
+    q, k, v = (_random(kk, sh, dtype) for kk, sh in zip(jax.random.split(key, 3), shapes))
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
     err = _rel_error(jax.jit(ours, static_argnums=(3, 4))(q, k, v, True, "portable"),
                      common.attention_reference(*f32, causal=True))
-    print(f"  error vs float32 reference (S=300, causal, portable): {err:.1e}")
+    print(f"  error vs float32 reference (S=300, causal, GQA {H}/{k.shape[2]}, portable): "
+          f"{err:.1e}")
     probe = jax.ShapeDtypeStruct((1, 256, H, D), dtype)   # a shape the Hopper kernels take
     hopper_on = not interp and hopper_available(probe, probe, None, True)
     if hopper_on:
@@ -1607,11 +1634,9 @@ def bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name):
     print(f"  {'mean doc':>8s} {'blocks':>7s} {'ours f+b':>10s} {peer_name + ' mask f+b':>14s} "
           f"{'ratio':>6s}")
     rng = np.random.default_rng(cfg.seed)
-    for mean in (S // 16, S // 4, S):
+    for mean in sorted({max(1, S // 16), max(1, S // 4), S}):
         seg = jnp.asarray(np.cumsum(rng.random((B, S)) < 1 / mean, axis=1), jnp.int32)
-        first = np.asarray(_segment_spans(seg)[0])[:, :S - S % bq].reshape(B, -1, bq)
-        ends = np.minimum((np.arange(first.shape[1]) + 1) * bq + bk - 1, S) // bk
-        visited = (ends - first.min(-1) // bk).sum() / (ends.sum() * B)
+        visited = causal_blocks_visited(seg, bq, bk)
         t = [_time(fwd_bwd(lambda q, k, v, c, f=f: f(q, k, v, c, seg), True), [(q, k, v, do)])
              for f in (lambda q, k, v, c, s: ours(q, k, v, c, "portable", segment_ids=s), peer)]
         print(f"  {mean:8d} {visited:7.0%} {t[0] * 1e3:8.2f}ms {t[1] * 1e3:12.2f}ms "

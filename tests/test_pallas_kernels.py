@@ -242,12 +242,51 @@ def test_kernels_reject_bad_arguments():
     with pytest.raises(common.UserError, match="int8"):
         k08.int8_matmul(jnp.ones((1, 16)), jnp.ones((16, 16)), jnp.ones(16), interpret=True)
     w_q = jnp.ones((16, 16), jnp.int8)
-    for x, split_k in ((jnp.ones((0, 16)), None), (jnp.ones((1, 16)), 0)):
-        with pytest.raises(common.UserError, match="must be >= 1"):
+    for x, split_k in ((jnp.ones((0, 16)), None), (jnp.ones((1, 16)), 0),
+                       (jnp.ones((1, 16)), 2.5)):
+        with pytest.raises(common.UserError, match="must be (an integer )?>= 1"):
             k08.int8_matmul(x, w_q, jnp.ones(16), split_k=split_k, interpret=True)
-    with pytest.raises(common.UserError, match="n_chunks must be >= 1"):
-        k08.decode_attention(jnp.ones((1, 4, 16)), jnp.ones((1, 2, 8, 16)), jnp.ones((1, 2, 8, 16)),
-                             jnp.array([8]), n_chunks=0, interpret=True)
+    q, kv = jnp.ones((1, 4, 16)), jnp.ones((1, 2, 8, 16))
+    for n_chunks in (0, 2.5):
+        with pytest.raises(common.UserError, match="n_chunks must be an integer >= 1"):
+            k08.decode_attention(q, kv, kv, jnp.array([8]), n_chunks=n_chunks, interpret=True)
+    with pytest.raises(common.UserError, match="no empty dimension"):  # an empty cache
+        k08.decode_attention(q, kv[:, :, :0], kv[:, :, :0], jnp.array([0]), interpret=True)
+    for w in (jnp.ones(16), jnp.ones((2, 4, 8)), jnp.ones((16, 16), jnp.int32)):
+        with pytest.raises(common.UserError, match="quantize_int8 needs a float weight"):
+            k08.quantize_int8(w)
+    with pytest.raises(common.UserError, match="int8_rows takes positive integers"):
+        k08.KernelsConfig(int8_rows="")
+
+
+def test_decode_attention_with_more_query_heads_a_kv_head_than_a_tile():
+    """24 query heads on one kv head: their tile is padded to 32 rows, a power of 2."""
+    rng = np.random.default_rng(24)
+    q, k, v = normal(rng, 2, 24, 16), normal(rng, 2, 1, 40, 16), normal(rng, 2, 1, 40, 16)
+    lengths = jnp.array([40, 7])
+    out = k08.decode_attention(q, k, v, lengths, block_k=16, interpret=True)
+    assert rel(out, k08.decode_attention_reference(q, k, v, lengths)) < 1e-5
+
+
+@pytest.mark.parametrize("S,block_q,block_k", [(100, 32, 32), (100, 64, 16), (20, 128, 64),
+                                              (256, 32, 64)])
+def test_causal_blocks_visited_are_the_blocks_with_a_visible_score(S, block_q, block_k):
+    """For packed documents (runs of ids), the key blocks the forward visits are exactly the
+    (query block, key block) pairs holding at least one causal, same-document score, counted
+    here from the dense mask; S need not be a block multiple, nor reach block_q."""
+    rng = np.random.default_rng(S)
+    for mean in (1, 8, S):
+        seg = np.cumsum(rng.random((2, S)) < 1 / mean, axis=1)
+        bq, bk = min(block_q, k08._pow2_at_least(S)), min(block_k, k08._pow2_at_least(S))
+        pos = np.arange(S)
+        mask = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None] >= pos[None, :])
+        nq, nk = -(-S // bq), -(-S // bk)
+        padded = np.zeros((2, nq * bq, nk * bk), bool)
+        padded[:, :S, :S] = mask
+        any_visible = padded.reshape(2, nq, bq, nk, bk).any(axis=(2, 4))
+        causal = np.minimum(-(-(np.arange(nq) + 1) * bq // bk), nk).sum() * 2
+        assert k08.causal_blocks_visited(seg, block_q, block_k) == pytest.approx(
+            any_visible.sum() / causal)
 
 
 def test_size_lists_time_each_size_once():
