@@ -65,8 +65,8 @@ class RooflineConfig:
                 raise common.UserError(f"{f} must be >= 0 (0 picks a size for the device)")
         if self.max_square and (self.max_square < 128 or self.max_square & (self.max_square - 1)):
             raise common.UserError(f"max_square must be a power of 2 >= 128, got {self.max_square}")
-        if self.max_batch < 1 or self.max_batch & (self.max_batch - 1):
-            raise common.UserError(f"max_batch must be a power of 2 >= 1, got {self.max_batch}")
+        if self.max_batch < 2 or self.max_batch & (self.max_batch - 1):  # M = 1 against more
+            raise common.UserError(f"max_batch must be a power of 2 >= 2, got {self.max_batch}")
         if self.attn_seq and self.attn_seq % 128:
             raise common.UserError(f"attn_seq must be a multiple of 128, got {self.attn_seq}")
 
@@ -650,12 +650,12 @@ def print_ridge(cfg, ceil):
     return m_star_measured
 
 
-def print_table(rows, ceil, iters):
+def print_table(rows, ceil, floor):
     """Every kernel's FLOPs, bytes and intensity, its roofline time and bound, beside its
-    measured time and the fraction of the roofline it reaches."""
+    measured time and the fraction of the roofline it reaches; floor: a call that does nothing
+    (dispatch_floor), in seconds."""
     has_ds = ceil.ds_bandwidth is not None
     on_device = rows[0][3].device_s is not None
-    floor = dispatch_floor(iters)
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
           f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype); roof% = "
           f"roofline / measured time, above 100% where a kernel beats a ceiling measured with "
@@ -709,17 +709,17 @@ def main():
     skinny = run_skinny(cfg, ceil)
     times = [t.s for *_, t in skinny]  # M = 1, 2, 4, ...
     on_device = skinny[0][3].device_s is not None  # else the wall clock, as the empty call's
+    floor = dispatch_floor(cfg.iters)
     flat, why = skinny_summary(times, skinny[0][2].bytes / ceil.bandwidth,
                                skinny[0][2].flops / ceil.peak(cfg.dtype), m_star_measured,
-                               cfg.weight,
-                               None if on_device else dispatch_floor(cfg.iters))
+                               cfg.weight, None if on_device else floor)
     grows = (f"up to M = {flat}" if flat > 1 else "only at M = 1: M = 2 takes longer already")
     print(f"\nskinny sweep: the measured time stays within 20% of M=1's ({times[0] * 1e6:.1f} us) "
           f"{grows}:\n  {why}")
     rows += skinny
     rows += run_attention(cfg, ceil, dev.platform == "gpu")
 
-    print_table(rows, ceil, cfg.iters)
+    print_table(rows, ceil, floor)
 
     # The plot comes last: whatever happens while drawing it, the table above is printed.
     points = [(name, c.intensity, c.flops / t.s) for name, _, c, t in rows]

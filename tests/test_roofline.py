@@ -205,8 +205,9 @@ def test_attention_materialized_matches_numpy():
 def test_config_rejects_bad_sizes():
     with pytest.raises(common.UserError):
         rl.RooflineConfig(max_square=1000)
-    with pytest.raises(common.UserError):
-        rl.RooflineConfig(max_batch=3)
+    for max_batch in (3, 1):  # 1: no M to compare M = 1 with
+        with pytest.raises(common.UserError, match="max_batch must be a power of 2 >= 2"):
+            rl.RooflineConfig(max_batch=max_batch)
     with pytest.raises(common.UserError):
         rl.RooflineConfig(dtype="int4")
     assert rl.resolve(rl.RooflineConfig(), on_cpu=True).max_square == 1024
@@ -311,8 +312,10 @@ def test_ridge_and_table_print_the_roofline_of_the_ceilings(capsys, monkeypatch)
     assert f"compute-bound at M = {rl.compute_bound_batch(1024, 1024, 2, 500.0)} (datasheet" in out
     rows = [("slow", "bfloat16", rl.Cost(1e9, 1e8), rl.Measured(wall_s=2e-2)),
             ("dense", "bfloat16", rl.Cost(1e12, 1e8), rl.Measured(wall_s=0.5))]
-    rl.print_table(rows, ceil, 1)
-    lines = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines()
+    rl.print_table(rows, ceil, 3.7e-6)
+    out = capsys.readouterr().out
+    assert "a call that does nothing takes 3.7 us" in out   # the floor given, not measured again
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines()
              if ln.split() and ln.split()[0] in ("slow", "dense")}
     #        bound      roof us    roof%  ds%
     assert [lines["slow"][i] for i in (5, 6, 8, 11)] == ["memory", "10000.0", "50%", "25%"]
