@@ -193,6 +193,9 @@ class TrainConfig:
                                      and 0 < int(port) < 65536):
             raise common.UserError(f"coordinator={self.coordinator!r}: expected HOST:PORT, the "
                                    f"port a number from 1 to 65535")
+        if self.breakdown and self.export_hf:
+            raise common.UserError("--breakdown times a step and trains none: there is no model "
+                                   "for --export_hf to write")
         sizes = common.parse_mesh(self.mesh)
         if self.sequence_parallel and sizes["tp"] == 1:
             raise common.UserError("sequence_parallel needs a --mesh with tp > 1")
@@ -798,6 +801,8 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     if attention == "cudnn" and dtype != "bfloat16":
         raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {dtype}: use "
                                f"--dtype=bfloat16 or --attention=naive or flash")
+    if attention == "cudnn" and platform != "gpu":
+        raise common.UserError("attention=cudnn needs an NVIDIA GPU")
     if attention == "cudnn" and det and not scan_layers:
         raise common.UserError("attention=cudnn fails under --xla_gpu_deterministic_ops=true with "
                                "the layers unrolled: add --scan_layers=true, or use "
@@ -806,14 +811,14 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
 
 
 @contextlib.contextmanager
-def stop_after_the_step():
+def stop_after_the_step(saving=True):
     """A flag that the first Ctrl-C, or SIGTERM (what a scheduler or a cloud sends before it
     takes the machine away), sets instead of interrupting: the loop then ends its step, saves it
-    and stops, so a run interrupted before its first checkpoint keeps its steps. A second signal
-    interrupts at once. A signal the run was started ignoring (a script's background job ignores
-    Ctrl-C) stays ignored. Single process only: a process that stops at a step its peers do not
-    would leave them waiting in a collective (several agree on the step through JAX's
-    preemption service instead, in the training loop)."""
+    (when `saving`: --ckpt_every is not 0) and stops, so a run interrupted before its first
+    checkpoint keeps its steps. A second signal interrupts at once. A signal the run was started
+    ignoring (a script's background job ignores Ctrl-C) stays ignored. Single process only: a
+    process that stops at a step its peers do not would leave them waiting in a collective
+    (several agree on the step through JAX's preemption service instead, in the training loop)."""
     asked = [False]
 
     def handler(signum, frame):
@@ -821,8 +826,9 @@ def stop_after_the_step():
             raise KeyboardInterrupt
         asked[0] = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping when the step in flight ends, and saving it (Ctrl-C again "
-              "stops at once)", file=sys.stderr, flush=True)
+        then = ", and saving it" if saving else " (--ckpt_every=0: nothing is saved)"
+        print(f"\n{name}: stopping when the step in flight ends{then} (Ctrl-C again stops at "
+              f"once)", file=sys.stderr, flush=True)
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -871,9 +877,9 @@ def load_data(tc, cfg, tokenizer, log=print, stats=None):
             f"validation {per_token[1]:.2f} bytes a token")
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
     for name, (tokens, _) in zip(("training", "validation"), splits):
-        if len(tokens) < tc.seq_len + 2:  # found now, not at the first eval after some steps
+        if len(tokens) < tc.seq_len + 1:  # found now, not at the first eval after some steps
             raise common.UserError(f"the {name} split of the data holds {len(tokens)} {unit}, "
-                                   f"fewer than seq_len+2={tc.seq_len + 2}: use more data (a "
+                                   f"fewer than seq_len+1={tc.seq_len + 1}: use more data (a "
                                    f"single file gives 5% to validation) or a smaller seq_len")
         if tokens.max() >= cfg.vocab_size:
             raise common.UserError(f"the data hold token {tokens.max()}, past the model's "
@@ -1027,8 +1033,8 @@ def _train(tc, stop_after, log, devices, held):
         log(f"step     0 | {text} (the model as loaded from {tc.init_from})")
         record({"step": 0, **fields})
     t_last, steps_since = time.perf_counter(), 0
-    interrupted = (held.enter_context(stop_after_the_step()) if jax.process_count() == 1
-                   else [False])
+    interrupted = (held.enter_context(stop_after_the_step(saving=tc.ckpt_every > 0))
+                   if jax.process_count() == 1 else [False])
     for step in range(start, tc.steps):
         params, opt, m = step_fn(params, opt, *batch(train_split, step, tc.seed))
         done = step + 1
@@ -1172,8 +1178,13 @@ def main():
 
 
 def train_and_sample(tc):
-    if tc.export_hf and not tc.breakdown and jax.process_index() == 0:
-        common.check_new_dir(tc.export_hf, "--export_hf")  # said now, not after the training
+    if tc.export_hf and jax.process_index() == 0:  # said now, not after the training
+        export, out = (os.path.realpath(p) for p in (tc.export_hf, tc.out_dir))
+        if export == out:
+            raise common.UserError(f"--export_hf={tc.export_hf} is --out_dir, where the "
+                                   f"checkpoints go: name another directory")
+        if os.path.dirname(export) != out or os.path.isdir(out):  # else out_dir makes its parent
+            common.check_new_dir(tc.export_hf, "--export_hf")
     try:
         history, params, cfg = train(tc)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept; common.run prints it without a traceback

@@ -1046,13 +1046,12 @@ def hf_tensors(cfg, params, dtype=None):
 def check_new_dir(path, flag):
     """Refuse, in one line, a path that save_hf_llama would not write: one that exists and is
     not an empty directory (nothing a user saved is overwritten), or whose parent is missing."""
+    named = f"{flag}={path}" if flag.startswith("--") else f"{flag} {path}"
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-        raise UserError(f"{flag}={path} already exists: name a new directory (nothing is "
-                        f"overwritten)")
+        raise UserError(f"{named} already exists: name a new directory (nothing is overwritten)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}={path}: its parent directory does not exist or cannot be "
-                        f"written")
+        raise UserError(f"{named}: its parent directory does not exist or cannot be written")
 
 
 def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
@@ -1179,8 +1178,10 @@ def _remove(path):
 
 
 def list_checkpoints(out_dir):
-    return sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt_" + "[0-9]" * 8))
-                  if os.path.isdir(p))
+    """out_dir's checkpoints, oldest first: ckpt_ and at least 8 digits, 9 past step 99,999,999."""
+    found = [p for p in glob.glob(os.path.join(out_dir, "ckpt_" + "[0-9]" * 8 + "*"))
+             if re.fullmatch(r"ckpt_\d{8,}", os.path.basename(p)) and os.path.isdir(p)]
+    return sorted(found, key=lambda p: int(os.path.basename(p)[5:]))
 
 
 def make_out_dir(path, flag="--out"):
@@ -1814,11 +1815,12 @@ def get_batch(tokens, step, batch_size, seq_len, seed=0, process_index=0, proces
     data it would have seen, and each process draws only its own rows of the global batch.
     With doc_starts (sorted offsets where a document begins) also x's segment ids: positions
     of one document share an id, so attention can be kept within each document (lesson 04)."""
-    if len(tokens) < seq_len + 2:
-        raise UserError(f"the data holds {len(tokens)} tokens, fewer than seq_len+2={seq_len + 2}")
+    if len(tokens) < seq_len + 1:
+        raise UserError(f"the data holds {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
     if batch_size % process_count:
         raise UserError(f"batch_size={batch_size} does not split over {process_count} processes")
-    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len - 1, batch_size)
+    # A window of seq_len + 1 tokens starts anywhere up to len - seq_len - 1, the last included.
+    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, batch_size)
     per = batch_size // process_count
     starts = starts[process_index * per:(process_index + 1) * per]
     idx = starts[:, None] + np.arange(seq_len + 1)

@@ -236,6 +236,22 @@ def test_param_count_matches_published_shapes():
     assert common.Config.preset("llama-3-8b").kv_bytes_per_token() == 131072
 
 
+def test_flop_counts_per_token_by_hand():
+    """`small` (d 384, 6 layers of 6 heads x 64 over 2 kv heads, d_ff 1536, vocab 256, untied):
+    a layer's matrices 2 x 384^2 (q, o) + 2 x 384 x 128 (k, v) + 3 x 384 x 1536, plus two norms
+    of 384; then the final norm and the 256 x 384 head. MFU's basis: 6N + 6 x L x H x D x T
+    (causal attention, forward and backward); decode: 2N + 4 x L x H x D x context; prefill:
+    the head once, not at every position."""
+    small = common.Config.preset("small")
+    layer = 2 * 384**2 + 2 * 384 * 128 + 3 * 384 * 1536 + 2 * 384
+    N = 6 * layer + 384 + 256 * 384
+    assert small.param_count(embedding=False) == N == 13_079_424
+    assert small.train_flops_per_token(256) == 6 * N + 6 * 6 * 6 * 64 * 256 == 82_015_488
+    assert small.decode_flops_per_token(100) == 2 * N + 4 * 6 * 6 * 64 * 100
+    assert small.prefill_flops(32) == 32 * (2 * (N - 256 * 384) + 2 * 6 * 6 * 64 * 32) \
+        + 2 * 256 * 384
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def write_safetensors(path, tensors):
@@ -592,6 +608,17 @@ def test_checkpoint_cleanup_passes_over_what_it_cannot_remove(tmp_path, monkeypa
         ["ckpt_00000004", "ckpt_00000005"]
 
 
+def test_checkpoints_past_step_99999999_are_listed_in_step_order(tmp_path):
+    """Names grow a ninth digit at step 10^8: those are still checkpoints, newest last, and the
+    oldest is the one removed."""
+    tree = {"w": np.arange(3, dtype=np.float32)}
+    for step in (99_999_999, 100_000_000, 100_000_001):
+        common.save_checkpoint(str(tmp_path), step, tree, {"model": {}}, keep=2)
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_100000000", "ckpt_100000001"]
+    assert not (tmp_path / "ckpt_99999999").exists()
+
+
 def test_bench_refuses_no_runs():
     for kw in (dict(iters=0), dict(calls=0)):  # (an empty median, a sample of no runs)
         with pytest.raises(common.UserError, match="iters >= 1 and calls >= 1"):
@@ -684,7 +711,8 @@ def test_save_hf_llama_overwrites_nothing_and_leaves_nothing_when_it_fails(tmp_p
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     for path in (tmp_path / "taken", tmp_path / "taken" / "notes.txt"):
-        with pytest.raises(common.UserError, match="already exists: name a new directory"):
+        with pytest.raises(common.UserError, match="^the export directory .* already exists: "
+                                                   "name a new directory"):
             common.save_hf_llama(str(path), TINY, params)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     with pytest.raises(common.UserError, match="parent directory does not exist"):
@@ -973,6 +1001,13 @@ def test_corpus_split_and_batches(tmp_path):
     x, y = common.get_batch(train, 5, 8, 16, seed=1)
     assert x.shape == (8, 16) and x.dtype == np.int32
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    # every window of seq_len + 1 can be drawn, the last token's included, from seq_len + 1 on
+    ten = np.arange(10)
+    seen = np.concatenate([common.get_batch(ten, s, 4, 4)[1] for s in range(200)])
+    assert set(seen.ravel()) == set(range(1, 10))
+    assert common.get_batch(ten, 0, 2, 9)[1].tolist() == [list(range(1, 10))] * 2
+    with pytest.raises(common.UserError, match="fewer than seq_len\\+1=11"):
+        common.get_batch(ten, 0, 2, 10)
     halves = [common.get_batch(train, 5, 8, 16, 1, process_index=i, process_count=2)[0]
               for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(halves), x)

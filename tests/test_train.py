@@ -267,6 +267,9 @@ def test_a_signal_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path,
         name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
         assert f"{name}: stopping when the step in flight ends, and saving it" in \
             capfd.readouterr().err
+        with train_mod.stop_after_the_step(saving=False):  # --ckpt_every=0 says so
+            os.kill(os.getpid(), sig)
+        assert "ends (--ckpt_every=0: nothing is saved)" in capfd.readouterr().err
         signal.signal(sig, signal.SIG_IGN)
         with train_mod.stop_after_the_step():      # a job that ignores the signal goes on so
             assert signal.getsignal(sig) is signal.SIG_IGN
@@ -362,6 +365,16 @@ def test_export_hf_writes_the_trained_weights_for_06_and_other_tools(tmp_path, m
     with pytest.raises(common.UserError, match="--export_hf=.*already exists"):
         train_mod.train_and_sample(dataclasses.replace(tc, steps=8))
     assert len(common.list_checkpoints(tc.out_dir)) == 1  # refused before any step
+    with pytest.raises(common.UserError, match="is --out_dir, where the checkpoints go"):
+        train_mod.train_and_sample(dataclasses.replace(tc, steps=8, export_hf=tc.out_dir + "/"))
+    assert len(common.list_checkpoints(tc.out_dir)) == 1
+    with pytest.raises(common.UserError, match="--breakdown times a step and trains none"):
+        dataclasses.replace(tc, breakdown=True)
+    # inside an out_dir the run has yet to make: its parent will exist when the export is written
+    fresh = dataclasses.replace(tc, out_dir=str(tmp_path / "fresh"), steps=1, sample_len=0,
+                                export_hf=str(tmp_path / "fresh" / "hf"))
+    train_mod.train_and_sample(fresh)
+    assert os.path.isfile(os.path.join(fresh.export_hf, "model.safetensors"))
 
 
 def first_loss(path, tc, tokenizer):
@@ -627,7 +640,8 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     assert pick("auto", "bfloat16", "gpu", "--xla_foo=1" + det) == "pallas"
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops") == "pallas"
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=1") == "pallas"
-    assert pick("cudnn", "bfloat16", "cpu", det) == "cudnn"     # the flag is a GPU's
+    with pytest.raises(common.UserError, match="needs an NVIDIA GPU"):  # before any data read
+        pick("cudnn", "bfloat16", "cpu", det)
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=false") == "cudnn"
     assert pick("auto", "bfloat16", "cpu", det) == "naive"
     assert pick("flash", "bfloat16", "gpu", det) == "flash"
