@@ -141,6 +141,16 @@ def attention_costs(B, T, S, H, KH, D, bytes_per_value, causal):
     return [qk, sm, pv, total, fused]
 
 
+def roofline_s(costs, i, peak, bw):
+    """The roofline time of attention_costs' row i: max(FLOPs / peak, bytes / bandwidth) for one
+    kernel; for the materialized total, the sum of its three stages' (the scores must be in
+    memory before the softmax reads them, and the probabilities before PV does, so one stage's
+    compute cannot hide another's memory traffic)."""
+    if i == 3:
+        return sum(roofline_s(costs, j, peak, bw) for j in range(3))
+    return max(costs[i][1] / peak, costs[i][2] / bw)
+
+
 def attention_flops(B, T, S, H, D, causal):
     """Useful FLOPs of QK^T and PV, halved when causal: the basis of every TFLOP/s printed."""
     return 4 * B * T * S * H * D // (2 if causal else 1)
@@ -209,11 +219,13 @@ def print_arithmetic(cfg, T, dtype, peak, bw):
           f"{' causal' if cfg.causal else ''}:")
     print(f"  {'stage':<28} {'GFLOP':>9} {'bytes':>9} {'FLOP/byte':>9} {'roofline':>10}  bound")
     costs = attention_costs(B, T, T, H, KH, D, dtype.itemsize, cfg.causal)
-    for name, flops, nbytes in costs:
+    for i, (name, flops, nbytes) in enumerate(costs):
         t_flops, t_bytes = flops / peak, nbytes / bw
         bound = "compute" if t_flops > t_bytes else "memory"
+        if i == 3:  # three kernels, each waiting on the last one's output: their bounds add
+            bound = "sum of the three"
         print(f"  {name:<28} {flops / 1e9:9.1f} {fmt_bytes(nbytes):>9} {flops / nbytes:9.1f} "
-              f"{max(t_flops, t_bytes) * 1e3:8.3f}ms  {bound}")
+              f"{roofline_s(costs, i, peak, bw) * 1e3:8.3f}ms  {bound}")
     n = dtype.itemsize  # the fused kernel moves q, k, v and o once: a query row's 4 S D
     # FLOPs per 4 n D bytes
     fused = (f"S/{2 * n} = {T // (2 * n)} (causal: half the work)" if cfg.causal
@@ -286,11 +298,12 @@ def main():
         impls["jax.nn.dot_product_attention cudnn"] = lambda q, k, v: (
             jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation="cudnn"))
 
-    ref = jax.jit(lambda q, k, v: common.attention_reference(q, k, v, cfg.causal))(*arg_sets[0])
+    # The error is against float32 attention: a reference in the inputs' dtype rounds as ours do
+    ref = jax.jit(lambda q, k, v: common.attention_reference(
+        *(a.astype(jnp.float32) for a in (q, k, v)), cfg.causal))(*arg_sets[0])
     flops = attention_flops(B, T, T, H, D, cfg.causal)
-    materialized, fused = costs[3], costs[4]
-    t_mat = max(materialized[1] / peak, materialized[2] / bw)
-    t_fused = max(fused[1] / peak, fused[2] / bw)
+    materialized = costs[3]
+    t_mat, t_fused = roofline_s(costs, 3, peak, bw), roofline_s(costs, 4, peak, bw)
     rows = time_implementations(impls, arg_sets, ref, cfg.iters)
     if not rows:  # each said why above
         raise common.UserError("no implementation ran at this size: try a smaller --batch, "

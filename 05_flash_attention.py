@@ -290,9 +290,7 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, block_q=1024, block
     block_q, block_k: rows of Q and of K/V per block (clamped to T and S). Large blocks suit a
     GPU here: each block pair is one loop step of several kernels, so a step must carry enough
     work to hide their launch; the temporary memory grows with block_q * block_k * H."""
-    common.check_attention_inputs(q, k, v, segment_ids)
-    if q.shape[1] < 1 or k.shape[1] < 1:
-        raise common.UserError(f"T and S must be >= 1, got T={q.shape[1]}, S={k.shape[1]}")
+    common.check_attention_inputs(q, k, v, segment_ids)   # empty T or S included
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(b, (int, np.integer)) or b < 1:
             raise common.UserError(f"{name} must be a positive integer, got {b!r}")
@@ -315,10 +313,11 @@ def on_chip_bytes(block_q, block_k, D, bytes_per_value):
 def hbm_bytes_per_head(N, D, block_q, block_k, bytes_per_value, order):
     """HBM traffic of one head's forward pass over N queries and N keys, no mask, by loop order.
 
-    "fa1" (FlashAttention, Algorithm 1, the lecture's pseudocode): the outer loop walks K/V
-    blocks, so each K_j, V_j is read once, but every inner step reads Q_i and the running O_i,
-    m_i, l_i back from HBM and writes them again: T_c = N / B_c round trips of the output, here
-    kept in float32 as it accumulates.
+    "fa1" (FlashAttention, Algorithm 1, the lecture's pseudocode): O, l and m are first
+    initialized in HBM (line 2: one write); the outer loop walks K/V blocks, so each K_j, V_j is
+    read once, but every inner step reads Q_i and the running O_i, m_i, l_i back from HBM and
+    writes them again: T_c = N / B_c round trips of the output, here kept in float32 as it
+    accumulates.
     "fa2" (FlashAttention-2, Algorithm 1): the outer loop walks query blocks, so Q_i is read and
     O_i, L_i written once, while K and V are read T_r = N / B_r times.
     "materialized" (lesson 04's order): the [N, N] scores written and read in float32, the
@@ -327,7 +326,7 @@ def hbm_bytes_per_head(N, D, block_q, block_k, bytes_per_value, order):
     nd = N * D
     if order == "fa1":
         tc = math.ceil(N / block_k)
-        return 2 * nd * b + tc * (nd * b + 2 * nd * 4 + 2 * 2 * N * 4)
+        return 2 * nd * b + nd * 4 + 2 * N * 4 + tc * (nd * b + 2 * nd * 4 + 2 * 2 * N * 4)
     if order == "fa2":
         tr = math.ceil(N / block_q)
         return 2 * nd * b + N * 4 + tr * 2 * nd * b

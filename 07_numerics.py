@@ -7,12 +7,13 @@ Fewer bits are faster: a bf16 matmul runs at many times the float32 rate, and fp
 twice bf16, while every byte saved is bandwidth saved. The price is rounding error, and the lesson
 measures where it bites, in three parts.
 
-1. Summing a vector in float32, bfloat16, float16 and fp8 accumulators, three ways: sequentially
-   (lax.scan, one rounding per add: error grows like n * u, and stalls outright once the sum's
-   half-ulp exceeds the addends), pairwise (a tree: log2(n) * u) and Kahan's compensated sum
-   (about 2u, independent of n). Errors against the exact float64 sum of the same inputs. Then the
-   order dependence: float addition is not associative, so a shuffled vector sums to different
-   bits; reproducible bits need a fixed reduction order, or exact (integer) accumulation.
+1. Summing a vector in float32, bfloat16, float16 and fp8 accumulators, three ways by hand
+   beside jnp.sum's own reduction: sequentially (lax.scan, one rounding per add: error grows
+   like n * u, and stalls outright once the sum's half-ulp exceeds the addends), pairwise (a
+   tree: log2(n) * u) and Kahan's compensated sum (about 2u, independent of n). Errors against
+   the exact float64 sum of the same inputs. Then the order dependence: float addition is not
+   associative, so a shuffled vector sums to different bits; reproducible bits need a fixed
+   reduction order, or exact (integer) accumulation.
 2. Quantization: int8 absmax with one scale per tensor, per channel and per block, and fp8
    (e4m3, e5m2) with a per-tensor scale, on weight-like data and on activation-like data with
    outlier channels; the error of int8 and fp8 matmuls against bf16; and, where the device has
@@ -29,7 +30,7 @@ References: Higham, "The accuracy of floating point summation", SIAM J. Sci. Com
 bounds of recursive, pairwise and compensated sums); Kahan, "Further remarks on reducing
 truncation errors", CACM 1965; Micikevicius et al., "Mixed Precision Training", ICLR 2018
 (float32 master weights, section 3.1); Micikevicius et al., "FP8 Formats for Deep Learning", 2022
-(e4m3 and e5m2); Dettmers et al., "LLM.int8()", NeurIPS 2022 (outlier features, section 3);
+(e4m3 and e5m2); Dettmers et al., "LLM.int8()", NeurIPS 2022 (outlier features, section 4);
 DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024, section 3.3 (fine-grained fp8 block scaling).
 """
 import dataclasses
@@ -107,6 +108,11 @@ def resolve(cfg, on_cpu):
                       "the quantization test's float64 activations, weight and their copies")
     common.check_fits(f"mm_size={cfg.mm_size}", 3 * 4 * cfg.mm_size**2,
                       "the speed test's operands and product")
+    tiny, B, T = common.Config.preset("tiny"), cfg.batch_size, cfg.seq_len
+    common.check_fits(f"batch_size={B} seq_len={T}",
+                      4 * 3 * tiny.n_layers * B * tiny.n_heads * T * T + 4 * 3 * B * T * 256,
+                      "part 3's float32 attention scores and probabilities, kept for the "
+                      "backward pass, their gradients, and the logits")
     return cfg
 
 

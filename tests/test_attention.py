@@ -146,6 +146,19 @@ def test_attention_costs_count_every_byte(b, causal):
     assert got == want
 
 
+def test_materialized_roofline_adds_its_stages():
+    """Three kernels in turn: the total's bound is the sum of each stage's own max(FLOPs / peak,
+    bytes / bandwidth). With QK^T and PV compute-bound and the softmax memory-bound, that is more
+    than max(all FLOPs / peak, all bytes / bandwidth), as if one kernel overlapped them."""
+    costs = a04.attention_costs(1, 4096, 4096, 8, 8, 128, 2, True)
+    peak, bw = 1e12, 1e11   # a ridge of 10 FLOP/byte: the matmuls above it, the softmax below
+    stages = [max(f / peak, b / bw) for _, f, b in costs[:3]]
+    assert costs[0][1] / peak > costs[0][2] / bw and costs[1][1] / peak < costs[1][2] / bw
+    assert a04.roofline_s(costs, 3, peak, bw) == pytest.approx(sum(stages))
+    assert sum(stages) > 1.05 * max(costs[3][1] / peak, costs[3][2] / bw)
+    assert a04.roofline_s(costs, 4, peak, bw) == max(costs[4][1] / peak, costs[4][2] / bw)
+
+
 # ---------------------------------------------------------------------------------------------
 # 05: flash attention
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +227,10 @@ def test_flash_backward_keeps_a_saturated_softmax_accurate_in_16_bits(dtype):
     """q and k 16x larger than unit scale: scores of a few hundred, a softmax near one-hot, where
     dS = P * (dP - rowsum(dO * O)) subtracts nearly equal numbers. On the same 16-bit inputs the
     blocked backward (05's, and 08's kernel) stays within a few 16-bit steps of float32, as long
-    as dP and the row sums are float32: either one rounded to 16 bits fails here, though not in
-    test_flash_bfloat16's unit-scale case."""
+    as dP and the row sums are float32: either one rounded to 16 bits fails here, in both dtypes,
+    though not in test_flash_bfloat16's unit-scale case. (Measured on the CPU, largest error over
+    the largest gradient: float16 3.3e-3 as written, 6.1e-3 with dP or the row sums rounded;
+    bfloat16 7.1e-3 against 2.5e-2.)"""
     q, k, v, w = make_qkv(1, 64, 64, 2, 2, 32, jnp.float32, seed=3)
     q, k, v = (16 * q).astype(dtype), (16 * k).astype(dtype), v.astype(dtype)
     k08 = common.import_script("08_pallas_kernels")
@@ -225,9 +240,10 @@ def test_flash_backward_keeps_a_saturated_softmax_accurate_in_16_bits(dtype):
         up = lambda x: x.astype(jnp.float32)
         return a04.attention(up(q), up(k), up(v), causal, segment_ids)
     *flash, (_, g_ref) = outs_and_grads(flashes + [in_float32], q, k, v, w, False)
+    tolerance = {jnp.float16: 4.5e-3, jnp.bfloat16: 1.5e-2}[dtype]
     for _, g in flash:
         for a, b in zip(g, g_ref):
-            assert max_err(a, b) < 2e-2 * float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+            assert max_err(a, b) < tolerance * float(jnp.max(jnp.abs(b.astype(jnp.float32))))
 
 
 @pytest.mark.parametrize("T,S,bq,bk", [(16, 16, 4, 4), (10, 23, 4, 8), (23, 10, 8, 3),
@@ -301,7 +317,7 @@ def test_loop_order_traffic_counts_each_load_of_the_algorithms(N, bq, bk):
     D, b = 16, 2
     def rows(blk):  # the blocks' sizes, the last one short where blk does not divide N
         return [min(blk, N - i) for i in range(0, N, blk)]
-    fa1 = 0
+    fa1 = N * D * 4 + 2 * N * 4                 # line 2: O, l and m initialized in HBM
     for c in rows(bk):                          # FlashAttention, Algorithm 1: K_j, V_j outside
         fa1 += 2 * c * D * b
         for r in rows(bq):                      # Q_i, O_i, l_i, m_i read; O_i, l_i, m_i written

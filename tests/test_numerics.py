@@ -440,7 +440,9 @@ def test_sizes_past_the_memory_are_refused_before_any_array(monkeypatch):
     nm.resolve(nm.NumericsConfig(), on_cpu=False)  # the GPU defaults fit in 16 GB
     for kw, match in [({"n": 10**9}, "^n=1000000000 needs 32 GB for the summed vector"),
                       ({"dim": 2**15}, "^rows=2048 dim=32768 needs 29 GB for the quantization"),
-                      ({"mm_size": 2**16}, "^mm_size=65536 needs 51.5 GB for the speed test")]:
+                      ({"mm_size": 2**16}, "^mm_size=65536 needs 51.5 GB for the speed test"),
+                      ({"seq_len": 2 * 10**6, "batch_size": 1},
+                       "^batch_size=1 seq_len=2000000 needs 3.84e\\+05 GB for part 3's")]:
         with pytest.raises(common.UserError, match=match + ".* more than the 16 GB of a test's"):
             nm.resolve(nm.NumericsConfig(**kw), on_cpu=False)
     with pytest.raises(common.UserError, match=r"^steps must be < 2\*\*31"):
