@@ -136,7 +136,8 @@ class InferConfig:
     gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
     cache_len: int = 0          # positions per cache row; 0: the least power of 2 >= 128 that
                                 # holds prompt_len + gen_len + 2 gamma + 1 (a speculative round)
-                                # and the timed steps, prompt_len + max(12, steps) + 3 x steps
+                                # and the timed steps, prompt_len + max(12, steps)
+                                # + 3 x max(steps, 8)
     batch: int = 0              # the large decode batch, against batch 1; 0: 64 on a GPU,
                                 # 16 on a CPU
     slots: int = 0              # continuous batching slots; 0: 16 on a GPU, 4 on a CPU

@@ -1258,7 +1258,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, n_chunks=None
     kp, vp = _pad_to(k, 2, chunk), _pad_to(v, 2, chunk)
     Sp = kp.shape[2]
     n_chunks = Sp // chunk
-    Gp = max(16, _pow2_at_least(G))  # the query heads of a kv head, as a power-of-2 tile
+    Gp = max(16, G)
     qg = q.reshape(B, KH, G, Dp) * scale
     qg = _pad_to(qg, 2, Gp)[:, :, :Gp].astype(q.dtype if scaled else k.dtype)
     # Positions past S hold the padding above (or nothing): a longer length counts as S.

@@ -260,7 +260,8 @@ def test_kernels_reject_bad_arguments():
 
 
 def test_decode_attention_with_more_query_heads_a_kv_head_than_a_tile():
-    """24 query heads on one kv head: their tile is padded to 32 rows, a power of 2."""
+    """24 query heads on one kv head: a tile of 24 rows, past the 16 that smaller groups pad
+    to (on an H100 the kernel compiles and matches its reference with 24 rows too)."""
     rng = np.random.default_rng(24)
     q, k, v = normal(rng, 2, 24, 16), normal(rng, 2, 1, 40, 16), normal(rng, 2, 1, 40, 16)
     lengths = jnp.array([40, 7])
