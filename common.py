@@ -623,8 +623,8 @@ def make_mesh(sizes, devices=None):
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+              "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def read_json(path):
@@ -661,6 +661,10 @@ def read_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) \
+                and info["dtype"] not in _ST_DTYPES:
+            raise UserError(f"{path}: tensor {name} is of dtype {info['dtype']}, which this reader "
+                            f"does not take ({', '.join(_ST_DTYPES)})")
         try:
             dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], \
                 info["data_offsets"]
@@ -687,6 +691,8 @@ def write_safetensors(path, arrays, threads=4):
     threads alike, np.savez 17.7-22.8 s."""
     names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
     header, end = {}, 0
+    arrays = {k: a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+              for k, a in arrays.items()}  # the format is little-endian
     for name, a in arrays.items():
         dtype = np.dtype(a.dtype)
         if dtype not in names:
@@ -775,11 +781,14 @@ def config_from_hf(hf, dtype=None):
     elif rope_type != "default":
         raise UserError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
     D, H = number("hidden_size"), number("num_attention_heads")
-    max_len = number("max_position_embeddings", 2048)
-    if model_type == "mistral" and hf.get("sliding_window") is not None:
+    # Keys a config.json leaves out take transformers' defaults: MistralConfig's or LlamaConfig's
+    mistral = model_type == "mistral"
+    max_len = number("max_position_embeddings", 131072 if mistral else 2048)
+    n_kv_heads = number("num_key_value_heads", 8 if mistral else H)
+    if mistral and hf.get("sliding_window", 4096) is not None:
         # Each token attends to the last sliding_window positions: up to that many, that is
         # causal attention, which is what forward computes; past it, forward would see more.
-        max_len = min(max_len, number("sliding_window"))
+        max_len = min(max_len, number("sliding_window", 4096))
     stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
     if dtype is None and stored not in ("float32", "bfloat16", "float16"):
         raise UserError(f"config.json: torch_dtype {stored!r} is not float32, bfloat16 or float16 "
@@ -790,7 +799,7 @@ def config_from_hf(hf, dtype=None):
     try:
         return Config(vocab_size=number("vocab_size"), d_model=D,
                       n_layers=number("num_hidden_layers"), n_heads=H,
-                      n_kv_heads=number("num_key_value_heads", H),
+                      n_kv_heads=n_kv_heads,
                       head_dim=number("head_dim", D // max(H, 1)),
                       d_ff=number("intermediate_size"),
                       max_seq_len=max_len,
@@ -806,7 +815,7 @@ def window_note(path, cfg):
     """A line saying that a Mistral checkpoint's sliding window capped cfg's context below its
     max_position_embeddings (config_from_hf does so), or "" when it did not."""
     hf = read_json(os.path.join(path, "config.json"))
-    longest = hf.get("max_position_embeddings")
+    longest = hf.get("max_position_embeddings", 131072)  # MistralConfig's default
     if (hf.get("model_type") != "mistral" or not isinstance(longest, int)
             or longest <= cfg.max_seq_len):
         return ""
@@ -1399,7 +1408,8 @@ def parse_flags(default, argv=None, show=True):
         except (ValueError, TypeError) as e:
             kind = getattr(hints[name], "__name__", hints[name])
             die(f"--{name}={text}: not a valid {kind} ({e})")
-        if name == "seed" and not 0 <= overrides[name] < 2**31:  # an int32 on the device
+        seed = overrides[name] if name == "seed" else None   # an int32 on the device
+        if seed is not None and not 0 <= seed < 2**31:
             die(f"--seed={text}: expected 0 <= seed < 2**31")
     try:
         cfg = dataclasses.replace(default, **overrides)
@@ -1612,18 +1622,28 @@ CHIPS = {
                            164 * 1024, _NV, tf32_flops=156e12),
     "A100-PCIE-40GB": Chip("A100 PCIe 40GB", 312e12, 0, 624e12, 19.5e12, 1.555e12, 40e9, 300e9,
                            164 * 1024, _NV, tf32_flops=156e12),
+    "A100 80GB PCIe": Chip("A100 PCIe 80GB", 312e12, 0, 624e12, 19.5e12, 1.935e12, 80e9, 300e9,
+                           164 * 1024, _NV, tf32_flops=156e12),
     "H100 PCIe": Chip("H100 PCIe", 756e12, 1513e12, 1513e12, 51e12, 2.0e12, 80e9, 300e9,
                       228 * 1024, _NV, tf32_flops=378e12),
+    "H100 NVL": Chip("H100 NVL", 835e12, 1671e12, 1671e12, 60e12, 3.9e12, 94e9, 300e9, 228 * 1024,
+                     _NV, tf32_flops=417.5e12),
+    # GH200's GPU is an H100 (its name holds "H200"): the 96 GB HBM3 part; others are measured
+    "GH200 480GB": Chip("GH200 96GB", 989e12, 1979e12, 1979e12, 67e12, 4.0e12, 96e9, 450e9,
+                        228 * 1024, _NV, tf32_flops=494.7e12),
+    "GH200": None,
     "TPU v4": Chip("TPU v4", 275e12, 0, 275e12, 0, 1.2e12, 32 * 2**30, 4.5e10, 0, _TPU),
     "TPU v5 lite": Chip("TPU v5e", 197e12, 0, 394e12, 0, 8.19e11, 16e9, 4.5e10, 128 * 2**20,
                         _TPU),
-    "TPU v5p": Chip("TPU v5p", 459e12, 0, 918e12, 0, 2.765e12, 95e9, 9e10, 0, _TPU),
+    # a v5p names itself "TPU v5"
+    "TPU v5": Chip("TPU v5p", 459e12, 0, 918e12, 0, 2.765e12, 95e9, 9e10, 0, _TPU),
     "TPU v6 lite": Chip("TPU v6e", 918e12, 0, 1836e12, 0, 1.64e12, 32e9, 9e10, 128 * 2**20, _TPU),
 }
 
 
 def device_chip(device=None):
-    """The table's entry for a device (the first by default), or None (a CPU, an unknown chip)."""
+    """The table's entry for a device (the first by default), or None (a CPU, an unknown chip,
+    a variant the table leaves to be measured)."""
     kind = (device or jax.devices()[0]).device_kind
     for key in sorted(CHIPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
         if key.lower() in kind.lower():

@@ -305,6 +305,71 @@ def test_loader_round_trip(tmp_path, cfg, shards, new_style):
     jax.tree.map(np.testing.assert_array_equal, got, params)
 
 
+def hf_llama_numpy(t, cfg, tokens):
+    """Hugging Face's LlamaForCausalLM (modeling_llama), written out in float64 numpy from the
+    checkpoint's tensors by name, as stored: rotate_half RoPE on q and k (the first and second
+    halves of each head's dimensions paired), repeat_kv, SwiGLU, RMSNorm. Default RoPE only."""
+    H, KH, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    w = lambda name: np.asarray(t[name], np.float64)
+    rms = lambda x, g: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * g
+    rotate_half = lambda x: np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    T = len(tokens)
+    angles = np.outer(np.arange(T), cfg.rope_theta ** -(np.arange(0, hd, 2) / hd))
+    cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
+    x = w("model.embed_tokens.weight")[tokens]
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, w(p + "input_layernorm.weight"))
+        q, k, v = (h @ w(p + f"self_attn.{n}_proj.weight").T for n in "qkv")
+        q, k, v = q.reshape(T, H, hd), k.reshape(T, KH, hd), v.reshape(T, KH, hd)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, H // KH, axis=1), np.repeat(v, H // KH, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
+        scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out = np.einsum("hts,shd->thd", probs, v).reshape(T, H * hd)
+        x = x + out @ w(p + "self_attn.o_proj.weight").T
+        h = rms(x, w(p + "post_attention_layernorm.weight"))
+        gate, up = h @ w(p + "mlp.gate_proj.weight").T, h @ w(p + "mlp.up_proj.weight").T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ w(p + "mlp.down_proj.weight").T
+    return rms(x, w("model.norm.weight")) @ w("lm_head.weight").T
+
+
+def test_loaded_checkpoint_computes_what_hugging_face_llama_does(tmp_path):
+    """Tensors made by Hugging Face's names and shapes alone (not by common.hf_tensors), loaded
+    and run by common.forward, against hf_llama_numpy on the same file: a layout mistake made
+    alike in the writer and the reader passes the round trip tests, not this one (which needs
+    no transformers). GQA, and head_dim != d_model / n_heads."""
+    cfg = dataclasses.replace(TINY, head_dim=8, n_layers=2)
+    D, F, V, hd = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim
+    rng = np.random.default_rng(3)
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,),
+              "lm_head.weight": (V, D)}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight":
+                       (D,), p + "self_attn.q_proj.weight": (cfg.n_heads * hd, D),
+                       p + "self_attn.k_proj.weight": (cfg.n_kv_heads * hd, D),
+                       p + "self_attn.v_proj.weight": (cfg.n_kv_heads * hd, D),
+                       p + "self_attn.o_proj.weight": (D, cfg.n_heads * hd),
+                       p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                       p + "mlp.down_proj.weight": (D, F)})
+    tensors = {n: (1 + 0.1 * rng.standard_normal(sh) if "norm" in n
+                   else 0.3 * rng.standard_normal(sh)).astype(np.float32)
+               for n, sh in shapes.items()}
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(common.config_to_hf(cfg), f)
+    got_cfg, params = common.load_hf_llama(str(tmp_path))
+    assert got_cfg == cfg
+    tokens = rng.integers(0, V, 24)
+    with jax.default_matmul_precision("float32"):
+        ours = common.forward(params, jnp.asarray(tokens)[None], cfg)[0]
+    ref = hf_llama_numpy(tensors, cfg, tokens)
+    assert np.max(np.abs(np.asarray(ours) - ref)) < 1e-4 * np.max(np.abs(ref))
+
+
 def test_loader_reads_mistral_as_llama_within_its_window(tmp_path):
     """Mistral's checkpoints are Llama's, names included, but attend over a sliding window: the
     model is read as Llama with its context capped at the window, where the two agree."""
@@ -317,6 +382,16 @@ def test_loader_reads_mistral_as_llama_within_its_window(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, got, params)
         note = common.window_note(str(tmp_path), cfg)  # what 06 and 09 print beside the model
         assert "sliding window of 64 tokens" in note if window == 64 else note == ""
+    # keys left out take MistralConfig's defaults, not LlamaConfig's: a window of 4,096 (of
+    # 131,072 positions) and 8 kv heads; a null window is none
+    bare = {k: v for k, v in common.config_to_hf(TINY).items() if k not in (
+        "sliding_window", "num_key_value_heads", "max_position_embeddings")}
+    bare["num_attention_heads"] = 16
+    for model_type, want in (("mistral", (4096, 8)), ("llama", (2048, 16))):
+        cfg = common.config_from_hf(dict(bare, model_type=model_type))
+        assert (cfg.max_seq_len, cfg.n_kv_heads) == want
+    assert common.config_from_hf(dict(bare, model_type="mistral",
+                                      sliding_window=None)).max_seq_len == 131072
 
 
 def test_loader_reads_bf16(tmp_path):
@@ -442,6 +517,8 @@ def damage_config(path, edit):
      "unreadable entry"),
     (lambda p: damage_header(p, lambda h: dict(h["model.norm.weight"], data_offsets=[-256, 0])),
      "unreadable entry"),
+    (lambda p: damage_header(p, lambda h: dict(h["model.norm.weight"], dtype="C64")),
+     "tensor model.norm.weight is of dtype C64, which this reader does not take"),
 ])
 def test_loader_names_a_damaged_checkpoint(tmp_path, damage, match):
     """What an interrupted download or a hand edit leaves: one line naming it, no traceback."""
@@ -540,7 +617,8 @@ def test_checkpoint_state_is_a_safetensors_file_any_reader_takes(tmp_path, monke
     arrays = {"['a']": np.arange(12, dtype=np.float32).reshape(3, 4),
               "['b']": np.float32(np.pi) * np.ones((2, 5), ml_dtypes.bfloat16),
               "['n']": np.int32(7), "['e']": np.zeros((0, 3), np.float16),
-              "['m']": np.array([True, False]), "['s']": np.arange(5, dtype=np.int8)[::2]}
+              "['m']": np.array([True, False]), "['s']": np.arange(5, dtype=np.int8)[::2],
+              "['u']": np.arange(3, dtype=np.uint32)}
     write = os.pwrite
     monkeypatch.setattr(common.os, "pwrite", lambda fd, data, at: write(fd, data[:5], at))
     path = str(tmp_path / "state.safetensors")
@@ -556,6 +634,9 @@ def test_checkpoint_state_is_a_safetensors_file_any_reader_takes(tmp_path, monke
     for name, got in common.read_safetensors(path).items():
         assert got.dtype == arrays[name].dtype
         np.testing.assert_array_equal(got, arrays[name])
+    common.write_safetensors(str(tmp_path / "big.safetensors"), {"x": np.arange(4.0, dtype=">f4")})
+    got = common.read_safetensors(str(tmp_path / "big.safetensors"))["x"]  # written little-endian
+    assert got.dtype == np.float32 and got.tolist() == [0.0, 1.0, 2.0, 3.0]
     try:
         import safetensors.numpy
     except ImportError:
@@ -1077,9 +1158,15 @@ def test_import_script_and_chip_table():
     assert common.device_chip() is None  # the CPU has no datasheet entry
     for kind, name in (("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
                        ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
-                       ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"), ("TPU v5 lite", "TPU v5e")):
+                       ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"), ("TPU v5 lite", "TPU v5e"),
+                       ("TPU v5", "TPU v5p"), ("TPU v6 lite", "TPU v6e"),
+                       ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+                       ("NVIDIA GH200 480GB", "GH200 96GB"), ("NVIDIA H200", "H200 SXM")):
         assert common.device_chip(type("Device", (), {"device_kind": kind})()).name == name
-    for chip in common.CHIPS.values():
+    # a GH200 of other memory is not an H200, whose name its own contains: measured instead
+    assert common.device_chip(type("Device", (), {"device_kind": "NVIDIA GH200 144G HBM3e"})()) \
+        is None
+    for chip in filter(None, common.CHIPS.values()):
         assert chip.bf16_flops > 0 and chip.hbm_bw > 0 and chip.source
 
 

@@ -155,8 +155,8 @@ def test_ceilings_hold_16_bit_kernels_to_float32_on_a_cpu_and_fill_a_tpus_tf32()
     assert gpu.peak("bfloat16") == 1.0
     with_ds = rl.Ceilings(flops, 1.0, {"bfloat16": 9.0}, 5.0, True)
     assert with_ds.peak("bfloat16", datasheet=True) == 9.0     # a datasheet figure comes first
-    tpu, h100 = (rl.datasheet_flops(common.CHIPS[k]) for k in ("TPU v5p", "H100"))
-    assert tpu["float32 default"] == common.CHIPS["TPU v5p"].bf16_flops
+    tpu, h100 = (rl.datasheet_flops(common.CHIPS[k]) for k in ("TPU v5", "H100"))
+    assert tpu["float32 default"] == common.CHIPS["TPU v5"].bf16_flops
     assert h100["float32 default"] == common.CHIPS["H100"].tf32_flops
 
 
