@@ -654,7 +654,9 @@ def sample(logits, seed, row_ids, counters, sampling):
 
 def filter_logits(logits, sampling):
     """The logits [..., V] that sampling draws from, as float32: divided by the temperature (> 0),
-    -inf outside the top_k and outside the top_p nucleus."""
+    -inf outside the top_k and outside the top_p nucleus. Tokens tied with the last one kept are
+    kept too (as Hugging Face's filters do), so a tie can keep more than top_k tokens, or more
+    than the smallest set whose mass reaches top_p."""
     logits = logits.astype(jnp.float32)
     # The best logit first brought to 0: at a small temperature the others go to -inf, not the
     # best to +inf (softmax does not change).
@@ -1002,6 +1004,8 @@ def _check_stream(requests, cfg, n_slots, cache_len, prompt_pad):
             msg = str(e)
             msg = "its prompt " + msg[len("prompt 0 "):] if msg.startswith("prompt 0 ") else msg
             raise common.UserError(f"request {i}: {msg}") from None
+    if prompt_pad is not None:
+        check_count("prompt_pad", prompt_pad)
     pad = prompt_pad or min(bucket(max(len(r.prompt) for r in requests)), cache_len)
     if pad > cache_len or pad < max(len(r.prompt) for r in requests):
         raise common.UserError(f"prompt_pad={pad} must hold every prompt and fit the cache "
@@ -1269,6 +1273,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     Sampling: each token is distributed as generate's with the same temperature, top_k and
     top_p (speculative sampling, speculative_round), though not the same draws for a seed."""
     sampling, seed = make_sampling(temperature, top_k, top_p), check_seed(seed)
+    if not isinstance(draft_cfg, common.Config):
+        raise common.UserError(f"draft_cfg must be the draft's common.Config, got "
+                               f"{type(draft_cfg).__name__}")
     if draft_cfg.vocab_size > cfg.vocab_size:
         raise common.UserError(f"the draft's vocabulary ({draft_cfg.vocab_size}) is larger than "
                                f"the target's ({cfg.vocab_size}): they must share a tokenizer")
@@ -1279,9 +1286,9 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                                f"{type(draft).__name__}")
     params, draft = inference_params(params, cfg), inference_params(draft, draft_cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
-    # A round writes gamma + 1 positions past a row's length, also past its last token; with no
-    # token wanted there is no round.
-    rounds = check_count("max_new_tokens", max_new_tokens) > 0
+    # A round writes gamma + 1 positions past a row's length, also past its last token; with at
+    # most one token wanted there is no round (the prefill makes the first).
+    rounds = check_count("max_new_tokens", max_new_tokens) > 1
     lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len,
                                extra=(2 * gamma + 1) * rounds)
     if S > draft_cfg.max_seq_len:  # the draft runs at the target's positions

@@ -83,12 +83,18 @@ def test_int8_batch_1_carries_a_zero_row_and_matches_batch_2(row_sum_max, monkey
     """int8 weights at batch 1: the decode step carries a zero second row through the layers
     (forward_cached) so that each product stays a matrix multiply, for the matrices above
     ROW_SUM_MAX (all of them with 0; none of this tiny model's otherwise, whose one row is then
-    summed). The tokens are those the same prompt gets beside another."""
+    summed). The tokens are those the same prompt gets beside another. ROW_SUM_MAX is read
+    while tracing: the compiled programs are dropped before and after, or the second case would
+    run the first one's."""
     monkeypatch.setattr(inf, "ROW_SUM_MAX", row_sum_max)
-    qp = inf.quantize_params(inference_params_for(TINY), TINY)
-    for prompt in PROMPTS[:2]:
-        assert (inf.generate(qp, TINY, [prompt], 9, cache_len=CACHE)[0] ==
-                inf.generate(qp, TINY, [prompt, PROMPTS[2]], 9, cache_len=CACHE)[0])
+    jax.clear_caches()
+    try:
+        qp = inf.quantize_params(inference_params_for(TINY), TINY)
+        for prompt in PROMPTS[:2]:
+            assert (inf.generate(qp, TINY, [prompt], 9, cache_len=CACHE)[0] ==
+                    inf.generate(qp, TINY, [prompt, PROMPTS[2]], 9, cache_len=CACHE)[0])
+    finally:
+        jax.clear_caches()
 
 
 def np_attention(q, k, v):
@@ -556,6 +562,10 @@ def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
     # no round runs for no tokens: a prompt that fills the model gets its empty answer
     got, st = inf.speculative_generate(p, TINY, p, TINY, [[1] * TINY.max_seq_len], 0)
     assert got == [[]] and st["decode_s"] == 0.0 and math.isnan(st["alpha"])
+    # nor for one, which the prefill makes: a prompt one short of the model gets it, as generate's
+    full = [[1] * (TINY.max_seq_len - 1)]
+    assert inf.speculative_generate(p, TINY, p, TINY, full, 1, gamma=2)[0] == \
+        inf.generate(p, TINY, full, 1)
     toks, logits = inf.generate(p, TINY, prompts, 0, return_logits=True)
     assert toks == [[], []] and [x.shape for x in logits] == [(0, TINY.vocab_size)] * 2
     one = inf.generate(p, TINY, prompts, 1, return_logits=True)[1]
@@ -605,6 +615,9 @@ def test_sampling_restrictions():
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 21, gamma=4),
      "plus the 9 positions a speculative round needs"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
+    (lambda p: inf.speculative_generate(p, TINY, p, None, [[1]], 4), "draft_cfg must be"),
+    (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1], 4)], 2, CACHE, prompt_pad=16.0),
+     "prompt_pad must be an integer"),
     # the draft runs at the target's positions, and would past its own window without a word
     (lambda p: inf.speculative_generate(p, TINY, p, dataclasses.replace(TINY, max_seq_len=16),
                                         [[1] * 10], 4, gamma=2),
