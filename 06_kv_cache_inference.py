@@ -5,7 +5,8 @@ measured against the memory-bandwidth bound that rules decode.
                                                         # then Llama-3.2-1B shapes (speeds only),
                                                         # random bf16 weights
     python 06_kv_cache_inference.py                     # on a CPU: the newest checkpoint of
-                                                        # 09_train.py under out/, else `small`
+                                                        # 09_train.py in out/ or out/*/, else
+                                                        # `small`
     python 06_kv_cache_inference.py --checkpoint=DIR    # a Hugging Face Llama directory (with
                                                         # its tokenizer.json), or 09's out_dir
                                                         # (bytes, or the tokenizer it carries)
@@ -121,7 +122,8 @@ class InferConfig:
     checkpoint: str = ""        # a Hugging Face Llama dir, or 09_train.py's ckpt_<step> or out_dir
     ckpt_dir: str = ""          # 09_train.py's --out_dir or one ckpt_<step>, read without
                                 # --checkpoint (on a GPU: if named, or with --sample_only); one
-                                # named that holds none is an error; empty: out, if it exists
+                                # named that holds none is an error; empty: out, or the run
+                                # in out/*/ saved last
     models: str = "auto"        # comma-separated presets with random weights; auto: on a GPU
                                 # llama-3-8b,llama-3.2-1b (the benchmark), else the newest 09
                                 # checkpoint or `small` (--sample_only: the checkpoint only)
@@ -1331,6 +1333,18 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
 # Checkpoints and tokenizers
 # ----------------------------------------------------------------------------------------------
 
+def default_run_dir(root="out"):
+    """Where 06 looks when no directory is named: `root` (09's default --out_dir) or the one of
+    its subdirectories (09's docstring trains into out/tiny) whose newest checkpoint was written
+    last; `root` when none holds one."""
+    runs = [root] + sorted(d for d in (os.path.join(root, n) for n in
+                                       (os.listdir(root) if os.path.isdir(root) else []))
+                           if os.path.isdir(d))
+    newest = [(os.path.getmtime(kept[-1]), run) for run in runs
+              if (kept := common.list_checkpoints(run))]
+    return max(newest)[1] if newest else root
+
+
 def newest_train_checkpoint(ckpt_dir):
     """(path, cfg, params) of the newest readable checkpoint 09_train.py wrote under ckpt_dir
     (ckpt_<step>/), or None. A damaged one is passed over with a line saying so, as 09 does."""
@@ -1415,7 +1429,7 @@ def load_model(ic, on_gpu):
     if ic.checkpoint:
         *model, which = load_checkpoint_dir(ic.checkpoint)
         return [tuple(model)], f"model: {which}"
-    chosen, ckpt_dir = bool(ic.ckpt_dir), ic.ckpt_dir or "out"  # named, or the default
+    chosen, ckpt_dir = bool(ic.ckpt_dir), ic.ckpt_dir or default_run_dir()
     # A GPU's lesson measures the Llama shapes, unless asked for a checkpoint.
     benchmark = on_gpu and not ic.sample_only and not chosen
     if ic.models == "auto" and not benchmark:
@@ -1439,7 +1453,7 @@ def load_model(ic, on_gpu):
     for name in names:
         cfg = common.Config.preset(name)
         models.append((name, cfg, None, common.BYTES if cfg.vocab_size == 256 else None))
-    why = "" if ic.models != "auto" or benchmark else " (no checkpoint under out/)"
+    why = "" if ic.models != "auto" or benchmark else " (no checkpoint in out/ or out/*/)"
     return models, f"model: random weights, {', '.join(names)}{why}"
 
 

@@ -947,6 +947,10 @@ def _train(tc, stop_after, log, devices, held):
     n_dev = len(devices)
     flops_per_step = cfg.train_flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
     peak, _, basis = common.ceilings(cfg.dtype)
+    if jax.process_count() > 1 and common.device_chip() is None:
+        # Each process measured its own chip: process 0's peak for all, so they print one MFU
+        peak = float(multihost_utils.broadcast_one_to_all(np.float32(peak)))
+        basis += ", process 0's measurement"
     unit = "bytes" if tokenizer is common.BYTES else "tokens"
     log(f"data: {tc.data or 'Python standard library source'}: {len(train_tokens):,} train "
         f"{unit}, {len(val_tokens):,} val {unit}" + (

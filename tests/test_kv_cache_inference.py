@@ -743,6 +743,21 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys, mo
         inf.sample_only(inf.load_model(random, False)[0], random)
 
 
+def test_the_default_run_is_out_or_the_run_below_it_saved_last(tmp_path):
+    """09's default --out_dir is out; its docstring trains into out/tiny: 06 finds either, the
+    one whose newest checkpoint was written last, and out itself when none holds one."""
+    root = tmp_path / "out"
+    assert inf.default_run_dir(str(root)) == str(root)            # no out/ at all
+    for run, when in (("a", 100), ("b", 300), (".", 200)):
+        common.save_checkpoint(str(root / run), 1, {"params": numpy_params(TIED, 1)},
+                               {"model": dataclasses.asdict(TIED)})
+        os.utime(root / run / "ckpt_00000001", (when, when))
+    (root / "notes.txt").write_text("not a run")
+    assert inf.default_run_dir(str(root)) == str(root / "b")
+    os.utime(root / "ckpt_00000001", (400, 400))
+    assert inf.default_run_dir(str(root)) == str(root)
+
+
 def test_a_prompt_typed_in_a_shell_reads_its_escapes(tmp_path, capsys, monkeypatch):
     assert common.unescape(r"def f():\n\treturn 1") == "def f():\n\treturn 1"
     assert common.unescape(r"a\\nb \x") == r"a\nb \x"  # an escaped backslash; others stay

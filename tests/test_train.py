@@ -862,6 +862,9 @@ def test_two_processes_equal_one(tmp_path, one_device_run, one_device_dir):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     assert "sample:" in outs[0][0] and "sample:" not in outs[1][0]
+    # a CPU is in no datasheet: each measures its peak, and process 0's stands for both
+    basis = [[ln for ln in out.splitlines() if ln.startswith("MFU basis")] for out, _ in outs]
+    assert basis[0] == basis[1] and "process 0's measurement" in basis[0][0]
     two = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
     np.testing.assert_allclose(two, losses(one_device_run), rtol=2e-5)
     (ckpt_two,), (ckpt_one,) = (common.list_checkpoints(str(d)) for d in
