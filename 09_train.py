@@ -247,18 +247,19 @@ def default_lr(d_model):
 
 
 def lr_schedule(step, tc):
-    """Linear warmup to the peak over tc.warmup steps, then cosine decay to the final rate at
-    tc.steps (TrainConfig.peak_lr and final_lr: --lr and --min_lr, or their defaults)."""
+    """The rate of update step + 1 (step counts the updates done): linear warmup to the peak at
+    step tc.warmup, then cosine decay that reaches the final rate at the last step, tc.steps
+    (TrainConfig.peak_lr and final_lr: --lr and --min_lr, or their defaults)."""
     peak, final = tc.peak_lr(), tc.final_lr()
     warm = peak * (step + 1) / max(tc.warmup, 1)
-    frac = jnp.clip((step - tc.warmup) / max(tc.steps - tc.warmup, 1), 0.0, 1.0)
+    frac = jnp.clip((step + 1 - tc.warmup) / max(tc.steps - tc.warmup, 1), 0.0, 1.0)
     cos = final + 0.5 * (peak - final) * (1 + jnp.cos(math.pi * frac))
     return jnp.where(step < tc.warmup, warm, cos)
 
 
 def adamw_init(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    return {"mu": zeros, "nu": zeros, "count": jnp.zeros((), jnp.int32)}
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return {"mu": zeros(), "nu": zeros(), "count": jnp.zeros((), jnp.int32)}  # two buffers
 
 
 def adamw_update(grads, state, params, lr, tc, decay_mask, eps=1e-8):
@@ -483,8 +484,16 @@ def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
                 "init_from": tc.init_from,
                 "data_position": step, "fp8_maxima": "fp8" in opt,
                 "batch_size": tc.batch_size, "seq_len": tc.seq_len, "doc_mask": tc.doc_mask,
-                "lr": tc.peak_lr(), "min_lr": tc.final_lr(), "data": data_id}
+                "data": data_id, **schedule_flags(tc)}
         writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep, state, meta, files)
+
+
+def schedule_flags(tc):
+    """What shapes every update besides the model and the data, recorded with each checkpoint:
+    a resume that changes one is said (restore)."""
+    return {"lr": tc.peak_lr(), "min_lr": tc.final_lr(), "warmup": tc.warmup,
+            "weight_decay": tc.weight_decay, "b1": tc.b1, "b2": tc.b2, "grad_clip": tc.grad_clip,
+            "fp8": tc.fp8 and tc.fp8_scaling}
 
 
 def _same(x):
@@ -576,7 +585,7 @@ def restore(tc, cfg, params, opt, data_id, tokenizer=common.BYTES):
     print(f"resumed from {path} at step {meta['step']}")
     ran = dict(meta, doc_mask=meta.get("doc_mask", False))  # (written before the flag: off)
     here = {"batch_size": tc.batch_size, "seq_len": tc.seq_len, "doc_mask": tc.doc_mask,
-            "lr": tc.peak_lr(), "min_lr": tc.final_lr()}
+            **schedule_flags(tc)}
 
     def show(v):
         return f"{v:.3g}" if isinstance(v, float) else v

@@ -1072,7 +1072,7 @@ def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
     written to a temporary directory, then renamed: a failure leaves nothing at `path`.
     Llama-3-8B's shape in bf16 (16.1 GB, four files) took 14.6-16.2 s on an H100 machine, where
     making the tensors and copying them to the host alone took 11.6 s, and writing the same
-    bytes from host memory 11.0-11.4 s (one file after another: 18.4-20.5 s)."""
+    bytes from host memory 11.0-14.3 s (one file after another: 18.4-20.5 s)."""
     check_new_dir(path, "the export directory")
     tensors = hf_tensors(cfg, params, cfg.param_dtype)
     shards, size = [{}], 0

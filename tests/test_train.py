@@ -183,6 +183,11 @@ def test_resuming_with_another_batch_says_so(tmp_path, capsys):
                     log=lambda s: None, devices=jax.devices()[:1])
     assert "lr=0.5 (the checkpoint's steps ran at 0.006), min_lr=0.05 (the checkpoint's steps " \
         "ran at 0.0006)" in capsys.readouterr().out
+    train_mod.train(dataclasses.replace(tc, steps=6, batch_size=4, doc_mask=True, lr=0.5,
+                                        warmup=1, grad_clip=0.5, fp8=True), log=lambda s: None,
+                    devices=jax.devices()[:1])
+    assert "warmup=1 (the checkpoint's steps ran at 2), grad_clip=0.5 (the checkpoint's steps " \
+        "ran at 1), fp8=current (the checkpoint's steps ran at False)" in capsys.readouterr().out
 
 
 def test_resuming_on_other_data_says_so(tmp_path, capsys):
@@ -569,11 +574,14 @@ def test_adamw_matches_a_numpy_adamw():
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine():
+    """Update n (lr_schedule(n - 1)): n / 10 of the peak up to step 10, then the cosine, which
+    ends at min_lr on the run's last step, step 100: the peak is used once."""
     tc = train_mod.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
-    want = [(s + 1) / 10 if s < 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 90))
-            for s in range(101)]
-    got = [float(train_mod.lr_schedule(s, tc)) for s in range(101)]
+    want = [n / 10 if n <= 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (n - 10) / 90))
+            for n in range(1, 101)]
+    got = [float(train_mod.lr_schedule(n - 1, tc)) for n in range(1, 101)]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[-1] == pytest.approx(0.1) and got.count(1.0) == 1
 
 
 def test_the_default_learning_rate_follows_the_width_and_fine_tuning():
