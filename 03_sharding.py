@@ -285,8 +285,9 @@ def _arrays(shape_text):
 
 def _group_size(line, n_devices):
     """Devices in each replica group: {{0,1},{2,3}}, the iota form [G,S]<=[...], or the mesh
-    form mesh['axis_0'=4,'axis_1'=2] {'axis_1'}."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    form mesh['axis_0'=4,'axis_1'=2] {'axis_1'}, where XLA may name the devices between the
+    two: mesh[...], device_ids=([2,4]T(1,0)) {'axis_0'}."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)?\s*\{([^}]*)\}", line)
     if m:
         axes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
         return math.prod(int(axes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
@@ -625,6 +626,10 @@ def print_collectives(results, L, on_gpu):
         print("- FSDP: a weight is gathered once in the block (XLA reuses the forward's gather in "
               "the backward pass) but twice per layer in the model, whose forward and backward "
               "are two loops.")
+    if any(r["sizes"]["fsdp"] > 1 and r["sp"] for r in results):
+        print("- FSDP with sequence parallelism: the prediction is not exact there. In the "
+              "block XLA gathers wo and w_down again for the backward pass (2 arrays more), "
+              "and sums each norm gain's gradient in two steps, not one.")
     if not on_gpu and any(r["sizes"]["fsdp"] > 1 or r["sp"] for r in results):
         print("- On a CPU XLA keeps a reduce-scatter as an all-reduce then a slice (the same "
               "array, twice the ring traffic); GPU compilers turn the pair into a "

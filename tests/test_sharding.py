@@ -168,6 +168,8 @@ ENTRY %main (x: f32[4,8]) -> f32[4,8] {
     """backend_config={"known_trip_count":{"n":"3"}}
   %rs = f32[2,8]{1,0} reduce-scatter(%x), channel_id=3, """ \
     """replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, to_apply=%add
+  %ag2 = f32[8,8]{1,0} all-gather(%x), channel_id=6, replica_groups=mesh['axis_0'=4,""" \
+    """'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}
   %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), """ \
     """channel_id=4, source_target_pairs={{0,1},{1,0}}
   %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
@@ -183,10 +185,11 @@ def test_parse_collectives_reads_loops_groups_tuples_and_async_ops():
     assert sorted(loops) == sorted([C("all-gather", 128, 4)] * 3 + [C("all-reduce", 128, 2)] * 3
                                    + [C("all-reduce", 16, 2)] * 3)  # the scalar is left out
     assert sorted(outside) == sorted([C("reduce-scatter", 128, 2), C("reduce-scatter", 256, 2),
-                                      C("collective-permute", 128, 8)])
+                                      C("collective-permute", 128, 8),
+                                      C("all-gather", 256, 4)])  # devices named: axis_0's 4
     # Ring bytes per device: a gather or reduce-scatter sends (N-1)/N of the array, an
     # all-reduce twice that, a permute all of it.
-    assert sh.ring_traffic(outside) == 64 + 128 + 128
+    assert sh.ring_traffic(outside) == 64 + 128 + 128 + 256 * 3 / 4
     assert sh.ring_traffic(loops) == 3 * (128 * 3 / 4 + 2 * (128 + 16) / 2)
 
 
