@@ -18,7 +18,8 @@ measures where it bites, in three parts.
    (e4m3, e5m2) with a per-tensor scale, on weight-like data and on activation-like data with
    outlier channels; the error of int8 and fp8 matmuls against bf16; and, where the device has
    the units, their speed against bf16.
-3. Mixed precision in training: a few hundred steps of the tiny model in float32, in pure bf16
+3. Mixed precision in training: a few hundred steps of the tiny model in float32 (whose
+   matmuls JAX runs in TF32 on an NVIDIA GPU, its default precision), in pure bf16
    (weights stored in bf16) and in bf16 compute with float32 master weights. An update smaller
    than half a bf16 ulp of its weight rounds away to nothing; the script counts how many do.
    Then 8-bit training: the same master weights with every layer's matmul, forward and
@@ -171,8 +172,10 @@ def kahan_sum(x, dtype):
 def library_sum(x, dtype):
     """jnp.sum on an array of `dtype`. JAX widens bfloat16 and float16 to float32 for the reduction
     and rounds only the result (jax.jit(jnp.sum).lower(x).as_text() shows the convert); the fp8
-    types it reduces as they are, in fp8."""
-    return jnp.sum(x.astype(dtype), axis=0)
+    types XLA:CPU reduces as they are, in fp8, and XLA:GPU in float16. The barrier keeps the
+    inputs rounded to `dtype` first (without it XLA:GPU sums the float32 inputs themselves:
+    other numbers than the reference's)."""
+    return jnp.sum(jax.lax.optimization_barrier(x.astype(dtype)), axis=0)
 
 
 SUMS = {"sequential": sequential_sum, "pairwise": pairwise_sum, "kahan": kahan_sum,
@@ -216,7 +219,8 @@ def run_summation(cfg):
           f"the same inputs\n   bounds to first order: sequential n*u, pairwise log2(n)*u, "
           f"Kahan 2u + O(n*u^2) (u: unit\n   roundoff; the second term rules once n*u is not "
           f"small, as in fp8); 'rounded': the exact sum rounded once\n   to the "
-          f"accumulator, the best any method can return; 'inf': an overflow past 'max'")
+          f"accumulator, the best any method can return; 'inf': an overflow past 'max'\n   (to inf, or "
+          f"to NaN in e4m3fn, which has no inf)")
     print(f"   {'accumulator':14s} {'u':>8s} {'max':>8s} " + " ".join(f"{m:>11s}" for m in SUMS)
           + f" {'rounded':>9s} {'exact sum':>10s}")
     table = {}
@@ -303,7 +307,8 @@ def quantize(x, fmt, axis=None, block=None):
 def _scale(amax, qmax):
     """amax / qmax, or 1 for a group of zeros. Never below float32's smallest normal number,
     which a group of tiny values (amax < 448 x 1.2e-38) would flush to 0, and 0 / 0 is NaN. A
-    NaN or inf in the group stays visible: its scale, and so every value of the group, is NaN."""
+    NaN or inf in the group stays visible: its scale is NaN or inf, and every value of the
+    group dequantizes to NaN."""
     return jnp.where(amax == 0, 1.0, jnp.maximum(amax / qmax, jnp.finfo(jnp.float32).tiny))
 
 
@@ -735,7 +740,9 @@ def run_training(cfg):
     print(f"\n3. mixed precision: tiny preset, {cfg.steps} steps of {cfg.optimizer} (peak lr "
           f"{cfg.lr:g}, cosine to 10%), batch {cfg.batch_size} x {cfg.seq_len} bytes of Python "
           f"source;\n   'below half-ulp': updates smaller than half the bf16 spacing at their "
-          f"weight; 'lost': updates after which the stored weight did not change")
+          f"weight; 'lost': updates after which the stored weight did not change" + (
+              "\n   float32's matmuls run in TF32 here (JAX's default precision on this GPU)"
+              if jax.devices()[0].platform == "gpu" else ""))
     log_every = max(1, cfg.steps // 5)
     grad_fns = {}
     return {mode: train(mode, cfg, train_tokens, log_every, grad_fns) for mode in MODES}
