@@ -219,8 +219,8 @@ def run_summation(cfg):
           f"the same inputs\n   bounds to first order: sequential n*u, pairwise log2(n)*u, "
           f"Kahan 2u + O(n*u^2) (u: unit\n   roundoff; the second term rules once n*u is not "
           f"small, as in fp8); 'rounded': the exact sum rounded once\n   to the "
-          f"accumulator, the best any method can return; 'inf': an overflow past 'max'\n   (to inf, or "
-          f"to NaN in e4m3fn, which has no inf)")
+          f"accumulator, the best any method can return; 'inf': an overflow past 'max'"
+          f"\n   (to inf, or to NaN in e4m3fn, which has no inf)")
     print(f"   {'accumulator':14s} {'u':>8s} {'max':>8s} " + " ".join(f"{m:>11s}" for m in SUMS)
           + f" {'rounded':>9s} {'exact sum':>10s}")
     table = {}
