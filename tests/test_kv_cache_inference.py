@@ -584,6 +584,11 @@ def test_sampling_restrictions():
     draw = jax.jit(inf.sample, static_argnums=4)
     got = np.asarray(draw(logits, 1, rows, zeros, inf.Sampling(1.0, 1, 1.0)))
     np.testing.assert_array_equal(got, logits.argmax(-1))            # top_k=1 is greedy
+    # one row's successive tokens (its counter) draw fresh numbers: flat logits over 256 tokens
+    # give about 57 different ones in 64 draws; a key that ignored the counter, one
+    flat = np.zeros((64, 256), np.float32)
+    got = np.asarray(draw(flat, 0, zeros, rows, inf.Sampling(1.0, 0, 1.0)))
+    assert len(set(got.tolist())) > 32
     got = np.asarray(draw(logits, 1, rows, zeros, inf.Sampling(5.0, 3, 1.0)))
     top3 = np.argsort(logits, axis=-1)[:, -3:]
     assert all(t in row for t, row in zip(got, top3))                # only the 3 most likely

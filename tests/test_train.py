@@ -150,6 +150,9 @@ def test_resume_is_exact(tmp_path):
     assert losses(first) + losses(rest) == losses(full)  # bit for bit
     rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
     assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(rows[0])
+    # step n trained at the schedule's rate for n (lr_schedule(n - 1)), warmup included
+    assert [r["lr"] for r in full] == pytest.approx(
+        [float(train_mod.lr_schedule(n - 1, tc)) for n in range(1, 7)], rel=1e-6)
     # As if killed after step 6 was logged but before its checkpoint was written: the rerun
     # trains steps 5 and 6 again from step 4's, and the file keeps one row per step.
     shutil.rmtree(os.path.join(tc.out_dir, "ckpt_00000006"))
