@@ -54,7 +54,8 @@ class RooflineConfig:
     max_batch: int = 1024     # largest M of the skinny sweep (powers of 2 from 1)
     vector_mib: int = 0       # MiB per elementwise operand; 0: 1024 (128 on CPU), past any cache
     attn_seq: int = 0         # T = S of the attention rows; 0: 4096 (512 on CPU)
-    iters: int = 0            # timed runs per kernel, the median is reported; 0: 10 (5 on CPU)
+    iters: int = 0            # timed runs per kernel, the median of the wall clock is reported
+                              # (a GPU's own kernel time: a mean of 16 calls); 0: 10 (5 on CPU)
     out: str = "out"          # directory the roofline PNG is written to
 
     def __post_init__(self):
@@ -149,7 +150,10 @@ def attention_cost(B, T, S, H, D, itemsize, materialized):
     reads Q, K, V and writes O. The materialized one also writes the float32 scores [B, H, T, S]
     and reads them back for the softmax, then writes the probabilities in the input dtype and reads
     them back for P @ V: 2 * (4 + itemsize) bytes per score (the standard implementation, Dao et
-    al. 2022, section 2.2, Algorithm 0, with float32 scores as common.attention_reference keeps)."""
+    al. 2022, section 2.2, Algorithm 0, with float32 scores as common.attention_reference keeps).
+    That is the least such a program moves. XLA's program reads the float32 scores three times
+    (the row max, the sum of exponentials, the normalization; H100, jax 0.11.2): 20 bytes a score
+    in bf16, so its measured time sits well above this roofline."""
     qkvo = (2 * B * T * H * D + 2 * B * S * H * D) * itemsize
     scores = B * H * T * S * 2 * (4 + itemsize) if materialized else 0
     return Cost(4 * B * T * S * H * D, qkvo + scores)
@@ -378,8 +382,10 @@ def measure_ceilings(cfg, on_cpu):
     ds = datasheet_flops(chip)
     n = cfg.max_square
     flops = {}
-    print(f"\nceilings: matmul n x n x n, median of {cfg.iters}; copy of {cfg.vector_mib} MiB "
-          f"float32")
+    print(f"\nceilings: matmul n x n x n, "
+          + ("each kernel's own time, a mean of 16 calls" if jax.devices()[0].platform != "cpu"
+             else f"median of {cfg.iters}")
+          + f"; copy of {cfg.vector_mib} MiB float32 (wall clock, calls chained)")
     print(f"  {'what':18s} {'n':>5s} {'measured':>14s} {'datasheet':>14s} {'meas/ds':>8s}")
     for label, dtype, precision in CEILING_DTYPES:
         # float64 runs at a fraction of the tensor-core rate: a smaller n keeps it quick.
@@ -481,6 +487,9 @@ def run_fusion(cfg, ceil):
         print(f"  {name:22s} {cost.bytes / 1e6:13.1f} {counted} {t.s * ceil.bandwidth / 1e6:13.1f}")
     if not all(xla[name] and xla[name] > 0 for name, *_ in rows):  # None, or nan in a sum
         print("  (-: not counted; XLA's cost model sees no bytes in a library call such as cuBLAS)")
+    if jax.devices()[0].platform == "cpu":
+        print("  (XLA:CPU does not fuse the relu into the matmul: 'jit' runs two kernels too, "
+              "and writes the product twice)")
     return rows
 
 
@@ -505,8 +514,9 @@ def run_skinny(cfg, ceil):
     dt = jnp.dtype(cfg.dtype)
     W = cfg.weight
     kw, kx = jax.random.split(jax.random.key(5))
-    # Copies of the weight, enough to exceed the caches: a weight that stays in L2 from one call
-    # to the next would be read from there, not from memory (the lesson is the memory's).
+    # Copies of the weight, to exceed the caches: a weight that stays in L2 from one call to the
+    # next would be read from there, not from memory (the lesson is the memory's). At most 8
+    # (arg_rotation): below W = 2048 in bf16 all 8 fit in 64 MiB, an H100's L2 or a CPU's L3.
     ws = arg_rotation(lambda i: random_array(jax.random.fold_in(kw, i), (W, W), dt),
                       W * W * dt.itemsize)
     rows = []
