@@ -1,4 +1,5 @@
 """Ring collectives against XLA's built-ins and numpy, on 8 simulated CPU devices."""
+import collections
 import functools
 import re
 import types
@@ -124,6 +125,23 @@ def test_ring_uses_only_neighbour_sends_of_the_predicted_bytes(kind, pieces):
                                  x)
     assert others == []
     assert sent == coll.ring_bytes_sent(kind, S * width * 4, n)
+
+
+@pytest.mark.parametrize("kind", ["all-gather", "reduce-scatter"])
+def test_bidirectional_ring_sends_half_each_way(kind):
+    """bidirectional=True: as many sends go to the next device as to the previous one (the
+    values alone cannot tell, as every lane reaching the same sum is right)."""
+    n = 8
+    x, mesh = sharded_input(n, 16, (4,), jnp.float32), ring_mesh(n)
+    fn = {"all-gather": coll.ring_all_gather, "reduce-scatter": coll.ring_reduce_scatter}[kind]
+    hlo = jax.jit(functools.partial(fn, mesh=mesh, axis_name="x", bidirectional=True)).lower(
+        x).compile().as_text()
+    ways = collections.Counter()
+    for pairs in re.findall(r"collective-permute[^\n]*source_target_pairs=\{(.*?)\}\}", hlo):
+        (s, t), = {((int(a) + 1) % n == int(b), (int(a) - 1) % n == int(b))
+                   for a, b in re.findall(r"\{?(\d+),(\d+)", pairs)}
+        ways["next" if s else "previous"] += 1
+    assert ways["next"] == ways["previous"] == n - 1
 
 
 def test_collective_matmul_matches_plain_and_numpy():

@@ -712,6 +712,19 @@ def test_checkpoints_past_step_99999999_are_listed_in_step_order(tmp_path):
     assert not (tmp_path / "ckpt_99999999").exists()
 
 
+def test_bench_reports_the_median_sample(monkeypatch):
+    """On a scripted clock: compile and warm-up take nothing, then nine runs of 1 ms and one of
+    100 ms. The median is 1 ms (a mean would say 10.9)."""
+    now, durations = [0.0], iter([0.0] * 3 + [1e-3] * 9 + [0.1])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+
+    def run():
+        now[0] += next(durations)
+        return 0
+    t = common.bench(run, iters=10, warmup=2, calls=1)
+    assert t.median_s == pytest.approx(1e-3) and t.min_s == pytest.approx(1e-3)
+
+
 def test_bench_refuses_no_runs():
     for kw in (dict(iters=0), dict(calls=0)):  # (an empty median, a sample of no runs)
         with pytest.raises(common.UserError, match="iters >= 1 and calls >= 1"):
@@ -937,6 +950,9 @@ def test_param_shardings_and_errors():
     sh = common.param_shardings(TINY, mesh)
     assert sh["layers"]["wq"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tp", None)
     assert sh["layers"]["attn_norm"].spec == jax.sharding.PartitionSpec(None, None)
+    # the vocabulary split over tp in the table and the head, d_model over fsdp
+    assert sh["embed"].spec == jax.sharding.PartitionSpec("tp", "fsdp")
+    assert sh["lm_head"].spec == jax.sharding.PartitionSpec("fsdp", "tp")
     params = jax.jit(common.init_params, static_argnums=0, out_shardings=sh)(TINY, jax.random.key(0))
     ref = common.init_params(TINY, jax.random.key(0))
     tokens = np.arange(8 * 16).reshape(8, 16) % 256

@@ -407,6 +407,9 @@ def test_speculative_alpha_counts_the_judged_draft_tokens():
                                      cache_len=CACHE)
     assert st["alpha"] == st["acceptance"] == 1.0 and st["tokens_per_round"] == 4
     first_layer, dcfg = inf.draft_params(params, TINY, 1)       # int8, one of two layers
+    whole = inf.quantize_params(inf.inference_params(params, TINY), TINY)
+    assert dcfg.n_layers == 1   # the first of them, not the last
+    jax.tree.map(np.testing.assert_array_equal, first_layer["layers"][0], whole["layers"][0])
     _, st = inf.speculative_generate(params, TINY, first_layer, dcfg, PROMPTS, 13, gamma=1,
                                      cache_len=CACHE)
     assert 0 < st["accepted"] < st["proposed"]

@@ -131,6 +131,7 @@ def test_int8_round_trip_within_half_a_scale(axis, block):
 @pytest.mark.parametrize("fmt, rel", [("e4m3", 2.0**-4), ("e5m2", 2.0**-3)])
 @pytest.mark.parametrize("axis", [None, 1])
 def test_fp8_round_trip_within_half_an_ulp(fmt, rel, axis):
+    assert nm.FORMATS[fmt][1] == {"int8": 127.0, "e4m3": 448.0, "e5m2": 57344.0}[fmt]
     x = data((32, 64), seed=1)
     q, scale = nm.quantize(x, fmt, axis)
     dtype, qmax = nm.FORMATS[fmt]

@@ -356,6 +356,9 @@ def test_memory_per_device_grads_are_in_the_param_dtype():
     cfg = dataclasses.replace(CFG, dtype="bfloat16")  # float32 params, bf16 compute
     mem = sh.memory_per_device(cfg, common.make_mesh(common.parse_mesh("")), B, T)
     assert mem["params"] == mem["grads"] == 4 * cfg.param_count()
+    bf = dataclasses.replace(CFG, param_dtype="bfloat16", dtype="bfloat16")  # Adam's moments stay
+    mem = sh.memory_per_device(bf, common.make_mesh(common.parse_mesh("")), B, T)   # float32
+    assert mem["params"] == 2 * bf.param_count() and mem["adam"] == 8 * bf.param_count()
 
 
 def test_predicted_collectives_move_the_compute_dtype():

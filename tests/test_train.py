@@ -66,6 +66,16 @@ def test_sharded_steps_equal_single_device(tmp_path, mesh, sp, one_device_run):
                                [r["grad_norm"] for r in one_device_run], rtol=1e-4)
 
 
+def test_sequence_parallel_splits_the_rows_of_a_micro_batch():
+    """The rows each dp x fsdp group holds in one micro-batch: 16 over 4 groups in 4 micro-batches
+    is 1, too few to split over tp = 2, so the positions are split; 31 positions cannot be."""
+    tc = train_mod.TrainConfig(preset="tiny", mesh="dp:4,tp:2", sequence_parallel=True,
+                               batch_size=16, grad_accum=4, seq_len=32)
+    assert tc.sequence_parallel_rows() == 1
+    with pytest.raises(common.UserError, match="divides neither the 1 rows"):
+        dataclasses.replace(tc, seq_len=31)
+
+
 @pytest.mark.parametrize("batch", [8, 4])  # 2 rows per dp group: rows split; 1: positions
 def test_sequence_parallel_splits_the_residual_stream(batch):
     """Under tp without FSDP no weight is gathered, so an all-gather in the compiled loss and
