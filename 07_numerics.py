@@ -111,7 +111,7 @@ def resolve(cfg, on_cpu):
                       "the speed test's operands and product")
     tiny, B, T = common.Config.preset("tiny"), cfg.batch_size, cfg.seq_len
     common.check_fits(f"batch_size={B} seq_len={T}",
-                      4 * 3 * tiny.n_layers * B * tiny.n_heads * T * T + 4 * 3 * B * T * 256,
+                      4 * 3 * (tiny.n_layers * B * tiny.n_heads * T * T + B * T * tiny.vocab_size),
                       "part 3's float32 attention scores and probabilities, kept for the "
                       "backward pass, their gradients, and the logits")
     return cfg
