@@ -782,9 +782,13 @@ def main():
         check_batch(B, T, mesh, sp)
     plan = bench_plan(run, devices, on_gpu)
     bench_preset, bcfg = plan[:2]
-    common.check_model_fits(f"preset={preset}", cfg, 4, "its float32 weights on one device")
-    common.check_model_fits(f"bench_preset={bench_preset}", bcfg, 16, "float32 weights, their "
-                            "gradients and Adam's two moments on one device (the 1-device row)")
+    size = jnp.dtype(cfg.param_dtype).itemsize
+    common.check_model_fits(f"preset={preset}", cfg, size, f"its {cfg.param_dtype} weights on "
+                            f"one device")
+    size = jnp.dtype(bcfg.param_dtype).itemsize  # adam_update's state: weights, grads, 2 moments
+    common.check_model_fits(f"bench_preset={bench_preset}", bcfg, 2 * size + 8,
+                            f"{bcfg.param_dtype} weights and gradients and Adam's two float32 "
+                            f"moments on one device (the 1-device row)")
     show_sharded_array(meshes[-1][3] if meshes else common.make_mesh(common.parse_mesh("")), cfg)
 
     params = jax.jit(common.init_params, static_argnums=0)(cfg, fast_key(0))

@@ -433,8 +433,8 @@ def show_block_arithmetic(D, dtype, chosen):
           "  64..128-row blocks; a TPU core's VMEM holds far larger ones. This file's blocks span\n"
           "  every head too, fit nowhere on chip, and so go through L2/HBM between kernels.")
     # The simplest fused schedule needs no online softmax: one head's whole [S, S] matrix kept
-    # on chip. The lecture's numbers: 8.4 MB at S = 2048 fits the 160 MB of on-chip memory it
-    # gives a TPU; at S = 16384 it needs 537 MB.
+    # on chip. The lecture rounds it down to 8.3 MB at S = 2048 (2048^2 x 2 bytes is 8.39 MB),
+    # which fits the 160 MB of on-chip memory it gives a TPU; at S = 16384 it needs 536.9 MB.
     whole = ", ".join(f"{S * S * b / 1e6:,.1f} MB at S = {S}" for S in (2048, 16384))
     print(f"  Without blocks, one head's whole [S, S] scores in {dtype} take {whole}: on chip "
           f"only for short sequences, which is why the blocks and the online softmax matter.")

@@ -409,3 +409,14 @@ def test_adam_update_matches_numpy():
         want = want - 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.95 ** t)) + 1e-8)
     np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=1e-5, atol=1e-6)
     assert int(opt["count"]) == 3
+
+
+def test_the_benchmark_model_is_checked_at_its_own_training_state(monkeypatch, capsys):
+    """03's step keeps a preset's bf16 weights and grads beside two float32 moments: 12 bytes a
+    parameter, not the 16 of float32 weights."""
+    monkeypatch.setattr(common, "memory_limit", lambda *a: (50e9, "a test's memory"))
+    monkeypatch.setattr(sys, "argv", ["03_sharding.py", "--bench_preset=llama-3-8b"])
+    n = common.Config.preset("llama-3-8b").param_count()
+    with pytest.raises(common.UserError, match="bench_preset=llama-3-8b needs ") as e:
+        sh.main()
+    assert f"{12 * n / 1e9:,.3g} GB for bfloat16 weights and gradients and Adam's" in str(e.value)
