@@ -1485,7 +1485,11 @@ def bench(fn, *args, iters=10, warmup=2, arg_sets=None, calls=None, min_sample_s
     arg_sets = arg_sets or [args]
     t0 = time.perf_counter()
     if hasattr(fn, "lower"):
-        fn = fn.lower(*arg_sets[0]).compile()
+        compiled = fn.lower(*arg_sets[0]).compile()
+        # A compiled program takes no static arguments (jit's static_argnums): with them, time
+        # the jitted fn, warmed up on every argument set so that none compiles inside a sample
+        static = len(compiled.args_info[0]) != len(arg_sets[0])
+        fn, warmup = (fn, max(warmup, len(arg_sets))) if static else (compiled, warmup)
     else:
         jax.block_until_ready(fn(*arg_sets[0]))
     compile_s = time.perf_counter() - t0

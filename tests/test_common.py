@@ -1,6 +1,7 @@
 """common.py against independent references: a numpy Llama, RoPE's algebra, GQA as repeated MHA,
 the checkpoint loader (our own writer, and transformers when installed), the CLI, data."""
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -723,6 +724,23 @@ def test_bench_reports_the_median_sample(monkeypatch):
         return 0
     t = common.bench(run, iters=10, warmup=2, calls=1)
     assert t.median_s == pytest.approx(1e-3) and t.min_s == pytest.approx(1e-3)
+
+
+def test_bench_times_a_jitted_function_with_static_arguments():
+    """A compiled program takes only the traced arguments: bench must still time fn(*args), and
+    compile each argument set's static values before it samples."""
+    seen = []
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def scale(x, n):
+        seen.append(n)  # runs once per compilation
+        return x * n
+    x = jnp.ones(4)
+    assert common.bench(scale, x, 2, iters=2, warmup=0, calls=1).runs == 2
+    seen.clear()
+    # One sample of one run uses only the first set: the warm-up alone traced the others
+    common.bench(scale, arg_sets=[(x, 3), (x, 4), (x, 5)], iters=1, warmup=1, calls=1)
+    assert sorted(seen) == [3, 4, 5]
 
 
 def test_bench_refuses_no_runs():
