@@ -1065,6 +1065,7 @@ def _serve(params, cfg, requests, n_slots, cache_len, prompt_pad, sampling, seed
     n, want = len(requests), [r.max_new_tokens for r in requests]
     cache = init_cache(cfg, n_slots, cache_len, kv_int8)
     tok = jnp.zeros((n_slots,), jnp.int32)    # each slot's newest token, kept on the device
+    cache, tok = placed_like(params, (cache, tok))  # else the warm-up compiles other programs
     loop = functools.partial(decode_loop, cfg=cfg, sampling=sampling,
                              decode_attention=decode_attention, width=cache_len,
                              end_on_first_stop=True)   # one compile for every stream of a cache
@@ -1474,6 +1475,15 @@ def random_params(cfg, seed, on_gpu):
         common.param_specs(cfg), is_leaf=lambda x: isinstance(x, common.ParamSpec))
 
 
+def placed_like(params, tree):
+    """tree's arrays committed to the device of params'. jit compiles one program per placement
+    of its arguments, committed to a device or not, and a call's outputs are committed where any
+    of its inputs was (weights read from a checkpoint are): a loop that feeds its outputs back
+    would compile its call twice, the second time while its clock runs, unless its first inputs
+    are placed as its outputs will be."""
+    return jax.device_put(tree, jax.tree.leaves(params)[0].sharding)
+
+
 def filled_cache(cfg, batch, max_len, length, kv_int8):
     """A cache whose rows are `length` positions long, filled with non-constant values (a cheap
     sine, not a random generator, which compiles slowly on a CPU): decode reads the same bytes
@@ -1513,6 +1523,7 @@ def time_decode(params, cfg, cache, steps, repeats=3, decode_attention=None, per
     multiple of it. The cache must have room for per_call + steps x repeats more tokens."""
     B = cache["lengths"].shape[0]
     tok, zeros = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
+    cache, tok = placed_like(params, (cache, tok))  # as the calls will return them
     if per_call == 1:
         step = functools.partial(decode_step, cfg=cfg, decode_attention=decode_attention)
     else:
@@ -1761,7 +1772,7 @@ def time_prefill(run):
     tokens, lengths, zero = (jnp.asarray(a) for a in (
         pad_prompts([run.prompt], min(bucket(P), S)), np.array([P], np.int32),
         np.zeros(1, np.int32)))
-    state = {"cache": init_cache(cfg, 1, S)}
+    state = {"cache": placed_like(run.params, init_cache(cfg, 1, S))}  # as the calls return it
 
     def prefill(calls=1):  # each call writes the same rows again, the cache passed along
         for _ in range(calls):

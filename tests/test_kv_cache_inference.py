@@ -286,6 +286,41 @@ def test_serving_returns_what_each_request_gets_alone():
     assert all(s.ttft_s >= last_of_first_batch - 1e-9 for s in static[3:6] if s.tokens)
 
 
+def compiles_on_the_clock(monkeypatch, caplog, fn, untimed_reads=0):
+    """The programs jit compiles while fn runs, after its first `untimed_reads` + 1 readings of
+    the clock (the timed part's start)."""
+    events = []
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            events.append(None)
+            return 0.0
+    monkeypatch.setattr(inf, "time", Clock)
+    caplog.set_level("WARNING")
+    monkeypatch.setattr(caplog.handler, "emit", lambda record: events.append(record.getMessage()))
+    with jax.log_compiles():
+        fn()
+    start = [i for i, e in enumerate(events) if e is None][untimed_reads]
+    return [e for e in events[start:] if e and e.startswith("Compiling")]
+
+
+def test_timed_loops_compile_nothing_while_their_clock_runs(monkeypatch, caplog):
+    """Weights committed to a device (as a checkpoint's are) make every cache a call returns
+    committed, and jit compiles a committed argument apart from an uncommitted one: the warm-up
+    must compile what the timed loop calls, serving's one-request admission mid-stream
+    included. The sizes are this test's own, so that no other test compiled them first."""
+    params = jax.device_put(params_for(TINY), jax.devices()[0])
+    reqs = [inf.Request([5, 6], 2), inf.Request([7], 6), inf.Request([8, 9, 1], 3)]
+    serve = lambda: inf.serve_continuous(params, TINY, reqs, 2, 56, prompt_pad=8)
+    assert compiles_on_the_clock(monkeypatch, caplog, serve) == []
+    ip = jax.device_put(inference_params_for(TINY), jax.devices()[0])
+    for per_call in (1, 2):  # the clock read before the first call and after it, then timed
+        decode = lambda: inf.time_decode(ip, TINY, inf.filled_cache(TINY, 3, 40, 5, False), 4,
+                                         per_call=per_call)
+        assert compiles_on_the_clock(monkeypatch, caplog, decode, untimed_reads=1) == []
+
+
 def test_a_cache_holds_the_prompt_and_every_new_token_but_the_last():
     """The last new token is returned, never fed back, so L + N - 1 positions suffice. The
     serving loops pad prompts to the cache there, not to a power of two past it."""
