@@ -1142,7 +1142,9 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2, files=None):
     by their tree paths, meta.json the rest, and `files` ({name: JSON object}: a tokenizer.json)
     beside them. The files go to a temporary directory first, flushed to disk, then renamed into
     place: a crash or a power loss mid-save leaves the previous checkpoints as they were. Keeps
-    the newest `keep` checkpoints."""
+    the newest `keep` checkpoints up to this step. Any past it (a run resumed from before a
+    damaged newest one) are neither counted nor removed: the run overwrites them as it gets there,
+    so they cannot push out the checkpoint it resumed from."""
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):  # left by a crashed save
         if stale.endswith(".old"):  # a rerun's previous copy, set aside before its rename
@@ -1165,7 +1167,8 @@ def save_checkpoint(out_dir, step, tree, meta, keep=2, files=None):
         os.rename(final, tmp + ".old")
     os.rename(tmp, final)
     _fsync_dir(out_dir)
-    for old in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")) + list_checkpoints(out_dir)[:-keep]:
+    upto = [p for p in list_checkpoints(out_dir) if int(os.path.basename(p)[5:]) <= step]
+    for old in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")) + upto[:-keep]:
         _remove(old)
     return final
 

@@ -713,6 +713,19 @@ def test_checkpoints_past_step_99999999_are_listed_in_step_order(tmp_path):
     assert not (tmp_path / "ckpt_99999999").exists()
 
 
+def test_checkpoints_past_the_saved_step_do_not_count_toward_keep(tmp_path):
+    """A run resumed from step 2, past a damaged step 5, saves step 3: keeping the newest two by
+    step would remove step 2, leaving one readable checkpoint; step 5 stays until overwritten."""
+    tree = {"w": np.arange(3, dtype=np.float32)}
+    for step in (1, 2, 5, 3):
+        common.save_checkpoint(str(tmp_path), step, tree, {"model": {}}, keep=2)
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_00000002", "ckpt_00000003", "ckpt_00000005"]
+    common.save_checkpoint(str(tmp_path), 5, tree, {"model": {}}, keep=2)
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["ckpt_00000003", "ckpt_00000005"]
+
+
 def test_bench_reports_the_median_sample(monkeypatch):
     """On a scripted clock: compile and warm-up take nothing, then nine runs of 1 ms and one of
     100 ms. The median is 1 ms (a mean would say 10.9)."""
