@@ -1201,10 +1201,13 @@ def train_and_sample(tc):
     try:
         history, params, cfg = train(tc)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept; common.run prints it without a traceback
-        kept = common.list_checkpoints(tc.out_dir)
-        raise KeyboardInterrupt(
-            f"{tc.out_dir} keeps {os.path.basename(kept[-1])}: the same command resumes from it"
-            if kept else f"no checkpoint in {tc.out_dir} yet") from None
+        kept = [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)]
+        if kept and int(kept[-1][5:]) == tc.steps:  # the signal came after the last step
+            raise KeyboardInterrupt(
+                f"every step trained: {tc.out_dir} keeps {kept[-1]}, the last; the same command "
+                f"does what came after training (the plot, the sample, --export_hf)") from None
+        raise KeyboardInterrupt(f"{tc.out_dir} keeps {kept[-1]}: the same command resumes from "
+                                f"it" if kept else f"no checkpoint in {tc.out_dir} yet") from None
     if tc.breakdown:
         return
     if jax.process_index() == 0 and os.path.exists(os.path.join(tc.out_dir, "metrics.jsonl")):

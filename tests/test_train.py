@@ -269,6 +269,27 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [r["step"] for r in rest] == [3, 4]
 
 
+def test_a_signal_after_the_last_step_says_the_training_is_done(tmp_path, monkeypatch):
+    """A Ctrl-C during the last validation stops the command before its plot and export; the
+    message says that no step is left, not that the run will resume."""
+    tc = tiny_run(tmp_path, steps=2, ckpt_every=100, eval_every=100)
+    monkeypatch.setattr(common, "parse_flags", lambda _: tc)
+
+    def ctrl_c_at_the_last_step(line):
+        if line.startswith("step     2 | loss"):  # logged after the step's flag was read
+            os.kill(os.getpid(), signal.SIGINT)
+    real_train = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda tc: real_train(
+        tc, log=ctrl_c_at_the_last_step, devices=jax.devices()[:1]))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="^every step trained: .* keeps ckpt_00000002, "
+                           "the last; the same command does what came after training"):
+            train_mod.main()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, one_device_run,
                                                                       sig, capfd):
