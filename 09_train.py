@@ -713,7 +713,8 @@ def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, n_dev,
         log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.3g} {100 * rate / (peak * n_dev):6.1f}% "
             f"{100 * rate / matmul:14.1f}%")
     if ts[2] < ts[1]:  # the difference would be the optimizer's time, were it positive
-        log(f"the whole step took {(ts[1] - ts[2]) * 1e3:.1f} ms less than forward + backward "
+        log(f"the whole step took {(ts[1] - ts[2]) * 1e3:.2g} ms ({1 - ts[2] / ts[1]:.1%}) less "
+            f"than forward + backward "
             f"alone, which returns every gradient as an output (the whole step, one program, "
             f"may keep them on chip or schedule it otherwise): the difference does not isolate "
             f"AdamW's time here")
