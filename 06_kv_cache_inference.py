@@ -445,7 +445,8 @@ def write_at_lengths(buf, new, start):
     """buf [B, KH, S, ...] <- new [B, KH, T, ...] at positions start[b] .. start[b]+T-1 of each
     row: one dynamic_update_slice per row (vmap makes them a single scatter, in place on a
     donated cache). A single row is written by a plain dynamic_update_slice: the vmapped form
-    adds a kernel that checks the bounds."""
+    adds a kernel that checks the bounds. Past the end (start[b] + T > S) dynamic_update_slice
+    moves the write back to fit, over the row's last cached positions: callers keep room."""
     if buf.shape[0] == 1:
         return lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start[0], axis=2)
     def row(b, x, s):
@@ -737,6 +738,10 @@ def prefill_step(params, cache, tokens, lengths, slots, row_ids, seed, cfg, samp
                  attention=None):
     """Compiled prefill of prompts tokens [b, T] into cache rows slots [b]: (first tokens [b],
     last-token logits [b, V], cache). It compiles once per (b, T): callers pad both."""
+    T, S = jnp.shape(tokens)[-1], cache["k"][0].shape[2]
+    if T > S:
+        raise common.UserError(f"prompts padded to {T} tokens do not fit a cache of {S} "
+                               f"positions: make the cache longer")
     return _prefill_jit(params, cache, tokens, lengths, slots, row_ids, seed, cfg=cfg,
                         sampling=sampling, attention=attention)
 
@@ -744,7 +749,10 @@ def prefill_step(params, cache, tokens, lengths, slots, row_ids, seed, cfg, samp
 def decode_step(params, cache, tokens, row_ids, counters, seed, cfg, sampling=GREEDY,
                 decode_attention=None):
     """Compiled decode step, one token per row: (next tokens [B], logits [B, V], cache). The
-    cache is donated: XLA writes the new keys and values into the same buffers."""
+    cache is donated: XLA writes the new keys and values into the same buffers. Each row must
+    have a free position (lengths < S): the lengths live on the device, where no check can stop
+    the step, and a write past the end lands on the last position (write_at_lengths).
+    generate and the serving loops size their caches so that it never comes to that."""
     return _decode_jit(params, cache, tokens, row_ids, counters, seed, cfg=cfg,
                        sampling=sampling, decode_attention=decode_attention)
 
