@@ -83,7 +83,7 @@ def attention(q, k, v, causal=False, segment_ids=None):
     head kh); segment_ids: [B, T] (self-attention, S == T). Causal with S > T (decoding after
     a cache of S - T tokens): query t sits at key position t + S - T, as in
     common.attention_reference. Rows that see no key at all give 0."""
-    common.check_attention_inputs(q, k, v, segment_ids)
+    q, k, v, segment_ids = common.check_attention_inputs(q, k, v, segment_ids)
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, KH, H // KH, D)  # [B, T, KH, G, D]: each group shares one kv head

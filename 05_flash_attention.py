@@ -290,7 +290,7 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, block_q=1024, block
     block_q, block_k: rows of Q and of K/V per block (clamped to T and S). Large blocks suit a
     GPU here: each block pair is one loop step of several kernels, so a step must carry enough
     work to hide their launch; the temporary memory grows with block_q * block_k * H."""
-    common.check_attention_inputs(q, k, v, segment_ids)   # empty T or S included
+    q, k, v, segment_ids = common.check_attention_inputs(q, k, v, segment_ids)  # empty T, S too
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(b, (int, np.integer)) or b < 1:
             raise common.UserError(f"{name} must be a positive integer, got {b!r}")

@@ -1126,10 +1126,7 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
     implementation: "portable" (grid + BlockSpecs, any backend), "hopper" (the sm90 kernels
     above: forward, and backward where `hopper_backward_available`, else the portable one), or
     None: "hopper" where `hopper_available`, else "portable"."""
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    if segment_ids is not None:
-        segment_ids = jnp.asarray(segment_ids)
-    common.check_attention_inputs(q, k, v, segment_ids)
+    q, k, v, segment_ids = common.check_attention_inputs(q, k, v, segment_ids)
     interpret = _interpreted(interpret)
     if causal and q.shape[1] != k.shape[1]:
         raise common.UserError(f"causal attention here needs T == S, got T={q.shape[1]}, "

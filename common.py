@@ -293,7 +293,11 @@ def apply_rope(x, cos, sin):
 
 
 def check_attention_inputs(q, k, v, segment_ids=None):
-    """Shapes as attention expects them, or a one-line UserError that names them."""
+    """(q, k, v, segment_ids) as arrays (a list or a numpy array taken as the caller's user
+    would pass one) in the shapes attention expects, or a one-line UserError that names them."""
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise UserError(f"q, k, v must be [B, T, H, D] / [B, S, KH, D], got shapes "
                         f"{q.shape}, {k.shape}, {v.shape}")
@@ -315,13 +319,14 @@ def check_attention_inputs(q, k, v, segment_ids=None):
         if k.shape[1] != T:
             raise UserError(f"segment_ids are for self-attention: S={k.shape[1]} must "
                             f"equal T={T}")
+    return q, k, v, segment_ids
 
 
 def attention_reference(q, k, v, causal=True, segment_ids=None):
     """Naive attention, the [T, S] score matrix materialized. q: [B, T, H, D]; k, v: [B, S, KH, D]
     with KH dividing H (each group of H/KH query heads shares one kv head); segment_ids: [B, T]
     (self-attention over packed sequences: a token sees only its own segment)."""
-    check_attention_inputs(q, k, v, segment_ids)
+    q, k, v, segment_ids = check_attention_inputs(q, k, v, segment_ids)
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, KH, H // KH, D)
@@ -405,6 +410,7 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
         raise UserError(f"tokens must be integers [B, T], got {tokens.dtype} {list(tokens.shape)}")
     B, T = tokens.shape
     dt = jnp.dtype(cfg.dtype)
+    positions, segment_ids = (a if a is None else jnp.asarray(a) for a in (positions, segment_ids))
     if positions is not None and jnp.shape(positions) not in ((B, T), (1, T)):
         raise UserError(f"positions must be [B, T] = {[B, T]} or [1, T], got "
                         f"{list(jnp.shape(positions))}")

@@ -206,6 +206,14 @@ def test_flash_segments_float32():
         assert max_err(a, b) < 1e-4
 
 
+def test_segment_ids_as_a_list():
+    q, k, v, _ = make_qkv(1, 12, 12, 2, 1, 16)
+    seg = [[0] * 5 + [1] * 7]
+    want = a04.attention(q, k, v, True, jnp.array(seg))
+    for fn in (a04.attention, functools.partial(f05.flash_attention, block_q=4, block_k=8)):
+        assert max_err(fn(q, k, v, True, seg), want) < 1e-5
+
+
 def test_flash_bfloat16():
     """bf16 in and out: output and gradients within bf16 rounding of the float32 computation on
     the same (bf16-valued) inputs."""

@@ -238,6 +238,21 @@ def test_attention_reference_segments_and_causal():
     np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), rtol=1e-5, atol=1e-6)
 
 
+def test_lists_are_taken_where_arrays_are():
+    """A user's plain lists for segment ids and positions give what arrays give."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(1, 6, 2, 8)).astype(np.float32) for _ in range(3))
+    seg = [[0, 0, 0, 1, 1, 1]]
+    np.testing.assert_array_equal(common.attention_reference(q.tolist(), k, v, True, seg),
+                                  common.attention_reference(q, k, v, True, np.array(seg)))
+    params = common.init_params(TINY, jax.random.key(0))
+    tokens, pos = [[1, 2, 3, 4, 5, 6]], [[0, 1, 2, 0, 1, 2]]
+    np.testing.assert_array_equal(
+        common.forward(params, tokens, TINY, segment_ids=seg, positions=pos),
+        common.forward(params, np.array(tokens), TINY, segment_ids=np.array(seg),
+                       positions=np.array(pos)))
+
+
 def test_param_count_matches_published_shapes():
     assert common.Config.preset("llama-3.2-1b").param_count() == 1_235_814_400
     assert common.Config.preset("llama-3-8b").param_count() == 8_030_261_248
