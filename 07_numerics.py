@@ -184,12 +184,19 @@ SUMS = {"sequential": sequential_sum, "pairwise": pairwise_sum, "kahan": kahan_s
 
 def exact_sum(x, dtype):
     """The exact sum, as float64, of x rounded to `dtype` (math.fsum is exactly rounded): the
-    reference that isolates the accumulation error from the rounding of the inputs."""
-    return math.fsum(np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64))
+    reference that isolates the accumulation error from the rounding of the inputs. Inputs that
+    hold inf or NaN sum to what IEEE arithmetic gives them (inf + -inf is NaN)."""
+    values = np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)
+    if not np.isfinite(values).all():  # (fsum raises on inf + -inf)
+        with np.errstate(invalid="ignore"):
+            return float(np.sum(values))
+    return math.fsum(values)
 
 
 def relative_error(value, reference):
     value = float(value)
+    if value == reference:  # an infinite sum got right, or an exact one
+        return 0.0
     if not math.isfinite(value):
         return math.inf
     if reference == 0:  # (an empty sum, or one that cancels): exact, or infinitely far
@@ -289,7 +296,9 @@ def quantize(x, fmt, axis=None, block=None):
     """Absmax quantization: (q, scale) with x ~= q * scale, scale = max|x| / qmax per group, so
     the largest element of each group lands on the format's largest value. int8 rounds to the
     nearest integer (error <= scale / 2); fp8 rounds to the nearest fp8 value (relative error
-    <= 2^-4 for e4m3, 2^-3 for e5m2, down to the subnormals)."""
+    <= 2^-4 for e4m3, 2^-3 for e5m2, down to the subnormals). A group whose largest magnitude is
+    below qmax x float32's smallest normal (1.5e-36 for int8) keeps the scale at that floor
+    (_scale) and lands below qmax, coarser; float32's subnormals quantize to 0."""
     if fmt not in FORMATS:
         raise common.UserError(f"quantize: fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     dtype, qmax = FORMATS[fmt]

@@ -301,6 +301,11 @@ def test_numerics_helpers_refuse_what_they_cannot_do():
     for name, fn in nm.SUMS.items():
         np.testing.assert_allclose(fn(v, jnp.float32), v.sum(axis=0), rtol=1e-6, err_msg=name)
     assert nm.relative_error(0.0, 0.0) == 0.0 and nm.relative_error(1e-9, 0.0) == math.inf
+    # Sums through inf: IEEE's answer is the reference, and a method that gets it has no error
+    assert math.isnan(nm.exact_sum(jnp.array([jnp.inf, -jnp.inf]), "float32"))
+    assert nm.exact_sum(jnp.array([1.0, jnp.inf]), "float32") == math.inf
+    assert nm.relative_error(math.inf, math.inf) == 0.0
+    assert nm.relative_error(-math.inf, math.inf) == math.inf
     # record_amax_einsum's gradients come back in each operand's own dtype
     amax = {k: jnp.float32(0) for k in "xwg"}
     dx, dw = jax.grad(lambda a, b: nm.record_amax_einsum("ab,bc->ac", a, b, amax).sum(),
