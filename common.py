@@ -1641,6 +1641,9 @@ CHIPS = {
                       228 * 1024, _NV, tf32_flops=378e12),
     "H100 NVL": Chip("H100 NVL", 835e12, 1671e12, 1671e12, 60e12, 3.9e12, 94e9, 300e9, 228 * 1024,
                      _NV, tf32_flops=417.5e12),
+    # the PCIe H200 (600 W, NVLink bridges): the SXM part's memory at the H100 NVL's clocks
+    "H200 NVL": Chip("H200 NVL", 835e12, 1671e12, 1671e12, 60e12, 4.8e12, 141e9, 450e9, 228 * 1024,
+                     _NV, tf32_flops=417.5e12),
     # GH200's GPU is an H100 (its name holds "H200"): the 96 GB HBM3 part; others are measured
     "GH200 480GB": Chip("GH200 96GB", 989e12, 1979e12, 1979e12, 67e12, 4.0e12, 96e9, 450e9,
                         228 * 1024, _NV, tf32_flops=494.7e12),

@@ -1234,7 +1234,8 @@ def test_import_script_and_chip_table():
                        ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
                        ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"), ("TPU v5 lite", "TPU v5e"),
                        ("TPU v5", "TPU v5p"), ("TPU v6 lite", "TPU v6e"),
-                       ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+                       ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200 NVL", "H200 NVL"),
+                       ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
                        ("NVIDIA GH200 480GB", "GH200 96GB"), ("NVIDIA H200", "H200 SXM")):
         assert common.device_chip(type("Device", (), {"device_kind": kind})()).name == name
     # a GH200 of other memory is not an H200, whose name its own contains: measured instead
