@@ -725,8 +725,9 @@ def bench_training(run, plan, n, on_gpu):
           f"{bb} x {bt} tokens per device (per group of tp devices in the TP rows), "
           f"remat={run.bench_remat}; MFU = "
           f"{flops_tok / 1e9:.3g} GFLOP/token (6N + attention) x tok/s over {peak / 1e12:.3g} "
-          f"TFLOP/s per device ({peak_src}); comm = FSDP's gathers and reduce-scatters and TP's "
-          f"activation reductions "
+          f"TFLOP/s per device ({peak_src}"
+          + ("" if on_gpu else "; simulated devices share the host, whose peak counts once")
+          + "); comm = FSDP's gathers and reduce-scatters and TP's activation reductions "
           + (f"at {chip.link_bw / 1e9:.0f} GB/s ({chip.name} datasheet)" if chip else
              f"(not predicted: no link figure for {jax.devices()[0].device_kind})"))
     print(f"{'mesh':<16}{'devices':>8}{'batch':>7}{'compile s':>11}{'step ms':>10}"
@@ -736,11 +737,13 @@ def bench_training(run, plan, n, on_gpu):
         nd = math.prod(sizes.values())
         tps = batch_size * bt / step_s
         base = base or tps
-        t_peak = flops_tok * batch_size * bt / (nd * peak)
+        units = common.peak_units(jax.devices()[:nd])  # (a CPU's host counts once)
+        t_peak = flops_tok * batch_size * bt / (units * peak)
+        mfu = tps * flops_tok / (units * peak)
         comm = comm_bytes(sizes, sp, batch_size)
         t_comm = f"{comm / chip.link_bw * 1e3:.1f}" if chip else "n/a"
         print(f"{name:<16}{nd:>8}{batch_size:>7}{compile_s:>11.1f}{step_s * 1e3:>10.1f}"
-              f"{t_peak * 1e3:>9.1f}{t_comm:>9}{tps:>12,.0f}{tps * flops_tok / (nd * peak):>7.1%}"
+              f"{t_peak * 1e3:>9.1f}{t_comm:>9}{tps:>12,.0f}{mfu:>7.1%}"
               f"{f'{tps / base:.2f}x of {nd}':>13}{loss:>9.4f}")
     if any(sizes["tp"] > 1 for _, sizes, *_ in rows):
         print("- TP's reductions sit between each layer's matmuls, on the critical path, where "

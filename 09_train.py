@@ -689,12 +689,13 @@ def check_same_start(starts, out_dir):
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, n_dev, log, cfg,
+def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, units, log, cfg,
               tokens):
     """Where a step's time goes: forward alone, forward + backward, and the whole step (the
     difference is the optimizer), each against the datasheet peak and against the matmul rate
-    this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach."""
-    matmul = common.measure_peaks(dtype=cfg.dtype)["matmul_flops"] * n_dev
+    this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach.
+    peak: one device's; units: how many of it the devices reach together (common.peak_units)."""
+    matmul = common.measure_peaks(dtype=cfg.dtype)["matmul_flops"] * units
     state = [params, opt]
 
     def full(*batch):  # the step donates its inputs: feed each result to the next call
@@ -710,7 +711,7 @@ def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, n_dev,
         ts.append(common.bench(fn, *args, iters=5, warmup=1).median_s)
         t = ts[-1]
         rate = flops / t
-        log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.3g} {100 * rate / (peak * n_dev):6.1f}% "
+        log(f"{name:22s} {t * 1e3:9.1f} {rate / 1e12:9.3g} {100 * rate / (peak * units):6.1f}% "
             f"{100 * rate / matmul:14.1f}%")
     if ts[2] < ts[1]:  # the difference would be the optimizer's time, were it positive
         log(f"the whole step took {(ts[1] - ts[2]) * 1e3:.2g} ms ({1 - ts[2] / ts[1]:.1%}) less "
@@ -719,15 +720,18 @@ def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, n_dev,
             f"may keep them on chip or schedule it otherwise): the difference does not isolate "
             f"AdamW's time here")
     chip = common.device_chip()
-    log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.4g} TFLOP/s over {n_dev} "
-        f"device(s); " + (f"datasheet {peak * n_dev / 1e12:.4g}" if chip else
+    over = (f"{units} host(s), whose cores the simulated devices share"
+            if jax.devices()[0].platform == "cpu" else f"{units} device(s)")
+    log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.4g} TFLOP/s over {over}; "
+        + (f"datasheet {peak * units / 1e12:.4g}" if chip else
                           "no datasheet entry for this device (MFU is over a measured rate)"))
     # Memory as XLA's buffer assignment plans it for one device's share of the step.
     mem = step_fn.memory_analysis()
     if mem is not None:
-        log(f"the step's memory per device: {mem.argument_size_in_bytes / 2**30:.2f} GiB of "
-            f"arguments (weights, optimizer state, batch), {mem.temp_size_in_bytes / 2**30:.2f} "
-            f"GiB of temporaries (activations kept for the backward pass, gradients, workspace)")
+        gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+        log(f"the step's memory per device: {gib(mem.argument_size_in_bytes)} of arguments "
+            f"(weights, optimizer state, batch), {gib(mem.temp_size_in_bytes)} of temporaries "
+            f"(activations kept for the backward pass, gradients, workspace)")
     times = common.kernel_times(lambda: full(*batch), calls=2)
     if times is None:
         log("no kernel list: this device's profile holds no kernel timings (a CPU's does not)")
@@ -740,9 +744,9 @@ def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, n_dev,
         for k, (t, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])) +
         f"; busy {busy * 1e3:.1f} ms")
     if "matmul" in kinds:
-        mm = 6 * cfg.param_count(embedding=False) * tokens / n_dev / kinds["matmul"][0]
+        mm = 6 * cfg.param_count(embedding=False) * tokens / units / kinds["matmul"][0]
         log(f"the matmul kernels run the 6N FLOPs at {mm / 1e12:.4g} TFLOP/s = "
-            f"{100 * mm / (matmul / n_dev):.0f}% of the measured matmul peak; the rest of the "
+            f"{100 * mm / (matmul / units):.0f}% of the measured matmul peak; the rest of the "
             f"step is attention, elementwise work and reductions")
 
 
@@ -954,7 +958,7 @@ def _train(tc, stop_after, log, devices, held):
         if not tc.breakdown:
             return [], params, cfg  # no step to compile; main still plots and samples
 
-    n_dev = len(devices)
+    n_dev, units = len(devices), common.peak_units(devices)
     flops_per_step = cfg.train_flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
     peak, _, basis = common.ceilings(cfg.dtype)
     if jax.process_count() > 1 and common.device_chip() is None:
@@ -971,8 +975,10 @@ def _train(tc, stop_after, log, devices, held):
     log(f"model: {tc.init_from or tc.preset}{vocab}, {cfg.param_count() / 1e6:.2f}M params, "
         f"{cfg.dtype} compute, attention {attn}, remat {tc.remat}; mesh {dict(mesh.shape)}"
         f"{sp_text(tc, mesh)} over {n_dev} devices in {jax.process_count()} processes")
+    shared = "" if units == n_dev else (f": the {n_dev} simulated devices share their host's "
+                                        f"cores, whose peak counts once")
     log(f"MFU basis: {flops_per_step / 1e9:.1f} GFLOP per step (6N + causal attention) over "
-        f"{n_dev} x {peak / 1e12:.4g} TFLOP/s ({basis})")
+        f"{units} x {peak / 1e12:.4g} TFLOP/s ({basis}){shared}")
     why = ("--lr" if tc.lr is not None else "the fine-tuning default" if tc.init_from else
            f"the default for width {cfg.d_model}: 1e-3 x 384 / {cfg.d_model}")
     log(f"learning rate: {tc.peak_lr():.3g} at the peak ({why}), " + (
@@ -1014,7 +1020,7 @@ def _train(tc, stop_after, log, devices, held):
         if "fp8" in opt:  # forward and backward timed apart with the step's recorded maxima
             loss_fn = functools.partial(loss_fn, amax=opt["fp8"])
         breakdown(step_fn, loss_fn, params, opt, batch(train_split, start, tc.seed),
-                  flops_per_step, peak, n_dev, log, cfg, tc.batch_size * tc.seq_len)
+                  flops_per_step, peak, units, log, cfg, tc.batch_size * tc.seq_len)
         return [], params, cfg
 
     history = []
@@ -1073,7 +1079,7 @@ def _train(tc, stop_after, log, devices, held):
                        f"checkpoint" if kept else f"no checkpoint in {tc.out_dir} yet"))
             dt = (time.perf_counter() - t_last) / steps_since
             tok_s = tc.batch_size * tc.seq_len / dt
-            mfu = flops_per_step / dt / (peak * n_dev)
+            mfu = flops_per_step / dt / (peak * units)
             row = dict(step=done, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
                        ms_per_step=dt * 1e3, tokens_per_s=tok_s, mfu=mfu)
             log(f"step {done:5d} | loss {m['loss']:.4f} | lr {m['lr']:.1e} | "

@@ -1773,6 +1773,15 @@ def ceilings(dtype="bfloat16"):
     return m["matmul_flops"], m["copy_bw"], f"{what}measured on {jax.devices()[0].device_kind}"
 
 
+
+def peak_units(devices):
+    """How many times one device's ceiling (ceilings) `devices` reach together: one per device
+    on an accelerator. Simulated CPU devices are threads of their process's host, sharing its
+    cores, and the host's ceiling is what ceilings measured: it counts once per process."""
+    if devices[0].platform == "cpu":
+        return len({d.process_index for d in devices})
+    return len(devices)
+
 # ----------------------------------------------------------------------------------------------
 # Data: a text corpus, as bytes or a Hugging Face tokenizer's tokens
 # ----------------------------------------------------------------------------------------------

@@ -741,6 +741,15 @@ def test_checkpoints_past_the_saved_step_do_not_count_toward_keep(tmp_path):
         ["ckpt_00000003", "ckpt_00000005"]
 
 
+def test_peak_units_count_a_cpu_host_once():
+    dev = lambda platform, process: type("Device", (), {"platform": platform,
+                                                       "process_index": process})()
+    assert common.peak_units([dev("gpu", 0)] * 4 + [dev("gpu", 1)] * 4) == 8
+    assert common.peak_units([dev("cpu", 0)] * 8) == 1
+    assert common.peak_units([dev("cpu", 0)] * 4 + [dev("cpu", 1)] * 4) == 2
+    assert common.peak_units(jax.devices()) == 1  # this suite's 8 simulated devices
+
+
 def test_bench_reports_the_median_sample(monkeypatch):
     """On a scripted clock: compile and warm-up take nothing, then nine runs of 1 ms and one of
     100 ms. The median is 1 ms (a mean would say 10.9)."""

@@ -64,6 +64,11 @@ def test_sharded_steps_equal_single_device(tmp_path, mesh, sp, one_device_run):
     np.testing.assert_allclose(losses(got), losses(one_device_run), rtol=2e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in got],
                                [r["grad_norm"] for r in one_device_run], rtol=1e-4)
+    # The 8 simulated devices share the host, whose measured peak is the MFU's basis once
+    flops = train_mod.model_config(tiny_run(tmp_path)).train_flops_per_token(32)
+    peak = common.ceilings("float32")[0]
+    for r in got:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / peak, rel=1e-6)
 
 
 def test_sequence_parallel_splits_the_rows_of_a_micro_batch():
@@ -658,11 +663,15 @@ def test_breakdown_says_when_the_difference_is_not_the_optimizers_time(monkeypat
         monkeypatch.setattr(common, "measure_peaks", lambda **k: {"matmul_flops": 1e12})
         monkeypatch.setattr(common, "kernel_times", lambda *a, **k: None)
         lines = []
-        step = types.SimpleNamespace(memory_analysis=lambda: None)
+        mem = types.SimpleNamespace(argument_size_in_bytes=2 * 2**20,  # tiny's, in MiB
+                                    temp_size_in_bytes=3 * 2**30)
+        step = types.SimpleNamespace(memory_analysis=lambda: mem)
         train_mod.breakdown(step, lambda p, x, y, seg: 0.0, {}, {}, (None, None, None), 6e9,
                             1e12, 1, lines.append, common.Config.preset("tiny"), 256)
         note = [line for line in lines if "less than forward + backward" in line]
         assert len(note) == (said is not None) and all(said in line for line in note), lines
+        assert any("2.00 MiB of arguments" in ln and "3.00 GiB of temporaries" in ln
+                   for ln in lines), lines
 
 
 def test_the_run_passes_scan_layers_to_the_attention_choice(tmp_path, monkeypatch):
