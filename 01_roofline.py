@@ -645,6 +645,9 @@ def print_ridge(cfg, ceil):
         print(f", {ridge_point(ceil.peak(cfg.dtype, True), ceil.ds_bandwidth):.3g} FLOP/B "
               f"datasheet", end="")
     print()
+    if ceil.peak(cfg.dtype) != ceil.flops[_label(cfg.dtype)]:
+        print(f"  (the {cfg.dtype} peak is float32's {ceil.peak(cfg.dtype) / 1e12:.3g} TFLOP/s: "
+              f"a CPU runs 16-bit matmuls through float32, and here that rate is the faster)")
     W, m_star_measured = cfg.weight, None
     for basis, datasheet in (("measured", False), ("datasheet", True)):
         if datasheet and not ceil.has_datasheet(cfg.dtype):
@@ -667,9 +670,11 @@ def print_table(rows, ceil, floor):
     has_ds = ceil.ds_bandwidth is not None
     on_device = rows[0][3].device_s is not None
     print(f"\nroofline time = max(FLOPs / peak, bytes / bandwidth) with the measured ceilings "
-          f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype); roof% = "
-          f"roofline / measured time, above 100% where a kernel beats a ceiling measured with "
-          f"other shapes (a cache holding part of its bytes, a faster matmul shape)"
+          f"(copy {ceil.bandwidth / 1e9:.0f} GB/s, matmul peak of the row's dtype"
+          + ("; a 16-bit row's is float32's where that is faster" if ceil.on_cpu else "")
+          + f"); roof% = roofline / measured time, above 100% where a kernel beats a ceiling "
+          f"measured with other shapes (a cache holding part of its bytes, a faster matmul "
+          f"shape) or in slower samples (on a host busy with other work)"
           + ("; ds%: the same against the datasheet" if has_ds else ""))
     if on_device:
         print(f"measured = kernel us, the device's own clock (the kernels of a call, from a "
