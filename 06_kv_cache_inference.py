@@ -1638,8 +1638,9 @@ def show_arithmetic(run):
     kv, isz = kv_bytes_per_token(cfg), jnp.dtype(cfg.dtype).itemsize
     run.section(f"the lecture's arithmetic, with FLOPS = {_si(run.flops, 'FLOP/s')} and BW = "
                 f"{_si(run.bw, 'B/s')} measured here")
-    print(f"weights one decode step reads: {_si(W, 'B')} ({_si(cfg.param_count(False), '')} params "
-          f"x {isz} B); the embedding table, of which a step reads one row per token, is apart")
+    print(f"weights one decode step reads: {_si(W, 'B')} ({_si(W / isz, '')} params x {isz} B, "
+          f"each layer's norm gains folded into its matrices); the embedding table, of which a "
+          f"step reads one row per token, is apart")
     print(f"KV cache: 2 x {cfg.n_layers} layers x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x "
           f"{isz} B = {kv:,} B per token; {_si(kv * run.S, 'B')} per {run.S}-token sequence, "
           f"{_si(kv * run.S * B, 'B')} for {B} of them (int8: {kv_bytes_per_token(cfg, True):,} "
@@ -2138,7 +2139,7 @@ def measure_stream(run):
                             "take a first token late, so a short answer's TPOT may read below "
                             "one decode step)" if jax.devices()[0].platform == "cpu" else ")"))
     for policy, (_, st, compile_s) in results.items():
-        print(f"{policy:10s}: {st['tokens']:,} tokens in {st['seconds']:.2f} s = "
+        print(f"{policy:10s}: {st['tokens']:,} tokens in {st['seconds']:.3f} s = "
               f"{st['tok_s']:,.0f} tok/s; TTFT mean {st['ttft_mean'] * 1e3:.0f} ms, p90 "
               f"{st['ttft_p90'] * 1e3:.0f} ms; TPOT mean {st['tpot_mean'] * 1e3:.2f} ms "
               f"(compile {compile_s:.1f} s)")
