@@ -62,6 +62,9 @@ def test_tile_intensity_matches_the_lecture():
 
 
 SMALL = k08.FlashBlocks(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
+# The backward's dK/dV pass with query blocks taller than key blocks: its causal band of query
+# blocks for a key block must still reach the diagonal block's last rows
+TALL_Q = k08.FlashBlocks(block_q=32, block_k=16, block_q_bwd=32, block_k_bwd=16)
 
 
 def segment_ids(kind, rng, B, T):
@@ -75,22 +78,24 @@ def segment_ids(kind, rng, B, T):
     return jnp.asarray(ids, jnp.int32)
 
 
-@pytest.mark.parametrize("B,T,S,H,KH,D,causal,segments", [
-    (1, 50, 70, 2, 1, 16, False, None),     # T != S, ragged, GQA 2:1
-    (2, 45, 45, 4, 2, 24, True, None),      # causal across a ragged diagonal; D padded to 32
-    (1, 40, 40, 4, 1, 16, True, "runs"),    # packed sequences, MQA, ragged (backward pads to 64)
-    (2, 150, 150, 4, 2, 16, True, "documents"),  # blocks before a document's start skipped
-    (1, 100, 100, 2, 1, 16, False, "documents"),
-    (1, 90, 90, 2, 2, 16, True, "scattered"),
+@pytest.mark.parametrize("B,T,S,H,KH,D,causal,segments,blocks", [
+    (1, 50, 70, 2, 1, 16, False, None, SMALL),  # T != S, ragged, GQA 2:1
+    (2, 45, 45, 4, 2, 24, True, None, SMALL),  # causal across a ragged diagonal; D padded to 32
+    (1, 40, 40, 4, 1, 16, True, "runs", SMALL),  # packed, MQA, ragged (backward pads to 64)
+    (2, 150, 150, 4, 2, 16, True, "documents", SMALL),  # blocks before a document's start skipped
+    (1, 100, 100, 2, 1, 16, False, "documents", SMALL),
+    (1, 90, 90, 2, 2, 16, True, "scattered", SMALL),
+    (1, 64, 64, 2, 1, 16, True, None, TALL_Q),
+    (1, 70, 70, 2, 1, 16, True, "documents", TALL_Q),
 ])
-def test_flash_attention_and_gradients(B, T, S, H, KH, D, causal, segments):
+def test_flash_attention_and_gradients(B, T, S, H, KH, D, causal, segments, blocks):
     rng = np.random.default_rng(T + S)
     q, k, v, w = (normal(rng, B, T, H, D), normal(rng, B, S, KH, D), normal(rng, B, S, KH, D),
                   normal(rng, B, T, H, D))
     seg = segment_ids(segments, rng, B, T)
 
     def kernel(q, k, v):
-        return k08.flash_attention(q, k, v, causal, seg, interpret=True, blocks=SMALL)
+        return k08.flash_attention(q, k, v, causal, seg, interpret=True, blocks=blocks)
 
     def reference(q, k, v):  # lesson 05's pure-JAX flash attention
         return f05.flash_attention(q, k, v, causal, seg, block_q=16, block_k=16)
@@ -236,6 +241,33 @@ def test_int8_matmul(M, K, N, split_k, vector_rows):
     assert rel(out, k08.int8_matmul_reference(x, w_q, scale)) < 1e-5
     # and the quantization itself is close to the float weights: 1/254 of the range per value
     assert rel(out, x @ w.T) < 2e-2
+
+
+def test_quantize_int8_rounds_to_the_nearest_step_and_fills_the_range():
+    """Each row's largest magnitude lands on +-127 and every weight is within half a step of
+    its int8 value times the row's scale (rounding, not truncation)."""
+    w = np.random.default_rng(3).normal(size=(6, 40)).astype(np.float32)
+    w[2] *= 1e-3  # a row of small weights gets its own, smaller scale
+    w_q, scale = (np.asarray(a) for a in k08.quantize_int8(w))
+    np.testing.assert_array_equal(np.abs(w_q.astype(np.int32)).max(axis=1), 127)
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    assert (np.abs(w - w_q * scale[:, None]) <= scale[:, None] / 2 * (1 + 1e-5)).all()
+
+
+def test_decode_benchmark_counts_the_keys_and_values_it_reads(monkeypatch):
+    """On a scripted clock (every call 1 ms) the decode rows' bandwidth is the bytes each must
+    read: K and V up to each row's length; the int8 cache's one byte a value plus a float32
+    scale per position and head. The copy ceiling is set to the full cache's rate."""
+    monkeypatch.setattr(k08, "_time", lambda fn, arg_sets, device=False: 1e-3)
+    B, H, KH, S, D = 2, 4, 2, 32, 16
+    full = B * S * KH * D * 2 * 4  # float32 K and V
+    env = {"decode_shape": (B, H, KH, S), "dtype": jnp.float32, "interpret": True,
+           "decode_variants": [(None, 16)], "copy_bw": full / 1e-3}
+    rows = []
+    k08.bench_decode(k08.KernelsConfig(head_dim=D), env, rows)
+    got = {name: share for name, *_, share in rows}
+    assert got["decode attn, full"] == "100% of copy BW"
+    assert got["decode attn, int8 KV"] == f"{B * S * KH * (D + 4) * 2 / full:.0%} of copy BW"
 
 
 def test_kernels_reject_bad_arguments():
