@@ -72,6 +72,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -685,6 +686,66 @@ def check_same_start(starts, out_dir):
                                f"must be one directory every host sees")
 
 
+def flag_digests(tc):
+    """One number per flag (crc32 of its value), --process_id left out: what every process of a
+    run must agree on, compared before any of them trains."""
+    return np.array([zlib.crc32(repr(getattr(tc, f.name)).encode()) if f.name != "process_id"
+                     else 0 for f in dataclasses.fields(tc)], np.uint32)
+
+
+def check_same_flags(digests, tc):
+    """digests: [processes, flags], every process's flag_digests. Processes started with other
+    flags would each train on their own reading of the batch, or wait forever in a collective
+    that the others never reach: refused, naming the flags."""
+    names = [f.name for f in dataclasses.fields(tc)]
+    differ = [n for n, col in zip(names, np.asarray(digests).T) if len(set(col.tolist())) > 1]
+    if differ:
+        raise common.UserError(f"the processes were started with different "
+                               f"{', '.join('--' + n for n in differ)}: give every process the "
+                               f"same flags but --process_id")
+
+
+def check_processes_agree(tc):
+    """A multi-process run's processes: the same number of devices each, the same flags."""
+    n, local = jax.process_count(), jax.local_device_count()
+    if jax.device_count() != n * local:
+        raise common.UserError(f"process {jax.process_index()} has {local} of the "
+                               f"{jax.device_count()} devices of {n} processes: every process "
+                               f"needs the same number of devices")
+    check_same_flags(multihost_utils.process_allgather(flag_digests(tc)), tc)
+
+
+def check_tp_within_processes(mesh):
+    """Each process feeds its own rows of the batch, to the devices it holds: a tensor-parallel
+    group (the mesh's last axis, one batch slice) spread over processes would be fed by each
+    of them, and the step would see one process's rows as the whole batch."""
+    groups = mesh.devices.reshape(-1, mesh.shape["tp"])
+    if any(len({d.process_index for d in g}) > 1 for g in groups):
+        per = len(mesh.devices.flat) // len({d.process_index for d in mesh.devices.flat})
+        raise common.UserError(f"--mesh tp:{mesh.shape['tp']} spreads a tensor-parallel group "
+                               f"over processes of {per} devices: tp must divide each "
+                               f"process's devices (split the rest over dp or fsdp)")
+
+
+def on_process_0(fn, what):
+    """fn() on process 0 alone (a check of the directories it writes), its outcome shared: a
+    UserError there stops process 0 with it and every other process with a line naming it,
+    where they would wait in the next collective until a timeout's traceback."""
+    failed = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except common.UserError as e:
+            failed = e
+    if jax.process_count() > 1:
+        stopped = int(multihost_utils.broadcast_one_to_all(np.int32(failed is not None)))
+        if stopped and failed is None:
+            raise common.UserError(f"process 0 stopped at its check of {what}: its output says "
+                                   f"why")
+    if failed is not None:
+        raise failed
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -910,6 +971,7 @@ def _train(tc, stop_after, log, devices, held):
         cfg = dataclasses.replace(cfg, vocab_size=tokenizer.size)
     devices = devices or jax.devices()
     mesh = make_mesh(tc.mesh, devices)
+    check_tp_within_processes(mesh)
     data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
     if tc.batch_size % (data_ways * tc.grad_accum):
         raise common.UserError(f"batch_size={tc.batch_size} must split over dp x fsdp = "
@@ -929,8 +991,8 @@ def _train(tc, stop_after, log, devices, held):
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
     if tokenizer.stop:
         files["generation_config.json"] = {"eos_token_id": list(tokenizer.stop)}
-    if jax.process_index() == 0:
-        held.enter_context(common.hold_dir(tc.out_dir, "--out_dir"))
+    on_process_0(lambda: held.enter_context(common.hold_dir(tc.out_dir, "--out_dir")),
+                 "--out_dir")  # process 0 writes it
     writer = Writer()
     held.callback(writer.join)
 
@@ -1191,20 +1253,26 @@ def main():
     if not (tc.num_processes > 1 or tc.coordinator):
         return train_and_sample(tc)
     join(tc)
+    check_processes_agree(tc)
     train_and_sample(tc)
     # Every process leaves together: process 0 hosts the coordinator, and a process that outlives
     # it finds the coordinator gone. (JAX still logs one harmless CANCELLED watch on the way out.)
     jax.distributed.shutdown()
 
 
+def check_export_dir(tc):
+    """--export_hf: a new directory, not --out_dir. Said before the training, not after it."""
+    export, out = (os.path.realpath(p) for p in (tc.export_hf, tc.out_dir))
+    if export == out:
+        raise common.UserError(f"--export_hf={tc.export_hf} is --out_dir, where the "
+                               f"checkpoints go: name another directory")
+    if os.path.dirname(export) != out or os.path.isdir(out):  # else out_dir makes its parent
+        common.check_new_dir(tc.export_hf, "--export_hf")
+
+
 def train_and_sample(tc):
-    if tc.export_hf and jax.process_index() == 0:  # said now, not after the training
-        export, out = (os.path.realpath(p) for p in (tc.export_hf, tc.out_dir))
-        if export == out:
-            raise common.UserError(f"--export_hf={tc.export_hf} is --out_dir, where the "
-                                   f"checkpoints go: name another directory")
-        if os.path.dirname(export) != out or os.path.isdir(out):  # else out_dir makes its parent
-            common.check_new_dir(tc.export_hf, "--export_hf")
+    if tc.export_hf:  # process 0 writes it
+        on_process_0(lambda: check_export_dir(tc), "--export_hf")
     try:
         history, params, cfg = train(tc)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept; common.run prints it without a traceback

@@ -756,6 +756,60 @@ def test_processes_that_found_different_checkpoints_stop():
         train_mod.check_same_start(np.array([4, 0]), "out")
 
 
+def test_processes_started_with_other_flags_or_devices_stop():
+    """Each process reads its own flags: another --batch_size or --seed would train each on its
+    own reading of the batch, another --mesh would wait forever in a collective."""
+    tc = train_mod.TrainConfig(num_processes=2, coordinator="host-0:1234")
+    ours = train_mod.flag_digests(tc)
+    train_mod.check_same_flags([ours, train_mod.flag_digests(
+        dataclasses.replace(tc, process_id=1))], tc)
+    theirs = train_mod.flag_digests(dataclasses.replace(tc, process_id=1, batch_size=16, seed=1))
+    with pytest.raises(common.UserError, match="^the processes were started with different "
+                       "--batch_size, --seed: give every process the same flags but --process_id"):
+        train_mod.check_same_flags([ours, theirs], tc)
+
+
+def test_a_tensor_parallel_group_must_lie_within_a_process():
+    """The batch is fed per process: a tp group over two processes would see one's rows only."""
+    def mesh(processes, per, dp, fsdp, tp):
+        devs = [types.SimpleNamespace(process_index=p) for p in range(processes)
+                for _ in range(per)]
+        return types.SimpleNamespace(devices=np.array(devs).reshape(dp, fsdp, tp),
+                                     shape={"dp": dp, "fsdp": fsdp, "tp": tp})
+    train_mod.check_tp_within_processes(mesh(2, 2, 2, 1, 2))   # each process one tp pair
+    train_mod.check_tp_within_processes(mesh(2, 4, 1, 4, 2))
+    for bad in (mesh(2, 1, 1, 1, 2), mesh(4, 1, 2, 1, 2), mesh(2, 2, 1, 1, 4)):
+        with pytest.raises(common.UserError, match="spreads a tensor-parallel group over "
+                           "processes of .* devices: tp must divide each process's devices"):
+            train_mod.check_tp_within_processes(bad)
+
+
+def test_a_check_on_process_0_stops_every_process(monkeypatch):
+    """Process 0 alone checks the directories it writes; the others learn its outcome from one
+    broadcast and stop with a line, where they would wait in the next collective until a
+    timeout's traceback."""
+    def refuse():
+        raise common.UserError("--export_hf=x already exists")
+    told = []
+    monkeypatch.setattr(train_mod.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(train_mod.multihost_utils, "broadcast_one_to_all",
+                        lambda x: told.append(int(x)) or np.int32(1))  # process 0 failed
+    monkeypatch.setattr(train_mod.jax, "process_index", lambda: 1)
+    with pytest.raises(common.UserError, match="^process 0 stopped at its check of --export_hf"):
+        train_mod.on_process_0(refuse, "--export_hf")  # (not run here: process 1)
+    monkeypatch.setattr(train_mod.jax, "process_index", lambda: 0)
+    with pytest.raises(common.UserError, match="^--export_hf=x already exists$"):
+        train_mod.on_process_0(refuse, "--export_hf")
+    assert told == [0, 1]  # process 1 said nothing failed; process 0 that it did
+    monkeypatch.setattr(train_mod.multihost_utils, "broadcast_one_to_all", lambda x: x)
+    train_mod.on_process_0(lambda: None, "--export_hf")
+    monkeypatch.setattr(train_mod.jax, "device_count", lambda: 6)
+    monkeypatch.setattr(train_mod.jax, "local_device_count", lambda: 2)
+    with pytest.raises(common.UserError, match="has 2 of the 6 devices of 2 processes: every "
+                       "process needs the same number of devices"):
+        train_mod.check_processes_agree(train_mod.TrainConfig())
+
+
 def test_data_past_max_data_mb_is_cut_and_said(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i in range(3):
