@@ -2152,6 +2152,21 @@ def measure_stream(run):
             f"{results['static'][1]['tok_s']:,.0f} static", f"{ratio:.2f}x static")
 
 
+def expected_tokens_per_round(alpha, gamma):
+    """Tokens a round of `gamma` draft tokens yields when each is accepted independently with
+    chance alpha (Leviathan et al. 2023, eq. 1): (1 - alpha^(gamma+1)) / (1 - alpha), the
+    accepted drafts and the target's own token; gamma + 1 at alpha = 1, where it is 0 / 0."""
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1
+
+
+def speedup_from_bytes(tokens, rounds, gamma, c):
+    """Speculative decoding's speed-up over the target alone if every step takes its weights'
+    bytes: `tokens` in `rounds` rounds, each gamma + 1 draft steps of c target steps (c: the
+    draft's bytes over the target's) and one verification of ~1 (the weights read once for all
+    gamma + 1 tokens)."""
+    return tokens / rounds / ((gamma + 1) * c + 1)
+
+
 def measure_speculative(run, draft=None):
     """Speculative decoding against the measured batch-1 decode; the draft: `draft` (name, cfg,
     params) if given, else the target's own first draft_layers layers in int8."""
@@ -2199,13 +2214,13 @@ def measure_speculative(run, draft=None):
     # is c and verifying ~1 (the weights are read once for all gamma + 1 tokens); measured,
     # they are what they take, over the rounds that ran (the last can make up to gamma tokens
     # past the G - 1 asked for: at G = 32 and 5 tokens a round, 7 rounds for 31 tokens).
-    pred = (G - 1) / st["rounds"] / ((g + 1) * c + 1)     # the tokens delivered, as measured
+    pred = speedup_from_bytes(G - 1, st["rounds"], g, c)  # the tokens delivered, as measured
     pred_t = (G - 1) * t_step / (st["rounds"] * ((g + 1) * t_draft + t_verify))
     same = next((i for i, (x, y) in enumerate(zip(tokens[0], run.ref_tokens)) if x != y), G)
     run.section(f"speculative decoding, gamma {g}; draft: {what}, {100 * c:.0f}% of the "
                 f"target's bytes")
     alpha = st["alpha"]
-    eq1 = (1 - alpha ** (g + 1)) / (1 - alpha) if alpha < 1 else g + 1
+    eq1 = expected_tokens_per_round(alpha, g)
     print(f"acceptance {100 * a:.1f}% of the proposed tokens, alpha {100 * alpha:.1f}% of the "
           f"judged ones; {st['tokens_per_round']:.2f} tokens per round (eq. 1 at alpha: "
           f"{eq1:.2f}), {st['rounds']} rounds; "

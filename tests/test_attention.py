@@ -505,3 +505,35 @@ def test_on_chip_bytes_counts_every_block_of_a_step():
     bq, bk, D, b = 128, 64, 128, 2
     want = b * (bq * D + bk * D + bk * D) + 4 * (bq * bk + bq * D + bq + bq)
     assert f05.on_chip_bytes(bq, bk, D, b) == want
+
+
+def test_run_blocks_takes_the_flags_before_the_defaults():
+    """--block_k is kept on a CPU as on a GPU; block_q's default there is 256, and block_k
+    follows block_q when left at 0."""
+    lengths = [256, 512]
+    run = lambda cfg: f05.run_blocks(cfg, False, lengths, None)
+    assert run(f05.FlashConfig(block_k=64)) == (256, 64)
+    assert run(f05.FlashConfig()) == (256, 256)
+    assert run(f05.FlashConfig(block_q=128)) == (128, 128)
+    assert run(f05.FlashConfig(block_q=128, block_k=32)) == (128, 32)
+    assert f05.run_blocks(f05.FlashConfig(block_q=64, block_k=16), True, lengths, None) == (64, 16)
+
+
+def test_the_table_counts_forward_and_backward_as_flashattention_does(capsys):
+    """FlashAttention's FLOP count, matmul by matmul: the forward does QK^T and PV, the backward
+    recomputes QK^T and does dV = P^T dO, dP = dO V^T, dQ = dS K and dK = dS^T Q: 2 + 5 matmuls of
+    2 S^2 D FLOPs per sequence and head, halved when causal. Each cell timed at 1 ms."""
+    B, S, H, D = 2, 1024, 4, 64
+    cfg = f05.FlashConfig(batch=B, n_heads=H, n_kv_heads=H, head_dim=D, causal=True)
+    matmul = 2 * S * S * D * B * H // 2                          # causal: half the pairs
+    fwd, fwd_bwd = 2 * matmul, (2 + 5) * matmul
+    cells = {(S, "flash", m): {"S": S, "mode": m, "ms": 1.0, "temp": None, "note": ""}
+             for m in ("fwd", "fwd+bwd")}
+    peak = 10e12
+    f05.print_table(cells, [S], ["flash"], cfg, peak)
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[:2] == [str(S), "flash"]
+    for (ms, tflops, pct), flops in zip((row[2:5], row[5:8]), (fwd, fwd_bwd)):
+        assert float(ms) == 1.0
+        assert float(tflops) == pytest.approx(flops / 1e-3 / 1e12, abs=0.005)   # 2 decimals
+        assert float(pct.rstrip("%")) == pytest.approx(100 * flops / 1e-3 / peak, abs=0.05)

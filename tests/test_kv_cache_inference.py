@@ -1145,3 +1145,57 @@ def test_lesson_lengths_refuse_a_cache_past_the_model_and_take_every_layer_as_dr
         inf.lesson_lengths(TINY, inf.InferConfig(cache_len=256), False)
     models = inf.load_model(inf.InferConfig(models="tiny"), False)[0]
     inf.check_before_the_run(models, inf.InferConfig(models="tiny", draft_layers=2), False, None)
+
+
+def test_timed_context_is_the_mean_context_time_decode_times(monkeypatch):
+    """timed_context(P, steps) against the cache lengths time_decode's steps actually find (a
+    stand-in step that records them): the first call's step is not timed, then three runs of
+    `steps`; an integer, so within half a position of their mean."""
+    seen = []
+
+    def step(params, cache, tok, row_ids, counters, seed, cfg, decode_attention):
+        seen.append(int(cache["lengths"][0]))
+        return tok, None, {"lengths": cache["lengths"] + 1}
+    monkeypatch.setattr(inf, "decode_step", step)
+    params = {"w": jnp.zeros((1,), jnp.float32)}
+    for P, steps in ((0, 1), (64, 8), (100, 7)):
+        seen.clear()
+        inf.time_decode(params, TINY, {"lengths": jnp.full((1,), P, jnp.int32)}, steps)
+        assert seen[0] == P and len(seen) == 1 + 3 * steps   # the first call, then the timed
+        mean = sum(seen[1:]) / (3 * steps)                     # P + 1/2 + 3 steps / 2
+        assert abs(inf.timed_context(P, steps) - mean) <= 0.5
+
+
+def test_ffn_intensity_counts_each_matrix_and_activation_once():
+    """The FFN's FLOPs per byte by the lecture's count, term by term: gate, up and down matmuls
+    of 2 n d f FLOPs each; the three [d, f] weights read; x [n, d] read and y [n, d] written; g
+    and u [n, f] written then read by the product, and h [n, f] written then read by down."""
+    b, d, f = 4, TINY.d_model, TINY.d_ff   # float32
+    for batch, tokens in ((1, 1), (3, 5), (2, 64)):
+        n = batch * tokens
+        flops = 3 * 2 * n * d * f
+        weights = 3 * d * f
+        x_in, y_out = n * d, n * d
+        g_u_out, g_u_in, h_out, h_in = 2 * n * f, 2 * n * f, n * f, n * f
+        nbytes = b * (weights + x_in + y_out + g_u_out + g_u_in + h_out + h_in)
+        assert inf.layer_intensity(TINY, "ffn", tokens, 4096, batch) == pytest.approx(
+            flops / nbytes, rel=1e-12)
+
+
+def test_speculative_expected_tokens_per_round_is_eq_1():
+    """Leviathan et al. 2023, eq. 1: a round of gamma drafts, each accepted with chance alpha,
+    yields 1 + alpha + ... + alpha^gamma tokens; gamma + 1 when every draft is accepted."""
+    assert inf.expected_tokens_per_round(0.5, 4) == pytest.approx(1.9375, rel=1e-12)  # 31 / 16
+    assert inf.expected_tokens_per_round(0.0, 4) == 1       # only the target's own token
+    assert inf.expected_tokens_per_round(0.8, 1) == pytest.approx(1.8, rel=1e-12)
+    assert inf.expected_tokens_per_round(1.0, 4) == 5       # the limit, not 0 / 0
+    assert inf.expected_tokens_per_round(1 - 1e-9, 4) == pytest.approx(5, rel=1e-6)
+
+
+def test_speculative_speedup_from_bytes_charges_gamma_plus_1_draft_steps_a_round():
+    """By the bytes a round costs gamma + 1 draft steps of c target steps each and one
+    verification of 1: 30 tokens in 6 rounds at gamma 4 are 5 a round for 5 c + 1 steps."""
+    assert inf.speedup_from_bytes(30, 6, 4, 0.2) == pytest.approx(2.5, rel=1e-12)   # 5 / 2
+    assert inf.speedup_from_bytes(30, 6, 4, 1.0) == pytest.approx(5 / 6, rel=1e-12)
+    assert inf.speedup_from_bytes(30, 6, 4, 0.0) == pytest.approx(5.0, rel=1e-12)   # free draft
+    assert inf.speedup_from_bytes(31, 7, 4, 0.25) == pytest.approx(31 / 7 / 2.25, rel=1e-12)
