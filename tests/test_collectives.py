@@ -237,3 +237,32 @@ def test_lesson_predictions_follow_the_ring_formulas(monkeypatch, capsys):
 def test_collective_matmul_refuses_shapes_that_do_not_multiply():
     with pytest.raises(common.UserError, match="do not multiply"):
         coll.collective_matmul(jnp.ones((8, 4)), jnp.ones((5, 8)), ring_mesh(8), "x")
+
+
+def test_collectives_table_rates_the_fastest_variant_as_best(capsys):
+    """best GB/s is the bytes sent over the fastest ring variant's time, and best/built the
+    built-in's time over it: the variants at 4, 1 and 2 ms against a built-in at 2 ms."""
+    sent = 7 * 2**20
+    times = {"ring": 4e-3, "ring x2": 1e-3, "bidir x2": 2e-3}
+    coll.print_collectives_table([("all-gather", 1.0, sent, None, times, 2e-3, 0.0)],
+                                 list(times), "float32", 8, 2, None, False)
+    row = next(ln.split() for ln in capsys.readouterr().out.splitlines()
+               if ln.startswith("all-gather"))
+    # collective, MiB/dev, sent MiB, pred ms, 3 variants' ms, built-in ms, best GB/s, built GB/s,
+    # best/built, err
+    assert row[4:8] == ["4.000", "1.000", "2.000", "2.000"]
+    assert row[8:11] == ["7.3", "3.7", "2.00x"]   # 7 MiB = 7.34 MB in 1 ms; in 2 ms
+
+
+def test_collective_matmul_sizes_past_the_memory_are_refused_with_their_bytes(monkeypatch):
+    """The collective matmul holds x [M, K] and its gathered copy, w [K, F] and two [M, F]
+    products: 2 (2MK + KF + 2MF) bytes in bf16, 0.201 GB at M=4096, K=2048, F=8192."""
+    monkeypatch.setattr(common, "memory_limit", lambda *a: (1e8, "a test's memory"))
+    monkeypatch.setattr("sys.argv", ["02_collectives.py", "--sizes_mib=0.0625", "--iters=1",
+                                     "--mm_m=4096", "--mm_k=2048", "--mm_f=8192"])
+    M, K, F = 4096, 2048, 8192
+    assert f"{2 * (2 * M * K + K * F + 2 * M * F) / 1e9:.3g}" == "0.201"
+    with pytest.raises(common.UserError, match=r"^mm_m=4096 mm_k=2048 mm_f=8192 needs 0.201 GB "
+                       r"for the collective matmul's x \(and its gathered copy\), w and two "
+                       r"products, more than the 0.1 GB of a test's memory"):
+        coll.main()

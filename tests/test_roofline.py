@@ -320,3 +320,33 @@ def test_ridge_and_table_print_the_roofline_of_the_ceilings(capsys, monkeypatch)
     #        bound      roof us    roof%  ds%
     assert [lines["slow"][i] for i in (5, 6, 8, 11)] == ["memory", "10000.0", "50%", "25%"]
     assert [lines["dense"][i] for i in (5, 6, 8, 11)] == ["compute", "250000.0", "50%", "20%"]
+    # TFLOP/s and GB/s: FLOPs and bytes over the measured time, not the roofline's (which would
+    # give 0.10 and 10 for slow, 4.00 for dense): 1e9 / 2e-2 s, 1e8 / 2e-2 s; 1e12 / 0.5 s
+    assert [lines["slow"][i] for i in (9, 10)] == ["0.05", "5"]
+    assert [lines["dense"][i] for i in (9, 10)] == ["2.00", "0"]
+
+
+def test_measure_matmul_counts_two_flops_per_multiply_add(monkeypatch):
+    """An n x n x n matmul is n^3 multiply-adds, 2 n^3 FLOPs, over the time of a call."""
+    monkeypatch.setattr(rl, "time_per_call", lambda *a, **k: rl.Measured(wall_s=0.5))
+    assert rl.measure_matmul("float32", 8, 1) == 2 * 8**3 / 0.5
+    monkeypatch.setattr(rl, "time_per_call", lambda *a, **k: rl.Measured(1.0, device_s=0.25))
+    assert rl.measure_matmul("float32", 16, 1) == 2 * 16**3 / 0.25   # the device's clock first
+
+
+def test_fusion_table_counts_both_eager_adds_in_xlas_bytes(monkeypatch, capsys):
+    """A+B+C eager is two programs, each one add of two vectors: XLA's count for the row is
+    twice its count for one add (each reads 2 vectors and writes 1: 12 bytes an element)."""
+    monkeypatch.setattr(rl, "time_per_call", lambda *a, **k: rl.Measured(wall_s=1e-3))
+    cfg = rl.RooflineConfig(vector_mib=1, weight=128, iters=1)
+    ceil = rl.Ceilings({"float32 default": 1e12, "bfloat16": 1e12}, 1e10, {}, None, True)
+    rl.run_fusion(cfg, ceil)
+    out = capsys.readouterr().out
+    n = 2**20 // 4
+    one_add = rl.xla_bytes(jnp.add, jnp.ones(n), jnp.ones(n))
+    cells = {" ".join(ln.split()[:2]): ln.split()[2:] for ln in out.splitlines()
+             if ln.strip().startswith("A+B+C")}
+    #                          predicted MB, XLA MB
+    assert float(cells["A+B+C eager"][0]) == pytest.approx(2 * 3 * n * 4 / 1e6, abs=0.051)
+    assert float(cells["A+B+C eager"][1]) == pytest.approx(2 * one_add / 1e6, abs=0.051)
+    assert float(cells["A+B+C jit"][0]) == pytest.approx(4 * n * 4 / 1e6, abs=0.051)

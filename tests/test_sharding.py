@@ -2,9 +2,11 @@
 numbers as one device, and the collectives XLA emits against the predicted ones."""
 import dataclasses
 import functools
+import math
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +134,8 @@ def test_model_collectives_per_layer_match_prediction(scheme):
 
 
 # The forms XLA prints: sync ops (CPU), start/done pairs whose start holds the operands and the
-# groups and whose done holds the result (GPU), and async-start wrapping a computation.
+# groups and whose done holds the result (GPU), and async-start wrapping a computation; and a
+# layer's op outside any loop, named .../while/body/... (a scan over layers that XLA unrolled).
 HLO = """HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
 
 %add (x: f32[], y: f32[]) -> f32[] {
@@ -172,6 +175,8 @@ ENTRY %main (x: f32[4,8]) -> f32[4,8] {
     """'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}
   %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), """ \
     """channel_id=4, source_target_pairs={{0,1},{1,0}}
+  %ar3 = f32[2,8]{1,0} all-reduce(%x), channel_id=7, replica_groups={{0,1,2,3},{4,5,6,7}}, """ \
+    """to_apply=%add, metadata={op_name="jit(step)/while/body/psum"}
   %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
   %as = ((f32[8,8]{1,0}), f32[4,8]{1,0}) async-start(%y), calls=%wrapped
   ROOT %ad = f32[4,8]{1,0} async-done(%as), calls=%wrapped
@@ -183,14 +188,15 @@ def test_parse_collectives_reads_loops_groups_tuples_and_async_ops():
     loops, outside = sh.parse_collectives(HLO, 8)
     C = sh.Coll
     assert sorted(loops) == sorted([C("all-gather", 128, 4)] * 3 + [C("all-reduce", 128, 2)] * 3
-                                   + [C("all-reduce", 16, 2)] * 3)  # the scalar is left out
+                                   + [C("all-reduce", 16, 2)] * 3  # the scalar is left out
+                                   + [C("all-reduce", 64, 4)])  # unrolled: named while/body
     assert sorted(outside) == sorted([C("reduce-scatter", 128, 2), C("reduce-scatter", 256, 2),
                                       C("collective-permute", 128, 8),
                                       C("all-gather", 256, 4)])  # devices named: axis_0's 4
     # Ring bytes per device: a gather or reduce-scatter sends (N-1)/N of the array, an
     # all-reduce twice that, a permute all of it.
     assert sh.ring_traffic(outside) == 64 + 128 + 128 + 256 * 3 / 4
-    assert sh.ring_traffic(loops) == 3 * (128 * 3 / 4 + 2 * (128 + 16) / 2)
+    assert sh.ring_traffic(loops) == 3 * (128 * 3 / 4 + 2 * (128 + 16) / 2) + 2 * 64 * 3 / 4
 
 
 def test_memory_per_device_divides_by_the_sharding():
@@ -420,3 +426,41 @@ def test_the_benchmark_model_is_checked_at_its_own_training_state(monkeypatch, c
     with pytest.raises(common.UserError, match="bench_preset=llama-3-8b needs ") as e:
         sh.main()
     assert f"{12 * n / 1e9:,.3g} GB for bfloat16 weights and gradients and Adam's" in str(e.value)
+
+
+@pytest.mark.parametrize("per_device", [False, True])
+def test_benchmark_bounds_are_the_steps_flops_at_peak_and_its_traffic_at_the_link(
+        monkeypatch, capsys, per_device):
+    """peak ms: train_flops_per_token x the step's tokens over the peak of the row's devices,
+    which a CPU's host reaches once (its simulated devices share it), an accelerator once per
+    device (per_device). comm ms: FSDP gathers every weight twice and reduce-scatters every
+    gradient, 3 x the params in the compute dtype (a 1/t share of them under TP), sending
+    (f-1)/f of each on a ring, plus TP's activation reductions, at the link's bandwidth."""
+    peak, link = 1e10, 1e7
+    monkeypatch.setattr(sh, "time_training", lambda *a, **k: (0.5, 0.1, 3.0))
+    monkeypatch.setattr(common, "ceilings", lambda *a, **k: (peak, 1e9, "a test's peak"))
+    monkeypatch.setattr(common, "device_chip",
+                        lambda *a: types.SimpleNamespace(link_bw=link, name="a test chip"))
+    if per_device:  # as on GPUs
+        monkeypatch.setattr(common, "peak_units", lambda devices: len(devices))
+    run = sh.ShardingConfig()
+    plan = sh.bench_plan(run, jax.devices(), False)
+    sh.bench_training(run, plan, 8, False)
+    out = capsys.readouterr().out
+    _, cfg, bb, bt, meshes = plan
+    assert [m[0] for m in meshes] == ["1 device", "fsdp:8", "fsdp:4,tp:2", "fsdp:4,tp:2 SP"]
+    n_params, db = cfg.param_count(), jnp.dtype(cfg.dtype).itemsize
+    for name, sizes, sp, _ in meshes:
+        # mesh, devices, batch, compile s, step ms, peak ms, comm ms, ...
+        cells = next(ln[16:].split() for ln in out.splitlines() if ln.startswith(f"{name:<16}"))
+        nd, f, t = math.prod(sizes.values()), sizes["fsdp"], sizes["tp"]
+        batch = bb * sizes["dp"] * f
+        assert cells[:2] == [str(nd), str(batch)]
+        t_peak = cfg.train_flops_per_token(bt) * batch * bt / ((nd if per_device else 1) * peak)
+        assert float(cells[4]) == pytest.approx(t_peak * 1e3, abs=0.051), name
+        comm = 3 * db * n_params / t * (f - 1) / f
+        if t > 1:
+            acts = sh.predict_layer_collectives(cfg, {"dp": 1, "fsdp": 1, "tp": t}, batch // f,
+                                                bt, 2, sp)
+            comm += cfg.n_layers * sh.ring_traffic(acts)
+        assert float(cells[5]) == pytest.approx(comm / link * 1e3, abs=0.051), name
