@@ -64,10 +64,12 @@ def test_sharded_steps_equal_single_device(tmp_path, mesh, sp, one_device_run):
     np.testing.assert_allclose(losses(got), losses(one_device_run), rtol=2e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in got],
                                [r["grad_norm"] for r in one_device_run], rtol=1e-4)
-    # The 8 simulated devices share the host, whose measured peak is the MFU's basis once
+    # 16 x 32 tokens a step; the 8 simulated devices share the host, whose measured peak is the
+    # MFU's basis once
     flops = train_mod.model_config(tiny_run(tmp_path)).train_flops_per_token(32)
     peak = common.ceilings("float32")[0]
     for r in got:
+        assert r["tokens_per_s"] == pytest.approx(16 * 32 / (r["ms_per_step"] / 1e3), rel=1e-6)
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / peak, rel=1e-6)
 
 
@@ -444,6 +446,12 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
     assert rows[0] == {"step": 0, "val_loss": pytest.approx(history[-1]["val_loss"], rel=1e-5)}
     (ckpt,) = common.list_checkpoints(tc.out_dir)
     assert not os.path.exists(os.path.join(ckpt, "tokenizer.json"))  # bytes: none needed
+    # Run again from the start (its checkpoint gone): the file keeps one row per step, step 0's
+    # measurement of the loaded model included
+    shutil.rmtree(ckpt)
+    train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    steps = [json.loads(line)["step"] for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
+    assert steps == list(range(tc.steps + 1))
     monkeypatch.setattr(sys, "argv", ["09_train.py", "--preset=tiny", f"--init_from={tmp_path}"])
     with pytest.raises(common.UserError, match="--preset and --init_from both name the model"):
         train_mod.main()
@@ -668,6 +676,8 @@ def test_breakdown_says_when_the_difference_is_not_the_optimizers_time(monkeypat
         step = types.SimpleNamespace(memory_analysis=lambda: mem)
         train_mod.breakdown(step, lambda p, x, y, seg: 0.0, {}, {}, (None, None, None), 6e9,
                             1e12, 1, lines.append, common.Config.preset("tiny"), 256)
+        # forward: a third of the step's 6e9 FLOPs in 10 ms, 0.2 TFLOP/s, 20% of the 1e12 peak
+        assert lines[1].split()[1:4] == ["10.0", "0.2", "20.0%"], lines
         note = [line for line in lines if "less than forward + backward" in line]
         assert len(note) == (said is not None) and all(said in line for line in note), lines
         assert any("2.00 MiB of arguments" in ln and "3.00 GiB of temporaries" in ln
