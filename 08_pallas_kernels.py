@@ -17,7 +17,8 @@ into code. Four kernels, each with its reference beside it:
      m x n outputs reads (m + n)K for 2mnK), and the epilogue is free because the tile is still
      on chip when it runs.
   2. `flash_attention`: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) forward and backward,
-     the layout and semantics of lesson 05 ([B, T, H, D], GQA, causal, segment ids, any T and S).
+     the layout and semantics of lesson 05 ([B, T, H, D], GQA, causal, segment ids, any T and S;
+     T == S when causal).
      The scores of a block live only in registers; causal blocks above the diagonal are skipped,
      and under segment ids so are the blocks that no query of a block shares a segment with
      (packed short documents: 2.5x cuDNN's masked attention at 128 tokens a document).

@@ -57,7 +57,8 @@ What it puts together, lesson by lesson:
 
 Each logged step prints loss, learning rate, gradient norm, ms/step, tokens/s and MFU: model
 FLOPs (6N plus causal attention, common.Config.train_flops_per_token) per second over the peak of
-all devices (the datasheet when common.CHIPS knows the chip, else the matmul rate measured here).
+all devices (the datasheet when common.CHIPS knows the chip, else the matmul rate measured here;
+simulated CPU devices share their host, whose measured rate counts once a process).
 Logged steps also go to <out_dir>/metrics.jsonl, and the loss curve to <out_dir>/loss.png.
 """
 import contextlib
