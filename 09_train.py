@@ -132,6 +132,7 @@ class TrainConfig:
     export_hf: str = ""          # at the end, also write the model here as a Hugging Face Llama
                                  # directory (a new one), in the compute dtype with its data's
                                  # tokenizer.json; rerun a finished run with it to export it alone
+                                 # (from its last checkpoint: --ckpt_every=0 keeps none)
     breakdown: bool = False      # time forward, backward and optimizer apart, then stop
     coordinator: str = ""        # HOST:PORT of process 0, for multi-host runs
     num_processes: int = 1       # hosts (processes) in a multi-host run
@@ -1090,20 +1091,23 @@ def _train(tc, stop_after, log, devices, held):
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
     baseline = tc.init_from and start == 0  # the loaded model's validation loss, before a step
     if jax.process_index() == 0:
+        if start == 0 and os.path.exists(metrics_path) and read_metrics(metrics_path):
+            os.replace(metrics_path, metrics_path + ".old")  # a run that left no checkpoint
+            log(f"note: {tc.out_dir} holds no checkpoint but the log of an earlier run: kept as "
+                f"metrics.jsonl.old, and this run starts a new one")
         drop_metrics_after(metrics_path, start - 1 if baseline else start)
+    interrupted = (held.enter_context(stop_after_the_step(saving=tc.ckpt_every > 0))
+                   if jax.process_count() == 1 else [False])
 
     def validate(params):
-        return float(np.mean([eval_fn(params, *batch(val_split, i, tc.seed + 1))
-                              for i in range(tc.eval_batches)]))
-
-    def val_row(val):
-        """The validation loss a token, and a byte where tokens are not bytes: a figure that
-        compares runs with different tokenizers (over the split's mean bytes a token)."""
-        if tokenizer is common.BYTES:
-            return f"val loss {val:.4f}", {"val_loss": val}
-        per_byte = val / stats["val_bytes_per_token"]
-        return (f"val loss {val:.4f} ({per_byte:.4f} a byte)",
-                {"val_loss": val, "val_loss_per_byte": per_byte})
+        """The mean loss over --eval_batches validation batches, or None where a stop is asked
+        for before they are done: the step's checkpoint is not held back by them."""
+        total = 0.0
+        for i in range(tc.eval_batches):
+            if interrupted[0]:
+                return None
+            total = total + eval_fn(params, *batch(val_split, i, tc.seed + 1))
+        return float(total) / tc.eval_batches
 
     def record(row):
         history.append(row)
@@ -1111,13 +1115,23 @@ def _train(tc, stop_after, log, devices, held):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def val_row(val):
+        """The validation loss a token, and a byte where tokens are not bytes: a figure that
+        compares runs with different tokenizers (over the split's mean bytes a token)."""
+        if val is None:
+            return "validation left off: a stop was asked for", {}
+        if tokenizer is common.BYTES:
+            return f"val loss {val:.4f}", {"val_loss": val}
+        per_byte = val / stats["val_bytes_per_token"]
+        return (f"val loss {val:.4f} ({per_byte:.4f} a byte)",
+                {"val_loss": val, "val_loss_per_byte": per_byte})
+
     if baseline:
         text, fields = val_row(validate(params))
         log(f"step     0 | {text} (the model as loaded from {tc.init_from})")
-        record({"step": 0, **fields})
+        if fields:
+            record({"step": 0, **fields})
     t_last, steps_since = time.perf_counter(), 0
-    interrupted = (held.enter_context(stop_after_the_step(saving=tc.ckpt_every > 0))
-                   if jax.process_count() == 1 else [False])
     for step in range(start, tc.steps):
         params, opt, m = step_fn(params, opt, *batch(train_split, step, tc.seed))
         done = step + 1
@@ -1151,7 +1165,7 @@ def _train(tc, stop_after, log, devices, held):
         if done % tc.eval_every == 0 or done == tc.steps:
             text, fields = val_row(validate(params))
             log(f"step {done:5d} | {text}")
-            row = dict(row or {"step": done}, **fields)
+            row = dict(row or {"step": done}, **fields) if fields else row
         if row is not None:
             record(row)
         if saving:

@@ -1817,8 +1817,8 @@ def load_corpus(path=None, max_bytes=64 * 2**20, edges=False):
     path = path or sysconfig.get_paths()["stdlib"]
     train, val, total = [], [], 0  # (a file's bytes, whether they are the whole file)
     for f in files:
-        with open(f, "rb") as fh:
-            data = fh.read(max_bytes - total)
+        with open(f, "rb") as fh:  # (read(n) allocates n bytes first: no more than the file)
+            data = fh.read(min(max_bytes - total, os.fstat(fh.fileno()).st_size))
             whole = not fh.read(1)
         total += len(data)
         (val if zlib.crc32(os.path.relpath(f, path).encode()) % 20 == 0 else train).append(

@@ -1210,6 +1210,18 @@ def test_corpus_edges_mark_where_each_file_begins_and_ends(tmp_path):
     assert (train_edges, val_edges) == ([0], [len(val)])  # the 95/5 cut is not an edge
 
 
+def test_a_large_max_bytes_reads_no_more_than_the_files(tmp_path):
+    """read(n) allocates n bytes before it reads: a limit far past the data must not."""
+    (tmp_path / "a.txt").write_bytes(b"x" * 1000)
+    tracemalloc.start()
+    try:
+        train, val = common.load_corpus(str(tmp_path / "a.txt"), max_bytes=2**29)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(train) + len(val) == 1000 and peak < 2**24
+
+
 def test_default_corpus_is_python_source():
     train, val = common.load_corpus(max_bytes=2**20)
     assert len(train) > 500_000 and len(val) > 0

@@ -343,6 +343,44 @@ def _signal_saves_and_resumes(tc, one_device_run, sig, handlers):
     np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
 
 
+def test_a_signal_during_validation_leaves_it_off(tmp_path, capfd):
+    """A stop asked for while the validation batches run ends them there (a long validation
+    would hold back the step after it, and its save): the next step is saved, and the run stops
+    with no loss row for the unfinished validation."""
+    tc = tiny_run(tmp_path, steps=6, ckpt_every=100, eval_every=2, eval_batches=50)
+    logged = []
+
+    def ctrl_c_before_validation(line):
+        logged.append(line)
+        if line.startswith("step     2 | loss"):  # logged just before step 2's validation
+            os.kill(os.getpid(), signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(tc, log=ctrl_c_before_validation, devices=jax.devices()[:1])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "step     2 | validation left off: a stop was asked for" in logged
+    assert [os.path.basename(p) for p in common.list_checkpoints(tc.out_dir)] == ["ckpt_00000003"]
+    rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
+    assert not any("val_loss" in r for r in rows)
+
+
+def test_a_rerun_with_no_checkpoint_keeps_the_earlier_log(tmp_path):
+    """--ckpt_every=0 leaves a log and no checkpoint: running into the same directory again
+    starts afresh, and the earlier run's rows stay, in metrics.jsonl.old."""
+    tc = tiny_run(tmp_path, steps=2)
+    train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
+    first = open(os.path.join(tc.out_dir, "metrics.jsonl")).read()
+    logged = []
+    train_mod.train(dataclasses.replace(tc, lr=1e-4), log=logged.append,
+                    devices=jax.devices()[:1])
+    assert open(os.path.join(tc.out_dir, "metrics.jsonl.old")).read() == first
+    assert any("kept as metrics.jsonl.old" in line for line in logged)
+    assert [json.loads(r)["step"] for r in open(os.path.join(tc.out_dir, "metrics.jsonl"))] == \
+        [1, 2]
+
+
 def test_a_checkpoint_is_written_while_the_next_steps_train(tmp_path, monkeypatch):
     """Step 2's checkpoint waits, inside its write, until step 3 is logged: written in line, it
     would wait in vain. The run still ends with both checkpoints in place."""
