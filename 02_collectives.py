@@ -368,22 +368,22 @@ def print_collectives_table(rows, names, dtype_name, n, k, link_bw, on_gpu):
     basis = ("link bandwidth" if link_bw else
              "the bandwidth of one ppermute of the same block, measured (no datasheet link)")
     print(f"\nring collectives, {dtype_name}, N={n}: ring = one piece per step, x{k} = {k} pieces "
-          f"pipelined, bidir = {k} pieces each way. GB/s = bytes each device sends / time "
-          f"(bus bandwidth); predicted = sent / {basis}; err = max |ring - built-in| / "
-          f"max |built-in| over the variants")
+          f"pipelined, bidir = {k} pieces each way (at most a chunk's rows). GB/s = bytes each "
+          f"device sends / time (bus bandwidth); predicted = sent / {basis}; err = max "
+          f"|ring - built-in| / max |built-in| over the variants")
     if not on_gpu and jax.devices()[0].platform == "cpu":
         print("on a CPU the devices are threads of one process and a ppermute is a copy in "
               "memory: no copy engine runs beside the adds and copies, so pieces add steps and "
               "hide nothing")
     print(f"{'collective':<15}{'MiB/dev':>8}{'sent MiB':>9}{'pred ms':>9}"
-          + "".join(f"{name + ' ms':>13}" for name in names)
+          + "".join(f" {name + ' ms':>12}" for name in names)
           + f"{'built-in ms':>12}{'best GB/s':>10}{'built GB/s':>11}{'best/built':>11}{'err':>9}")
     for kind, mib, sent, pred, times, t_builtin, err in rows:
         best = min(times.values())
         bw = lambda t: f"{sent / t / 1e9:.1f}" if t else "n/a"
         ratio = f"{t_builtin / best:.2f}x" if t_builtin else ""
         print(f"{kind:<15}{mib:>8.1f}{sent / 2**20:>9.1f}{_fmt_ms(pred):>9}"
-              + "".join(f"{_fmt_ms(times.get(name)):>13}" for name in names)
+              + "".join(f" {_fmt_ms(times.get(name)):>12}" for name in names)
               + f"{_fmt_ms(t_builtin):>12}{bw(best):>10}{bw(t_builtin):>11}{ratio:>11}{err:>9.1e}")
 
 
