@@ -563,11 +563,13 @@ def memory_table(cfg, impls, bq, bk, lengths):
 
 def run_blocks(cfg, on_gpu, lengths, limit):
     """(block_q, block_k): the flags', else on a GPU the fastest that fit (pick_blocks, timed at
-    the longest length whose inputs leave room for the run's temporaries), else 256 x 256."""
+    the longest length whose inputs leave room for the run's temporaries), else 256 x 256. A
+    flag's block past the longest sequence is that sequence (flash_attention clamps it so)."""
+    longest = max(lengths[-1], cfg.mem_max_len)
     if cfg.block_q:
-        return cfg.block_q, cfg.block_k or cfg.block_q
+        return min(cfg.block_q, longest), min(cfg.block_k or cfg.block_q, longest)
     if not on_gpu:
-        return 256, cfg.block_k or 256
+        return 256, min(cfg.block_k or 256, longest)
     S = min(16384, lengths[-1])
     while S > lengths[0] and input_bytes(cfg, S) > limit / 2:
         S //= 2

@@ -517,6 +517,9 @@ def test_run_blocks_takes_the_flags_before_the_defaults():
     assert run(f05.FlashConfig(block_q=128)) == (128, 128)
     assert run(f05.FlashConfig(block_q=128, block_k=32)) == (128, 32)
     assert f05.run_blocks(f05.FlashConfig(block_q=64, block_k=16), True, lengths, None) == (64, 16)
+    # a block past every sequence (the memory table's included) is printed as the one used
+    huge = f05.FlashConfig(block_q=10**8, block_k=64, mem_max_len=1024)
+    assert run(huge) == (1024, 64)
 
 
 def test_the_table_counts_forward_and_backward_as_flashattention_does(capsys):
