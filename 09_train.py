@@ -904,8 +904,8 @@ def stop_after_the_step(saving=True):
         asked[0] = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         then = ", and saving it" if saving else " (--ckpt_every=0: nothing is saved)"
-        print(f"\n{name}: stopping when the step in flight ends{then} (Ctrl-C again stops at "
-              f"once)", file=sys.stderr, flush=True)
+        print(f"\n{name}: stopping after the current step{then} (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -311,11 +311,11 @@ def test_a_signal_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path,
     try:
         _signal_saves_and_resumes(tc, one_device_run, sig, handlers)
         name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
-        assert f"{name}: stopping when the step in flight ends, and saving it" in \
+        assert f"{name}: stopping after the current step, and saving it" in \
             capfd.readouterr().err
         with train_mod.stop_after_the_step(saving=False):  # --ckpt_every=0 says so
             os.kill(os.getpid(), sig)
-        assert "ends (--ckpt_every=0: nothing is saved)" in capfd.readouterr().err
+        assert "step (--ckpt_every=0: nothing is saved)" in capfd.readouterr().err
         signal.signal(sig, signal.SIG_IGN)
         with train_mod.stop_after_the_step():      # a job that ignores the signal goes on so
             assert signal.getsignal(sig) is signal.SIG_IGN
