@@ -491,6 +491,12 @@ def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
         writer.start(write_checkpoint, tc.out_dir, step, tc.ckpt_keep, state, meta, files)
 
 
+def model_name(init_from):
+    """The model a run fine-tunes, by its directory's name ("" from scratch): a resume that
+    names another is refused, while the same model moved to another directory is not."""
+    return os.path.basename(os.path.normpath(init_from)) if init_from else ""
+
+
 def schedule_flags(tc):
     """What shapes every update besides the model and the data, recorded with each checkpoint:
     a resume that changes one is said (restore)."""
@@ -555,6 +561,16 @@ def restore(tc, cfg, params, opt, data_id, tokenizer=common.BYTES):
         if not isinstance(meta.get("model"), dict):
             raise common.DamagedCheckpoint(f"checkpoint {path} is damaged: its meta.json holds "
                                            f"no model config")
+        ran_from = meta.get("init_from", tc.init_from) or ""  # (not recorded before: as now)
+        if model_name(ran_from) != model_name(tc.init_from):
+            if not ran_from:
+                what = f"a model trained from scratch, not a fine-tune of {tc.init_from}"
+            else:
+                what = f"a fine-tune of {ran_from}" + (f", not of {tc.init_from}"
+                                                       if tc.init_from else "")
+            resume = f"with --init_from={ran_from}" if ran_from else "without --init_from"
+            raise common.UserError(f"{tc.out_dir} holds {what}: resume {resume}, or use another "
+                                   f"--out_dir")
         held = os.path.join(path, "tokenizer.json")  # (none: bytes)
         try:
             spec = common.read_json(held) if os.path.isfile(held) else common.BYTES.spec
@@ -569,8 +585,9 @@ def restore(tc, cfg, params, opt, data_id, tokenizer=common.BYTES):
             stored = dict(meta["model"], seed=meta.get("seed"))
             differ = [f"{k} {stored.get(k)!r} there, {v!r} here"
                       for k, v in dict(model, seed=tc.seed).items() if stored.get(k) != v]
+            whose = f"--init_from={ran_from}" if ran_from else f"preset {meta.get('preset')}"
             raise common.UserError(f"{tc.out_dir} holds a checkpoint of another config "
-                                   f"(preset {meta.get('preset')}: {'; '.join(differ)}); "
+                                   f"({whose}: {'; '.join(differ)}); "
                                    f"resume with the flags it was written with (--preset, "
                                    f"--dtype, --seed), or use another --out_dir")
         if "fp8" in opt and not meta.get("fp8_maxima"):
@@ -817,7 +834,7 @@ def model_config(tc):
     platform = jax.devices()[0].platform
     dtype = tc.dtype if tc.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
     try:
-        cfg = common.read_hf_config(tc.init_from) if tc.init_from else \
+        cfg = common.read_hf_config(tc.init_from, "float32") if tc.init_from else \
             common.Config.preset(tc.preset)
     except common.UserError as e:
         raise common.UserError(f"--init_from: {e}") from None
@@ -945,6 +962,11 @@ def load_data(tc, cfg, tokenizer, log=print, stats=None):
             f"MiB (--max_data_mb reads more)")
     if tokenizer is not common.BYTES:  # each file a document, begun and ended as in pretraining
         t0, sizes = time.perf_counter(), [len(data) for data, _ in splits]
+        bad = sum(len(data) - len(bytes(data).decode("utf-8", "ignore").encode())
+                  for data, _ in splits)
+        if bad:  # (bytes are lost to a tokenizer as text; byte-level training keeps them)
+            log(f"note: {bad:,} bytes of the data are not UTF-8: the tokenizer reads them as "
+                f"U+FFFD, the replacement character (convert the files to UTF-8 to keep them)")
         splits = [common.tokenize(tokenizer, data, edges) for data, edges in splits]
         per_token = [size / len(tokens) for size, (tokens, _) in zip(sizes, splits)]
         if stats is not None:

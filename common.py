@@ -687,9 +687,9 @@ def read_safetensors(path):
     return out
 
 
-def write_safetensors(path, arrays, threads=4):
-    """Write {name: array} as one .safetensors file, the layout read_safetensors reads, and flush
-    it to disk. Threads write the arrays' bytes at their offsets (os.pwrite lets go of the GIL);
+def write_safetensors(path, arrays, threads=4, metadata=None):
+    """Write {name: array} as one .safetensors file, the layout read_safetensors reads, with
+    `metadata` ({str: str}) as the header's __metadata__, and flush it to disk. Threads write the arrays' bytes at their offsets (os.pwrite lets go of the GIL);
     a jax array is read in place in host memory, or copied from its device by the thread that
     writes it, while the others write. This goes at the disk's pace, where np.savez (a .npz,
     which checksums each array and copies it in 16 MiB pieces, on one thread) does not: 1B's
@@ -707,7 +707,7 @@ def write_safetensors(path, arrays, threads=4):
         header[name] = {"dtype": names[dtype], "shape": list(np.shape(a)),
                         "data_offsets": [end, end + size]}
         end += size
-    head = json.dumps(header).encode()
+    head = json.dumps(({"__metadata__": dict(metadata)} if metadata else {}) | header).encode()
     head += b" " * (-len(head) % 8)  # spaces, as the format allows: the data start 8-aligned
     start = 8 + len(head)
 
@@ -1102,8 +1102,11 @@ def save_hf_llama(path, cfg, params, files=None, shard_bytes=5 * 10**9):
         # Four files at a time: one's flush to disk overlaps the others' copies
         at_once = min(4, len(shards))
         with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+            # ("format": "pt", as save_pretrained writes: older transformers, 4.41 for one, fail
+            # to load a file without it)
             list(pool.map(lambda name, shard: write_safetensors(
-                os.path.join(tmp, name), shard, threads=8 // at_once), names, shards))
+                os.path.join(tmp, name), shard, threads=8 // at_once, metadata={"format": "pt"}),
+                names, shards))
         for name, value in files.items():
             _write_json(os.path.join(tmp, name), value, indent=2)
         _fsync_dir(tmp)

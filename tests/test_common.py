@@ -865,6 +865,11 @@ def test_save_hf_llama_is_what_load_hf_llama_reads(tmp_path, cfg, dtype, shard_b
         assert index["weight_map"] == tensors
         assert index["metadata"]["total_size"] == sum(
             a.nbytes for a in common.hf_tensors(cfg, params).values())
+    for f in files:  # each header says "pt", as save_pretrained's do: older transformers need it
+        if f.endswith(".safetensors"):
+            with open(os.path.join(path, f), "rb") as fh:
+                head = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            assert head["__metadata__"] == {"format": "pt"}
 
 
 def test_save_hf_llama_overwrites_nothing_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
@@ -882,7 +887,7 @@ def test_save_hf_llama_overwrites_nothing_and_leaves_nothing_when_it_fails(tmp_p
     common.save_hf_llama(str(tmp_path / "empty"), TINY, params)
     assert common.load_hf_llama(str(tmp_path / "empty"))[0] == TINY
 
-    def full_disk(path, arrays, threads=4):
+    def full_disk(path, arrays, threads=4, metadata=None):
         open(path, "wb").write(b"part")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(common, "write_safetensors", full_disk)

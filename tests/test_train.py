@@ -473,7 +473,7 @@ def first_loss(path, tc, tokenizer):
 def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
     """--init_from starts from the directory's weights: the first step's loss is theirs on that
     batch. An exported byte-level model goes round: 09 -> Hugging Face -> 09."""
-    first = tiny_run(tmp_path / "a", export_hf=str(tmp_path / "hf"), sample_len=4)
+    first = tiny_run(tmp_path / "a", export_hf=str(tmp_path / "hf"), sample_len=4, ckpt_every=4)
     train_mod.train_and_sample(first)
     history = [json.loads(line) for line in open(os.path.join(first.out_dir, "metrics.jsonl"))]
     tc = tiny_run(tmp_path / "b", init_from=str(tmp_path / "hf"), ckpt_every=4)
@@ -490,6 +490,29 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
     train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     steps = [json.loads(line)["step"] for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
     assert steps == list(range(tc.steps + 1))
+    # A resume names the model it fine-tunes: another one (of the same shape and tokens) is
+    # refused, the same one moved is not, and neither is a run from scratch
+    shutil.copytree(tmp_path / "hf", tmp_path / "other")
+    shutil.copytree(tmp_path / "hf", tmp_path / "moved" / "hf")
+    for init_from, out_dir, match in (
+            ("other", tc.out_dir, "holds a fine-tune of .*hf, not of .*other: resume with "
+                                  "--init_from=.*hf, or use another --out_dir"),
+            ("", tc.out_dir, "holds a fine-tune of .*hf: resume with --init_from="),
+            ("hf", first.out_dir, "holds a model trained from scratch, not a fine-tune of .*hf: "
+                                  "resume without --init_from")):
+        with pytest.raises(common.UserError, match=match):
+            train_mod.train(dataclasses.replace(tc, init_from=init_from and str(tmp_path / init_from),
+                                                out_dir=out_dir), log=lambda s: None)
+    moved = dataclasses.replace(tc, init_from=str(tmp_path / "moved" / "hf"))
+    assert train_mod.train(moved, log=lambda s: None, devices=jax.devices()[:1])[0] == []
+    hf_cfg = json.load(open(tmp_path / "moved" / "hf" / "config.json"))
+    json.dump(dict(hf_cfg, rope_theta=123.0), open(tmp_path / "moved" / "hf" / "config.json", "w"))
+    with pytest.raises(common.UserError, match=r"another config \(--init_from=.*hf: rope_theta "):
+        train_mod.train(moved, log=lambda s: None)
+    # 09 loads float32 whatever the checkpoint's own dtype (float64 included)
+    json.dump(dict(hf_cfg, torch_dtype="float64"),
+              open(tmp_path / "moved" / "hf" / "config.json", "w"))
+    assert train_mod.model_config(moved).param_dtype == "float32"
     monkeypatch.setattr(sys, "argv", ["09_train.py", "--preset=tiny", f"--init_from={tmp_path}"])
     with pytest.raises(common.UserError, match="--preset and --init_from both name the model"):
         train_mod.main()
@@ -519,6 +542,15 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
     tokenizer = train_mod.data_tokenizer(tc)
     (tokens, _), _ = train_mod.load_data(tc, cfg, tokenizer, log=lambda s: None)
     assert tokens.max() >= 256 and tokens.max() < 300
+    (tmp_path / "latin").mkdir()  # bytes that are not UTF-8 reach the model as U+FFFD: said
+    (tmp_path / "latin" / "a.txt").write_bytes(open(os.path.join(ROOT, "common.py"), "rb").read(
+        8000) + "café, naïve".encode("latin-1"))
+    lines = []
+    train_mod.load_data(dataclasses.replace(tc, data=str(tmp_path / "latin")), cfg, tokenizer,
+                        log=lines.append)
+    assert [s for s in lines if "UTF-8" in s] == [
+        "note: 2 bytes of the data are not UTF-8: the tokenizer reads them as U+FFFD, the "
+        "replacement character (convert the files to UTF-8 to keep them)"]
     train_mod.train_and_sample(tc)
     rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
     assert rows[0]["step"] == 0 and "val_loss" in rows[0]
