@@ -828,7 +828,7 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
     if cache_len is None:
         cache_len = need
         if cache_len > cfg.max_seq_len:
-            room = f" plus the {extra} positions a speculative round needs" if extra else ""
+            room = f" plus the {extra} draft positions a speculative round needs" if extra else ""
             raise common.UserError(f"a prompt of {max(lengths)} tokens plus {max_new_tokens} new "
                                    f"ones{room} exceeds the model's "
                                    f"max_seq_len={cfg.max_seq_len}")
@@ -1297,11 +1297,11 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
                                f"{type(draft).__name__}")
     params, draft = inference_params(params, cfg), inference_params(draft, draft_cfg)
     decode_attention = decode_attention or default_decode_attention(cfg)
-    # A round writes gamma + 1 positions past a row's length, also past its last token; with at
-    # most one token wanted there is no round (the prefill makes the first).
+    # A round writes gamma + 1 positions from a row's length on: the last round of a row that
+    # wants n tokens starts with n - 1 made, so it writes gamma positions past generate's room.
+    # With at most one token wanted there is no round (the prefill makes the first).
     rounds = check_count("max_new_tokens", max_new_tokens) > 1
-    lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len,
-                               extra=(2 * gamma + 1) * rounds)
+    lengths, S = check_prompts(prompts, cfg, max_new_tokens, cache_len, extra=gamma * rounds)
     if S > draft_cfg.max_seq_len:  # the draft runs at the target's positions
         raise common.UserError(f"these prompts and max_new_tokens need {S} cache positions, past "
                                f"the draft's max_seq_len={draft_cfg.max_seq_len}: use a draft "
@@ -1309,14 +1309,16 @@ def speculative_generate(params, cfg, draft, draft_cfg, prompts, max_new_tokens,
     max_new_tokens, gamma = int(max_new_tokens), int(gamma)
     stops = _check_stops(stop_tokens, cfg)
     B = len(prompts)
+    no_rounds = {"rounds": 0, "proposed": 0, "accepted": 0, "decode_s": 0.0,
+                 "acceptance": math.nan, "alpha": math.nan, "tokens_per_round": math.nan}
     if max_new_tokens == 0:
-        return [[] for _ in prompts], {"rounds": 0, "proposed": 0, "accepted": 0,
-                                       "decode_s": 0.0, "acceptance": math.nan,
-                                       "alpha": math.nan, "tokens_per_round": math.nan}
+        return [[] for _ in prompts], no_rounds
     tokens = pad_prompts(prompts, min(bucket(int(lengths.max())), S))
     ids = jnp.arange(B, dtype=jnp.int32)
     last, _, cache = prefill_step(params, init_cache(cfg, B, S), tokens, lengths, ids, ids, seed,
                                   cfg=cfg, sampling=sampling)
+    if max_new_tokens == 1:  # the prefill's token (the cache has no room for a round)
+        return [[int(t)] for t in jax.device_get(last)], no_rounds
     _, _, dcache = prefill_step(draft, init_cache(draft_cfg, B, S),
                                 jnp.minimum(tokens, draft_cfg.vocab_size - 1), lengths, ids, ids,
                                 0, cfg=draft_cfg)

@@ -604,6 +604,13 @@ def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
     full = [[1] * (TINY.max_seq_len - 1)]
     assert inf.speculative_generate(p, TINY, p, TINY, full, 1, gamma=2)[0] == \
         inf.generate(p, TINY, full, 1)
+    assert inf.speculative_generate(p, TINY, p, TINY, [[5]], 1)[0] == inf.generate(p, TINY, [[5]], 1)
+    # The tightest fit: a row's last round writes gamma positions past generate's room, no more
+    # (a round starts at the row's length; stopped rows write over their own last positions)
+    draft, dcfg = inf.draft_params(p, TINY, 1)
+    tight = [[1] * (TINY.max_seq_len - (12 - 1) - 3), [2, 3]]
+    assert inf.speculative_generate(p, TINY, draft, dcfg, tight, 12, gamma=3)[0] == \
+        inf.generate(p, TINY, tight, 12)
     toks, logits = inf.generate(p, TINY, prompts, 0, return_logits=True)
     assert toks == [[], []] and [x.shape for x in logits] == [(0, TINY.vocab_size)] * 2
     one = inf.generate(p, TINY, prompts, 1, return_logits=True)[1]
@@ -657,18 +664,18 @@ def test_sampling_restrictions():
                                 np.ones((1, 6), np.int32), np.array([6]), np.zeros(1, np.int32),
                                 np.zeros(1, np.int32), 0, TINY),
      "^prompts padded to 6 tokens do not fit a cache of 4 positions"),
-    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 50], 10, gamma=3,
-                                        cache_len=CACHE), "cache"),
-    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 21, gamma=4),
-     "plus the 9 positions a speculative round needs"),
+    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 53], 10, gamma=3,
+                                        cache_len=CACHE), "needs 65 cache positions"),
+    (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 26, gamma=4),
+     "plus the 4 draft positions a speculative round needs"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
     (lambda p: inf.speculative_generate(p, TINY, p, None, [[1]], 4), "draft_cfg must be"),
     (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1], 4)], 2, CACHE, prompt_pad=16.0),
      "prompt_pad must be an integer"),
     # the draft runs at the target's positions, and would past its own window without a word
     (lambda p: inf.speculative_generate(p, TINY, p, dataclasses.replace(TINY, max_seq_len=16),
-                                        [[1] * 10], 4, gamma=2),
-     "need 18 cache positions, past the draft's max_seq_len=16"),
+                                        [[1] * 12], 4, gamma=2),
+     "need 17 cache positions, past the draft's max_seq_len=16"),
     (lambda p: inf.generate(p, TINY, [[1]], 4.0), "max_new_tokens must be an integer"),
     (lambda p: inf.generate(p, TINY, [[1]], 4, temperature=float("nan")), "finite number"),
     (lambda p: inf.generate(p, TINY, [[1]], 4, top_k=2.5), "top_k must be an integer"),
