@@ -463,6 +463,26 @@ def test_speculative_alpha_counts_the_judged_draft_tokens():
     assert batch["alpha"] == pytest.approx(batch["accepted"] / judged, rel=1e-9)
 
 
+def test_speculative_rounds_write_within_the_cache_they_reserve(monkeypatch):
+    """The tightest fit: a row's last round writes gamma positions past generate's room, no
+    more. One short, dynamic_update_slice would move that write back over the cached tokens,
+    which seldom changes a greedy token: so every write's end is recorded. The target as its own
+    draft accepts every token, so the rounds start at 1, 5 and 9 of the 10 wanted."""
+    cfg = dataclasses.replace(TINY, max_seq_len=40)  # (its own compiled steps: the spy traced)
+    p, ends = params_for(cfg), []
+    write = inf.write_at_lengths
+
+    def spy(buf, new, start):
+        past = jnp.max(start) + new.shape[2] - buf.shape[2]
+        jax.debug.callback(lambda n: ends.append(int(n)), past)
+        return write(buf, new, start)
+    monkeypatch.setattr(inf, "write_at_lengths", spy)
+    tight = [[1] * (cfg.max_seq_len - (10 - 1) - 3)]
+    got, st = inf.speculative_generate(p, cfg, p, cfg, tight, 10, gamma=3)
+    assert st["rounds"] == 3 and max(ends) == 0  # the last round's write ends at the cache's end
+    assert got == inf.generate(p, cfg, tight, 10)
+
+
 def test_speculative_sampling_draws_from_the_target():
     """At temperature > 0 each token must be distributed as the target alone would draw it
     (p), whatever the draft (q). 256 answers to one prompt, with a draft that agrees about half
@@ -605,12 +625,6 @@ def test_the_api_takes_numpy_counts_a_single_stop_token_and_tiny_temperatures():
     assert inf.speculative_generate(p, TINY, p, TINY, full, 1, gamma=2)[0] == \
         inf.generate(p, TINY, full, 1)
     assert inf.speculative_generate(p, TINY, p, TINY, [[5]], 1)[0] == inf.generate(p, TINY, [[5]], 1)
-    # The tightest fit: a row's last round writes gamma positions past generate's room, no more
-    # (a round starts at the row's length; stopped rows write over their own last positions)
-    draft, dcfg = inf.draft_params(p, TINY, 1)
-    tight = [[1] * (TINY.max_seq_len - (12 - 1) - 3), [2, 3]]
-    assert inf.speculative_generate(p, TINY, draft, dcfg, tight, 12, gamma=3)[0] == \
-        inf.generate(p, TINY, tight, 12)
     toks, logits = inf.generate(p, TINY, prompts, 0, return_logits=True)
     assert toks == [[], []] and [x.shape for x in logits] == [(0, TINY.vocab_size)] * 2
     one = inf.generate(p, TINY, prompts, 1, return_logits=True)[1]
