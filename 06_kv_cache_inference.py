@@ -137,7 +137,7 @@ class InferConfig:
     prompt_len: int = 0         # end-to-end prompt tokens; 0: 256 on a GPU, 64 on a CPU
     gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
     cache_len: int = 0          # positions per cache row; 0: the least power of 2 >= 128 that
-                                # holds prompt_len + gen_len + 2 gamma + 1 (a speculative round)
+                                # holds prompt_len + gen_len - 1 + gamma (a speculative round)
                                 # and the timed steps, prompt_len + max(12, steps)
                                 # + 3 x max(steps, 8)
     batch: int = 0              # the large decode batch, against batch 1; 0: 64 on a GPU,
@@ -2341,11 +2341,11 @@ def lesson_lengths(cfg, ic, on_gpu):
     if G < 2:  # the first token comes from the prefill: decoding starts at the second
         raise common.UserError(f"gen_len={G}: the lesson times the decode steps after the "
                                f"first token, so it needs gen_len >= 2")
-    need = P + G + 2 * ic.gamma + 1
+    need = P + G - 1 + ic.gamma  # the last token is not cached; a round writes gamma past it
     if need > cfg.max_seq_len:
-        raise common.UserError(f"prompt_len + gen_len + 2 x gamma + 1 = {P} + {G} + "
-                               f"{2 * ic.gamma} + 1 = {need} exceeds the model's max_seq_len="
-                               f"{cfg.max_seq_len}: use shorter lengths or a smaller gamma")
+        raise common.UserError(f"prompt_len + gen_len - 1 + gamma = {P} + {G} - 1 + {ic.gamma} "
+                               f"= {need} exceeds the model's max_seq_len={cfg.max_seq_len}: "
+                               f"use shorter lengths or a smaller gamma")
     # The timed decode steps (time_decode) run on a cache filled to P and write every step into
     # it: a first call of PER_CALL steps (4 more before a profile), or of `steps` for the draft,
     # then 3 runs of `steps`, each at least one call of PER_CALL steps when timed that way.
@@ -2369,8 +2369,8 @@ def lesson_lengths(cfg, ic, on_gpu):
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
-        raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len + 2 x gamma "
-                               f"+ 1 and prompt_len + {written}, {need}, and fit the model's "
+        raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len - 1 + gamma "
+                               f"and prompt_len + {written}, {need}, and fit the model's "
                                f"max_seq_len={cfg.max_seq_len}")
     return P, G, S
 
@@ -2387,7 +2387,7 @@ def check_before_the_run(models, ic, on_gpu, draft):
             ids = tok.encode(ic.prompt)
             if not ids:
                 raise common.UserError("--prompt encodes to no tokens: give the sample some text")
-            room = 2 * ic.gamma + 1 if draft is not None and ic.sample_only else 0
+            room = ic.gamma if draft is not None and ic.sample_only and ic.max_new_tokens > 1 else 0
             check_prompts([ids], cfg, ic.max_new_tokens, extra=room)
         if not ic.sample_only:
             _, _, S = lesson_lengths(cfg, ic, on_gpu)

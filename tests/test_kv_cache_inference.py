@@ -732,11 +732,11 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
     for ic, match in ((inf.InferConfig(models="tiny", max_new_tokens=200), "max_seq_len=128"),
                       (inf.InferConfig(models="tiny", draft_layers=3), "draft_layers=3"),
                       (inf.InferConfig(models="tiny", prompt_len=100),
-                       r"^prompt_len \+ gen_len \+ 2 x gamma \+ 1 = 100 \+ 32 \+ 8 \+ 1 = 141 "
+                       r"^prompt_len \+ gen_len - 1 \+ gamma = 100 \+ 32 - 1 \+ 4 = 135 "
                        r"exceeds the model's max_seq_len=128"),
                       (inf.InferConfig(models="tiny", cache_len=64),
-                       r"^cache_len=64 must hold prompt_len \+ gen_len \+ 2 x gamma \+ 1 and "
-                       r"prompt_len \+ max\(12, steps\) \+ 3 x max\(steps, 8\), 105,"),
+                       r"^cache_len=64 must hold prompt_len \+ gen_len - 1 \+ gamma and "
+                       r"prompt_len \+ max\(12, steps\) \+ 3 x max\(steps, 8\), 100,"),
                       # the timed steps wrote past the cache's end without a word: 4 x 16 fit
                       # the 128 - 64 positions left (the draft's first call is `steps` long)
                       (inf.InferConfig(models="tiny", steps=100), "use --steps=16 or fewer$"),
