@@ -401,8 +401,11 @@ def forward(params, tokens, cfg, attention=None, segment_ids=None, positions=Non
     constrain = constrain or (lambda x, axes: x)
     if isinstance(tokens, (list, tuple, np.ndarray)):
         host = np.asarray(tokens)
-        if not np.issubdtype(host.dtype, np.integer) or host.size and (
-                host.min() < 0 or host.max() >= cfg.vocab_size):
+        if host.size == 0:
+            raise UserError(f"tokens must be integer ids [B, T], got none (shape "
+                            f"{list(host.shape)})")
+        if not np.issubdtype(host.dtype, np.integer) or host.min() < 0 or \
+                host.max() >= cfg.vocab_size:
             raise UserError(f"tokens must be integer ids in [0, {cfg.vocab_size}), got "
                             f"{host.dtype} values in [{host.min()}, {host.max()}]")
     tokens = jnp.asarray(tokens)

@@ -1310,6 +1310,9 @@ def test_forward_checks_tokens_given_from_the_host():
     for tokens in ([[TINY.vocab_size, 2]], np.array([[-3, 2]]), [[1.5, 2.0]]):
         with pytest.raises(common.UserError, match=r"tokens must be integer ids in \[0, "):
             common.forward(params, tokens, TINY)
+    for tokens in ([], [[]]):
+        with pytest.raises(common.UserError, match=r"tokens must be integer ids \[B, T\], got none"):
+            common.forward(params, tokens, TINY)
     assert common.forward(params, np.array([[1, 2]]), TINY).shape == (1, 2, TINY.vocab_size)
     with pytest.raises(common.UserError, match="do not match the config"):
         common.check_params(params, dataclasses.replace(TINY, d_model=2 * TINY.d_model))
