@@ -569,7 +569,7 @@ def run_blocks(cfg, on_gpu, lengths, limit):
     if cfg.block_q:
         return min(cfg.block_q, longest), min(cfg.block_k or cfg.block_q, longest)
     if not on_gpu:
-        return 256, min(cfg.block_k or 256, longest)
+        return min(256, longest), min(cfg.block_k or 256, longest)
     S = min(16384, lengths[-1])
     while S > lengths[0] and input_bytes(cfg, S) > limit / 2:
         S //= 2

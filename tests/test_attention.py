@@ -520,6 +520,8 @@ def test_run_blocks_takes_the_flags_before_the_defaults():
     # a block past every sequence (the memory table's included) is printed as the one used
     huge = f05.FlashConfig(block_q=10**8, block_k=64, mem_max_len=1024)
     assert run(huge) == (1024, 64)
+    short = f05.FlashConfig(mem_max_len=64)  # and so is the default 256 past 64 tokens
+    assert f05.run_blocks(short, False, [32, 64], None) == (64, 64)
 
 
 def test_the_table_counts_forward_and_backward_as_flashattention_does(capsys):
