@@ -1486,8 +1486,13 @@ def bench_matmul(cfg, env, rows):
           "  (tiles/SM: no SM count on this device)")
     print(f"  {'tile m x n x k':>16s} {'warps':>5s} {'stages':>6s} {'FLOP/B':>7s} "
           f"{'tiles/SM':>8s} {'HBM roof':>9s} {unit:>8s} {'vs XLA':>7s}")
-    best = None
-    for bm, bn, bk, warps, stages in env["matmul_tiles"]:
+    best, tried = None, set()
+    for tile in env["matmul_tiles"]:
+        bm, bn, bk = (min(b, _pow2_at_least(n)) for b in tile[:3])  # the tile matmul runs
+        warps, stages = tile[3:]
+        if (bm, bn, bk, warps, stages) in tried:  # (a smaller n clamps two tiles to one)
+            continue
+        tried.add((bm, bn, bk, warps, stages))
         f = functools.partial(matmul, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                               num_stages=stages, interpret=interp)
         try:

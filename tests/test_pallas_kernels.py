@@ -270,6 +270,21 @@ def test_decode_benchmark_counts_the_keys_and_values_it_reads(monkeypatch):
     assert got["decode attn, int8 KV"] == f"{B * S * KH * (D + 4) * 2 / full:.0%} of copy BW"
 
 
+def test_matmul_benchmark_rows_are_the_tiles_that_ran(monkeypatch, capsys):
+    """matmul clamps its blocks to the matrix (a power of 2 at least n): at n = 20 both tiles
+    run as 32x32x32, so the table has that one row, its FLOP/B the tile's that ran."""
+    monkeypatch.setattr(k08, "_time", lambda fn, arg_sets, device=False: (1e-3, 1e-3))
+    env = {"matmul_n": 20, "dtype": jnp.float32, "interpret": True, "peak": 1e12,
+           "copy_bw": 1e11, "flop_unit": ("GFLOP/s", 1e9),
+           "matmul_tiles": [(32, 32, 32, 4, 3), (64, 64, 64, 4, 3)]}
+    rows = []
+    k08.bench_matmul(k08.KernelsConfig(), env, rows)
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if "x  32" in line]
+    want = [["32x", "32x", "32", f"{k08.tile_intensity(32, 32, 20, 4):.1f}"]]
+    assert [t[:3] + t[5:6] for t in table] == want
+    assert rows[0][1] == "20^3, tile 32x32x32"
+
+
 def test_kernels_reject_bad_arguments():
     with pytest.raises(common.UserError, match="int8"):
         k08.int8_matmul(jnp.ones((1, 16)), jnp.ones((16, 16)), jnp.ones(16), interpret=True)
