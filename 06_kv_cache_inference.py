@@ -802,9 +802,10 @@ def check_count(name, n):
     return int(n)
 
 
-def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
-    """Lengths [B] of a list of token lists; the cache length to use. One-line errors for what a
-    user can get wrong."""
+def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0,
+                  extra_for="a speculative round's draft tokens"):
+    """Lengths [B] of a list of token lists; the cache length to use, with `extra` positions
+    `extra_for` past generate's. One-line errors for what a user can get wrong."""
     if check_count("max_new_tokens", max_new_tokens) < 0:
         raise common.UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cache_len is not None and check_count("cache_len", cache_len) < 1:
@@ -825,10 +826,10 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
         lengths.append(len(p))
     # The last new token is returned, never fed back: its key and value are never cached.
     need = max(lengths) + max(max_new_tokens - 1, 0) + extra
+    room = f" plus {extra} for {extra_for}" if extra else ""
     if cache_len is None:
         cache_len = need
         if cache_len > cfg.max_seq_len:
-            room = f" plus the {extra} draft positions a speculative round needs" if extra else ""
             raise common.UserError(f"a prompt of {max(lengths)} tokens plus {max_new_tokens} new "
                                    f"ones{room} exceeds the model's "
                                    f"max_seq_len={cfg.max_seq_len}")
@@ -837,8 +838,8 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0):
     if need > cache_len:
         i = int(np.argmax(lengths))
         raise common.UserError(f"prompt {i} has {lengths[i]} tokens: with max_new_tokens="
-                               f"{max_new_tokens} it needs {need} cache positions, the cache "
-                               f"holds {cache_len}")
+                               f"{max_new_tokens}{room} it needs {need} cache positions, the "
+                               f"cache holds {cache_len}")
     return np.asarray(lengths, np.int32), cache_len
 
 
@@ -958,7 +959,9 @@ def teacher_forced_logits(params, cfg, prompt, continuation, cache_len=None, kv_
     through the same prefill and decode steps as generation (so int8 weights and int8 caches are
     compared on the same tokens, not on diverging outputs). cache_len None: as generate sizes it."""
     # Every continuation token is fed back, its last too: one position more than generate's.
-    _, cache_len = check_prompts([prompt], cfg, len(continuation) + 1, cache_len)
+    _, cache_len = check_prompts([prompt], cfg, len(continuation), cache_len,
+                                 extra=int(len(continuation) > 0),
+                                 extra_for="the last one fed back")
     c = np.asarray(continuation)
     if c.size and (c.ndim != 1 or not np.issubdtype(c.dtype, np.integer) or c.min() < 0
                    or c.max() >= cfg.vocab_size):
