@@ -228,8 +228,8 @@ def print_arithmetic(cfg, T, dtype, peak, bw):
               f"{roofline_s(costs, i, peak, bw) * 1e3:8.3f}ms  {bound}")
     n = dtype.itemsize  # the fused kernel moves q, k, v and o once: a query row's 4 S D
     # FLOPs per 4 n D bytes
-    fused = (f"S/{2 * n} = {T // (2 * n)} (causal: half the work)" if cfg.causal
-             else f"S/{n} = {T // n}")
+    fused = (f"S/{2 * n} = {T / (2 * n):g} (causal: half the work)" if cfg.causal
+             else f"S/{n} = {T / n:g}")
     pv = {1: "2D", 2: "D"}.get(n, f"D/{n // 2}")  # 2 D FLOPs per probability of n bytes
     print(f"  ridge point {peak / bw:.0f} FLOP/byte: the matmuls that write/read the [T, S] "
           f"matrix sit near D/2 (QK^T) and {pv} (PV), the fused kernel near {fused}, more with "
