@@ -195,8 +195,10 @@ def exact_sum(x, dtype):
 
 def relative_error(value, reference):
     value = float(value)
-    if value == reference:  # an infinite sum got right, or an exact one
-        return 0.0
+    if value == reference or math.isnan(value) and math.isnan(reference):
+        return 0.0  # an exact sum, an infinite one got right, or NaN where the true sum is
+    if math.isnan(reference):  # (inf - inf): no number is right
+        return math.inf
     if not math.isfinite(value):
         return math.inf
     if reference == 0:  # (an empty sum, or one that cancels): exact, or infinitely far

@@ -306,6 +306,8 @@ def test_numerics_helpers_refuse_what_they_cannot_do():
     assert nm.exact_sum(jnp.array([1.0, jnp.inf]), "float32") == math.inf
     assert nm.relative_error(math.inf, math.inf) == 0.0
     assert nm.relative_error(-math.inf, math.inf) == math.inf
+    assert nm.relative_error(math.nan, math.nan) == 0.0  # exact_sum is NaN for inf - inf
+    assert nm.relative_error(1.0, math.nan) == math.inf
     # record_amax_einsum's gradients come back in each operand's own dtype
     amax = {k: jnp.float32(0) for k in "xwg"}
     dx, dw = jax.grad(lambda a, b: nm.record_amax_einsum("ab,bc->ac", a, b, amax).sum(),
