@@ -174,6 +174,9 @@ def test_cross_entropy_and_its_gradient_match_log_softmax(dtype):
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return (nll * m).sum() / m.sum()
 
+    # a batch whose targets are all masked out (padding only) has no loss, not 0/0
+    none = jax.value_and_grad(lambda lg: common.cross_entropy(lg, targets, 0 * mask))(logits)
+    assert float(none[0]) == 0.0 and not np.asarray(none[1], np.float32).any()
     for m in (jnp.ones((2, 5)), mask):
         got, g = jax.value_and_grad(lambda lg: common.cross_entropy(lg, targets, m))(logits)
         ref, g_ref = jax.value_and_grad(reference)(logits, m)
@@ -411,13 +414,13 @@ def test_loader_reads_mistral_as_llama_within_its_window(tmp_path):
         note = common.window_note(str(tmp_path), cfg)  # what 06 and 09 print beside the model
         assert "sliding window of 64 tokens" in note if window == 64 else note == ""
     # keys left out take MistralConfig's defaults, not LlamaConfig's: a window of 4,096 (of
-    # 131,072 positions) and 8 kv heads; a null window is none
+    # 131,072 positions) and 8 kv heads; a null window is none. Both norms' eps is 1e-6.
     bare = {k: v for k, v in common.config_to_hf(TINY).items() if k not in (
-        "sliding_window", "num_key_value_heads", "max_position_embeddings")}
+        "sliding_window", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")}
     bare["num_attention_heads"] = 16
-    for model_type, want in (("mistral", (4096, 8)), ("llama", (2048, 16))):
+    for model_type, want in (("mistral", (4096, 8, 1e-6)), ("llama", (2048, 16, 1e-6))):
         cfg = common.config_from_hf(dict(bare, model_type=model_type))
-        assert (cfg.max_seq_len, cfg.n_kv_heads) == want
+        assert (cfg.max_seq_len, cfg.n_kv_heads, cfg.norm_eps) == want
     assert common.config_from_hf(dict(bare, model_type="mistral",
                                       sliding_window=None)).max_seq_len == 131072
 
@@ -760,6 +763,10 @@ def test_bench_reports_the_median_sample(monkeypatch):
         now[0] += next(durations)
         return 0
     t = common.bench(run, iters=10, warmup=2, calls=1)
+    assert t.median_s == pytest.approx(1e-3) and t.min_s == pytest.approx(1e-3)
+    # several calls a sample: the figures are per call
+    now[0], durations = 0.0, iter([0.0] * 3 + [1e-3] * 40)
+    t = common.bench(run, iters=10, warmup=2, calls=4)
     assert t.median_s == pytest.approx(1e-3) and t.min_s == pytest.approx(1e-3)
 
 
@@ -1165,6 +1172,12 @@ def test_corpus_split_and_batches(tmp_path):
         (tmp_path / f"f{i}.txt").write_bytes(bytes([65 + i % 26]) * 100)
     train, val = common.load_corpus(str(tmp_path))
     assert len(train) + len(val) == 4000 and 0 < len(val) < 1000
+    # every 20th file, by a hash of its name, validates: about 5% of many equal files
+    for i in range(40, 400):
+        (tmp_path / f"f{i}.txt").write_bytes(bytes([65 + i % 26]) * 100)
+    assert 0.02 < len(common.load_corpus(str(tmp_path))[1]) / 40_000 < 0.08
+    for i in range(40, 400):
+        os.remove(tmp_path / f"f{i}.txt")
     t2, v2 = common.load_corpus(str(tmp_path))
     assert np.array_equal(train, t2) and np.array_equal(val, v2)
     x, y = common.get_batch(train, 5, 8, 16, seed=1)
@@ -1213,6 +1226,11 @@ def test_corpus_edges_mark_where_each_file_begins_and_ends(tmp_path):
     one = tmp_path / "f00.txt"
     (train, train_edges), (val, val_edges) = common.load_corpus(str(one), edges=True)
     assert (train_edges, val_edges) == ([0], [len(val)])  # the 95/5 cut is not an edge
+    (tmp_path / "two").mkdir()  # a file ending exactly at the 95/5 cut keeps its end
+    (tmp_path / "two" / "a.txt").write_bytes(b"a" * 95)
+    (tmp_path / "two" / "b.txt").write_bytes(b"b" * 5)
+    (_, train_edges), (_, val_edges) = common.load_corpus(str(tmp_path / "two"), edges=True)
+    assert (train_edges, val_edges) == ([0, 95], [0, 5])
 
 
 def test_a_large_max_bytes_reads_no_more_than_the_files(tmp_path):
@@ -1279,6 +1297,7 @@ def test_kernel_kinds_and_summary():
              "loop_add_multiply_fusion": "other", "input_reduce_fusion_17": "other",
              "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "collective"}
     assert {n: common.kernel_kind(n) for n in names} == names
+    assert common.kernel_kind("Memset (Device)") == "copy"
     times = {n: (1e-3 * (i + 1), 2.0) for i, n in enumerate(names)}
     summary = common.kernel_summary(times)
     assert summary["matmul"] == pytest.approx((6e-3, 6.0))
