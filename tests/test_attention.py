@@ -300,6 +300,10 @@ def test_flash_temporary_memory_is_small():
     naive, ours = temp(a04.attention, 4096), temp(flash, 4096)
     assert naive > 4 * 4 * 4096 * 4096  # at least the float32 scores
     assert ours < naive / 8
+    # blocks past a short sequence are clamped to it, not padded to: the default 1024 x 1024
+    # at 100 tokens is the program of 100 x 100
+    exact = functools.partial(f05.flash_attention, block_q=100, block_k=100)
+    assert temp(f05.flash_attention, 100) == temp(exact, 100)
 
 
 def test_flash_inside_the_model():

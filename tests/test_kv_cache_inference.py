@@ -483,6 +483,25 @@ def test_speculative_rounds_write_within_the_cache_they_reserve(monkeypatch):
     assert got == inf.generate(p, cfg, tight, 10)
 
 
+def test_speculative_rounds_roll_the_draft_back_with_the_target(monkeypatch):
+    """After each round both caches end at the accepted length: a draft left where its own
+    steps ran would go on from tokens the target refused (still lossless, but it agrees less)."""
+    params = params_for(TINY)
+    draft, dcfg = inf.draft_params(params, TINY, 1)
+    loop, ends = inf.speculative_loop, []
+
+    def spy(*args, **kw):
+        out = loop(*args, **kw)
+        ends.append((out[5]["lengths"], out[6]["lengths"]))
+        return out
+    monkeypatch.setattr(inf, "speculative_loop", spy)
+    _, st = inf.speculative_generate(params, TINY, draft, dcfg, PROMPTS, 13, gamma=3,
+                                     cache_len=CACHE)
+    assert 0 < st["accepted"] < st["proposed"]  # some drafts refused: the two would part there
+    (target, draft_lengths), = ends
+    np.testing.assert_array_equal(draft_lengths, target)
+
+
 def test_speculative_sampling_draws_from_the_target():
     """At temperature > 0 each token must be distributed as the target alone would draw it
     (p), whatever the draft (q). 256 answers to one prompt, with a draft that agrees about half
@@ -1080,6 +1099,10 @@ def test_served_time_per_output_token_is_the_gaps_between_tokens():
     s, = inf._served([[5, 6, 7, 8]], [1.0], [4.0])
     assert s.ttft_s == 1.0 and s.tpot_s == pytest.approx(1.0)
     assert math.isnan(inf._served([[5]], [1.0], [1.0])[0].tpot_s)
+    # a stream's figures: time per output token over the answers that have a second token
+    served = inf._served([[5, 6, 7], [8], []], [1.0, 2.0, math.nan], [3.0, 2.0, math.nan])
+    st = inf._stats(served, 4.0)
+    assert (st["tokens"], st["tok_s"], st["ttft_mean"], st["tpot_mean"]) == (4, 1.0, 1.5, 1.0)
 
 
 def test_the_lessons_arithmetic_prints_the_bounds_of_its_formulas(capsys, monkeypatch):

@@ -376,6 +376,14 @@ def test_pure_bf16_loses_the_updates_master_weights_keep():
     assert float(pure["lost"]) == pytest.approx(float(pure["below_half_ulp"]), abs=1e-3)
     assert float(kept["below_half_ulp"]) == pytest.approx(float(pure["below_half_ulp"]), abs=1e-2)
     assert float(kept["lost"]) == 0.0
+    # weights with no gradient and no decay do not move: not updates, so none lost
+    param_dtype, dtype, _ = nm.MODES["bf16 + f32 master"]
+    w, unravel = ravel_pytree(jax.tree.map(lambda p: p.astype(param_dtype), master))
+    flat, unravel_g = ravel_pytree(jax.tree.map(lambda x: x.astype(dtype), grads))
+    half = flat.size // 2
+    update = nm.make_update_fn(cfg, unravel, decay.at[:half].set(0), dtype)
+    stats = update(w, nm.opt_init(w), unravel_g(flat.at[:half].set(0)))[3]
+    assert float(stats["lost"]) == 0.0
     # the float32 master moved by the whole step: on the first one Adam's m_hat / sqrt(v_hat) is
     # sign(g), so |delta| = lr_0 * |sign(g) + wd * w|, within 2% of lr_0 for |w| < 0.2 (where |g|
     # is not so small that Adam's epsilon, 1e-8, counts)
