@@ -36,10 +36,16 @@ def losses(history):
 
 
 def test_loss_decreases(tmp_path):
-    hist, _, _ = train_mod.train(tiny_run(tmp_path, steps=20, lr=1e-2, scan_layers=False),
-                                 log=lambda s: None, devices=jax.devices()[:1])
+    """It learns; the last step's validation loss is the mean of its --eval_batches batches'."""
+    tc = tiny_run(tmp_path, steps=20, lr=1e-2, scan_layers=False, eval_batches=3)
+    hist, params, cfg = train_mod.train(tc, log=lambda s: None, devices=jax.devices()[:1])
     ls = losses(hist)
     assert ls[-1] < ls[0] - 1.0, ls
+    _, (val, _) = train_mod.load_data(tc, cfg, common.BYTES, log=lambda s: None)
+    loss = jax.jit(lambda x, y: common.cross_entropy(common.forward(params, x, cfg), y))
+    each = [float(loss(*common.get_batch(val, i, 8, 32, tc.seed + 1))) for i in range(3)]
+    assert hist[-1]["val_loss"] == pytest.approx(np.mean(each), rel=1e-5)
+    assert max(each) - min(each) > 1e-3, each  # three batches, not one three times
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +79,24 @@ def test_sharded_steps_equal_single_device(tmp_path, mesh, sp, one_device_run):
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / peak, rel=1e-6)
 
 
+def test_a_row_times_the_steps_since_the_last_row(tmp_path, monkeypatch):
+    """ms per step is the time since the last row over the steps it spans: under a clock that
+    moves one second as each step's batch is read, logging every third step, every row says
+    1000 ms and one batch of tokens a second."""
+    now, read = [0.0], common.get_batch
+
+    def batch_and_tick(*a, **k):
+        now[0] += 1.0
+        return read(*a, **k)
+    monkeypatch.setattr(common, "get_batch", batch_and_tick)
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    hist, _, _ = train_mod.train(tiny_run(tmp_path, log_every=3), log=lambda s: None,
+                                 devices=jax.devices()[:1])
+    assert [r["step"] for r in hist] == [1, 3, 4]  # the first, every third, the last
+    for r in hist:
+        assert (r["ms_per_step"], r["tokens_per_s"]) == pytest.approx((1000, 8 * 32), rel=1e-6)
+
+
 def test_sequence_parallel_splits_the_rows_of_a_micro_batch():
     """The rows each dp x fsdp group holds in one micro-batch: 16 over 4 groups in 4 micro-batches
     is 1, too few to split over tp = 2, so the positions are split; 31 positions cannot be."""
@@ -102,6 +126,21 @@ def test_sequence_parallel_splits_the_residual_stream(batch):
     assert gathers[0] == 0 and gathers[1] > 0, gathers
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_reaches_the_training_loss():
+    """--remat=full makes the training loss's compiled backward pass keep each layer's input
+    only: far fewer bytes of temporaries than --remat=none's (test_common measures the forward's
+    remat alone)."""
+    cfg, mesh = common.PRESETS["tiny"], train_mod.make_mesh("dp:1", jax.devices()[:1])
+    params = common.init_params(cfg, jax.random.key(0))
+    x, temp = np.zeros((8, 32), np.int32), {}
+    for remat in ("none", "full"):
+        tc = train_mod.TrainConfig(preset="tiny", seq_len=32, batch_size=8, remat=remat,
+                                   scan_layers=True)
+        grad = jax.jit(jax.grad(train_mod.make_loss_fn(cfg, tc, mesh, common.attention_reference)))
+        temp[remat] = grad.lower(params, x, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp["full"] < 0.75 * temp["none"], temp
 
 
 def test_pallas_attention_takes_the_same_steps(tmp_path, one_device_run):
@@ -426,8 +465,9 @@ def test_a_full_disk_names_the_checkpoint_kept(tmp_path, monkeypatch):
 def test_export_hf_writes_the_trained_weights_for_06_and_other_tools(tmp_path, monkeypatch,
                                                                       capsys):
     """--export_hf writes the last step's weights as a Hugging Face Llama directory (load_hf_llama
-    reads the checkpoint's params back exactly), which 06 serves with its byte tokenizer and no
-    `tokenizers` package; a finished run exports alone when rerun; nothing is overwritten."""
+    reads the checkpoint's params back exactly) in the compute dtype, which 06 serves with its
+    byte tokenizer and no `tokenizers` package; a finished run exports alone when rerun; nothing
+    is overwritten."""
     tc = tiny_run(tmp_path, ckpt_every=4, export_hf=str(tmp_path / "hf"))
     train_mod.train_and_sample(tc)
     assert "exported the model to" in capsys.readouterr().out
@@ -454,11 +494,15 @@ def test_export_hf_writes_the_trained_weights_for_06_and_other_tools(tmp_path, m
     assert len(common.list_checkpoints(tc.out_dir)) == 1
     with pytest.raises(common.UserError, match="--breakdown times a step and trains none"):
         dataclasses.replace(tc, breakdown=True)
-    # inside an out_dir the run has yet to make: its parent will exist when the export is written
+    # inside an out_dir the run has yet to make: its parent will exist when the export is written;
+    # a bfloat16 run exports in bfloat16, the dtype its forward computes in
     fresh = dataclasses.replace(tc, out_dir=str(tmp_path / "fresh"), steps=1, sample_len=0,
-                                export_hf=str(tmp_path / "fresh" / "hf"))
+                                export_hf=str(tmp_path / "fresh" / "hf"), dtype="bfloat16")
     train_mod.train_and_sample(fresh)
-    assert os.path.isfile(os.path.join(fresh.export_hf, "model.safetensors"))
+    written = common.read_safetensors(os.path.join(fresh.export_hf, "model.safetensors"))
+    assert {str(a.dtype) for a in written.values()} == {"bfloat16"}
+    assert common.read_json(os.path.join(fresh.export_hf, "config.json"))["torch_dtype"] == \
+        "bfloat16"
 
 
 def first_loss(path, tc, tokenizer):
@@ -971,6 +1015,12 @@ def test_fp8_delayed_scaling_follows_the_plain_run_and_resumes_exactly(tmp_path,
     # e4m3 rounds each element by up to 2^-4 of itself, and delayed scales lag a step: the loss
     # stays within a few percent (2.2% at step 3 on one version of the data, common.py's text)
     np.testing.assert_allclose(losses(full), losses(one_device_run), rtol=4e-2)
+    # each step records the maxima it saw: those kept at step 2 and at step 4 differ
+    two, four = (common.read_safetensors(os.path.join(p, common.STATE_FILE))
+                 for p in common.list_checkpoints(str(tmp_path / "full")))
+    maxima = [k for k in two if k.startswith("['opt']['fp8']")]  # x, w, g of 7 matmuls
+    unchanged = [k for k in maxima if np.array_equal(two[k], four[k])]
+    assert len(maxima) == 21 and not unchanged, unchanged
     first, _, _ = train_mod.train(tc, stop_after=2, **one)
     rest, _, _ = train_mod.train(tc, **one)
     assert losses(first) + losses(rest) == losses(full)
