@@ -173,6 +173,9 @@ class InferConfig:
         if self.models != "auto" and self.checkpoint:
             raise common.UserError("give --checkpoint (its weights) or --models (random weights of "
                                    "these shapes), not both")
+        if self.ckpt_dir and (self.models != "auto" or self.checkpoint):
+            raise common.UserError("--ckpt_dir picks 09_train.py's newest checkpoint: give it "
+                                   "alone, not with --models or --checkpoint")
         if self.models != "auto":
             names = [m for m in self.models.split(",") if m]
             if not names or set(names) - set(common.PRESETS):
@@ -1821,7 +1824,9 @@ def print_no_cache(run, W, N):
               f"position and reads training's weights, stacked and unfused; the prefill makes the "
               f"last position's and reads this lesson's fused per-layer matrices)")
     run.row(f"no-cache step, {L} tok", f"{run.t_no_cache * 1e3:.2f} ms",
-            f"{run.t_step * 1e3:.2f} cached", f"{run.t_no_cache / run.t_step:.1f}x slower; "
+            f"{run.t_step * 1e3:.2f} cached",
+            f"{run.t_no_cache / run.t_step:.1f}x " + ("slower; " if run.t_no_cache >= run.t_step
+                                                       else "the time; ") +
             f"predicted {pred * 1e3:.2f} ms")
 
 
@@ -2329,7 +2334,8 @@ def sample_only(models, ic, draft=None):
         else:
             out, stats = continue_prompt_speculative(ip, cfg, tok, ic, draft)
             note = (f"; drafted by {draft[0]}, gamma {ic.gamma}: {stats['acceptance']:.0%} of "
-                    f"the draft's tokens accepted")
+                    f"the draft's tokens accepted" if stats["proposed"] else
+                    f"; no speculative round ran (the prefill makes the one token)")
         t2 = time.perf_counter()
         print(readable(ic.prompt) + tok.decode(out))
         blank_answer_hint(tok.decode(out), ic)
@@ -2345,6 +2351,11 @@ def lesson_lengths(cfg, ic, on_gpu):
         raise common.UserError(f"gen_len={G}: the lesson times the decode steps after the "
                                f"first token, so it needs gen_len >= 2")
     need = P + G - 1 + ic.gamma  # the last token is not cached; a round writes gamma past it
+    stream = max(P // 2, 1) + 2 * G - 1  # the request stream's longest (measure_stream)
+    if stream > cfg.max_seq_len:
+        raise common.UserError(f"the request stream's longest request, prompt_len / 2 + 2 x "
+                               f"gen_len - 1 = {stream}, exceeds the model's max_seq_len="
+                               f"{cfg.max_seq_len}: use a shorter --gen_len")
     if need > cfg.max_seq_len:
         raise common.UserError(f"prompt_len + gen_len - 1 + gamma = {P} + {G} - 1 + {ic.gamma} "
                                f"= {need} exceeds the model's max_seq_len={cfg.max_seq_len}: "
@@ -2368,12 +2379,13 @@ def lesson_lengths(cfg, ic, on_gpu):
         raise common.UserError(f"steps={steps}: the timed decode steps write prompt_len + "
                                f"{written} positions, past what the model{where} holds: use "
                                f"--steps={most} or fewer")
-    need = max(need, timed)
+    need = max(need, stream, timed)
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
-        raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len - 1 + gamma "
-                               f"and prompt_len + {written}, {need}, and fit the model's "
+        raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len - 1 + gamma, "
+                               f"prompt_len / 2 + 2 x gen_len - 1 and prompt_len + {written}, "
+                               f"{need}, and fit the model's "
                                f"max_seq_len={cfg.max_seq_len}")
     return P, G, S
 

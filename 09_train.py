@@ -892,11 +892,11 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
         attention = "naive"
     elif attention == "auto":
         attention = "pallas" if det or short_documents else "cudnn"
+    if attention == "cudnn" and platform != "gpu":
+        raise common.UserError("attention=cudnn needs an NVIDIA GPU")
     if attention == "cudnn" and dtype != "bfloat16":
         raise common.UserError(f"attention=cudnn takes 16-bit inputs, not {dtype}: use "
                                f"--dtype=bfloat16 or --attention=naive or flash")
-    if attention == "cudnn" and platform != "gpu":
-        raise common.UserError("attention=cudnn needs an NVIDIA GPU")
     if attention == "cudnn" and det and not scan_layers:
         raise common.UserError("attention=cudnn fails under --xla_gpu_deterministic_ops=true with "
                                "the layers unrolled: add --scan_layers=true, or use "

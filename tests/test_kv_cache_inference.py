@@ -757,8 +757,13 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
                        r"^prompt_len \+ gen_len - 1 \+ gamma = 100 \+ 32 - 1 \+ 4 = 135 "
                        r"exceeds the model's max_seq_len=128"),
                       (inf.InferConfig(models="tiny", cache_len=64),
-                       r"^cache_len=64 must hold prompt_len \+ gen_len - 1 \+ gamma and "
-                       r"prompt_len \+ max\(12, steps\) \+ 3 x max\(steps, 8\), 100,"),
+                       r"^cache_len=64 must hold prompt_len \+ gen_len - 1 \+ gamma, prompt_len "
+                       r"/ 2 \+ 2 x gen_len - 1 and prompt_len \+ max\(12, steps\) \+ 3 x "
+                       r"max\(steps, 8\), 100,"),
+                      # the request stream's long answers, up to 2 x gen_len, fit the cache
+                      (inf.InferConfig(models="tiny", prompt_len=16, gen_len=100),
+                       r"^the request stream's longest request, prompt_len / 2 \+ 2 x gen_len - "
+                       r"1 = 207, exceeds the model's max_seq_len=128"),
                       # the timed steps wrote past the cache's end without a word: 4 x 16 fit
                       # the 128 - 64 positions left (the draft's first call is `steps` long)
                       (inf.InferConfig(models="tiny", steps=100), "use --steps=16 or fewer$"),
@@ -828,7 +833,10 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys, mo
     inf.sample_only(models, ic, inf.load_draft(str(tmp_path), cfg))
     out = capsys.readouterr().out
     assert "\nab" + tok.decode(want) + "\n" in out and "100% of the draft's" in out
-    random = dataclasses.replace(ic, models="tiny")   # no checkpoint: random weights
+    inf.sample_only(models, dataclasses.replace(ic, max_new_tokens=1),
+                    inf.load_draft(str(tmp_path), cfg))  # one token: the prefill's, no round
+    assert "no speculative round ran" in capsys.readouterr().out
+    random = dataclasses.replace(ic, models="tiny", ckpt_dir="")  # no checkpoint: random weights
     with pytest.raises(common.UserError, match="random weights"):
         inf.sample_only(inf.load_model(random, False)[0], random)
 
@@ -896,6 +904,9 @@ def test_train_checkpoint_newest_is_found_and_loaded(tmp_path):
             inf.load_model(inf.InferConfig(ckpt_dir=str(where)), False)
     with pytest.raises(common.UserError, match="not both"):
         inf.InferConfig(checkpoint=path, models="tiny")
+    for other in (dict(models="tiny"), dict(checkpoint=path)):  # else --ckpt_dir goes unread
+        with pytest.raises(common.UserError, match="--ckpt_dir .* give it alone"):
+            inf.InferConfig(ckpt_dir=str(tmp_path / "typo"), **other)
     # 09 on a GPU: float32 master weights, bf16 compute; inference reads them in bf16
     mixed = dataclasses.replace(TIED, dtype="bfloat16")
     common.save_checkpoint(str(tmp_path / "gpu"), 3, {"params": new},

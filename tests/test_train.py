@@ -545,8 +545,9 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
             ("hf", first.out_dir, "holds a model trained from scratch, not a fine-tune of .*hf: "
                                   "resume without --init_from")):
         with pytest.raises(common.UserError, match=match):
-            train_mod.train(dataclasses.replace(tc, init_from=init_from and str(tmp_path / init_from),
-                                                out_dir=out_dir), log=lambda s: None)
+            init_from = init_from and str(tmp_path / init_from)
+            train_mod.train(dataclasses.replace(tc, init_from=init_from, out_dir=out_dir),
+                            log=lambda s: None)
     moved = dataclasses.replace(tc, init_from=str(tmp_path / "moved" / "hf"))
     assert train_mod.train(moved, log=lambda s: None, devices=jax.devices()[:1])[0] == []
     hf_cfg = json.load(open(tmp_path / "moved" / "hf" / "config.json"))
@@ -819,6 +820,8 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=1") == "pallas"
     with pytest.raises(common.UserError, match="needs an NVIDIA GPU"):  # before any data read
         pick("cudnn", "bfloat16", "cpu", det)
+    with pytest.raises(common.UserError, match="attention=cudnn takes 16-bit inputs"):
+        pick("cudnn", "float32", "gpu")
     assert pick("auto", "bfloat16", "gpu", "--xla_gpu_deterministic_ops=false") == "cudnn"
     assert pick("auto", "bfloat16", "cpu", det) == "naive"
     assert pick("flash", "bfloat16", "gpu", det) == "flash"
@@ -857,7 +860,7 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     (dict(lr=float("nan")), "lr must be > 0"),
     (dict(lr=1e-40, min_lr=0.0), "lr must be"),   # subnormal: XLA trains at lr 0
     (dict(grad_clip=float("nan")), "grad_clip must be >= 0"),
-    (dict(attention="cudnn", dtype="float32"), "attention=cudnn takes 16-bit inputs"),
+    (dict(attention="cudnn", dtype="float32"), "attention=cudnn needs an NVIDIA GPU"),
 ])
 def test_bad_input(tmp_path, kw, match):
     with pytest.raises(common.UserError, match=match):
