@@ -579,6 +579,9 @@ def test_a_cpu_peak_says_it_is_float32s(monkeypatch):
     monkeypatch.setattr(common, "measure_peaks", lambda dtype: {"matmul_flops": float(
         dtype == "float32"), "copy_bw": 2.0})
     assert common.ceilings("bfloat16") == (1.0, 2.0, "float32 matmul measured on cpu")
+    # on a GPU of the table, float32's peak is TF32's: XLA's default precision runs it so
+    monkeypatch.setattr(common, "device_chip", lambda: common.CHIPS["H100"])
+    assert common.ceilings("float32")[0] == common.CHIPS["H100"].tf32_flops
 
 
 def test_config_and_forward_refuse_what_would_fail_deep_inside():
@@ -1012,6 +1015,8 @@ def test_transformers_reads_an_exported_model(tmp_path):
 # ---------------------------------------------------------------- sharding rules
 
 def test_param_shardings_and_errors():
+    mesh = common.make_mesh(common.parse_mesh("fsdp:2"), jax.devices()[4:6])  # the devices given
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[4:6]]
     devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
     mesh = jax.sharding.Mesh(devices, ("dp", "fsdp", "tp"))
     sh = common.param_shardings(TINY, mesh)

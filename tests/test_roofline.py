@@ -153,6 +153,9 @@ def test_ceilings_hold_16_bit_kernels_to_float32_on_a_cpu_and_fill_a_tpus_tf32()
     assert cpu.peak("bfloat16") == 2.0 and cpu.peak("float16") == 3.0
     assert rl.Ceilings({**flops, "float16": 0.5}, 1.0, {}, None, True).peak("float16") == 2.0
     assert gpu.peak("bfloat16") == 1.0
+    # float32 is held to the default precision's rate (TF32 on a GPU), not HIGHEST's
+    two = rl.Ceilings({**flops, "float32 highest": 0.25}, 1.0, {}, None, False)
+    assert two.peak("float32") == 2.0
     with_ds = rl.Ceilings(flops, 1.0, {"bfloat16": 9.0}, 5.0, True)
     assert with_ds.peak("bfloat16", datasheet=True) == 9.0     # a datasheet figure comes first
     tpu, h100 = (rl.datasheet_flops(common.CHIPS[k]) for k in ("TPU v5", "H100"))
