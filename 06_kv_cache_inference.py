@@ -1425,18 +1425,32 @@ def load_checkpoint_dir(path, tokenizer=True):
             f"Hugging Face checkpoint {path}" + (f"\n{note}" if note else ""))
 
 
-def load_draft(path, cfg):
+def load_draft(path, cfg, tokenizer=None):
     """A draft model for speculative decoding (--draft): (name, cfg, params in the inference
-    layout), checked against the target's config `cfg`. It must use the target's tokenizer; its
-    vocabulary may be smaller (a table padded less, or a byte model's 256 ids), not larger."""
+    layout), checked against the target's config `cfg` and, when the target has one, its
+    `tokenizer`. It must use the target's tokenizer; its vocabulary may be smaller (a table
+    padded less), not larger. A draft that reads text otherwise would still give the target's
+    output (the target judges every token), but its guesses would be other words, and hardly
+    one would be accepted."""
     try:
-        name, dcfg, params, _, which = load_checkpoint_dir(path, tokenizer=False)
+        name, dcfg, params, dtok, which = load_checkpoint_dir(path, tokenizer=False)
     except common.UserError as e:
         raise common.UserError(f"the draft (--draft): {e}") from None
     if dcfg.vocab_size > cfg.vocab_size:
         raise common.UserError(f"the draft {path} has a vocabulary of {dcfg.vocab_size} tokens, "
                                f"more than the target's {cfg.vocab_size}: they must share a "
                                f"tokenizer (a draft's table may only be padded less)")
+    spec = dtok.spec if dtok is not None else None  # a Hugging Face draft's: read, not loaded
+    if spec is None and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        spec = common.read_json(os.path.join(path, "tokenizer.json"))
+    # The vocabularies (token -> id), not the whole files: two releases of one tokenizer may
+    # name their reserved special tokens differently (Llama 3 and 3.2) and write merges anew.
+    vocab = lambda s: (s or {}).get("model", {}).get("vocab")
+    if tokenizer is not None and None not in (vocab(spec), vocab(tokenizer.spec)) \
+            and vocab(spec) != vocab(tokenizer.spec):
+        raise common.UserError(f"the draft {path} reads text with another tokenizer than the "
+                               f"target's (their tokenizer.json vocabularies differ): its "
+                               f"token ids would mean other text to the target")
     print(f"draft: {which}")
     return name, dcfg, inference_params(params, dcfg)
 
@@ -2127,6 +2141,8 @@ def measure_stream(run):
                     run.rng.integers(max(G // 16, 1), max(G // 2, 1) + 1, n))
     reqs = [Request(p, int(m)) for p, m in zip(run.prompts(run.rng.integers(p_lo, p_hi + 1, n)),
                                                news)]
+    run.section(f"{n} requests at once into {slots} slots: prompts of {p_lo}..{p_hi} tokens, "
+                f"answers of {int(news.min())}..{int(news.max())} (a quarter of them long)")
     pad = bucket(p_hi)
     results = {}
     for policy, serve in (("static", serve_static), ("continuous", serve_continuous)):
@@ -2136,8 +2152,6 @@ def measure_stream(run):
         compile_s = time.perf_counter() - t0           # the warm-up compiles this policy's shapes
         served, seconds = serve(run.params, cfg, reqs, slots, S, prompt_pad=pad)
         results[policy] = (served, _stats(served, seconds), compile_s)
-    run.section(f"{n} requests at once into {slots} slots: prompts of {p_lo}..{p_hi} tokens, "
-                f"answers of {int(news.min())}..{int(news.max())} (a quarter of them long)")
     print(f"{'req':>4} {'prompt':>6} {'new':>4} | {'static TTFT':>12} {'TPOT':>9} | "
           f"{'continuous TTFT':>15} {'TPOT':>9}")
     for i, r in enumerate(reqs):
@@ -2474,7 +2488,7 @@ def main():
     models, which = load_model(ic, on_gpu)
     print(which)
     dtype = models[0][1].dtype
-    draft = load_draft(ic.draft, models[0][1]) if ic.draft else None
+    draft = load_draft(ic.draft, models[0][1], models[0][3]) if ic.draft else None
     check_before_the_run(models, ic, on_gpu, draft)
     if ic.sample_only:
         return sample_only(models, ic, draft)

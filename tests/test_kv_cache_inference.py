@@ -946,6 +946,30 @@ def test_draft_checkpoint_loads_and_must_share_the_vocabulary(tmp_path):
                                  False, short)
 
 
+def test_draft_must_read_text_with_the_targets_tokenizer(tmp_path):
+    """A draft's tokenizer.json must hold the target's vocabulary; its special tokens' names may
+    differ, as between two releases of one tokenizer. The byte-level draft of 09 is refused for
+    a target with a tokenizer of words."""
+    small = dataclasses.replace(TINY, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    words = {"model": {"type": "BPE", "vocab": {f"w{i}": i for i in range(256)}, "merges": []},
+             "added_tokens": [{"id": 255, "content": "<|reserved_0|>"}]}
+    renamed = dict(words, added_tokens=[{"id": 255, "content": "<|eom_id|>"}])
+    other = {**words, "model": {**words["model"], "vocab": {f"v{i}": i for i in range(256)}}}
+    target = common.Tokenizer(None, None, spec=words)
+    params = jax.tree.map(jnp.asarray, numpy_params(small, 5))
+    for name, spec in (("same", renamed), ("other", other)):
+        common.save_hf_llama(str(tmp_path / name), small, params, files={"tokenizer.json": spec})
+    common.save_checkpoint(str(tmp_path / "bytes"), 1, {"params": numpy_params(small, 5)},
+                           {"model": dataclasses.asdict(small)})
+    assert inf.load_draft(str(tmp_path / "same"), TINY, target)[1] == small
+    for name in ("other", "bytes"):
+        with pytest.raises(common.UserError, match="another tokenizer than the target's"):
+            inf.load_draft(str(tmp_path / name), TINY, target)
+    # a target of random weights has no tokenizer to hold a draft to
+    assert inf.load_draft(str(tmp_path / "bytes"), TINY, None)[1] == small
+    assert inf.load_draft(str(tmp_path / "bytes"), TINY, common.BYTES)[1] == small
+
+
 def test_tokenizer_loads_or_says_how_to_install(tmp_path, monkeypatch):
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
