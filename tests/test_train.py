@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import jax
@@ -89,12 +90,42 @@ def test_a_row_times_the_steps_since_the_last_row(tmp_path, monkeypatch):
         now[0] += 1.0
         return read(*a, **k)
     monkeypatch.setattr(common, "get_batch", batch_and_tick)
+    monkeypatch.setattr(train_mod, "BATCHES_AHEAD", 0)  # each batch read in the loop, in turn
     monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     hist, _, _ = train_mod.train(tiny_run(tmp_path, log_every=3), log=lambda s: None,
                                  devices=jax.devices()[:1])
     assert [r["step"] for r in hist] == [1, 3, 4]  # the first, every third, the last
     for r in hist:
         assert (r["ms_per_step"], r["tokens_per_s"]) == pytest.approx((1000, 8 * 32), rel=1e-6)
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2, 5])
+def test_batches_built_ahead_come_in_order_and_stop_with_the_loop(ahead):
+    """prefetched gives make(step) for every step in order, builds no more than `ahead` of them
+    before they are taken, hands on an error raised while building, and a loop that stops early
+    leaves no batch being built."""
+    built, taken = [], []
+
+    def make(step):
+        built.append(step)
+        if step == 7:
+            raise common.UserError("step 7")
+        return step * 10
+    with train_mod.prefetched(make, range(3, 9), ahead) as batches:
+        for step, b in zip(range(3, 9), batches):
+            assert b == step * 10 and len(built) <= len(taken) + 1 + ahead
+            taken.append(step)
+            if step == 6:
+                with pytest.raises(common.UserError, match="step 7"):
+                    next(batches)
+                break
+    assert taken == [3, 4, 5, 6]
+    before = len(built)
+    with train_mod.prefetched(make, range(0, 100), ahead) as batches:
+        assert next(batches) == 0
+    n = len(built)
+    time.sleep(0.05)
+    assert len(built) == n <= before + 1 + ahead  # and nothing built after the loop left
 
 
 def test_sequence_parallel_splits_the_rows_of_a_micro_batch():
