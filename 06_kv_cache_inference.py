@@ -137,9 +137,10 @@ class InferConfig:
     prompt_len: int = 0         # end-to-end prompt tokens; 0: 256 on a GPU, 64 on a CPU
     gen_len: int = 0            # end-to-end generated tokens; 0: 128 on a GPU, 32 on a CPU
     cache_len: int = 0          # positions per cache row; 0: the least power of 2 >= 128 that
-                                # holds prompt_len + gen_len - 1 + gamma (a speculative round)
-                                # and the timed steps, prompt_len + max(12, steps)
-                                # + 3 x max(steps, 8)
+                                # holds prompt_len + gen_len - 1 + gamma (a speculative round),
+                                # the request stream's longest, prompt_len / 2 + 2 x gen_len - 1
+                                # (both of the first model only), and the timed steps,
+                                # prompt_len + max(12, steps) + 3 x max(steps, 8)
     batch: int = 0              # the large decode batch, against batch 1; 0: 64 on a GPU,
                                 # 16 on a CPU
     slots: int = 0              # continuous batching slots; 0: 16 on a GPU, 4 on a CPU
@@ -806,9 +807,10 @@ def check_count(name, n):
 
 
 def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0,
-                  extra_for="a speculative round's draft tokens"):
+                  extra_for="a speculative round's draft tokens", asked=None):
     """Lengths [B] of a list of token lists; the cache length to use, with `extra` positions
-    `extra_for` past generate's. One-line errors for what a user can get wrong."""
+    `extra_for` past generate's. One-line errors for what a user can get wrong; `asked` names
+    the tokens after the prompt in them (default: the new tokens and the extra)."""
     if check_count("max_new_tokens", max_new_tokens) < 0:
         raise common.UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cache_len is not None and check_count("cache_len", cache_len) < 1:
@@ -829,20 +831,20 @@ def check_prompts(prompts, cfg, max_new_tokens, cache_len=None, extra=0,
         lengths.append(len(p))
     # The last new token is returned, never fed back: its key and value are never cached.
     need = max(lengths) + max(max_new_tokens - 1, 0) + extra
-    room = f" plus {extra} for {extra_for}" if extra else ""
+    asked = asked or f"max_new_tokens={max_new_tokens} (the last not cached)" + (
+        f" plus {extra} for {extra_for}" if extra else "")
     if cache_len is None:
         cache_len = need
         if cache_len > cfg.max_seq_len:
-            raise common.UserError(f"a prompt of {max(lengths)} tokens plus {max_new_tokens} new "
-                                   f"ones{room} exceeds the model's "
+            raise common.UserError(f"a prompt of {max(lengths)} tokens with {asked} needs {need} "
+                                   f"cache positions, past the model's "
                                    f"max_seq_len={cfg.max_seq_len}")
     elif cache_len > cfg.max_seq_len:
         raise common.UserError(f"cache_len={cache_len} exceeds max_seq_len={cfg.max_seq_len}")
     if need > cache_len:
         i = int(np.argmax(lengths))
-        raise common.UserError(f"prompt {i} has {lengths[i]} tokens: with max_new_tokens="
-                               f"{max_new_tokens}{room} it needs {need} cache positions, the "
-                               f"cache holds {cache_len}")
+        raise common.UserError(f"prompt {i} has {lengths[i]} tokens: with {asked} it needs "
+                               f"{need} cache positions, the cache holds {cache_len}")
     return np.asarray(lengths, np.int32), cache_len
 
 
@@ -961,10 +963,10 @@ def teacher_forced_logits(params, cfg, prompt, continuation, cache_len=None, kv_
     """Logits [len(continuation) + 1, V] after the prompt and after each continuation token, fed
     through the same prefill and decode steps as generation (so int8 weights and int8 caches are
     compared on the same tokens, not on diverging outputs). cache_len None: as generate sizes it."""
-    # Every continuation token is fed back, its last too: one position more than generate's.
-    _, cache_len = check_prompts([prompt], cfg, len(continuation), cache_len,
-                                 extra=int(len(continuation) > 0),
-                                 extra_for="the last one fed back")
+    # Every continuation token is fed back, its last too: generate's room for one token more.
+    _, cache_len = check_prompts([prompt], cfg, len(continuation) + 1, cache_len,
+                                 asked=f"a continuation of {len(continuation)} tokens, each fed "
+                                       f"back,")
     c = np.asarray(continuation)
     if c.size and (c.ndim != 1 or not np.issubdtype(c.dtype, np.integer) or c.min() < 0
                    or c.max() >= cfg.vocab_size):
@@ -1445,12 +1447,16 @@ def load_draft(path, cfg, tokenizer=None):
         spec = common.read_json(os.path.join(path, "tokenizer.json"))
     # The vocabularies (token -> id), not the whole files: two releases of one tokenizer may
     # name their reserved special tokens differently (Llama 3 and 3.2) and write merges anew.
-    vocab = lambda s: (s or {}).get("model", {}).get("vocab")
+    # A file that holds none is not the draft's to judge: its tokenizer is not used.
+    def vocab(spec):
+        model = (spec or {}).get("model")
+        return model.get("vocab") if isinstance(model, dict) else None
     if tokenizer is not None and None not in (vocab(spec), vocab(tokenizer.spec)) \
             and vocab(spec) != vocab(tokenizer.spec):
-        raise common.UserError(f"the draft {path} reads text with another tokenizer than the "
-                               f"target's (their tokenizer.json vocabularies differ): its "
-                               f"token ids would mean other text to the target")
+        reads = "bytes" if spec == common.BYTES.spec else \
+            "text with another tokenizer (their tokenizer.json vocabularies differ)"
+        raise common.UserError(f"the draft {path} reads {reads}, unlike the target: its token "
+                               f"ids would mean other text to the target")
     print(f"draft: {which}")
     return name, dcfg, inference_params(params, dcfg)
 
@@ -1598,8 +1604,10 @@ def _stats(served, makespan):
     toks = sum(len(s.tokens) for s in served)
     ttft = np.array([s.ttft_s for s in served if s.tokens])
     tpot = np.array([s.tpot_s for s in served if len(s.tokens) > 1])
-    return {"tok_s": toks / makespan, "ttft_mean": ttft.mean(), "ttft_p90": np.percentile(ttft, 90),
-            "tpot_mean": tpot.mean(), "tokens": toks, "seconds": makespan}
+    mean = lambda a: a.mean() if a.size else math.nan  # (no answer of one token, or of two)
+    return {"tok_s": toks / makespan, "ttft_mean": mean(ttft),
+            "ttft_p90": np.percentile(ttft, 90) if ttft.size else math.nan,
+            "tpot_mean": mean(tpot), "tokens": toks, "seconds": makespan}
 
 
 @dataclasses.dataclass
@@ -2142,7 +2150,7 @@ def measure_stream(run):
     reqs = [Request(p, int(m)) for p, m in zip(run.prompts(run.rng.integers(p_lo, p_hi + 1, n)),
                                                news)]
     run.section(f"{n} requests at once into {slots} slots: prompts of {p_lo}..{p_hi} tokens, "
-                f"answers of {int(news.min())}..{int(news.max())} (a quarter of them long)")
+                f"answers of {int(news.min())}..{int(news.max())} ({int(longs.sum())} of them long)")
     pad = bucket(p_hi)
     results = {}
     for policy, serve in (("static", serve_static), ("continuous", serve_continuous)):
@@ -2163,10 +2171,11 @@ def measure_stream(run):
                             "take a first token late, so a short answer's TPOT may read below "
                             "one decode step)" if jax.devices()[0].platform == "cpu" else ")"))
     for policy, (_, st, compile_s) in results.items():
+        tpot = ("no TPOT (every answer one token)" if math.isnan(st["tpot_mean"]) else
+                f"TPOT mean {st['tpot_mean'] * 1e3:.2f} ms")
         print(f"{policy:10s}: {st['tokens']:,} tokens in {st['seconds']:.3f} s = "
               f"{st['tok_s']:,.0f} tok/s; TTFT mean {st['ttft_mean'] * 1e3:.0f} ms, p90 "
-              f"{st['ttft_p90'] * 1e3:.0f} ms; TPOT mean {st['tpot_mean'] * 1e3:.2f} ms "
-              f"(compile {compile_s:.1f} s)")
+              f"{st['ttft_p90'] * 1e3:.0f} ms; {tpot} (compile {compile_s:.1f} s)")
     same = sum(s.tokens == c.tokens for s, c in zip(results["static"][0],
                                                      results["continuous"][0]))
     ratio = results["continuous"][1]["tok_s"] / results["static"][1]["tok_s"]
@@ -2357,23 +2366,28 @@ def sample_only(models, ic, draft=None):
               f"ready in {t1 - t0:.1f} s{note})")
 
 
-def lesson_lengths(cfg, ic, on_gpu):
-    """The lesson's prompt, generated and cache lengths (P, G, S) for this model."""
+def lesson_lengths(cfg, ic, on_gpu, full=True):
+    """The lesson's prompt, generated and cache lengths (P, G, S) for this model; `full`: it also
+    serves the request stream and decodes speculatively (the first model of --models)."""
     P = ic.prompt_len or (256 if on_gpu else 64)
     G = ic.gen_len or (128 if on_gpu else 32)
     if G < 2:  # the first token comes from the prefill: decoding starts at the second
         raise common.UserError(f"gen_len={G}: the lesson times the decode steps after the "
                                f"first token, so it needs gen_len >= 2")
-    need = P + G - 1 + ic.gamma  # the last token is not cached; a round writes gamma past it
-    stream = max(P // 2, 1) + 2 * G - 1  # the request stream's longest (measure_stream)
+    # The last token is not cached; a speculative round writes gamma past it.
+    gamma = ic.gamma if full else 0
+    need = P + G - 1 + gamma
+    if need > cfg.max_seq_len:
+        terms = ("prompt_len + gen_len - 1 + gamma", f" + {gamma}") if full else \
+            ("prompt_len + gen_len - 1", "")
+        raise common.UserError(f"{terms[0]} = {P} + {G} - 1{terms[1]} = {need} exceeds the "
+                               f"model's max_seq_len={cfg.max_seq_len}: use shorter lengths"
+                               + (" or a smaller gamma" if full else ""))
+    stream = max(P // 2, 1) + 2 * G - 1 if full else 0  # the stream's longest (measure_stream)
     if stream > cfg.max_seq_len:
         raise common.UserError(f"the request stream's longest request, prompt_len / 2 + 2 x "
                                f"gen_len - 1 = {stream}, exceeds the model's max_seq_len="
-                               f"{cfg.max_seq_len}: use a shorter --gen_len")
-    if need > cfg.max_seq_len:
-        raise common.UserError(f"prompt_len + gen_len - 1 + gamma = {P} + {G} - 1 + {ic.gamma} "
-                               f"= {need} exceeds the model's max_seq_len={cfg.max_seq_len}: "
-                               f"use shorter lengths or a smaller gamma")
+                               f"{cfg.max_seq_len}: use a shorter --gen_len (or --prompt_len)")
     # The timed decode steps (time_decode) run on a cache filled to P and write every step into
     # it: a first call of PER_CALL steps (4 more before a profile), or of `steps` for the draft,
     # then 3 runs of `steps`, each at least one call of PER_CALL steps when timed that way.
@@ -2397,10 +2411,10 @@ def lesson_lengths(cfg, ic, on_gpu):
     S = ic.cache_len or bucket(need, 128)
     if need > S or S > cfg.max_seq_len:
         given = "" if ic.cache_len else f" (cache_len=0 picks {S})"
-        raise common.UserError(f"cache_len={S}{given} must hold prompt_len + gen_len - 1 + gamma, "
-                               f"prompt_len / 2 + 2 x gen_len - 1 and prompt_len + {written}, "
-                               f"{need}, and fit the model's "
-                               f"max_seq_len={cfg.max_seq_len}")
+        holds = (f"prompt_len + gen_len - 1 + gamma, prompt_len / 2 + 2 x gen_len - 1 and "
+                 if full else "prompt_len + gen_len - 1 and ")
+        raise common.UserError(f"cache_len={S}{given} must hold {holds}prompt_len + {written}, "
+                               f"{need}, and fit the model's max_seq_len={cfg.max_seq_len}")
     return P, G, S
 
 
@@ -2411,7 +2425,7 @@ def check_before_the_run(models, ic, on_gpu, draft):
     except UnicodeEncodeError:
         if any(tok is not common.BYTES for *_, tok in models):
             raise common.UserError("--prompt is not valid UTF-8 text") from None
-    for name, cfg, _, tok in models:
+    for i, (name, cfg, _, tok) in enumerate(models):
         if tok is not None and ic.max_new_tokens:
             ids = tok.encode(ic.prompt)
             if not ids:
@@ -2419,8 +2433,12 @@ def check_before_the_run(models, ic, on_gpu, draft):
             room = ic.gamma if draft is not None and ic.sample_only and ic.max_new_tokens > 1 else 0
             check_prompts([ids], cfg, ic.max_new_tokens, extra=room)
         if not ic.sample_only:
-            _, _, S = lesson_lengths(cfg, ic, on_gpu)
-            if draft is not None and S > draft[1].max_seq_len:
+            try:  # only the first model serves the stream and decodes speculatively
+                _, _, S = lesson_lengths(cfg, ic, on_gpu, full=i == 0)
+            except common.UserError as e:
+                raise (common.UserError(f"models={name}: {e}") if len(models) > 1 else e) \
+                    from None
+            if i == 0 and draft is not None and S > draft[1].max_seq_len:
                 raise common.UserError(f"the lesson's cache of {S} positions is past the draft's "
                                        f"max_seq_len={draft[1].max_seq_len}: use shorter "
                                        f"--prompt_len and --gen_len, or another --draft")
@@ -2443,7 +2461,7 @@ def lesson(name, cfg, params, tokenizer, ic, on_gpu, peaks, corpus, full=True, d
     print(f"\n=== {name}: {_si(cfg.param_count(), '')} params, {cfg.n_layers} layers, "
           f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
           f"{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, {cfg.dtype} ===")
-    P, G, S = lesson_lengths(cfg, ic, on_gpu)
+    P, G, S = lesson_lengths(cfg, ic, on_gpu, full)
     trained = params is not None
     if not trained:
         params = random_params(cfg, ic.seed, on_gpu)

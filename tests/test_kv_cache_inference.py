@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -701,10 +702,16 @@ def test_sampling_restrictions():
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 53], 10, gamma=3,
                                         cache_len=CACHE), "needs 65 cache positions"),
     (lambda p: inf.speculative_generate(p, TINY, p, TINY, [[1] * 100], 26, gamma=4),
-     "plus 26 new ones plus 4 for a speculative round's draft tokens exceeds"),
+     "^a prompt of 100 tokens with max_new_tokens=26 .the last not cached. plus 4 for a "
+     "speculative round's draft tokens needs 129 cache positions, past the model's "
+     "max_seq_len=128$"),
     (lambda p: inf.draft_params(p, TINY, 3), "draft_layers"),
     (lambda p: inf.teacher_forced_logits(p, TINY, [1] * 120, [1] * 9),
-     "^a prompt of 120 tokens plus 9 new ones plus 1 for the last one fed back exceeds"),
+     "^a prompt of 120 tokens with a continuation of 9 tokens, each fed back, needs 129 "
+     "cache positions, past"),
+    (lambda p: inf.teacher_forced_logits(p, TINY, [1] * 120, [1] * 9, cache_len=128),
+     "^prompt 0 has 120 tokens: with a continuation of 9 tokens, each fed back, it needs 129 "
+     "cache positions, the cache holds 128$"),
     (lambda p: inf.speculative_generate(p, TINY, p, None, [[1]], 4), "draft_cfg must be"),
     (lambda p: inf.serve_continuous(p, TINY, [inf.Request([1], 4)], 2, CACHE, prompt_pad=16.0),
      "prompt_pad must be an integer"),
@@ -778,8 +785,21 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
         with pytest.raises(common.UserError, match=match):
             inf.check_before_the_run(models, ic, False, None)
     inf.lesson_lengths(models[0][1], inf.InferConfig(steps=16), False)
+    # a prompt too long alone is said as one, not as the request stream's answers too long
+    with pytest.raises(common.UserError, match=r"^prompt_len \+ gen_len - 1 \+ gamma = 200 "):
+        inf.check_before_the_run(models, inf.InferConfig(models="tiny", prompt_len=200), False,
+                                 None)
     # a longer timing grows the cache the lesson picks: 64 + 40 + 3 x 40 = 224 of 256
     roomy = dataclasses.replace(TINY, max_seq_len=512)
+    # only the first model serves the stream (4 + 2 x 63 - 1 = 129) and speculates: the second
+    # needs 8 + 63 - 1 = 70 positions and the timed steps, 8 + 12 + 3 x 8 = 44
+    ic = inf.InferConfig(models="tiny", prompt_len=8, gen_len=63, gamma=1)
+    inf.check_before_the_run([("roomy", roomy, None, None), ("tiny", TINY, None, None)], ic,
+                             False, None)
+    assert inf.lesson_lengths(TINY, ic, False, full=False)[2] == 128
+    with pytest.raises(common.UserError, match="^models=tiny: the request stream's longest"):
+        inf.check_before_the_run([("tiny", TINY, None, None), ("roomy", roomy, None, None)], ic,
+                                 False, None)
     assert inf.lesson_lengths(roomy, inf.InferConfig(), False)[2] == 128
     assert inf.lesson_lengths(roomy, inf.InferConfig(steps=40), False)[2] == 256
 
@@ -961,9 +981,12 @@ def test_draft_must_read_text_with_the_targets_tokenizer(tmp_path):
         common.save_hf_llama(str(tmp_path / name), small, params, files={"tokenizer.json": spec})
     common.save_checkpoint(str(tmp_path / "bytes"), 1, {"params": numpy_params(small, 5)},
                            {"model": dataclasses.asdict(small)})
+    common.save_hf_llama(str(tmp_path / "broken"), small, params,
+                         files={"tokenizer.json": {"model": None}})  # its tokenizer is not used
     assert inf.load_draft(str(tmp_path / "same"), TINY, target)[1] == small
-    for name in ("other", "bytes"):
-        with pytest.raises(common.UserError, match="another tokenizer than the target's"):
+    assert inf.load_draft(str(tmp_path / "broken"), TINY, target)[1] == small
+    for name, reads in (("other", "text with another tokenizer"), ("bytes", "bytes, unlike")):
+        with pytest.raises(common.UserError, match=f"reads {reads}"):
             inf.load_draft(str(tmp_path / name), TINY, target)
     # a target of random weights has no tokenizer to hold a draft to
     assert inf.load_draft(str(tmp_path / "bytes"), TINY, None)[1] == small
@@ -1139,6 +1162,11 @@ def test_served_time_per_output_token_is_the_gaps_between_tokens():
     served = inf._served([[5, 6, 7], [8], []], [1.0, 2.0, math.nan], [3.0, 2.0, math.nan])
     st = inf._stats(served, 4.0)
     assert (st["tokens"], st["tok_s"], st["ttft_mean"], st["tpot_mean"]) == (4, 1.0, 1.5, 1.0)
+    # every answer one token: no TPOT to average, and no numpy warning about it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st = inf._stats(inf._served([[5], [6]], [1.0, 2.0], [1.0, 2.0]), 2.0)
+    assert st["ttft_mean"] == 1.5 and math.isnan(st["tpot_mean"])
 
 
 def test_the_lessons_arithmetic_prints_the_bounds_of_its_formulas(capsys, monkeypatch):
