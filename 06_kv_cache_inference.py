@@ -2150,7 +2150,8 @@ def measure_stream(run):
     reqs = [Request(p, int(m)) for p, m in zip(run.prompts(run.rng.integers(p_lo, p_hi + 1, n)),
                                                news)]
     run.section(f"{n} requests at once into {slots} slots: prompts of {p_lo}..{p_hi} tokens, "
-                f"answers of {int(news.min())}..{int(news.max())} ({int(longs.sum())} of them long)")
+                f"answers of {int(news.min())}..{int(news.max())} ({int(longs.sum())} of them "
+                f"long)")
     pad = bucket(p_hi)
     results = {}
     for policy, serve in (("static", serve_static), ("continuous", serve_continuous)):
