@@ -42,8 +42,8 @@ What it puts together, lesson by lesson:
   steps train; rerunning with the same --out_dir resumes and reaches exactly the loss an
   uninterrupted run reaches; a second run started on an --out_dir that a run still holds is
   refused; Ctrl-C or SIGTERM lets the step in flight end and saves it before stopping (a second
-  stops at once), and with several processes a SIGTERM to any one of them stops all at one
-  step, saved;
+  stops at once), and with several processes a SIGTERM or Ctrl-C to any one of them stops all
+  at one step, saved;
 - fine-tuning (--init_from=DIR, a Hugging Face Llama directory): the model's shape from its
   config.json, the first step from its weights, and the data read as its tokenizer.json's tokens
   (through the `tokenizers` package) rather than bytes; the checkpoints carry that tokenizer.json;
@@ -527,7 +527,7 @@ def save(tc, step, params, opt, cfg, data_id, writer, files, last=False):
 def model_name(init_from):
     """The model a run fine-tunes, by its directory's name ("" from scratch): a resume that
     names another is refused, while the same model moved to another directory is not."""
-    return os.path.basename(os.path.normpath(init_from)) if init_from else ""
+    return os.path.basename(os.path.abspath(init_from)) if init_from else ""
 
 
 def schedule_flags(tc):
@@ -803,7 +803,7 @@ def on_process_0(fn, what):
 # ----------------------------------------------------------------------------------------------
 
 def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, units, log, cfg,
-              tokens):
+              tokens, n_dev):
     """Where a step's time goes: forward alone, forward + backward, and the whole step (the
     difference is the optimizer), each against the datasheet peak and against the matmul rate
     this device measures (common.measure_peaks), the ceiling a step made of matmuls could reach.
@@ -833,7 +833,8 @@ def breakdown(step_fn, loss_fn, params, opt, batch, flops_per_step, peak, units,
             f"may keep them on chip or schedule it otherwise): the difference does not isolate "
             f"AdamW's time here")
     chip = common.device_chip()
-    over = (f"{units} host(s), whose cores the simulated devices share"
+    over = (f"{units} host(s)" + (", whose cores the simulated devices share"
+                                  if n_dev > units else "")
             if jax.devices()[0].platform == "cpu" else f"{units} device(s)")
     log(f"measured {cfg.dtype} matmul peak: {matmul / 1e12:.4g} TFLOP/s over {over}; "
         + (f"datasheet {peak * units / 1e12:.4g}" if chip else
@@ -938,33 +939,46 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
 
 
 @contextlib.contextmanager
-def stop_after_the_step(saving=True):
+def stop_after_the_step(saving=True, peers=False):
     """A flag that the first Ctrl-C, or SIGTERM (what a scheduler or a cloud sends before it
     takes the machine away), sets instead of interrupting: the loop then ends its step, saves it
     (when `saving`: --ckpt_every is not 0) and stops, so a run interrupted before its first
     checkpoint keeps its steps. A second signal interrupts at once. A signal the run was started
-    ignoring (a script's background job ignores Ctrl-C) stays ignored. Single process only: a
-    process that stops at a step its peers do not would leave them waiting in a collective
-    (several agree on the step through JAX's preemption service instead, in the training loop)."""
+    ignoring (a script's background job ignores Ctrl-C) stays ignored.
+    With `peers` (several processes) a process that stopped at a step the others do not would
+    leave them waiting in a collective: they agree on the step through JAX's preemption
+    service, which takes SIGTERM itself (in the training loop). So there the flag stays unset,
+    a first Ctrl-C sends this process SIGTERM, and a second ends it at once (its peers are then
+    stopped by the runtime; the checkpoints written so far are whole)."""
     asked = [False]
 
     def handler(signum, frame):
         if asked[0]:
+            if peers:  # unwinding would wait for the peers, which wait in a collective
+                print("\nCtrl-C again: this process ends now", file=sys.stderr, flush=True)
+                os._exit(130)
             raise KeyboardInterrupt
         asked[0] = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         then = ", and saving it" if saving else " (--ckpt_every=0: nothing is saved)"
+        if peers:
+            what = ("saves the step they agree on and stops" if saving else "stops after the "
+                    "step they agree on (--ckpt_every=0: nothing is saved)")
+            print(f"\nCtrl-C, taken as SIGTERM: every process {what} (Ctrl-C again ends this "
+                  f"process at once)", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         print(f"\n{name}: stopping after the current step{then} (Ctrl-C again stops at once)",
               file=sys.stderr, flush=True)
     previous = {}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT,) if peers else (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: signals interrupt as usual
         pass
     try:
-        yield asked
+        yield [False] if peers else asked
     finally:
         for sig, was in previous.items():
             signal.signal(sig, was)
@@ -975,6 +989,24 @@ def train(tc, stop_after=None, log=print, devices=None):
     a kill would), after its checkpoint. Returns (logged metrics, params, model config)."""
     with contextlib.ExitStack() as held:  # out_dir, held by process 0 until the run ends
         return _train(tc, stop_after, log, devices, held)
+
+
+def not_utf8(data):
+    """How many bytes of `data` are not UTF-8, leaving out a character cut in two at either end:
+    load_corpus cuts a file at a byte count (95/5, --max_data_mb), which may fall inside one."""
+    data = bytes(data)
+    start = next((i for i in range(min(3, len(data))) if data[i] & 0xC0 != 0x80),
+                 min(3, len(data)))  # continuation bytes, 10xxxxxx, of a character begun before
+    end = len(data)
+    for k in range(1, min(4, end - start) + 1):  # the last character's first byte, k from the end
+        first = data[end - k]
+        if first & 0xC0 != 0x80:
+            size = (1 if first < 0xC0 or first >= 0xF8 else  # (0xF8 and up begin nothing)
+                    2 if first < 0xE0 else 3 if first < 0xF0 else 4)
+            end -= k if size > k else 0  # begun, and cut before its last byte
+            break
+    whole = data[start:end]
+    return len(whole) - len(whole.decode("utf-8", "ignore").encode())
 
 
 def load_data(tc, cfg, tokenizer, log=print, stats=None):
@@ -995,8 +1027,7 @@ def load_data(tc, cfg, tokenizer, log=print, stats=None):
             f"MiB (--max_data_mb reads more)")
     if tokenizer is not common.BYTES:  # each file a document, begun and ended as in pretraining
         t0, sizes = time.perf_counter(), [len(data) for data, _ in splits]
-        bad = sum(len(data) - len(bytes(data).decode("utf-8", "ignore").encode())
-                  for data, _ in splits)
+        bad = sum(not_utf8(data) for data, _ in splits)
         if bad:  # (bytes are lost to a tokenizer as text; byte-level training keeps them)
             log(f"note: {bad:,} bytes of the data are not UTF-8: the tokenizer reads them as "
                 f"U+FFFD, the replacement character (convert the files to UTF-8 to keep them)")
@@ -1139,7 +1170,7 @@ def _train(tc, stop_after, log, devices, held):
         if "fp8" in opt:  # forward and backward timed apart with the step's recorded maxima
             loss_fn = functools.partial(loss_fn, amax=opt["fp8"])
         breakdown(step_fn, loss_fn, params, opt, batch(train_split, start, tc.seed),
-                  flops_per_step, peak, units, log, cfg, tc.batch_size * tc.seq_len)
+                  flops_per_step, peak, units, log, cfg, tc.batch_size * tc.seq_len, n_dev)
         return [], params, cfg
 
     history = []
@@ -1151,8 +1182,8 @@ def _train(tc, stop_after, log, devices, held):
             log(f"note: {tc.out_dir} holds no checkpoint but the log of an earlier run: kept as "
                 f"metrics.jsonl.old, and this run starts a new one")
         drop_metrics_after(metrics_path, start - 1 if baseline else start)
-    interrupted = (held.enter_context(stop_after_the_step(saving=tc.ckpt_every > 0))
-                   if jax.process_count() == 1 else [False])
+    interrupted = held.enter_context(stop_after_the_step(saving=tc.ckpt_every > 0,
+                                                         peers=jax.process_count() > 1))
 
     def validate(params):
         """The mean loss over --eval_batches validation batches, or None where a stop is asked

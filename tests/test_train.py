@@ -581,6 +581,9 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
                             log=lambda s: None)
     moved = dataclasses.replace(tc, init_from=str(tmp_path / "moved" / "hf"))
     assert train_mod.train(moved, log=lambda s: None, devices=jax.devices()[:1])[0] == []
+    monkeypatch.chdir(tmp_path / "moved" / "hf")  # named from inside it: "." is still hf
+    assert train_mod.train(dataclasses.replace(tc, init_from="."), log=lambda s: None,
+                           devices=jax.devices()[:1])[0] == []
     hf_cfg = json.load(open(tmp_path / "moved" / "hf" / "config.json"))
     json.dump(dict(hf_cfg, rope_theta=123.0), open(tmp_path / "moved" / "hf" / "config.json", "w"))
     with pytest.raises(common.UserError, match=r"another config \(--init_from=.*hf: rope_theta "):
@@ -627,6 +630,12 @@ def test_init_from_reads_the_data_with_its_tokenizer(tmp_path):
     assert [s for s in lines if "UTF-8" in s] == [
         "note: 2 bytes of the data are not UTF-8: the tokenizer reads them as U+FFFD, the "
         "replacement character (convert the files to UTF-8 to keep them)"]
+    for shift in range(3):  # UTF-8 cut 95/5 inside a character (two shifts of three): no note
+        (tmp_path / "euro.txt").write_text("a" * shift + "€" * 3000, encoding="utf-8")
+        lines = []
+        train_mod.load_data(dataclasses.replace(tc, data=str(tmp_path / "euro.txt")), cfg,
+                            tokenizer, log=lines.append)
+        assert not [s for s in lines if "UTF-8" in s], lines
     train_mod.train_and_sample(tc)
     rows = [json.loads(line) for line in open(os.path.join(tc.out_dir, "metrics.jsonl"))]
     assert rows[0]["step"] == 0 and "val_loss" in rows[0]
@@ -808,9 +817,11 @@ def test_clipping_scales_the_global_norm_down_to_the_threshold():
 
 def test_breakdown_says_when_the_difference_is_not_the_optimizers_time(monkeypatch):
     """A whole step faster than its forward + backward alone would print a negative AdamW time;
-    the breakdown says why instead."""
-    for times, said in (((0.010, 0.030, 0.025), "5 ms (16.7%)"), ((0.010, 0.030, 0.032), None),
-                        ((0.010, 0.030, 0.02996), "0.04 ms (0.1%)")):  # (not "0.0 ms")
+    the breakdown says why instead. The peak's line says that simulated devices share the host
+    only where there are several."""
+    for times, said, n_dev in (((0.010, 0.030, 0.025), "5 ms (16.7%)", 1),
+                               ((0.010, 0.030, 0.032), None, 8),
+                               ((0.010, 0.030, 0.02996), "0.04 ms (0.1%)", 1)):  # not "0.0 ms"
         left = list(times)   # forward, forward + backward, the whole step [s]
         monkeypatch.setattr(common, "bench", lambda *a, **k: common.Timing(0, left[0], left[0],
                                                                            left.pop(0) and 1))
@@ -821,13 +832,15 @@ def test_breakdown_says_when_the_difference_is_not_the_optimizers_time(monkeypat
                                     temp_size_in_bytes=3 * 2**30)
         step = types.SimpleNamespace(memory_analysis=lambda: mem)
         train_mod.breakdown(step, lambda p, x, y, seg: 0.0, {}, {}, (None, None, None), 6e9,
-                            1e12, 1, lines.append, common.Config.preset("tiny"), 256)
+                            1e12, 1, lines.append, common.Config.preset("tiny"), 256, n_dev)
         # forward: a third of the step's 6e9 FLOPs in 10 ms, 0.2 TFLOP/s, 20% of the 1e12 peak
         assert lines[1].split()[1:4] == ["10.0", "0.2", "20.0%"], lines
         note = [line for line in lines if "less than forward + backward" in line]
         assert len(note) == (said is not None) and all(said in line for line in note), lines
         assert any("2.00 MiB of arguments" in ln and "3.00 GiB of temporaries" in ln
                    for ln in lines), lines
+        peak_line, = [ln for ln in lines if ln.startswith("measured ")]
+        assert ("simulated devices share" in peak_line) == (n_dev > 1), peak_line
 
 
 def test_the_run_passes_scan_layers_to_the_attention_choice(tmp_path, monkeypatch):
@@ -1181,9 +1194,11 @@ def test_two_processes_fine_tune_as_one_device_does(tmp_path):
                                [want[0]["val_loss"]] + losses(want), rtol=2e-5)
 
 
-def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_to_one_process_saves_the_same_step_on_all(tmp_path, sig):
     """A scheduler's SIGTERM reaches one process of two: both hear of it through JAX's
-    preemption service, agree on a step, save it and stop with one line naming it."""
+    preemption service, agree on a step, save it and stop with one line naming it. A Ctrl-C
+    is taken as SIGTERM (left alone, it stopped its process, and the other waited for ever)."""
     args = [f"--{f.name}={getattr(tiny_run(tmp_path), f.name)}"
             for f in dataclasses.fields(train_mod.TrainConfig)
             if f.name in ("preset", "seq_len", "batch_size", "sample_len", "data", "scan_layers")]
@@ -1197,7 +1212,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
     for line in procs[1].stdout:                    # training has begun
         if line.startswith("step     1 |"):
             break
-    procs[1].send_signal(signal.SIGTERM)
+    procs[1].send_signal(sig)
     outs = [p.communicate(timeout=240) for p in procs]
     kept = [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path / "out"))]
     assert len(kept) == 1, (kept, [err[-2000:] for _, err in outs])
@@ -1205,6 +1220,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
         assert p.returncode == 130, err[-2000:]
         assert f"step {int(kept[0][5:]):5d} | a process was sent SIGTERM" in out
         assert f"keeps {kept[0]}: the same command resumes from it" in err.splitlines()[-1]
+    assert ("Ctrl-C, taken as SIGTERM: every process saves" in outs[1][1]) == (sig == signal.SIGINT)
 
 
 def test_cli_error_is_one_line():
