@@ -791,13 +791,14 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
                                  None)
     # a longer timing grows the cache the lesson picks: 64 + 40 + 3 x 40 = 224 of 256
     roomy = dataclasses.replace(TINY, max_seq_len=512)
-    # only the first model serves the stream (4 + 2 x 63 - 1 = 129) and speculates: the second
-    # needs 8 + 63 - 1 = 70 positions and the timed steps, 8 + 12 + 3 x 8 = 44
-    ic = inf.InferConfig(models="tiny", prompt_len=8, gen_len=63, gamma=1)
+    # only the first model serves the stream (4 + 2 x 121 - 1 = 245) and speculates (+ 1): the
+    # second needs 8 + 121 - 1 = 128 positions and the timed steps, 8 + 12 + 3 x 8 = 44
+    ic = inf.InferConfig(models="tiny", prompt_len=8, gen_len=121, gamma=1)
     inf.check_before_the_run([("roomy", roomy, None, None), ("tiny", TINY, None, None)], ic,
                              False, None)
     assert inf.lesson_lengths(TINY, ic, False, full=False)[2] == 128
-    with pytest.raises(common.UserError, match="^models=tiny: the request stream's longest"):
+    with pytest.raises(common.UserError, match=r"^models=tiny: prompt_len \+ gen_len - 1 \+ "
+                                               r"gamma = 8 \+ 121 - 1 \+ 1 = 129 exceeds"):
         inf.check_before_the_run([("tiny", TINY, None, None), ("roomy", roomy, None, None)], ic,
                                  False, None)
     assert inf.lesson_lengths(roomy, inf.InferConfig(), False)[2] == 128
