@@ -526,6 +526,8 @@ def test_run_blocks_takes_the_flags_before_the_defaults():
     assert run(huge) == (1024, 64)
     short = f05.FlashConfig(mem_max_len=64)  # and so is the default 256 past 64 tokens
     assert f05.run_blocks(short, False, [32, 64], None) == (64, 64)
+    # the longest of the timed lengths and the memory table's, not the last listed
+    assert f05.run_blocks(f05.FlashConfig(mem_max_len=1024), False, [32, 64], None) == (256, 256)
 
 
 def test_the_table_counts_forward_and_backward_as_flashattention_does(capsys):

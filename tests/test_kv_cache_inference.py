@@ -432,6 +432,25 @@ def test_speculative_greedy_equals_target():
     got, _ = inf.speculative_generate(params, TINY, self_draft, dcfg, PROMPTS, 13, gamma=3,
                                       cache_len=CACHE, stop_tokens=stops)
     assert got == inf.generate(params, TINY, PROMPTS, 13, cache_len=CACHE, stop_tokens=stops)
+    # one token is the prefill's: no round runs, so none is reserved past a 126-token prompt
+    got, _ = inf.speculative_generate(params, TINY, self_draft, dcfg, [[1] * 126], 1, gamma=4)
+    assert got == inf.generate(params, TINY, [[1] * 126], 1)
+
+
+def test_lesson_sizes_a_later_models_cache_without_the_stream(monkeypatch):
+    """The second model of --models runs neither the stream nor speculation: lesson() asks
+    lesson_lengths for its sizes so, as check_before_the_run did."""
+    seen = []
+
+    def spy(cfg, ic, on_gpu, full=True):
+        seen.append(full)
+        raise StopIteration
+    monkeypatch.setattr(inf, "lesson_lengths", spy)
+    for full in (True, False):
+        with pytest.raises(StopIteration):
+            inf.lesson("tiny", TINY, None, None, inf.InferConfig(models="tiny"), False, {}, None,
+                       full=full)
+    assert seen == [True, False]
 
 
 def test_speculative_alpha_counts_the_judged_draft_tokens():
@@ -803,6 +822,11 @@ def test_bad_config_and_checkpoint_dirs(tmp_path):
                                  False, None)
     assert inf.lesson_lengths(roomy, inf.InferConfig(), False)[2] == 128
     assert inf.lesson_lengths(roomy, inf.InferConfig(steps=40), False)[2] == 256
+    # the request stream's longest, 4 + 2 x 100 - 1 = 203, sizes the cache, and only the first
+    # model's: the others need 8 + 100 - 1 = 107 and the timed steps, 8 + 12 + 3 x 8 = 44
+    stream = inf.InferConfig(prompt_len=8, gen_len=100)
+    assert inf.lesson_lengths(roomy, stream, False)[2] == 256
+    assert inf.lesson_lengths(roomy, stream, False, full=False)[2] == 128
 
 
 def test_damaged_train_checkpoints_are_named_or_passed_over(tmp_path, capsys):
@@ -857,6 +881,14 @@ def test_sample_only_prints_the_prompt_and_its_continuation(tmp_path, capsys, mo
     inf.sample_only(models, dataclasses.replace(ic, max_new_tokens=1),
                     inf.load_draft(str(tmp_path), cfg))  # one token: the prefill's, no round
     assert "no speculative round ran" in capsys.readouterr().out
+    # a one-token sample runs no round: a prompt of 127 bytes fits TIED's 128 positions, and
+    # two tokens with a draft need 127 + 1 + gamma
+    draft = inf.load_draft(str(tmp_path), cfg)
+    long_prompt = dataclasses.replace(ic, prompt="a" * 127, max_new_tokens=1)
+    inf.check_before_the_run(models, long_prompt, True, draft)
+    with pytest.raises(common.UserError, match="plus 4 for a speculative round"):
+        inf.check_before_the_run(models, dataclasses.replace(long_prompt, max_new_tokens=2),
+                                 True, draft)
     random = dataclasses.replace(ic, models="tiny", ckpt_dir="")  # no checkpoint: random weights
     with pytest.raises(common.UserError, match="random weights"):
         inf.sample_only(inf.load_model(random, False)[0], random)
@@ -982,10 +1014,11 @@ def test_draft_must_read_text_with_the_targets_tokenizer(tmp_path):
         common.save_hf_llama(str(tmp_path / name), small, params, files={"tokenizer.json": spec})
     common.save_checkpoint(str(tmp_path / "bytes"), 1, {"params": numpy_params(small, 5)},
                            {"model": dataclasses.asdict(small)})
-    common.save_hf_llama(str(tmp_path / "broken"), small, params,
-                         files={"tokenizer.json": {"model": None}})  # its tokenizer is not used
+    for i, model in enumerate((None, "BPE")):  # a tokenizer.json with no vocabulary: not used
+        common.save_hf_llama(str(tmp_path / f"broken{i}"), small, params,
+                             files={"tokenizer.json": {"model": model}})
+        assert inf.load_draft(str(tmp_path / f"broken{i}"), TINY, target)[1] == small
     assert inf.load_draft(str(tmp_path / "same"), TINY, target)[1] == small
-    assert inf.load_draft(str(tmp_path / "broken"), TINY, target)[1] == small
     for name, reads in (("other", "text with another tokenizer"), ("bytes", "bytes, unlike")):
         with pytest.raises(common.UserError, match=f"reads {reads}"):
             inf.load_draft(str(tmp_path / name), TINY, target)
@@ -1163,6 +1196,8 @@ def test_served_time_per_output_token_is_the_gaps_between_tokens():
     served = inf._served([[5, 6, 7], [8], []], [1.0, 2.0, math.nan], [3.0, 2.0, math.nan])
     st = inf._stats(served, 4.0)
     assert (st["tokens"], st["tok_s"], st["ttft_mean"], st["tpot_mean"]) == (4, 1.0, 1.5, 1.0)
+    st = inf._stats(inf._served([[5]] * 10, list(range(1, 11)), list(range(1, 11))), 10.0)
+    assert st["ttft_p90"] == pytest.approx(9.1)  # numpy's linear interpolation over 1..10 s
     # every answer one token: no TPOT to average, and no numpy warning about it
     with warnings.catch_warnings():
         warnings.simplefilter("error")

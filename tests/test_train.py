@@ -99,6 +99,15 @@ def test_a_row_times_the_steps_since_the_last_row(tmp_path, monkeypatch):
         assert (r["ms_per_step"], r["tokens_per_s"]) == pytest.approx((1000, 8 * 32), rel=1e-6)
 
 
+def test_not_utf8_counts_bad_bytes_but_not_a_character_cut_at_either_end():
+    text = "aé€😀b".encode()  # characters of 1, 2, 3 and 4 bytes
+    for cut in range(len(text) + 1):
+        assert train_mod.not_utf8(text[:cut]) == train_mod.not_utf8(text[cut:]) == 0, cut
+    assert train_mod.not_utf8(b"ab\xffcd") == 1 and train_mod.not_utf8(b"abc\xff") == 1
+    assert train_mod.not_utf8(b"\x80" + text) == 0 and train_mod.not_utf8(b"\x80" * 4) == 1
+    assert train_mod.not_utf8(b"\xe2\x82x") == 2  # a character cut inside the data is bad
+
+
 @pytest.mark.parametrize("ahead", [0, 1, 2, 5])
 def test_batches_built_ahead_come_in_order_and_stop_with_the_loop(ahead):
     """prefetched gives make(step) for every step in order, builds no more than `ahead` of them
@@ -126,6 +135,16 @@ def test_batches_built_ahead_come_in_order_and_stop_with_the_loop(ahead):
     n = len(built)
     time.sleep(0.05)
     assert len(built) == n <= before + 1 + ahead  # and nothing built after the loop left
+    busy = []
+
+    def slow(step):
+        busy.append(step)
+        time.sleep(0.05)
+        busy.remove(step)
+        return step
+    with train_mod.prefetched(slow, range(10), ahead) as batches:
+        assert next(batches) == 0
+    assert busy == []  # a batch begun on the thread is finished before the loop goes on
 
 
 def test_sequence_parallel_splits_the_rows_of_a_micro_batch():
@@ -413,6 +432,24 @@ def _signal_saves_and_resumes(tc, one_device_run, sig, handlers):
     np.testing.assert_allclose(losses(rest), losses(one_device_run)[3:], rtol=2e-5)
 
 
+def test_ctrl_c_among_several_processes_is_passed_on_as_sigterm(capfd):
+    """With peers, the first Ctrl-C is sent on as SIGTERM, to JAX's preemption service (here a
+    handler stands in for it, and stays in place), and the flag stays unset: a process must not
+    stop at a step its peers do not."""
+    got = []
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                  (signal.SIGTERM, lambda *a: got.append(a[0])))}
+    try:
+        with train_mod.stop_after_the_step(peers=True) as asked:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert asked == [False] and got == [signal.SIGTERM]
+        assert "Ctrl-C, taken as SIGTERM: every process saves" in capfd.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_a_signal_during_validation_leaves_it_off(tmp_path, capfd):
     """A stop asked for while the validation batches run ends them there (a long validation
     would hold back the step after it, and its save): the next step is saved, and the run stops
@@ -584,6 +621,12 @@ def test_init_from_fine_tunes_a_hugging_face_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "moved" / "hf")  # named from inside it: "." is still hf
     assert train_mod.train(dataclasses.replace(tc, init_from="."), log=lambda s: None,
                            devices=jax.devices()[:1])[0] == []
+    # a checkpoint written before the model's name was kept is taken as the one named now
+    (ckpt,) = common.list_checkpoints(tc.out_dir)
+    meta = common.read_json(os.path.join(ckpt, "meta.json"))
+    assert meta.pop("init_from")
+    json.dump(meta, open(os.path.join(ckpt, "meta.json"), "w"))
+    assert train_mod.train(moved, log=lambda s: None, devices=jax.devices()[:1])[0] == []
     hf_cfg = json.load(open(tmp_path / "moved" / "hf" / "config.json"))
     json.dump(dict(hf_cfg, rope_theta=123.0), open(tmp_path / "moved" / "hf" / "config.json", "w"))
     with pytest.raises(common.UserError, match=r"another config \(--init_from=.*hf: rope_theta "):
