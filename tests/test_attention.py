@@ -3,6 +3,7 @@
 Tolerances are literals chosen per dtype: float32 results agree to rounding (~1e-6 for values of
 order 1); bfloat16 inputs carry 8 bits of mantissa (relative step 2^-8 = 0.4%), so bf16 outputs
 are compared with a float32 reference at a few of those steps."""
+import dataclasses
 import functools
 import math
 import os
@@ -548,3 +549,11 @@ def test_the_table_counts_forward_and_backward_as_flashattention_does(capsys):
         assert float(ms) == 1.0
         assert float(tflops) == pytest.approx(flops / 1e-3 / 1e12, abs=0.005)   # 2 decimals
         assert float(pct.rstrip("%")) == pytest.approx(100 * flops / 1e-3 / peak, abs=0.05)
+
+
+def test_the_fused_kernels_intensity_is_printed_unrounded(capsys):
+    """S / 2n for a causal fused kernel: 100 tokens in float32 sit at 12.5 FLOP/byte, not 12."""
+    cfg = dataclasses.replace(a04.AttnConfig(), batch=1, n_heads=2, n_kv_heads=2, head_dim=8,
+                              dtype="float32", causal=True)
+    a04.print_arithmetic(cfg, 100, np.dtype("float32"), 1e12, 1e11)
+    assert "the fused kernel near S/8 = 12.5 (causal: half the work)" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import jax
@@ -435,6 +436,20 @@ def test_speculative_greedy_equals_target():
     # one token is the prefill's: no round runs, so none is reserved past a 126-token prompt
     got, _ = inf.speculative_generate(params, TINY, self_draft, dcfg, [[1] * 126], 1, gamma=4)
     assert got == inf.generate(params, TINY, [[1] * 126], 1)
+
+
+def test_the_no_cache_row_says_slower_only_when_it_is(capsys):
+    """The no-cache step against the cached one: 2 ms against 1 is 2.0x slower; 0.5 ms against 1
+    (a tiny model on a CPU can do it) is 0.5x the time."""
+    for t_no_cache, said in ((2e-3, "2.0x slower; "), (0.5e-3, "0.5x the time; ")):
+        rows = []
+        run = types.SimpleNamespace(no_cache_len=64, flops=1e12, bw=1e11, t_no_cache=t_no_cache,
+                                    t_step=1e-3, P=64, S=128, t_prefill=1e-3,
+                                    row=lambda *r: rows.append(r))
+        inf.print_no_cache(run, W=1e6, N=5e5)
+        (_, _, _, ratio), = rows
+        assert ratio.startswith(said), ratio
+    capsys.readouterr()
 
 
 def test_lesson_sizes_a_later_models_cache_without_the_stream(monkeypatch):
