@@ -70,7 +70,7 @@ class KernelsConfig:
     interpret: bool = False    # run the kernels interpreted (automatic on a CPU)
     matmul_n: int = 0          # M = N = K of the matmul; 0: 8192 on GPU, 256 interpreted
     flash_lengths: str = ""    # S values, comma-separated; "": 1k..32k on GPU, 128,256 interpreted
-    flash_tokens: int = 32768  # batch = flash_tokens // S, so every length does similar work
+    flash_tokens: int = 32768  # batch = flash_tokens // S (at least 1): similar work a length
     n_heads: int = 16          # attention benchmark: H = KH
     head_dim: int = 128        # attention and decode benchmarks: D
     decode_batch: int = 32     # decode benchmark: rows, each with decode_len cached tokens
@@ -1836,9 +1836,8 @@ def main():
     B, H, KH, L = env["decode_shape"]
     print(f"resolved: matmul_n={env['matmul_n']}; flash lengths "
           f"{','.join(map(str, env['flash_lengths']))} (batch {cfg.flash_tokens} tokens // "
-          f"length), n_heads={cfg.n_heads} head_dim={cfg.head_dim}; decode B={B} heads={H} "
-          f"kv_heads={KH} "
-          f"len={L}; int8 [{env['int8_n']}, {env['int8_n']}] weights at M="
+          f"length, at least 1), n_heads={cfg.n_heads} head_dim={cfg.head_dim}; decode B={B} "
+          f"heads={H} kv_heads={KH} len={L}; int8 [{env['int8_n']}, {env['int8_n']}] weights at M="
           f"{','.join(map(str, env['int8_rows']))}; dtype {jnp.dtype(env['dtype']).name}")
     if env["interpret"]:
         print("interpreted: each grid point's body runs as ordinary XLA ops on this device, so the "
