@@ -162,6 +162,42 @@ def test_remat_keeps_the_gradients_and_plans_less_memory():
     assert temp["full"] < temp["dots"] < temp["none"]
 
 
+def test_remat_dots_keeps_an_attention_kernel_wrapped_in_custom_vmap():
+    """08's Hopper kernels reach the remat policy as a custom_vmap_call (Mosaic GPU's batching
+    wrapper) inside the attention's custom_vjp: remat="dots" must keep their output, or the
+    backward pass runs each layer's attention forward a second time. A kernel of that shape
+    here: under "dots" its call is traced once per layer, under "full" again for the
+    backward."""
+    @jax.custom_batching.custom_vmap
+    def kernel(q, k, v):
+        return common.attention_reference(q, k, v, causal=True)
+
+    @kernel.def_vmap
+    def _(axis_size, in_batched, q, k, v):
+        return jax.vmap(kernel)(q, k, v), True
+
+    @jax.custom_vjp
+    def attention(q, k, v):
+        return kernel(q, k, v)
+
+    def forward_pass(q, k, v):
+        return kernel(q, k, v), (q, k, v)
+
+    def backward_pass(res, g):
+        return jax.vjp(lambda *a: common.attention_reference(*a, causal=True), *res)[1](g)
+    attention.defvjp(forward_pass, backward_pass)
+
+    params = common.init_params(TINY, jax.random.key(0))
+    tokens = jnp.asarray(np.arange(2 * 16).reshape(2, 16) % TINY.vocab_size)
+    calls = {}
+    for remat in ("dots", "full"):
+        step = jax.grad(lambda p: common.cross_entropy(common.forward(
+            p, tokens, TINY, attention=lambda q, k, v, causal, seg: attention(q, k, v),
+            remat=remat, scan_layers=False), tokens))
+        calls[remat] = str(jax.make_jaxpr(step)(params)).count("custom_vmap_call")
+    assert calls["dots"] == TINY.n_layers < calls["full"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cross_entropy_and_its_gradient_match_log_softmax(dtype):
     rng = np.random.default_rng(0)
