@@ -52,6 +52,7 @@ about 75% of the copy bandwidth (BENCHMARKS.md records what limits it).
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import time
 
@@ -594,10 +595,13 @@ def _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks, int
 #     softmax (exp2 on the slow special-function unit) overlaps the other's matmuls.
 #
 # Scores are scaled by sm_scale * log2(e) once, so the softmax runs in base 2 (exp2 is a single
-# instruction); the logsumexp is converted back to natural log for the backward pass, which
-# stays the portable one. Causal: tiles wholly right of the diagonal are never loaded, tiles
-# wholly left are not masked. No segment ids, and T, S must be multiples of the tiles:
-# `flash_attention` falls back to the portable kernel otherwise.
+# instruction); the logsumexp is converted back to natural log for the backward pass.
+# Causal: tiles wholly right of the diagonal are never loaded, tiles wholly left are not
+# masked. Segment ids: each position's id is replaced by its segment's first position (the same
+# partition, and exact in float32), the queries' ids are loaded once and the keys' ride with
+# each K tile; every tile is masked, and a CTA streams only the key tiles its queries' segments
+# reach (`_span_tiles`, read from global memory at the start). T, S must be multiples of the
+# tiles: `flash_attention` falls back to the portable kernel otherwise.
 
 _LN2 = math.log(2.0)
 _LOG2E = math.log2(math.e)
@@ -610,32 +614,52 @@ HOPPER_BLOCK_Q, HOPPER_BLOCK_KV, HOPPER_STAGES = 64, 128, 2
 SM90_SMEM_PER_CTA, MOSAIC_SCRATCH = 232_448, 2_560
 
 
-def hopper_smem_bytes(block_q, block_kv, stages, D, itemsize=2):
+def hopper_smem_bytes(block_q, block_kv, stages, D, itemsize=2, segments=False):
     """Shared memory the Hopper forward's buffers take per CTA: Q (and then O) tiles of both
     math warpgroups, the K and V rings of `stages` slots, the logsumexp rows, and one 8-byte
-    mbarrier per signal. Registers hold the scores and the accumulator. The compiler's own
-    count is a little higher (its scratch)."""
+    mbarrier per signal (with segment ids, the queries' ids and a ring of the keys' too).
+    Registers hold the scores and the accumulator. The compiler's own count is a little higher
+    (its scratch)."""
     tiles = itemsize * D * (2 * block_q + 2 * stages * block_kv) + 4 * 2 * block_q
     barriers = 8 * (2 + 4 * stages + 1)
+    if segments:
+        tiles += 4 * (2 * block_q + stages * block_kv)
+        barriers += 8 * (2 + stages)
     return tiles + barriers
 
 
 def hopper_available(q, k, segment_ids, causal):
     """Whether the Hopper forward applies: an sm90 GPU, 16-bit inputs, D a multiple of 64 whose
-    tiles fit in shared memory (64 and 128: at 192 its tiles take 240 of 227 KiB), no segment
-    ids, T a multiple of 2 * block_q and S of block_kv (T == S if causal)."""
+    tiles fit in shared memory (64 and 128: at 192 its tiles take 240 of 227 KiB), T a multiple
+    of 2 * block_q and S of block_kv (T == S if causal or under segment ids, and then below
+    2^24, so that positions are exact in float32)."""
     dev = jax.devices()[0]
     T, S, D = q.shape[1], k.shape[1], q.shape[3]
+    segments = segment_ids is not None
     return (dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
             and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
-            and D % 64 == 0 and segment_ids is None
-            and hopper_smem_bytes(HOPPER_BLOCK_Q, HOPPER_BLOCK_KV, HOPPER_STAGES, D)
+            and D % 64 == 0 and (not segments or T < 2**24)
+            and hopper_smem_bytes(HOPPER_BLOCK_Q, HOPPER_BLOCK_KV, HOPPER_STAGES, D,
+                                  segments=segments)
             + MOSAIC_SCRATCH <= SM90_SMEM_PER_CTA
             and T % (2 * HOPPER_BLOCK_Q) == 0 and S % HOPPER_BLOCK_KV == 0
             and (T == S or not causal))
 
 
-def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, heavy_first):
+def _span_tiles(first, last, rows, cols):
+    """[B, T // rows, 2] int32: for each tile of `rows` positions, the first tile of `cols`
+    positions that its positions' segments reach, and one past the last (first and last are
+    `_segment_spans`). The Hopper kernels read them to bound their loops."""
+    B = first.shape[0]
+    lo = first.reshape(B, -1, rows).min(-1) // cols
+    hi = last.reshape(B, -1, rows).max(-1) // cols + 1
+    return jnp.stack([lo, hi], -1).astype(jnp.int32)
+
+
+def _hopper_forward(q, k, v, seg=None, *, causal, sm_scale, block_q, block_kv, stages,
+                    heavy_first):
+    """seg: None, or (ids, bounds): each position's segment as its first position, float32
+    [B, T], and `_span_tiles` of the CTAs' rows over the key tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # imported only where it runs
 
     batch, t_len, n_heads, head_dim = q.shape
@@ -648,9 +672,16 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
     stages = min(stages, n_kv_total)
     score_scale = sm_scale * _LOG2E   # one multiply: temperature + change of base
 
-    def body(q_gmem, k_gmem, v_gmem, out_gmem, lse_gmem,
-                      q_smem, k_smem, v_smem, lse_smem,
-                      q_landed, k_landed, v_landed, k_free, v_free, turn):
+    has_seg = seg is not None
+
+    def body(q_gmem, k_gmem, v_gmem, *refs):
+        if has_seg:
+            (ids_gmem, bounds_gmem, out_gmem, lse_gmem, q_smem, k_smem, v_smem,
+             lse_smem, q_landed, k_landed, v_landed, k_free, v_free, turn,
+             segq_smem, segk_smem, segq_landed, segk_landed) = refs
+        else:
+            (out_gmem, lse_gmem, q_smem, k_smem, v_smem, lse_smem,
+             q_landed, k_landed, v_landed, k_free, v_free, turn) = refs
         wg = lax.axis_index("wg")
         head = lax.axis_index("head")
         b = lax.axis_index("batch")
@@ -658,12 +689,21 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
         if causal and heavy_first:
             tile = n_q_tiles - 1 - tile     # the bottom rows see the most keys
         cta_row0 = tile * (2 * block_q)
+        # The key tiles this CTA streams: [kv_start, kv_end), all of them without segment ids;
+        # with them, those that its queries' segments reach.
+        kv_start, kv_end = 0, n_kv_total
+        if has_seg:
+            kv_start, kv_end = bounds_gmem[b, tile, 0], bounds_gmem[b, tile, 1]
 
         def kv_steps_for(row_end):
-            # Number of K/V tiles a block of query rows ending at row_end must see.
+            # One past the last K/V tile a block of query rows ending at row_end must see.
             if not causal:
-                return n_kv_total        # a Python int: keeps the loops static
-            return lax.div(row_end + (block_kv - 1), jnp.int32(block_kv))
+                return kv_end            # without segments a Python int: static loops
+            diagonal = lax.div(row_end + (block_kv - 1), jnp.int32(block_kv))
+            return jnp.minimum(diagonal, kv_end) if has_seg else diagonal
+
+        def slot_of(step):
+            return lax.rem(step - kv_start, jnp.int32(stages))
 
         # The loader streams as many tiles as the *later* warpgroup needs.
         cta_steps = kv_steps_for(cta_row0 + 2 * block_q)
@@ -682,6 +722,9 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
 
             plgpu.copy_gmem_to_smem(q_gmem.at[b, pl.ds(row0, block_q), head], my_q,
                                                             q_landed.at[wg])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(ids_gmem.at[b, pl.ds(row0, block_q)],
+                                        segq_smem.at[wg], segq_landed.at[wg])
 
             row_vec = plgpu.Layout.WGMMA.reduce(1)
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_vec)
@@ -689,6 +732,10 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
             acc = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                                             plgpu.Layout.WGMMA)
 
+            if has_seg:
+                plgpu.barrier_wait(segq_landed.at[wg])
+                seg_rows = lax.broadcast_in_dim(_load(plgpu, segq_smem.at[wg], layout=row_vec),
+                                                (block_q, block_kv), [0])
             plgpu.barrier_wait(q_landed.at[wg])
             plgpu.barrier_wait(k_landed.at[0])
             # Warpgroup 1 starts half a step behind warpgroup 0.
@@ -696,7 +743,11 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
 
             def one_step(step, carry, *, masked):
                 acc, m, l = carry
-                slot = lax.rem(step, jnp.int32(stages))
+                slot = slot_of(step)
+                if has_seg:   # the keys' ids, read before the K slot is given back
+                    plgpu.barrier_wait(segk_landed.at[slot])
+                    seg_cols = _load(plgpu, segk_smem.at[slot],
+                                     layout=plgpu.Layout.WGMMA.reduce(0))
 
                 # ---- S = Q @ K^T on the tensor cores --------------------------------
                 def scores(s_acc):
@@ -711,11 +762,16 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
                     qi = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                     kj = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(qi + row0 >= kj + step * block_kv, s, -jnp.inf)
+                if has_seg:   # keep keys of the query's own segment
+                    same = seg_rows == lax.broadcast_in_dim(seg_cols, s.shape, [1])
+                    s = jnp.where(same, s, -jnp.inf)
 
                 # ---- online softmax (float32, base 2) ------------------------------
                 m_new = jnp.maximum(m, s.max(axis=1) * score_scale)
-                rescale = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * score_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                # Under segment ids a row may have seen no key yet: subtract 0, not -inf.
+                m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if has_seg else m_new
+                rescale = jnp.exp2(m - m_sub)
+                p = jnp.exp2(s * score_scale - lax.broadcast_in_dim(m_sub, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
                 l = l * rescale + p.sum(axis=1)
                 p_lo = p.astype(dtype)
@@ -734,19 +790,20 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
                     nxt = step + 1
                     @pl.when(nxt < my_steps)
                     def _():
-                        plgpu.barrier_wait(k_landed.at[lax.rem(nxt, jnp.int32(stages))])
+                        plgpu.barrier_wait(k_landed.at[slot_of(nxt)])
                 acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])   # V slot may be refilled
                 return acc, m_new, l
 
             carry = (acc, m, l)
             if not causal:
-                carry = lax.fori_loop(0, my_steps, functools.partial(one_step, masked=False),
-                                      carry)
+                carry = lax.fori_loop(kv_start, my_steps,
+                                      functools.partial(one_step, masked=False), carry)
             else:
-                # Tiles that end at or before our first row need no mask.
+                # Tiles that end at or before our first row need no causal mask. (Under
+                # segment ids kv_start is at or before row0's tile: row0 sees itself.)
                 n_unmasked = lax.div(row0, jnp.int32(block_kv))
-                carry = lax.fori_loop(0, n_unmasked,
+                carry = lax.fori_loop(kv_start, n_unmasked,
                                       functools.partial(one_step, masked=False), carry)
                 carry = lax.fori_loop(n_unmasked, my_steps,
                                       functools.partial(one_step, masked=True), carry)
@@ -756,7 +813,7 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
                 # ping-pong barrier in step (two rendezvous per tile).
                 @pl.loop(my_steps, cta_steps)
                 def _drain(step):
-                    slot = lax.rem(step, jnp.int32(stages))
+                    slot = slot_of(step)
                     plgpu.barrier_arrive(k_free.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
                     take_turn()
@@ -782,27 +839,32 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
             kv_head = lax.div(head, jnp.int32(group))
 
             def issue(step, slot, what):
-                src = (b, pl.ds(step * block_kv, block_kv), kv_head)
+                rows = pl.ds(step * block_kv, block_kv)
                 if what == "k":
-                    plgpu.copy_gmem_to_smem(k_gmem.at[src], k_smem.at[slot], k_landed.at[slot])
+                    plgpu.copy_gmem_to_smem(k_gmem.at[b, rows, kv_head], k_smem.at[slot],
+                                            k_landed.at[slot])
+                    if has_seg:
+                        plgpu.copy_gmem_to_smem(ids_gmem.at[b, rows], segk_smem.at[slot],
+                                                segk_landed.at[slot])
                 else:
-                    plgpu.copy_gmem_to_smem(v_gmem.at[src], v_smem.at[slot], v_landed.at[slot])
+                    plgpu.copy_gmem_to_smem(v_gmem.at[b, rows, kv_head], v_smem.at[slot],
+                                            v_landed.at[slot])
 
             # Fill the ring.
             for i in range(stages):
-                @pl.when(i < cta_steps)
+                @pl.when(i < cta_steps - kv_start)
                 def _():
-                    issue(i, i, "k")
-                    issue(i, i, "v")
+                    issue(kv_start + i, i, "k")
+                    issue(kv_start + i, i, "v")
 
             # Steady state: refill a slot as soon as both math warpgroups freed it.
-            @pl.loop(0, cta_steps - stages)
+            @pl.loop(0, cta_steps - kv_start - stages)
             def _(step):
                 slot = lax.rem(step, jnp.int32(stages))
                 plgpu.barrier_wait(k_free.at[slot])
-                issue(step + stages, slot, "k")
+                issue(kv_start + step + stages, slot, "k")
                 plgpu.barrier_wait(v_free.at[slot])
-                issue(step + stages, slot, "v")
+                issue(kv_start + step + stages, slot, "v")
 
     # 128-byte swizzled, (8, 64)-tiled shared-memory layout: what wgmma and TMA
     # both want for 16-bit operands with 64-element (128-byte) rows.
@@ -819,6 +881,13 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),                      # V free
             plgpu.Barrier(num_arrivals=2),                                           # turn
     )
+    if has_seg:
+        scratch += (
+            plgpu.SMEM((2, block_q), jnp.float32),                                   # q ids
+            plgpu.SMEM((stages, block_kv), jnp.float32),                             # k ids
+            plgpu.Barrier(num_barriers=2),                                           # landed
+            plgpu.Barrier(num_barriers=stages),                                      # landed
+        )
     out_type = (
             jax.ShapeDtypeStruct(q.shape, dtype),
             jax.ShapeDtypeStruct((batch, n_heads, t_len), jnp.float32),
@@ -834,7 +903,7 @@ def _hopper_forward(q, k, v, *, causal, sm_scale, block_q, block_kv, stages, hea
             num_threads=3,
             thread_name="wg",
             compiler_params=plgpu.CompilerParams(approx_math=True),
-        )(q, k, v)
+        )(q, k, v, *(seg if has_seg else ()))
     return out, lse
 
 
@@ -879,7 +948,10 @@ def _load(plgpu, ref, *, layout):
     return plgpu.load(ref, layout=layout)
 
 
-def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, block_kv, stages):
+def _hopper_backward(q, k, v, out, lse, d_out, seg=None, *, causal, sm_scale, block_q, block_kv,
+                     stages):
+    """seg: None, or (ids, bounds) as for `_hopper_forward`, the bounds taken over the CTAs'
+    keys and the query blocks."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # imported only where it runs
 
     batch, t_len, n_heads, head_dim = q.shape
@@ -892,23 +964,42 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
     score_scale = sm_scale * _LOG2E
 
     # Per query row: L in base-2 units and D = rowsum(dO o O), side by side so that one TMA copy
-    # brings both for a block of rows: stats[b, h, 0, t] = log2(e) L, stats[b, h, 1, t] = D.
+    # brings both for a block of rows: stats[b, h, 0, t] = log2(e) L, stats[b, h, 1, t] = D,
+    # and under segment ids stats[b, h, 2, t] = the query's segment id.
     delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    stats = jnp.stack([lse.astype(jnp.float32) * _LOG2E, delta], axis=2)
+    stat_rows = [lse.astype(jnp.float32) * _LOG2E, delta]
+    has_seg = seg is not None
+    if has_seg:
+        ids, bounds = seg
+        stat_rows.append(jnp.broadcast_to(ids[:, None, :], delta.shape))
+    stats = jnp.stack(stat_rows, axis=2)
+    n_stats = len(stat_rows)
 
-    def body(q_gmem, k_gmem, v_gmem, do_gmem, st_gmem, dq_gmem, dk_gmem, dv_gmem,
-             q_smem, do_smem, st_smem, k_smem, v_smem, ds_smem, dq_smem,
-             q_landed, do_landed, st_landed, kv_landed, slot_free, meet):
+    def body(q_gmem, k_gmem, v_gmem, do_gmem, st_gmem, *refs):
+        if has_seg:
+            (ids_gmem, bounds_gmem, dq_gmem, dk_gmem, dv_gmem, q_smem, do_smem, st_smem, k_smem,
+             v_smem, ds_smem, dq_smem, q_landed, do_landed, st_landed, kv_landed, slot_free,
+             meet, ids_smem, ids_landed) = refs
+        else:
+            (dq_gmem, dk_gmem, dv_gmem, q_smem, do_smem, st_smem, k_smem, v_smem, ds_smem,
+             dq_smem, q_landed, do_landed, st_landed, kv_landed, slot_free, meet) = refs
         wg = lax.axis_index("wg")
         head = lax.axis_index("head")
         b = lax.axis_index("batch")
         slab = lax.axis_index("slab")
         slab_k0 = slab * (2 * block_kv)
-        # Causal: queries before the slab's first key see none of it.
+        # Causal: queries before the slab's first key see none of it. Segment ids: nor do
+        # queries outside the query blocks that the slab's keys' segments reach.
         first = lax.div(slab_k0, jnp.int32(block_q)) if causal else 0
-        n_steps = n_q_blocks - first
+        last = n_q_blocks
+        if has_seg:
+            first = jnp.maximum(first, bounds_gmem[b, slab, 0])
+            last = bounds_gmem[b, slab, 1]
+        n_steps = last - first
         # Query blocks that overlap the slab's diagonal need the element mask.
         n_masked = (2 * block_kv) // block_q if causal else 0
+        if has_seg and causal:   # (the slab's segments may end inside its diagonal)
+            n_masked = jnp.minimum(n_masked, n_steps)
 
         def rendezvous():
             # Both math warpgroups arrive; neither goes on before the other has.
@@ -924,10 +1015,18 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
             rows = (b, pl.ds(k0, block_kv), kv_head)
             plgpu.copy_gmem_to_smem(k_gmem.at[rows], my_k, kv_landed.at[wg])
             plgpu.copy_gmem_to_smem(v_gmem.at[rows], my_v, kv_landed.at[2 + wg])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(ids_gmem.at[b, pl.ds(k0, block_kv)], ids_smem.at[wg],
+                                        ids_landed.at[wg])
 
             per_query = plgpu.Layout.WGMMA.reduce(0)   # a vector along the columns of S^T
             zeros = plgpu.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32),
                                       plgpu.Layout.WGMMA)
+            if has_seg:   # my keys' segment ids, one per row of S^T
+                plgpu.barrier_wait(ids_landed.at[wg])
+                key_ids = lax.broadcast_in_dim(
+                    _load(plgpu, ids_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)),
+                    (block_kv, block_q), [0])
             plgpu.barrier_wait(kv_landed.at[wg])
             plgpu.barrier_wait(kv_landed.at[2 + wg])
 
@@ -961,6 +1060,10 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
                     qry = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1,
                                                  layout=plgpu.Layout.WGMMA) + q0
                     logits = jnp.where(qry >= key, logits, -jnp.inf)
+                if has_seg:   # keep queries of the key's own segment
+                    qry_ids = _load(plgpu, st_smem.at[slot, 2], layout=per_query)
+                    same = key_ids == lax.broadcast_in_dim(qry_ids, s_t.shape, [1])
+                    logits = jnp.where(same, logits, -jnp.inf)
                 p_t = jnp.exp2(logits)
                 # ---- dS^T = P^T o (dP^T - D) (the factor c is applied at the end) -------
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(dlt, dp_t.shape, [1]))
@@ -1042,7 +1145,7 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
     scratch = (
         plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=mma_layout),     # Q ring
         plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=mma_layout),     # dO ring
-        plgpu.SMEM((stages, 2, block_q), jnp.float32),                             # L, D ring
+        plgpu.SMEM((stages, n_stats, block_q), jnp.float32),                       # L, D ring
         plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=mma_layout),         # K / dK
         plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=mma_layout),         # V / dV
         plgpu.SMEM((2, 2, block_kv, block_q), dtype, transforms=mma_layout),       # dS^T x2
@@ -1054,6 +1157,9 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),                        # slot free
         plgpu.Barrier(num_arrivals=2),                                             # meet
     )
+    if has_seg:
+        scratch += (plgpu.SMEM((2, block_kv), jnp.float32),                         # key ids
+                    plgpu.Barrier(num_barriers=2))                                 # landed
     # dQ is summed over the slabs by reduce-add copies, so it starts as zeros. It is passed as
     # a mutable array (jax.new_ref): the kernel adds into it in place. `plgpu.kernel` does not
     # accept one (its batching wrapper), so the mesh goes to `pl.kernel` directly, with the
@@ -1077,7 +1183,7 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         name="hopper_flash_backward",
-    )(q, k, v, d_out, stats, dq_acc)
+    )(q, k, v, d_out, stats, *(seg if has_seg else ()), dq_acc)
     dq = (jax.freeze(dq_acc) * sm_scale).astype(q.dtype)
     if group > 1:   # the query heads sharing a kv head add their contributions
         dk = dk.reshape(batch, s_len, n_kv_heads, group, head_dim).astype(jnp.float32).sum(3)
@@ -1085,11 +1191,21 @@ def _hopper_backward(q, k, v, out, lse, d_out, *, causal, sm_scale, block_q, blo
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _hopper_segments(seg, rows, cols):
+    """What the Hopper kernels take for segment ids: each position's id as the first position
+    of its segment (float32), and `_span_tiles` over tiles of `rows` and `cols` positions."""
+    if seg is None:
+        return None
+    first, last = _segment_spans(seg)
+    return first.astype(jnp.float32), _span_tiles(first, last, rows, cols)
+
+
 def _forward_pass(q, k, v, seg, causal, sm_scale, blocks, interpret, impl):
     if impl == "hopper":
-        return _hopper_forward(q, k, v, causal=causal, sm_scale=sm_scale,
-                               block_q=HOPPER_BLOCK_Q, block_kv=HOPPER_BLOCK_KV,
-                               stages=HOPPER_STAGES, heavy_first=True)
+        return _hopper_forward(q, k, v, _hopper_segments(seg, 2 * HOPPER_BLOCK_Q,
+                                                         HOPPER_BLOCK_KV),
+                               causal=causal, sm_scale=sm_scale, block_q=HOPPER_BLOCK_Q,
+                               block_kv=HOPPER_BLOCK_KV, stages=HOPPER_STAGES, heavy_first=True)
     return _flash_forward(q, k, v, seg, causal, sm_scale, blocks, interpret)
 
 
@@ -1106,8 +1222,11 @@ def _flash_fwd(q, k, v, seg, causal, sm_scale, blocks, interpret, impl):
 def _flash_bwd(causal, sm_scale, blocks, interpret, impl, res, d_out):
     q, k, v, seg, out, lse = res
     if impl == "hopper" and hopper_backward_available(q, k, causal):
-        dq, dk, dv = _hopper_backward(q, k, v, out, lse, d_out, causal=causal,
-                                      sm_scale=sm_scale, block_q=HOPPER_BWD_BLOCK_Q,
+        dq, dk, dv = _hopper_backward(q, k, v, out, lse, d_out,
+                                      _hopper_segments(seg, 2 * HOPPER_BWD_BLOCK_KV,
+                                                       HOPPER_BWD_BLOCK_Q),
+                                      causal=causal, sm_scale=sm_scale,
+                                      block_q=HOPPER_BWD_BLOCK_Q,
                                       block_kv=HOPPER_BWD_BLOCK_KV, stages=HOPPER_BWD_STAGES)
     else:
         dq, dk, dv = _flash_backward(q, k, v, seg, out, lse, d_out, causal, sm_scale, blocks,
@@ -1151,8 +1270,8 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
                                f"{implementation!r}")
     elif implementation == "hopper" and not hopper:
         raise common.UserError("the Hopper kernel needs an sm90 GPU, bf16/fp16, D of 64 or "
-                               f"128, no segment ids, T a multiple of {2 * HOPPER_BLOCK_Q} and S "
-                               f"of {HOPPER_BLOCK_KV}; got q {q.shape} {q.dtype}")
+                               f"128, T a multiple of {2 * HOPPER_BLOCK_Q} and S of "
+                               f"{HOPPER_BLOCK_KV}; got q {q.shape} {q.dtype}")
     D = q.shape[-1]
     if D != _pow2_at_least(D):  # Triton's lowering takes power-of-2 tiles: pad with zeros,
         pad = lambda x: _pad_to(x, 3, _pow2_at_least(D))   # which add nothing to q . k
@@ -1564,16 +1683,19 @@ def bench_flash(cfg, env, rows):
         q, k, v = (a[:, :256] for a in (q, k, v))
         f32 = [a.astype(jnp.float32) for a in (q, k, v)]
         do = _random(jax.random.key(7), q.shape, jnp.float32)
-        for causal in (True, False):
+        # Segment ids: documents of about 40 tokens, so that tiles hold several of them.
+        docs = np.cumsum(np.random.default_rng(cfg.seed).random(q.shape[:2]) < 1 / 40, axis=1)
+        for causal, seg in itertools.product((True, False), (None, jnp.asarray(docs))):
             def ref(q, k, v):
-                return common.attention_reference(q, k, v, causal=causal)
-            hop = functools.partial(ours, causal=causal, impl="hopper")
+                return common.attention_reference(q, k, v, causal=causal, segment_ids=seg)
+            hop = functools.partial(ours, causal=causal, impl="hopper", segment_ids=seg)
             err = _rel_error(jax.jit(hop)(q, k, v), ref(*f32))
             grads = jax.jit(fwd_bwd(lambda q, k, v, c: hop(q, k, v), causal))(q, k, v, do)
             grads_ref = fwd_bwd(lambda q, k, v, c: ref(q, k, v), causal)(*f32, do)
             g_err = max(_rel_error(g, r) for g, r in zip(grads, grads_ref))
-            print(f"  error vs float32 reference (S=256, causal={causal}, hopper): output "
-                  f"{err:.1e}, gradients {g_err:.1e}")
+            print(f"  error vs float32 reference (S=256, causal={causal}"
+                  f"{', segment ids' if seg is not None else ''}, hopper): output {err:.1e}, "
+                  f"gradients {g_err:.1e}")
     impls = {"portable": functools.partial(ours, impl="portable")}
     if hopper_on:
         impls["hopper"] = functools.partial(ours, impl="hopper")
@@ -1615,38 +1737,46 @@ def bench_flash(cfg, env, rows):
                                                      "FLOP/s"),
                              tf[best, mode] / tf['peer', mode],
                              f"{tf[best, mode] * env['flop_unit'][1] / env['peak']:.0%} of peak"))
-    bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name)
+    bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name, hopper_on)
 
 
-def bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name):
-    """Causal attention over packed documents (segment ids): the key blocks the kernel visits,
-    a fraction of the causal ones that shrinks with the documents, against the peer given the
-    documents as a dense mask."""
+def bench_packed(cfg, env, rows, ours, fwd_bwd, peer_impl, peer_name, hopper_on):
+    """Causal attention over packed documents (segment ids): the key blocks the forward kernel
+    visits, a fraction of the causal ones that shrinks with the documents, against the peer
+    given the documents as a dense mask. On Hopper both kernels run, the Hopper ones first."""
     S = min(max(env["flash_lengths"]), 2048)
     B, H, D = max(1, cfg.flash_tokens // S), cfg.n_heads, cfg.head_dim
-    bq, bk = env["flash_blocks"].block_q, env["flash_blocks"].block_k
     q, k, v, do = (_random(kk, (B, S, H, D), env["dtype"])
                    for kk in jax.random.split(jax.random.key(S + 1), 4))
+    # Segment ids are arguments, not constants: XLA would sort them while compiling.
+    hopper_on = hopper_on and hopper_available(q, k, jnp.zeros((B, S), jnp.int32), True)
+    impls = ["hopper", "portable"] if hopper_on else ["portable"]
+    bq, bk = ((2 * HOPPER_BLOCK_Q, HOPPER_BLOCK_KV) if hopper_on
+              else (env["flash_blocks"].block_q, env["flash_blocks"].block_k))
 
     def peer(q, k, v, causal, seg):
         mask = seg[:, None, :, None] == seg[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation=peer_impl)
     print(f"\n  packed documents, causal, B={B} S={S}, geometric lengths; forward + backward; "
-          f"blocks: the key blocks visited, of the causal ones")
-    print(f"  {'mean doc':>8s} {'blocks':>7s} {'ours f+b':>10s} {peer_name + ' mask f+b':>14s} "
-          f"{'ratio':>6s}")
+          f"blocks: the key blocks the {impls[0]} forward visits, of the causal ones")
+    print(f"  {'mean doc':>8s} {'blocks':>7s} "
+          + " ".join(f"{n + ' f+b':>13s}" for n in impls)
+          + f" {peer_name + ' mask f+b':>14s} {'ratio':>6s}")
     rng = np.random.default_rng(cfg.seed)
     for mean in sorted({max(1, S // 16), max(1, S // 4), S}):
         seg = jnp.asarray(np.cumsum(rng.random((B, S)) < 1 / mean, axis=1), jnp.int32)
         visited = causal_blocks_visited(seg, bq, bk)
-        t = [_time(fwd_bwd(lambda q, k, v, c, f=f: f(q, k, v, c, seg), True), [(q, k, v, do)])
-             for f in (lambda q, k, v, c, s: ours(q, k, v, c, "portable", segment_ids=s), peer)]
-        print(f"  {mean:8d} {visited:7.0%} {t[0] * 1e3:8.2f}ms {t[1] * 1e3:12.2f}ms "
-              f"{t[1] / t[0]:6.2f}", flush=True)
+        fns = [functools.partial(ours, impl=impl) for impl in impls] + [
+            lambda q, k, v, c, segment_ids: peer(q, k, v, c, segment_ids)]
+        t = [_time(lambda q, k, v, do, s, f=f: fwd_bwd(
+                 lambda q, k, v, c: f(q, k, v, c, segment_ids=s), True)(q, k, v, do),
+                   [(q, k, v, do, seg)]) for f in fns]
+        print(f"  {mean:8d} {visited:7.0%} " + " ".join(f"{x * 1e3:11.2f}ms" for x in t[:-1])
+              + f" {t[-1] * 1e3:12.2f}ms {t[-1] / t[0]:6.2f}", flush=True)
         rows.append(("flash f+b, packed", f"B{B} S{S} documents ~{mean}",
-                     f"{t[0] * 1e3:.2f} ms", f"{peer_name} mask {t[1] * 1e3:.2f} ms",
-                     t[1] / t[0], f"{visited:.0%} of causal blocks"))
+                     f"{t[0] * 1e3:.2f} ms", f"{peer_name} mask {t[-1] * 1e3:.2f} ms",
+                     t[-1] / t[0], f"{impls[0]}, {visited:.0%} of causal blocks"))
 
 
 def bench_decode(cfg, env, rows):

@@ -337,6 +337,26 @@ def test_causal_blocks_visited_are_the_blocks_with_a_visible_score(S, block_q, b
             any_visible.sum() / causal)
 
 
+@pytest.mark.parametrize("rows,cols", [(8, 4), (4, 16), (32, 32)])
+def test_hopper_segments_bound_every_shared_segment(rows, cols):
+    """What the Hopper kernels take for segment ids: ids that split the positions as the given
+    ids do (each segment's first position), and per tile of `rows` positions the range of
+    `cols`-tiles holding every position that shares a segment with one of its rows, no wider
+    (its first and last tiles hold such a position). Runs of ids and scattered repeated ones."""
+    rng = np.random.default_rng(rows * cols)
+    T = 64
+    for seg in (np.cumsum(rng.random((2, T)) < 1 / 6, axis=1), rng.integers(0, 3, (2, T)),
+                np.full((2, T), 7)):
+        ids, bounds = k08._hopper_segments(jnp.asarray(seg, jnp.int32), rows, cols)
+        ids, bounds = np.asarray(ids), np.asarray(bounds)
+        assert ids.dtype == np.float32 and bounds.shape == (2, T // rows, 2)
+        same = seg[:, :, None] == seg[:, None, :]
+        np.testing.assert_array_equal(ids[:, :, None] == ids[:, None, :], same)
+        for b, r in np.ndindex(2, T // rows):
+            shared = np.flatnonzero(same[b, r * rows:(r + 1) * rows].any(0))
+            assert tuple(bounds[b, r]) == (shared.min() // cols, shared.max() // cols + 1)
+
+
 def test_size_lists_time_each_size_once():
     assert k08._ints("512,128,512") == [128, 512]
 
