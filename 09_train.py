@@ -914,10 +914,10 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     """--attention resolved: auto is cuDNN's fused kernel on a GPU in bf16 (it takes 16-bit
     inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels,
     and with short_documents too (--doc_mask over documents shorter than a window on average):
-    08's kernel skips the blocks the mask empties, where cuDNN computes them all (on an H100,
-    2.48x cuDNN's masked attention at 128-token documents, 1.38x at 512 and 0.98x at 2,048, in
-    windows of 2,048; a whole 1B step 1.08x at 512-byte documents, 1.05x at 1,005, 1.02x at
-    1,494, and 0.98x on files of 19 KB). Under --xla_gpu_deterministic_ops a program holding two
+    08's kernel skips the blocks the mask empties, where cuDNN computes them all (on an H100 at
+    the 1B's heads, forward and backward: 2.65x cuDNN's masked attention at 128-token documents,
+    1.48x at 512, 1.07x at 2,048 and 0.94x at 20,000, in windows of 2,048; a whole 1B step 1.09x
+    at 512-byte documents and 0.97x on files of 19 KB). Under --xla_gpu_deterministic_ops a program holding two
     or more of cuDNN's attention backward passes fails when it runs (an XLA IndexError, jax
     0.11.2), so the unrolled layers cannot use it there; one compiled layer in a loop
     (--scan_layers=true) can, and repeats bit for bit (BENCHMARKS.md)."""
