@@ -925,9 +925,11 @@ def _hopper_forward(q, k, v, seg=None, *, causal, sm_scale, block_q, block_kv, s
 #   * dQ sums over all key blocks, which live in different CTAs. Each step both warpgroups put
 #     dS^T in shared memory, meet, and each computes half of dQ's columns over the CTA's keys;
 #     the float32 part is added into a zeroed dQ buffer in global memory by a TMA reduce-add
-#     copy (the addition happens in L2, and no thread waits for it).
-# Needs D = 128 or 256 (each warpgroup takes D/2 columns of dQ); T a multiple of block_q, S of
-# 2 * block_kv. The lesson uses it after the Hopper forward, whose logsumexp it reads.
+#     copy (the addition happens in L2, and no thread waits for it). At D = 64 half the columns
+#     would cut a 128-byte swizzled row in two, so there each warpgroup computes all of dQ's
+#     columns over its own keys, and both add theirs: the same bytes added, and no meeting.
+# Needs D = 64, 128 or 256; T a multiple of block_q, S of 2 * block_kv. The lesson uses it after
+# the Hopper forward, whose logsumexp it reads.
 
 HOPPER_BWD_BLOCK_Q, HOPPER_BWD_BLOCK_KV, HOPPER_BWD_STAGES = 64, 64, 2   # measured on an H200
 
@@ -935,7 +937,7 @@ HOPPER_BWD_BLOCK_Q, HOPPER_BWD_BLOCK_KV, HOPPER_BWD_STAGES = 64, 64, 2   # measu
 def hopper_backward_available(q, k, causal):
     """After the Hopper forward (hopper_available): whether the Hopper backward applies too."""
     T, S = q.shape[1], k.shape[1]
-    return (q.shape[3] in (128, 256) and T % HOPPER_BWD_BLOCK_Q == 0
+    return (q.shape[3] in (64, 128, 256) and T % HOPPER_BWD_BLOCK_Q == 0
             and S % (2 * HOPPER_BWD_BLOCK_KV) == 0 and (T == S or not causal))
 
 
@@ -960,7 +962,8 @@ def _hopper_backward(q, k, v, out, lse, d_out, seg=None, *, causal, sm_scale, bl
     dtype = q.dtype
     n_q_blocks = t_len // block_q
     n_slabs = s_len // (2 * block_kv)
-    half_d = head_dim // 2
+    own_keys = head_dim == 64          # dQ over my keys, all columns (else half, all keys)
+    dq_cols = head_dim if own_keys else head_dim // 2
     score_scale = sm_scale * _LOG2E
 
     # Per query row: L in base-2 units and D = rowsum(dO o O), side by side so that one TMA copy
@@ -1083,14 +1086,19 @@ def _hopper_backward(q, k, v, out, lse, d_out, seg=None, *, causal, sm_scale, bl
                 plgpu.barrier_arrive(slot_free.at[slot])     # Q, dO, L, D of this slot: done
 
                 # ---- dQ[:, my half of D] += dS @ K over the whole slab ------------------
-                rendezvous()                     # the other warpgroup's dS^T is in place
-                cols = pl.ds(wg * half_d, half_d)
+                # (at D = 64: dQ += dS @ K over my keys)
+                cols = pl.ds(0 if own_keys else wg * dq_cols, dq_cols)
+                if not own_keys:
+                    rendezvous()                 # the other warpgroup's dS^T is in place
 
                 def dq_product(acc):
-                    plgpu.wgmma(acc, ds_smem.at[par, 0].T, k_smem.at[0, :, cols])
-                    plgpu.wgmma(acc, ds_smem.at[par, 1].T, k_smem.at[1, :, cols])
+                    if own_keys:
+                        plgpu.wgmma(acc, ds_smem.at[par, wg].T, my_k)
+                    else:
+                        plgpu.wgmma(acc, ds_smem.at[par, 0].T, k_smem.at[0, :, cols])
+                        plgpu.wgmma(acc, ds_smem.at[par, 1].T, k_smem.at[1, :, cols])
                     return acc[...]
-                dq_part = pl.run_scoped(dq_product, plgpu.ACC((block_q, half_d), jnp.float32))
+                dq_part = pl.run_scoped(dq_product, plgpu.ACC((block_q, dq_cols), jnp.float32))
                 # The previous step's reduce-add must have finished reading dq_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 dq_smem.at[wg][...] = dq_part
@@ -1149,7 +1157,7 @@ def _hopper_backward(q, k, v, out, lse, d_out, seg=None, *, causal, sm_scale, bl
         plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=mma_layout),         # K / dK
         plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=mma_layout),         # V / dV
         plgpu.SMEM((2, 2, block_kv, block_q), dtype, transforms=mma_layout),       # dS^T x2
-        plgpu.SMEM((2, block_q, half_d), jnp.float32),                             # dQ parts
+        plgpu.SMEM((2, block_q, dq_cols), jnp.float32),                            # dQ parts
         plgpu.Barrier(num_barriers=stages),                                        # Q landed
         plgpu.Barrier(num_barriers=stages),                                        # dO landed
         plgpu.Barrier(num_barriers=stages),                                        # L, D landed
