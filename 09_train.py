@@ -119,7 +119,7 @@ class TrainConfig:
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16;
                                  # pallas with --xla_gpu_deterministic_ops, or with --doc_mask
-                                 # over documents shorter than a window on average)
+                                 # on an H100/H200, or over documents shorter than a window)
     doc_mask: bool = False       # a token attends only within its document (file), as Llama 3
                                  # trained; windows still span documents
     seed: int = 0                # of the init and of the batches' order
@@ -910,14 +910,17 @@ def deterministic(xla_flags):
 
 
 def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
-                   short_documents=False):
+                   short_documents=False, hopper_segments=False):
     """--attention resolved: auto is cuDNN's fused kernel on a GPU in bf16 (it takes 16-bit
     inputs only), else the naive one; with deterministic kernels asked for, 08's Pallas kernels,
-    and with short_documents too (--doc_mask over documents shorter than a window on average):
-    08's kernel skips the blocks the mask empties, where cuDNN computes them all (on an H100 at
-    the 1B's heads, forward and backward: 2.65x cuDNN's masked attention at 128-token documents,
-    1.48x at 512, 1.07x at 2,048 and 0.94x at 20,000, in windows of 2,048; a whole 1B step 1.09x
-    at 512-byte documents and 0.97x on files of 19 KB). Under --xla_gpu_deterministic_ops a program holding two
+    and under --doc_mask too where the documents are short (shorter than a window on average)
+    or 08's Hopper kernels take the run's segment ids (hopper_segments: an sm90 GPU, a window
+    of a multiple of 128). 08's kernel skips the blocks the mask empties, where cuDNN computes
+    them all: on an H100 at the 1B's heads, forward and backward, the Hopper kernels ran at 2.45x
+    cuDNN's masked attention at 128-token documents, 1.51x at 2,048 and 1.39x at 20,000, in
+    windows of 2,048, and a whole 1B step at 1.04x on files of 19 KB; the portable ones at
+    2.65x, 1.07x and 0.94x. Without the mask the two are even (a 1B step at 0.995x), and cuDNN
+    stays. Under --xla_gpu_deterministic_ops a program holding two
     or more of cuDNN's attention backward passes fails when it runs (an XLA IndexError, jax
     0.11.2), so the unrolled layers cannot use it there; one compiled layer in a loop
     (--scan_layers=true) can, and repeats bit for bit (BENCHMARKS.md)."""
@@ -925,7 +928,7 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     if attention == "auto" and (platform != "gpu" or dtype != "bfloat16"):
         attention = "naive"
     elif attention == "auto":
-        attention = "pallas" if det or short_documents else "cudnn"
+        attention = "pallas" if det or short_documents or hopper_segments else "cudnn"
     if attention == "cudnn" and platform != "gpu":
         raise common.UserError("attention=cudnn needs an NVIDIA GPU")
     if attention == "cudnn" and dtype != "bfloat16":
@@ -936,6 +939,14 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
                                "the layers unrolled: add --scan_layers=true, or use "
                                "--attention=pallas (repeatable, 1.23x cuDNN's step at 1B) or flash")
     return attention
+
+
+def hopper_segments(cfg, seq_len):
+    """Whether 08's Hopper kernels take --doc_mask's segment ids for this model and window."""
+    q = jax.ShapeDtypeStruct((1, seq_len, cfg.n_heads, cfg.head_dim), cfg.dtype)
+    k = jax.ShapeDtypeStruct((1, seq_len, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
+    k08 = common.import_script("08_pallas_kernels")
+    return k08.hopper_available(q, k, jax.ShapeDtypeStruct((1, seq_len), jnp.int32), True)
 
 
 @contextlib.contextmanager
@@ -1071,9 +1082,10 @@ def _train(tc, stop_after, log, devices, held):
     stats = {"val_bytes_per_token": 1.0}
     (train_tokens, train_docs), (val_tokens, val_docs) = load_data(tc, cfg, tokenizer, log, stats)
     n_docs = len({0, len(train_tokens), *train_docs}) - 1
-    attn = pick_attention(tc.attention, cfg.dtype, jax.devices()[0].platform,
-                          os.environ.get("XLA_FLAGS", ""), tc.scan_layers,
-                          tc.doc_mask and len(train_tokens) / n_docs < tc.seq_len)
+    platform = jax.devices()[0].platform
+    attn = pick_attention(tc.attention, cfg.dtype, platform, os.environ.get("XLA_FLAGS", ""),
+                          tc.scan_layers, tc.doc_mask and len(train_tokens) / n_docs < tc.seq_len,
+                          tc.doc_mask and platform == "gpu" and hopper_segments(cfg, tc.seq_len))
     # A checkpoint carries the tokenizer its data were read with, and its end-of-sequence ids,
     # for 06 and --export_hf
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}

@@ -895,7 +895,7 @@ def test_the_run_passes_scan_layers_to_the_attention_choice(tmp_path, monkeypatc
         return real(*a, **k)
     monkeypatch.setattr(train_mod, "pick_attention", spy)
     train_mod.train(tiny_run(tmp_path, steps=1), log=lambda s: None, devices=jax.devices()[:1])
-    assert seen == [(True, False)]
+    assert seen == [(True, False, False)]   # scan_layers, short documents, Hopper segments
 
 
 def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
@@ -921,6 +921,10 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     assert pick("auto", "bfloat16", "gpu", short_documents=True) == "pallas"
     assert pick("auto", "bfloat16", "cpu", short_documents=True) == "naive"
     assert pick("cudnn", "bfloat16", "gpu", short_documents=True) == "cudnn"
+    # --doc_mask where 08's Hopper kernels take the segment ids: 08's kernel at any length
+    assert pick("auto", "bfloat16", "gpu", hopper_segments=True) == "pallas"
+    assert pick("auto", "float32", "gpu", hopper_segments=True) == "naive"
+    assert not train_mod.hopper_segments(common.PRESETS["llama-3.2-1b"], 2048)   # a CPU
 
 
 @pytest.mark.parametrize("kw,match", [
