@@ -631,8 +631,8 @@ def hopper_smem_bytes(block_q, block_kv, stages, D, itemsize=2, segments=False):
 def hopper_available(q, k, segment_ids, causal):
     """Whether the Hopper forward applies: an sm90 GPU, 16-bit inputs, D a multiple of 64 whose
     tiles fit in shared memory (64 and 128: at 192 its tiles take 240 of 227 KiB), T a multiple
-    of 2 * block_q and S of block_kv (T == S if causal or under segment ids, and then below
-    2^24, so that positions are exact in float32)."""
+    of 2 * block_q and S of block_kv (T == S if causal; segment ids ask for T == S themselves,
+    checked before this, and T below 2^24 here, so that positions are exact in float32)."""
     dev = jax.devices()[0]
     T, S, D = q.shape[1], k.shape[1], q.shape[3]
     segments = segment_ids is not None
@@ -697,10 +697,10 @@ def _hopper_forward(q, k, v, seg=None, *, causal, sm_scale, block_q, block_kv, s
 
         def kv_steps_for(row_end):
             # One past the last K/V tile a block of query rows ending at row_end must see.
+            # Under causal the diagonal (kv_end lies no earlier: the last row sees itself).
             if not causal:
                 return kv_end            # without segments a Python int: static loops
-            diagonal = lax.div(row_end + (block_kv - 1), jnp.int32(block_kv))
-            return jnp.minimum(diagonal, kv_end) if has_seg else diagonal
+            return lax.div(row_end + (block_kv - 1), jnp.int32(block_kv))
 
         def slot_of(step):
             return lax.rem(step - kv_start, jnp.int32(stages))
@@ -737,7 +737,7 @@ def _hopper_forward(q, k, v, seg=None, *, causal, sm_scale, block_q, block_kv, s
                 seg_rows = lax.broadcast_in_dim(_load(plgpu, segq_smem.at[wg], layout=row_vec),
                                                 (block_q, block_kv), [0])
             plgpu.barrier_wait(q_landed.at[wg])
-            plgpu.barrier_wait(k_landed.at[0])
+            plgpu.barrier_wait(k_landed.at[0])   # every CTA streams a tile: queries see themselves
             # Warpgroup 1 starts half a step behind warpgroup 0.
             pl.when(wg == 1)(take_turn)
 
@@ -927,7 +927,9 @@ def _hopper_forward(q, k, v, seg=None, *, causal, sm_scale, block_q, block_kv, s
 #     the float32 part is added into a zeroed dQ buffer in global memory by a TMA reduce-add
 #     copy (the addition happens in L2, and no thread waits for it). At D = 64 half the columns
 #     would cut a 128-byte swizzled row in two, so there each warpgroup computes all of dQ's
-#     columns over its own keys, and both add theirs: the same bytes added, and no meeting.
+#     columns over its own keys, and both add theirs: the same FLOPs and twice the bytes added
+#     (as many as at D = 128), and no meeting. Segment ids: each warpgroup loads its keys' ids
+#     once; the queries' ids come as a third row of the statistics ring, beside L and D.
 # Needs D = 64, 128 or 256; T a multiple of block_q, S of 2 * block_kv. The lesson uses it after
 # the Hopper forward, whose logsumexp it reads.
 
@@ -995,14 +997,12 @@ def _hopper_backward(q, k, v, out, lse, d_out, seg=None, *, causal, sm_scale, bl
         # queries outside the query blocks that the slab's keys' segments reach.
         first = lax.div(slab_k0, jnp.int32(block_q)) if causal else 0
         last = n_q_blocks
-        if has_seg:
+        if has_seg:   # (each key sees itself: under causal `last` passes the diagonal blocks)
             first = jnp.maximum(first, bounds_gmem[b, slab, 0])
             last = bounds_gmem[b, slab, 1]
         n_steps = last - first
         # Query blocks that overlap the slab's diagonal need the element mask.
         n_masked = (2 * block_kv) // block_q if causal else 0
-        if has_seg and causal:   # (the slab's segments may end inside its diagonal)
-            n_masked = jnp.minimum(n_masked, n_steps)
 
         def rendezvous():
             # Both math warpgroups arrive; neither goes on before the other has.
@@ -1153,7 +1153,7 @@ def _hopper_backward(q, k, v, out, lse, d_out, seg=None, *, causal, sm_scale, bl
     scratch = (
         plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=mma_layout),     # Q ring
         plgpu.SMEM((stages, block_q, head_dim), dtype, transforms=mma_layout),     # dO ring
-        plgpu.SMEM((stages, n_stats, block_q), jnp.float32),                       # L, D ring
+        plgpu.SMEM((stages, n_stats, block_q), jnp.float32),                       # L, D, ids
         plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=mma_layout),         # K / dK
         plgpu.SMEM((2, block_kv, head_dim), dtype, transforms=mma_layout),         # V / dV
         plgpu.SMEM((2, 2, block_kv, block_q), dtype, transforms=mma_layout),       # dS^T x2
@@ -1209,7 +1209,7 @@ def _hopper_segments(seg, rows, cols):
 
 
 def _forward_pass(q, k, v, seg, causal, sm_scale, blocks, interpret, impl):
-    if impl == "hopper":
+    if impl in ("hopper", "hopper forward"):
         return _hopper_forward(q, k, v, _hopper_segments(seg, 2 * HOPPER_BLOCK_Q,
                                                          HOPPER_BLOCK_KV),
                                causal=causal, sm_scale=sm_scale, block_q=HOPPER_BLOCK_Q,
@@ -1246,14 +1246,18 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
-                    blocks=FlashBlocks(), sm_scale=None, implementation=None):
+                    blocks=FlashBlocks(), sm_scale=None, implementation=None,
+                    deterministic=False):
     """Exact attention as one kernel per pass: q [B, T, H, D]; k, v [B, S, KH, D] with KH
     dividing H; segment_ids [B, T] (T == S) or None. Causal aligns query i with key i.
     Differentiable (FlashAttention-2 backward); lengths need not be block multiples.
 
     implementation: "portable" (grid + BlockSpecs, any backend), "hopper" (the sm90 kernels
     above: forward, and backward where `hopper_backward_available`, else the portable one), or
-    None: "hopper" where `hopper_available`, else "portable"."""
+    None: "hopper" where `hopper_available`, else "portable". deterministic: gradients that
+    repeat bit for bit from run to run. The Hopper backward adds the parts of dQ by reduce-add
+    copies in the order its CTAs reach them, which varies; with deterministic=True the Hopper
+    forward is followed by the portable backward, whose sums run in a fixed order."""
     q, k, v, segment_ids = common.check_attention_inputs(q, k, v, segment_ids)
     interpret = _interpreted(interpret)
     if causal and q.shape[1] != k.shape[1]:
@@ -1285,6 +1289,8 @@ def flash_attention(q, k, v, causal=False, segment_ids=None, interpret=None,
         pad = lambda x: _pad_to(x, 3, _pow2_at_least(D))   # which add nothing to q . k
         return _flash(pad(q), pad(k), pad(v), segment_ids, bool(causal), sm_scale, blocks,
                       bool(interpret), implementation)[..., :D]
+    if implementation == "hopper" and deterministic:
+        implementation = "hopper forward"
     return _flash(q, k, v, segment_ids, bool(causal), sm_scale, blocks, bool(interpret),
                   implementation)
 

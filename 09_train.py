@@ -304,7 +304,10 @@ def decay_mask(cfg):
 # The step
 # ----------------------------------------------------------------------------------------------
 
-def attention_fn(name, mesh=None):
+def attention_fn(name, mesh=None, deterministic=False):
+    """(q, k, v, causal, segment_ids) -> out for --attention=name (resolved by pick_attention).
+    deterministic: XLA_FLAGS asks for kernels that repeat bit for bit; 08's kernels then leave
+    out their Hopper backward, whose atomic adds run in a varying order."""
     if name == "naive":
         return common.attention_reference
     if name == "flash":
@@ -315,7 +318,8 @@ def attention_fn(name, mesh=None):
         interpret = jax.devices()[0].platform == "cpu"   # a CPU interprets the kernel
 
         def pallas(q, k, v, causal, seg):
-            return fn(q, k, v, causal=causal, segment_ids=seg, interpret=interpret)
+            return fn(q, k, v, causal=causal, segment_ids=seg, interpret=interpret,
+                      deterministic=deterministic)
         if mesh is None or mesh.size == 1:
             return pallas
         # A kernel is one program on one device, which XLA cannot split: each device runs it on
@@ -918,8 +922,9 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     of a multiple of 128). 08's kernel skips the blocks the mask empties, where cuDNN computes
     them all: on an H100 at the 1B's heads, forward and backward, the Hopper kernels ran at 2.45x
     cuDNN's masked attention at 128-token documents, 1.51x at 2,048 and 1.39x at 20,000, in
-    windows of 2,048, and a whole 1B step at 1.04x on files of 19 KB; the portable ones at
-    2.65x, 1.07x and 0.94x. Without the mask the two are even (a 1B step at 0.995x), and cuDNN
+    windows of 2,048, and a whole 1B step at 1.04x on files of 19 KB; the Hopper forward with
+    the portable backward, as before the Hopper backward ran at D=64, at 2.65x, 1.07x and
+    0.94x. Without the mask the two are even (a 1B step at 0.995x), and cuDNN
     stays. Under --xla_gpu_deterministic_ops a program holding two
     or more of cuDNN's attention backward passes fails when it runs (an XLA IndexError, jax
     0.11.2), so the unrolled layers cannot use it there; one compiled layer in a loop
@@ -941,12 +946,15 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     return attention
 
 
-def hopper_segments(cfg, seq_len):
-    """Whether 08's Hopper kernels take --doc_mask's segment ids for this model and window."""
-    q = jax.ShapeDtypeStruct((1, seq_len, cfg.n_heads, cfg.head_dim), cfg.dtype)
-    k = jax.ShapeDtypeStruct((1, seq_len, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
+def hopper_segments(tc, cfg):
+    """Whether --doc_mask is on and 08's Hopper kernels take its segment ids for this model (in
+    its compute dtype) and window: an sm90 GPU, 16-bit, a window of a multiple of 128."""
+    if not tc.doc_mask:
+        return False
+    q = jax.ShapeDtypeStruct((1, tc.seq_len, cfg.n_heads, cfg.head_dim), cfg.dtype)
+    k = jax.ShapeDtypeStruct((1, tc.seq_len, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
     k08 = common.import_script("08_pallas_kernels")
-    return k08.hopper_available(q, k, jax.ShapeDtypeStruct((1, seq_len), jnp.int32), True)
+    return k08.hopper_available(q, k, jax.ShapeDtypeStruct((1, tc.seq_len), jnp.int32), True)
 
 
 @contextlib.contextmanager
@@ -1085,7 +1093,7 @@ def _train(tc, stop_after, log, devices, held):
     platform = jax.devices()[0].platform
     attn = pick_attention(tc.attention, cfg.dtype, platform, os.environ.get("XLA_FLAGS", ""),
                           tc.scan_layers, tc.doc_mask and len(train_tokens) / n_docs < tc.seq_len,
-                          tc.doc_mask and platform == "gpu" and hopper_segments(cfg, tc.seq_len))
+                          platform == "gpu" and hopper_segments(tc, cfg))
     # A checkpoint carries the tokenizer its data were read with, and its end-of-sequence ids,
     # for 06 and --export_hf
     files = {} if tokenizer is common.BYTES else {"tokenizer.json": tokenizer.spec}
@@ -1148,7 +1156,8 @@ def _train(tc, stop_after, log, devices, held):
         f"warming up for the whole run (--warmup={tc.warmup}, --steps={tc.steps}) to end at "
         f"{tc.peak_lr() * tc.steps / tc.warmup:.3g}, with no cosine"))
 
-    attention = attention_fn(attn, mesh)
+    attention = attention_fn(attn, mesh,
+                             platform == "gpu" and deterministic(os.environ.get("XLA_FLAGS", "")))
     step_fn = make_train_step(cfg, tc, mesh, attention)
     # Validation runs the model as the step does, its attention and shardings included: the
     # naive attention writes float32 scores, 32 GiB a layer for 4 x 8192 tokens of the 1B model,

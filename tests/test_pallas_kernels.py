@@ -3,6 +3,8 @@
 Interpret mode runs the kernel body as ordinary JAX per grid point, so the shapes stay small and
 the blocks smaller still: 16 rows, so that ragged lengths, several blocks, the causal diagonal
 and GQA all occur. Everything is float32, so agreement is to rounding: 1e-5 relative."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,11 +344,12 @@ def test_hopper_segments_bound_every_shared_segment(rows, cols):
     """What the Hopper kernels take for segment ids: ids that split the positions as the given
     ids do (each segment's first position), and per tile of `rows` positions the range of
     `cols`-tiles holding every position that shares a segment with one of its rows, no wider
-    (its first and last tiles hold such a position). Runs of ids and scattered repeated ones."""
+    (its first and last tiles hold such a position). Runs of ids, scattered repeated ones, and
+    ids past 2^24, which float32 would merge."""
     rng = np.random.default_rng(rows * cols)
     T = 64
     for seg in (np.cumsum(rng.random((2, T)) < 1 / 6, axis=1), rng.integers(0, 3, (2, T)),
-                np.full((2, T), 7)):
+                np.full((2, T), 7), 2**24 + rng.integers(0, 2, (2, T))):
         ids, bounds = k08._hopper_segments(jnp.asarray(seg, jnp.int32), rows, cols)
         ids, bounds = np.asarray(ids), np.asarray(bounds)
         assert ids.dtype == np.float32 and bounds.shape == (2, T // rows, 2)
@@ -355,6 +358,90 @@ def test_hopper_segments_bound_every_shared_segment(rows, cols):
         for b, r in np.ndindex(2, T // rows):
             shared = np.flatnonzero(same[b, r * rows:(r + 1) * rows].any(0))
             assert tuple(bounds[b, r]) == (shared.min() // cols, shared.max() // cols + 1)
+
+
+def test_hopper_kernels_get_the_bounds_of_their_own_tiles(monkeypatch):
+    """The forward's bounds are per CTA of 2 x HOPPER_BLOCK_Q query rows over key tiles of
+    HOPPER_BLOCK_KV; the backward's per slab of 2 x HOPPER_BWD_BLOCK_KV keys over query blocks of
+    HOPPER_BWD_BLOCK_Q (the kernels read them by those tile numbers). Spies stand in for the
+    sm90 kernels."""
+    got = {}
+
+    def forward(q, k, v, seg, **kw):
+        got["forward"] = seg
+        return q, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2], jnp.float32)
+
+    def backward(q, k, v, out, lse, d_out, seg, **kw):
+        got["backward"] = seg
+        return q, k, v
+    monkeypatch.setattr(k08, "_hopper_forward", forward)
+    monkeypatch.setattr(k08, "_hopper_backward", backward)
+    B, T = 2, 512
+    q = jnp.zeros((B, T, 2, 64), jnp.bfloat16)
+    seg = jnp.asarray(np.cumsum(np.random.default_rng(0).random((B, T)) < 1 / 50, axis=1))
+    out, res = k08._flash_fwd(q, q, q, seg, True, 0.125, k08.FlashBlocks(), False, "hopper")
+    k08._flash_bwd(True, 0.125, k08.FlashBlocks(), False, "hopper", res, out)
+    first, last = k08._segment_spans(seg)
+    for name, rows, cols in (("forward", 2 * k08.HOPPER_BLOCK_Q, k08.HOPPER_BLOCK_KV),
+                             ("backward", 2 * k08.HOPPER_BWD_BLOCK_KV, k08.HOPPER_BWD_BLOCK_Q)):
+        ids, bounds = got[name]
+        np.testing.assert_array_equal(ids, first.astype(np.float32))
+        np.testing.assert_array_equal(bounds, k08._span_tiles(first, last, rows, cols))
+        assert bounds.shape == (B, T // rows, 2), name
+    # the Hopper backward runs at D = 64, 128 and 256 (not 192), S a multiple of its slab
+    for D, S, ok in ((64, 512, True), (128, 512, True), (256, 512, True), (192, 512, False),
+                     (64, 448, False)):
+        x = jax.ShapeDtypeStruct((1, S, 2, D), jnp.bfloat16)
+        assert k08.hopper_backward_available(x, x, True) == ok, (D, S)
+
+
+def test_packed_benchmark_times_the_hopper_kernels_first(monkeypatch, capsys):
+    """On Hopper the packed-documents table runs both kernels, the Hopper ones first: its rows
+    name them, their ratio is cuDNN's time over theirs, and the blocks are counted in their
+    forward's tiles. Times are faked: 1 ms Hopper, 2 ms portable, 4 ms the peer."""
+    monkeypatch.setattr(k08, "hopper_available", lambda *a: True)
+    monkeypatch.setattr(k08, "_time", lambda fn, arg_sets, device=False: fn(*arg_sets[0]))
+
+    def ours(q, k, v, causal, impl, segment_ids=None):
+        return {"hopper": 1e-3, "portable": 2e-3}[impl]
+
+    def fwd_bwd(attn, causal):
+        def run(q, k, v, do):
+            out = attn(q, k, v, causal)
+            return out if isinstance(out, float) else 4e-3
+        return run
+    env = {"flash_lengths": [256], "dtype": jnp.float32, "interpret": True,
+           "flash_blocks": k08.FlashBlocks()}
+    cfg = k08.KernelsConfig(flash_tokens=256, n_heads=2, head_dim=16)
+    rows = []
+    k08.bench_packed(cfg, env, rows, ours, fwd_bwd, "xla", "XLA", True)
+    assert "the key blocks the hopper forward visits" in capsys.readouterr().out
+    rng = np.random.default_rng(cfg.seed)
+    for row, mean in zip(rows, (16, 64, 256)):
+        seg = np.cumsum(rng.random((1, 256)) < 1 / mean, axis=1)
+        visited = k08.causal_blocks_visited(seg, 2 * k08.HOPPER_BLOCK_Q, k08.HOPPER_BLOCK_KV)
+        assert row[2:] == ("1.00 ms", "XLA mask 4.00 ms", 4.0,
+                           f"hopper, {visited:.0%} of causal blocks"), row
+
+
+def test_the_implementation_follows_the_device_and_determinism(monkeypatch):
+    """On an sm90 GPU (faked here) flash_attention takes the Hopper kernels where the shapes fit,
+    segment ids or not, and with deterministic=True keeps their forward but not their backward
+    (its reduce-add copies sum dQ in a varying order); elsewhere the portable kernels."""
+    chosen = []
+    monkeypatch.setattr(k08, "_flash", lambda *a: chosen.append(a[-1]))
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    seg = jnp.zeros((1, 256), jnp.int32)
+    k08.flash_attention(q, q, q, True, interpret=False)
+    monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(
+        platform="gpu", compute_capability="9.0")])
+    for kw in ({}, {"segment_ids": seg}, {"deterministic": True}, {"causal": False}):
+        k08.flash_attention(q, q, q, **{"causal": True, "interpret": False, **kw})
+    k08.flash_attention(q[:, :200], q[:, :200], q[:, :200], True, interpret=False)  # ragged T
+    k08.flash_attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32),
+                        True, interpret=False)
+    assert chosen == ["portable", "hopper", "hopper", "hopper forward", "hopper", "portable",
+                      "portable"]
 
 
 def test_size_lists_time_each_size_once():

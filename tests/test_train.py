@@ -924,7 +924,32 @@ def test_attention_choice_follows_device_dtype_and_deterministic_kernels():
     # --doc_mask where 08's Hopper kernels take the segment ids: 08's kernel at any length
     assert pick("auto", "bfloat16", "gpu", hopper_segments=True) == "pallas"
     assert pick("auto", "float32", "gpu", hopper_segments=True) == "naive"
-    assert not train_mod.hopper_segments(common.PRESETS["llama-3.2-1b"], 2048)   # a CPU
+    masked = train_mod.TrainConfig(doc_mask=True, seq_len=2048)
+    assert not train_mod.hopper_segments(masked, common.PRESETS["llama-3.2-1b"])   # a CPU
+
+
+def test_hopper_segments_follow_the_mask_the_window_and_the_dtype(monkeypatch):
+    """On an sm90 GPU (faked) 08's Hopper kernels take --doc_mask's segment ids of a window that
+    is a multiple of their 128-row tiles, in bf16 compute (float32 weights, as 09 keeps them);
+    not without --doc_mask, nor of a 2,000-token window, nor in float32 compute."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(
+        platform="gpu", compute_capability="9.0")])
+    cfg = dataclasses.replace(common.PRESETS["llama-3.2-1b"], param_dtype="float32")
+    tc = train_mod.TrainConfig(doc_mask=True, seq_len=2048)
+    assert train_mod.hopper_segments(tc, cfg)
+    assert not train_mod.hopper_segments(dataclasses.replace(tc, doc_mask=False), cfg)
+    assert not train_mod.hopper_segments(dataclasses.replace(tc, seq_len=2000), cfg)
+    assert not train_mod.hopper_segments(tc, dataclasses.replace(cfg, dtype="float32"))
+
+
+def test_pallas_attention_passes_on_deterministic(monkeypatch):
+    """Under --xla_gpu_deterministic_ops 09 asks 08's kernel for repeatable gradients."""
+    k08, seen = common.import_script("08_pallas_kernels"), []
+    monkeypatch.setattr(k08, "flash_attention", lambda *a, **k: seen.append(k["deterministic"]))
+    q = np.zeros((1, 8, 2, 4), np.float32)
+    for det in (False, True):
+        train_mod.attention_fn("pallas", None, det)(q, q, q, True, None)
+    assert seen == [False, True]
 
 
 @pytest.mark.parametrize("kw,match", [
