@@ -942,7 +942,7 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     if attention == "cudnn" and det and not scan_layers:
         raise common.UserError("attention=cudnn fails under --xla_gpu_deterministic_ops=true with "
                                "the layers unrolled: add --scan_layers=true, or use "
-                               "--attention=pallas (repeatable, 1.23x cuDNN's step at 1B) or flash")
+                               "--attention=pallas (repeatable, 1.2x cuDNN's step at 1B) or flash")
     return attention
 
 
