@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -1360,3 +1361,26 @@ def test_speculative_speedup_from_bytes_charges_gamma_plus_1_draft_steps_a_round
     assert inf.speedup_from_bytes(30, 6, 4, 1.0) == pytest.approx(5 / 6, rel=1e-12)
     assert inf.speedup_from_bytes(30, 6, 4, 0.0) == pytest.approx(5.0, rel=1e-12)   # free draft
     assert inf.speedup_from_bytes(31, 7, 4, 0.25) == pytest.approx(31 / 7 / 2.25, rel=1e-12)
+
+
+def test_the_stream_heading_counts_the_long_answers_it_serves(capsys, monkeypatch):
+    """measure_stream's heading gives the answers' range and how many are long (a quarter of the
+    requests on average, 1.5 G to 2 G tokens), as the per-request table then lists them. The
+    serving is faked: each request gets max_new_tokens tokens."""
+    def serve(params, cfg, reqs, slots, S, prompt_pad, decode_attention):
+        return [inf.Served([0] * r.max_new_tokens, 1e-3, 1e-4) for r in reqs], 1.0
+    monkeypatch.setattr(inf, "serve_static", serve)
+    monkeypatch.setattr(inf, "serve_continuous", serve)
+    G = 32
+    for seed in range(3):
+        run = inf.Run("tiny", TINY, None, None, inf.InferConfig(), 1e9, 1e9, 64, G, 128, steps=8,
+                      batch=16, slots=4, requests=24, rng=np.random.default_rng(seed),
+                      corpus=None, trained=False)
+        inf.measure_stream(run)
+        out = capsys.readouterr().out
+        news = [int(line.split()[2]) for line in out.splitlines()
+                if re.fullmatch(r"\s*\d+\s+\d+\s+\d+ \|.*", line)]
+        assert len(news) == 24
+        heading = re.search(r"answers of (\d+)\.\.(\d+) \((\d+) of them long\)", out)
+        assert heading.groups() == (str(min(news)), str(max(news)),
+                                    str(sum(n >= 3 * G // 2 for n in news))), out
