@@ -119,7 +119,7 @@ class TrainConfig:
     scan_layers: bool = False    # loop one compiled layer (fast compile) or unroll (fast step)
     attention: str = "auto"      # naive | flash | pallas | cudnn | auto (cudnn on GPU in bf16;
                                  # pallas with --xla_gpu_deterministic_ops, or with --doc_mask
-                                 # on an H100/H200, or over documents shorter than a window)
+                                 # on an H100/H200 or over documents shorter than a window)
     doc_mask: bool = False       # a token attends only within its document (file), as Llama 3
                                  # trained; windows still span documents
     seed: int = 0                # of the init and of the batches' order
@@ -922,10 +922,10 @@ def pick_attention(attention, dtype, platform, xla_flags="", scan_layers=False,
     of a multiple of 128). 08's kernel skips the blocks the mask empties, where cuDNN computes
     them all: on an H100 at the 1B's heads, forward and backward, the Hopper kernels ran at 2.45x
     cuDNN's masked attention at 128-token documents, 1.51x at 2,048 and 1.39x at 20,000, in
-    windows of 2,048, and a whole 1B step at 1.04x on files of 19 KB; the Hopper forward with
-    the portable backward, as before the Hopper backward ran at D=64, at 2.65x, 1.07x and
-    0.94x. Without the mask the two are even (a 1B step at 0.995x), and cuDNN
-    stays. Under --xla_gpu_deterministic_ops a program holding two
+    windows of 2,048, and a whole 1B step at 1.04x on files of 19 KB. With the portable
+    backward instead (as before the Hopper backward ran at D=64, and as under deterministic
+    kernels now) they ran at 2.65x, 1.07x and 0.94x. Without the mask the two are even (a 1B
+    step at 0.995x), so auto keeps cuDNN. Under --xla_gpu_deterministic_ops a program holding two
     or more of cuDNN's attention backward passes fails when it runs (an XLA IndexError, jax
     0.11.2), so the unrolled layers cannot use it there; one compiled layer in a loop
     (--scan_layers=true) can, and repeats bit for bit (BENCHMARKS.md)."""
